@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The project's one test command: bash scripts/test.sh [extra cargo test args]
+#
+# Brings up the test environment (scripts/test-env.sh: Docker engine, local
+# registry on 127.0.0.1:5000, test images), then runs
+#   cargo fmt --check
+#   cargo clippy --all-targets -- -D warnings
+#   cargo test "$@"
+# with STEVEDORE_TEST_DOCKER=1 (Docker tests must fail, not skip, without an
+# engine) and STEVEDORE_TEST_REGISTRY exported. On exit it stops only the
+# daemons that this run started itself.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# shellcheck source=scripts/test-env.sh
+source scripts/test-env.sh
+
+# elapsed time since $1 (an ${EPOCHREALTIME/./} value), as seconds with 1 decimal
+_now_us() { echo "${EPOCHREALTIME/./}"; }
+_since() {
+  local d=$(($(_now_us) - $1))
+  printf '%d.%01ds' $((d / 1000000)) $((d % 1000000 / 100000))
+}
+
+_t_total_start=$(_now_us)
+_step() {
+  local name=$1 start rc=0
+  shift
+  printf '\n=== %s\n' "$name"
+  start=$(_now_us)
+  "$@" || rc=$?
+  printf '=== %s: %s in %s\n' "$name" "$([[ $rc == 0 ]] && echo ok || echo "FAILED (exit $rc)")" "$(_since "$start")"
+  return "$rc"
+}
+
+_on_exit() {
+  local rc=$?
+  stevedore_env_down_started || true
+  printf '=== total: %s (exit %s)\n' "$(_since "$_t_total_start")" "$rc"
+  exit "$rc"
+}
+trap _on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+_rust_components() {
+  local installed missing=() c
+  installed=$(rustup component list --installed 2>/dev/null || true)
+  for c in rustfmt clippy; do
+    grep -q "^$c" <<<"$installed" || missing+=("$c")
+  done
+  if ((${#missing[@]})); then
+    rustup component add "${missing[@]}"
+  fi
+  cargo fmt --version
+  cargo clippy --version
+}
+
+_step "test environment up" stevedore_env_up
+export STEVEDORE_TEST_DOCKER=1
+export STEVEDORE_TEST_REGISTRY="${STEVEDORE_TEST_REGISTRY:-127.0.0.1:5000}"
+
+_step "rust components" _rust_components
+_step "cargo fmt --check" cargo fmt --check
+_step "cargo clippy" cargo clippy --all-targets -- -D warnings
+_step "cargo test" cargo test "$@"
+
+# extra checks
+# (promtool check, bench smoke, fuzz smoke go here, each as `_step NAME CMD...`)

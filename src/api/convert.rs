@@ -1,0 +1,585 @@
+//! Proto ⇄ domain conversions. Requests are validated here, at the edge: a bad field
+//! becomes `INVALID_ARGUMENT` naming it, before anything starts.
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime};
+
+use regex::Regex;
+use tonic::Status;
+
+use crate::model::{
+    self, AppName, DeploySpec, HealthProbe, HealthSpec, HookSpec, MilestoneSpec, PortSpec,
+    Protocol, RESERVED_LABEL_PREFIX, RegistryAuth,
+};
+use crate::proto;
+
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
+pub const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+const MAX_ENV_BYTES: usize = 128 * 1024;
+
+/// A Docker reference: optional registry host[:port], path components, then an
+/// optional `:tag` and/or `@algo:hex` digest.
+static IMAGE_REFERENCE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(concat!(
+        r"^(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?/)?",
+        r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*",
+        r"(?::[\w][\w.-]{0,127})?",
+        r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+    ))
+    .expect("valid regex")
+});
+
+fn invalid(field: impl std::fmt::Display, message: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {message}"))
+}
+
+fn duration(
+    field: &str,
+    d: Option<&prost_types::Duration>,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, Status> {
+    let Some(d) = d else {
+        return Ok(default);
+    };
+    let d = Duration::try_from(*d).map_err(|_| invalid(field, "must not be negative"))?;
+    if d.is_zero() {
+        return Ok(default);
+    }
+    if d < min || d > max {
+        return Err(invalid(
+            field,
+            format!(
+                "{}s is out of range ({}s to {}s)",
+                d.as_secs_f64(),
+                min.as_secs_f64(),
+                max.as_secs_f64()
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+fn port(field: String, value: u32, allow_zero: bool) -> Result<u16, Status> {
+    match u16::try_from(value) {
+        Ok(0) if !allow_zero => Err(invalid(field, "must be between 1 and 65535")),
+        Ok(p) => Ok(p),
+        Err(_) => Err(invalid(
+            field,
+            format!("{value} is not a port (0 to 65535)"),
+        )),
+    }
+}
+
+fn regex(field: String, pattern: &str) -> Result<Regex, Status> {
+    if pattern.is_empty() {
+        return Err(invalid(field, "empty pattern"));
+    }
+    Regex::new(pattern).map_err(|e| invalid(field, format!("invalid regex: {e}")))
+}
+
+/// Validates a DeployRequest into a [`DeploySpec`]. `requested_by` names the caller.
+pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<DeploySpec, Status> {
+    let app = AppName::parse(&req.app).map_err(|e| invalid("app", e))?;
+
+    let image = req.image.trim();
+    if image.is_empty() {
+        return Err(invalid("image", "empty reference"));
+    }
+    if !IMAGE_REFERENCE.is_match(image) || image.len() > 512 {
+        return Err(invalid(
+            "image",
+            format!("{image:?} is not a valid image reference (name[:tag][@digest])"),
+        ));
+    }
+
+    let mut ports = Vec::with_capacity(req.ports.len());
+    for (i, p) in req.ports.iter().enumerate() {
+        let container_port = port(format!("ports[{i}].container_port"), p.container_port, false)?;
+        let host_port = port(format!("ports[{i}].host_port"), p.host_port, true)?;
+        let protocol = match p.protocol.to_ascii_lowercase().as_str() {
+            "" | "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return Err(invalid(
+                    format!("ports[{i}].protocol"),
+                    format!("{other:?} is not \"tcp\" or \"udp\""),
+                ));
+            }
+        };
+        if ports
+            .iter()
+            .any(|q: &PortSpec| q.container_port == container_port && q.protocol == protocol)
+        {
+            return Err(invalid(
+                format!("ports[{i}]"),
+                format!("container port {container_port}/{} is listed twice", protocol.as_str()),
+            ));
+        }
+        if host_port != 0
+            && ports
+                .iter()
+                .any(|q: &PortSpec| q.host_port == host_port && q.protocol == protocol)
+        {
+            return Err(invalid(
+                format!("ports[{i}].host_port"),
+                format!("host port {host_port} is used twice"),
+            ));
+        }
+        ports.push(PortSpec {
+            container_port,
+            host_port,
+            protocol,
+        });
+    }
+
+    let mut env_bytes = 0;
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(invalid(
+                format!("env[{k:?}]"),
+                "a variable name must be non-empty, without '=' or NUL",
+            ));
+        }
+        if v.contains('\0') {
+            return Err(invalid(format!("env[{k:?}]"), "value contains NUL"));
+        }
+        env_bytes += k.len() + v.len() + 2;
+    }
+    if env_bytes > MAX_ENV_BYTES {
+        return Err(invalid(
+            "env",
+            format!("{env_bytes} bytes in total; at most {MAX_ENV_BYTES} are allowed"),
+        ));
+    }
+    for k in req.labels.keys() {
+        if k.is_empty() {
+            return Err(invalid("labels", "empty label key"));
+        }
+        if k.starts_with(RESERVED_LABEL_PREFIX) {
+            return Err(invalid(
+                format!("labels[{k:?}]"),
+                format!("keys under {RESERVED_LABEL_PREFIX} are reserved for Stevedore"),
+            ));
+        }
+    }
+
+    let health = health(req.health_check.as_ref(), &ports)?;
+    let deadline = duration(
+        "deadline",
+        req.deadline.as_ref(),
+        DEFAULT_DEADLINE,
+        Duration::from_secs(1),
+        MAX_DEADLINE,
+    )?;
+
+    let mut milestones = Vec::with_capacity(req.milestones.len());
+    for (i, m) in req.milestones.iter().enumerate() {
+        let pattern = regex(format!("milestones[{i}].pattern"), &m.pattern)?;
+        if !(m.progress <= 1.0) {
+            return Err(invalid(
+                format!("milestones[{i}].progress"),
+                "must be at most 1.0 (negative: count matches)",
+            ));
+        }
+        milestones.push(MilestoneSpec {
+            pattern,
+            progress: m.progress,
+            description: if m.description.is_empty() {
+                m.pattern.clone()
+            } else {
+                m.description.clone()
+            },
+        });
+    }
+
+    let mut hooks = Vec::with_capacity(req.hooks.len());
+    for (i, h) in req.hooks.iter().enumerate() {
+        if h.command.is_empty() || h.command[0].is_empty() {
+            return Err(invalid(format!("hooks[{i}].command"), "empty command"));
+        }
+        hooks.push(HookSpec {
+            name: if h.name.is_empty() {
+                format!("hook-{}", i + 1)
+            } else {
+                h.name.clone()
+            },
+            command: h.command.clone(),
+            tty: h.tty,
+            timeout: duration(
+                &format!("hooks[{i}].timeout"),
+                h.timeout.as_ref(),
+                DEFAULT_HOOK_TIMEOUT,
+                Duration::from_millis(100),
+                MAX_DEADLINE,
+            )?,
+        });
+    }
+
+    let idempotency_key = match req.idempotency_key.as_str() {
+        "" => None,
+        k if k.len() > 256 => {
+            return Err(invalid("idempotency_key", "longer than 256 bytes"));
+        }
+        k => Some(k.to_owned()),
+    };
+
+    Ok(DeploySpec {
+        app,
+        image: image.to_owned(),
+        command: req.command,
+        env: req.env.into_iter().collect(),
+        ports,
+        labels: req.labels.into_iter().collect(),
+        health,
+        deadline,
+        idempotency_key,
+        registry_auth: req.registry_auth.map(|a| RegistryAuth {
+            username: a.username,
+            password: a.password,
+            identity_token: a.identity_token,
+        }),
+        milestones,
+        hooks,
+        requested_by,
+    })
+}
+
+fn health(h: Option<&proto::HealthCheck>, ports: &[PortSpec]) -> Result<HealthSpec, Status> {
+    let timeout = duration(
+        "health_check.timeout",
+        h.and_then(|h| h.timeout.as_ref()),
+        DEFAULT_HEALTH_TIMEOUT,
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    )?;
+    let interval = duration(
+        "health_check.interval",
+        h.and_then(|h| h.interval.as_ref()),
+        DEFAULT_HEALTH_INTERVAL,
+        Duration::from_millis(50),
+        Duration::from_secs(300),
+    )?;
+    let published = |field: &str, p: u32| -> Result<u16, Status> {
+        let p = port(field.to_owned(), p, false)?;
+        if ports
+            .iter()
+            .any(|q| q.container_port == p && q.protocol == Protocol::Tcp)
+        {
+            Ok(p)
+        } else {
+            Err(invalid(
+                field,
+                format!("container port {p}/tcp must be published in ports to be probed"),
+            ))
+        }
+    };
+    use proto::health_check::Check;
+    let probe = match h.and_then(|h| h.check.as_ref()) {
+        None => None,
+        Some(Check::Docker(_)) => Some(HealthProbe::Docker),
+        Some(Check::None(_)) => Some(HealthProbe::None),
+        Some(Check::Tcp(t)) => Some(HealthProbe::Tcp {
+            port: published("health_check.tcp.port", t.port)?,
+        }),
+        Some(Check::Http(t)) => {
+            let path = if t.path.is_empty() {
+                "/".to_owned()
+            } else if t.path.starts_with('/') {
+                t.path.clone()
+            } else {
+                return Err(invalid("health_check.http.path", "must start with '/'"));
+            };
+            let expect_status = match t.expect_status {
+                0 => 200,
+                s @ 100..=599 => s as u16,
+                s => {
+                    return Err(invalid(
+                        "health_check.http.expect_status",
+                        format!("{s} is not an HTTP status"),
+                    ));
+                }
+            };
+            Some(HealthProbe::Http {
+                port: published("health_check.http.port", t.port)?,
+                path,
+                expect_status,
+            })
+        }
+        Some(Check::Log(l)) => Some(HealthProbe::Log {
+            pattern: regex("health_check.log.pattern".into(), &l.pattern)?,
+        }),
+    };
+    Ok(HealthSpec {
+        probe,
+        timeout,
+        interval,
+    })
+}
+
+fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or_default()
+}
+
+pub fn phase(p: model::Phase) -> proto::Phase {
+    use model::Phase as P;
+    match p {
+        P::Queued => proto::Phase::Queued,
+        P::Validating => proto::Phase::Validating,
+        P::Pulling => proto::Phase::Pulling,
+        P::Creating => proto::Phase::Creating,
+        P::Starting => proto::Phase::Starting,
+        P::HealthCheck => proto::Phase::HealthCheck,
+        P::Hooks => proto::Phase::Hooks,
+        P::Switching => proto::Phase::Switching,
+        P::Cleanup => proto::Phase::Cleanup,
+        P::Complete => proto::Phase::Complete,
+        P::Failed => proto::Phase::Failed,
+        P::Cancelled => proto::Phase::Cancelled,
+    }
+}
+
+fn level(l: model::Level) -> proto::Level {
+    match l {
+        model::Level::Info => proto::Level::Info,
+        model::Level::Verbose => proto::Level::Verbose,
+        model::Level::Warning => proto::Level::Warning,
+        model::Level::Error => proto::Level::Error,
+        model::Level::Success => proto::Level::Success,
+    }
+}
+
+pub fn state(s: model::DeploymentState) -> proto::DeploymentState {
+    use model::DeploymentState as S;
+    match s {
+        S::Pending => proto::DeploymentState::Pending,
+        S::Running => proto::DeploymentState::Running,
+        S::Succeeded => proto::DeploymentState::Succeeded,
+        S::Failed => proto::DeploymentState::Failed,
+        S::Cancelled => proto::DeploymentState::Cancelled,
+    }
+}
+
+/// The filter value of ListDeployments (`UNSPECIFIED`: any state).
+pub fn state_filter(s: i32) -> Result<Option<model::DeploymentState>, Status> {
+    use model::DeploymentState as S;
+    match proto::DeploymentState::try_from(s) {
+        Ok(proto::DeploymentState::Unspecified) => Ok(None),
+        Ok(proto::DeploymentState::Pending) => Ok(Some(S::Pending)),
+        Ok(proto::DeploymentState::Running) => Ok(Some(S::Running)),
+        Ok(proto::DeploymentState::Succeeded) => Ok(Some(S::Succeeded)),
+        Ok(proto::DeploymentState::Failed) => Ok(Some(S::Failed)),
+        Ok(proto::DeploymentState::Cancelled) => Ok(Some(S::Cancelled)),
+        Err(_) => Err(invalid("state", format!("{s} is not a deployment state"))),
+    }
+}
+
+fn result(r: &model::DeploymentResult) -> proto::DeploymentResult {
+    proto::DeploymentResult {
+        success: r.success,
+        message: r.message.clone(),
+        container_id: r.container_id.clone(),
+        image_digest: r.image_digest.clone(),
+        endpoints: r.endpoints.clone().into_iter().collect(),
+        health: r
+            .health
+            .iter()
+            .map(|h| proto::HealthResult {
+                check: h.check.clone(),
+                healthy: h.healthy,
+                attempts: h.attempts,
+                message: h.message.clone(),
+            })
+            .collect(),
+        diagnostics: r.diagnostics.as_ref().map(|d| proto::FailureDiagnostics {
+            failed_phase: d.failed_phase.map_or(0, |p| phase(p) as i32),
+            step: d.step.clone(),
+            exit_code: d.exit_code,
+            oom_killed: d.oom_killed,
+            log_tail: d.log_tail.clone(),
+        }),
+    }
+}
+
+pub fn update(u: &model::Update) -> proto::ProgressUpdate {
+    proto::ProgressUpdate {
+        deployment_id: u.deployment_id.to_string(),
+        sequence: u.sequence,
+        app: u.app.to_string(),
+        phase: phase(u.phase) as i32,
+        phase_progress: u.phase_progress,
+        total_progress: u.total_progress,
+        level: level(u.level) as i32,
+        message: u.message.clone(),
+        timestamp: Some(timestamp(u.timestamp)),
+        elapsed: Some(proto_duration(u.elapsed)),
+        metadata: u.metadata.clone().into_iter().collect(),
+        pull: u.pull.as_ref().map(|p| proto::PullProgress {
+            layer_id: p.layer_id.clone(),
+            current_bytes: p.current_bytes,
+            total_bytes: p.total_bytes,
+            image_current_bytes: p.image_current_bytes,
+            image_total_bytes: p.image_total_bytes,
+            layers_total: p.layers_total,
+            layers_done: p.layers_done,
+        }),
+        result: u.result.as_ref().map(result),
+    }
+}
+
+pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
+    proto::DeploymentStatus {
+        deployment_id: s.id.to_string(),
+        app: s.app.to_string(),
+        image: s.image.clone(),
+        state: state(s.state) as i32,
+        phase: phase(s.phase) as i32,
+        phase_progress: s.phase_progress,
+        total_progress: s.total_progress,
+        created_at: Some(timestamp(s.created_at)),
+        started_at: s.started_at.map(timestamp),
+        finished_at: s.finished_at.map(timestamp),
+        error: s.error.clone(),
+        result: s.result.as_ref().map(result),
+        last_sequence: s.last_sequence,
+        requested_by: s.requested_by.clone(),
+        queue_position: s.queue_position,
+    }
+}
+
+/// Env keys of a request, for logs and audit (values are secrets).
+pub fn env_keys(env: &BTreeMap<String, String>) -> Vec<String> {
+    env.keys().cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> proto::DeployRequest {
+        proto::DeployRequest {
+            app: "web".into(),
+            image: "127.0.0.1:5000/stevedore-test/web:1".into(),
+            ports: vec![proto::PortMapping {
+                container_port: 8080,
+                host_port: 0,
+                protocol: String::new(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn error_of(req: proto::DeployRequest) -> String {
+        let e = deploy_spec(req, "test".into()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        e.message().to_owned()
+    }
+
+    #[test]
+    fn a_good_request_converts_with_defaults() {
+        let spec = deploy_spec(request(), "test".into()).unwrap();
+        assert_eq!(spec.app.as_str(), "web");
+        assert_eq!(spec.deadline, DEFAULT_DEADLINE);
+        assert_eq!(spec.health.timeout, DEFAULT_HEALTH_TIMEOUT);
+        assert!(spec.health.probe.is_none());
+        assert_eq!(spec.ports[0].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn image_references() {
+        for ok in [
+            "busybox",
+            "library/busybox:1.36",
+            "127.0.0.1:5000/a/b:tag",
+            "registry.example:443/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "a-b_c.d/e__f:v1.2-rc",
+        ] {
+            assert!(IMAGE_REFERENCE.is_match(ok), "{ok}");
+        }
+        for bad in ["", "UPPER/case", "a b", "a:", ":tag", "a//b", "a@sha256:zz", "-a"] {
+            assert!(!IMAGE_REFERENCE.is_match(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let cases: Vec<(Box<dyn Fn(&mut proto::DeployRequest)>, &str)> = vec![
+            (Box::new(|r| r.app = "Bad_Name".into()), "app: "),
+            (Box::new(|r| r.app.clear()), "app: "),
+            (Box::new(|r| r.image = "  ".into()), "image: empty reference"),
+            (Box::new(|r| r.image = "a b".into()), "image: "),
+            (Box::new(|r| r.ports[0].container_port = 0), "ports[0].container_port: "),
+            (Box::new(|r| r.ports[0].container_port = 70000), "ports[0].container_port: "),
+            (Box::new(|r| r.ports[0].host_port = 70000), "ports[0].host_port: "),
+            (Box::new(|r| r.ports[0].protocol = "sctp".into()), "ports[0].protocol: "),
+            (
+                Box::new(|r| r.labels.insert("io.stevedore.app".into(), "x".into()).map(drop).unwrap_or(())),
+                "labels[\"io.stevedore.app\"]: ",
+            ),
+            (
+                Box::new(|r| r.env.insert("A=B".into(), "x".into()).map(drop).unwrap_or(())),
+                "env[\"A=B\"]: ",
+            ),
+            (
+                Box::new(|r| {
+                    r.health_check = Some(proto::HealthCheck {
+                        check: Some(proto::health_check::Check::Tcp(proto::TcpHealthCheck {
+                            port: 9999,
+                        })),
+                        ..Default::default()
+                    })
+                }),
+                "health_check.tcp.port: ",
+            ),
+            (
+                Box::new(|r| {
+                    r.health_check = Some(proto::HealthCheck {
+                        check: Some(proto::health_check::Check::Log(proto::LogHealthCheck {
+                            pattern: "(".into(),
+                        })),
+                        ..Default::default()
+                    })
+                }),
+                "health_check.log.pattern: invalid regex",
+            ),
+            (
+                Box::new(|r| {
+                    r.milestones.push(proto::Milestone {
+                        pattern: "[".into(),
+                        progress: 0.5,
+                        description: "x".into(),
+                    })
+                }),
+                "milestones[0].pattern: invalid regex",
+            ),
+            (
+                Box::new(|r| r.hooks.push(proto::Hook::default())),
+                "hooks[0].command: ",
+            ),
+            (
+                Box::new(|r| {
+                    r.deadline = Some(prost_types::Duration {
+                        seconds: -1,
+                        nanos: 0,
+                    })
+                }),
+                "deadline: ",
+            ),
+        ];
+        for (mutate, expected) in cases {
+            let mut r = request();
+            mutate(&mut r);
+            let message = error_of(r);
+            assert!(message.starts_with(expected), "{message:?} should start with {expected:?}");
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The event log of one deployment.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use futures_util::Stream;
+use futures_util::future::BoxFuture;
+use tokio::sync::watch;
+
+use crate::model::Update;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LogError {
+    #[error("sequence {requested} is no longer held; the oldest held is {oldest}")]
+    OutOfRange { requested: u64, oldest: u64 },
+}
+
+/// Every update of one deployment, in sequence order. One writer (the deployment's
+/// task) appends; any number of readers replay and follow it, each at its own pace.
+pub struct DeploymentLog {
+    inner: Mutex<Inner>,
+    last: watch::Sender<u64>,
+}
+
+struct Inner {
+    updates: VecDeque<Arc<Update>>,
+    /// Sequence of `updates[0]` (1 until anything is evicted).
+    first_seq: u64,
+    closed: bool,
+}
+
+impl Default for DeploymentLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DeploymentLog {
+    pub fn new() -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                updates: VecDeque::new(),
+                first_seq: 1,
+                closed: false,
+            }),
+            last: watch::Sender::new(0),
+        }
+    }
+
+    /// Builds a log from updates loaded from the store (a finished deployment).
+    pub fn from_updates(updates: Vec<Update>, closed: bool) -> Self {
+        let first_seq = updates.first().map_or(1, |u| u.sequence);
+        let last = updates.last().map_or(0, |u| u.sequence);
+        Self {
+            inner: Mutex::new(Inner {
+                updates: updates.into_iter().map(Arc::new).collect(),
+                first_seq,
+                closed,
+            }),
+            last: watch::Sender::new(last),
+        }
+    }
+
+    /// Sequence of the last update appended (0 when empty).
+    pub fn last_sequence(&self) -> u64 {
+        *self.last.borrow()
+    }
+
+    /// Appends the next update. Its `sequence` must follow the last one; an update
+    /// that ends the deployment closes the log. Never waits on readers.
+    pub fn append(&self, update: Update) -> Arc<Update> {
+        let update = Arc::new(update);
+        {
+            let mut inner = self.inner.lock().expect("log lock");
+            let expected = inner.first_seq + inner.updates.len() as u64;
+            assert_eq!(update.sequence, expected, "log sequence gap");
+            assert!(!inner.closed, "append to a closed log");
+            inner.closed = update.is_terminal();
+            inner.updates.push_back(update.clone());
+        }
+        self.last.send_replace(update.sequence);
+        update
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.lock().expect("log lock").closed
+    }
+
+    /// All updates currently held.
+    pub fn snapshot(&self) -> Vec<Arc<Update>> {
+        self.inner
+            .lock()
+            .expect("log lock")
+            .updates
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Up to `max` updates with a sequence above `after`, and whether the log is closed.
+    fn read_after(&self, after: u64, max: usize) -> Result<(Vec<Arc<Update>>, bool), LogError> {
+        let inner = self.inner.lock().expect("log lock");
+        if after + 1 < inner.first_seq {
+            return Err(LogError::OutOfRange {
+                requested: after + 1,
+                oldest: inner.first_seq,
+            });
+        }
+        let skip = (after + 1 - inner.first_seq) as usize;
+        let batch = inner.updates.iter().skip(skip).take(max).cloned().collect();
+        Ok((batch, inner.closed))
+    }
+
+    /// Replays every update with `sequence > after`, then follows live until the
+    /// terminal update. Fails at once when `after + 1` is older than what is held.
+    pub fn subscribe(self: &Arc<Self>, after: u64) -> Result<UpdateStream, LogError> {
+        self.read_after(after, 0)?;
+        Ok(UpdateStream {
+            log: self.clone(),
+            cursor: after,
+            pending: VecDeque::new(),
+            done: false,
+            wait: None,
+        })
+    }
+}
+
+/// A subscriber's view of a [`DeploymentLog`]: a stream that ends after the terminal
+/// update. Holds at most one batch of `Arc`s; a reader that falls behind simply reads
+/// from the log when it catches up.
+pub struct UpdateStream {
+    log: Arc<DeploymentLog>,
+    cursor: u64,
+    pending: VecDeque<Arc<Update>>,
+    done: bool,
+    wait: Option<BoxFuture<'static, ()>>,
+}
+
+const BATCH: usize = 256;
+
+impl UpdateStream {
+    /// Sequence of the last update this stream yielded (where to resume from).
+    pub fn cursor(&self) -> u64 {
+        self.cursor
+    }
+}
+
+impl Stream for UpdateStream {
+    type Item = Result<Arc<Update>, LogError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some(update) = this.pending.pop_front() {
+                this.cursor = update.sequence;
+                if update.is_terminal() {
+                    this.done = true;
+                    this.pending.clear();
+                }
+                return Poll::Ready(Some(Ok(update)));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(wait) = this.wait.as_mut() {
+                match wait.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => this.wait = None,
+                }
+            }
+            // Subscribe to changes before reading, so an append between the read and
+            // the wait is never missed.
+            let mut rx = this.log.last.subscribe();
+            rx.mark_unchanged();
+            match this.log.read_after(this.cursor, BATCH) {
+                Err(e) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Ok((batch, closed)) => {
+                    if batch.is_empty() {
+                        if closed {
+                            this.done = true;
+                            return Poll::Ready(None);
+                        }
+                        this.wait = Some(Box::pin(async move {
+                            let _ = rx.changed().await;
+                        }));
+                    } else {
+                        this.pending.extend(batch);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+    use futures_util::StreamExt;
+    use std::time::{Duration, SystemTime};
+
+    fn update(seq: u64, terminal: bool) -> Update {
+        Update {
+            deployment_id: DeploymentId::new(),
+            sequence: seq,
+            app: AppName::parse("app").unwrap(),
+            kind: if terminal {
+                EventKind::Finished {
+                    state: DeploymentState::Succeeded,
+                }
+            } else {
+                EventKind::Progress
+            },
+            phase: Phase::Pulling,
+            phase_progress: 0.0,
+            total_progress: 0.0,
+            level: Level::Info,
+            message: String::new(),
+            timestamp: SystemTime::now(),
+            elapsed: Duration::ZERO,
+            metadata: Default::default(),
+            pull: None,
+            result: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn replays_then_follows_until_terminal() {
+        let log = Arc::new(DeploymentLog::new());
+        for s in 1..=3 {
+            log.append(update(s, false));
+        }
+        let stream = log.subscribe(1).unwrap();
+        let writer = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for s in 4..=600 {
+                    log.append(update(s, false));
+                    if s % 100 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                log.append(update(601, true));
+            })
+        };
+        let seqs: Vec<u64> = stream.map(|u| u.unwrap().sequence).collect().await;
+        writer.await.unwrap();
+        assert_eq!(seqs, (2..=601).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn finished_log_replays_and_ends() {
+        let log = Arc::new(DeploymentLog::new());
+        log.append(update(1, false));
+        log.append(update(2, true));
+        let seqs: Vec<u64> = log
+            .subscribe(0)
+            .unwrap()
+            .map(|u| u.unwrap().sequence)
+            .collect()
+            .await;
+        assert_eq!(seqs, vec![1, 2]);
+        assert_eq!(log.subscribe(2).unwrap().count().await, 0);
+    }
+
+    #[tokio::test]
+    async fn out_of_range_names_the_oldest() {
+        let log = Arc::new(DeploymentLog::from_updates(
+            vec![update(5, false), update(6, true)],
+            true,
+        ));
+        assert_eq!(
+            log.subscribe(2).err(),
+            Some(LogError::OutOfRange {
+                requested: 3,
+                oldest: 5
+            })
+        );
+        assert!(log.subscribe(4).is_ok());
+    }
+}

@@ -1,0 +1,23 @@
+//! Stevedore: a deployment control plane. Deploys container images as apps on a Docker
+//! engine and streams structured progress over gRPC. See `docs/ARCHITECTURE.md`.
+#![forbid(unsafe_code)]
+
+pub mod engine;
+pub mod events;
+pub mod model;
+pub mod runtime;
+
+/// Code generated from `proto/stevedore/v1/deployer.proto`.
+pub mod proto {
+    #![allow(clippy::all)]
+    tonic::include_proto!("stevedore.v1");
+
+    /// Encoded descriptor set, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("stevedore_descriptor");
+}
+
+pub mod api;
+pub mod http;
+pub mod logging;
+pub mod server;

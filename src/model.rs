@@ -1,0 +1,421 @@
+//! Domain types shared by every layer: what a deployment is asked to do
+//! ([`DeploySpec`]), where it is ([`Phase`], [`DeploymentState`]) and what it reports
+//! ([`Update`]). Nothing here knows about protobuf, tonic or Docker: `api/` converts
+//! to and from the wire, `runtime/` to and from the engine's API.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use regex::Regex;
+use uuid::Uuid;
+
+/// Label put on every container Stevedore creates: the app it belongs to.
+pub const LABEL_APP: &str = "io.stevedore.app";
+/// Label put on every container Stevedore creates: the deployment that created it.
+pub const LABEL_DEPLOYMENT: &str = "io.stevedore.deployment";
+/// Prefix reserved for Stevedore's own labels.
+pub const RESERVED_LABEL_PREFIX: &str = "io.stevedore.";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeploymentId(pub Uuid);
+
+impl DeploymentId {
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl Default for DeploymentId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for DeploymentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// An app name: `[a-z0-9][a-z0-9-]{0,62}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AppName(String);
+
+impl AppName {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.bytes().enumerate().all(|(i, b)| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && b == b'-')
+            });
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!(
+                "{s:?} is not a valid app name: use 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit"
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub container_port: u16,
+    /// 0 = any free port.
+    pub host_port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug)]
+pub enum HealthProbe {
+    /// The image's HEALTHCHECK.
+    Docker,
+    Tcp { port: u16 },
+    Http { port: u16, path: String, expect_status: u16 },
+    Log { pattern: Regex },
+    None,
+}
+
+impl HealthProbe {
+    pub fn name(&self) -> &'static str {
+        match self {
+            HealthProbe::Docker => "docker",
+            HealthProbe::Tcp { .. } => "tcp",
+            HealthProbe::Http { .. } => "http",
+            HealthProbe::Log { .. } => "log",
+            HealthProbe::None => "none",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct HealthSpec {
+    /// `None`: decided once the image is known (its HEALTHCHECK, else a TCP probe of the
+    /// first published port, else a settle time).
+    pub probe: Option<HealthProbe>,
+    pub timeout: Duration,
+    pub interval: Duration,
+}
+
+/// Credentials for a private registry. Never logged, stored or echoed.
+#[derive(Clone, Default)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+    pub identity_token: String,
+}
+
+impl fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RegistryAuth(<redacted>)")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MilestoneSpec {
+    pub pattern: Regex,
+    /// Phase progress reached on a match; negative: a counter.
+    pub progress: f64,
+    pub description: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct HookSpec {
+    pub name: String,
+    pub command: Vec<String>,
+    pub tty: bool,
+    pub timeout: Duration,
+}
+
+/// A validated deploy request.
+#[derive(Clone, Debug)]
+pub struct DeploySpec {
+    pub app: AppName,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub ports: Vec<PortSpec>,
+    pub labels: BTreeMap<String, String>,
+    pub health: HealthSpec,
+    /// Bounds the whole deployment, from acceptance (queue wait included) to its end.
+    pub deadline: Duration,
+    pub idempotency_key: Option<String>,
+    pub registry_auth: Option<RegistryAuth>,
+    pub milestones: Vec<MilestoneSpec>,
+    pub hooks: Vec<HookSpec>,
+    /// Who asked (token name, or peer address without auth).
+    pub requested_by: String,
+}
+
+/// Phases in the order a deployment goes through them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    Queued,
+    Validating,
+    Pulling,
+    Creating,
+    Starting,
+    HealthCheck,
+    Hooks,
+    Switching,
+    Cleanup,
+    Complete,
+    Failed,
+    Cancelled,
+}
+
+impl Phase {
+    /// The non-terminal phases, in order.
+    pub const WORK: [Phase; 9] = [
+        Phase::Queued,
+        Phase::Validating,
+        Phase::Pulling,
+        Phase::Creating,
+        Phase::Starting,
+        Phase::HealthCheck,
+        Phase::Hooks,
+        Phase::Switching,
+        Phase::Cleanup,
+    ];
+
+    /// Share of `total_progress` this phase accounts for. The weights add up to 1.0;
+    /// pulling and health checking are where the time goes.
+    pub fn weight(self) -> f64 {
+        match self {
+            Phase::Queued => 0.0,
+            Phase::Validating => 0.02,
+            Phase::Pulling => 0.40,
+            Phase::Creating => 0.05,
+            Phase::Starting => 0.08,
+            Phase::HealthCheck => 0.25,
+            Phase::Hooks => 0.10,
+            Phase::Switching => 0.07,
+            Phase::Cleanup => 0.03,
+            Phase::Complete | Phase::Failed | Phase::Cancelled => 0.0,
+        }
+    }
+
+    /// `total_progress` at the start of this phase.
+    pub fn start_offset(self) -> f64 {
+        Phase::WORK
+            .iter()
+            .take_while(|p| **p != self)
+            .map(|p| p.weight())
+            .sum()
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Complete | Phase::Failed | Phase::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Queued => "queued",
+            Phase::Validating => "validating",
+            Phase::Pulling => "pulling",
+            Phase::Creating => "creating",
+            Phase::Starting => "starting",
+            Phase::HealthCheck => "health_check",
+            Phase::Hooks => "hooks",
+            Phase::Switching => "switching",
+            Phase::Cleanup => "cleanup",
+            Phase::Complete => "complete",
+            Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Verbose,
+    Warning,
+    Error,
+    Success,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeploymentState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl DeploymentState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            DeploymentState::Succeeded | DeploymentState::Failed | DeploymentState::Cancelled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeploymentState::Pending => "pending",
+            DeploymentState::Running => "running",
+            DeploymentState::Succeeded => "succeeded",
+            DeploymentState::Failed => "failed",
+            DeploymentState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Byte-exact image pull progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PullProgress {
+    pub layer_id: String,
+    pub current_bytes: u64,
+    pub total_bytes: u64,
+    pub image_current_bytes: u64,
+    pub image_total_bytes: u64,
+    pub layers_total: u32,
+    pub layers_done: u32,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct HealthOutcome {
+    pub check: String,
+    pub healthy: bool,
+    pub attempts: u32,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FailureDiagnostics {
+    pub failed_phase: Option<Phase>,
+    pub step: String,
+    pub exit_code: Option<i64>,
+    pub oom_killed: bool,
+    pub log_tail: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DeploymentResult {
+    pub success: bool,
+    pub message: String,
+    pub container_id: String,
+    pub image_digest: String,
+    pub endpoints: BTreeMap<String, String>,
+    pub health: Vec<HealthOutcome>,
+    pub diagnostics: Option<FailureDiagnostics>,
+}
+
+/// What an update is about, for observers that react to some kinds only.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventKind {
+    /// The deployment was accepted (always sequence 1).
+    Accepted,
+    /// Waiting for the app's lock at `position` (1 = next).
+    Queued { position: u32 },
+    /// A phase began.
+    PhaseStarted,
+    /// Progress within the current phase (pull bytes, probe attempts, milestones …).
+    Progress,
+    /// A line of container or hook output.
+    Output,
+    /// The cancel was requested and is being carried out.
+    Cancelling,
+    /// The terminal update: `result` is set.
+    Finished { state: DeploymentState },
+}
+
+/// One event of a deployment: the domain form of `ProgressUpdate`.
+#[derive(Clone, Debug)]
+pub struct Update {
+    pub deployment_id: DeploymentId,
+    pub sequence: u64,
+    pub app: AppName,
+    pub kind: EventKind,
+    pub phase: Phase,
+    pub phase_progress: f64,
+    pub total_progress: f64,
+    pub level: Level,
+    pub message: String,
+    pub timestamp: SystemTime,
+    pub elapsed: Duration,
+    pub metadata: BTreeMap<String, String>,
+    pub pull: Option<PullProgress>,
+    pub result: Option<DeploymentResult>,
+}
+
+impl Update {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.kind, EventKind::Finished { .. })
+    }
+}
+
+/// A point-in-time view of a deployment, for GetStatus and ListDeployments.
+#[derive(Clone, Debug)]
+pub struct DeploymentStatus {
+    pub id: DeploymentId,
+    pub app: AppName,
+    pub image: String,
+    pub state: DeploymentState,
+    pub phase: Phase,
+    pub phase_progress: f64,
+    pub total_progress: f64,
+    pub created_at: SystemTime,
+    pub started_at: Option<SystemTime>,
+    pub finished_at: Option<SystemTime>,
+    pub error: String,
+    pub result: Option<DeploymentResult>,
+    pub last_sequence: u64,
+    pub requested_by: String,
+    pub queue_position: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_names() {
+        for ok in ["a", "web", "my-app-2", "0x", &"a".repeat(63)] {
+            assert!(AppName::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "Web", "a_b", "a.b", "a b", &"a".repeat(64)] {
+            assert!(AppName::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn weights_add_up_and_offsets_increase() {
+        let sum: f64 = Phase::WORK.iter().map(|p| p.weight()).sum();
+        assert!((sum - 1.0).abs() < 1e-9, "weights sum to {sum}");
+        let mut last = -1.0;
+        for p in Phase::WORK {
+            assert!(p.start_offset() > last || p.weight() == 0.0);
+            last = p.start_offset();
+        }
+        assert!((Phase::Cleanup.start_offset() + Phase::Cleanup.weight() - 1.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,705 @@
+//! The real runtime: a Docker engine through bollard. Every call runs under an explicit
+//! timeout (`call_timeout`), and streams under an idle timeout, so a hung engine fails
+//! the step instead of hanging the deployment.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::auth::DockerCredentials;
+use bollard::container::LogOutput;
+use bollard::errors::Error as BollardError;
+use bollard::exec::{StartExecOptions, StartExecResults};
+use bollard::models::{
+    ContainerCreateBody, ExecConfig, HealthStatusEnum, HostConfig, PortBinding,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
+};
+use bollard::{ClientVersion, Docker};
+use futures_util::stream::{BoxStream, StreamExt};
+
+use super::{
+    ContainerSpec, ContainerState, ContainerSummary, DockerHealth, ExecRun, ImageInfo,
+    LayerStatus, PublishedPort, PullEvent, Runtime, RuntimeError,
+};
+use crate::model::{LABEL_APP, LABEL_DEPLOYMENT, Protocol, RegistryAuth};
+
+/// API version spoken to the engine: 1.41 is what Debian 12's engine (20.10) serves,
+/// and every newer engine still accepts it.
+const API_VERSION: ClientVersion = ClientVersion {
+    major_version: 1,
+    minor_version: 41,
+};
+
+/// Seconds a container gets to stop after SIGTERM before it is killed.
+const STOP_GRACE_SECS: i32 = 5;
+
+pub struct DockerRuntime {
+    docker: Docker,
+    endpoint: String,
+    public_host: String,
+    call_timeout: Duration,
+    pull_idle_timeout: Duration,
+}
+
+/// The engine address used when neither `--docker-host` nor `DOCKER_HOST` is set.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+
+impl DockerRuntime {
+    /// Prepares a client for `host` (`unix://…`, `tcp://…` or `http://…`). Does not
+    /// connect: an engine that is down is reported by the calls that need it.
+    pub fn new(host: &str, call_timeout: Duration) -> Result<Self, RuntimeError> {
+        let secs = call_timeout.as_secs().max(1) * 4;
+        let docker = if host.starts_with("unix://") {
+            Docker::connect_with_unix(host, secs, &API_VERSION)
+        } else if host.starts_with("tcp://") || host.starts_with("http://") {
+            Docker::connect_with_http(host, secs, &API_VERSION)
+        } else {
+            return Err(RuntimeError::Unavailable {
+                endpoint: host.to_owned(),
+                reason: "unsupported address: use unix://PATH, tcp://HOST:PORT or http://HOST:PORT"
+                    .into(),
+            });
+        }
+        .map_err(|e| RuntimeError::Unavailable {
+            endpoint: host.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let public_host = public_host_of(host);
+        Ok(Self {
+            docker,
+            endpoint: host.to_owned(),
+            public_host,
+            call_timeout,
+            pull_idle_timeout: Duration::from_secs(120),
+        })
+    }
+
+    async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RuntimeError>
+    where
+        F: Future<Output = Result<T, BollardError>>,
+    {
+        match tokio::time::timeout(self.call_timeout, fut).await {
+            Err(_) => Err(RuntimeError::Timeout {
+                op,
+                after: self.call_timeout,
+                endpoint: self.endpoint.clone(),
+            }),
+            Ok(Err(e)) => Err(self.map_err(op, e)),
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    fn map_err(&self, op: &'static str, e: BollardError) -> RuntimeError {
+        map_error(&self.endpoint, op, e)
+    }
+}
+
+fn map_error(endpoint: &str, op: &'static str, e: BollardError) -> RuntimeError {
+    match e {
+        BollardError::DockerResponseServerError { message, .. } => RuntimeError::Call {
+            op,
+            reason: message,
+        },
+        BollardError::DockerStreamError { error } => RuntimeError::Call { op, reason: error },
+        BollardError::IOError { err } => RuntimeError::Unavailable {
+            endpoint: endpoint.to_owned(),
+            reason: err.to_string(),
+        },
+        BollardError::HyperResponseError { err } => RuntimeError::Unavailable {
+            endpoint: endpoint.to_owned(),
+            reason: err.to_string(),
+        },
+        BollardError::RequestTimeoutError => RuntimeError::Timeout {
+            op,
+            after: Duration::ZERO,
+            endpoint: endpoint.to_owned(),
+        },
+        other => {
+            let text = other.to_string();
+            if text.contains("connect") || text.contains("No such file") {
+                RuntimeError::Unavailable {
+                    endpoint: endpoint.to_owned(),
+                    reason: text,
+                }
+            } else {
+                RuntimeError::Call { op, reason: text }
+            }
+        }
+    }
+}
+
+fn is_not_found(e: &RuntimeError) -> bool {
+    matches!(e, RuntimeError::Call { reason, .. } if reason.contains("No such") || reason.contains("not found"))
+}
+
+/// Where published ports are reachable: loopback for a local engine, else its host.
+fn public_host_of(endpoint: &str) -> String {
+    for scheme in ["tcp://", "http://"] {
+        if let Some(rest) = endpoint.strip_prefix(scheme) {
+            let authority = rest.split('/').next().unwrap_or(rest);
+            let host = match authority.rsplit_once(':') {
+                Some((h, _)) => h,
+                None => authority,
+            };
+            if !host.is_empty() {
+                return host.trim_matches(['[', ']']).to_owned();
+            }
+        }
+    }
+    "127.0.0.1".to_owned()
+}
+
+/// Splits `image` into (name, tag-or-digest) for the pull API.
+fn split_reference(image: &str) -> (&str, &str) {
+    if let Some((name, digest)) = image.split_once('@') {
+        return (name, digest);
+    }
+    let last_slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[last_slash..].rfind(':') {
+        Some(i) => (&image[..last_slash + i], &image[last_slash + i + 1..]),
+        None => (image, "latest"),
+    }
+}
+
+fn layer_status(status: &str) -> LayerStatus {
+    match status {
+        "Downloading" => LayerStatus::Downloading,
+        "Verifying Checksum" | "Download complete" => LayerStatus::Downloaded,
+        "Extracting" => LayerStatus::Extracting,
+        "Pull complete" => LayerStatus::Done,
+        "Already exists" => LayerStatus::AlreadyExists,
+        _ => LayerStatus::Pending,
+    }
+}
+
+fn health_of(status: Option<HealthStatusEnum>) -> Option<DockerHealth> {
+    match status? {
+        HealthStatusEnum::STARTING => Some(DockerHealth::Starting),
+        HealthStatusEnum::HEALTHY => Some(DockerHealth::Healthy),
+        HealthStatusEnum::UNHEALTHY => Some(DockerHealth::Unhealthy),
+        _ => None,
+    }
+}
+
+fn log_bytes(out: LogOutput) -> Vec<u8> {
+    out.as_ref().to_vec()
+}
+
+/// Splits a stream of output chunks into lines (without their line ending).
+fn lines_of(
+    chunks: BoxStream<'static, Result<Vec<u8>, RuntimeError>>,
+) -> BoxStream<'static, Result<String, RuntimeError>> {
+    futures_util::stream::unfold(
+        (chunks, Vec::<u8>::new(), false),
+        |(mut chunks, mut buf, done)| async move {
+            loop {
+                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let mut line: Vec<u8> = buf.drain(..=pos).collect();
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                    let text = String::from_utf8_lossy(&line).into_owned();
+                    return Some((Ok(text), (chunks, buf, done)));
+                }
+                if done {
+                    if buf.is_empty() {
+                        return None;
+                    }
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    buf.clear();
+                    return Some((Ok(text), (chunks, buf, true)));
+                }
+                match chunks.next().await {
+                    Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
+                    Some(Err(e)) => return Some((Err(e), (chunks, Vec::new(), true))),
+                    None => return lines_end(chunks, buf),
+                }
+            }
+        },
+    )
+    .boxed()
+}
+
+#[allow(clippy::type_complexity)]
+fn lines_end(
+    chunks: BoxStream<'static, Result<Vec<u8>, RuntimeError>>,
+    buf: Vec<u8>,
+) -> Option<(
+    Result<String, RuntimeError>,
+    (BoxStream<'static, Result<Vec<u8>, RuntimeError>>, Vec<u8>, bool),
+)> {
+    if buf.is_empty() {
+        None
+    } else {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        Some((Ok(text), (chunks, Vec::new(), true)))
+    }
+}
+
+#[async_trait]
+impl Runtime for DockerRuntime {
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn public_host(&self) -> &str {
+        &self.public_host
+    }
+
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        self.call("ping", self.docker.ping()).await.map(|_| ())
+    }
+
+    async fn inspect_image(&self, image: &str) -> Result<Option<ImageInfo>, RuntimeError> {
+        match self
+            .call("inspect image", self.docker.inspect_image(image))
+            .await
+        {
+            Ok(info) => {
+                let has_healthcheck = info
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.healthcheck.as_ref())
+                    .and_then(|h| h.test.as_ref())
+                    .is_some_and(|t| !t.is_empty() && t[0] != "NONE");
+                let (name, _) = split_reference(image);
+                let digest = info.repo_digests.as_ref().and_then(|ds| {
+                    ds.iter()
+                        .find(|d| d.split('@').next() == Some(name))
+                        .or_else(|| ds.first())
+                        .cloned()
+                });
+                Ok(Some(ImageInfo {
+                    id: info.id.unwrap_or_default(),
+                    digest,
+                    has_healthcheck,
+                }))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn pull(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> BoxStream<'static, Result<PullEvent, RuntimeError>> {
+        let (name, tag) = split_reference(image);
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(name)
+            .tag(tag)
+            .build();
+        let credentials = auth.map(|a| DockerCredentials {
+            username: (!a.username.is_empty()).then(|| a.username.clone()),
+            password: (!a.password.is_empty()).then(|| a.password.clone()),
+            identitytoken: (!a.identity_token.is_empty()).then(|| a.identity_token.clone()),
+            ..Default::default()
+        });
+        let stream = self.docker.create_image(Some(options), None, credentials);
+        let endpoint = self.endpoint.clone();
+        let image = image.to_owned();
+        let idle = self.pull_idle_timeout;
+        let stream = tokio_stream::StreamExt::timeout(stream, idle);
+        futures_util::stream::unfold(
+            (Box::pin(stream), false),
+            move |(mut stream, done)| {
+                let endpoint = endpoint.clone();
+                let image = image.clone();
+                async move {
+                    if done {
+                        return None;
+                    }
+                    let item = match stream.next().await? {
+                        Err(_) => Err(RuntimeError::Timeout {
+                            op: "image pull (no progress)",
+                            after: idle,
+                            endpoint,
+                        }),
+                        Ok(Err(e)) => Err(match map_error(&endpoint, "image pull", e) {
+                            RuntimeError::Call { reason, .. } => RuntimeError::Pull {
+                                image: image.clone(),
+                                reason,
+                            },
+                            other => other,
+                        }),
+                        Ok(Ok(info)) => {
+                            let status = info.status.unwrap_or_default();
+                            Ok(match info.id {
+                                Some(id) if !id.is_empty() && !status.starts_with("Pulling from") => {
+                                    let detail = info.progress_detail.unwrap_or_default();
+                                    PullEvent::Layer {
+                                        id,
+                                        status: layer_status(&status),
+                                        current: detail.current.map(|c| c.max(0) as u64),
+                                        total: detail.total.filter(|t| *t > 0).map(|t| t as u64),
+                                    }
+                                }
+                                _ => PullEvent::Image { status },
+                            })
+                        }
+                    };
+                    let done = item.is_err();
+                    Some((item, (stream, done)))
+                }
+            },
+        )
+        .boxed()
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let mut exposed = Vec::new();
+        let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
+        for p in &spec.ports {
+            let key = format!("{}/{}", p.container_port, p.protocol.as_str());
+            exposed.push(key.clone());
+            bindings
+                .entry(key)
+                .or_insert_with(|| Some(Vec::new()))
+                .get_or_insert_with(Vec::new)
+                .push(PortBinding {
+                    host_ip: None,
+                    host_port: Some(if p.host_port == 0 {
+                        String::new()
+                    } else {
+                        p.host_port.to_string()
+                    }),
+                });
+        }
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(spec.labels.clone().into_iter().collect()),
+            exposed_ports: Some(exposed),
+            host_config: Some(HostConfig {
+                port_bindings: Some(bindings),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        let created = self
+            .call(
+                "create container",
+                self.docker.create_container(Some(options), body),
+            )
+            .await?;
+        Ok(created.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.call(
+            "start container",
+            self.docker.start_container(
+                id,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            ),
+        )
+        .await
+    }
+
+    async fn inspect(&self, id: &str) -> Result<ContainerState, RuntimeError> {
+        let info = self
+            .call(
+                "inspect container",
+                self.docker
+                    .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>),
+            )
+            .await?;
+        let state = info.state.unwrap_or_default();
+        let running = state.running.unwrap_or(false);
+        let health = state.health.as_ref();
+        let health_log = health
+            .and_then(|h| h.log.as_ref())
+            .and_then(|l| l.last())
+            .and_then(|r| r.output.clone())
+            .map(|o| o.trim().to_owned());
+        let mut ports = Vec::new();
+        if let Some(map) = info.network_settings.and_then(|n| n.ports) {
+            for (key, bindings) in map {
+                let (port, proto) = key.split_once('/').unwrap_or((&key, "tcp"));
+                let Ok(container_port) = port.parse::<u16>() else {
+                    continue;
+                };
+                let protocol = if proto == "udp" {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                };
+                // One URL per container port: prefer the IPv4 binding.
+                let mut best: Option<(bool, u16)> = None;
+                for b in bindings.unwrap_or_default() {
+                    let Some(host_port) = b.host_port.and_then(|p| p.parse::<u16>().ok()) else {
+                        continue;
+                    };
+                    let v4 = !b.host_ip.as_deref().unwrap_or("").contains(':');
+                    if best.is_none_or(|(was_v4, _)| v4 && !was_v4) {
+                        best = Some((v4, host_port));
+                    }
+                }
+                if let Some((_, host_port)) = best {
+                    ports.push(PublishedPort {
+                        container_port,
+                        protocol,
+                        host_port,
+                    });
+                }
+            }
+        }
+        ports.sort_by_key(|p| (p.container_port, p.protocol.as_str()));
+        Ok(ContainerState {
+            running,
+            exit_code: if running { None } else { state.exit_code },
+            oom_killed: state.oom_killed.unwrap_or(false),
+            health: health_of(health.and_then(|h| h.status)),
+            health_log,
+            ports,
+            status: state.status.map(|s| s.to_string()).unwrap_or_default(),
+        })
+    }
+
+    async fn logs_tail(&self, id: &str, lines: usize) -> Result<Vec<String>, RuntimeError> {
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .tail(&lines.to_string())
+            .build();
+        let chunks = self
+            .call(
+                "read container logs",
+                self.docker
+                    .logs(id, Some(options))
+                    .map(|r| r.map(|o| log_bytes(o)))
+                    .collect::<Vec<_>>()
+                    .map_results(),
+            )
+            .await?;
+        let text: Vec<u8> = chunks.concat();
+        let all: Vec<String> = String::from_utf8_lossy(&text)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let skip = all.len().saturating_sub(lines);
+        Ok(all.into_iter().skip(skip).collect())
+    }
+
+    fn follow_logs(&self, id: &str) -> BoxStream<'static, Result<String, RuntimeError>> {
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .follow(true)
+            .build();
+        let endpoint = self.endpoint.clone();
+        let chunks = self
+            .docker
+            .logs(id, Some(options))
+            .map(move |r| {
+                r.map(|o| log_bytes(o))
+                    .map_err(|e| map_error(&endpoint, "follow container logs", e))
+            })
+            .boxed();
+        lines_of(chunks)
+    }
+
+    async fn list_app_containers(
+        &self,
+        app: &str,
+    ) -> Result<Vec<ContainerSummary>, RuntimeError> {
+        self.list_labelled(format!("{LABEL_APP}={app}")).await
+    }
+
+    async fn list_managed_containers(&self) -> Result<Vec<ContainerSummary>, RuntimeError> {
+        self.list_labelled(LABEL_DEPLOYMENT.to_owned()).await
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let stop = StopContainerOptionsBuilder::default()
+            .t(STOP_GRACE_SECS)
+            .build();
+        // A stop can legitimately take the grace period; give it that on top.
+        let stop_budget = self.call_timeout + Duration::from_secs(STOP_GRACE_SECS as u64);
+        match tokio::time::timeout(stop_budget, self.docker.stop_container(id, Some(stop))).await {
+            Err(_) => {
+                return Err(RuntimeError::Timeout {
+                    op: "stop container",
+                    after: stop_budget,
+                    endpoint: self.endpoint.clone(),
+                });
+            }
+            Ok(Err(e)) => {
+                let e = self.map_err("stop container", e);
+                // 304 (already stopped) and 404 come back as errors; removal decides.
+                if matches!(e, RuntimeError::Unavailable { .. }) {
+                    return Err(e);
+                }
+            }
+            Ok(Ok(())) => {}
+        }
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        match self
+            .call(
+                "remove container",
+                self.docker.remove_container(id, Some(options)),
+            )
+            .await
+        {
+            Err(e) if is_not_found(&e) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        command: &[String],
+        tty: bool,
+    ) -> Result<ExecRun, RuntimeError> {
+        let created = self
+            .call(
+                "create exec",
+                self.docker.create_exec(
+                    id,
+                    ExecConfig {
+                        cmd: Some(command.to_vec()),
+                        attach_stdout: Some(true),
+                        attach_stderr: Some(true),
+                        tty: Some(tty),
+                        ..Default::default()
+                    },
+                ),
+            )
+            .await?;
+        let started = self
+            .call(
+                "start exec",
+                self.docker.start_exec(
+                    &created.id,
+                    Some(StartExecOptions {
+                        detach: false,
+                        tty,
+                        output_capacity: None,
+                    }),
+                ),
+            )
+            .await?;
+        let endpoint = self.endpoint.clone();
+        let output = match started {
+            StartExecResults::Attached { output, .. } => output
+                .map(move |r| {
+                    r.map(|o| log_bytes(o))
+                        .map_err(|e| map_error(&endpoint, "exec output", e))
+                })
+                .boxed(),
+            StartExecResults::Detached => futures_util::stream::empty().boxed(),
+        };
+        Ok(ExecRun {
+            exec_id: created.id,
+            output,
+        })
+    }
+
+    async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError> {
+        let info = self
+            .call("inspect exec", self.docker.inspect_exec(exec_id))
+            .await?;
+        if info.running.unwrap_or(false) {
+            Ok(None)
+        } else {
+            Ok(Some(info.exit_code.unwrap_or(-1)))
+        }
+    }
+}
+
+impl DockerRuntime {
+    async fn list_labelled(&self, label: String) -> Result<Vec<ContainerSummary>, RuntimeError> {
+        let mut filters = HashMap::new();
+        filters.insert("label".to_owned(), vec![label]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .call("list containers", self.docker.list_containers(Some(options)))
+            .await?;
+        Ok(list
+            .into_iter()
+            .map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                ContainerSummary {
+                    id: c.id.unwrap_or_default(),
+                    app: labels.get(LABEL_APP).cloned().unwrap_or_default(),
+                    deployment: labels.get(LABEL_DEPLOYMENT).cloned().unwrap_or_default(),
+                    running: c.state.map(|s| s.to_string()) == Some("running".into()),
+                }
+            })
+            .collect())
+    }
+}
+
+/// `collect::<Vec<Result<T, E>>>()` into `Result<Vec<T>, E>`.
+trait MapResults<T, E> {
+    fn map_results(self) -> impl Future<Output = Result<Vec<T>, E>>;
+}
+
+impl<F, T, E> MapResults<T, E> for F
+where
+    F: Future<Output = Vec<Result<T, E>>>,
+{
+    async fn map_results(self) -> Result<Vec<T>, E> {
+        self.await.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_split_into_name_and_tag() {
+        assert_eq!(split_reference("busybox"), ("busybox", "latest"));
+        assert_eq!(split_reference("a/b:1"), ("a/b", "1"));
+        assert_eq!(
+            split_reference("127.0.0.1:5000/x/y:2"),
+            ("127.0.0.1:5000/x/y", "2")
+        );
+        assert_eq!(
+            split_reference("127.0.0.1:5000/x/y"),
+            ("127.0.0.1:5000/x/y", "latest")
+        );
+        assert_eq!(
+            split_reference("r/x@sha256:abcd"),
+            ("r/x", "sha256:abcd")
+        );
+    }
+
+    #[test]
+    fn public_host_follows_the_endpoint() {
+        assert_eq!(public_host_of("unix:///var/run/docker.sock"), "127.0.0.1");
+        assert_eq!(public_host_of("tcp://10.0.0.5:2375"), "10.0.0.5");
+        assert_eq!(public_host_of("http://docker.internal:2375/"), "docker.internal");
+    }
+
+    #[tokio::test]
+    async fn lines_are_split_across_chunks() {
+        let chunks: Vec<Result<Vec<u8>, RuntimeError>> = vec![
+            Ok(b"one\ntw".to_vec()),
+            Ok(b"o\r\nthree".to_vec()),
+        ];
+        let lines: Vec<String> = lines_of(futures_util::stream::iter(chunks).boxed())
+            .map(|l| l.unwrap())
+            .collect()
+            .await;
+        assert_eq!(lines, vec!["one", "two", "three"]);
+    }
+}

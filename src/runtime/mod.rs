@@ -1,0 +1,159 @@
+//! The container runtime the engine drives. [`Runtime`] is the seam: [`docker`] is the
+//! real one (bollard), and unit tests of the engine use a fake. Nothing above this
+//! module names bollard or Docker's API types.
+
+pub mod docker;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::stream::BoxStream;
+
+use crate::model::{PortSpec, Protocol, RegistryAuth};
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RuntimeError {
+    #[error("docker engine at {endpoint} is unavailable: {reason}")]
+    Unavailable { endpoint: String, reason: String },
+    #[error("{op} timed out after {}s (docker engine at {endpoint})", after.as_secs_f64())]
+    Timeout {
+        op: &'static str,
+        after: Duration,
+        endpoint: String,
+    },
+    #[error("image {image} could not be pulled: {reason}")]
+    Pull { image: String, reason: String },
+    #[error("{op} failed: {reason}")]
+    Call { op: &'static str, reason: String },
+}
+
+/// What the engine needs to know about a local image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub id: String,
+    /// `repo@sha256:…` when the image came from a registry.
+    pub digest: Option<String>,
+    pub has_healthcheck: bool,
+}
+
+/// One message of an image pull, as the engine reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullEvent {
+    /// Progress of one layer. `current`/`total` are set while downloading.
+    Layer {
+        id: String,
+        status: LayerStatus,
+        current: Option<u64>,
+        total: Option<u64>,
+    },
+    /// A message about the whole image ("Digest: sha256:…", "Status: Downloaded …").
+    Image { status: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerStatus {
+    /// Announced, waiting or being prepared.
+    Pending,
+    Downloading,
+    /// Downloaded (checksum verified); extraction may follow.
+    Downloaded,
+    Extracting,
+    /// Extracted, or already present locally.
+    Done,
+    AlreadyExists,
+}
+
+/// A container to create.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub ports: Vec<PortSpec>,
+    /// All labels, Stevedore's own included.
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DockerHealth {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedPort {
+    pub container_port: u16,
+    pub protocol: Protocol,
+    pub host_port: u16,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerState {
+    pub running: bool,
+    /// Set once the container has exited.
+    pub exit_code: Option<i64>,
+    pub oom_killed: bool,
+    /// The image HEALTHCHECK's verdict, when it has one.
+    pub health: Option<DockerHealth>,
+    /// Last output of the HEALTHCHECK command.
+    pub health_log: Option<String>,
+    pub ports: Vec<PublishedPort>,
+    pub status: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSummary {
+    pub id: String,
+    pub app: String,
+    pub deployment: String,
+    pub running: bool,
+}
+
+/// Output of a command run inside a container.
+pub struct ExecRun {
+    pub exec_id: String,
+    /// Raw output chunks (stdout and stderr merged; with a TTY, exactly as drawn).
+    pub output: BoxStream<'static, Result<Vec<u8>, RuntimeError>>,
+}
+
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// The engine address, for error messages.
+    fn endpoint(&self) -> &str;
+    /// Host name or IP where published ports can be reached.
+    fn public_host(&self) -> &str;
+
+    async fn ping(&self) -> Result<(), RuntimeError>;
+    /// `Ok(None)` when the image is not present locally.
+    async fn inspect_image(&self, image: &str) -> Result<Option<ImageInfo>, RuntimeError>;
+    /// Pulls `image`. The stream ends when the pull is done; an error ends it.
+    fn pull(
+        &self,
+        image: &str,
+        auth: Option<&RegistryAuth>,
+    ) -> BoxStream<'static, Result<PullEvent, RuntimeError>>;
+    /// Creates a container and returns its ID.
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
+    async fn start(&self, id: &str) -> Result<(), RuntimeError>;
+    async fn inspect(&self, id: &str) -> Result<ContainerState, RuntimeError>;
+    /// The last `lines` lines of the container's output.
+    async fn logs_tail(&self, id: &str, lines: usize) -> Result<Vec<String>, RuntimeError>;
+    /// The container's output from its start, line by line, following until it exits.
+    fn follow_logs(&self, id: &str) -> BoxStream<'static, Result<String, RuntimeError>>;
+    /// Containers carrying the app label (running or not).
+    async fn list_app_containers(&self, app: &str)
+    -> Result<Vec<ContainerSummary>, RuntimeError>;
+    /// Containers carrying any Stevedore label (for reconciliation after a restart).
+    async fn list_managed_containers(&self) -> Result<Vec<ContainerSummary>, RuntimeError>;
+    /// Stops (gracefully, then forcibly) and removes a container; absent is fine.
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Starts `command` inside a running container.
+    async fn exec(&self, id: &str, command: &[String], tty: bool)
+    -> Result<ExecRun, RuntimeError>;
+    /// Exit code of a finished exec; `None` while it still runs. (An exec that overruns
+    /// its time ends with its container, which the engine removes on failure.)
+    async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError>;
+}
