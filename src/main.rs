@@ -6,7 +6,12 @@ use stevedore::server::{self, ServeConfig};
 #[command(version, about)]
 struct Cli {
     /// Log format: text or json.
-    #[arg(long, env = "STEVEDORE_LOG_FORMAT", default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "STEVEDORE_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
     log_format: String,
     #[command(subcommand)]
     command: Command,

@@ -46,9 +46,9 @@ impl AppName {
     pub fn parse(s: &str) -> Result<Self, String> {
         let ok = !s.is_empty()
             && s.len() <= 63
-            && s.bytes().enumerate().all(|(i, b)| {
-                b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && b == b'-')
-            });
+            && s.bytes()
+                .enumerate()
+                .all(|(i, b)| b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && b == b'-'));
         if ok {
             Ok(Self(s.to_owned()))
         } else {
@@ -96,9 +96,17 @@ pub struct PortSpec {
 pub enum HealthProbe {
     /// The image's HEALTHCHECK.
     Docker,
-    Tcp { port: u16 },
-    Http { port: u16, path: String, expect_status: u16 },
-    Log { pattern: Regex },
+    Tcp {
+        port: u16,
+    },
+    Http {
+        port: u16,
+        path: String,
+        expect_status: u16,
+    },
+    Log {
+        pattern: Regex,
+    },
     None,
 }
 

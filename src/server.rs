@@ -14,8 +14,8 @@ use crate::api::DeployerService;
 use crate::engine::{Engine, EngineConfig};
 use crate::events::ObserverRegistry;
 use crate::proto::deployer_server::DeployerServer;
-use crate::runtime::docker::{DEFAULT_DOCKER_HOST, DockerRuntime};
 use crate::runtime::Runtime;
+use crate::runtime::docker::{DEFAULT_DOCKER_HOST, DockerRuntime};
 
 /// `stevedore serve` flags; each has a `STEVEDORE_…` environment fallback.
 #[derive(clap::Args, Clone, Debug)]
@@ -90,7 +90,9 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     let runtime: Arc<dyn Runtime> = Arc::new(DockerRuntime::new(&endpoint, config.docker_timeout)?);
     match runtime.ping().await {
         Ok(()) => tracing::info!(docker = %endpoint, "docker engine answers"),
-        Err(e) => tracing::warn!(docker = %endpoint, error = %e, "docker engine does not answer; deployments will be refused until it does"),
+        Err(e) => {
+            tracing::warn!(docker = %endpoint, error = %e, "docker engine does not answer; deployments will be refused until it does")
+        }
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
@@ -129,14 +131,17 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_shutdown.cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc),
+            grpc_shutdown.cancelled_owned(),
+        );
 
     let http_router = crate::http::router(crate::http::HttpState {
         runtime: runtime.clone(),
     });
     let http_shutdown = shutdown.clone();
-    let http_server = axum::serve(http, http_router)
-        .with_graceful_shutdown(http_shutdown.cancelled_owned());
+    let http_server =
+        axum::serve(http, http_router).with_graceful_shutdown(http_shutdown.cancelled_owned());
 
     tracing::info!(grpc = %grpc_addr, http = %http_addr, docker = %endpoint, "stevedore listening");
 
@@ -152,7 +157,10 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         health_reporter
             .set_not_serving::<DeployerServer<DeployerService>>()
             .await;
-        if tokio::time::timeout(grace, task_engine.drain()).await.is_err() {
+        if tokio::time::timeout(grace, task_engine.drain())
+            .await
+            .is_err()
+        {
             tracing::warn!(grace = ?grace, "running deployments did not finish within the shutdown grace");
         }
         grpc.await??;

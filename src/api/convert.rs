@@ -100,7 +100,11 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
 
     let mut ports = Vec::with_capacity(req.ports.len());
     for (i, p) in req.ports.iter().enumerate() {
-        let container_port = port(format!("ports[{i}].container_port"), p.container_port, false)?;
+        let container_port = port(
+            format!("ports[{i}].container_port"),
+            p.container_port,
+            false,
+        )?;
         let host_port = port(format!("ports[{i}].host_port"), p.host_port, true)?;
         let protocol = match p.protocol.to_ascii_lowercase().as_str() {
             "" | "tcp" => Protocol::Tcp,
@@ -118,7 +122,10 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
         {
             return Err(invalid(
                 format!("ports[{i}]"),
-                format!("container port {container_port}/{} is listed twice", protocol.as_str()),
+                format!(
+                    "container port {container_port}/{} is listed twice",
+                    protocol.as_str()
+                ),
             ));
         }
         if host_port != 0
@@ -505,7 +512,16 @@ mod tests {
         ] {
             assert!(IMAGE_REFERENCE.is_match(ok), "{ok}");
         }
-        for bad in ["", "UPPER/case", "a b", "a:", ":tag", "a//b", "a@sha256:zz", "-a"] {
+        for bad in [
+            "",
+            "UPPER/case",
+            "a b",
+            "a:",
+            ":tag",
+            "a//b",
+            "a@sha256:zz",
+            "-a",
+        ] {
             assert!(!IMAGE_REFERENCE.is_match(bad), "{bad}");
         }
     }
@@ -515,18 +531,43 @@ mod tests {
         let cases: Vec<(Box<dyn Fn(&mut proto::DeployRequest)>, &str)> = vec![
             (Box::new(|r| r.app = "Bad_Name".into()), "app: "),
             (Box::new(|r| r.app.clear()), "app: "),
-            (Box::new(|r| r.image = "  ".into()), "image: empty reference"),
-            (Box::new(|r| r.image = "a b".into()), "image: "),
-            (Box::new(|r| r.ports[0].container_port = 0), "ports[0].container_port: "),
-            (Box::new(|r| r.ports[0].container_port = 70000), "ports[0].container_port: "),
-            (Box::new(|r| r.ports[0].host_port = 70000), "ports[0].host_port: "),
-            (Box::new(|r| r.ports[0].protocol = "sctp".into()), "ports[0].protocol: "),
             (
-                Box::new(|r| r.labels.insert("io.stevedore.app".into(), "x".into()).map(drop).unwrap_or(())),
+                Box::new(|r| r.image = "  ".into()),
+                "image: empty reference",
+            ),
+            (Box::new(|r| r.image = "a b".into()), "image: "),
+            (
+                Box::new(|r| r.ports[0].container_port = 0),
+                "ports[0].container_port: ",
+            ),
+            (
+                Box::new(|r| r.ports[0].container_port = 70000),
+                "ports[0].container_port: ",
+            ),
+            (
+                Box::new(|r| r.ports[0].host_port = 70000),
+                "ports[0].host_port: ",
+            ),
+            (
+                Box::new(|r| r.ports[0].protocol = "sctp".into()),
+                "ports[0].protocol: ",
+            ),
+            (
+                Box::new(|r| {
+                    r.labels
+                        .insert("io.stevedore.app".into(), "x".into())
+                        .map(drop)
+                        .unwrap_or(())
+                }),
                 "labels[\"io.stevedore.app\"]: ",
             ),
             (
-                Box::new(|r| r.env.insert("A=B".into(), "x".into()).map(drop).unwrap_or(())),
+                Box::new(|r| {
+                    r.env
+                        .insert("A=B".into(), "x".into())
+                        .map(drop)
+                        .unwrap_or(())
+                }),
                 "env[\"A=B\"]: ",
             ),
             (
@@ -579,7 +620,10 @@ mod tests {
             let mut r = request();
             mutate(&mut r);
             let message = error_of(r);
-            assert!(message.starts_with(expected), "{message:?} should start with {expected:?}");
+            assert!(
+                message.starts_with(expected),
+                "{message:?} should start with {expected:?}"
+            );
         }
     }
 }

@@ -71,7 +71,8 @@ impl DeployerService {
     }
 }
 
-type UpdateResponseStream = Pin<Box<dyn Stream<Item = Result<proto::ProgressUpdate, Status>> + Send>>;
+type UpdateResponseStream =
+    Pin<Box<dyn Stream<Item = Result<proto::ProgressUpdate, Status>> + Send>>;
 
 fn caller<T>(req: &Request<T>) -> String {
     req.remote_addr()
@@ -122,7 +123,9 @@ impl Deployer for DeployerService {
         let r = request.into_inner();
         let app = match r.app.as_str() {
             "" => None,
-            a => Some(AppName::parse(a).map_err(|e| Status::invalid_argument(format!("app: {e}")))?),
+            a => {
+                Some(AppName::parse(a).map_err(|e| Status::invalid_argument(format!("app: {e}")))?)
+            }
         };
         let query = ListQuery {
             app,

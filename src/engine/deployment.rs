@@ -62,6 +62,11 @@ impl Deployment {
     }
 }
 
+/// Progress is reported to 4 decimals (rounding is monotonic, so nothing goes back).
+fn round(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
 /// Optional parts of an update.
 #[derive(Default)]
 pub struct Extra {
@@ -174,9 +179,9 @@ impl Reporter {
     }
 
     fn set_progress(&mut self, phase_progress: f64) {
-        let p = phase_progress.clamp(0.0, 1.0).max(self.phase_progress);
+        let p = round(phase_progress.clamp(0.0, 1.0)).max(self.phase_progress);
         self.phase_progress = p;
-        let total = self.phase.start_offset() + self.phase.weight() * p;
+        let total = round(self.phase.start_offset() + self.phase.weight() * p);
         self.total_progress = self.total_progress.max(total.min(1.0));
     }
 
@@ -258,7 +263,9 @@ impl Reporter {
         let mut extra = Extra::default();
         if let Some(d) = &result.diagnostics {
             if let Some(p) = d.failed_phase {
-                extra.metadata.insert("failed_phase".into(), p.as_str().into());
+                extra
+                    .metadata
+                    .insert("failed_phase".into(), p.as_str().into());
             }
             if let Some(code) = d.exit_code {
                 extra.metadata.insert("exit_code".into(), code.to_string());

@@ -33,7 +33,10 @@ pub enum EngineError {
     #[error("{0}")]
     OutOfRange(LogError),
     #[error("deployment {id} already ended ({})", state.as_str())]
-    AlreadyFinished { id: DeploymentId, state: DeploymentState },
+    AlreadyFinished {
+        id: DeploymentId,
+        state: DeploymentState,
+    },
     #[error("invalid page_token")]
     InvalidPageToken,
     #[error("the server is shutting down and accepts no new deployments")]
@@ -98,7 +101,11 @@ pub const DEFAULT_PAGE_SIZE: usize = 50;
 pub const MAX_PAGE_SIZE: usize = 500;
 
 impl Engine {
-    pub fn new(runtime: Arc<dyn Runtime>, observers: ObserverRegistry, config: EngineConfig) -> Self {
+    pub fn new(
+        runtime: Arc<dyn Runtime>,
+        observers: ObserverRegistry,
+        config: EngineConfig,
+    ) -> Self {
         Self {
             ctx: Arc::new(EngineContext {
                 runtime,
@@ -180,8 +187,11 @@ impl Engine {
             image = %deployment.spec.image,
         );
         tracing::info!(parent: &span, requested_by = %deployment.spec.requested_by, "deployment accepted");
-        self.tasks
-            .spawn(run::Run::new(reporter, self.ctx.clone()).run().instrument(span));
+        self.tasks.spawn(
+            run::Run::new(reporter, self.ctx.clone())
+                .run()
+                .instrument(span),
+        );
         Ok((deployment, stream))
     }
 

@@ -133,7 +133,9 @@ mod tests {
         assert_eq!((p.image_current_bytes, p.image_total_bytes), (150, 1500));
         assert_eq!((p.layers_done, p.layers_total), (1, 3));
         // Download complete carries no bytes: the layer counts as its full size.
-        let p = t.apply(&ev("b", LayerStatus::Downloaded, None, None)).unwrap();
+        let p = t
+            .apply(&ev("b", LayerStatus::Downloaded, None, None))
+            .unwrap();
         assert_eq!(p.image_current_bytes, 1050);
         // Extraction progress is about bytes extracted, not downloaded: ignored.
         let p = t

@@ -115,7 +115,11 @@ mod tests {
     async fn fifo_with_positions_and_leaving() {
         let q = AppQueues::default();
         let app = AppName::parse("a").unwrap();
-        let (a, b, c) = (DeploymentId::new(), DeploymentId::new(), DeploymentId::new());
+        let (a, b, c) = (
+            DeploymentId::new(),
+            DeploymentId::new(),
+            DeploymentId::new(),
+        );
         let ta = q.join(&app, a);
         let mut tb = q.join(&app, b);
         let mut tc = q.join(&app, c);

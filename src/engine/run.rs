@@ -18,8 +18,8 @@ use super::EngineContext;
 use super::deployment::{Extra, Reporter};
 use super::pull::PullTracker;
 use crate::model::{
-    DeploymentResult, DeploymentState, FailureDiagnostics, HealthOutcome, HealthProbe, Level,
-    Phase, LABEL_APP, LABEL_DEPLOYMENT, Protocol,
+    DeploymentResult, DeploymentState, FailureDiagnostics, HealthOutcome, HealthProbe, LABEL_APP,
+    LABEL_DEPLOYMENT, Level, Phase, Protocol,
 };
 use crate::runtime::{ContainerSpec, ContainerState, ImageInfo, PublishedPort, RuntimeError};
 
@@ -275,8 +275,10 @@ impl Run {
 
     async fn start(&mut self) -> Result<(), Failure> {
         let id = self.container.clone().expect("created");
-        self.rep
-            .enter(Phase::Starting, format!("starting container {}", short(&id)));
+        self.rep.enter(
+            Phase::Starting,
+            format!("starting container {}", short(&id)),
+        );
         self.ctx
             .runtime
             .start(&id)
@@ -551,11 +553,9 @@ impl Run {
             .collect();
         let total = previous.len().max(1) as f64;
         for (i, old) in previous.iter().enumerate() {
-            self.ctx
-                .runtime
-                .remove(&old.id)
-                .await
-                .map_err(|e| Failure::runtime(Phase::Switching, "removing the previous container", e))?;
+            self.ctx.runtime.remove(&old.id).await.map_err(|e| {
+                Failure::runtime(Phase::Switching, "removing the previous container", e)
+            })?;
             self.rep.progress(
                 (i + 1) as f64 / total,
                 Level::Info,
@@ -596,7 +596,10 @@ impl Run {
         self.rep.progress(
             1.0,
             Level::Info,
-            format!("cleanup done ({} stopped containers removed)", leftovers.len()),
+            format!(
+                "cleanup done ({} stopped containers removed)",
+                leftovers.len()
+            ),
             Extra::default(),
         );
         Ok(())
@@ -676,7 +679,8 @@ impl Run {
                 d.step.push_str(" (rollback incomplete)");
             }
         } else if self.container.is_some() {
-            message.push_str("; the new container was removed and the previous version keeps running");
+            message
+                .push_str("; the new container was removed and the previous version keeps running");
         }
         let result = DeploymentResult {
             success: false,
@@ -715,7 +719,11 @@ impl Run {
             .list_app_containers(deployment.spec.app.as_str())
             .await
         {
-            Ok(list) => ids.extend(list.into_iter().filter(|c| c.deployment == id).map(|c| c.id)),
+            Ok(list) => ids.extend(
+                list.into_iter()
+                    .filter(|c| c.deployment == id)
+                    .map(|c| c.id),
+            ),
             Err(e) if ids.is_empty() => return Err(e),
             Err(e) => tracing::warn!(error = %e, "could not list containers for rollback"),
         }
@@ -763,7 +771,10 @@ async fn http_probe(
     match client.get(url).timeout(timeout).send().await {
         Err(e) => Err(format!("GET {url}: {e}")),
         Ok(r) if r.status().as_u16() == expect => Ok(()),
-        Ok(r) => Err(format!("GET {url} answered {}, expected {expect}", r.status())),
+        Ok(r) => Err(format!(
+            "GET {url} answered {}, expected {expect}",
+            r.status()
+        )),
     }
 }
 

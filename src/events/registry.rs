@@ -75,7 +75,11 @@ pub struct Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         if let Some(inner) = self.registry.upgrade() {
-            inner.lock().expect("registry lock").entries.remove(&self.id);
+            inner
+                .lock()
+                .expect("registry lock")
+                .entries
+                .remove(&self.id);
         }
     }
 }
@@ -241,8 +245,7 @@ mod tests {
             registry.publish(&update(s));
         }
         for _ in 0..200 {
-            if recorder.0.lock().unwrap().len() == 100
-                && registry.stats()["panicker"].failed == 100
+            if recorder.0.lock().unwrap().len() == 100 && registry.stats()["panicker"].failed == 100
             {
                 break;
             }

@@ -11,9 +11,7 @@ use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{StartExecOptions, StartExecResults};
-use bollard::models::{
-    ContainerCreateBody, ExecConfig, HealthStatusEnum, HostConfig, PortBinding,
-};
+use bollard::models::{ContainerCreateBody, ExecConfig, HealthStatusEnum, HostConfig, PortBinding};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
     LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
@@ -22,8 +20,8 @@ use bollard::{ClientVersion, Docker};
 use futures_util::stream::{BoxStream, StreamExt};
 
 use super::{
-    ContainerSpec, ContainerState, ContainerSummary, DockerHealth, ExecRun, ImageInfo,
-    LayerStatus, PublishedPort, PullEvent, Runtime, RuntimeError,
+    ContainerSpec, ContainerState, ContainerSummary, DockerHealth, ExecRun, ImageInfo, LayerStatus,
+    PublishedPort, PullEvent, Runtime, RuntimeError,
 };
 use crate::model::{LABEL_APP, LABEL_DEPLOYMENT, Protocol, RegistryAuth};
 
@@ -231,7 +229,11 @@ fn lines_end(
     buf: Vec<u8>,
 ) -> Option<(
     Result<String, RuntimeError>,
-    (BoxStream<'static, Result<Vec<u8>, RuntimeError>>, Vec<u8>, bool),
+    (
+        BoxStream<'static, Result<Vec<u8>, RuntimeError>>,
+        Vec<u8>,
+        bool,
+    ),
 )> {
     if buf.is_empty() {
         None
@@ -306,49 +308,46 @@ impl Runtime for DockerRuntime {
         let image = image.to_owned();
         let idle = self.pull_idle_timeout;
         let stream = tokio_stream::StreamExt::timeout(stream, idle);
-        futures_util::stream::unfold(
-            (Box::pin(stream), false),
-            move |(mut stream, done)| {
-                let endpoint = endpoint.clone();
-                let image = image.clone();
-                async move {
-                    if done {
-                        return None;
-                    }
-                    let item = match stream.next().await? {
-                        Err(_) => Err(RuntimeError::Timeout {
-                            op: "image pull (no progress)",
-                            after: idle,
-                            endpoint,
-                        }),
-                        Ok(Err(e)) => Err(match map_error(&endpoint, "image pull", e) {
-                            RuntimeError::Call { reason, .. } => RuntimeError::Pull {
-                                image: image.clone(),
-                                reason,
-                            },
-                            other => other,
-                        }),
-                        Ok(Ok(info)) => {
-                            let status = info.status.unwrap_or_default();
-                            Ok(match info.id {
-                                Some(id) if !id.is_empty() && !status.starts_with("Pulling from") => {
-                                    let detail = info.progress_detail.unwrap_or_default();
-                                    PullEvent::Layer {
-                                        id,
-                                        status: layer_status(&status),
-                                        current: detail.current.map(|c| c.max(0) as u64),
-                                        total: detail.total.filter(|t| *t > 0).map(|t| t as u64),
-                                    }
-                                }
-                                _ => PullEvent::Image { status },
-                            })
-                        }
-                    };
-                    let done = item.is_err();
-                    Some((item, (stream, done)))
+        futures_util::stream::unfold((Box::pin(stream), false), move |(mut stream, done)| {
+            let endpoint = endpoint.clone();
+            let image = image.clone();
+            async move {
+                if done {
+                    return None;
                 }
-            },
-        )
+                let item = match stream.next().await? {
+                    Err(_) => Err(RuntimeError::Timeout {
+                        op: "image pull (no progress)",
+                        after: idle,
+                        endpoint,
+                    }),
+                    Ok(Err(e)) => Err(match map_error(&endpoint, "image pull", e) {
+                        RuntimeError::Call { reason, .. } => RuntimeError::Pull {
+                            image: image.clone(),
+                            reason,
+                        },
+                        other => other,
+                    }),
+                    Ok(Ok(info)) => {
+                        let status = info.status.unwrap_or_default();
+                        Ok(match info.id {
+                            Some(id) if !id.is_empty() && !status.starts_with("Pulling from") => {
+                                let detail = info.progress_detail.unwrap_or_default();
+                                PullEvent::Layer {
+                                    id,
+                                    status: layer_status(&status),
+                                    current: detail.current.map(|c| c.max(0) as u64),
+                                    total: detail.total.filter(|t| *t > 0).map(|t| t as u64),
+                                }
+                            }
+                            _ => PullEvent::Image { status },
+                        })
+                    }
+                };
+                let done = item.is_err();
+                Some((item, (stream, done)))
+            }
+        })
         .boxed()
     }
 
@@ -398,10 +397,8 @@ impl Runtime for DockerRuntime {
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         self.call(
             "start container",
-            self.docker.start_container(
-                id,
-                None::<bollard::query_parameters::StartContainerOptions>,
-            ),
+            self.docker
+                .start_container(id, None::<bollard::query_parameters::StartContainerOptions>),
         )
         .await
     }
@@ -410,8 +407,10 @@ impl Runtime for DockerRuntime {
         let info = self
             .call(
                 "inspect container",
-                self.docker
-                    .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>),
+                self.docker.inspect_container(
+                    id,
+                    None::<bollard::query_parameters::InspectContainerOptions>,
+                ),
             )
             .await?;
         let state = info.state.unwrap_or_default();
@@ -509,10 +508,7 @@ impl Runtime for DockerRuntime {
         lines_of(chunks)
     }
 
-    async fn list_app_containers(
-        &self,
-        app: &str,
-    ) -> Result<Vec<ContainerSummary>, RuntimeError> {
+    async fn list_app_containers(&self, app: &str) -> Result<Vec<ContainerSummary>, RuntimeError> {
         self.list_labelled(format!("{LABEL_APP}={app}")).await
     }
 
@@ -559,12 +555,7 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    async fn exec(
-        &self,
-        id: &str,
-        command: &[String],
-        tty: bool,
-    ) -> Result<ExecRun, RuntimeError> {
+    async fn exec(&self, id: &str, command: &[String], tty: bool) -> Result<ExecRun, RuntimeError> {
         let created = self
             .call(
                 "create exec",
@@ -630,7 +621,10 @@ impl DockerRuntime {
             .filters(&filters)
             .build();
         let list = self
-            .call("list containers", self.docker.list_containers(Some(options)))
+            .call(
+                "list containers",
+                self.docker.list_containers(Some(options)),
+            )
             .await?;
         Ok(list
             .into_iter()
@@ -677,25 +671,23 @@ mod tests {
             split_reference("127.0.0.1:5000/x/y"),
             ("127.0.0.1:5000/x/y", "latest")
         );
-        assert_eq!(
-            split_reference("r/x@sha256:abcd"),
-            ("r/x", "sha256:abcd")
-        );
+        assert_eq!(split_reference("r/x@sha256:abcd"), ("r/x", "sha256:abcd"));
     }
 
     #[test]
     fn public_host_follows_the_endpoint() {
         assert_eq!(public_host_of("unix:///var/run/docker.sock"), "127.0.0.1");
         assert_eq!(public_host_of("tcp://10.0.0.5:2375"), "10.0.0.5");
-        assert_eq!(public_host_of("http://docker.internal:2375/"), "docker.internal");
+        assert_eq!(
+            public_host_of("http://docker.internal:2375/"),
+            "docker.internal"
+        );
     }
 
     #[tokio::test]
     async fn lines_are_split_across_chunks() {
-        let chunks: Vec<Result<Vec<u8>, RuntimeError>> = vec![
-            Ok(b"one\ntw".to_vec()),
-            Ok(b"o\r\nthree".to_vec()),
-        ];
+        let chunks: Vec<Result<Vec<u8>, RuntimeError>> =
+            vec![Ok(b"one\ntw".to_vec()), Ok(b"o\r\nthree".to_vec())];
         let lines: Vec<String> = lines_of(futures_util::stream::iter(chunks).boxed())
             .map(|l| l.unwrap())
             .collect()

@@ -144,15 +144,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// The container's output from its start, line by line, following until it exits.
     fn follow_logs(&self, id: &str) -> BoxStream<'static, Result<String, RuntimeError>>;
     /// Containers carrying the app label (running or not).
-    async fn list_app_containers(&self, app: &str)
-    -> Result<Vec<ContainerSummary>, RuntimeError>;
+    async fn list_app_containers(&self, app: &str) -> Result<Vec<ContainerSummary>, RuntimeError>;
     /// Containers carrying any Stevedore label (for reconciliation after a restart).
     async fn list_managed_containers(&self) -> Result<Vec<ContainerSummary>, RuntimeError>;
     /// Stops (gracefully, then forcibly) and removes a container; absent is fine.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// Starts `command` inside a running container.
-    async fn exec(&self, id: &str, command: &[String], tty: bool)
-    -> Result<ExecRun, RuntimeError>;
+    async fn exec(&self, id: &str, command: &[String], tty: bool) -> Result<ExecRun, RuntimeError>;
     /// Exit code of a finished exec; `None` while it still runs. (An exec that overruns
     /// its time ends with its container, which the engine removes on failure.)
     async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError>;

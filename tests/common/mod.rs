@@ -1,0 +1,380 @@
+//! Helpers for integration tests: a real server (in-process or the binary), a real
+//! Docker engine, test images, and cleanup of what a test started.
+//!
+//! Tests that need Docker call [`require_docker`] first: under `scripts/test.sh` a
+//! missing engine is a failure, never a skip.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use stevedore::events::ObserverRegistry;
+use stevedore::proto::deployer_client::DeployerClient;
+use stevedore::proto::{self, DeployRequest, PortMapping, ProgressUpdate};
+use stevedore::server::{RunningServer, ServeConfig};
+use tonic::transport::Channel;
+
+pub type Client = DeployerClient<Channel>;
+
+/// Panics (fails the test) when no Docker engine answers.
+pub fn require_docker() {
+    let ok = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "no Docker engine answers: run the tests with `bash scripts/test.sh`, which starts one"
+    );
+}
+
+/// The local registry test images are pushed to.
+pub fn registry() -> String {
+    std::env::var("STEVEDORE_TEST_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5000".into())
+}
+
+/// A unique app name with a readable prefix.
+pub fn unique_app(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("t-{prefix}-{}", &id[..10])
+}
+
+/// Runs `docker ARGS` and returns stdout; panics with stderr on failure.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI runs");
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// IDs of all containers (running or not) labelled with `app`.
+pub fn app_containers(app: &str) -> Vec<String> {
+    let out = docker(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("label=io.stevedore.app={app}"),
+    ]);
+    out.lines().map(str::to_owned).collect()
+}
+
+/// Removes an app's containers when dropped (tests clean up what they start).
+pub struct AppGuard(pub String);
+
+impl Drop for AppGuard {
+    fn drop(&mut self) {
+        let ids = app_containers(&self.0);
+        if !ids.is_empty() {
+            let mut args = vec!["rm", "-f"];
+            args.extend(ids.iter().map(String::as_str));
+            let _ = Command::new("docker").args(&args).output();
+        }
+    }
+}
+
+/// Builds an image FROM `stevedore-test/web:1` with a layer of `size_mb` random bytes,
+/// pushes it to the local registry under a unique name and removes it locally, so a
+/// deploy of it must pull. Returns the reference and the registry's layer sizes.
+pub fn push_random_image(size_mb: usize) -> (String, Vec<u64>) {
+    let name = format!(
+        "{}/stevedore-test/pull-{}:1",
+        registry(),
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut data = vec![0u8; size_mb * 1024 * 1024];
+    // Random bytes do not compress: the layer's size is what a pull downloads.
+    let mut x: u64 = rand_seed();
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+    std::fs::write(dir.path().join("blob"), &data).unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM stevedore-test/web:1\nCOPY blob /blob\n",
+    )
+    .unwrap();
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", &name, dir.path().to_str().unwrap()])
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    docker(&["push", "-q", &name]);
+    docker(&["rmi", &name]);
+    let sizes = manifest_layer_sizes(&name);
+    (name, sizes)
+}
+
+fn rand_seed() -> u64 {
+    let u = uuid::Uuid::new_v4().as_u128();
+    (u as u64) | 1
+}
+
+/// Layer sizes of `reference` as the local registry's manifest lists them.
+pub fn manifest_layer_sizes(reference: &str) -> Vec<u64> {
+    let rest = reference.split_once('/').unwrap().1;
+    let (repo, tag) = rest.rsplit_once(':').unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "-H",
+            "Accept: application/vnd.docker.distribution.manifest.v2+json",
+            &format!("http://{}/v2/{repo}/manifests/{tag}", registry()),
+        ])
+        .output()
+        .expect("curl runs");
+    assert!(out.status.success(), "manifest of {reference} not found");
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .collect()
+}
+
+/// An in-process server on ephemeral ports with its own data dir.
+pub struct TestServer {
+    pub server: Option<RunningServer>,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub data_dir: tempfile::TempDir,
+}
+
+pub fn serve_config(data_dir: &std::path::Path) -> ServeConfig {
+    ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_owned(),
+        docker_host: None,
+        docker_timeout: Duration::from_secs(30),
+        shutdown_grace: Duration::from_secs(30),
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}, ObserverRegistry::new()).await
+    }
+
+    /// Starts with a config adjusted by `tweak` and the given observers.
+    pub async fn start_with(
+        tweak: impl FnOnce(&mut ServeConfig),
+        observers: ObserverRegistry,
+    ) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut config = serve_config(data_dir.path());
+        tweak(&mut config);
+        let server = stevedore::server::start(config, observers)
+            .await
+            .expect("server starts");
+        Self {
+            grpc_addr: server.grpc_addr,
+            http_addr: server.http_addr,
+            server: Some(server),
+            data_dir,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(self.grpc_addr).await
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http_addr)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await.expect("clean shutdown");
+        }
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> Client {
+    DeployerClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to server")
+}
+
+/// A request for `image` as `app`, publishing container port 8080 on any host port.
+pub fn web_request(app: &str, image: &str) -> DeployRequest {
+    DeployRequest {
+        app: app.into(),
+        image: image.into(),
+        ports: vec![PortMapping {
+            container_port: 8080,
+            host_port: 0,
+            protocol: "tcp".into(),
+        }],
+        deadline: Some(prost_types::Duration {
+            seconds: 120,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Deploys and collects every update until the stream ends.
+pub async fn deploy(client: &mut Client, req: DeployRequest) -> Vec<ProgressUpdate> {
+    let mut stream = client
+        .deploy(req)
+        .await
+        .expect("deploy accepted")
+        .into_inner();
+    let mut updates = Vec::new();
+    while let Some(u) = stream.message().await.expect("stream ok") {
+        updates.push(u);
+    }
+    updates
+}
+
+/// The terminal update (asserting there is exactly one, and it is last).
+pub fn terminal(updates: &[ProgressUpdate]) -> &ProgressUpdate {
+    let with_result: Vec<_> = updates.iter().filter(|u| u.result.is_some()).collect();
+    assert_eq!(with_result.len(), 1, "exactly one terminal update");
+    let last = updates.last().unwrap();
+    assert!(last.result.is_some(), "the terminal update is last");
+    last
+}
+
+/// Asserts the stream invariants: one deployment, sequences 1..n with no gap,
+/// total_progress never decreasing, exactly one terminal update.
+pub fn assert_well_formed(updates: &[ProgressUpdate]) {
+    assert!(!updates.is_empty());
+    let id = &updates[0].deployment_id;
+    let mut last_total = 0.0;
+    for (i, u) in updates.iter().enumerate() {
+        assert_eq!(&u.deployment_id, id);
+        assert_eq!(u.sequence, i as u64 + 1, "sequence gap at {i}: {u:?}");
+        assert!(
+            u.total_progress >= last_total,
+            "total_progress went back at {}: {} < {last_total}",
+            u.sequence,
+            u.total_progress
+        );
+        assert!((0.0..=1.0).contains(&u.phase_progress));
+        last_total = u.total_progress;
+    }
+    terminal(updates);
+}
+
+/// Phases in the order the stream entered them (consecutive duplicates removed).
+pub fn phases(updates: &[ProgressUpdate]) -> Vec<proto::Phase> {
+    let mut out: Vec<proto::Phase> = Vec::new();
+    for u in updates {
+        let p = u.phase();
+        if out.last() != Some(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// GET `url` and return (status, body).
+pub async fn http_get(url: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap_or_default())
+}
+
+pub fn metadata(u: &ProgressUpdate) -> BTreeMap<String, String> {
+    u.metadata.clone().into_iter().collect()
+}
+
+/// The stevedore binary, as cargo built it for the tests.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_stevedore")
+}
+
+/// A `stevedore serve` child process on ephemeral ports; killed on drop.
+pub struct BinaryServer {
+    pub child: std::process::Child,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub log: std::path::PathBuf,
+}
+
+impl BinaryServer {
+    /// Starts `stevedore serve` with `args` (plus ephemeral listen addresses) and waits
+    /// until it logs its addresses.
+    pub fn spawn(data_dir: &std::path::Path, args: &[&str]) -> Self {
+        let log = data_dir.join(format!("server-{}.log", uuid::Uuid::new_v4().simple()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(binary())
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn stevedore");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("stevedore listening")) {
+                let field = |name: &str| -> SocketAddr {
+                    let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+                    line[start..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                };
+                return Self {
+                    grpc_addr: field("grpc"),
+                    http_addr: field("http"),
+                    child,
+                    log,
+                };
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server did not start; log:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for BinaryServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
