@@ -6,6 +6,7 @@ pub mod engine;
 pub mod events;
 pub mod model;
 pub mod runtime;
+pub mod store;
 
 /// Code generated from `proto/stevedore/v1/deployer.proto`.
 pub mod proto {

@@ -17,7 +17,8 @@ pub const LABEL_DEPLOYMENT: &str = "io.stevedore.deployment";
 /// Prefix reserved for Stevedore's own labels.
 pub const RESERVED_LABEL_PREFIX: &str = "io.stevedore.";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct DeploymentId(pub Uuid);
 
 impl DeploymentId {
@@ -39,7 +40,8 @@ impl fmt::Display for DeploymentId {
 }
 
 /// An app name: `[a-z0-9][a-z0-9-]{0,62}`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct AppName(String);
 
 impl AppName {
@@ -182,7 +184,7 @@ pub struct DeploySpec {
 }
 
 /// Phases in the order a deployment goes through them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
     Queued,
     Validating,
@@ -260,7 +262,7 @@ impl Phase {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Level {
     Info,
     Verbose,
@@ -269,7 +271,7 @@ pub enum Level {
     Success,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DeploymentState {
     Pending,
     Running,
@@ -298,7 +300,7 @@ impl DeploymentState {
 }
 
 /// Byte-exact image pull progress.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PullProgress {
     pub layer_id: String,
     pub current_bytes: u64,
@@ -309,7 +311,7 @@ pub struct PullProgress {
     pub layers_done: u32,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct HealthOutcome {
     pub check: String,
     pub healthy: bool,
@@ -317,7 +319,7 @@ pub struct HealthOutcome {
     pub message: String,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct FailureDiagnostics {
     pub failed_phase: Option<Phase>,
     pub step: String,
@@ -326,7 +328,7 @@ pub struct FailureDiagnostics {
     pub log_tail: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct DeploymentResult {
     pub success: bool,
     pub message: String,
@@ -338,7 +340,7 @@ pub struct DeploymentResult {
 }
 
 /// What an update is about, for observers that react to some kinds only.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum EventKind {
     /// The deployment was accepted (always sequence 1).
     Accepted,
@@ -357,7 +359,7 @@ pub enum EventKind {
 }
 
 /// One event of a deployment: the domain form of `ProgressUpdate`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Update {
     pub deployment_id: DeploymentId,
     pub sequence: u64,
@@ -382,7 +384,7 @@ impl Update {
 }
 
 /// A point-in-time view of a deployment, for GetStatus and ListDeployments.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct DeploymentStatus {
     pub id: DeploymentId,
     pub app: AppName,

@@ -10,12 +10,13 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::DeployerService;
+use crate::api::{DeployerService, StreamConfig};
 use crate::engine::{Engine, EngineConfig};
 use crate::events::ObserverRegistry;
 use crate::proto::deployer_server::DeployerServer;
 use crate::runtime::Runtime;
 use crate::runtime::docker::{DEFAULT_DOCKER_HOST, DockerRuntime};
+use crate::store::{Retention, Store};
 
 /// `stevedore serve` flags; each has a `STEVEDORE_…` environment fallback.
 #[derive(clap::Args, Clone, Debug)]
@@ -36,9 +37,31 @@ pub struct ServeConfig {
     /// Time limit of each Docker call (pulls: of each silence in the pull stream).
     #[arg(long, env = "STEVEDORE_DOCKER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub docker_timeout: Duration,
-    /// How long to wait on SIGTERM for running deployments to finish before exiting.
+    /// How long to wait on SIGTERM for running deployments to finish; those still
+    /// running then are interrupted (rolled back, ended FAILED) before exiting.
     #[arg(long, env = "STEVEDORE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Update streams send a heartbeat when nothing else was sent for this long.
+    #[arg(long, env = "STEVEDORE_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Updates buffered per update stream (Deploy, WatchDeployment).
+    #[arg(long, env = "STEVEDORE_WATCH_BUFFER", default_value_t = 64)]
+    pub watch_buffer: usize,
+    /// An update stream whose client reads nothing this long with its buffer full is
+    /// ended with RESOURCE_EXHAUSTED naming the sequence to resume from.
+    #[arg(long, env = "STEVEDORE_WATCH_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub watch_stall_timeout: Duration,
+    /// Keep at most this many finished deployments in history (newest first); older
+    /// ones are removed (then NOT_FOUND).
+    #[arg(long, env = "STEVEDORE_RETENTION_MAX_DEPLOYMENTS")]
+    pub retention_max_deployments: Option<usize>,
+    /// Remove finished deployments created longer ago than this (then NOT_FOUND).
+    #[arg(long, env = "STEVEDORE_RETENTION_MAX_AGE", value_parser = humantime::parse_duration)]
+    pub retention_max_age: Option<Duration>,
+    /// Keep only the last this many updates of each finished deployment's log (the
+    /// terminal one always); earlier sequences are then OUT_OF_RANGE.
+    #[arg(long, env = "STEVEDORE_RETENTION_MAX_LOG_UPDATES")]
+    pub retention_max_log_updates: Option<u64>,
 }
 
 impl ServeConfig {
@@ -96,8 +119,27 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     }
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
+    let store = Store::open(&config.data_dir).await?;
 
-    let engine = Engine::new(runtime.clone(), observers, EngineConfig::default());
+    let engine_config = EngineConfig {
+        retention: Retention {
+            max_deployments: config.retention_max_deployments,
+            max_age: config.retention_max_age,
+            max_log_updates: config.retention_max_log_updates,
+        },
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(runtime.clone(), observers, engine_config, store.clone());
+    // Reconcile what a previous process left before serving anything.
+    let recovery = engine.recover().await?;
+    if !recovery.interrupted.is_empty() {
+        tracing::warn!(
+            deployments = recovery.interrupted.len(),
+            containers_removed = recovery.containers_removed,
+            "ended deployments interrupted by a restart"
+        );
+    }
+    engine.apply_retention().await;
     let shutdown = CancellationToken::new();
 
     let grpc = TcpListener::bind(config.listen)
@@ -122,7 +164,16 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         .set_serving::<DeployerServer<DeployerService>>()
         .await;
 
-    let service = DeployerServer::new(DeployerService::new(engine.clone(), shutdown.clone()));
+    let streams = StreamConfig {
+        heartbeat_interval: config.heartbeat_interval,
+        buffer: config.watch_buffer,
+        stall_timeout: config.watch_stall_timeout,
+    };
+    let service = DeployerServer::new(DeployerService::with_streams(
+        engine.clone(),
+        shutdown.clone(),
+        streams,
+    ));
     let grpc_shutdown = shutdown.clone();
     let grpc_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -151,7 +202,20 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     let task = tokio::spawn(async move {
         let grpc = tokio::spawn(grpc_server);
         let http = tokio::spawn(async move { http_server.await });
+        let retention_engine = task_engine.clone();
+        let retention = tokio::spawn(async move {
+            // Age-based retention also needs time to pass; count-based runs after
+            // every finished deployment too.
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                retention_engine.apply_retention().await;
+            }
+        });
         task_shutdown.cancelled().await;
+        retention.abort();
+        // Update streams end now (UNAVAILABLE + the sequence to resume from, see
+        // api::forward); deployments get the grace to finish, then are interrupted.
         tracing::info!("shutting down: no new deployments; waiting for running ones");
         task_engine.stop_accepting();
         health_reporter
@@ -161,9 +225,20 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
             .await
             .is_err()
         {
-            tracing::warn!(grace = ?grace, "running deployments did not finish within the shutdown grace");
+            tracing::warn!(grace = ?grace, "running deployments did not finish within the shutdown grace; interrupting them");
+            task_engine.interrupt_all();
+            if tokio::time::timeout(Duration::from_secs(60), task_engine.drain())
+                .await
+                .is_err()
+            {
+                tracing::error!("interrupted deployments did not wind down; the next start reconciles them");
+            }
         }
-        grpc.await??;
+        task_engine.store().flush().await;
+        match tokio::time::timeout(Duration::from_secs(10), grpc).await {
+            Ok(r) => r??,
+            Err(_) => tracing::warn!("gRPC connections did not close within 10s"),
+        }
         http.await??;
         tracing::info!("stopped");
         Ok(())

@@ -329,7 +329,7 @@ fn health(h: Option<&proto::HealthCheck>, ports: &[PortSpec]) -> Result<HealthSp
     })
 }
 
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+pub(crate) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)
 }
 
@@ -440,6 +440,7 @@ pub fn update(u: &model::Update) -> proto::ProgressUpdate {
             layers_done: p.layers_done,
         }),
         result: u.result.as_ref().map(result),
+        heartbeat: false,
     }
 }
 

@@ -5,7 +5,12 @@ pub mod convert;
 
 use std::pin::Pin;
 
+use std::time::Duration;
+
 use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc::error::SendTimeoutError;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -24,54 +29,154 @@ pub fn status_of(e: EngineError) -> Status {
         EngineError::OutOfRange(_) => Status::out_of_range(message),
         EngineError::AlreadyFinished { .. } => Status::failed_precondition(message),
         EngineError::InvalidPageToken => Status::invalid_argument(format!("page_token: {message}")),
+        EngineError::Store(_) => Status::internal(message),
     }
 }
 
 pub struct DeployerService {
     engine: Engine,
     shutdown: CancellationToken,
+    streams: StreamConfig,
+}
+
+/// How update streams (Deploy and WatchDeployment) are fed to clients.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamConfig {
+    /// A heartbeat is sent when nothing else was sent for this long.
+    pub heartbeat_interval: Duration,
+    /// Updates buffered per stream between the log and the client's connection.
+    pub buffer: usize,
+    /// A stream whose buffer stays full this long (the client reads nothing) is ended
+    /// with RESOURCE_EXHAUSTED naming the sequence to resume from.
+    pub stall_timeout: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(15),
+            buffer: 64,
+            stall_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 impl DeployerService {
     pub fn new(engine: Engine, shutdown: CancellationToken) -> Self {
-        Self { engine, shutdown }
+        Self::with_streams(engine, shutdown, StreamConfig::default())
     }
 
-    /// Turns a subscriber's view of a log into a gRPC stream. On server shutdown the
-    /// stream ends with `UNAVAILABLE` naming the sequence to resume from.
-    fn forward(&self, updates: UpdateStream) -> UpdateResponseStream {
-        let shutdown = self.shutdown.clone();
-        let stream = futures_util::stream::unfold(
-            (updates, shutdown, false),
-            |(mut updates, shutdown, done)| async move {
-                if done {
-                    return None;
-                }
-                tokio::select! {
-                    biased;
-                    next = updates.next() => match next? {
-                        Ok(u) => Some((Ok(convert::update(&u)), (updates, shutdown, false))),
-                        Err(LogError::OutOfRange { .. }) => {
-                            let resume = updates.cursor();
-                            Some((Err(Status::out_of_range(format!(
-                                "updates after sequence {resume} are no longer held"
-                            ))), (updates, shutdown, true)))
-                        }
-                    },
-                    _ = shutdown.cancelled() => {
-                        let resume = updates.cursor();
-                        Some((Err(Status::unavailable(format!(
-                            "server shutting down; resume with WatchDeployment after_sequence={resume}"
-                        ))), (updates, shutdown, true)))
-                    }
-                }
-            },
-        );
-        Box::pin(stream)
+    pub fn with_streams(engine: Engine, shutdown: CancellationToken, streams: StreamConfig) -> Self {
+        Self {
+            engine,
+            shutdown,
+            streams,
+        }
+    }
+
+    fn forward(&self, id: String, updates: UpdateStream) -> UpdateResponseStream {
+        forward(id, updates, self.shutdown.clone(), self.streams)
     }
 }
 
-type UpdateResponseStream =
+/// Turns a subscriber's view of a log into a gRPC stream.
+///
+/// A producer task reads the log at the subscriber's own cursor and feeds a bounded
+/// channel of `config.buffer` updates; the client drains it at its pace. A slow
+/// client slows nobody: the deployment appends to the log regardless, and when the
+/// client catches up the producer reads on from the log (nothing skipped). Heartbeats
+/// fill silences. The stream ends after the terminal update, or with a status naming
+/// the sequence to resume from (`after_sequence` = the last update the client got):
+/// `UNAVAILABLE` on server shutdown, `RESOURCE_EXHAUSTED` when the client read nothing
+/// for `config.stall_timeout` with its buffer full, `OUT_OF_RANGE` if the log no longer
+/// holds what it needs. Memory per stream: the channel (≤ `buffer` encoded updates)
+/// plus one batch of shared pointers into the log.
+pub fn forward(
+    id: String,
+    mut updates: UpdateStream,
+    shutdown: CancellationToken,
+    config: StreamConfig,
+) -> UpdateResponseStream {
+    let (tx, rx) = mpsc::channel(config.buffer.max(1));
+    let (end_tx, end_rx) = oneshot::channel::<Status>();
+    tokio::spawn(async move {
+        // Sequence of the last update placed in the channel: where to resume from.
+        let mut sent = updates.cursor();
+        let mut app = String::new();
+        let mut phase = 0;
+        let end = loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Some(Status::unavailable(format!(
+                    "server shutting down; resume with WatchDeployment after_sequence={sent}"
+                ))),
+                next = updates.next() => match next {
+                    None => break None,
+                    Some(Ok(u)) => Some(u),
+                    Some(Err(e @ LogError::OutOfRange { .. })) => break Some(Status::out_of_range(
+                        format!("{e}; updates after sequence {sent} are no longer held")
+                    )),
+                },
+                _ = tokio::time::sleep(config.heartbeat_interval) => None,
+            };
+            let (message, update) = match next {
+                Some(u) => {
+                    app = u.app.to_string();
+                    let m = convert::update(&u);
+                    phase = m.phase;
+                    (m, Some(u))
+                }
+                None => (heartbeat(&id, &app, sent, phase), None),
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Some(Status::unavailable(format!(
+                    "server shutting down; resume with WatchDeployment after_sequence={sent}"
+                ))),
+                r = tx.send_timeout(Ok(message), config.stall_timeout) => match r {
+                    Ok(()) => if let Some(u) = update {
+                        sent = u.sequence;
+                        if u.is_terminal() {
+                            break None;
+                        }
+                    },
+                    Err(SendTimeoutError::Timeout(_)) => {
+                        tracing::info!(deployment_id = %id, after_sequence = sent, "ending a stalled update stream");
+                        break Some(Status::resource_exhausted(format!(
+                            "this stream read nothing for {}s and fell behind; resume with WatchDeployment after_sequence={sent}",
+                            config.stall_timeout.as_secs_f64()
+                        )));
+                    }
+                    // The client left: stop forwarding (the deployment goes on).
+                    Err(SendTimeoutError::Closed(_)) => return,
+                },
+            }
+        };
+        drop(tx);
+        if let Some(status) = end {
+            let _ = end_tx.send(status);
+        }
+    });
+    let end = futures_util::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
+    Box::pin(ReceiverStream::new(rx).chain(end))
+}
+
+/// A heartbeat: not part of the log; repeats the last delivered sequence.
+fn heartbeat(id: &str, app: &str, sequence: u64, phase: i32) -> proto::ProgressUpdate {
+    proto::ProgressUpdate {
+        deployment_id: id.to_owned(),
+        sequence,
+        app: app.to_owned(),
+        phase,
+        level: proto::Level::Verbose as i32,
+        message: "heartbeat".into(),
+        timestamp: Some(convert::timestamp(std::time::SystemTime::now())),
+        heartbeat: true,
+        ..Default::default()
+    }
+}
+
+pub type UpdateResponseStream =
     Pin<Box<dyn Stream<Item = Result<proto::ProgressUpdate, Status>> + Send>>;
 
 fn caller<T>(req: &Request<T>) -> String {
@@ -91,8 +196,8 @@ impl Deployer for DeployerService {
     ) -> Result<Response<Self::DeployStream>, Status> {
         let who = caller(&request);
         let spec = convert::deploy_spec(request.into_inner(), who)?;
-        let (_, updates) = self.engine.deploy(spec).await.map_err(status_of)?;
-        Ok(Response::new(self.forward(updates)))
+        let (id, updates) = self.engine.deploy(spec).await.map_err(status_of)?;
+        Ok(Response::new(self.forward(id.to_string(), updates)))
     }
 
     async fn get_status(
@@ -100,7 +205,7 @@ impl Deployer for DeployerService {
         request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::DeploymentStatus>, Status> {
         let id = &request.get_ref().deployment_id;
-        let status = self.engine.status(id).map_err(status_of)?;
+        let status = self.engine.status(id).await.map_err(status_of)?;
         Ok(Response::new(convert::status(&status)))
     }
 
@@ -112,8 +217,9 @@ impl Deployer for DeployerService {
         let updates = self
             .engine
             .watch(&r.deployment_id, r.after_sequence)
+            .await
             .map_err(status_of)?;
-        Ok(Response::new(self.forward(updates)))
+        Ok(Response::new(self.forward(r.deployment_id.clone(), updates)))
     }
 
     async fn list_deployments(
@@ -133,7 +239,7 @@ impl Deployer for DeployerService {
             page_size: r.page_size as usize,
             page_token: (!r.page_token.is_empty()).then_some(r.page_token),
         };
-        let page = self.engine.list(&query).map_err(status_of)?;
+        let page = self.engine.list(&query).await.map_err(status_of)?;
         Ok(Response::new(proto::ListDeploymentsResponse {
             deployments: page.deployments.iter().map(convert::status).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),

@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{DeploymentLog, ObserverRegistry};
+use crate::store::Store;
 use crate::model::{
     DeploySpec, DeploymentId, DeploymentResult, DeploymentState, DeploymentStatus, EventKind,
     Level, Phase, PullProgress, Update,
@@ -19,6 +20,9 @@ pub struct Deployment {
     pub spec: DeploySpec,
     pub log: Arc<DeploymentLog>,
     pub cancel: CancellationToken,
+    /// Cancelled when the server shuts down and the deployment did not finish within
+    /// the grace: it then rolls back and ends FAILED ("interrupted by server shutdown").
+    pub interrupt: CancellationToken,
     /// When the deployment was accepted (`elapsed` and the deadline count from here).
     pub accepted: Instant,
     status: Mutex<DeploymentStatus>,
@@ -48,6 +52,7 @@ impl Deployment {
             spec,
             log: Arc::new(DeploymentLog::new()),
             cancel: CancellationToken::new(),
+            interrupt: CancellationToken::new(),
             accepted: Instant::now(),
             status: Mutex::new(status),
         }
@@ -88,6 +93,7 @@ impl Extra {
 pub struct Reporter {
     deployment: Arc<Deployment>,
     observers: ObserverRegistry,
+    store: Store,
     sequence: u64,
     phase: Phase,
     phase_progress: f64,
@@ -96,10 +102,11 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(deployment: Arc<Deployment>, observers: ObserverRegistry) -> Self {
+    pub fn new(deployment: Arc<Deployment>, observers: ObserverRegistry, store: Store) -> Self {
         Self {
             deployment,
             observers,
+            store,
             sequence: 0,
             phase: Phase::Queued,
             phase_progress: 0.0,
@@ -147,7 +154,7 @@ impl Reporter {
             pull: extra.pull,
             result: result.clone(),
         };
-        {
+        let status = {
             let mut status = self.deployment.status.lock().expect("status lock");
             status.phase = self.phase;
             status.phase_progress = self.phase_progress;
@@ -172,8 +179,13 @@ impl Reporter {
                 }
                 _ => {}
             }
-        }
-        let update = self.deployment.log.append(update);
+            status.clone()
+        };
+        // The store's writer gets the update first (queued, in order; the deployment
+        // does not wait for the disk), then readers and observers see it.
+        let update = Arc::new(update);
+        self.store.append(update.clone(), status);
+        self.deployment.log.append_shared(update.clone());
         self.observers.publish(&update);
         update
     }

@@ -20,15 +20,21 @@ pub use deployment::Deployment;
 use deployment::Reporter;
 pub use queue::AppQueues;
 
-use crate::events::{LogError, ObserverRegistry, UpdateStream};
-use crate::model::{AppName, DeploySpec, DeploymentId, DeploymentState, DeploymentStatus};
+use crate::events::{DeploymentLog, LogError, ObserverRegistry, UpdateStream};
+use crate::model::{
+    AppName, DeploySpec, DeploymentId, DeploymentResult, DeploymentState, DeploymentStatus,
+    EventKind, FailureDiagnostics, Level, Phase, Update,
+};
 use crate::runtime::{Runtime, RuntimeError};
+use crate::store::{ListFilter, Retention, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{0}")]
     Unavailable(RuntimeError),
-    #[error("deployment {0} not found")]
+    #[error(
+        "deployment {0} not found (it never existed, or the retention setting removed it from history)"
+    )]
     NotFound(String),
     #[error("{0}")]
     OutOfRange(LogError),
@@ -41,6 +47,8 @@ pub enum EngineError {
     InvalidPageToken,
     #[error("the server is shutting down and accepts no new deployments")]
     ShuttingDown,
+    #[error("{0}")]
+    Store(#[from] StoreError),
 }
 
 /// Tunables of the engine. Defaults suit a local engine.
@@ -52,6 +60,8 @@ pub struct EngineConfig {
     pub settle_time: Duration,
     /// How long CancelDeployment waits for the deployment to wind down.
     pub cancel_wait: Duration,
+    /// How much history the store keeps (applied after each finished deployment).
+    pub retention: Retention,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +70,7 @@ impl Default for EngineConfig {
             ping_timeout: Duration::from_secs(3),
             settle_time: Duration::from_secs(2),
             cancel_wait: Duration::from_secs(30),
+            retention: Retention::default(),
         }
     }
 }
@@ -71,8 +82,12 @@ pub(crate) struct EngineContext {
     queues: AppQueues,
     config: EngineConfig,
     http: reqwest::Client,
+    store: Store,
 }
 
+/// The engine. Only live deployments (queued or running) are held in memory; once a
+/// deployment has ended and its log is on disk it is dropped from memory, and status,
+/// watch, list and idempotency read it from the [`Store`].
 #[derive(Clone)]
 pub struct Engine {
     ctx: Arc<EngineContext>,
@@ -96,6 +111,15 @@ pub struct ListPage {
     pub next_page_token: Option<String>,
 }
 
+/// What [`Engine::recover`] found and did.
+#[derive(Clone, Debug, Default)]
+pub struct Recovery {
+    /// Deployments that were in flight when the previous process stopped, now FAILED.
+    pub interrupted: Vec<DeploymentId>,
+    /// Containers of those deployments that were removed.
+    pub containers_removed: usize,
+}
+
 /// Default and maximum page sizes of ListDeployments.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 pub const MAX_PAGE_SIZE: usize = 500;
@@ -105,6 +129,7 @@ impl Engine {
         runtime: Arc<dyn Runtime>,
         observers: ObserverRegistry,
         config: EngineConfig,
+        store: Store,
     ) -> Self {
         Self {
             ctx: Arc::new(EngineContext {
@@ -113,6 +138,7 @@ impl Engine {
                 queues: AppQueues::default(),
                 config,
                 http: reqwest::Client::new(),
+                store,
             }),
             deployments: Default::default(),
             idempotency: Default::default(),
@@ -129,19 +155,28 @@ impl Engine {
         &self.ctx.observers
     }
 
-    /// Accepts a deployment and starts its task. Returns the deployment and a stream of
-    /// its updates from the first one. With an idempotency key already seen for the
-    /// app, returns the existing deployment (its stream replayed from the start).
+    pub fn store(&self) -> &Store {
+        &self.ctx.store
+    }
+
+    /// Number of deployments held in memory (queued or running, or just ended).
+    pub fn live_count(&self) -> usize {
+        self.deployments.read().expect("deployments lock").len()
+    }
+
+    /// Accepts a deployment and starts its task. Returns the deployment's ID and a
+    /// stream of its updates from the first one. With an idempotency key already seen
+    /// for the app (by this process or, through the store, an earlier one), returns
+    /// the existing deployment, its stream replayed from the start.
     pub async fn deploy(
         &self,
         spec: DeploySpec,
-    ) -> Result<(Arc<Deployment>, UpdateStream), EngineError> {
+    ) -> Result<(DeploymentId, UpdateStream), EngineError> {
         if !self.accepting.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
-        if let Some(existing) = self.find_idempotent(&spec) {
-            let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
-            return Ok((existing, stream));
+        if let Some(found) = self.find_idempotent(&spec).await? {
+            return Ok(found);
         }
         let runtime = &self.ctx.runtime;
         match tokio::time::timeout(self.ctx.config.ping_timeout, runtime.ping()).await {
@@ -165,7 +200,7 @@ impl Engine {
                 let k = (deployment.spec.app.clone(), key.clone());
                 if let Some(existing) = keys.get(&k).and_then(|id| self.get(*id)) {
                     let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
-                    return Ok((existing, stream));
+                    return Ok((existing.id, stream));
                 }
                 keys.insert(k, id);
             }
@@ -173,8 +208,14 @@ impl Engine {
                 .write()
                 .expect("deployments lock")
                 .insert(id, deployment.clone());
+            // Queued before its first update, so the store sees them in order.
+            self.ctx.store.insert(&deployment.status(), &deployment.spec);
         }
-        let mut reporter = Reporter::new(deployment.clone(), self.ctx.observers.clone());
+        let mut reporter = Reporter::new(
+            deployment.clone(),
+            self.ctx.observers.clone(),
+            self.ctx.store.clone(),
+        );
         reporter.accepted();
         let stream = deployment
             .log
@@ -187,22 +228,75 @@ impl Engine {
             image = %deployment.spec.image,
         );
         tracing::info!(parent: &span, requested_by = %deployment.spec.requested_by, "deployment accepted");
+        let engine = self.clone();
         self.tasks.spawn(
-            run::Run::new(reporter, self.ctx.clone())
-                .run()
-                .instrument(span),
+            async move {
+                run::Run::new(reporter, engine.ctx.clone()).run().await;
+                engine.retire(&deployment).await;
+            }
+            .instrument(span),
         );
-        Ok((deployment, stream))
+        Ok((id, stream))
     }
 
-    fn find_idempotent(&self, spec: &DeploySpec) -> Option<Arc<Deployment>> {
-        let key = spec.idempotency_key.as_ref()?;
-        let id = *self
+    /// After a deployment ended: once its log is on disk, drop it from memory (readers
+    /// that hold its log keep reading it) and apply retention.
+    async fn retire(&self, deployment: &Deployment) {
+        self.ctx.store.flush().await;
+        self.deployments
+            .write()
+            .expect("deployments lock")
+            .remove(&deployment.id);
+        if let Some(key) = &deployment.spec.idempotency_key {
+            self.idempotency
+                .write()
+                .expect("idempotency lock")
+                .remove(&(deployment.spec.app.clone(), key.clone()));
+        }
+        self.apply_retention().await;
+    }
+
+    /// Applies the retention setting to the store; logs what it removed.
+    pub async fn apply_retention(&self) {
+        let retention = &self.ctx.config.retention;
+        if retention.max_deployments.is_none()
+            && retention.max_age.is_none()
+            && retention.max_log_updates.is_none()
+        {
+            return;
+        }
+        match self.ctx.store.apply_retention(retention).await {
+            Ok(out) if out.deployments_removed > 0 || out.updates_removed > 0 => tracing::info!(
+                deployments = out.deployments_removed,
+                updates = out.updates_removed,
+                "retention removed history"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "retention failed"),
+        }
+    }
+
+    async fn find_idempotent(
+        &self,
+        spec: &DeploySpec,
+    ) -> Result<Option<(DeploymentId, UpdateStream)>, EngineError> {
+        let Some(key) = spec.idempotency_key.as_ref() else {
+            return Ok(None);
+        };
+        let live = self
             .idempotency
             .read()
             .expect("idempotency lock")
-            .get(&(spec.app.clone(), key.clone()))?;
-        self.get(id)
+            .get(&(spec.app.clone(), key.clone()))
+            .and_then(|id| self.get(*id));
+        if let Some(d) = live {
+            let stream = d.log.subscribe(0).map_err(EngineError::OutOfRange)?;
+            return Ok(Some((d.id, stream)));
+        }
+        match self.ctx.store.find_idempotent(&spec.app, key).await? {
+            Some(id) => Ok(Some((id, self.watch_id(id, 0).await?))),
+            None => Ok(None),
+        }
     }
 
     fn get(&self, id: DeploymentId) -> Option<Arc<Deployment>> {
@@ -213,36 +307,65 @@ impl Engine {
             .cloned()
     }
 
-    fn lookup(&self, id: &str) -> Result<Arc<Deployment>, EngineError> {
+    fn parse_id(id: &str) -> Result<DeploymentId, EngineError> {
         uuid::Uuid::parse_str(id)
-            .ok()
-            .and_then(|u| self.get(DeploymentId(u)))
-            .ok_or_else(|| EngineError::NotFound(id.to_owned()))
+            .map(DeploymentId)
+            .map_err(|_| EngineError::NotFound(id.to_owned()))
     }
 
-    pub fn status(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
-        let deployment = self.lookup(id)?;
-        let mut status = deployment.status();
-        if status.state == DeploymentState::Pending {
-            let waiting = self.ctx.queues.waiting(&deployment.spec.app);
-            if let Some(i) = waiting.iter().position(|w| *w == deployment.id) {
-                status.queue_position = i as u32 + 1;
+    pub async fn status(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
+        let id = Self::parse_id(id)?;
+        if let Some(deployment) = self.get(id) {
+            let mut status = deployment.status();
+            if status.state == DeploymentState::Pending {
+                let waiting = self.ctx.queues.waiting(&deployment.spec.app);
+                if let Some(i) = waiting.iter().position(|w| *w == deployment.id) {
+                    status.queue_position = i as u32 + 1;
+                }
             }
+            return Ok(status);
         }
-        Ok(status)
+        self.ctx
+            .store
+            .status(id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(id.to_string()))
     }
 
     /// Replays updates after `after_sequence`, then follows live until the terminal one.
-    pub fn watch(&self, id: &str, after_sequence: u64) -> Result<UpdateStream, EngineError> {
-        self.lookup(id)?
-            .log
-            .subscribe(after_sequence)
+    pub async fn watch(&self, id: &str, after_sequence: u64) -> Result<UpdateStream, EngineError> {
+        self.watch_id(Self::parse_id(id)?, after_sequence).await
+    }
+
+    async fn watch_id(&self, id: DeploymentId, after: u64) -> Result<UpdateStream, EngineError> {
+        if let Some(d) = self.get(id) {
+            return d.log.subscribe(after).map_err(EngineError::OutOfRange);
+        }
+        // Ended: replay from the store. Only the part after `after` is loaded.
+        let status = self
+            .ctx
+            .store
+            .status(id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+        let stored = self.ctx.store.log(id, after).await?;
+        let oldest = stored.oldest.unwrap_or(status.last_sequence + 1);
+        if after < status.last_sequence && after + 1 < oldest {
+            return Err(EngineError::OutOfRange(LogError::OutOfRange {
+                requested: after + 1,
+                oldest,
+            }));
+        }
+        let log = Arc::new(DeploymentLog::from_updates(stored.updates, true));
+        log.subscribe(after)
+            .or_else(|_| Arc::new(DeploymentLog::from_updates(Vec::new(), true)).subscribe(0))
             .map_err(EngineError::OutOfRange)
     }
 
-    /// Deployments, newest first. The page token is opaque to clients.
-    pub fn list(&self, query: &ListQuery) -> Result<ListPage, EngineError> {
-        let after = match &query.page_token {
+    /// Deployments, newest first, from the store (with the live status of those still
+    /// running). The page token is opaque to clients.
+    pub async fn list(&self, query: &ListQuery) -> Result<ListPage, EngineError> {
+        let before = match &query.page_token {
             None => None,
             Some(t) => Some(decode_token(t).ok_or(EngineError::InvalidPageToken)?),
         };
@@ -250,23 +373,28 @@ impl Engine {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         };
-        let mut all: Vec<DeploymentStatus> = self
-            .deployments
-            .read()
-            .expect("deployments lock")
-            .values()
-            .filter(|d| query.app.as_ref().is_none_or(|a| *a == d.spec.app))
-            .map(|d| d.status())
-            .filter(|s| query.state.is_none_or(|st| st == s.state))
-            .collect();
-        all.sort_by_key(|s| std::cmp::Reverse(sort_key(s)));
-        let start = match after {
-            None => 0,
-            Some(key) => all.partition_point(|s| sort_key(s) >= key),
-        };
-        let page: Vec<_> = all.into_iter().skip(start).take(size + 1).collect();
-        let more = page.len() > size;
-        let deployments: Vec<_> = page.into_iter().take(size).collect();
+        // Everything accepted so far is in the store once the writer caught up.
+        self.ctx.store.flush().await;
+        let rows = self
+            .ctx
+            .store
+            .list(&ListFilter {
+                app: query.app.clone(),
+                state: query.state,
+                before,
+                limit: size + 1,
+            })
+            .await?;
+        let more = rows.len() > size;
+        let mut deployments: Vec<DeploymentStatus> = rows.into_iter().take(size).collect();
+        for s in deployments.iter_mut() {
+            if let Some(d) = self.get(s.id) {
+                let live = d.status();
+                if query.state.is_none_or(|st| st == live.state) {
+                    *s = live;
+                }
+            }
+        }
         let next_page_token = if more {
             deployments.last().map(|s| encode_token(sort_key(s)))
         } else {
@@ -281,7 +409,14 @@ impl Engine {
     /// Cancels a queued or running deployment and waits (a bounded time) for it to
     /// wind down; returns its status.
     pub async fn cancel(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
-        let deployment = self.lookup(id)?;
+        let did = Self::parse_id(id)?;
+        let Some(deployment) = self.get(did) else {
+            let status = self.status(id).await?;
+            return Err(EngineError::AlreadyFinished {
+                id: did,
+                state: status.state,
+            });
+        };
         let status = deployment.status();
         if status.state.is_terminal() {
             return Err(EngineError::AlreadyFinished {
@@ -309,10 +444,116 @@ impl Engine {
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Waits until every deployment task has ended.
+    /// Waits until every deployment task has ended (and its log is on disk).
     pub async fn drain(&self) {
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    /// Interrupts every deployment still queued or running: each rolls back what it
+    /// created and ends FAILED ("interrupted by server shutdown").
+    pub fn interrupt_all(&self) {
+        for d in self.deployments.read().expect("deployments lock").values() {
+            d.interrupt.cancel();
+        }
+    }
+
+    /// Reconciles after a restart, before serving: every deployment the store holds as
+    /// pending or running was in flight when the previous process died. Each gets a
+    /// terminal FAILED update ("interrupted by a restart"), and the containers labelled
+    /// with its ID are removed. Nothing else is touched: the app's previous version
+    /// (the last succeeded deployment's container) keeps running, and containers of
+    /// deployments this store does not know (another server's) are left alone.
+    pub async fn recover(&self) -> Result<Recovery, EngineError> {
+        let store = &self.ctx.store;
+        let unfinished = store.unfinished().await?;
+        let mut recovery = Recovery::default();
+        if unfinished.is_empty() {
+            return Ok(recovery);
+        }
+        let ids: std::collections::HashSet<String> =
+            unfinished.iter().map(|s| s.id.to_string()).collect();
+        let mut removal_error = None;
+        match self.ctx.runtime.list_managed_containers().await {
+            Ok(containers) => {
+                for c in containers.iter().filter(|c| ids.contains(&c.deployment)) {
+                    match self.ctx.runtime.remove(&c.id).await {
+                        Ok(()) => {
+                            recovery.containers_removed += 1;
+                            tracing::info!(container = %c.id, deployment_id = %c.deployment, "removed container of an interrupted deployment");
+                        }
+                        Err(e) => removal_error = Some(e.to_string()),
+                    }
+                }
+            }
+            Err(e) => removal_error = Some(e.to_string()),
+        }
+        for status in unfinished {
+            // The stored status and log are committed together; continue after the
+            // last update that reached the disk.
+            let tail = store.log(status.id, status.last_sequence).await?;
+            let last = tail.updates.last().map_or(status.last_sequence, |u| u.sequence);
+            let phase = tail.updates.last().map_or(status.phase, |u| u.phase);
+            let mut message = format!(
+                "interrupted by a restart of the server during {}: the previous server process stopped before the deployment finished",
+                phase.as_str()
+            );
+            match &removal_error {
+                None => message.push_str(
+                    "; its containers were removed and the app's previous version keeps running",
+                ),
+                Some(e) => message.push_str(&format!("; removing its containers failed: {e}")),
+            }
+            let now = std::time::SystemTime::now();
+            let result = DeploymentResult {
+                success: false,
+                message: message.clone(),
+                diagnostics: Some(FailureDiagnostics {
+                    failed_phase: Some(phase),
+                    step: "server restart".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let update = Update {
+                deployment_id: status.id,
+                sequence: last + 1,
+                app: status.app.clone(),
+                kind: EventKind::Finished {
+                    state: DeploymentState::Failed,
+                },
+                phase: Phase::Failed,
+                phase_progress: status.phase_progress,
+                total_progress: status.total_progress,
+                level: Level::Error,
+                message: message.clone(),
+                timestamp: now,
+                elapsed: now.duration_since(status.created_at).unwrap_or_default(),
+                metadata: [
+                    ("failed_phase".to_owned(), phase.as_str().to_owned()),
+                    ("interrupted".to_owned(), "restart".to_owned()),
+                ]
+                .into_iter()
+                .collect(),
+                pull: None,
+                result: Some(result.clone()),
+            };
+            let mut ended = status.clone();
+            ended.state = DeploymentState::Failed;
+            ended.phase = Phase::Failed;
+            ended.finished_at = Some(now);
+            ended.error = message;
+            ended.result = Some(result);
+            ended.last_sequence = last + 1;
+            ended.queue_position = 0;
+            tracing::warn!(deployment_id = %status.id, app = %status.app, phase = phase.as_str(), "deployment interrupted by a restart ended as failed");
+            let update = Arc::new(update);
+            store.append(update.clone(), ended);
+            self.ctx.observers.publish(&update);
+            recovery.interrupted.push(status.id);
+        }
+        store.flush().await;
+        Ok(recovery)
     }
 }
 

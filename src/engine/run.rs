@@ -33,6 +33,8 @@ enum Stop {
     Failed(Failure),
     Cancelled,
     DeadlineExceeded,
+    /// The server is shutting down and the grace ran out.
+    Interrupted,
 }
 
 /// A failed step.
@@ -83,6 +85,7 @@ impl Run {
         let deployment = self.rep.deployment().clone();
         let deadline = deployment_deadline(&self);
         let cancel = deployment.cancel.clone();
+        let interrupt = deployment.interrupt.clone();
 
         // QUEUED: wait for the app's lock.
         let mut ticket = self.ctx.queues.join(&deployment.spec.app, deployment.id);
@@ -94,6 +97,9 @@ impl Run {
                 _ = cancel.cancelled() => {
                     return self.end(Stop::Cancelled).await;
                 }
+                _ = interrupt.cancelled() => {
+                    return self.end(Stop::Interrupted).await;
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     return self.end(Stop::DeadlineExceeded).await;
                 }
@@ -103,6 +109,7 @@ impl Run {
         let outcome = tokio::select! {
             r = self.until_switch() => r.map_err(Stop::Failed),
             _ = cancel.cancelled() => Err(Stop::Cancelled),
+            _ = interrupt.cancelled() => Err(Stop::Interrupted),
             _ = tokio::time::sleep_until(deadline) => Err(Stop::DeadlineExceeded),
         };
         match outcome {
@@ -654,6 +661,18 @@ impl Run {
                     None,
                 )
             }
+            Stop::Interrupted => (
+                DeploymentState::Failed,
+                format!(
+                    "interrupted by server shutdown during {}: the server stopped before the deployment could finish",
+                    phase.as_str()
+                ),
+                Some(FailureDiagnostics {
+                    failed_phase: Some(phase),
+                    step: "server shutdown".into(),
+                    ..Default::default()
+                }),
+            ),
             Stop::DeadlineExceeded => {
                 let deadline = self.rep.deployment().spec.deadline;
                 let mut d = FailureDiagnostics {

@@ -13,7 +13,9 @@ use crate::model::Update;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LogError {
-    #[error("sequence {requested} is no longer held; the oldest held is {oldest}")]
+    #[error(
+        "sequence {requested} is no longer held (history is bounded by the retention setting); the oldest held is {oldest}"
+    )]
     OutOfRange { requested: u64, oldest: u64 },
 }
 
@@ -72,6 +74,12 @@ impl DeploymentLog {
     /// that ends the deployment closes the log. Never waits on readers.
     pub fn append(&self, update: Update) -> Arc<Update> {
         let update = Arc::new(update);
+        self.append_shared(update.clone());
+        update
+    }
+
+    /// [`DeploymentLog::append`] of an update already shared (e.g. with the store).
+    pub fn append_shared(&self, update: Arc<Update>) {
         {
             let mut inner = self.inner.lock().expect("log lock");
             let expected = inner.first_seq + inner.updates.len() as u64;
@@ -81,7 +89,6 @@ impl DeploymentLog {
             inner.updates.push_back(update.clone());
         }
         self.last.send_replace(update.sequence);
-        update
     }
 
     pub fn is_closed(&self) -> bool {

@@ -170,6 +170,12 @@ pub fn serve_config(data_dir: &std::path::Path) -> ServeConfig {
         docker_host: None,
         docker_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(30),
+        heartbeat_interval: Duration::from_secs(15),
+        watch_buffer: 64,
+        watch_stall_timeout: Duration::from_secs(60),
+        retention_max_deployments: None,
+        retention_max_age: None,
+        retention_max_log_updates: None,
     }
 }
 

@@ -1,0 +1,205 @@
+//! Persistence of deployments and their event logs (SQLite in `--data-dir` by default).
+//!
+//! [`Store`] is a cheap handle. Reads go straight to the database. Writes (a new
+//! deployment, each update of its log with the status it leads to) are queued, in
+//! order, to one writer task that commits them in batches: a deployment never waits
+//! on the disk for an update. Everything queued before [`Store::flush`] returns is on
+//! disk. A crash (kill -9, power loss) can lose at most the tail that was queued but
+//! not yet committed — typically the updates of the last few milliseconds; on the next
+//! start, recovery ends every deployment that was not finished as FAILED after the last
+//! update that did reach the disk.
+//!
+//! What is stored of a request: never env values (only their keys) and never registry
+//! credentials. Nothing here knows about gRPC or Docker.
+
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::{AppName, DeploySpec, DeploymentId, DeploymentState, DeploymentStatus, Update};
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open { path: String, source: sqlx::Error },
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("stored record of deployment {id} is unreadable: {reason}")]
+    Corrupt { id: String, reason: String },
+}
+
+/// How much history is kept. `None` = no bound.
+#[derive(Clone, Debug, Default)]
+pub struct Retention {
+    /// Keep at most this many finished deployments (the newest); older ones are
+    /// deleted with their logs (then NOT_FOUND).
+    pub max_deployments: Option<usize>,
+    /// Delete finished deployments created longer ago than this (then NOT_FOUND).
+    pub max_age: Option<Duration>,
+    /// Of a finished deployment's log keep only the last this many updates (the
+    /// terminal one is always kept); earlier sequences are then OUT_OF_RANGE.
+    pub max_log_updates: Option<u64>,
+}
+
+/// What [`Store::apply_retention`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    pub deployments_removed: u64,
+    pub updates_removed: u64,
+}
+
+/// Filter and keyset position of a list query, newest first.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub app: Option<AppName>,
+    pub state: Option<DeploymentState>,
+    /// Only deployments strictly older than this `(created_at ns, id)`.
+    pub before: Option<(u128, uuid::Uuid)>,
+    pub limit: usize,
+}
+
+/// A deployment's stored log: the updates after the requested sequence, and the oldest
+/// sequence the store still holds (retention may have trimmed the start).
+pub struct StoredLog {
+    pub oldest: Option<u64>,
+    pub updates: Vec<Update>,
+}
+
+pub(crate) enum WriteOp {
+    Insert {
+        status: Box<DeploymentStatus>,
+        idempotency_key: Option<String>,
+        request: String,
+    },
+    Append {
+        update: Arc<Update>,
+        status: Box<DeploymentStatus>,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle to the store: reads, queued ordered writes, flush.
+#[derive(Clone)]
+pub struct Store {
+    db: SqliteStore,
+    writer: mpsc::UnboundedSender<WriteOp>,
+}
+
+impl Store {
+    /// Opens (creating if needed) `DIR/stevedore.db`, runs the migrations and starts
+    /// the writer task.
+    pub async fn open(data_dir: &std::path::Path) -> Result<Self, StoreError> {
+        let db = SqliteStore::open(&data_dir.join("stevedore.db")).await?;
+        let (writer, rx) = mpsc::unbounded_channel();
+        tokio::spawn(sqlite::writer(db.clone(), rx));
+        Ok(Self { db, writer })
+    }
+
+    /// Queues a new deployment (before its first update, so order holds).
+    pub fn insert(&self, status: &DeploymentStatus, spec: &DeploySpec) {
+        self.send(WriteOp::Insert {
+            status: Box::new(status.clone()),
+            idempotency_key: spec.idempotency_key.clone(),
+            request: redacted_request(spec).to_string(),
+        });
+    }
+
+    /// Queues an update of a deployment's log and the status it leads to.
+    pub fn append(&self, update: Arc<Update>, status: DeploymentStatus) {
+        self.send(WriteOp::Append {
+            update,
+            status: Box::new(status),
+        });
+    }
+
+    fn send(&self, op: WriteOp) {
+        if self.writer.send(op).is_err() {
+            tracing::error!("store writer is gone; an update was not persisted");
+        }
+    }
+
+    /// Waits until everything queued so far is committed (or failed and was logged).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Flush(tx));
+        let _ = rx.await;
+    }
+
+    pub async fn status(&self, id: DeploymentId) -> Result<Option<DeploymentStatus>, StoreError> {
+        self.db.status(id).await
+    }
+
+    /// Updates of `id` with a sequence above `after`.
+    pub async fn log(&self, id: DeploymentId, after: u64) -> Result<StoredLog, StoreError> {
+        self.db.log(id, after).await
+    }
+
+    pub async fn find_idempotent(
+        &self,
+        app: &AppName,
+        key: &str,
+    ) -> Result<Option<DeploymentId>, StoreError> {
+        self.db.find_idempotent(app, key).await
+    }
+
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<DeploymentStatus>, StoreError> {
+        self.db.list(filter).await
+    }
+
+    /// Deployments that were neither finished nor cancelled when the last process
+    /// stopped writing.
+    pub async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
+        self.db.unfinished().await
+    }
+
+    pub async fn apply_retention(
+        &self,
+        retention: &Retention,
+    ) -> Result<RetentionOutcome, StoreError> {
+        self.flush().await;
+        self.db.apply_retention(retention, SystemTime::now()).await
+    }
+
+    /// Number of deployments stored (any state).
+    pub async fn count(&self) -> Result<u64, StoreError> {
+        self.db.count().await
+    }
+}
+
+/// The request as stored: everything needed to understand it later, no secrets.
+pub fn redacted_request(spec: &DeploySpec) -> serde_json::Value {
+    serde_json::json!({
+        "app": spec.app.as_str(),
+        "image": spec.image,
+        "command": spec.command,
+        "env_keys": spec.env.keys().collect::<Vec<_>>(),
+        "ports": spec.ports.iter().map(|p| serde_json::json!({
+            "container_port": p.container_port,
+            "host_port": p.host_port,
+            "protocol": p.protocol.as_str(),
+        })).collect::<Vec<_>>(),
+        "labels": spec.labels,
+        "health_check": spec.health.probe.as_ref().map(|p| p.name()),
+        "health_timeout_ms": spec.health.timeout.as_millis() as u64,
+        "deadline_ms": spec.deadline.as_millis() as u64,
+        "idempotency_key": spec.idempotency_key,
+        "registry_auth": spec.registry_auth.is_some(),
+        "milestones": spec.milestones.iter().map(|m| m.description.clone()).collect::<Vec<_>>(),
+        "hooks": spec.hooks.iter().map(|h| h.name.clone()).collect::<Vec<_>>(),
+        "requested_by": spec.requested_by,
+    })
+}
+
+pub(crate) fn nanos(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+        .min(i64::MAX as u128) as i64
+}

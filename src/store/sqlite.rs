@@ -1,0 +1,322 @@
+//! The SQLite side of the store (sqlx, bundled SQLite, WAL). Runtime-checked queries;
+//! migrations from `migrations/` are embedded at compile time.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use tokio::sync::mpsc;
+
+use super::{ListFilter, Retention, RetentionOutcome, StoreError, StoredLog, WriteOp, nanos};
+use crate::model::{AppName, DeploymentId, DeploymentState, DeploymentStatus, Update};
+
+/// Most operations committed in one transaction by the writer.
+const MAX_BATCH: usize = 1024;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn state_str(s: DeploymentState) -> &'static str {
+    s.as_str()
+}
+
+fn parse_status(id: &str, json: &str) -> Result<DeploymentStatus, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt {
+        id: id.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // With WAL, NORMAL is durable against process crashes (kill -9); only an
+            // OS crash or power loss can lose the last commits.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn status(&self, id: DeploymentId) -> Result<Option<DeploymentStatus>, StoreError> {
+        let id = id.to_string();
+        let row = sqlx::query("SELECT status FROM deployments WHERE id = ?1")
+            .bind(&id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| parse_status(&id, r.get::<&str, _>(0)))
+            .transpose()
+    }
+
+    pub async fn log(&self, id: DeploymentId, after: u64) -> Result<StoredLog, StoreError> {
+        let key = id.to_string();
+        let oldest: Option<i64> =
+            sqlx::query("SELECT MIN(sequence) FROM updates WHERE deployment_id = ?1")
+                .bind(&key)
+                .fetch_one(&self.pool)
+                .await?
+                .get(0);
+        let rows = sqlx::query(
+            "SELECT body FROM updates WHERE deployment_id = ?1 AND sequence > ?2 ORDER BY sequence",
+        )
+        .bind(&key)
+        .bind(after as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut updates = Vec::with_capacity(rows.len());
+        for r in rows {
+            let update: Update =
+                serde_json::from_str(r.get::<&str, _>(0)).map_err(|e| StoreError::Corrupt {
+                    id: key.clone(),
+                    reason: e.to_string(),
+                })?;
+            updates.push(update);
+        }
+        Ok(StoredLog {
+            oldest: oldest.map(|s| s as u64),
+            updates,
+        })
+    }
+
+    pub async fn find_idempotent(
+        &self,
+        app: &AppName,
+        key: &str,
+    ) -> Result<Option<DeploymentId>, StoreError> {
+        let row =
+            sqlx::query("SELECT id FROM deployments WHERE app = ?1 AND idempotency_key = ?2")
+                .bind(app.as_str())
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.and_then(|r| {
+            uuid::Uuid::parse_str(r.get::<&str, _>(0))
+                .ok()
+                .map(DeploymentId)
+        }))
+    }
+
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<DeploymentStatus>, StoreError> {
+        let (before_ns, before_id) = match filter.before {
+            Some((ns, id)) => (Some(ns.min(i64::MAX as u128) as i64), Some(id.to_string())),
+            None => (None, None),
+        };
+        let rows = sqlx::query(
+            "SELECT id, status FROM deployments
+             WHERE (?1 IS NULL OR app = ?1)
+               AND (?2 IS NULL OR state = ?2)
+               AND (?3 IS NULL OR created_ns < ?3 OR (created_ns = ?3 AND id < ?4))
+             ORDER BY created_ns DESC, id DESC
+             LIMIT ?5",
+        )
+        .bind(filter.app.as_ref().map(|a| a.as_str().to_owned()))
+        .bind(filter.state.map(state_str))
+        .bind(before_ns)
+        .bind(before_id)
+        .bind(filter.limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| parse_status(r.get::<&str, _>(0), r.get::<&str, _>(1)))
+            .collect()
+    }
+
+    pub async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, status FROM deployments WHERE state IN ('pending', 'running')
+             ORDER BY created_ns",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| parse_status(r.get::<&str, _>(0), r.get::<&str, _>(1)))
+            .collect()
+    }
+
+    pub async fn count(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) FROM deployments")
+            .fetch_one(&self.pool)
+            .await?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    pub async fn apply_retention(
+        &self,
+        retention: &Retention,
+        now: SystemTime,
+    ) -> Result<RetentionOutcome, StoreError> {
+        let mut out = RetentionOutcome::default();
+        let mut tx = self.pool.begin().await?;
+        let mut doomed: Vec<String> = Vec::new();
+        if let Some(max) = retention.max_deployments {
+            let rows = sqlx::query(
+                "SELECT id FROM deployments WHERE state NOT IN ('pending', 'running')
+                 ORDER BY created_ns DESC, id DESC LIMIT -1 OFFSET ?1",
+            )
+            .bind(max as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+            doomed.extend(rows.iter().map(|r| r.get::<String, _>(0)));
+        }
+        if let Some(age) = retention.max_age {
+            let cutoff = nanos(now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH));
+            let rows = sqlx::query(
+                "SELECT id FROM deployments WHERE state NOT IN ('pending', 'running')
+                 AND created_ns < ?1",
+            )
+            .bind(cutoff)
+            .fetch_all(&mut *tx)
+            .await?;
+            doomed.extend(rows.iter().map(|r| r.get::<String, _>(0)));
+        }
+        doomed.sort();
+        doomed.dedup();
+        for id in &doomed {
+            out.updates_removed += sqlx::query("DELETE FROM updates WHERE deployment_id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            out.deployments_removed += sqlx::query("DELETE FROM deployments WHERE id = ?1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        if let Some(keep) = retention.max_log_updates {
+            let keep = keep.max(1) as i64;
+            out.updates_removed += sqlx::query(
+                "DELETE FROM updates WHERE sequence <= (
+                     SELECT d.last_sequence - ?1 FROM deployments d
+                     WHERE d.id = updates.deployment_id
+                       AND d.state NOT IN ('pending', 'running'))",
+            )
+            .bind(keep)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Commits one batch of queued writes in a single transaction. The status of a
+    /// deployment is written once per batch (its latest).
+    async fn commit(&self, batch: &[WriteOp]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut statuses: HashMap<DeploymentId, &DeploymentStatus> = HashMap::new();
+        for op in batch {
+            match op {
+                WriteOp::Insert {
+                    status,
+                    idempotency_key,
+                    request,
+                } => {
+                    let json = serde_json::to_string(status).expect("status serializes");
+                    sqlx::query(
+                        "INSERT INTO deployments
+                           (id, app, state, created_ns, finished_ns, last_sequence,
+                            idempotency_key, request, status)
+                         VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8)
+                         ON CONFLICT (id) DO NOTHING",
+                    )
+                    .bind(status.id.to_string())
+                    .bind(status.app.as_str().to_owned())
+                    .bind(state_str(status.state))
+                    .bind(nanos(status.created_at))
+                    .bind(status.last_sequence as i64)
+                    .bind(idempotency_key.clone())
+                    .bind(request.clone())
+                    .bind(json)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                WriteOp::Append { update, status } => {
+                    let body = serde_json::to_string(&**update).expect("update serializes");
+                    sqlx::query(
+                        "INSERT OR IGNORE INTO updates (deployment_id, sequence, body)
+                         VALUES (?1, ?2, ?3)",
+                    )
+                    .bind(update.deployment_id.to_string())
+                    .bind(update.sequence as i64)
+                    .bind(body)
+                    .execute(&mut *tx)
+                    .await?;
+                    statuses.insert(status.id, status);
+                }
+                WriteOp::Flush(_) => {}
+            }
+        }
+        for status in statuses.values() {
+            let json = serde_json::to_string(status).expect("status serializes");
+            sqlx::query(
+                "UPDATE deployments
+                 SET state = ?2, finished_ns = ?3, last_sequence = ?4, status = ?5
+                 WHERE id = ?1",
+            )
+            .bind(status.id.to_string())
+            .bind(state_str(status.state))
+            .bind(status.finished_at.map(nanos))
+            .bind(status.last_sequence as i64)
+            .bind(json)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The writer task: takes what is queued (up to [`MAX_BATCH`] at a time), commits it
+/// in one transaction, then answers the flushes in the batch. Ends when every
+/// [`super::Store`] handle is gone.
+pub(super) async fn writer(db: SqliteStore, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match db.commit(&batch).await {
+                Ok(()) => break,
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(error = %e, attempt, "store write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, ops = batch.len(), "store write failed; these updates are not persisted");
+                    break;
+                }
+            }
+        }
+        for op in batch.drain(..) {
+            if let WriteOp::Flush(done) = op {
+                let _ = done.send(());
+            }
+        }
+    }
+}
