@@ -260,3 +260,140 @@ impl Deployer for DeployerService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::DeploymentLog;
+    use crate::model::*;
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    fn update(seq: u64, terminal: bool) -> Update {
+        Update {
+            deployment_id: DeploymentId(uuid::Uuid::nil()),
+            sequence: seq,
+            app: AppName::parse("app").unwrap(),
+            kind: if terminal {
+                EventKind::Finished {
+                    state: DeploymentState::Succeeded,
+                }
+            } else {
+                EventKind::Progress
+            },
+            phase: Phase::Pulling,
+            phase_progress: 0.0,
+            total_progress: 0.0,
+            level: Level::Info,
+            message: format!("update {seq}"),
+            timestamp: SystemTime::now(),
+            elapsed: Duration::ZERO,
+            metadata: Default::default(),
+            pull: None,
+            result: None,
+        }
+    }
+
+    fn config(buffer: usize, stall_ms: u64, heartbeat_ms: u64) -> StreamConfig {
+        StreamConfig {
+            heartbeat_interval: Duration::from_millis(heartbeat_ms),
+            buffer,
+            stall_timeout: Duration::from_millis(stall_ms),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_brings_heartbeats_with_the_last_sequence() {
+        let log = Arc::new(DeploymentLog::new());
+        log.append(update(1, false));
+        log.append(update(2, false));
+        let mut stream = forward(
+            "id".into(),
+            log.subscribe(0).unwrap(),
+            CancellationToken::new(),
+            config(8, 60_000, 1_000),
+        );
+        for seq in 1..=2 {
+            let u = stream.next().await.unwrap().unwrap();
+            assert_eq!((u.sequence, u.heartbeat), (seq, false));
+        }
+        let hb = stream.next().await.unwrap().unwrap();
+        assert!(hb.heartbeat);
+        assert_eq!((hb.sequence, hb.app.as_str()), (2, "app"));
+        log.append(update(3, true));
+        // Heartbeats are not part of the log: the next real update follows on.
+        let mut next = stream.next().await.unwrap().unwrap();
+        while next.heartbeat {
+            next = stream.next().await.unwrap().unwrap();
+        }
+        assert_eq!(next.sequence, 3);
+        assert!(stream.next().await.is_none(), "ends after the terminal update");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_stream_ends_naming_where_to_resume() {
+        let log = Arc::new(DeploymentLog::new());
+        for s in 1..=10 {
+            log.append(update(s, false));
+        }
+        let mut stream = forward(
+            "id".into(),
+            log.subscribe(0).unwrap(),
+            CancellationToken::new(),
+            config(2, 500, 60_000),
+        );
+        // The client reads nothing for longer than the stall timeout; the writer goes
+        // on meanwhile.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for s in 11..=20 {
+            log.append(update(s, s == 20));
+        }
+        let mut got = Vec::new();
+        let status = loop {
+            match stream.next().await.expect("ends with a status") {
+                Ok(u) => got.push(u.sequence),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(got, vec![1, 2], "what was buffered is delivered first");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("after_sequence=2"),
+            "{}",
+            status.message()
+        );
+        assert!(stream.next().await.is_none());
+        // Resuming from there gives the rest, gap-free.
+        let rest: Vec<u64> = forward(
+            "id".into(),
+            log.subscribe(2).unwrap(),
+            CancellationToken::new(),
+            config(2, 500, 60_000),
+        )
+        .map(|u| u.unwrap().sequence)
+        .collect()
+        .await;
+        assert_eq!(rest, (3..=20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_streams_with_unavailable_and_the_resume_sequence() {
+        let log = Arc::new(DeploymentLog::new());
+        log.append(update(1, false));
+        log.append(update(2, false));
+        let shutdown = CancellationToken::new();
+        let mut stream = forward(
+            "id".into(),
+            log.subscribe(0).unwrap(),
+            shutdown.clone(),
+            config(8, 60_000, 60_000),
+        );
+        assert_eq!(stream.next().await.unwrap().unwrap().sequence, 1);
+        assert_eq!(stream.next().await.unwrap().unwrap().sequence, 2);
+        shutdown.cancel();
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(status.message().contains("after_sequence=2"));
+        assert!(stream.next().await.is_none());
+    }
+}
