@@ -17,7 +17,9 @@ pub const LABEL_DEPLOYMENT: &str = "io.stevedore.deployment";
 /// Prefix reserved for Stevedore's own labels.
 pub const RESERVED_LABEL_PREFIX: &str = "io.stevedore.";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct DeploymentId(pub Uuid);
 
@@ -40,7 +42,9 @@ impl fmt::Display for DeploymentId {
 }
 
 /// An app name: `[a-z0-9][a-z0-9-]{0,62}`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(transparent)]
 pub struct AppName(String);
 
@@ -184,7 +188,9 @@ pub struct DeploySpec {
 }
 
 /// Phases in the order a deployment goes through them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Phase {
     Queued,
     Validating,

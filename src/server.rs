@@ -231,7 +231,9 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
                 .await
                 .is_err()
             {
-                tracing::error!("interrupted deployments did not wind down; the next start reconciles them");
+                tracing::error!(
+                    "interrupted deployments did not wind down; the next start reconciles them"
+                );
             }
         }
         task_engine.store().flush().await;

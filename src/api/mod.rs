@@ -66,7 +66,11 @@ impl DeployerService {
         Self::with_streams(engine, shutdown, StreamConfig::default())
     }
 
-    pub fn with_streams(engine: Engine, shutdown: CancellationToken, streams: StreamConfig) -> Self {
+    pub fn with_streams(
+        engine: Engine,
+        shutdown: CancellationToken,
+        streams: StreamConfig,
+    ) -> Self {
         Self {
             engine,
             shutdown,
@@ -219,7 +223,9 @@ impl Deployer for DeployerService {
             .watch(&r.deployment_id, r.after_sequence)
             .await
             .map_err(status_of)?;
-        Ok(Response::new(self.forward(r.deployment_id.clone(), updates)))
+        Ok(Response::new(
+            self.forward(r.deployment_id.clone(), updates),
+        ))
     }
 
     async fn list_deployments(
@@ -327,7 +333,10 @@ mod tests {
             next = stream.next().await.unwrap().unwrap();
         }
         assert_eq!(next.sequence, 3);
-        assert!(stream.next().await.is_none(), "ends after the terminal update");
+        assert!(
+            stream.next().await.is_none(),
+            "ends after the terminal update"
+        );
     }
 
     #[tokio::test(start_paused = true)]

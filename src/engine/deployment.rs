@@ -8,11 +8,11 @@ use std::time::{Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{DeploymentLog, ObserverRegistry};
-use crate::store::Store;
 use crate::model::{
     DeploySpec, DeploymentId, DeploymentResult, DeploymentState, DeploymentStatus, EventKind,
     Level, Phase, PullProgress, Update,
 };
+use crate::store::Store;
 
 /// A deployment the server knows about, running or finished.
 pub struct Deployment {

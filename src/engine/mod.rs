@@ -209,7 +209,9 @@ impl Engine {
                 .expect("deployments lock")
                 .insert(id, deployment.clone());
             // Queued before its first update, so the store sees them in order.
-            self.ctx.store.insert(&deployment.status(), &deployment.spec);
+            self.ctx
+                .store
+                .insert(&deployment.status(), &deployment.spec);
         }
         let mut reporter = Reporter::new(
             deployment.clone(),
@@ -492,7 +494,10 @@ impl Engine {
             // The stored status and log are committed together; continue after the
             // last update that reached the disk.
             let tail = store.log(status.id, status.last_sequence).await?;
-            let last = tail.updates.last().map_or(status.last_sequence, |u| u.sequence);
+            let last = tail
+                .updates
+                .last()
+                .map_or(status.last_sequence, |u| u.sequence);
             let phase = tail.updates.last().map_or(status.phase, |u| u.phase);
             let mut message = format!(
                 "interrupted by a restart of the server during {}: the previous server process stopped before the deployment finished",

@@ -107,12 +107,11 @@ impl SqliteStore {
         app: &AppName,
         key: &str,
     ) -> Result<Option<DeploymentId>, StoreError> {
-        let row =
-            sqlx::query("SELECT id FROM deployments WHERE app = ?1 AND idempotency_key = ?2")
-                .bind(app.as_str())
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query("SELECT id FROM deployments WHERE app = ?1 AND idempotency_key = ?2")
+            .bind(app.as_str())
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.and_then(|r| {
             uuid::Uuid::parse_str(r.get::<&str, _>(0))
                 .ok()

@@ -1,0 +1,662 @@
+//! Deployments and their updates survive disconnects, slow readers, cancels and
+//! restarts. Real server, real Docker engine, real registry.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use stevedore::proto::{
+    self, CancelRequest, DeployRequest, DeploymentStatus, GetStatusRequest, ListDeploymentsRequest,
+    ProgressUpdate, WatchRequest,
+};
+use tonic::{Code, Status, Streaming};
+
+const WEB1: &str = "stevedore-test/web:1";
+const WEB2: &str = "stevedore-test/web:2";
+const SLOWHEALTH: &str = "stevedore-test/slowhealth:1";
+
+/// Reads a stream to its end: the updates (heartbeats skipped) and the closing status
+/// when it ended with an error.
+async fn drain(stream: &mut Streaming<ProgressUpdate>) -> (Vec<ProgressUpdate>, Option<Status>) {
+    let mut updates = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(u)) if u.heartbeat => {}
+            Ok(Some(u)) => updates.push(u),
+            Ok(None) => return (updates, None),
+            Err(s) => return (updates, Some(s)),
+        }
+    }
+}
+
+async fn watch(client: &mut Client, id: &str, after: u64) -> Result<Vec<ProgressUpdate>, Status> {
+    let mut stream = client
+        .watch_deployment(WatchRequest {
+            deployment_id: id.into(),
+            after_sequence: after,
+        })
+        .await?
+        .into_inner();
+    match drain(&mut stream).await {
+        (updates, None) => Ok(updates),
+        (_, Some(status)) => Err(status),
+    }
+}
+
+async fn status(client: &mut Client, id: &str) -> Result<DeploymentStatus, Status> {
+    client
+        .get_status(GetStatusRequest {
+            deployment_id: id.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Starts a deploy and reads its stream until `until` holds for an update; returns the
+/// updates read and the open stream.
+async fn deploy_until(
+    client: &mut Client,
+    req: DeployRequest,
+    until: impl Fn(&ProgressUpdate) -> bool,
+) -> (Vec<ProgressUpdate>, Streaming<ProgressUpdate>) {
+    let mut stream = client
+        .deploy(req)
+        .await
+        .expect("deploy accepted")
+        .into_inner();
+    let mut seen = Vec::new();
+    loop {
+        let u = stream
+            .message()
+            .await
+            .expect("stream ok")
+            .expect("stream did not end before the awaited update");
+        if u.heartbeat {
+            continue;
+        }
+        let done = until(&u);
+        seen.push(u);
+        if done {
+            return (seen, stream);
+        }
+    }
+}
+
+fn in_phase(phase: proto::Phase) -> impl Fn(&ProgressUpdate) -> bool {
+    move |u| u.phase() == phase
+}
+
+/// Containers (any state) labelled with deployment `id`.
+fn deployment_containers(id: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("label=io.stevedore.deployment={id}"),
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+fn endpoint(end: &ProgressUpdate) -> String {
+    end.result.as_ref().unwrap().endpoints["8080/tcp"].clone()
+}
+
+async fn assert_serves(url: &str, body: &str) {
+    let (code, text) = http_get(url).await;
+    assert_eq!((code, text.trim()), (200, body), "GET {url}");
+}
+
+fn sequences(updates: &[ProgressUpdate]) -> Vec<u64> {
+    updates.iter().map(|u| u.sequence).collect()
+}
+
+/// An image reference that no registry holds: its deployment fails fast in PULLING.
+fn missing_image() -> String {
+    format!(
+        "{}/stevedore-test/missing-{}:1",
+        registry(),
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_deploy_stream_resumes_with_watch_exactly_once() {
+    require_docker();
+    let app = unique_app("resume");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let (first, stream) =
+        deploy_until(&mut client, web_request(&app, WEB1), |u| u.sequence == 3).await;
+    drop(stream);
+    let id = first[0].deployment_id.clone();
+
+    let rest = watch(&mut client, &id, 3).await.expect("watch from 3");
+    assert!(!rest.is_empty());
+    let expected: Vec<u64> = (4..4 + rest.len() as u64).collect();
+    assert_eq!(sequences(&rest), expected, "none missing or repeated");
+    assert_eq!(terminal(&rest).phase(), proto::Phase::Complete);
+
+    let mut joined = first.clone();
+    joined.extend(rest);
+    assert_well_formed(&joined);
+    let full = watch(&mut client, &id, 0).await.unwrap();
+    assert_eq!(full, joined, "the log replays the same updates");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_watchers_get_identical_logs_and_a_stalled_one_catches_up() {
+    require_docker();
+    let app = unique_app("watchers");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let (first, mut deploy_stream) =
+        deploy_until(&mut client, web_request(&app, WEB1), |_| true).await;
+    let id = first[0].deployment_id.clone();
+
+    // A watcher that reads one update, then nothing until the deployment has ended.
+    let mut stalled = client
+        .watch_deployment(WatchRequest {
+            deployment_id: id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stalled_first = stalled.message().await.unwrap().unwrap();
+
+    // 200 watchers over 8 connections (a connection carries at most 200 streams).
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(server.client().await);
+    }
+    let mut watchers = Vec::new();
+    for i in 0..200 {
+        let mut c = clients[i % clients.len()].clone();
+        let id = id.clone();
+        watchers.push(tokio::spawn(async move { watch(&mut c, &id, 0).await }));
+    }
+
+    let (rest, end) = drain(&mut deploy_stream).await;
+    assert!(end.is_none(), "{end:?}");
+    let mut reference = first;
+    reference.extend(rest);
+    assert_well_formed(&reference);
+    assert_eq!(terminal(&reference).phase(), proto::Phase::Complete);
+
+    for w in watchers {
+        let log = w.await.unwrap().expect("watch ends cleanly");
+        assert_eq!(log, reference, "every watcher gets the same gap-free log");
+    }
+
+    // The deployment finished while the stalled watcher read nothing; it now reads
+    // the rest from the log, none missing or repeated.
+    assert_eq!(
+        status(&mut client, &id).await.unwrap().state(),
+        proto::DeploymentState::Succeeded
+    );
+    let (stalled_rest, end) = drain(&mut stalled).await;
+    assert!(end.is_none(), "{end:?}");
+    let mut stalled_log = vec![stalled_first];
+    stalled_log.extend(stalled_rest);
+    assert_eq!(stalled_log, reference);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_keeps_history_and_ends_interrupted_deployments() {
+    require_docker();
+    let app = unique_app("restart");
+    let _guard = AppGuard(app.clone());
+    let data = tempfile::tempdir().unwrap();
+
+    // --- first server: a deployment succeeds, another is in flight at SIGTERM.
+    let a = BinaryServer::spawn(data.path(), &["--shutdown-grace", "1s"]);
+    let mut client = connect(a.grpc_addr).await;
+    let mut v1_req = web_request(&app, WEB1);
+    v1_req.idempotency_key = "v1".into();
+    let v1_log = deploy(&mut client, v1_req.clone()).await;
+    assert_well_formed(&v1_log);
+    let v1_end = terminal(&v1_log).clone();
+    assert_eq!(v1_end.phase(), proto::Phase::Complete);
+    let v1 = v1_end.deployment_id.clone();
+    let v1_url = endpoint(&v1_end);
+    let v1_status = status(&mut client, &v1).await.unwrap();
+
+    let (seen, mut s_stream) = deploy_until(
+        &mut client,
+        web_request(&app, SLOWHEALTH),
+        in_phase(proto::Phase::HealthCheck),
+    )
+    .await;
+    let s = seen[0].deployment_id.clone();
+    assert_eq!(deployment_containers(&s).len(), 1);
+    let pid = a.child.id().to_string();
+    signal(&["-TERM", &pid]);
+    let (more, end) = drain(&mut s_stream).await;
+    let end = end.expect("the stream ends with a status on shutdown");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    let last_seen = more.last().unwrap_or(seen.last().unwrap()).sequence;
+    assert!(
+        end.message()
+            .contains(&format!("after_sequence={last_seen}")),
+        "{}",
+        end.message()
+    );
+    let mut a = a;
+    let exit = a.child.wait().unwrap();
+    assert!(exit.success(), "SIGTERM exits cleanly: {exit:?}");
+    assert!(
+        deployment_containers(&s).is_empty(),
+        "the deployment interrupted at shutdown rolled back"
+    );
+
+    // --- second server: history answers unchanged; resume the interrupted stream.
+    let b = BinaryServer::spawn(data.path(), &[]);
+    let mut client = connect(b.grpc_addr).await;
+    assert_eq!(status(&mut client, &v1).await.unwrap(), v1_status);
+    assert_eq!(watch(&mut client, &v1, 0).await.unwrap(), v1_log);
+    let rest = watch(&mut client, &s, last_seen).await.unwrap();
+    assert_eq!(rest.first().unwrap().sequence, last_seen + 1);
+    let s_end = terminal(&rest);
+    assert_eq!(s_end.phase(), proto::Phase::Failed);
+    assert!(
+        s_end.message.contains("interrupted by server shutdown"),
+        "{}",
+        s_end.message
+    );
+    let listed: Vec<String> = client
+        .list_deployments(ListDeploymentsRequest {
+            app: app.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deployments
+        .into_iter()
+        .map(|d| d.deployment_id)
+        .collect();
+    assert_eq!(listed, vec![s.clone(), v1.clone()], "newest first");
+    // An idempotent retry after the restart replays the same deployment.
+    let retry = deploy(&mut client, v1_req).await;
+    assert_eq!(retry, v1_log);
+    assert_eq!(app_containers(&app).len(), 1);
+
+    // A deployment in flight when the process is killed (-9).
+    let (seen, _stream) = deploy_until(
+        &mut client,
+        web_request(&app, SLOWHEALTH),
+        in_phase(proto::Phase::HealthCheck),
+    )
+    .await;
+    let v2 = seen[0].deployment_id.clone();
+    assert_eq!(deployment_containers(&v2).len(), 1);
+    let mut b = b;
+    b.child.kill().unwrap(); // SIGKILL
+    b.child.wait().unwrap();
+
+    // --- third server: the killed deployment ended FAILED, its container gone, the
+    // previous version still serving, and the app's queue free.
+    let c = BinaryServer::spawn(data.path(), &[]);
+    let mut client = connect(c.grpc_addr).await;
+    let v2_status = status(&mut client, &v2).await.unwrap();
+    assert_eq!(v2_status.state(), proto::DeploymentState::Failed);
+    assert!(
+        v2_status.error.contains("interrupted by a restart"),
+        "{}",
+        v2_status.error
+    );
+    let v2_log = watch(&mut client, &v2, 0).await.unwrap();
+    assert_well_formed(&v2_log);
+    assert_eq!(terminal(&v2_log).phase(), proto::Phase::Failed);
+    assert!(deployment_containers(&v2).is_empty());
+    assert_eq!(app_containers(&app), deployment_containers(&v1));
+    assert_serves(&v1_url, "v1").await;
+    assert_eq!(status(&mut client, &v1).await.unwrap(), v1_status);
+
+    let v3_log = deploy(&mut client, web_request(&app, WEB2)).await;
+    let v3_end = terminal(&v3_log);
+    assert_eq!(v3_end.phase(), proto::Phase::Complete, "{}", v3_end.message);
+    assert_serves(&endpoint(v3_end), "v2").await;
+    drop(c);
+}
+
+/// `kill ARGS` (a signal to a process this test started).
+fn signal(args: &[&str]) {
+    let ok = std::process::Command::new("kill")
+        .args(args)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {args:?}");
+}
+
+/// A TCP proxy to the local registry that sends at most `rate` bytes per second
+/// towards the client, so a pull through it takes a predictable while.
+async fn throttled_registry(rate: u64) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(registry()).await else {
+                    return;
+                };
+                let (mut in_r, mut in_w) = inbound.into_split();
+                let (mut out_r, mut out_w) = outbound.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match out_r.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if in_w.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+                }
+            });
+        }
+    });
+    addr.to_string()
+}
+
+/// Cancels the deployment in `phase` (reached when `reached` holds) with a deploy of
+/// WEB2 queued behind it; checks everything the issue asks of a cancel.
+async fn cancel_scenario(image: String, reached: impl Fn(&ProgressUpdate) -> bool) {
+    let app = unique_app("cancel");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let v1_log = deploy(&mut client, web_request(&app, WEB1)).await;
+    let v1_end = terminal(&v1_log).clone();
+    assert_eq!(v1_end.phase(), proto::Phase::Complete);
+    let v1_url = endpoint(&v1_end);
+    // Cancelling a finished deployment is refused.
+    let err = client
+        .cancel_deployment(CancelRequest {
+            deployment_id: v1_end.deployment_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+
+    let (seen, mut stream) = deploy_until(&mut client, web_request(&app, &image), reached).await;
+    let id = seen[0].deployment_id.clone();
+    let phase = seen.last().unwrap().phase();
+
+    // A deploy of the same app queued behind it.
+    let mut queued_client = client.clone();
+    let queued_req = web_request(&app, WEB2);
+    let (_, mut queued_stream) = deploy_until(&mut queued_client, queued_req, |u| {
+        metadata(u).get("queue_position").map(String::as_str) == Some("1")
+    })
+    .await;
+    let queued = tokio::spawn(async move { drain(&mut queued_stream).await });
+
+    let cancelled = client
+        .cancel_deployment(CancelRequest {
+            deployment_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(cancelled.state(), proto::DeploymentState::Cancelled);
+    // The previous version is still serving once the cancel is done.
+    assert_serves(&v1_url, "v1").await;
+    assert!(deployment_containers(&id).is_empty(), "nothing left behind");
+
+    let (rest, end) = drain(&mut stream).await;
+    assert!(end.is_none(), "{end:?}");
+    let mut log = seen;
+    log.extend(rest);
+    assert_well_formed(&log);
+    let cancelling: Vec<_> = log
+        .iter()
+        .filter(|u| u.message.starts_with("cancel requested"))
+        .collect();
+    assert_eq!(
+        cancelling.len(),
+        1,
+        "the stream shows the cancel being carried out"
+    );
+    assert_eq!(cancelling[0].phase(), phase);
+    assert_eq!(terminal(&log).phase(), proto::Phase::Cancelled);
+
+    // The queue moves on: the queued deploy runs, replacing v1 (still running until then).
+    let (rest, end) = queued.await.unwrap();
+    assert!(end.is_none(), "{end:?}");
+    let queued_end = terminal(&rest);
+    assert_eq!(
+        queued_end.phase(),
+        proto::Phase::Complete,
+        "{}",
+        queued_end.message
+    );
+    assert!(
+        rest.iter().any(|u| u
+            .message
+            .contains(&format!("(deployment {})", v1_end.deployment_id))),
+        "the queued deploy took the still-running v1 out"
+    );
+    assert_serves(&endpoint(queued_end), "v2").await;
+    assert_eq!(app_containers(&app).len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_during_pull() {
+    require_docker();
+    let (image, _) = push_random_image(24);
+    // Pull through a proxy sending 4 MB/s: the 24 MB layer takes about 6 s.
+    let proxy = throttled_registry(4 * 1024 * 1024).await;
+    let image = image.replacen(&registry(), &proxy, 1);
+    cancel_scenario(image, |u| {
+        u.pull.as_ref().is_some_and(|p| {
+            p.image_current_bytes > 0 && p.image_current_bytes < p.image_total_bytes
+        })
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_during_health_check() {
+    require_docker();
+    cancel_scenario(SLOWHEALTH.into(), |u| {
+        u.phase() == proto::Phase::HealthCheck && u.message.starts_with("health check attempt")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_removes_history_with_clear_codes() {
+    require_docker();
+    let app = unique_app("retention");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start_with(
+        |c| {
+            c.retention_max_deployments = Some(2);
+            c.retention_max_log_updates = Some(3);
+        },
+        stevedore::events::ObserverRegistry::new(),
+    )
+    .await;
+    let mut client = server.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let log = deploy(&mut client, web_request(&app, &missing_image())).await;
+        assert_eq!(terminal(&log).phase(), proto::Phase::Failed);
+        ids.push(log[0].deployment_id.clone());
+    }
+    let engine = &server.server.as_ref().unwrap().engine;
+    engine.store().flush().await;
+    engine.apply_retention().await;
+
+    // The oldest deployment is gone: NOT_FOUND, saying why it may be.
+    let err = status(&mut client, &ids[0]).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("retention"), "{}", err.message());
+    assert_eq!(
+        watch(&mut client, &ids[0], 0).await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    // The newest keeps its status and the last 3 updates of its log.
+    let last = status(&mut client, &ids[2]).await.unwrap();
+    assert_eq!(last.state(), proto::DeploymentState::Failed);
+    let n = last.last_sequence;
+    let err = watch(&mut client, &ids[2], 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+    assert!(
+        err.message()
+            .contains(&format!("the oldest held is {}", n - 2)),
+        "{}",
+        err.message()
+    );
+    let tail = watch(&mut client, &ids[2], n - 3).await.unwrap();
+    assert_eq!(sequences(&tail), vec![n - 2, n - 1, n]);
+    assert_eq!(terminal(&tail).phase(), proto::Phase::Failed);
+
+    let listed = client
+        .list_deployments(ListDeploymentsRequest {
+            app: app.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deployments;
+    assert_eq!(listed.len(), 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn list_pages_have_no_duplicates_or_holes() {
+    require_docker();
+    let app = unique_app("list");
+    let other = unique_app("list-other");
+    let _guards = (AppGuard(app.clone()), AppGuard(other.clone()));
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut created = Vec::new();
+    for i in 0..13 {
+        let log = deploy(&mut client, web_request(&app, &missing_image())).await;
+        created.push(log[0].deployment_id.clone());
+        if i % 4 == 0 {
+            deploy(&mut client, web_request(&other, &missing_image())).await;
+        }
+    }
+    created.reverse(); // newest first
+
+    let page = |token: String| ListDeploymentsRequest {
+        app: app.clone(),
+        state: proto::DeploymentState::Failed as i32,
+        page_size: 4,
+        page_token: token,
+    };
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let resp = client
+            .list_deployments(page(token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(resp.deployments.len() <= 4);
+        assert!(resp.deployments.iter().all(|d| d.app == app));
+        listed.extend(resp.deployments.into_iter().map(|d| d.deployment_id));
+        pages += 1;
+        if pages == 1 {
+            // A deployment created between pages does not shift later pages.
+            deploy(&mut client, web_request(&app, &missing_image())).await;
+        }
+        if resp.next_page_token.is_empty() {
+            break;
+        }
+        token = resp.next_page_token;
+    }
+    assert_eq!(pages, 4);
+    assert_eq!(listed, created, "every deployment once, newest first");
+
+    let none = client
+        .list_deployments(ListDeploymentsRequest {
+            app: app.clone(),
+            state: proto::DeploymentState::Succeeded as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.deployments.is_empty());
+    let err = client
+        .list_deployments(page("garbage".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotent_retry_gives_one_deployment_and_one_container() {
+    require_docker();
+    let app = unique_app("idem");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut req = web_request(&app, WEB1);
+    req.idempotency_key = "release-42".into();
+
+    let (first, mut stream) = deploy_until(&mut client, req.clone(), |u| u.sequence == 2).await;
+    // The retry while the first still runs: same deployment, replayed from the start.
+    let retry = deploy(&mut client, req.clone()).await;
+    let (rest, end) = drain(&mut stream).await;
+    assert!(end.is_none());
+    let mut original = first;
+    original.extend(rest);
+    assert_well_formed(&original);
+    assert_eq!(retry, original);
+    assert_eq!(terminal(&original).phase(), proto::Phase::Complete);
+
+    // And once it has ended (served from the store).
+    let again = deploy(&mut client, req.clone()).await;
+    assert_eq!(again, original);
+
+    let listed = client
+        .list_deployments(ListDeploymentsRequest {
+            app: app.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deployments;
+    assert_eq!(listed.len(), 1, "one deployment");
+    assert_eq!(app_containers(&app).len(), 1, "one container");
+
+    // The same key for another app is another deployment.
+    let other = unique_app("idem-other");
+    let _other_guard = AppGuard(other.clone());
+    let mut other_req = req;
+    other_req.app = other.clone();
+    other_req.image = missing_image();
+    let other_log = deploy(&mut client, other_req).await;
+    assert_ne!(other_log[0].deployment_id, original[0].deployment_id);
+    server.stop().await;
+}
