@@ -215,7 +215,7 @@ mod tests {
             "panicker"
         }
         async fn on_update(&self, u: Arc<Update>) -> Result<(), ObserverError> {
-            if u.sequence % 2 == 0 {
+            if u.sequence.is_multiple_of(2) {
                 panic!("observer bug");
             }
             Err(ObserverError("nope".into()))

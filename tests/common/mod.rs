@@ -330,6 +330,7 @@ pub struct BinaryServer {
 impl BinaryServer {
     /// Starts `stevedore serve` with `args` (plus ephemeral listen addresses) and waits
     /// until it logs its addresses.
+    #[allow(clippy::zombie_processes)] // waited for by Drop; a failed start kills it first
     pub fn spawn(data_dir: &std::path::Path, args: &[&str]) -> Self {
         let log = data_dir.join(format!("server-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).unwrap();
@@ -365,10 +366,12 @@ impl BinaryServer {
                     log,
                 };
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "server did not start; log:\n{text}"
-            );
+            if std::time::Instant::now() >= deadline {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server did not start; log:\n{text}");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
