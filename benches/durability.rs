@@ -1,0 +1,376 @@
+//! Durability benchmarks (run by `scripts/bench.sh`; plain `main`, no harness):
+//!
+//! 1. fan-out: how many updates per second one deployment's log sustains to 1,000
+//!    watchers, each fed through the same path as a gRPC stream (`api::forward`:
+//!    its own producer task, bounded buffer, proto conversion), while every update is
+//!    also queued to the SQLite store, as the deployment's Reporter does;
+//! 2. a stalled watcher: the writer's time to append the log (the deployment's own
+//!    pace) and the other watchers' time to receive it, with and without one watcher
+//!    that reads nothing;
+//! 3. memory: resident set size of a real `stevedore serve` process with 10,000
+//!    finished deployments (20 updates each) in its history, idle and after listing
+//!    all of them, reading 100 statuses and replaying 100 logs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::StreamExt;
+use stevedore::api::{StreamConfig, forward};
+use stevedore::events::DeploymentLog;
+use stevedore::model::*;
+use stevedore::store::Store;
+use tokio_util::sync::CancellationToken;
+
+fn update(id: DeploymentId, app: &AppName, seq: u64, terminal: bool) -> Update {
+    Update {
+        deployment_id: id,
+        sequence: seq,
+        app: app.clone(),
+        kind: if terminal {
+            EventKind::Finished {
+                state: DeploymentState::Succeeded,
+            }
+        } else {
+            EventKind::Progress
+        },
+        phase: if terminal {
+            Phase::Complete
+        } else {
+            Phase::Pulling
+        },
+        phase_progress: 0.5,
+        total_progress: 0.5,
+        level: Level::Verbose,
+        message: format!("pulling registry/app:1: {seq} MiB of 150 MiB (1/3 layers)"),
+        timestamp: SystemTime::now(),
+        elapsed: Duration::from_millis(seq),
+        metadata: Default::default(),
+        pull: Some(PullProgress {
+            layer_id: "0123456789ab".into(),
+            current_bytes: seq * 1024,
+            total_bytes: 150 << 20,
+            image_current_bytes: seq * 1024,
+            image_total_bytes: 150 << 20,
+            layers_total: 3,
+            layers_done: 1,
+        }),
+        result: None,
+    }
+}
+
+fn status_of(
+    id: DeploymentId,
+    app: &AppName,
+    state: DeploymentState,
+    last: u64,
+) -> DeploymentStatus {
+    let now = SystemTime::now();
+    DeploymentStatus {
+        id,
+        app: app.clone(),
+        image: "127.0.0.1:5000/bench/app:1".into(),
+        state,
+        phase: Phase::Complete,
+        phase_progress: 1.0,
+        total_progress: 1.0,
+        created_at: now,
+        started_at: Some(now),
+        finished_at: state.is_terminal().then_some(now),
+        error: String::new(),
+        result: None,
+        last_sequence: last,
+        requested_by: "bench".into(),
+        queue_position: 0,
+    }
+}
+
+fn spec(app: &AppName) -> DeploySpec {
+    DeploySpec {
+        app: app.clone(),
+        image: "127.0.0.1:5000/bench/app:1".into(),
+        command: vec![],
+        env: [("SECRET".to_owned(), "never stored".to_owned())].into(),
+        ports: vec![],
+        labels: Default::default(),
+        health: HealthSpec {
+            probe: None,
+            timeout: Duration::from_secs(60),
+            interval: Duration::from_millis(500),
+        },
+        deadline: Duration::from_secs(600),
+        idempotency_key: None,
+        registry_auth: None,
+        milestones: vec![],
+        hooks: vec![],
+        requested_by: "bench".into(),
+    }
+}
+
+struct FanOut {
+    append: Duration,
+    all_received: Duration,
+}
+
+/// Appends `n` updates to one log (and the store) with `watchers` reading it through
+/// `forward`, plus `stalled` watchers that read nothing.
+async fn fan_out(store: &Store, n: u64, watchers: usize, stalled: usize) -> FanOut {
+    let app = AppName::parse("bench").unwrap();
+    let id = DeploymentId::new();
+    store.insert(
+        &status_of(id, &app, DeploymentState::Running, 0),
+        &spec(&app),
+    );
+    let log = Arc::new(DeploymentLog::new());
+    let config = StreamConfig {
+        heartbeat_interval: Duration::from_secs(15),
+        buffer: 64,
+        stall_timeout: Duration::from_secs(600),
+    };
+    let mut readers = Vec::new();
+    for _ in 0..watchers {
+        let mut s = forward(
+            id.to_string(),
+            log.subscribe(0).unwrap(),
+            CancellationToken::new(),
+            config,
+        );
+        readers.push(tokio::spawn(async move {
+            let mut count = 0u64;
+            while let Some(u) = s.next().await {
+                u.unwrap();
+                count += 1;
+            }
+            count
+        }));
+    }
+    let stalled_streams: Vec<_> = (0..stalled)
+        .map(|_| {
+            forward(
+                id.to_string(),
+                log.subscribe(0).unwrap(),
+                CancellationToken::new(),
+                config,
+            )
+        })
+        .collect();
+    tokio::task::yield_now().await;
+
+    let start = Instant::now();
+    for seq in 1..=n {
+        let u = Arc::new(update(id, &app, seq, seq == n));
+        store.append(
+            u.clone(),
+            status_of(
+                id,
+                &app,
+                if seq == n {
+                    DeploymentState::Succeeded
+                } else {
+                    DeploymentState::Running
+                },
+                seq,
+            ),
+        );
+        log.append_shared(u);
+        if seq % 64 == 0 {
+            // A deployment yields between updates (it awaits the engine between steps).
+            tokio::task::yield_now().await;
+        }
+    }
+    let append = start.elapsed();
+    for r in readers {
+        assert_eq!(r.await.unwrap(), n, "every watcher got every update");
+    }
+    let all_received = start.elapsed();
+    drop(stalled_streams);
+    store.flush().await;
+    FanOut {
+        append,
+        all_received,
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Server {
+    child: std::process::Child,
+    grpc: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(data_dir: &std::path::Path) -> Server {
+    let log = data_dir.join("server.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stevedore"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = Server {
+        child,
+        grpc: String::new(),
+    };
+    for _ in 0..400 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("stevedore listening")) {
+            let start = line.find("grpc=").unwrap() + 5;
+            server.grpc = line[start..].split_whitespace().next().unwrap().to_owned();
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("server did not start");
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).await.unwrap();
+
+    // 1. Fan-out to 1,000 watchers.
+    let n = 20_000;
+    let r = fan_out(&store, n, 1_000, 0).await;
+    println!(
+        "fan-out: {n} updates to 1000 watchers: appended in {:.2}s, all watchers done in {:.2}s => {:.0} updates/s sustained ({:.0} deliveries/s)",
+        r.append.as_secs_f64(),
+        r.all_received.as_secs_f64(),
+        n as f64 / r.all_received.as_secs_f64(),
+        (n * 1000) as f64 / r.all_received.as_secs_f64(),
+    );
+
+    // 2. A stalled watcher.
+    let n = 20_000;
+    for (label, stalled) in [("no stalled watcher", 0), ("one stalled watcher", 1)] {
+        let r = fan_out(&store, n, 100, stalled).await;
+        println!(
+            "stalled: {label:<20} deployment appended {n} updates in {:.3}s; 100 other watchers done in {:.3}s",
+            r.append.as_secs_f64(),
+            r.all_received.as_secs_f64(),
+        );
+    }
+    drop(store);
+
+    // 3. RSS with 10,000 finished deployments in history.
+    let empty = tempfile::tempdir().unwrap();
+    let baseline = {
+        let s = serve(empty.path());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rss_kib(s.child.id())
+    };
+    let history = tempfile::tempdir().unwrap();
+    let ids = {
+        let store = Store::open(history.path()).await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..10_000u64 {
+            let app = AppName::parse(&format!("app-{}", i % 50)).unwrap();
+            let id = DeploymentId::new();
+            store.insert(
+                &status_of(id, &app, DeploymentState::Running, 0),
+                &spec(&app),
+            );
+            for seq in 1..=20 {
+                store.append(
+                    Arc::new(update(id, &app, seq, seq == 20)),
+                    status_of(
+                        id,
+                        &app,
+                        if seq == 20 {
+                            DeploymentState::Succeeded
+                        } else {
+                            DeploymentState::Running
+                        },
+                        seq,
+                    ),
+                );
+            }
+            ids.push(id);
+            if i % 500 == 0 {
+                store.flush().await;
+            }
+        }
+        store.flush().await;
+        assert_eq!(store.count().await.unwrap(), 10_000);
+        ids
+    };
+    let s = serve(history.path());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = rss_kib(s.child.id());
+    let mut client =
+        stevedore::proto::deployer_client::DeployerClient::connect(format!("http://{}", s.grpc))
+            .await
+            .unwrap();
+    let mut token = String::new();
+    let mut listed = 0;
+    loop {
+        let page = client
+            .list_deployments(stevedore::proto::ListDeploymentsRequest {
+                page_size: 500,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        listed += page.deployments.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(listed, 10_000);
+    for id in ids.iter().step_by(100) {
+        client
+            .get_status(stevedore::proto::GetStatusRequest {
+                deployment_id: id.to_string(),
+            })
+            .await
+            .unwrap();
+        let mut w = client
+            .watch_deployment(stevedore::proto::WatchRequest {
+                deployment_id: id.to_string(),
+                after_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = 0;
+        while w.message().await.unwrap().is_some() {
+            got += 1;
+        }
+        assert_eq!(got, 20);
+    }
+    let after = rss_kib(s.child.id());
+    let db: u64 = ["stevedore.db", "stevedore.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(history.path().join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "memory: server RSS with empty history {} MiB; with 10000 finished deployments (200000 updates, db {} MiB): idle {} MiB, after listing all + 100 status + 100 replays {} MiB",
+        baseline / 1024,
+        db >> 20,
+        idle / 1024,
+        after / 1024
+    );
+}
