@@ -311,7 +311,10 @@ async fn restart_keeps_history_and_ends_interrupted_deployments() {
     let v2_status = status(&mut client, &v2).await.unwrap();
     assert_eq!(v2_status.state(), proto::DeploymentState::Failed);
     assert!(
-        v2_status.error.contains("interrupted by a restart"),
+        v2_status.error.contains("interrupted by a restart")
+            && v2_status
+                .error
+                .contains("the app's previous version keeps running"),
         "{}",
         v2_status.error
     );

@@ -476,9 +476,17 @@ impl Engine {
         let ids: std::collections::HashSet<String> =
             unfinished.iter().map(|s| s.id.to_string()).collect();
         let mut removal_error = None;
+        // Running containers of other deployments, by app: the previous versions.
+        let mut serving: HashMap<String, String> = HashMap::new();
         match self.ctx.runtime.list_managed_containers().await {
             Ok(containers) => {
-                for c in containers.iter().filter(|c| ids.contains(&c.deployment)) {
+                for c in &containers {
+                    if !ids.contains(&c.deployment) {
+                        if c.running {
+                            serving.insert(c.app.clone(), c.id.clone());
+                        }
+                        continue;
+                    }
                     match self.ctx.runtime.remove(&c.id).await {
                         Ok(()) => {
                             recovery.containers_removed += 1;
@@ -504,10 +512,15 @@ impl Engine {
                 phase.as_str()
             );
             match &removal_error {
-                None => message.push_str(
-                    "; its containers were removed and the app's previous version keeps running",
-                ),
+                None => message.push_str("; its containers were removed"),
                 Some(e) => message.push_str(&format!("; removing its containers failed: {e}")),
+            }
+            match serving.get(status.app.as_str()) {
+                Some(c) => message.push_str(&format!(
+                    "; the app's previous version keeps running (container {})",
+                    &c[..c.len().min(12)]
+                )),
+                None => message.push_str("; no other version of the app is running"),
             }
             let now = std::time::SystemTime::now();
             let result = DeploymentResult {
