@@ -663,3 +663,44 @@ async fn an_idempotent_retry_gives_one_deployment_and_one_container() {
     assert_ne!(other_log[0].deployment_id, original[0].deployment_id);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_store_never_holds_secrets() {
+    require_docker();
+    let app = unique_app("secrets");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut req = web_request(&app, WEB1);
+    req.env
+        .insert("API_TOKEN".into(), "env-value-7f3a9c".into());
+    req.registry_auth = Some(proto::RegistryAuth {
+        username: "user-7f3a9c".into(),
+        password: "password-7f3a9c".into(),
+        identity_token: "token-7f3a9c".into(),
+    });
+    let log = deploy(&mut client, req).await;
+    assert_eq!(terminal(&log).phase(), proto::Phase::Complete);
+    server.server.as_ref().unwrap().engine.store().flush().await;
+    let mut bytes = Vec::new();
+    for f in ["stevedore.db", "stevedore.db-wal"] {
+        if let Ok(b) = std::fs::read(server.data_dir.path().join(f)) {
+            bytes.extend(b);
+        }
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains("API_TOKEN"), "env keys are stored");
+    assert!(
+        text.contains(&log[0].deployment_id),
+        "the deployment is stored"
+    );
+    for secret in [
+        "env-value-7f3a9c",
+        "user-7f3a9c",
+        "password-7f3a9c",
+        "token-7f3a9c",
+    ] {
+        assert!(!text.contains(secret), "{secret} was stored");
+    }
+    server.stop().await;
+}
