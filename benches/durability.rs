@@ -63,8 +63,8 @@ fn status_of(
     app: &AppName,
     state: DeploymentState,
     last: u64,
+    now: SystemTime,
 ) -> DeploymentStatus {
-    let now = SystemTime::now();
     DeploymentStatus {
         id,
         app: app.clone(),
@@ -116,8 +116,9 @@ struct FanOut {
 async fn fan_out(store: &Store, n: u64, watchers: usize, stalled: usize) -> FanOut {
     let app = AppName::parse("bench").unwrap();
     let id = DeploymentId::new();
+    let created = SystemTime::now();
     store.insert(
-        &status_of(id, &app, DeploymentState::Running, 0),
+        &status_of(id, &app, DeploymentState::Running, 0, created),
         &spec(&app),
     );
     let log = Arc::new(DeploymentLog::new());
@@ -169,6 +170,7 @@ async fn fan_out(store: &Store, n: u64, watchers: usize, stalled: usize) -> FanO
                     DeploymentState::Running
                 },
                 seq,
+                created,
             ),
         );
         log.append_shared(u);
@@ -285,8 +287,9 @@ async fn main() {
         for i in 0..10_000u64 {
             let app = AppName::parse(&format!("app-{}", i % 50)).unwrap();
             let id = DeploymentId::new();
+            let created = SystemTime::now();
             store.insert(
-                &status_of(id, &app, DeploymentState::Running, 0),
+                &status_of(id, &app, DeploymentState::Running, 0, created),
                 &spec(&app),
             );
             for seq in 1..=20 {
@@ -301,6 +304,7 @@ async fn main() {
                             DeploymentState::Running
                         },
                         seq,
+                        created,
                     ),
                 );
             }
