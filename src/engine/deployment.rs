@@ -30,6 +30,11 @@ pub struct Deployment {
 
 impl Deployment {
     pub fn new(id: DeploymentId, spec: DeploySpec) -> Self {
+        Self::with_log(id, spec, DeploymentLog::new())
+    }
+
+    /// A deployment whose log is `log` (e.g. a bounded one backed by the store).
+    pub fn with_log(id: DeploymentId, spec: DeploySpec, log: DeploymentLog) -> Self {
         let status = DeploymentStatus {
             id,
             app: spec.app.clone(),
@@ -50,7 +55,7 @@ impl Deployment {
         Self {
             id,
             spec,
-            log: Arc::new(DeploymentLog::new()),
+            log: Arc::new(log),
             cancel: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             accepted: Instant::now(),

@@ -120,6 +120,38 @@ pub struct Recovery {
     pub containers_removed: usize,
 }
 
+/// Updates of a live deployment held in memory (its most recent ones); a reader
+/// further behind reads the earlier ones from the store. ~300 B each.
+pub const LIVE_LOG_WINDOW: usize = 4096;
+
+/// Reads a live log's trimmed start back from the store.
+struct StoreBackfill {
+    store: Store,
+    id: DeploymentId,
+}
+
+impl crate::events::Backfill for StoreBackfill {
+    fn read(
+        &self,
+        after: u64,
+        max: usize,
+    ) -> futures_util::future::BoxFuture<'static, Result<Vec<Arc<Update>>, LogError>> {
+        let (store, id) = (self.store.clone(), self.id);
+        Box::pin(async move {
+            // Trimmed updates were queued to the store before they were appended to
+            // memory: after a flush they are all on disk.
+            store.flush().await;
+            match store.log_page(id, after, max).await {
+                Ok(updates) => Ok(updates.into_iter().map(Arc::new).collect()),
+                Err(e) => {
+                    tracing::warn!(deployment_id = %id, error = %e, "reading a log back from the store failed");
+                    Ok(Vec::new())
+                }
+            }
+        })
+    }
+}
+
 /// Default and maximum page sizes of ListDeployments.
 pub const DEFAULT_PAGE_SIZE: usize = 50;
 pub const MAX_PAGE_SIZE: usize = 500;
@@ -192,7 +224,14 @@ impl Engine {
         }
 
         let id = DeploymentId::new();
-        let deployment = Arc::new(Deployment::new(id, spec));
+        let log = DeploymentLog::bounded(
+            LIVE_LOG_WINDOW,
+            Arc::new(StoreBackfill {
+                store: self.ctx.store.clone(),
+                id,
+            }),
+        );
+        let deployment = Arc::new(Deployment::with_log(id, spec, log));
         {
             // Check and insert under one lock so two retries cannot both start.
             let mut keys = self.idempotency.write().expect("idempotency lock");

@@ -19,11 +19,26 @@ pub enum LogError {
     OutOfRange { requested: u64, oldest: u64 },
 }
 
+/// Where the start of a bounded log can be read back from once it has left memory
+/// (the store). Everything appended was handed to it before it was appended here.
+pub trait Backfill: Send + Sync + 'static {
+    /// Up to `max` updates with a sequence above `after`, in order.
+    fn read(
+        &self,
+        after: u64,
+        max: usize,
+    ) -> BoxFuture<'static, Result<Vec<Arc<Update>>, LogError>>;
+}
+
 /// Every update of one deployment, in sequence order. One writer (the deployment's
 /// task) appends; any number of readers replay and follow it, each at its own pace.
+/// A bounded log holds only its last `max_held` updates in memory; readers behind
+/// that read the earlier ones from its [`Backfill`].
 pub struct DeploymentLog {
     inner: Mutex<Inner>,
     last: watch::Sender<u64>,
+    max_held: usize,
+    backfill: Option<Arc<dyn Backfill>>,
 }
 
 struct Inner {
@@ -48,6 +63,18 @@ impl DeploymentLog {
                 closed: false,
             }),
             last: watch::Sender::new(0),
+            max_held: usize::MAX,
+            backfill: None,
+        }
+    }
+
+    /// A log that keeps at most `max_held` updates in memory; earlier ones are read
+    /// from `backfill`.
+    pub fn bounded(max_held: usize, backfill: Arc<dyn Backfill>) -> Self {
+        Self {
+            max_held: max_held.max(1),
+            backfill: Some(backfill),
+            ..Self::new()
         }
     }
 
@@ -62,6 +89,8 @@ impl DeploymentLog {
                 closed,
             }),
             last: watch::Sender::new(last),
+            max_held: usize::MAX,
+            backfill: None,
         }
     }
 
@@ -87,6 +116,10 @@ impl DeploymentLog {
             assert!(!inner.closed, "append to a closed log");
             inner.closed = update.is_terminal();
             inner.updates.push_back(update.clone());
+            while inner.updates.len() > self.max_held {
+                inner.updates.pop_front();
+                inner.first_seq += 1;
+            }
         }
         self.last.send_replace(update.sequence);
     }
@@ -123,13 +156,16 @@ impl DeploymentLog {
     /// Replays every update with `sequence > after`, then follows live until the
     /// terminal update. Fails at once when `after + 1` is older than what is held.
     pub fn subscribe(self: &Arc<Self>, after: u64) -> Result<UpdateStream, LogError> {
-        self.read_after(after, 0)?;
+        if self.backfill.is_none() {
+            self.read_after(after, 0)?;
+        }
         Ok(UpdateStream {
             log: self.clone(),
             cursor: after,
             pending: VecDeque::new(),
             done: false,
             wait: None,
+            fill: None,
         })
     }
 }
@@ -143,6 +179,7 @@ pub struct UpdateStream {
     pending: VecDeque<Arc<Update>>,
     done: bool,
     wait: Option<BoxFuture<'static, ()>>,
+    fill: Option<BoxFuture<'static, Result<Vec<Arc<Update>>, LogError>>>,
 }
 
 const BATCH: usize = 256;
@@ -171,6 +208,30 @@ impl Stream for UpdateStream {
             if this.done {
                 return Poll::Ready(None);
             }
+            if let Some(fill) = this.fill.as_mut() {
+                let result = match fill.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(r) => r,
+                };
+                this.fill = None;
+                match result {
+                    Ok(batch) if !batch.is_empty() => {
+                        this.pending.extend(batch);
+                        continue;
+                    }
+                    Ok(_) => {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(LogError::OutOfRange {
+                            requested: this.cursor + 1,
+                            oldest: this.log.inner.lock().expect("log lock").first_seq,
+                        })));
+                    }
+                    Err(e) => {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+            }
             if let Some(wait) = this.wait.as_mut() {
                 match wait.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
@@ -182,6 +243,10 @@ impl Stream for UpdateStream {
             let mut rx = this.log.last.subscribe();
             rx.mark_unchanged();
             match this.log.read_after(this.cursor, BATCH) {
+                Err(_) if this.log.backfill.is_some() => {
+                    let backfill = this.log.backfill.clone().expect("checked");
+                    this.fill = Some(backfill.read(this.cursor, BATCH));
+                }
                 Err(e) => {
                     this.done = true;
                     return Poll::Ready(Some(Err(e)));
@@ -273,6 +338,44 @@ mod tests {
             .await;
         assert_eq!(seqs, vec![1, 2]);
         assert_eq!(log.subscribe(2).unwrap().count().await, 0);
+    }
+
+    struct Memory(Vec<Arc<Update>>);
+
+    impl Backfill for Memory {
+        fn read(
+            &self,
+            after: u64,
+            max: usize,
+        ) -> BoxFuture<'static, Result<Vec<Arc<Update>>, LogError>> {
+            let batch: Vec<_> = self
+                .0
+                .iter()
+                .filter(|u| u.sequence > after)
+                .take(max)
+                .cloned()
+                .collect();
+            Box::pin(async move { Ok(batch) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bounded_log_reads_its_start_back_from_the_backfill() {
+        let all: Vec<Arc<Update>> = (1..=1000).map(|s| Arc::new(update(s, s == 1000))).collect();
+        let log = Arc::new(DeploymentLog::bounded(10, Arc::new(Memory(all.clone()))));
+        let early = log.subscribe(0).unwrap();
+        for u in &all[..995] {
+            log.append_shared(u.clone());
+        }
+        assert_eq!(log.snapshot().len(), 10, "memory holds the last 10 only");
+        let late = log.subscribe(500).unwrap();
+        for u in &all[995..] {
+            log.append_shared(u.clone());
+        }
+        let seqs: Vec<u64> = early.map(|u| u.unwrap().sequence).collect().await;
+        assert_eq!(seqs, (1..=1000).collect::<Vec<_>>());
+        let seqs: Vec<u64> = late.map(|u| u.unwrap().sequence).collect().await;
+        assert_eq!(seqs, (501..=1000).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -138,7 +138,17 @@ impl Store {
 
     /// Updates of `id` with a sequence above `after`.
     pub async fn log(&self, id: DeploymentId, after: u64) -> Result<StoredLog, StoreError> {
-        self.db.log(id, after).await
+        self.db.log(id, after, None).await
+    }
+
+    /// Up to `max` updates of `id` with a sequence above `after`.
+    pub async fn log_page(
+        &self,
+        id: DeploymentId,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<Update>, StoreError> {
+        Ok(self.db.log(id, after, Some(max)).await?.updates)
     }
 
     pub async fn find_idempotent(

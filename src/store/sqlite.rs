@@ -72,7 +72,12 @@ impl SqliteStore {
             .transpose()
     }
 
-    pub async fn log(&self, id: DeploymentId, after: u64) -> Result<StoredLog, StoreError> {
+    pub async fn log(
+        &self,
+        id: DeploymentId,
+        after: u64,
+        limit: Option<usize>,
+    ) -> Result<StoredLog, StoreError> {
         let key = id.to_string();
         let oldest: Option<i64> =
             sqlx::query("SELECT MIN(sequence) FROM updates WHERE deployment_id = ?1")
@@ -81,10 +86,12 @@ impl SqliteStore {
                 .await?
                 .get(0);
         let rows = sqlx::query(
-            "SELECT body FROM updates WHERE deployment_id = ?1 AND sequence > ?2 ORDER BY sequence",
+            "SELECT body FROM updates WHERE deployment_id = ?1 AND sequence > ?2 ORDER BY sequence
+             LIMIT ?3",
         )
         .bind(&key)
         .bind(after as i64)
+        .bind(limit.map_or(-1, |l| l as i64))
         .fetch_all(&self.pool)
         .await?;
         let mut updates = Vec::with_capacity(rows.len());
