@@ -704,3 +704,57 @@ async fn the_store_never_holds_secrets() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn quiet_streams_carry_heartbeats_outside_the_log() {
+    require_docker();
+    let app = unique_app("heartbeat");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start_with(
+        |c| c.heartbeat_interval = Duration::from_millis(100),
+        stevedore::events::ObserverRegistry::new(),
+    )
+    .await;
+    let mut client = server.client().await;
+    let mut req = web_request(&app, SLOWHEALTH);
+    // Probe every 2s: the stream is quiet in between.
+    req.health_check = Some(proto::HealthCheck {
+        interval: Some(prost_types::Duration {
+            seconds: 2,
+            nanos: 0,
+        }),
+        ..Default::default()
+    });
+    let mut stream = client.deploy(req).await.unwrap().into_inner();
+    let mut real = Vec::new();
+    let mut heartbeats = Vec::new();
+    while heartbeats.len() < 3 {
+        let u = stream.message().await.unwrap().unwrap();
+        if u.heartbeat {
+            assert_eq!(
+                u.sequence,
+                real.last().map_or(0, |r: &ProgressUpdate| r.sequence)
+            );
+            assert_eq!(u.deployment_id, real[0].deployment_id);
+            assert_eq!(u.level(), proto::Level::Verbose);
+            assert!(u.result.is_none());
+            heartbeats.push(u);
+        } else {
+            real.push(u);
+        }
+    }
+    let id = real[0].deployment_id.clone();
+    client
+        .cancel_deployment(CancelRequest {
+            deployment_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let (rest, end) = drain(&mut stream).await;
+    assert!(end.is_none(), "{end:?}");
+    real.extend(rest);
+    assert_well_formed(&real);
+    // The log holds no heartbeat.
+    assert_eq!(watch(&mut client, &id, 0).await.unwrap(), real);
+    server.stop().await;
+}

@@ -122,6 +122,8 @@ pub fn forward(
                     )),
                 },
                 _ = tokio::time::sleep(config.heartbeat_interval) => None,
+                // The client left: stop forwarding (the deployment goes on).
+                _ = tx.closed() => return,
             };
             let (message, update) = match next {
                 Some(u) => {

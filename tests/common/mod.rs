@@ -242,7 +242,7 @@ pub fn web_request(app: &str, image: &str) -> DeployRequest {
     }
 }
 
-/// Deploys and collects every update until the stream ends.
+/// Deploys and collects every update until the stream ends (heartbeats skipped).
 pub async fn deploy(client: &mut Client, req: DeployRequest) -> Vec<ProgressUpdate> {
     let mut stream = client
         .deploy(req)
@@ -251,7 +251,10 @@ pub async fn deploy(client: &mut Client, req: DeployRequest) -> Vec<ProgressUpda
         .into_inner();
     let mut updates = Vec::new();
     while let Some(u) = stream.message().await.expect("stream ok") {
-        updates.push(u);
+        // Heartbeats (sent after 15s of silence) are not part of the log.
+        if !u.heartbeat {
+            updates.push(u);
+        }
     }
     updates
 }
