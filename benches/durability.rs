@@ -7,6 +7,9 @@
 //! 2. a stalled watcher: the writer's time to append the log (the deployment's own
 //!    pace) and the other watchers' time to receive it, with and without one watcher
 //!    that reads nothing;
+//! 4. the same with real deployments (`stevedore-test/web:1` on the local Docker
+//!    engine, skipped without one): their durations with and without one watcher
+//!    that opened a WatchDeployment stream and reads nothing;
 //! 3. memory: resident set size of a real `stevedore serve` process with 10,000
 //!    finished deployments (20 updates each) in its history, idle and after listing
 //!    all of them, reading 100 statuses and replaying 100 logs.
@@ -273,6 +276,9 @@ async fn main() {
     }
     drop(store);
 
+    // 4. Real deployments, with and without a stalled watcher.
+    real_deployments_with_a_stalled_watcher().await;
+
     // 3. RSS with 10,000 finished deployments in history.
     let empty = tempfile::tempdir().unwrap();
     let baseline = {
@@ -377,4 +383,101 @@ async fn main() {
         idle / 1024,
         after / 1024
     );
+}
+
+/// Durations of real deployments (accepted → terminal, from GetStatus) with and
+/// without a watcher that reads nothing.
+async fn real_deployments_with_a_stalled_watcher() {
+    let docker = std::process::Command::new("docker")
+        .args(["image", "inspect", "stevedore-test/web:1"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !docker {
+        println!("stalled (real deployments): skipped, no Docker engine with stevedore-test/web:1");
+        return;
+    }
+    use stevedore::proto::{DeployRequest, GetStatusRequest, PortMapping, WatchRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve(dir.path());
+    let mut client =
+        stevedore::proto::deployer_client::DeployerClient::connect(format!("http://{}", s.grpc))
+            .await
+            .unwrap();
+    let app = format!(
+        "bench-stall-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut results = Vec::new();
+    for (label, stalled) in [("no stalled watcher", false), ("one stalled watcher", true)] {
+        let mut durations = Vec::new();
+        for _ in 0..3 {
+            let mut stream = client
+                .deploy(DeployRequest {
+                    app: app.clone(),
+                    image: "stevedore-test/web:1".into(),
+                    ports: vec![PortMapping {
+                        container_port: 8080,
+                        host_port: 0,
+                        protocol: "tcp".into(),
+                    }],
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let first = stream.message().await.unwrap().unwrap();
+            let _stalled = if stalled {
+                Some(
+                    client
+                        .watch_deployment(WatchRequest {
+                            deployment_id: first.deployment_id.clone(),
+                            after_sequence: 0,
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                )
+            } else {
+                None
+            };
+            while let Some(u) = stream.message().await.unwrap() {
+                if let Some(r) = &u.result {
+                    assert!(r.success, "{}", u.message);
+                }
+            }
+            let st = client
+                .get_status(GetStatusRequest {
+                    deployment_id: first.deployment_id,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let (c, f) = (st.created_at.unwrap(), st.finished_at.unwrap());
+            durations.push((f.seconds - c.seconds) as f64 + (f.nanos - c.nanos) as f64 / 1e9);
+        }
+        results.push((label, durations));
+    }
+    for (label, d) in results {
+        println!(
+            "stalled (real deployments): {label:<20} durations {}",
+            d.iter()
+                .map(|x| format!("{x:.2}s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let ids = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=io.stevedore.app={app}"),
+        ])
+        .output()
+        .unwrap();
+    for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f", id])
+            .output();
+    }
 }

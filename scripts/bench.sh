@@ -8,7 +8,9 @@
 #   - the deployment's own append time and the other watchers' delivery time with
 #     and without one stalled watcher;
 #   - RSS of a real `stevedore serve` with 10,000 finished deployments in history.
-# Needs no Docker engine (the server only pings it). Figures depend on the machine.
+#   - durations of real deployments (stevedore-test/web:1) with and without a
+#     stalled watcher (skipped without a Docker engine and the test images).
+# Figures depend on the machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo bench --bench durability "$@"
