@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod events;
+pub mod limits;
 pub mod model;
 pub mod runtime;
 
@@ -20,4 +21,5 @@ pub mod proto {
 pub mod api;
 pub mod http;
 pub mod logging;
+pub mod security;
 pub mod server;

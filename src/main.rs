@@ -21,6 +21,21 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeConfig),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new random token (once) and the entry to add to the tokens file.
+    New {
+        /// The token's name: recorded as the caller in logs, audit and `requested_by`.
+        name: String,
+        /// What the token may do (repeatable).
+        #[arg(long, value_enum, required = true)]
+        scope: Vec<stevedore::api::auth::Scope>,
+    },
 }
 
 #[tokio::main]
@@ -29,6 +44,20 @@ async fn main() -> std::process::ExitCode {
     stevedore::logging::init(&cli.log_format);
     let result = match cli.command {
         Command::Serve(config) => server::run(config).await,
+        Command::Token(TokenCommand::New { name, scope }) => {
+            let (secret, digest) = stevedore::api::auth::new_token();
+            println!(
+                "token (shown once; give it to the client as `authorization: Bearer <token>`):"
+            );
+            println!("{secret}");
+            println!();
+            println!("add to the tokens file, then send SIGHUP to the server:");
+            print!(
+                "{}",
+                stevedore::api::auth::token_entry(&name, &digest, &scope)
+            );
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

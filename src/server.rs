@@ -11,11 +11,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::DeployerService;
+use crate::api::auth::{AuthLayer, Authenticator};
 use crate::engine::{Engine, EngineConfig};
 use crate::events::ObserverRegistry;
+use crate::limits::LimitsConfig;
 use crate::proto::deployer_server::DeployerServer;
 use crate::runtime::Runtime;
 use crate::runtime::docker::{DEFAULT_DOCKER_HOST, DockerRuntime};
+use crate::security::{SecurityConfig, TlsListener};
 
 /// `stevedore serve` flags; each has a `STEVEDORE_…` environment fallback.
 #[derive(clap::Args, Clone, Debug)]
@@ -39,6 +42,12 @@ pub struct ServeConfig {
     /// How long to wait on SIGTERM for running deployments to finish before exiting.
     #[arg(long, env = "STEVEDORE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Tokens, TLS, deploy policy.
+    #[command(flatten)]
+    pub security: SecurityConfig,
+    /// Message sizes, deployments in flight and queued, watch streams, Docker calls.
+    #[command(flatten)]
+    pub limits: LimitsConfig,
 }
 
 impl ServeConfig {
@@ -56,6 +65,9 @@ pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub engine: Engine,
+    /// The tokens in force, when `--tokens-file` was given ([`Authenticator::reload`]
+    /// re-reads the file, as SIGHUP does for the binary).
+    pub authenticator: Option<Authenticator>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow_like::Result<()>>,
 }
@@ -86,8 +98,21 @@ impl RunningServer {
 
 /// Binds both listeners and starts serving. Returns once the server accepts calls.
 pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<RunningServer> {
+    let security = &config.security;
+    let limits = &config.limits;
+    security.check_listen(&[("gRPC", config.listen), ("HTTP", config.http_listen)])?;
+    let authenticator = security.authenticator()?;
+    if let Some(auth) = &authenticator {
+        tracing::info!(tokens_file = %auth.path().display(), "token authentication on");
+    }
+    let grpc_tls = security.grpc_tls()?;
+    let http_tls = security.http_tls()?;
+
     let endpoint = config.docker_endpoint();
-    let runtime: Arc<dyn Runtime> = Arc::new(DockerRuntime::new(&endpoint, config.docker_timeout)?);
+    let runtime: Arc<dyn Runtime> = Arc::new(
+        DockerRuntime::new(&endpoint, config.docker_timeout)?
+            .with_max_concurrent_calls(limits.max_docker_calls),
+    );
     match runtime.ping().await {
         Ok(()) => tracing::info!(docker = %endpoint, "docker engine answers"),
         Err(e) => {
@@ -97,7 +122,15 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
 
-    let engine = Engine::new(runtime.clone(), observers, EngineConfig::default());
+    let engine = Engine::new(
+        runtime.clone(),
+        observers,
+        EngineConfig {
+            max_in_flight: limits.max_in_flight,
+            max_queued: limits.max_queued,
+            ..EngineConfig::default()
+        },
+    );
     let shutdown = CancellationToken::new();
 
     let grpc = TcpListener::bind(config.listen)
@@ -122,11 +155,26 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         .set_serving::<DeployerServer<DeployerService>>()
         .await;
 
-    let service = DeployerServer::new(DeployerService::new(engine.clone(), shutdown.clone()));
+    let service = DeployerServer::new(
+        DeployerService::new(engine.clone(), shutdown.clone())
+            .with_policy(security.policy())
+            .with_max_watch_streams(limits.max_watch_streams),
+    )
+    .max_decoding_message_size(limits.max_request_bytes)
+    .max_encoding_message_size(limits.max_response_bytes);
     let grpc_shutdown = shutdown.clone();
-    let grpc_server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = grpc_tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let grpc_server = builder
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .layer(AuthLayer::new(
+            authenticator.clone(),
+            engine.rejections().clone(),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -140,10 +188,29 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         runtime: runtime.clone(),
     });
     let http_shutdown = shutdown.clone();
-    let http_server =
-        axum::serve(http, http_router).with_graceful_shutdown(http_shutdown.cancelled_owned());
+    type HttpServer = std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
+    let http_server: HttpServer = match http_tls {
+        None => Box::pin(
+            axum::serve(http, http_router)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                .into_future(),
+        ),
+        Some(tls) => Box::pin(
+            axum::serve(TlsListener::new(http, tls, shutdown.clone())?, http_router)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                .into_future(),
+        ),
+    };
 
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, docker = %endpoint, "stevedore listening");
+    tracing::info!(
+        grpc = %grpc_addr,
+        http = %http_addr,
+        docker = %endpoint,
+        tls = security.tls_enabled(),
+        mtls = security.tls_client_ca.is_some(),
+        auth = authenticator.is_some(),
+        "stevedore listening"
+    );
 
     let task_engine = engine.clone();
     let grace = config.shutdown_grace;
@@ -172,6 +239,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         grpc_addr,
         http_addr,
         engine,
+        authenticator,
         shutdown,
         task,
     })
@@ -180,6 +248,9 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
 /// Runs the server until SIGTERM or SIGINT.
 pub async fn run(config: ServeConfig) -> Result<()> {
     let server = start(config, ObserverRegistry::new()).await?;
+    if let Some(auth) = server.authenticator.clone() {
+        reload_tokens_on_sighup(auth)?;
+    }
     let token = server.shutdown_token();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -195,4 +266,24 @@ async fn wait_for_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
+}
+
+/// Re-reads the tokens file on each SIGHUP; a file that does not parse leaves the
+/// tokens in force unchanged.
+fn reload_tokens_on_sighup(auth: Authenticator) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match auth.reload() {
+                Ok(n) => {
+                    tracing::info!(tokens = n, file = %auth.path().display(), "SIGHUP: tokens file reloaded")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: tokens file not reloaded; the previous tokens stay in force")
+                }
+            }
+        }
+    });
+    Ok(())
 }

@@ -1,16 +1,21 @@
 //! The gRPC layer: validates requests into domain types, calls the engine, converts
 //! back. The only module that names tonic or generated types. No Docker here.
 
+pub mod auth;
 pub mod convert;
+pub mod policy;
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, EngineError, ListQuery};
 use crate::events::{LogError, UpdateStream};
+use crate::limits::Rejection;
 use crate::model::AppName;
 use crate::proto;
 use crate::proto::deployer_server::Deployer;
@@ -24,49 +29,112 @@ pub fn status_of(e: EngineError) -> Status {
         EngineError::OutOfRange(_) => Status::out_of_range(message),
         EngineError::AlreadyFinished { .. } => Status::failed_precondition(message),
         EngineError::InvalidPageToken => Status::invalid_argument(format!("page_token: {message}")),
+        EngineError::Exhausted { .. } => Status::resource_exhausted(message),
     }
 }
 
 pub struct DeployerService {
     engine: Engine,
     shutdown: CancellationToken,
+    policy: policy::DeployPolicy,
+    /// One permit per open WatchDeployment stream.
+    watch_streams: Arc<Semaphore>,
+    max_watch_streams: usize,
+}
+
+/// What a forwarded stream holds besides the updates.
+struct StreamState {
+    updates: UpdateStream,
+    shutdown: CancellationToken,
+    /// The authenticated caller: the stream ends when its token is revoked.
+    caller: Option<auth::Caller>,
+    /// Released when the stream is dropped.
+    _permit: Option<OwnedSemaphorePermit>,
+    done: bool,
 }
 
 impl DeployerService {
     pub fn new(engine: Engine, shutdown: CancellationToken) -> Self {
-        Self { engine, shutdown }
+        Self {
+            engine,
+            shutdown,
+            policy: policy::DeployPolicy::default(),
+            watch_streams: Arc::new(Semaphore::new(crate::limits::DEFAULT_MAX_WATCH_STREAMS)),
+            max_watch_streams: crate::limits::DEFAULT_MAX_WATCH_STREAMS,
+        }
+    }
+
+    /// Applies `policy` to every Deploy.
+    pub fn with_policy(mut self, policy: policy::DeployPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Caps the open WatchDeployment streams at `max`.
+    pub fn with_max_watch_streams(mut self, max: usize) -> Self {
+        self.watch_streams = Arc::new(Semaphore::new(max));
+        self.max_watch_streams = max;
+        self
     }
 
     /// Turns a subscriber's view of a log into a gRPC stream. On server shutdown the
-    /// stream ends with `UNAVAILABLE` naming the sequence to resume from.
-    fn forward(&self, updates: UpdateStream) -> UpdateResponseStream {
-        let shutdown = self.shutdown.clone();
-        let stream = futures_util::stream::unfold(
-            (updates, shutdown, false),
-            |(mut updates, shutdown, done)| async move {
-                if done {
-                    return None;
+    /// stream ends with `UNAVAILABLE` naming the sequence to resume from; when the
+    /// caller's token is removed from the tokens file, with `UNAUTHENTICATED`.
+    fn forward(
+        &self,
+        updates: UpdateStream,
+        caller: Option<auth::Caller>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> UpdateResponseStream {
+        let state = StreamState {
+            updates,
+            shutdown: self.shutdown.clone(),
+            caller,
+            _permit: permit,
+            done: false,
+        };
+        let stream = futures_util::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
+            let StreamState {
+                updates,
+                shutdown,
+                caller,
+                ..
+            } = &mut st;
+            let revoked = async {
+                match caller.as_mut() {
+                    Some(c) => c.revoked().await,
+                    None => std::future::pending().await,
                 }
-                tokio::select! {
-                    biased;
-                    next = updates.next() => match next? {
-                        Ok(u) => Some((Ok(convert::update(&u)), (updates, shutdown, false))),
-                        Err(LogError::OutOfRange { .. }) => {
-                            let resume = updates.cursor();
-                            Some((Err(Status::out_of_range(format!(
-                                "updates after sequence {resume} are no longer held"
-                            ))), (updates, shutdown, true)))
-                        }
-                    },
-                    _ = shutdown.cancelled() => {
+            };
+            let item = tokio::select! {
+                biased;
+                next = updates.next() => match next? {
+                    Ok(u) => Ok(convert::update(&u)),
+                    Err(LogError::OutOfRange { .. }) => {
                         let resume = updates.cursor();
-                        Some((Err(Status::unavailable(format!(
-                            "server shutting down; resume with WatchDeployment after_sequence={resume}"
-                        ))), (updates, shutdown, true)))
+                        Err(Status::out_of_range(format!(
+                            "updates after sequence {resume} are no longer held"
+                        )))
                     }
+                },
+                _ = shutdown.cancelled() => {
+                    let resume = updates.cursor();
+                    Err(Status::unavailable(format!(
+                        "server shutting down; resume with WatchDeployment after_sequence={resume}"
+                    )))
                 }
-            },
-        );
+                _ = revoked => {
+                    let name = st.caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+                    tracing::info!(caller = %name, "token revoked: closing its stream");
+                    Err(Status::unauthenticated(format!("token {name:?} was revoked")))
+                }
+            };
+            st.done = item.is_err();
+            Some((item, st))
+        });
         Box::pin(stream)
     }
 }
@@ -74,10 +142,18 @@ impl DeployerService {
 type UpdateResponseStream =
     Pin<Box<dyn Stream<Item = Result<proto::ProgressUpdate, Status>> + Send>>;
 
+/// Who is calling: the token's name when auth is on, else the peer address.
 fn caller<T>(req: &Request<T>) -> String {
+    if let Some(c) = req.extensions().get::<auth::Caller>() {
+        return c.name.clone();
+    }
     req.remote_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+fn authenticated<T>(req: &Request<T>) -> Option<auth::Caller> {
+    req.extensions().get::<auth::Caller>().cloned()
 }
 
 #[tonic::async_trait]
@@ -90,9 +166,22 @@ impl Deployer for DeployerService {
         request: Request<proto::DeployRequest>,
     ) -> Result<Response<Self::DeployStream>, Status> {
         let who = caller(&request);
+        let authed = authenticated(&request);
+        let peer = request.remote_addr();
         let spec = convert::deploy_spec(request.into_inner(), who)?;
+        if let Err(refused) = self.policy.check(&spec) {
+            self.engine.rejections().record(Rejection::Policy);
+            auth::audit_refusal(
+                "Deploy",
+                authed.as_ref().map(|c| c.name.as_str()),
+                peer,
+                refused.code(),
+                refused.message(),
+            );
+            return Err(refused);
+        }
         let (_, updates) = self.engine.deploy(spec).await.map_err(status_of)?;
-        Ok(Response::new(self.forward(updates)))
+        Ok(Response::new(self.forward(updates, authed, None)))
     }
 
     async fn get_status(
@@ -108,12 +197,31 @@ impl Deployer for DeployerService {
         &self,
         request: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchDeploymentStream>, Status> {
+        let permit = self
+            .watch_streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                self.engine.rejections().record(Rejection::WatchStreams);
+                tracing::warn!(
+                    max = self.max_watch_streams,
+                    "watch stream refused: limit reached"
+                );
+                Status::resource_exhausted(format!(
+                    "{} watch streams are open (the limit); try again later",
+                    self.max_watch_streams
+                ))
+            })?;
         let r = request.get_ref();
         let updates = self
             .engine
             .watch(&r.deployment_id, r.after_sequence)
             .map_err(status_of)?;
-        Ok(Response::new(self.forward(updates)))
+        Ok(Response::new(self.forward(
+            updates,
+            authenticated(&request),
+            Some(permit),
+        )))
     }
 
     async fn list_deployments(

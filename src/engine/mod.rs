@@ -5,6 +5,7 @@
 //! Nothing here knows about gRPC: `api/` converts requests into [`DeploySpec`]s and
 //! [`EngineError`]s into status codes.
 
+mod admission;
 mod deployment;
 mod pull;
 mod queue;
@@ -21,6 +22,7 @@ use deployment::Reporter;
 pub use queue::AppQueues;
 
 use crate::events::{LogError, ObserverRegistry, UpdateStream};
+use crate::limits::{Rejection, Rejections};
 use crate::model::{AppName, DeploySpec, DeploymentId, DeploymentState, DeploymentStatus};
 use crate::runtime::{Runtime, RuntimeError};
 
@@ -41,6 +43,9 @@ pub enum EngineError {
     InvalidPageToken,
     #[error("the server is shutting down and accepts no new deployments")]
     ShuttingDown,
+    /// A limit is reached; the caller may retry later.
+    #[error("{message}")]
+    Exhausted { limit: Rejection, message: String },
 }
 
 /// Tunables of the engine. Defaults suit a local engine.
@@ -52,6 +57,11 @@ pub struct EngineConfig {
     pub settle_time: Duration,
     /// How long CancelDeployment waits for the deployment to wind down.
     pub cancel_wait: Duration,
+    /// Apps deploying at the same time; more get [`EngineError::Exhausted`].
+    pub max_in_flight: usize,
+    /// Deployments waiting for their app's lock (all apps); more get
+    /// [`EngineError::Exhausted`].
+    pub max_queued: usize,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +70,8 @@ impl Default for EngineConfig {
             ping_timeout: Duration::from_secs(3),
             settle_time: Duration::from_secs(2),
             cancel_wait: Duration::from_secs(30),
+            max_in_flight: crate::limits::DEFAULT_MAX_IN_FLIGHT,
+            max_queued: crate::limits::DEFAULT_MAX_QUEUED,
         }
     }
 }
@@ -80,6 +92,8 @@ pub struct Engine {
     idempotency: Arc<RwLock<HashMap<(AppName, String), DeploymentId>>>,
     tasks: tokio_util::task::TaskTracker,
     accepting: Arc<std::sync::atomic::AtomicBool>,
+    admission: Arc<admission::Admission>,
+    rejections: Arc<Rejections>,
 }
 
 /// Filter and page of [`Engine::list`].
@@ -106,6 +120,7 @@ impl Engine {
         observers: ObserverRegistry,
         config: EngineConfig,
     ) -> Self {
+        let admission = admission::Admission::new(config.max_in_flight, config.max_queued);
         Self {
             ctx: Arc::new(EngineContext {
                 runtime,
@@ -118,6 +133,8 @@ impl Engine {
             idempotency: Default::default(),
             tasks: tokio_util::task::TaskTracker::new(),
             accepting: Arc::new(true.into()),
+            admission,
+            rejections: Arc::default(),
         }
     }
 
@@ -127,6 +144,11 @@ impl Engine {
 
     pub fn observers(&self) -> &ObserverRegistry {
         &self.ctx.observers
+    }
+
+    /// Calls turned away, per limit (the gRPC layer records its own here too).
+    pub fn rejections(&self) -> &Arc<Rejections> {
+        &self.rejections
     }
 
     /// Accepts a deployment and starts its task. Returns the deployment and a stream of
@@ -156,6 +178,24 @@ impl Engine {
             }
         }
 
+        let admitted = self.admission.admit(&spec.app).map_err(|refused| {
+            self.rejections.record(refused.limit);
+            let message = match refused.limit {
+                Rejection::Queued => format!(
+                    "{} deployments are already queued (the limit); try again later",
+                    refused.max
+                ),
+                _ => format!(
+                    "{} apps are already deploying (the limit); try again later",
+                    refused.max
+                ),
+            };
+            tracing::warn!(app = %spec.app, limit = refused.limit.as_str(), "deployment refused: {message}");
+            EngineError::Exhausted {
+                limit: refused.limit,
+                message,
+            }
+        })?;
         let id = DeploymentId::new();
         let deployment = Arc::new(Deployment::new(id, spec));
         {
@@ -187,10 +227,14 @@ impl Engine {
             image = %deployment.spec.image,
         );
         tracing::info!(parent: &span, requested_by = %deployment.spec.requested_by, "deployment accepted");
+        let run = run::Run::new(reporter, self.ctx.clone()).run();
         self.tasks.spawn(
-            run::Run::new(reporter, self.ctx.clone())
-                .run()
-                .instrument(span),
+            async move {
+                run.await;
+                // The admission place is held until the deployment has ended.
+                drop(admitted);
+            }
+            .instrument(span),
         );
         Ok((deployment, stream))
     }

@@ -41,6 +41,8 @@ pub struct DockerRuntime {
     public_host: String,
     call_timeout: Duration,
     pull_idle_timeout: Duration,
+    /// Caps the Docker API calls in progress at once; others wait their turn.
+    calls: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// The engine address used when neither `--docker-host` nor `DOCKER_HOST` is set.
@@ -73,13 +75,33 @@ impl DockerRuntime {
             public_host,
             call_timeout,
             pull_idle_timeout: Duration::from_secs(120),
+            calls: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                crate::limits::DEFAULT_MAX_DOCKER_CALLS,
+            )),
         })
+    }
+
+    /// Caps the Docker API calls in progress at once at `max` (at least 1).
+    pub fn with_max_concurrent_calls(mut self, max: usize) -> Self {
+        self.calls = std::sync::Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+        self
+    }
+
+    /// Docker API calls that may start now without waiting.
+    pub fn available_call_permits(&self) -> usize {
+        self.calls.available_permits()
     }
 
     async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RuntimeError>
     where
         F: Future<Output = Result<T, BollardError>>,
     {
+        // Waiting for a turn is not the engine's slowness: the timeout starts after it.
+        let _permit = self
+            .calls
+            .acquire()
+            .await
+            .expect("the docker call semaphore is never closed");
         match tokio::time::timeout(self.call_timeout, fut).await {
             Err(_) => Err(RuntimeError::Timeout {
                 op,

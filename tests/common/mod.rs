@@ -170,6 +170,8 @@ pub fn serve_config(data_dir: &std::path::Path) -> ServeConfig {
         docker_host: None,
         docker_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(30),
+        security: Default::default(),
+        limits: Default::default(),
     }
 }
 
