@@ -247,9 +247,12 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
 
 /// Runs the server until SIGTERM or SIGINT.
 pub async fn run(config: ServeConfig) -> Result<()> {
+    // Installed before the server announces itself, so an early SIGHUP reloads
+    // instead of killing the process.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let server = start(config, ObserverRegistry::new()).await?;
     if let Some(auth) = server.authenticator.clone() {
-        reload_tokens_on_sighup(auth)?;
+        reload_tokens_on_sighup(auth, hangup);
     }
     let token = server.shutdown_token();
     tokio::spawn(async move {
@@ -270,9 +273,7 @@ async fn wait_for_signal() {
 
 /// Re-reads the tokens file on each SIGHUP; a file that does not parse leaves the
 /// tokens in force unchanged.
-fn reload_tokens_on_sighup(auth: Authenticator) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = signal(SignalKind::hangup())?;
+fn reload_tokens_on_sighup(auth: Authenticator, mut hangup: tokio::signal::unix::Signal) {
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
             match auth.reload() {
@@ -285,5 +286,4 @@ fn reload_tokens_on_sighup(auth: Authenticator) -> Result<()> {
             }
         }
     });
-    Ok(())
 }

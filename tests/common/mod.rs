@@ -327,6 +327,12 @@ impl BinaryServer {
     /// Starts `stevedore serve` with `args` (plus ephemeral listen addresses) and waits
     /// until it logs its addresses.
     pub fn spawn(data_dir: &std::path::Path, args: &[&str]) -> Self {
+        Self::spawn_with_env(data_dir, args, &[])
+    }
+
+    /// Like [`BinaryServer::spawn`], with extra environment variables (e.g.
+    /// `RUST_LOG=debug`).
+    pub fn spawn_with_env(data_dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = data_dir.join(format!("server-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(binary())
@@ -337,6 +343,7 @@ impl BinaryServer {
             .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -371,6 +378,16 @@ impl BinaryServer {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGHUP to the server (it re-reads its tokens file).
+    pub fn hangup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -HUP {}", self.child.id());
     }
 }
 
