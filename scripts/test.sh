@@ -68,3 +68,4 @@ _step "cargo test" cargo test "$@"
 
 # extra checks
 # (promtool check, bench smoke, fuzz smoke go here, each as `_step NAME CMD...`)
+_step "python client end-to-end" bash clients/python/test.sh
