@@ -25,7 +25,9 @@ const MAX_ENV_BYTES: usize = 128 * 1024;
 /// optional `:tag` and/or `@algo:hex` digest.
 static IMAGE_REFERENCE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(concat!(
-        r"^(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?/)?",
+        // A first component is a registry only when it looks like one: localhost,
+        // a dotted name, a name with a port, or an IPv6 literal (as Docker decides).
+        r"^(?:(?:localhost(?::[0-9]+)?|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+(?::[0-9]+)?|[a-zA-Z0-9-]+:[0-9]+|\[[0-9a-fA-F:]+\](?::[0-9]+)?)/)?",
         r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*",
         r"(?::[\w][\w.-]{0,127})?",
         r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
@@ -509,6 +511,8 @@ mod tests {
             "127.0.0.1:5000/a/b:tag",
             "registry.example:443/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "a-b_c.d/e__f:v1.2-rc",
+            "localhost/app",
+            "Registry.Example/app:1",
         ] {
             assert!(IMAGE_REFERENCE.is_match(ok), "{ok}");
         }

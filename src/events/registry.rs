@@ -254,8 +254,13 @@ mod tests {
         assert_eq!(*recorder.0.lock().unwrap(), (1..=100).collect::<Vec<_>>());
         let stats = registry.stats();
         assert_eq!(stats["panicker"].failed, 100);
-        // The sleeper holds one event and queues four; the rest are dropped.
-        assert_eq!(stats["sleeper"].dropped, 95);
+        // The sleeper queues four events (and holds a fifth if its task got to run
+        // before the burst ended); every other one is dropped and counted.
+        assert!(
+            (95..=96).contains(&stats["sleeper"].dropped),
+            "{:?}",
+            stats["sleeper"]
+        );
     }
 
     #[tokio::test]
