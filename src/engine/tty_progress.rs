@@ -54,7 +54,7 @@ enum Escape {
     /// Inside `ESC ]` (an OSC string), until BEL or ESC `\`.
     Osc,
     /// ESC seen inside an OSC string.
-    OscEscape,
+    OscEnd,
 }
 
 /// Incremental parser of terminal output. See the module documentation.
@@ -167,12 +167,12 @@ impl TtyParser {
             Escape::Osc => {
                 self.escape = match c {
                     '\x07' => Escape::None,
-                    '\x1b' => Escape::OscEscape,
+                    '\x1b' => Escape::OscEnd,
                     _ => Escape::Osc,
                 };
                 return;
             }
-            Escape::OscEscape => {
+            Escape::OscEnd => {
                 // ESC \ ends the string; anything else: still inside.
                 self.escape = if c == '\\' { Escape::None } else { Escape::Osc };
                 return;
