@@ -294,7 +294,7 @@ async fn a_failing_hook_fails_the_deployment_and_the_previous_version_keeps_serv
             &[
                 "sh",
                 "-c",
-                "echo applying 0042_users; echo 'error: relation users exists' >&2; exit 2",
+                "echo applying 0042_users; sleep 0.2; echo 'error: relation users exists' >&2; exit 2",
             ],
             false,
             30,

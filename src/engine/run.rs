@@ -1,7 +1,10 @@
 //! The task that carries one deployment through its phases.
 //!
 //! QUEUED → VALIDATING → PULLING → CREATING → STARTING → HEALTH_CHECK → [HOOKS] →
-//! SWITCHING → CLEANUP → COMPLETE. Until SWITCHING begins, a failure, a cancel or the
+//! SWITCHING → CLEANUP → COMPLETE. The new container's output is followed from its
+//! start; lines wait in a channel until HEALTH_CHECK reads them for the log check and
+//! the milestones ([`super::milestones`]). HOOKS ([`super::hooks`]) runs only when the
+//! request has hooks. Until SWITCHING begins, a failure, a cancel or the
 //! deadline rolls back: every container labelled with this deployment is removed and the
 //! app's previous version keeps serving. SWITCHING is the point of no return: once the
 //! old version is being taken out, the deployment runs to its end.
