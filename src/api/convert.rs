@@ -190,7 +190,7 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
     let mut milestones = Vec::with_capacity(req.milestones.len());
     for (i, m) in req.milestones.iter().enumerate() {
         let pattern = regex(format!("milestones[{i}].pattern"), &m.pattern)?;
-        if !(m.progress <= 1.0) {
+        if m.progress.is_nan() || m.progress > 1.0 {
             return Err(invalid(
                 format!("milestones[{i}].progress"),
                 "must be at most 1.0 (negative: count matches)",
@@ -531,6 +531,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity)]
     fn every_bad_field_is_named() {
         let cases: Vec<(Box<dyn Fn(&mut proto::DeployRequest)>, &str)> = vec![
             (Box::new(|r| r.app = "Bad_Name".into()), "app: "),

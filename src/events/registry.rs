@@ -85,6 +85,7 @@ impl Drop for Subscription {
 }
 
 /// Default queue length per observer.
+#[allow(dead_code)]
 pub const DEFAULT_QUEUE: usize = 1024;
 
 impl ObserverRegistry {
@@ -215,7 +216,7 @@ mod tests {
             "panicker"
         }
         async fn on_update(&self, u: Arc<Update>) -> Result<(), ObserverError> {
-            if u.sequence % 2 == 0 {
+            if u.sequence.is_multiple_of(2) {
                 panic!("observer bug");
             }
             Err(ObserverError("nope".into()))

@@ -32,6 +32,10 @@ const API_VERSION: ClientVersion = ClientVersion {
     minor_version: 41,
 };
 
+/// `TERM` of a hook run with a TTY, and its size (columns, rows).
+const EXEC_TERM: &str = "xterm";
+const EXEC_TTY_SIZE: (i32, i32) = (120, 40);
+
 /// Seconds a container gets to stop after SIGTERM before it is killed.
 const STOP_GRACE_SECS: i32 = 5;
 
@@ -476,7 +480,7 @@ impl Runtime for DockerRuntime {
                 "read container logs",
                 self.docker
                     .logs(id, Some(options))
-                    .map(|r| r.map(|o| log_bytes(o)))
+                    .map(|r| r.map(log_bytes))
                     .collect::<Vec<_>>()
                     .map_results(),
             )
@@ -501,7 +505,7 @@ impl Runtime for DockerRuntime {
             .docker
             .logs(id, Some(options))
             .map(move |r| {
-                r.map(|o| log_bytes(o))
+                r.map(log_bytes)
                     .map_err(|e| map_error(&endpoint, "follow container logs", e))
             })
             .boxed();
@@ -566,6 +570,8 @@ impl Runtime for DockerRuntime {
                         attach_stdout: Some(true),
                         attach_stderr: Some(true),
                         tty: Some(tty),
+                        // Progress-bar libraries draw only for a terminal they know.
+                        env: tty.then(|| vec![format!("TERM={EXEC_TERM}")]),
                         ..Default::default()
                     },
                 ),
@@ -584,11 +590,25 @@ impl Runtime for DockerRuntime {
                 ),
             )
             .await?;
+        if tty {
+            // API 1.41 has no initial console size: an unsized TTY is 0x0, which some
+            // progress bars take as "no room to draw". Best effort.
+            let size = bollard::query_parameters::ResizeExecOptionsBuilder::default()
+                .w(EXEC_TTY_SIZE.0)
+                .h(EXEC_TTY_SIZE.1)
+                .build();
+            if let Err(e) = self
+                .call("resize exec", self.docker.resize_exec(&created.id, size))
+                .await
+            {
+                tracing::debug!(error = %e, "could not size the exec's TTY");
+            }
+        }
         let endpoint = self.endpoint.clone();
         let output = match started {
             StartExecResults::Attached { output, .. } => output
                 .map(move |r| {
-                    r.map(|o| log_bytes(o))
+                    r.map(log_bytes)
                         .map_err(|e| map_error(&endpoint, "exec output", e))
                 })
                 .boxed(),

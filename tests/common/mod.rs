@@ -324,6 +324,8 @@ pub struct BinaryServer {
 impl BinaryServer {
     /// Starts `stevedore serve` with `args` (plus ephemeral listen addresses) and waits
     /// until it logs its addresses.
+    // The child is waited for in `Drop`.
+    #[allow(clippy::zombie_processes)]
     pub fn spawn(data_dir: &std::path::Path, args: &[&str]) -> Self {
         let log = data_dir.join(format!("server-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).unwrap();
