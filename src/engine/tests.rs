@@ -241,7 +241,7 @@ impl Runtime for FakeRuntime {
         .unwrap_or_default();
         let c = &state.containers[id];
         let running = self.is_running(&state, c);
-        let health = script.healthcheck.then(|| match script.health {
+        let health = script.healthcheck.then_some(match script.health {
             Health::HealthyAfter(n) if c.inspections > n => DockerHealth::Healthy,
             Health::HealthyAfter(_) | Health::StartingForever => DockerHealth::Starting,
             Health::Unhealthy => DockerHealth::Unhealthy,

@@ -501,7 +501,7 @@ impl Runtime for DockerRuntime {
                 "read container logs",
                 self.docker()?
                     .logs(id, Some(options))
-                    .map(|r| r.map(|o| log_bytes(o)))
+                    .map(|r| r.map(log_bytes))
                     .collect::<Vec<_>>()
                     .map_results(),
             )
@@ -529,7 +529,7 @@ impl Runtime for DockerRuntime {
         let chunks = docker
             .logs(id, Some(options))
             .map(move |r| {
-                r.map(|o| log_bytes(o))
+                r.map(log_bytes)
                     .map_err(|e| map_error(&endpoint, "follow container logs", e))
             })
             .boxed();
@@ -617,7 +617,7 @@ impl Runtime for DockerRuntime {
         let output = match started {
             StartExecResults::Attached { output, .. } => output
                 .map(move |r| {
-                    r.map(|o| log_bytes(o))
+                    r.map(log_bytes)
                         .map_err(|e| map_error(&endpoint, "exec output", e))
                 })
                 .boxed(),
