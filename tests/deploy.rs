@@ -460,6 +460,7 @@ async fn an_unreachable_engine_is_unavailable_naming_the_address() {
 
     let (code, body) = http_get(&format!("http://{}/healthz", server.http_addr)).await;
     assert_eq!(code, 200, "{body}");
+    assert!(body.contains(address), "/healthz names the engine: {body}");
 
     let mut client = connect(server.grpc_addr).await;
     let app = unique_app("noengine");
