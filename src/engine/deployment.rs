@@ -116,7 +116,7 @@ impl Reporter {
         self.phase
     }
 
-    #[allow(dead_code)] // for milestones and hooks
+    #[allow(dead_code)]
     pub fn phase_progress(&self) -> f64 {
         self.phase_progress
     }

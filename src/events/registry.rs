@@ -85,7 +85,7 @@ impl Drop for Subscription {
 }
 
 /// Default queue length per observer.
-#[allow(dead_code)] // for observers to come
+#[allow(dead_code)]
 pub const DEFAULT_QUEUE: usize = 1024;
 
 impl ObserverRegistry {
