@@ -36,8 +36,8 @@ const API_VERSION: ClientVersion = ClientVersion {
 const STOP_GRACE_SECS: i32 = 5;
 
 pub struct DockerRuntime {
-    /// Connected on first use: see [`DockerRuntime::docker`].
-    client: std::sync::OnceLock<Docker>,
+    /// Connected on first use: see [`DockerRuntime::client`].
+    docker: std::sync::OnceLock<Docker>,
     endpoint: String,
     public_host: String,
     call_timeout: Duration,
@@ -47,54 +47,57 @@ pub struct DockerRuntime {
 /// The engine address used when neither `--docker-host` nor `DOCKER_HOST` is set.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
+/// A bollard client for `host`. bollard refuses a unix socket path that does not exist.
+fn connect(host: &str, call_timeout: Duration) -> Result<Docker, RuntimeError> {
+    let secs = call_timeout.as_secs().max(1) * 4;
+    if host.starts_with("unix://") {
+        Docker::connect_with_unix(host, secs, &API_VERSION)
+    } else if host.starts_with("tcp://") || host.starts_with("http://") {
+        Docker::connect_with_http(host, secs, &API_VERSION)
+    } else {
+        return Err(RuntimeError::Unavailable {
+            endpoint: host.to_owned(),
+            reason: "unsupported address: use unix://PATH, tcp://HOST:PORT or http://HOST:PORT"
+                .into(),
+        });
+    }
+    .map_err(|e| RuntimeError::Unavailable {
+        endpoint: host.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
 impl DockerRuntime {
     /// Prepares a client for `host` (`unix://…`, `tcp://…` or `http://…`). Does not
     /// connect: an engine that is down is reported by the calls that need it.
     pub fn new(host: &str, call_timeout: Duration) -> Result<Self, RuntimeError> {
-        if !(host.starts_with("unix://")
-            || host.starts_with("tcp://")
-            || host.starts_with("http://"))
-        {
-            return Err(RuntimeError::Unavailable {
-                endpoint: host.to_owned(),
-                reason: "unsupported address: use unix://PATH, tcp://HOST:PORT or http://HOST:PORT"
-                    .into(),
-            });
+        let docker = std::sync::OnceLock::new();
+        match connect(host, call_timeout) {
+            Ok(client) => {
+                let _ = docker.set(client);
+            }
+            // A socket that does not exist (yet) is not an error: the server starts, and
+            // every call reports the engine unavailable until the socket appears.
+            Err(_) if host.starts_with("unix://") => {}
+            Err(e) => return Err(e),
         }
-        let runtime = Self {
-            client: std::sync::OnceLock::new(),
+        let public_host = public_host_of(host);
+        Ok(Self {
+            docker,
             endpoint: host.to_owned(),
-            public_host: public_host_of(host),
+            public_host,
             call_timeout,
             pull_idle_timeout: Duration::from_secs(120),
-        };
-        // A socket that does not exist (yet) is not an error here: the server starts,
-        // and every call reports the engine unavailable until the socket appears.
-        match runtime.docker() {
-            Ok(_) => Ok(runtime),
-            Err(_) if host.starts_with("unix://") => Ok(runtime),
-            Err(e) => Err(e),
-        }
+        })
     }
 
-    /// The client, connected on first use (bollard refuses a unix socket path that does
-    /// not exist, so this is retried until it does).
-    fn docker(&self) -> Result<&Docker, RuntimeError> {
-        if let Some(docker) = self.client.get() {
+    /// The client, connecting on first use (retried on every call until it works).
+    fn client(&self) -> Result<&Docker, RuntimeError> {
+        if let Some(docker) = self.docker.get() {
             return Ok(docker);
         }
-        let host = self.endpoint.as_str();
-        let secs = self.call_timeout.as_secs().max(1) * 4;
-        let docker = if host.starts_with("unix://") {
-            Docker::connect_with_unix(host, secs, &API_VERSION)
-        } else {
-            Docker::connect_with_http(host, secs, &API_VERSION)
-        }
-        .map_err(|e| RuntimeError::Unavailable {
-            endpoint: host.to_owned(),
-            reason: e.to_string(),
-        })?;
-        Ok(self.client.get_or_init(|| docker))
+        let docker = connect(&self.endpoint, self.call_timeout)?;
+        Ok(self.docker.get_or_init(|| docker))
     }
 
     async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RuntimeError>
@@ -275,12 +278,12 @@ impl Runtime for DockerRuntime {
     }
 
     async fn ping(&self) -> Result<(), RuntimeError> {
-        self.call("ping", self.docker()?.ping()).await.map(|_| ())
+        self.call("ping", self.client()?.ping()).await.map(|_| ())
     }
 
     async fn inspect_image(&self, image: &str) -> Result<Option<ImageInfo>, RuntimeError> {
         match self
-            .call("inspect image", self.docker()?.inspect_image(image))
+            .call("inspect image", self.client()?.inspect_image(image))
             .await
         {
             Ok(info) => {
@@ -324,7 +327,7 @@ impl Runtime for DockerRuntime {
             identitytoken: (!a.identity_token.is_empty()).then(|| a.identity_token.clone()),
             ..Default::default()
         });
-        let docker = match self.docker() {
+        let docker = match self.client() {
             Ok(d) => d,
             Err(e) => return futures_util::stream::once(async move { Err(e) }).boxed(),
         };
@@ -413,7 +416,7 @@ impl Runtime for DockerRuntime {
         let created = self
             .call(
                 "create container",
-                self.docker()?.create_container(Some(options), body),
+                self.client()?.create_container(Some(options), body),
             )
             .await?;
         Ok(created.id)
@@ -422,7 +425,7 @@ impl Runtime for DockerRuntime {
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         self.call(
             "start container",
-            self.docker()?
+            self.client()?
                 .start_container(id, None::<bollard::query_parameters::StartContainerOptions>),
         )
         .await
@@ -432,7 +435,7 @@ impl Runtime for DockerRuntime {
         let info = self
             .call(
                 "inspect container",
-                self.docker()?.inspect_container(
+                self.client()?.inspect_container(
                     id,
                     None::<bollard::query_parameters::InspectContainerOptions>,
                 ),
@@ -499,7 +502,7 @@ impl Runtime for DockerRuntime {
         let chunks = self
             .call(
                 "read container logs",
-                self.docker()?
+                self.client()?
                     .logs(id, Some(options))
                     .map(|r| r.map(log_bytes))
                     .collect::<Vec<_>>()
@@ -522,7 +525,7 @@ impl Runtime for DockerRuntime {
             .follow(true)
             .build();
         let endpoint = self.endpoint.clone();
-        let docker = match self.docker() {
+        let docker = match self.client() {
             Ok(d) => d,
             Err(e) => return futures_util::stream::once(async move { Err(e) }).boxed(),
         };
@@ -550,7 +553,7 @@ impl Runtime for DockerRuntime {
             .build();
         // A stop can legitimately take the grace period; give it that on top.
         let stop_budget = self.call_timeout + Duration::from_secs(STOP_GRACE_SECS as u64);
-        match tokio::time::timeout(stop_budget, self.docker()?.stop_container(id, Some(stop))).await
+        match tokio::time::timeout(stop_budget, self.client()?.stop_container(id, Some(stop))).await
         {
             Err(_) => {
                 return Err(RuntimeError::Timeout {
@@ -575,7 +578,7 @@ impl Runtime for DockerRuntime {
         match self
             .call(
                 "remove container",
-                self.docker()?.remove_container(id, Some(options)),
+                self.client()?.remove_container(id, Some(options)),
             )
             .await
         {
@@ -588,7 +591,7 @@ impl Runtime for DockerRuntime {
         let created = self
             .call(
                 "create exec",
-                self.docker()?.create_exec(
+                self.client()?.create_exec(
                     id,
                     ExecConfig {
                         cmd: Some(command.to_vec()),
@@ -603,7 +606,7 @@ impl Runtime for DockerRuntime {
         let started = self
             .call(
                 "start exec",
-                self.docker()?.start_exec(
+                self.client()?.start_exec(
                     &created.id,
                     Some(StartExecOptions {
                         detach: false,
@@ -631,7 +634,7 @@ impl Runtime for DockerRuntime {
 
     async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError> {
         let info = self
-            .call("inspect exec", self.docker()?.inspect_exec(exec_id))
+            .call("inspect exec", self.client()?.inspect_exec(exec_id))
             .await?;
         if info.running.unwrap_or(false) {
             Ok(None)
@@ -652,7 +655,7 @@ impl DockerRuntime {
         let list = self
             .call(
                 "list containers",
-                self.docker()?.list_containers(Some(options)),
+                self.client()?.list_containers(Some(options)),
             )
             .await?;
         Ok(list
