@@ -91,15 +91,6 @@ impl DockerRuntime {
         })
     }
 
-    /// The client, connecting on first use (retried on every call until it works).
-    fn client(&self) -> Result<&Docker, RuntimeError> {
-        if let Some(docker) = self.docker.get() {
-            return Ok(docker);
-        }
-        let docker = connect(&self.endpoint, self.call_timeout)?;
-        Ok(self.docker.get_or_init(|| docker))
-    }
-
     async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RuntimeError>
     where
         F: Future<Output = Result<T, BollardError>>,
@@ -117,6 +108,15 @@ impl DockerRuntime {
 
     fn map_err(&self, op: &'static str, e: BollardError) -> RuntimeError {
         map_error(&self.endpoint, op, e)
+    }
+
+    /// The client, connecting on first use (retried on every call until it works).
+    fn client(&self) -> Result<&Docker, RuntimeError> {
+        if let Some(docker) = self.docker.get() {
+            return Ok(docker);
+        }
+        let docker = connect(&self.endpoint, self.call_timeout)?;
+        Ok(self.docker.get_or_init(|| docker))
     }
 }
 
