@@ -22,12 +22,12 @@ pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_ENV_BYTES: usize = 128 * 1024;
 
 /// A Docker reference: optional registry host[:port], path components, then an
-/// optional `:tag` and/or `@algo:hex` digest.
+/// optional `:tag` and/or `@algo:hex` digest. As in Docker, a first component is a
+/// registry host only when it has a `.` or a `:port`, or is `localhost`; otherwise it
+/// is a path component and must be lowercase.
 static IMAGE_REFERENCE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(concat!(
-        // A first component is a registry only when it looks like one: localhost,
-        // a dotted name, a name with a port, or an IPv6 literal (as Docker decides).
-        r"^(?:(?:localhost(?::[0-9]+)?|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+(?::[0-9]+)?|[a-zA-Z0-9-]+:[0-9]+|\[[0-9a-fA-F:]+\](?::[0-9]+)?)/)?",
+        r"^(?:(?:(?:localhost|[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)+|\[[0-9a-fA-F:]+\])(?::[0-9]+)?|[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?:[0-9]+)/)?",
         r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*",
         r"(?::[\w][\w.-]{0,127})?",
         r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
@@ -512,13 +512,15 @@ mod tests {
             "registry.example:443/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "a-b_c.d/e__f:v1.2-rc",
             "localhost/app",
-            "Registry.Example/app:1",
+            "Registry.Example/app",
+            "myhost:5000/app",
         ] {
             assert!(IMAGE_REFERENCE.is_match(ok), "{ok}");
         }
         for bad in [
             "",
             "UPPER/case",
+            "Upper",
             "a b",
             "a:",
             ":tag",
@@ -531,9 +533,9 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::type_complexity)]
     fn every_bad_field_is_named() {
-        let cases: Vec<(Box<dyn Fn(&mut proto::DeployRequest)>, &str)> = vec![
+        type Case = (Box<dyn Fn(&mut proto::DeployRequest)>, &'static str);
+        let cases: Vec<Case> = vec![
             (Box::new(|r| r.app = "Bad_Name".into()), "app: "),
             (Box::new(|r| r.app.clear()), "app: "),
             (

@@ -255,8 +255,8 @@ mod tests {
         assert_eq!(*recorder.0.lock().unwrap(), (1..=100).collect::<Vec<_>>());
         let stats = registry.stats();
         assert_eq!(stats["panicker"].failed, 100);
-        // The sleeper queues four events (and holds a fifth if its task got to run
-        // before the burst ended); every other one is dropped and counted.
+        // The sleeper queues four events (and holds one more if its task took the first
+        // before the rest were published); the rest are dropped.
         assert!(
             (95..=96).contains(&stats["sleeper"].dropped),
             "{:?}",
