@@ -7,9 +7,12 @@
 
 mod admission;
 mod deployment;
+mod hooks;
+mod milestones;
 mod pull;
 mod queue;
 mod run;
+pub mod tty_progress;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
