@@ -217,7 +217,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     let task_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
         let grpc = tokio::spawn(grpc_server);
-        let http = tokio::spawn(async move { http_server.await });
+        let http = tokio::spawn(http_server);
         task_shutdown.cancelled().await;
         tracing::info!("shutting down: no new deployments; waiting for running ones");
         task_engine.stop_accepting();

@@ -612,7 +612,7 @@ async fn over_limit_deploys_and_watches_get_resource_exhausted_at_once() {
         let r = tokio::time::timeout(guard, client.deploy(req))
             .await
             .expect("a refused deploy returns instead of hanging");
-        let e = r.err().expect("refused");
+        let e = r.expect_err("refused");
         assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
         assert!(e.message().contains(limit), "{e:?}");
     }
@@ -630,8 +630,7 @@ async fn over_limit_deploys_and_watches_get_resource_exhausted_at_once() {
     let e = client
         .watch_deployment(watch(&first))
         .await
-        .err()
-        .expect("second watch refused");
+        .expect_err("second watch refused");
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
 
     let rejections = server.server.as_ref().unwrap().engine.rejections().clone();
@@ -683,7 +682,7 @@ async fn an_oversized_request_gets_a_clear_error() {
     let mut client = server.client().await;
     let mut req = web_request(&unique_app("big"), "stevedore-test/web:1");
     req.labels.insert("big".into(), "x".repeat(100 * 1024));
-    let e = client.deploy(req).await.err().expect("refused");
+    let e = client.deploy(req).await.expect_err("refused");
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
     assert!(
         e.message().contains("too large") && e.message().contains("65536"),
@@ -692,7 +691,7 @@ async fn an_oversized_request_gets_a_clear_error() {
     // A request under the limit is decoded (and then validated as usual).
     let mut req = web_request("", "stevedore-test/web:1");
     req.labels.insert("small".into(), "x".repeat(1024));
-    let e = client.deploy(req).await.err().expect("refused");
+    let e = client.deploy(req).await.expect_err("refused");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     server.stop().await;
 }
@@ -715,21 +714,19 @@ async fn a_refused_registry_or_privileged_port_gets_permission_denied() {
     let e = client
         .deploy(web_request(&app, "busybox"))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("docker.io/library/busybox"), "{e:?}");
 
     let e = client
         .deploy(web_request(&app, "127.0.0.1:50001/stevedore-test/web:1"))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     let mut req = web_request(&app, &format!("{}/stevedore-test/web:1", registry()));
     req.ports[0].host_port = 80;
-    let e = client.deploy(req).await.err().expect("refused");
+    let e = client.deploy(req).await.expect_err("refused");
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().starts_with("ports[0].host_port"), "{e:?}");
 

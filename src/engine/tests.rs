@@ -350,6 +350,7 @@ fn engine(fake: &Arc<FakeRuntime>) -> Engine {
             ping_timeout: Duration::from_secs(5),
             settle_time: Duration::from_millis(20),
             cancel_wait: Duration::from_secs(20),
+            ..EngineConfig::default()
         },
     )
 }
