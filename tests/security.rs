@@ -387,13 +387,20 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
     std::fs::write(&tokens, &deploy_entry).unwrap();
     server.hangup();
 
-    let end = loop {
-        match watch.message().await {
-            Ok(Some(u)) => assert!(u.result.is_none(), "the deployment did not end: {u:?}"),
-            Ok(None) => panic!("the stream ended without an error"),
-            Err(e) => break e,
+    // The deployment holds for half an hour: only the revocation can end this stream
+    // (the timeout turns a missing revocation into a failure instead of a hang).
+    let until_error = async {
+        loop {
+            match watch.message().await {
+                Ok(Some(u)) => assert!(u.result.is_none(), "the deployment ended: {u:?}"),
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(e) => break e,
+            }
         }
     };
+    let end = tokio::time::timeout(Duration::from_secs(120), until_error)
+        .await
+        .expect("the removed token's stream was not closed");
     assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
     assert!(end.message().contains("watcher"), "{end:?}");
 
