@@ -733,6 +733,55 @@ where
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn concurrent_calls_are_capped() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let rt = Arc::new(
+            DockerRuntime::new("unix:///nonexistent/docker.sock", Duration::from_secs(30))
+                .unwrap()
+                .with_max_concurrent_calls(2),
+        );
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (release, _) = tokio::sync::broadcast::channel::<()>(1);
+        let mut calls = Vec::new();
+        for _ in 0..5 {
+            let (rt, running, peak) = (rt.clone(), running.clone(), peak.clone());
+            let mut go = release.subscribe();
+            calls.push(tokio::spawn(async move {
+                rt.call("test", async {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    let _ = go.recv().await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, BollardError>(())
+                })
+                .await
+            }));
+        }
+        // Let every task run as far as it can: two hold a permit, three wait.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(running.load(Ordering::SeqCst), 2);
+        assert_eq!(rt.available_call_permits(), 0);
+        // Release them one wave at a time until all five have run.
+        while !calls.iter().all(|c| c.is_finished()) {
+            let _ = release.send(());
+            tokio::task::yield_now().await;
+        }
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            peak.load(Ordering::SeqCst),
+            2,
+            "never more than the cap at once"
+        );
+        assert_eq!(rt.available_call_permits(), 2);
+    }
+
     #[test]
     fn references_split_into_name_and_tag() {
         assert_eq!(split_reference("busybox"), ("busybox", "latest"));
