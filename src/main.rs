@@ -1,4 +1,5 @@
 use clap::{Parser, Subcommand};
+use stevedore::observers::audit::{self, AuditCommand};
 use stevedore::server::{self, ServeConfig};
 
 /// Stevedore: deploy container images as apps, with streamed progress.
@@ -21,6 +22,11 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeConfig),
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
 }
 
 #[tokio::main]
@@ -29,6 +35,7 @@ async fn main() -> std::process::ExitCode {
     stevedore::logging::init(&cli.log_format);
     let result = match cli.command {
         Command::Serve(config) => server::run(config).await,
+        Command::Audit { command } => audit::run_command(command).map_err(Into::into),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

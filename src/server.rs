@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::DeployerService;
 use crate::engine::{Engine, EngineConfig};
-use crate::events::ObserverRegistry;
+use crate::events::{DEFAULT_QUEUE, ObserverRegistry};
+use crate::observers::audit::{AuditLog, AuditObserver};
+use crate::observers::metrics::{Metrics, MetricsExporter, MetricsObserver};
+use crate::observers::webhook::{WebhookConfig, WebhookObserver};
 use crate::proto::deployer_server::DeployerServer;
 use crate::runtime::Runtime;
 use crate::runtime::docker::{DEFAULT_DOCKER_HOST, DockerRuntime};
@@ -39,6 +42,32 @@ pub struct ServeConfig {
     /// How long to wait on SIGTERM for running deployments to finish before exiting.
     #[arg(long, env = "STEVEDORE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// The audit log (default: DATA_DIR/audit.log). While it cannot be written, new
+    /// deployments are refused with UNAVAILABLE.
+    #[arg(long, env = "STEVEDORE_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Label deployment metrics with the app name (one series per app).
+    #[arg(long, env = "STEVEDORE_METRICS_APP_LABEL")]
+    pub metrics_app_label: bool,
+    /// URL to POST deployment state changes to (repeatable; in the environment,
+    /// comma-separated).
+    #[arg(long = "webhook", env = "STEVEDORE_WEBHOOKS", value_delimiter = ',')]
+    pub webhooks: Vec<String>,
+    /// Secret of the webhook signatures (HMAC-SHA256); required with --webhook.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Attempts per webhook event before it is given up.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8)]
+    pub webhook_max_attempts: u32,
+    /// Wait before the first webhook retry; doubles up to --webhook-backoff-max.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_BACKOFF", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub webhook_backoff: Duration,
+    /// Longest wait between two webhook retries.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub webhook_backoff_max: Duration,
+    /// Time limit of one webhook POST.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -51,11 +80,20 @@ impl ServeConfig {
     }
 }
 
+/// Queue of the metrics observer (it is fast: a full queue means a stuck server).
+const METRICS_QUEUE: usize = 8192;
+/// How often histogram samples are folded into buckets.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// On shutdown, how long queued webhook deliveries may still take.
+const WEBHOOK_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// A server that is up: its bound addresses, and how to stop it.
 pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub engine: Engine,
+    /// The audit log this server writes.
+    pub audit_log: Arc<AuditLog>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow_like::Result<()>>,
 }
@@ -97,8 +135,41 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
 
-    let engine = Engine::new(runtime.clone(), observers, EngineConfig::default());
+    if !config.webhooks.is_empty() && config.webhook_secret.as_deref().unwrap_or("").is_empty() {
+        return Err("--webhook needs --webhook-secret (or STEVEDORE_WEBHOOK_SECRET) to sign with".into());
+    }
     let shutdown = CancellationToken::new();
+
+    // The built-in observers. Adding one: a type implementing `Observer`, one line here.
+    let metrics = Arc::new(Metrics::new(config.metrics_app_label));
+    let audit_path = config
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("audit.log"));
+    let audit_log = AuditLog::open(&audit_path);
+    let mut subscriptions = vec![
+        observers.subscribe(
+            Arc::new(MetricsObserver::new(metrics.clone())),
+            METRICS_QUEUE,
+        ),
+        observers.subscribe_lossless(Arc::new(AuditObserver::new(audit_log.clone()))),
+    ];
+    if !config.webhooks.is_empty() {
+        let webhooks = WebhookConfig {
+            urls: config.webhooks.clone(),
+            secret: config.webhook_secret.clone().unwrap_or_default(),
+            max_attempts: config.webhook_max_attempts,
+            backoff_initial: config.webhook_backoff,
+            backoff_max: config.webhook_backoff_max,
+            timeout: config.webhook_timeout,
+            shutdown_grace: WEBHOOK_SHUTDOWN_GRACE,
+        };
+        let observer = WebhookObserver::new(webhooks, Some(metrics.clone()));
+        subscriptions.push(observers.subscribe(Arc::new(observer), DEFAULT_QUEUE));
+    }
+    let upkeep = metrics.spawn_upkeep(METRICS_UPKEEP, shutdown.clone());
+
+    let engine = Engine::new(runtime.clone(), observers.clone(), EngineConfig::default());
 
     let grpc = TcpListener::bind(config.listen)
         .await
@@ -136,8 +207,16 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
             grpc_shutdown.cancelled_owned(),
         );
 
+    let writable_log = audit_log.clone();
+    let exporter = MetricsExporter {
+        metrics,
+        engine: engine.clone(),
+        observers,
+        audit_writable: Some(Arc::new(move || writable_log.is_writable())),
+    };
     let http_router = crate::http::router(crate::http::HttpState {
         runtime: runtime.clone(),
+        metrics: Some(Arc::new(exporter)),
     });
     let http_shutdown = shutdown.clone();
     let http_server =
@@ -165,6 +244,12 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         }
         grpc.await??;
         http.await??;
+        // Let the observers write what the last deployments reported (the audit log
+        // syncs every record; webhooks get a short grace).
+        for subscription in subscriptions {
+            subscription.drain().await;
+        }
+        let _ = upkeep.await;
         tracing::info!("stopped");
         Ok(())
     });
@@ -172,6 +257,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         grpc_addr,
         http_addr,
         engine,
+        audit_log,
         shutdown,
         task,
     })

@@ -19,7 +19,9 @@ use crate::proto::deployer_server::Deployer;
 pub fn status_of(e: EngineError) -> Status {
     let message = e.to_string();
     match e {
-        EngineError::Unavailable(_) | EngineError::ShuttingDown => Status::unavailable(message),
+        EngineError::Unavailable(_) | EngineError::ShuttingDown | EngineError::Refused(_) => {
+            Status::unavailable(message)
+        }
         EngineError::NotFound(_) => Status::not_found(message),
         EngineError::OutOfRange(_) => Status::out_of_range(message),
         EngineError::AlreadyFinished { .. } => Status::failed_precondition(message),

@@ -160,12 +160,13 @@ impl Run {
             .await
             .map_err(|e| Failure::runtime(Phase::Pulling, "image inspection", e))?
         {
+            let digest = info.digest.clone().unwrap_or_default();
             self.image = info;
             self.rep.progress(
                 1.0,
                 Level::Info,
                 format!("image {image} is present locally; no pull needed"),
-                Extra::meta([("pulled", "false".into())]),
+                Extra::meta([("pulled", "false".into()), ("image_digest", digest)]),
             );
             return Ok(());
         }
@@ -226,6 +227,7 @@ impl Run {
                 .map(|d| format!(" ({d})"))
                 .unwrap_or_default()
         );
+        let digest = info.digest.clone().unwrap_or_default();
         self.image = info;
         self.rep.progress(
             1.0,
@@ -233,7 +235,7 @@ impl Run {
             message,
             Extra {
                 pull: Some(progress),
-                ..Default::default()
+                ..Extra::meta([("image_digest", digest)])
             },
         );
         Ok(())

@@ -170,6 +170,14 @@ pub fn serve_config(data_dir: &std::path::Path) -> ServeConfig {
         docker_host: None,
         docker_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(30),
+        audit_log: None,
+        metrics_app_label: false,
+        webhooks: Vec::new(),
+        webhook_secret: None,
+        webhook_max_attempts: 8,
+        webhook_backoff: Duration::from_millis(500),
+        webhook_backoff_max: Duration::from_secs(30),
+        webhook_timeout: Duration::from_secs(10),
     }
 }
 
