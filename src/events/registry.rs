@@ -345,7 +345,11 @@ mod tests {
         let _a = registry.subscribe(recorder.clone(), 1000);
         let _b = registry.subscribe(Arc::new(Panicker), 1000);
         let _c = registry.subscribe(Arc::new(Sleeper), 4);
-        for s in 1..=100 {
+        registry.publish(&update(1));
+        // Let the sleeper take the first update off its queue (publishing never
+        // yields, so on this single-threaded runtime it would not run otherwise).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for s in 2..=100 {
             registry.publish(&update(s));
         }
         for _ in 0..200 {
