@@ -136,7 +136,9 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
 
     if !config.webhooks.is_empty() && config.webhook_secret.as_deref().unwrap_or("").is_empty() {
-        return Err("--webhook needs --webhook-secret (or STEVEDORE_WEBHOOK_SECRET) to sign with".into());
+        return Err(
+            "--webhook needs --webhook-secret (or STEVEDORE_WEBHOOK_SECRET) to sign with".into(),
+        );
     }
     let shutdown = CancellationToken::new();
 

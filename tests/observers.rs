@@ -299,7 +299,8 @@ async fn audit_log_chains_verifies_and_shows_tampering() {
     let secret = format!("hunter2-{}", uuid::Uuid::new_v4().simple());
     let mut req = web_request(&app, WEB);
     req.env.insert("DATABASE_PASSWORD".into(), secret.clone());
-    req.env.insert("MODE".into(), "audit-test-mode-value".into());
+    req.env
+        .insert("MODE".into(), "audit-test-mode-value".into());
     let updates = deploy(&mut client, req).await;
     let end = terminal(&updates).clone();
     assert_eq!(end.phase(), proto::Phase::Complete);
@@ -312,12 +313,18 @@ async fn audit_log_chains_verifies_and_shows_tampering() {
 
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(!text.contains(&secret), "an env value was written");
-    assert!(!text.contains("audit-test-mode-value"), "an env value was written");
+    assert!(
+        !text.contains("audit-test-mode-value"),
+        "an env value was written"
+    );
     let records: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let events: Vec<&str> = records.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    let events: Vec<&str> = records
+        .iter()
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
     assert_eq!(events.first(), Some(&"accepted"));
     assert_eq!(events.get(1), Some(&"started"));
     assert_eq!(events.last(), Some(&"succeeded"));
@@ -328,15 +335,30 @@ async fn audit_log_chains_verifies_and_shows_tampering() {
         .collect();
     assert_eq!(
         phases,
-        ["pulling", "creating", "starting", "health_check", "switching", "cleanup"]
+        [
+            "pulling",
+            "creating",
+            "starting",
+            "health_check",
+            "switching",
+            "cleanup"
+        ]
     );
     for (i, r) in records.iter().enumerate() {
         assert_eq!(r["seq"], i as u64 + 1);
         assert_eq!(r["deployment_id"], end.deployment_id.as_str());
         assert_eq!(r["app"], app.as_str());
         assert_eq!(r["image"], WEB);
-        assert_eq!(r["env_keys"], serde_json::json!(["DATABASE_PASSWORD", "MODE"]));
-        assert!(r["requested_by"].as_str().unwrap().starts_with("127.0.0.1:"));
+        assert_eq!(
+            r["env_keys"],
+            serde_json::json!(["DATABASE_PASSWORD", "MODE"])
+        );
+        assert!(
+            r["requested_by"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:")
+        );
     }
     let last = records.last().unwrap();
     let container = end.result.as_ref().unwrap().container_id.clone();
@@ -348,7 +370,10 @@ async fn audit_log_chains_verifies_and_shows_tampering() {
     assert!(ok, "{stdout}{stderr}");
     let head = last["hash"].as_str().unwrap();
     assert!(stdout.contains(&format!("head: {head}")), "{stdout}");
-    assert!(stdout.contains(&format!("{} records", records.len())), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{} records", records.len())),
+        "{stdout}"
+    );
     // The default path is DATA_DIR/audit.log.
     let out = Command::new(binary())
         .args(["audit", "verify", "--data-dir"])
@@ -401,7 +426,10 @@ async fn audit_log_chains_verifies_and_shows_tampering() {
         .arg(&p)
         .output()
         .unwrap();
-    assert!(!out.status.success(), "a cut-off end is caught by --expect-head");
+    assert!(
+        !out.status.success(),
+        "a cut-off end is caught by --expect-head"
+    );
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> usize {
@@ -526,8 +554,14 @@ fn with_webhook(url: String) -> impl FnOnce(&mut stevedore::server::ServeConfig)
 
 /// Checks what a receiver got for one deployment: signed, in order, each once.
 fn assert_delivered_in_order(receiver: &Receiver, bodies: &[serde_json::Value], terminal_seq: u64) {
-    let seqs: Vec<u64> = bodies.iter().map(|b| b["sequence"].as_u64().unwrap()).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, once: {seqs:?}");
+    let seqs: Vec<u64> = bodies
+        .iter()
+        .map(|b| b["sequence"].as_u64().unwrap())
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "in order, once: {seqs:?}"
+    );
     assert_eq!(seqs.first(), Some(&1));
     assert_eq!(seqs.last(), Some(&terminal_seq));
     assert_eq!(bodies.first().unwrap()["event"], "accepted");
@@ -542,11 +576,22 @@ fn assert_delivered_in_order(receiver: &Receiver, bodies: &[serde_json::Value], 
         .collect();
     assert_eq!(
         phases,
-        ["validating", "pulling", "creating", "starting", "health_check", "switching", "cleanup"]
+        [
+            "validating",
+            "pulling",
+            "creating",
+            "starting",
+            "health_check",
+            "switching",
+            "cleanup"
+        ]
     );
     for (headers, body) in receiver.got.lock().unwrap().iter() {
         let sig = &headers[&SIGNATURE_HEADER.to_ascii_lowercase()];
-        assert!(verify_signature(SECRET.as_bytes(), body, sig), "bad signature {sig}");
+        assert!(
+            verify_signature(SECRET.as_bytes(), body, sig),
+            "bad signature {sig}"
+        );
         assert!(!verify_signature(b"another secret", body, sig));
         let json: serde_json::Value = serde_json::from_slice(body).unwrap();
         assert_eq!(
@@ -573,7 +618,10 @@ async fn webhooks_arrive_signed_and_in_order() {
     assert_delivered_in_order(&receiver, &bodies, end.sequence);
     let text = scrape(&server).await;
     assert_eq!(
-        sample(&text, r#"stevedore_webhook_deliveries_total{outcome="delivered"}"#),
+        sample(
+            &text,
+            r#"stevedore_webhook_deliveries_total{outcome="delivered"}"#
+        ),
         Some(bodies.len() as f64)
     );
     server.stop().await;

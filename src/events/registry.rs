@@ -407,7 +407,10 @@ mod tests {
         assert!(registry.admit().is_ok());
         gate.0.store(false, Ordering::SeqCst);
         drop(sub);
-        assert!(registry.admit().is_ok(), "an unsubscribed observer has no say");
+        assert!(
+            registry.admit().is_ok(),
+            "an unsubscribed observer has no say"
+        );
     }
 
     /// Holds every update until released, then records it.

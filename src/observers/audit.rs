@@ -94,7 +94,8 @@ impl Writer {
         let len = file.metadata().map_err(|e| ctx("cannot read", e))?.len();
         if good_len < len {
             tracing::warn!(path = %path.display(), bytes = len - good_len, "audit log ends in a torn record (a crash while writing?); cutting it");
-            file.set_len(good_len).map_err(|e| ctx("cannot cut the torn end of", e))?;
+            file.set_len(good_len)
+                .map_err(|e| ctx("cannot cut the torn end of", e))?;
             file.sync_data().map_err(|e| ctx("cannot sync", e))?;
         }
         match last {
@@ -105,7 +106,9 @@ impl Writer {
             Some(line) => {
                 let head = serde_json::from_slice::<Value>(&line)
                     .ok()
-                    .and_then(|v| Some((v.get("seq")?.as_u64()?, v.get("hash")?.as_str()?.to_owned())))
+                    .and_then(|v| {
+                        Some((v.get("seq")?.as_u64()?, v.get("hash")?.as_str()?.to_owned()))
+                    })
                     .ok_or_else(|| {
                         format!(
                             "the last record of {} is unreadable; run `stevedore audit verify {}`",
@@ -520,9 +523,7 @@ pub struct VerifyArgs {
 pub fn run_command(command: AuditCommand) -> Result<(), String> {
     match command {
         AuditCommand::Verify(args) => {
-            let path = args
-                .path
-                .unwrap_or_else(|| args.data_dir.join("audit.log"));
+            let path = args.path.unwrap_or_else(|| args.data_dir.join("audit.log"));
             let report = verify(&path)?;
             if let Some(expected) = &args.expect_head
                 && !expected.eq_ignore_ascii_case(&report.head)
@@ -591,7 +592,9 @@ mod tests {
             let end = EventKind::Finished {
                 state: DeploymentState::Failed,
             };
-            obs.on_update(update(id, 4, end, Phase::Failed)).await.unwrap();
+            obs.on_update(update(id, 4, end, Phase::Failed))
+                .await
+                .unwrap();
         }
     }
 
@@ -623,7 +626,10 @@ mod tests {
         write_some(&path, 1).await;
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":4,\"trunc").unwrap();
-        assert_eq!(verify(&path).unwrap_err().contains("line 4: incomplete"), true);
+        assert_eq!(
+            verify(&path).unwrap_err().contains("line 4: incomplete"),
+            true
+        );
         write_some(&path, 1).await;
         assert_eq!(verify(&path).unwrap().records, 6);
     }
@@ -649,7 +655,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(obs.admit().is_ok(), "the retry task reopens the log");
-        assert_eq!(verify(&path).unwrap().records, 1, "the queued record was written");
+        assert_eq!(
+            verify(&path).unwrap().records,
+            1,
+            "the queued record was written"
+        );
     }
 
     #[test]
@@ -674,7 +684,8 @@ mod tests {
         let removed: Vec<u8> = [lines[0], lines[2], lines[3], lines[4], lines[5]].concat();
         check(removed, 2);
         // Lines 4 and 5 swapped.
-        let swapped: Vec<u8> = [lines[0], lines[1], lines[2], lines[4], lines[3], lines[5]].concat();
+        let swapped: Vec<u8> =
+            [lines[0], lines[1], lines[2], lines[4], lines[3], lines[5]].concat();
         check(swapped, 4);
         // Truncated in the middle of line 6.
         check(good[..good.len() - 10].to_vec(), 6);

@@ -172,7 +172,9 @@ impl Metrics {
                     .absolute(0);
             }
         }
-        metrics.counter("stevedore_pull_bytes_total", &[]).absolute(0);
+        metrics
+            .counter("stevedore_pull_bytes_total", &[])
+            .absolute(0);
         metrics
     }
 
@@ -228,7 +230,11 @@ impl Metrics {
         })
     }
 
-    fn app_labels(&self, app: &str, mut labels: Vec<(&'static str, String)>) -> Vec<(&'static str, String)> {
+    fn app_labels(
+        &self,
+        app: &str,
+        mut labels: Vec<(&'static str, String)>,
+    ) -> Vec<(&'static str, String)> {
         if self.app_label {
             labels.push(("app", app.to_owned()));
         }
@@ -333,7 +339,10 @@ fn observe_phase(m: &Metrics, t: &mut Track, now: Duration, outcome: &str) {
     let spent = now.saturating_sub(t.phase_started);
     m.histogram(
         "stevedore_phase_duration_seconds",
-        &[("phase", t.phase.as_str().into()), ("outcome", outcome.into())],
+        &[
+            ("phase", t.phase.as_str().into()),
+            ("outcome", outcome.into()),
+        ],
     )
     .record(spent.as_secs_f64());
 }
@@ -454,18 +463,30 @@ mod tests {
         obs.record(&end);
         metrics.run_upkeep();
         let text = metrics.render();
-        assert_eq!(sample(&text, "stevedore_deployments_started_total"), Some(1.0));
         assert_eq!(
-            sample(&text, r#"stevedore_deployments_finished_total{outcome="failed"}"#),
+            sample(&text, "stevedore_deployments_started_total"),
             Some(1.0)
         );
         assert_eq!(
-            sample(&text, r#"stevedore_deployments_finished_total{outcome="succeeded"}"#),
+            sample(
+                &text,
+                r#"stevedore_deployments_finished_total{outcome="failed"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"stevedore_deployments_finished_total{outcome="succeeded"}"#
+            ),
             Some(0.0)
         );
         assert_eq!(sample(&text, "stevedore_pull_bytes_total"), Some(2500.0));
         assert_eq!(
-            sample(&text, r#"stevedore_health_check_attempts_total{check="tcp"}"#),
+            sample(
+                &text,
+                r#"stevedore_health_check_attempts_total{check="tcp"}"#
+            ),
             Some(7.0)
         );
         assert_eq!(
@@ -490,7 +511,10 @@ mod tests {
             Some(1.0)
         );
         assert!(text.contains("# TYPE stevedore_deployment_duration_seconds histogram"));
-        assert!(!text.contains(&id.to_string()), "no deployment ID as a label");
+        assert!(
+            !text.contains(&id.to_string()),
+            "no deployment ID as a label"
+        );
         assert!(!text.contains("app=\""), "no app label without the flag");
     }
 
@@ -498,7 +522,13 @@ mod tests {
     fn app_label_only_when_asked() {
         let metrics = Arc::new(Metrics::new(true));
         let obs = MetricsObserver::new(metrics.clone());
-        obs.record(&update(DeploymentId::new(), 1, EventKind::Accepted, Phase::Queued, 0));
+        obs.record(&update(
+            DeploymentId::new(),
+            1,
+            EventKind::Accepted,
+            Phase::Queued,
+            0,
+        ));
         assert_eq!(
             sample(
                 &metrics.render(),

@@ -301,7 +301,11 @@ mod tests {
             &sig
         ));
         assert!(!verify_signature(b"key", b"the quick", &sig));
-        assert!(!verify_signature(b"other", b"The quick brown fox jumps over the lazy dog", &sig));
+        assert!(!verify_signature(
+            b"other",
+            b"The quick brown fox jumps over the lazy dog",
+            &sig
+        ));
     }
 
     #[test]
