@@ -22,10 +22,12 @@ pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_ENV_BYTES: usize = 128 * 1024;
 
 /// A Docker reference: optional registry host[:port], path components, then an
-/// optional `:tag` and/or `@algo:hex` digest.
+/// optional `:tag` and/or `@algo:hex` digest. As in Docker, a first component is a
+/// registry host only when it has a `.` or a `:port`, or is `localhost`; otherwise it
+/// is a path component and must be lowercase.
 static IMAGE_REFERENCE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(concat!(
-        r"^(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?/)?",
+        r"^(?:(?:(?:localhost|[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)+|\[[0-9a-fA-F:]+\])(?::[0-9]+)?|[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?:[0-9]+)/)?",
         r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*",
         r"(?::[\w][\w.-]{0,127})?",
         r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
@@ -188,7 +190,7 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
     let mut milestones = Vec::with_capacity(req.milestones.len());
     for (i, m) in req.milestones.iter().enumerate() {
         let pattern = regex(format!("milestones[{i}].pattern"), &m.pattern)?;
-        if !(m.progress <= 1.0) {
+        if m.progress.is_nan() || m.progress > 1.0 {
             return Err(invalid(
                 format!("milestones[{i}].progress"),
                 "must be at most 1.0 (negative: count matches)",
@@ -509,12 +511,16 @@ mod tests {
             "127.0.0.1:5000/a/b:tag",
             "registry.example:443/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "a-b_c.d/e__f:v1.2-rc",
+            "localhost/app",
+            "Registry.Example/app",
+            "myhost:5000/app",
         ] {
             assert!(IMAGE_REFERENCE.is_match(ok), "{ok}");
         }
         for bad in [
             "",
             "UPPER/case",
+            "Upper",
             "a b",
             "a:",
             ":tag",
@@ -528,7 +534,8 @@ mod tests {
 
     #[test]
     fn every_bad_field_is_named() {
-        let cases: Vec<(Box<dyn Fn(&mut proto::DeployRequest)>, &str)> = vec![
+        type Case = (Box<dyn Fn(&mut proto::DeployRequest)>, &'static str);
+        let cases: Vec<Case> = vec![
             (Box::new(|r| r.app = "Bad_Name".into()), "app: "),
             (Box::new(|r| r.app.clear()), "app: "),
             (

@@ -116,6 +116,7 @@ impl Reporter {
         self.phase
     }
 
+    #[allow(dead_code)]
     pub fn phase_progress(&self) -> f64 {
         self.phase_progress
     }
@@ -242,6 +243,7 @@ impl Reporter {
     }
 
     /// A line of output (container or hook), at the current progress.
+    #[allow(dead_code)] // for milestones and hooks
     pub fn output(&mut self, message: String, extra: Extra) {
         self.emit(EventKind::Output, Level::Verbose, message, extra, None);
     }

@@ -6,9 +6,12 @@
 //! [`EngineError`]s into status codes.
 
 mod deployment;
+mod hooks;
+mod milestones;
 mod pull;
 mod queue;
 mod run;
+pub mod tty_progress;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

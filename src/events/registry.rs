@@ -142,6 +142,7 @@ impl Drop for Subscription {
 }
 
 /// Default queue length per observer.
+#[allow(dead_code)]
 pub const DEFAULT_QUEUE: usize = 1024;
 
 enum Receiver {
@@ -319,7 +320,7 @@ mod tests {
             "panicker"
         }
         async fn on_update(&self, u: Arc<Update>) -> Result<(), ObserverError> {
-            if u.sequence % 2 == 0 {
+            if u.sequence.is_multiple_of(2) {
                 panic!("observer bug");
             }
             Err(ObserverError("nope".into()))
@@ -362,8 +363,13 @@ mod tests {
         assert_eq!(*recorder.0.lock().unwrap(), (1..=100).collect::<Vec<_>>());
         let stats = registry.stats();
         assert_eq!(stats["panicker"].failed, 100);
-        // The sleeper holds one event and queues four; the rest are dropped.
-        assert_eq!(stats["sleeper"].dropped, 95);
+        // The sleeper queues four events (and holds one more if its task took the first
+        // before the rest were published); the rest are dropped.
+        assert!(
+            (95..=96).contains(&stats["sleeper"].dropped),
+            "{:?}",
+            stats["sleeper"]
+        );
     }
 
     #[tokio::test]

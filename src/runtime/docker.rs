@@ -32,11 +32,16 @@ const API_VERSION: ClientVersion = ClientVersion {
     minor_version: 41,
 };
 
+/// `TERM` of a hook run with a TTY, and its size (columns, rows).
+const EXEC_TERM: &str = "xterm";
+const EXEC_TTY_SIZE: (i32, i32) = (120, 40);
+
 /// Seconds a container gets to stop after SIGTERM before it is killed.
 const STOP_GRACE_SECS: i32 = 5;
 
 pub struct DockerRuntime {
-    docker: Docker,
+    /// Connected on first use: see [`DockerRuntime::client`].
+    docker: std::sync::OnceLock<Docker>,
     endpoint: String,
     public_host: String,
     call_timeout: Duration,
@@ -46,26 +51,40 @@ pub struct DockerRuntime {
 /// The engine address used when neither `--docker-host` nor `DOCKER_HOST` is set.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
+/// A bollard client for `host`. bollard refuses a unix socket path that does not exist.
+fn connect(host: &str, call_timeout: Duration) -> Result<Docker, RuntimeError> {
+    let secs = call_timeout.as_secs().max(1) * 4;
+    if host.starts_with("unix://") {
+        Docker::connect_with_unix(host, secs, &API_VERSION)
+    } else if host.starts_with("tcp://") || host.starts_with("http://") {
+        Docker::connect_with_http(host, secs, &API_VERSION)
+    } else {
+        return Err(RuntimeError::Unavailable {
+            endpoint: host.to_owned(),
+            reason: "unsupported address: use unix://PATH, tcp://HOST:PORT or http://HOST:PORT"
+                .into(),
+        });
+    }
+    .map_err(|e| RuntimeError::Unavailable {
+        endpoint: host.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
 impl DockerRuntime {
     /// Prepares a client for `host` (`unix://…`, `tcp://…` or `http://…`). Does not
     /// connect: an engine that is down is reported by the calls that need it.
     pub fn new(host: &str, call_timeout: Duration) -> Result<Self, RuntimeError> {
-        let secs = call_timeout.as_secs().max(1) * 4;
-        let docker = if host.starts_with("unix://") {
-            Docker::connect_with_unix(host, secs, &API_VERSION)
-        } else if host.starts_with("tcp://") || host.starts_with("http://") {
-            Docker::connect_with_http(host, secs, &API_VERSION)
-        } else {
-            return Err(RuntimeError::Unavailable {
-                endpoint: host.to_owned(),
-                reason: "unsupported address: use unix://PATH, tcp://HOST:PORT or http://HOST:PORT"
-                    .into(),
-            });
+        let docker = std::sync::OnceLock::new();
+        match connect(host, call_timeout) {
+            Ok(client) => {
+                let _ = docker.set(client);
+            }
+            // A socket that does not exist (yet) is not an error: the server starts, and
+            // every call reports the engine unavailable until the socket appears.
+            Err(_) if host.starts_with("unix://") => {}
+            Err(e) => return Err(e),
         }
-        .map_err(|e| RuntimeError::Unavailable {
-            endpoint: host.to_owned(),
-            reason: e.to_string(),
-        })?;
         let public_host = public_host_of(host);
         Ok(Self {
             docker,
@@ -93,6 +112,15 @@ impl DockerRuntime {
 
     fn map_err(&self, op: &'static str, e: BollardError) -> RuntimeError {
         map_error(&self.endpoint, op, e)
+    }
+
+    /// The client, connecting on first use (retried on every call until it works).
+    fn client(&self) -> Result<&Docker, RuntimeError> {
+        if let Some(docker) = self.docker.get() {
+            return Ok(docker);
+        }
+        let docker = connect(&self.endpoint, self.call_timeout)?;
+        Ok(self.docker.get_or_init(|| docker))
     }
 }
 
@@ -254,12 +282,12 @@ impl Runtime for DockerRuntime {
     }
 
     async fn ping(&self) -> Result<(), RuntimeError> {
-        self.call("ping", self.docker.ping()).await.map(|_| ())
+        self.call("ping", self.client()?.ping()).await.map(|_| ())
     }
 
     async fn inspect_image(&self, image: &str) -> Result<Option<ImageInfo>, RuntimeError> {
         match self
-            .call("inspect image", self.docker.inspect_image(image))
+            .call("inspect image", self.client()?.inspect_image(image))
             .await
         {
             Ok(info) => {
@@ -303,7 +331,11 @@ impl Runtime for DockerRuntime {
             identitytoken: (!a.identity_token.is_empty()).then(|| a.identity_token.clone()),
             ..Default::default()
         });
-        let stream = self.docker.create_image(Some(options), None, credentials);
+        let docker = match self.client() {
+            Ok(d) => d,
+            Err(e) => return futures_util::stream::once(async move { Err(e) }).boxed(),
+        };
+        let stream = docker.create_image(Some(options), None, credentials);
         let endpoint = self.endpoint.clone();
         let image = image.to_owned();
         let idle = self.pull_idle_timeout;
@@ -388,7 +420,7 @@ impl Runtime for DockerRuntime {
         let created = self
             .call(
                 "create container",
-                self.docker.create_container(Some(options), body),
+                self.client()?.create_container(Some(options), body),
             )
             .await?;
         Ok(created.id)
@@ -397,7 +429,7 @@ impl Runtime for DockerRuntime {
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         self.call(
             "start container",
-            self.docker
+            self.client()?
                 .start_container(id, None::<bollard::query_parameters::StartContainerOptions>),
         )
         .await
@@ -407,7 +439,7 @@ impl Runtime for DockerRuntime {
         let info = self
             .call(
                 "inspect container",
-                self.docker.inspect_container(
+                self.client()?.inspect_container(
                     id,
                     None::<bollard::query_parameters::InspectContainerOptions>,
                 ),
@@ -474,9 +506,9 @@ impl Runtime for DockerRuntime {
         let chunks = self
             .call(
                 "read container logs",
-                self.docker
+                self.client()?
                     .logs(id, Some(options))
-                    .map(|r| r.map(|o| log_bytes(o)))
+                    .map(|r| r.map(log_bytes))
                     .collect::<Vec<_>>()
                     .map_results(),
             )
@@ -497,11 +529,14 @@ impl Runtime for DockerRuntime {
             .follow(true)
             .build();
         let endpoint = self.endpoint.clone();
-        let chunks = self
-            .docker
+        let docker = match self.client() {
+            Ok(d) => d,
+            Err(e) => return futures_util::stream::once(async move { Err(e) }).boxed(),
+        };
+        let chunks = docker
             .logs(id, Some(options))
             .map(move |r| {
-                r.map(|o| log_bytes(o))
+                r.map(log_bytes)
                     .map_err(|e| map_error(&endpoint, "follow container logs", e))
             })
             .boxed();
@@ -522,7 +557,8 @@ impl Runtime for DockerRuntime {
             .build();
         // A stop can legitimately take the grace period; give it that on top.
         let stop_budget = self.call_timeout + Duration::from_secs(STOP_GRACE_SECS as u64);
-        match tokio::time::timeout(stop_budget, self.docker.stop_container(id, Some(stop))).await {
+        match tokio::time::timeout(stop_budget, self.client()?.stop_container(id, Some(stop))).await
+        {
             Err(_) => {
                 return Err(RuntimeError::Timeout {
                     op: "stop container",
@@ -546,7 +582,7 @@ impl Runtime for DockerRuntime {
         match self
             .call(
                 "remove container",
-                self.docker.remove_container(id, Some(options)),
+                self.client()?.remove_container(id, Some(options)),
             )
             .await
         {
@@ -559,13 +595,15 @@ impl Runtime for DockerRuntime {
         let created = self
             .call(
                 "create exec",
-                self.docker.create_exec(
+                self.client()?.create_exec(
                     id,
                     ExecConfig {
                         cmd: Some(command.to_vec()),
                         attach_stdout: Some(true),
                         attach_stderr: Some(true),
                         tty: Some(tty),
+                        // Progress-bar libraries draw only for a terminal they know.
+                        env: tty.then(|| vec![format!("TERM={EXEC_TERM}")]),
                         ..Default::default()
                     },
                 ),
@@ -574,7 +612,7 @@ impl Runtime for DockerRuntime {
         let started = self
             .call(
                 "start exec",
-                self.docker.start_exec(
+                self.client()?.start_exec(
                     &created.id,
                     Some(StartExecOptions {
                         detach: false,
@@ -584,11 +622,25 @@ impl Runtime for DockerRuntime {
                 ),
             )
             .await?;
+        if tty {
+            // API 1.41 has no initial console size: an unsized TTY is 0x0, which some
+            // progress bars take as "no room to draw". Best effort.
+            let size = bollard::query_parameters::ResizeExecOptionsBuilder::default()
+                .w(EXEC_TTY_SIZE.0)
+                .h(EXEC_TTY_SIZE.1)
+                .build();
+            if let Err(e) = self
+                .call("resize exec", self.docker.resize_exec(&created.id, size))
+                .await
+            {
+                tracing::debug!(error = %e, "could not size the exec's TTY");
+            }
+        }
         let endpoint = self.endpoint.clone();
         let output = match started {
             StartExecResults::Attached { output, .. } => output
                 .map(move |r| {
-                    r.map(|o| log_bytes(o))
+                    r.map(log_bytes)
                         .map_err(|e| map_error(&endpoint, "exec output", e))
                 })
                 .boxed(),
@@ -602,7 +654,7 @@ impl Runtime for DockerRuntime {
 
     async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError> {
         let info = self
-            .call("inspect exec", self.docker.inspect_exec(exec_id))
+            .call("inspect exec", self.client()?.inspect_exec(exec_id))
             .await?;
         if info.running.unwrap_or(false) {
             Ok(None)
@@ -623,7 +675,7 @@ impl DockerRuntime {
         let list = self
             .call(
                 "list containers",
-                self.docker.list_containers(Some(options)),
+                self.client()?.list_containers(Some(options)),
             )
             .await?;
         Ok(list

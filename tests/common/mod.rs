@@ -332,10 +332,12 @@ pub struct BinaryServer {
 impl BinaryServer {
     /// Starts `stevedore serve` with `args` (plus ephemeral listen addresses) and waits
     /// until it logs its addresses.
+    // The child is waited for in `Drop`.
+    #[allow(clippy::zombie_processes)]
     pub fn spawn(data_dir: &std::path::Path, args: &[&str]) -> Self {
         let log = data_dir.join(format!("server-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary())
+        let mut child = Command::new(binary())
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
             .arg("--data-dir")
@@ -367,10 +369,12 @@ impl BinaryServer {
                     log,
                 };
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "server did not start; log:\n{text}"
-            );
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server did not start ({exited:?}); log:\n{text}");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
