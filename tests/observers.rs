@@ -489,9 +489,12 @@ async fn deployments_are_refused_while_the_audit_log_cannot_be_written() {
 
 const SECRET: &str = "webhook-test-secret";
 
+/// Headers (lowercase names) and body of one POST.
+type Received = (HashMap<String, String>, Vec<u8>);
+
 #[derive(Clone, Default)]
 struct Receiver {
-    got: Arc<Mutex<Vec<(HashMap<String, String>, Vec<u8>)>>>,
+    got: Arc<Mutex<Vec<Received>>>,
 }
 
 impl Receiver {

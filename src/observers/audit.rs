@@ -626,10 +626,8 @@ mod tests {
         write_some(&path, 1).await;
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":4,\"trunc").unwrap();
-        assert_eq!(
-            verify(&path).unwrap_err().contains("line 4: incomplete"),
-            true
-        );
+        let err = verify(&path).unwrap_err();
+        assert!(err.contains("line 4: incomplete"), "{err}");
         write_some(&path, 1).await;
         assert_eq!(verify(&path).unwrap().records, 6);
     }

@@ -95,11 +95,14 @@ struct Shared {
     stop: CancellationToken,
 }
 
+/// (index of the URL, deployment): one worker, one ordered queue.
+type WorkerKey = (usize, DeploymentId);
+
 /// Posts deployment state changes to the configured URLs.
 pub struct WebhookObserver {
     shared: Arc<Shared>,
     /// Queue of each (URL index, deployment) worker.
-    workers: Mutex<HashMap<(usize, DeploymentId), mpsc::UnboundedSender<Arc<Delivery>>>>,
+    workers: Mutex<HashMap<WorkerKey, mpsc::UnboundedSender<Arc<Delivery>>>>,
     tasks: TaskTracker,
 }
 
