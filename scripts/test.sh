@@ -68,5 +68,6 @@ _step "cargo test" cargo test "$@"
 
 # extra checks
 _step "grpcurl smoke" bash scripts/grpcurl-smoke.sh
-# (promtool check, bench smoke, fuzz smoke go here, each as `_step NAME CMD...`)
+_step "promtool check metrics" bash scripts/metrics-check.sh
+# (bench smoke, fuzz smoke go here, each as `_step NAME CMD...`)
 _step "python client end-to-end" bash clients/python/test.sh
