@@ -15,7 +15,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::events::{DEFAULT_QUEUE, ObserverRegistry};
 use crate::observers::audit::{AuditLog, AuditObserver};
 use crate::observers::metrics::{Metrics, MetricsExporter, MetricsObserver};
-use crate::observers::webhook::{WebhookConfig, WebhookObserver};
+use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
 use crate::proto::deployer_server::DeployerServer;
 use crate::runtime::Runtime;
 use crate::runtime::docker::{DEFAULT_DOCKER_HOST, DockerRuntime};
@@ -55,7 +55,7 @@ pub struct ServeConfig {
     pub webhooks: Vec<String>,
     /// Secret of the webhook signatures (HMAC-SHA256); required with --webhook.
     #[arg(long, env = "STEVEDORE_WEBHOOK_SECRET", hide_env_values = true)]
-    pub webhook_secret: Option<String>,
+    pub webhook_secret: Option<WebhookSecret>,
     /// Attempts per webhook event before it is given up.
     #[arg(long, env = "STEVEDORE_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8)]
     pub webhook_max_attempts: u32,
@@ -84,7 +84,8 @@ impl ServeConfig {
 const METRICS_QUEUE: usize = 8192;
 /// How often histogram samples are folded into buckets.
 const METRICS_UPKEEP: Duration = Duration::from_secs(5);
-/// On shutdown, how long queued webhook deliveries may still take.
+/// On shutdown, how long queued webhook deliveries may still take (at most the
+/// shutdown grace).
 const WEBHOOK_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// A server that is up: its bound addresses, and how to stop it.
@@ -135,7 +136,12 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
 
-    if !config.webhooks.is_empty() && config.webhook_secret.as_deref().unwrap_or("").is_empty() {
+    if !config.webhooks.is_empty()
+        && config
+            .webhook_secret
+            .as_ref()
+            .is_none_or(|s| s.0.is_empty())
+    {
         return Err(
             "--webhook needs --webhook-secret (or STEVEDORE_WEBHOOK_SECRET) to sign with".into(),
         );
@@ -159,12 +165,16 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     if !config.webhooks.is_empty() {
         let webhooks = WebhookConfig {
             urls: config.webhooks.clone(),
-            secret: config.webhook_secret.clone().unwrap_or_default(),
+            secret: config
+                .webhook_secret
+                .as_ref()
+                .map(|s| s.0.clone())
+                .unwrap_or_default(),
             max_attempts: config.webhook_max_attempts,
             backoff_initial: config.webhook_backoff,
             backoff_max: config.webhook_backoff_max,
             timeout: config.webhook_timeout,
-            shutdown_grace: WEBHOOK_SHUTDOWN_GRACE,
+            shutdown_grace: WEBHOOK_SHUTDOWN_GRACE.min(config.shutdown_grace),
         };
         let observer = WebhookObserver::new(webhooks, Some(metrics.clone()));
         subscriptions.push(observers.subscribe(Arc::new(observer), DEFAULT_QUEUE));

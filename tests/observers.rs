@@ -630,13 +630,13 @@ async fn webhooks_arrive_signed_and_in_order() {
     server.stop().await;
 }
 
-/// A local port with nothing listening on it (for now).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A local port that is bound but not listening: connections to it are refused
+/// until the socket listens, and no other test can take it meanwhile.
+fn reserved_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
 }
 
 fn failed_attempts(text: &str) -> f64 {
@@ -646,7 +646,7 @@ fn failed_attempts(text: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_are_retried_until_the_receiver_is_up() {
     require_docker();
-    let port = free_port();
+    let (socket, port) = reserved_port();
     let url = format!("http://127.0.0.1:{port}/hook");
     let app = unique_app("hookretry");
     let _guard = AppGuard(app.clone());
@@ -661,9 +661,7 @@ async fn webhooks_are_retried_until_the_receiver_is_up() {
     })
     .await;
     // Up: everything arrives, in order, after retries.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let listener = socket.listen(64).unwrap();
     let receiver = Receiver::default();
     let _serving = receiver.serve(listener).await;
     let bodies = receiver.wait_for_finished(&end.deployment_id).await;
@@ -674,7 +672,8 @@ async fn webhooks_are_retried_until_the_receiver_is_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_webhook_does_not_hold_up_deployments() {
     require_docker();
-    let url = format!("http://127.0.0.1:{}/hook", free_port());
+    let (_socket, port) = reserved_port();
+    let url = format!("http://127.0.0.1:{port}/hook");
     let app = unique_app("hookdown");
     let _guard = AppGuard(app.clone());
     let server = TestServer::start_with(with_webhook(url), ObserverRegistry::new()).await;
