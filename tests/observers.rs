@@ -188,7 +188,10 @@ async fn metrics_count_successful_and_failed_deployments() {
         Some(0.0)
     );
 
-    let ok = deploy(&mut client, web_request(&ok_app, WEB)).await;
+    // An image only the registry has: the pull downloads exactly its random layer.
+    let (image, layers) = push_random_image(1);
+    let random_layer = *layers.last().unwrap();
+    let ok = deploy(&mut client, web_request(&ok_app, &image)).await;
     assert_eq!(terminal(&ok).phase(), proto::Phase::Complete);
     let bad = deploy(&mut client, crash_request(&bad_app)).await;
     assert_eq!(terminal(&bad).phase(), proto::Phase::Failed);
@@ -219,6 +222,11 @@ async fn metrics_count_successful_and_failed_deployments() {
             r#"stevedore_deployments_finished_total{outcome="cancelled"}"#
         ),
         Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, "stevedore_pull_bytes_total"),
+        Some(random_layer as f64),
+        "layers: {layers:?}"
     );
     assert_eq!(sample(&text, "stevedore_deployments_running"), Some(0.0));
     assert_eq!(sample(&text, "stevedore_deployments_queued"), Some(0.0));
@@ -297,7 +305,9 @@ async fn audit_log_chains_verifies_and_shows_tampering() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let secret = format!("hunter2-{}", uuid::Uuid::new_v4().simple());
-    let mut req = web_request(&app, WEB);
+    // Pulled from the registry, so the digest is resolved.
+    let (image, _) = push_random_image(1);
+    let mut req = web_request(&app, &image);
     req.env.insert("DATABASE_PASSWORD".into(), secret.clone());
     req.env
         .insert("MODE".into(), "audit-test-mode-value".into());
@@ -348,7 +358,7 @@ async fn audit_log_chains_verifies_and_shows_tampering() {
         assert_eq!(r["seq"], i as u64 + 1);
         assert_eq!(r["deployment_id"], end.deployment_id.as_str());
         assert_eq!(r["app"], app.as_str());
-        assert_eq!(r["image"], WEB);
+        assert_eq!(r["image"], image.as_str());
         assert_eq!(
             r["env_keys"],
             serde_json::json!(["DATABASE_PASSWORD", "MODE"])
@@ -363,6 +373,12 @@ async fn audit_log_chains_verifies_and_shows_tampering() {
     let last = records.last().unwrap();
     let container = end.result.as_ref().unwrap().container_id.clone();
     assert_eq!(last["container_id"], container.as_str());
+    let digest = end.result.as_ref().unwrap().image_digest.clone();
+    assert!(digest.contains("sha256:"), "{digest}");
+    assert_eq!(last["image_digest"], digest.as_str());
+    // Known from the end of the pull on: the records of the later phases carry it.
+    let creating = records.iter().find(|r| r["phase"] == "creating").unwrap();
+    assert_eq!(creating["image_digest"], digest.as_str());
     assert_eq!(last["outcome"], "succeeded");
 
     // Intact: verifies, and prints the head hash.
