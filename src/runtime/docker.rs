@@ -630,7 +630,7 @@ impl Runtime for DockerRuntime {
                 .h(EXEC_TTY_SIZE.1)
                 .build();
             if let Err(e) = self
-                .call("resize exec", self.docker()?.resize_exec(&created.id, size))
+                .call("resize exec", self.client()?.resize_exec(&created.id, size))
                 .await
             {
                 tracing::debug!(error = %e, "could not size the exec's TTY");
