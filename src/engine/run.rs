@@ -40,6 +40,15 @@ enum Stop {
     DeadlineExceeded,
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A failed step.
 struct Failure {
     phase: Phase,
@@ -73,6 +82,7 @@ pub(super) struct Run {
     ports: Vec<PublishedPort>,
     health: Vec<HealthOutcome>,
     log_lines: Option<mpsc::Receiver<String>>,
+    log_follower: Option<AbortOnDrop>,
 }
 
 impl Run {
@@ -85,6 +95,7 @@ impl Run {
             ports: Vec::new(),
             health: Vec::new(),
             log_lines: None,
+            log_follower: None,
         }
     }
 
@@ -298,13 +309,15 @@ impl Run {
         // Follow the output from the start: log health checks and milestones read it.
         let (tx, rx) = mpsc::channel(1024);
         let mut lines = self.ctx.runtime.follow_logs(&id);
-        tokio::spawn(async move {
+        let follower = tokio::spawn(async move {
             while let Some(Ok(line)) = lines.next().await {
                 if tx.send(line).await.is_err() {
                     break;
                 }
             }
         });
+        // A healthy container may stay quiet for ever: stop following when the run ends.
+        self.log_follower = Some(AbortOnDrop(follower.abort_handle()));
         self.log_lines = Some(rx);
         let state = self.inspect(Phase::Starting).await?;
         self.ports = state.ports.clone();
