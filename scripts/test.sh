@@ -68,7 +68,8 @@ _step "cargo test" cargo test "$@"
 
 # extra checks
 _step "grpcurl smoke" bash scripts/grpcurl-smoke.sh
-# (promtool check, bench smoke, fuzz smoke go here, each as `_step NAME CMD...`)
+_step "promtool check metrics" bash scripts/metrics-check.sh
+# (bench smoke goes here, as `_step NAME CMD...`)
 # Fuzzing of request validation (proptest, bounded: 5000 arbitrary DeployRequests).
 _step "fuzz request validation" env PROPTEST_CASES=5000 cargo test --lib api::convert::tests::fuzz
 _step "python client end-to-end" bash clients/python/test.sh

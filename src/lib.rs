@@ -6,6 +6,7 @@ pub mod engine;
 pub mod events;
 pub mod limits;
 pub mod model;
+pub mod observers;
 pub mod runtime;
 
 /// Code generated from `proto/stevedore/v1/deployer.proto`.

@@ -1,4 +1,5 @@
 use clap::{Parser, Subcommand};
+use stevedore::observers::audit::{self, AuditCommand};
 use stevedore::server::{self, ServeConfig};
 
 /// Stevedore: deploy container images as apps, with streamed progress.
@@ -23,6 +24,11 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeConfig),
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -46,6 +52,7 @@ async fn main() -> std::process::ExitCode {
     stevedore::logging::init(&cli.log_format);
     let result = match cli.command {
         Command::Serve(config) => server::run(config).await,
+        Command::Audit { command } => audit::run_command(command).map_err(Into::into),
         Command::Token(TokenCommand::New { name, scope }) => {
             let (secret, digest) = stevedore::api::auth::new_token();
             println!(

@@ -11,10 +11,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::DeployerService;
-use crate::api::auth::{AuthLayer, Authenticator};
+use crate::api::auth::{AuditRefusals, AuthLayer, Authenticator};
 use crate::engine::{Engine, EngineConfig};
-use crate::events::ObserverRegistry;
+use crate::events::{DEFAULT_QUEUE, ObserverRegistry};
 use crate::limits::LimitsConfig;
+use crate::observers::audit::{AuditLog, AuditObserver};
+use crate::observers::metrics::{Metrics, MetricsExporter, MetricsObserver};
+use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
 use crate::proto::deployer_server::DeployerServer;
 use crate::runtime::Runtime;
 use crate::runtime::docker::{DEFAULT_DOCKER_HOST, DockerRuntime};
@@ -48,6 +51,32 @@ pub struct ServeConfig {
     /// Message sizes, deployments in flight and queued, watch streams, Docker calls.
     #[command(flatten)]
     pub limits: LimitsConfig,
+    /// The audit log (default: DATA_DIR/audit.log). While it cannot be written, new
+    /// deployments are refused with UNAVAILABLE.
+    #[arg(long, env = "STEVEDORE_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Label deployment metrics with the app name (one series per app).
+    #[arg(long, env = "STEVEDORE_METRICS_APP_LABEL")]
+    pub metrics_app_label: bool,
+    /// URL to POST deployment state changes to (repeatable; in the environment,
+    /// comma-separated).
+    #[arg(long = "webhook", env = "STEVEDORE_WEBHOOKS", value_delimiter = ',')]
+    pub webhooks: Vec<String>,
+    /// Secret of the webhook signatures (HMAC-SHA256); required with --webhook.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<WebhookSecret>,
+    /// Attempts per webhook event before it is given up.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8)]
+    pub webhook_max_attempts: u32,
+    /// Wait before the first webhook retry; doubles up to --webhook-backoff-max.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_BACKOFF", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub webhook_backoff: Duration,
+    /// Longest wait between two webhook retries.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub webhook_backoff_max: Duration,
+    /// Time limit of one webhook POST.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -60,6 +89,14 @@ impl ServeConfig {
     }
 }
 
+/// Queue of the metrics observer (it is fast: a full queue means a stuck server).
+const METRICS_QUEUE: usize = 8192;
+/// How often histogram samples are folded into buckets.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// On shutdown, how long queued webhook deliveries may still take (at most the
+/// shutdown grace).
+const WEBHOOK_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// A server that is up: its bound addresses, and how to stop it.
 pub struct RunningServer {
     pub grpc_addr: SocketAddr,
@@ -68,6 +105,8 @@ pub struct RunningServer {
     /// The tokens in force, when `--tokens-file` was given ([`Authenticator::reload`]
     /// re-reads the file, as SIGHUP does for the binary).
     pub authenticator: Option<Authenticator>,
+    /// The audit log this server writes.
+    pub audit_log: Arc<AuditLog>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow_like::Result<()>>,
 }
@@ -122,16 +161,60 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
 
+    if !config.webhooks.is_empty()
+        && config
+            .webhook_secret
+            .as_ref()
+            .is_none_or(|s| s.0.is_empty())
+    {
+        return Err(
+            "--webhook needs --webhook-secret (or STEVEDORE_WEBHOOK_SECRET) to sign with".into(),
+        );
+    }
+    let shutdown = CancellationToken::new();
+
+    // The built-in observers. Adding one: a type implementing `Observer`, one line here.
+    let metrics = Arc::new(Metrics::new(config.metrics_app_label));
+    let audit_path = config
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("audit.log"));
+    let audit_log = AuditLog::open(&audit_path);
+    let mut subscriptions = vec![
+        observers.subscribe(
+            Arc::new(MetricsObserver::new(metrics.clone())),
+            METRICS_QUEUE,
+        ),
+        observers.subscribe_lossless(Arc::new(AuditObserver::new(audit_log.clone()))),
+    ];
+    if !config.webhooks.is_empty() {
+        let webhooks = WebhookConfig {
+            urls: config.webhooks.clone(),
+            secret: config
+                .webhook_secret
+                .as_ref()
+                .map(|s| s.0.clone())
+                .unwrap_or_default(),
+            max_attempts: config.webhook_max_attempts,
+            backoff_initial: config.webhook_backoff,
+            backoff_max: config.webhook_backoff_max,
+            timeout: config.webhook_timeout,
+            shutdown_grace: WEBHOOK_SHUTDOWN_GRACE.min(config.shutdown_grace),
+        };
+        let observer = WebhookObserver::new(webhooks, Some(metrics.clone()));
+        subscriptions.push(observers.subscribe(Arc::new(observer), DEFAULT_QUEUE));
+    }
+    let upkeep = metrics.spawn_upkeep(METRICS_UPKEEP, shutdown.clone());
+
     let engine = Engine::new(
         runtime.clone(),
-        observers,
+        observers.clone(),
         EngineConfig {
             max_in_flight: limits.max_in_flight,
             max_queued: limits.max_queued,
             ..EngineConfig::default()
         },
     );
-    let shutdown = CancellationToken::new();
 
     let grpc = TcpListener::bind(config.listen)
         .await
@@ -155,8 +238,14 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         .set_serving::<DeployerServer<DeployerService>>()
         .await;
 
+    // Refused calls (auth, deploy policy) are written to the audit log too.
+    let refusals = {
+        let log = audit_log.clone();
+        AuditRefusals::new(move |refusal| log.record_refusal(refusal))
+    };
     let service = DeployerServer::new(
         DeployerService::new(engine.clone(), shutdown.clone())
+            .with_audit(refusals.clone())
             .with_policy(security.policy())
             .with_max_watch_streams(limits.max_watch_streams),
     )
@@ -171,10 +260,9 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .max_concurrent_streams(limits.max_concurrent_streams)
-        .layer(AuthLayer::new(
-            authenticator.clone(),
-            engine.rejections().clone(),
-        ))
+        .layer(
+            AuthLayer::new(authenticator.clone(), engine.rejections().clone()).with_audit(refusals),
+        )
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -184,8 +272,16 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
             grpc_shutdown.cancelled_owned(),
         );
 
+    let writable_log = audit_log.clone();
+    let exporter = MetricsExporter {
+        metrics,
+        engine: engine.clone(),
+        observers,
+        audit_writable: Some(Arc::new(move || writable_log.is_writable())),
+    };
     let http_router = crate::http::router(crate::http::HttpState {
         runtime: runtime.clone(),
+        metrics: Some(Arc::new(exporter)),
     });
     let http_shutdown = shutdown.clone();
     type HttpServer = std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
@@ -232,6 +328,12 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         }
         grpc.await??;
         http.await??;
+        // Let the observers write what the last deployments reported (the audit log
+        // syncs every record; webhooks get a short grace).
+        for subscription in subscriptions {
+            subscription.drain().await;
+        }
+        let _ = upkeep.await;
         tracing::info!("stopped");
         Ok(())
     });
@@ -240,6 +342,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         http_addr,
         engine,
         authenticator,
+        audit_log,
         shutdown,
         task,
     })

@@ -317,7 +317,8 @@ async fn every_rpc_answers_by_token_scope() {
         proto::DeploymentState::Cancelled
     );
 
-    // The audit log has every refusal: 2×3 for the reads, 3 for Deploy, 3 for Cancel.
+    // The audit log has every refusal: no or an unknown token × 5 methods, and the
+    // read token × Deploy and Cancel.
     let log = server.log_text();
     let refusals: Vec<&str> = log
         .lines()
@@ -344,8 +345,55 @@ async fn every_rpc_answers_by_token_scope() {
         log.contains("requested_by=ci"),
         "the caller's name is logged"
     );
+
+    // The audit log (DATA_DIR/audit.log) has the same refusals, in its chain, and
+    // the accepted deployment as requested by the token's name.
+    let audit_path = dir.path().join("audit.log");
+    let mut records: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&audit_path).unwrap_or_default();
+        records = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if records.iter().filter(|r| r["event"] == "refused").count() >= 12 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused: Vec<_> = records.iter().filter(|r| r["event"] == "refused").collect();
+    assert_eq!(refused.len(), 12, "{refused:#?}");
+    assert!(refused.iter().any(|r| r["method"] == "Deploy"
+        && r["requested_by"] == "reader"
+        && r["code"] == "PermissionDenied"));
+    assert_eq!(
+        refused
+            .iter()
+            .filter(|r| r["requested_by"] == "anonymous" && r["code"] == "Unauthenticated")
+            .count(),
+        10,
+        "no or an unknown token × 5 methods"
+    );
+    assert!(records.iter().any(|r| r["event"] == "accepted"
+        && r["app"] == app.as_str()
+        && r["requested_by"] == "ci"));
+    let verify = Command::new(binary())
+        .args(["audit", "verify"])
+        .arg(&audit_path)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let audit_text = std::fs::read_to_string(&audit_path).unwrap();
     for secret in [&deploy_secret, &read_secret, &admin_secret, &unknown_secret] {
         assert!(!log.contains(secret.as_str()), "a token secret was logged");
+        assert!(
+            !audit_text.contains(secret.as_str()),
+            "a token secret was audited"
+        );
     }
 }
 
@@ -649,6 +697,16 @@ async fn over_limit_deploys_and_watches_get_resource_exhausted_at_once() {
         snapshot.contains(&("deployments_queued", 1)),
         "{snapshot:?}"
     );
+    // …and exported as a metric per limit.
+    let (_, metrics) = http_get(&server.http_url("/metrics")).await;
+    for limit in [
+        "deployments_queued",
+        "deployments_in_flight",
+        "watch_streams",
+    ] {
+        let line = format!("stevedore_rejections_total{{limit=\"{limit}\"}} 1");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
 
     for id in [queued, first] {
         client
@@ -816,12 +874,30 @@ async fn registry_credentials_appear_nowhere() {
     let container = end.result.as_ref().unwrap().container_id.clone();
     let inspect = docker(&["inspect", &container]);
 
+    // The refusal reaches the audit log (written in the background).
+    let audit_path = dir.path().join("audit.log");
+    for _ in 0..100 {
+        if std::fs::read_to_string(&audit_path)
+            .unwrap_or_default()
+            .contains("\"refused\"")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    assert!(
+        audit.contains("\"refused\"") && audit.contains("\"accepted\""),
+        "{audit}"
+    );
+
     let log = server.log_text();
     assert!(log.contains("DEBUG"), "the server logged at debug level");
     assert!(log.contains("stevedore::audit"), "the refusal was audited");
     let places = [
         ("server log (debug) and audit events", log),
-        ("data dir (store)", all_files_text(dir.path())),
+        ("audit log", audit),
+        ("data dir (store, audit log)", all_files_text(dir.path())),
         ("updates", format!("{updates:?}")),
         ("replayed updates", format!("{replayed:?}")),
         ("GetStatus", format!("{status:?}")),

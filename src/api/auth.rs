@@ -326,6 +326,48 @@ pub fn audit_refusal(
     );
 }
 
+/// A refused call, as the audit log records it.
+#[derive(Debug, Clone, Copy)]
+pub struct RefusalEvent<'a> {
+    pub method: &'a str,
+    /// The token's name when the token was known.
+    pub caller: Option<&'a str>,
+    pub peer: Option<SocketAddr>,
+    pub code: Code,
+    pub reason: &'a str,
+}
+
+type RefusalSink = Arc<dyn Fn(&RefusalEvent<'_>) + Send + Sync>;
+
+/// Where refusals go: always the `stevedore::audit` tracing event
+/// ([`audit_refusal`]), and the audit log when the server wires one in.
+#[derive(Clone, Default)]
+pub struct AuditRefusals {
+    sink: Option<RefusalSink>,
+}
+
+impl AuditRefusals {
+    /// Refusals are also handed to `sink` (the server appends them to the audit log).
+    pub fn new(sink: impl Fn(&RefusalEvent<'_>) + Send + Sync + 'static) -> Self {
+        Self {
+            sink: Some(Arc::new(sink)),
+        }
+    }
+
+    pub fn emit(&self, event: RefusalEvent<'_>) {
+        audit_refusal(
+            event.method,
+            event.caller,
+            event.peer,
+            event.code,
+            event.reason,
+        );
+        if let Some(sink) = &self.sink {
+            sink(&event);
+        }
+    }
+}
+
 /// The peer address tonic records in a request's extensions (plain or TLS).
 pub fn peer_of(extensions: &http::Extensions) -> Option<SocketAddr> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -350,6 +392,7 @@ fn deployer_prefix() -> String {
 pub struct AuthLayer {
     auth: Option<Authenticator>,
     rejections: Arc<Rejections>,
+    audit: AuditRefusals,
     prefix: Arc<str>,
 }
 
@@ -358,8 +401,15 @@ impl AuthLayer {
         Self {
             auth,
             rejections,
+            audit: AuditRefusals::default(),
             prefix: deployer_prefix().into(),
         }
+    }
+
+    /// Refusals also go to `audit` (the audit log).
+    pub fn with_audit(mut self, audit: AuditRefusals) -> Self {
+        self.audit = audit;
+        self
     }
 }
 
@@ -415,13 +465,13 @@ where
                         Code::PermissionDenied => Rejection::PermissionDenied,
                         _ => Rejection::Unauthenticated,
                     });
-                    audit_refusal(
+                    self.layer.audit.emit(RefusalEvent {
                         method,
-                        refusal.caller.as_deref(),
-                        peer_of(req.extensions()),
-                        refusal.code,
-                        &refusal.reason,
-                    );
+                        caller: refusal.caller.as_deref(),
+                        peer: peer_of(req.extensions()),
+                        code: refusal.code,
+                        reason: &refusal.reason,
+                    });
                     let response = refusal.status().into_http::<R>();
                     return Box::pin(async move { Ok(response) });
                 }

@@ -24,7 +24,9 @@ use crate::proto::deployer_server::Deployer;
 pub fn status_of(e: EngineError) -> Status {
     let message = e.to_string();
     match e {
-        EngineError::Unavailable(_) | EngineError::ShuttingDown => Status::unavailable(message),
+        EngineError::Unavailable(_) | EngineError::ShuttingDown | EngineError::Refused(_) => {
+            Status::unavailable(message)
+        }
         EngineError::NotFound(_) => Status::not_found(message),
         EngineError::OutOfRange(_) => Status::out_of_range(message),
         EngineError::AlreadyFinished { .. } => Status::failed_precondition(message),
@@ -40,6 +42,7 @@ pub struct DeployerService {
     /// One permit per open WatchDeployment stream.
     watch_streams: Arc<Semaphore>,
     max_watch_streams: usize,
+    audit: auth::AuditRefusals,
 }
 
 /// What a forwarded stream holds besides the updates.
@@ -61,7 +64,14 @@ impl DeployerService {
             policy: policy::DeployPolicy::default(),
             watch_streams: Arc::new(Semaphore::new(crate::limits::DEFAULT_MAX_WATCH_STREAMS)),
             max_watch_streams: crate::limits::DEFAULT_MAX_WATCH_STREAMS,
+            audit: auth::AuditRefusals::default(),
         }
+    }
+
+    /// Policy refusals also go to `audit` (the audit log).
+    pub fn with_audit(mut self, audit: auth::AuditRefusals) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// Applies `policy` to every Deploy.
@@ -171,13 +181,13 @@ impl Deployer for DeployerService {
         let spec = convert::deploy_spec(request.into_inner(), who)?;
         if let Err(refused) = self.policy.check(&spec) {
             self.engine.rejections().record(Rejection::Policy);
-            auth::audit_refusal(
-                "Deploy",
-                authed.as_ref().map(|c| c.name.as_str()),
+            self.audit.emit(auth::RefusalEvent {
+                method: "Deploy",
+                caller: authed.as_ref().map(|c| c.name.as_str()),
                 peer,
-                refused.code(),
-                refused.message(),
-            );
+                code: refused.code(),
+                reason: refused.message(),
+            });
             return Err(refused);
         }
         let (_, updates) = self.engine.deploy(spec).await.map_err(status_of)?;

@@ -49,6 +49,9 @@ pub enum EngineError {
     /// A limit is reached; the caller may retry later.
     #[error("{message}")]
     Exhausted { limit: Rejection, message: String },
+    /// An observer that must not miss events (the audit log) cannot take them now.
+    #[error("{0}")]
+    Refused(crate::events::ObserverError),
 }
 
 /// Tunables of the engine. Defaults suit a local engine.
@@ -168,6 +171,9 @@ impl Engine {
             let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
             return Ok((existing, stream));
         }
+        // An observer that cannot record (the audit log) refuses new deployments
+        // rather than let them run unrecorded.
+        self.ctx.observers.admit().map_err(EngineError::Refused)?;
         let runtime = &self.ctx.runtime;
         match tokio::time::timeout(self.ctx.config.ping_timeout, runtime.ping()).await {
             Ok(Ok(())) => {}
@@ -348,6 +354,15 @@ impl Engine {
         };
         let _ = tokio::time::timeout(self.ctx.config.cancel_wait, wait).await;
         Ok(deployment.status())
+    }
+
+    /// How many known deployments are in each state (for gauges).
+    pub fn state_counts(&self) -> HashMap<DeploymentState, usize> {
+        let mut counts = HashMap::new();
+        for d in self.deployments.read().expect("deployments lock").values() {
+            *counts.entry(d.status().state).or_default() += 1;
+        }
+        counts
     }
 
     /// Stops accepting deployments; running ones continue.

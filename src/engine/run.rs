@@ -40,6 +40,15 @@ enum Stop {
     DeadlineExceeded,
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A failed step.
 struct Failure {
     phase: Phase,
@@ -73,6 +82,7 @@ pub(super) struct Run {
     ports: Vec<PublishedPort>,
     health: Vec<HealthOutcome>,
     log_lines: Option<mpsc::Receiver<String>>,
+    log_follower: Option<AbortOnDrop>,
 }
 
 impl Run {
@@ -85,6 +95,7 @@ impl Run {
             ports: Vec::new(),
             health: Vec::new(),
             log_lines: None,
+            log_follower: None,
         }
     }
 
@@ -169,12 +180,13 @@ impl Run {
             .await
             .map_err(|e| Failure::runtime(Phase::Pulling, "image inspection", e))?
         {
+            let digest = info.digest.clone().unwrap_or_default();
             self.image = info;
             self.rep.progress(
                 1.0,
                 Level::Info,
                 format!("image {image} is present locally; no pull needed"),
-                Extra::meta([("pulled", "false".into())]),
+                Extra::meta([("pulled", "false".into()), ("image_digest", digest)]),
             );
             return Ok(());
         }
@@ -235,6 +247,7 @@ impl Run {
                 .map(|d| format!(" ({d})"))
                 .unwrap_or_default()
         );
+        let digest = info.digest.clone().unwrap_or_default();
         self.image = info;
         self.rep.progress(
             1.0,
@@ -242,7 +255,7 @@ impl Run {
             message,
             Extra {
                 pull: Some(progress),
-                ..Default::default()
+                ..Extra::meta([("image_digest", digest)])
             },
         );
         Ok(())
@@ -296,13 +309,15 @@ impl Run {
         // Follow the output from the start: log health checks and milestones read it.
         let (tx, rx) = mpsc::channel(1024);
         let mut lines = self.ctx.runtime.follow_logs(&id);
-        tokio::spawn(async move {
+        let follower = tokio::spawn(async move {
             while let Some(Ok(line)) = lines.next().await {
                 if tx.send(line).await.is_err() {
                     break;
                 }
             }
         });
+        // A healthy container may stay quiet for ever: stop following when the run ends.
+        self.log_follower = Some(AbortOnDrop(follower.abort_handle()));
         self.log_lines = Some(rx);
         let state = self.inspect(Phase::Starting).await?;
         self.ports = state.ports.clone();

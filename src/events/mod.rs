@@ -9,4 +9,6 @@ mod log;
 mod registry;
 
 pub use log::{DeploymentLog, LogError, UpdateStream};
-pub use registry::{Observer, ObserverError, ObserverRegistry, ObserverStats, Subscription};
+pub use registry::{
+    DEFAULT_QUEUE, Observer, ObserverError, ObserverRegistry, ObserverStats, Subscription,
+};
