@@ -137,6 +137,8 @@ async fn fan_out(store: &Store, n: u64, watchers: usize, stalled: usize) -> FanO
             log.subscribe(0).unwrap(),
             CancellationToken::new(),
             config,
+            None,
+            None,
         );
         readers.push(tokio::spawn(async move {
             let mut count = 0u64;
@@ -154,6 +156,8 @@ async fn fan_out(store: &Store, n: u64, watchers: usize, stalled: usize) -> FanO
                 log.subscribe(0).unwrap(),
                 CancellationToken::new(),
                 config,
+                None,
+                None,
             )
         })
         .collect();

@@ -67,4 +67,9 @@ _step "cargo clippy" cargo clippy --all-targets -- -D warnings
 _step "cargo test" cargo test "$@"
 
 # extra checks
-# (promtool check, bench smoke, fuzz smoke go here, each as `_step NAME CMD...`)
+_step "grpcurl smoke" bash scripts/grpcurl-smoke.sh
+_step "promtool check metrics" bash scripts/metrics-check.sh
+# (bench smoke goes here, as `_step NAME CMD...`)
+# Fuzzing of request validation (proptest, bounded: 5000 arbitrary DeployRequests).
+_step "fuzz request validation" env PROPTEST_CASES=5000 cargo test --lib api::convert::tests::fuzz
+_step "python client end-to-end" bash clients/python/test.sh

@@ -4,7 +4,9 @@
 
 pub mod engine;
 pub mod events;
+pub mod limits;
 pub mod model;
+pub mod observers;
 pub mod runtime;
 pub mod store;
 
@@ -21,4 +23,5 @@ pub mod proto {
 pub mod api;
 pub mod http;
 pub mod logging;
+pub mod security;
 pub mod server;

@@ -1,4 +1,5 @@
 use clap::{Parser, Subcommand};
+use stevedore::observers::audit::{self, AuditCommand};
 use stevedore::server::{self, ServeConfig};
 
 /// Stevedore: deploy container images as apps, with streamed progress.
@@ -17,10 +18,32 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
     Serve(ServeConfig),
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new random token (once) and the entry to add to the tokens file.
+    New {
+        /// The token's name: recorded as the caller in logs, audit and `requested_by`.
+        name: String,
+        /// What the token may do (repeatable).
+        #[arg(long, value_enum, required = true)]
+        scope: Vec<stevedore::api::auth::Scope>,
+    },
 }
 
 #[tokio::main]
@@ -29,6 +52,21 @@ async fn main() -> std::process::ExitCode {
     stevedore::logging::init(&cli.log_format);
     let result = match cli.command {
         Command::Serve(config) => server::run(config).await,
+        Command::Audit { command } => audit::run_command(command).map_err(Into::into),
+        Command::Token(TokenCommand::New { name, scope }) => {
+            let (secret, digest) = stevedore::api::auth::new_token();
+            println!(
+                "token (shown once; give it to the client as `authorization: Bearer <token>`):"
+            );
+            println!("{secret}");
+            println!();
+            println!("add to the tokens file, then send SIGHUP to the server:");
+            print!(
+                "{}",
+                stevedore::api::auth::token_entry(&name, &digest, &scope)
+            );
+            Ok(())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -427,10 +427,11 @@ mod tests {
     fn weights_add_up_and_offsets_increase() {
         let sum: f64 = Phase::WORK.iter().map(|p| p.weight()).sum();
         assert!((sum - 1.0).abs() < 1e-9, "weights sum to {sum}");
-        let mut last = -1.0;
+        // Each phase starts where the previous one ends.
+        let mut end_of_previous = 0.0;
         for p in Phase::WORK {
-            assert!(p.start_offset() > last || p.weight() == 0.0);
-            last = p.start_offset();
+            assert!((p.start_offset() - end_of_previous).abs() < 1e-9, "{p:?}");
+            end_of_previous = p.start_offset() + p.weight();
         }
         assert!((Phase::Cleanup.start_offset() + Phase::Cleanup.weight() - 1.0).abs() < 1e-9);
     }

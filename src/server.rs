@@ -11,11 +11,18 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{DeployerService, StreamConfig};
+
+use crate::api::auth::{AuditRefusals, AuthLayer, Authenticator};
 use crate::engine::{Engine, EngineConfig};
-use crate::events::ObserverRegistry;
+use crate::events::{DEFAULT_QUEUE, ObserverRegistry};
+use crate::limits::LimitsConfig;
+use crate::observers::audit::{AuditLog, AuditObserver};
+use crate::observers::metrics::{Metrics, MetricsExporter, MetricsObserver};
+use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
 use crate::proto::deployer_server::DeployerServer;
 use crate::runtime::Runtime;
 use crate::runtime::docker::{DEFAULT_DOCKER_HOST, DockerRuntime};
+use crate::security::{SecurityConfig, TlsListener};
 use crate::store::{Retention, Store};
 
 /// `stevedore serve` flags; each has a `STEVEDORE_…` environment fallback.
@@ -62,6 +69,38 @@ pub struct ServeConfig {
     /// terminal one always); earlier sequences are then OUT_OF_RANGE.
     #[arg(long, env = "STEVEDORE_RETENTION_MAX_LOG_UPDATES")]
     pub retention_max_log_updates: Option<u64>,
+    /// Tokens, TLS, deploy policy.
+    #[command(flatten)]
+    pub security: SecurityConfig,
+    /// Message sizes, deployments in flight and queued, watch streams, Docker calls.
+    #[command(flatten)]
+    pub limits: LimitsConfig,
+    /// The audit log (default: DATA_DIR/audit.log). While it cannot be written, new
+    /// deployments are refused with UNAVAILABLE.
+    #[arg(long, env = "STEVEDORE_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Label deployment metrics with the app name (one series per app).
+    #[arg(long, env = "STEVEDORE_METRICS_APP_LABEL")]
+    pub metrics_app_label: bool,
+    /// URL to POST deployment state changes to (repeatable; in the environment,
+    /// comma-separated).
+    #[arg(long = "webhook", env = "STEVEDORE_WEBHOOKS", value_delimiter = ',')]
+    pub webhooks: Vec<String>,
+    /// Secret of the webhook signatures (HMAC-SHA256); required with --webhook.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<WebhookSecret>,
+    /// Attempts per webhook event before it is given up.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_MAX_ATTEMPTS", default_value_t = 8)]
+    pub webhook_max_attempts: u32,
+    /// Wait before the first webhook retry; doubles up to --webhook-backoff-max.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_BACKOFF", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub webhook_backoff: Duration,
+    /// Longest wait between two webhook retries.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub webhook_backoff_max: Duration,
+    /// Time limit of one webhook POST.
+    #[arg(long, env = "STEVEDORE_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -74,11 +113,24 @@ impl ServeConfig {
     }
 }
 
+/// Queue of the metrics observer (it is fast: a full queue means a stuck server).
+const METRICS_QUEUE: usize = 8192;
+/// How often histogram samples are folded into buckets.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+/// On shutdown, how long queued webhook deliveries may still take (at most the
+/// shutdown grace).
+const WEBHOOK_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// A server that is up: its bound addresses, and how to stop it.
 pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub engine: Engine,
+    /// The tokens in force, when `--tokens-file` was given ([`Authenticator::reload`]
+    /// re-reads the file, as SIGHUP does for the binary).
+    pub authenticator: Option<Authenticator>,
+    /// The audit log this server writes.
+    pub audit_log: Arc<AuditLog>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow_like::Result<()>>,
 }
@@ -109,8 +161,21 @@ impl RunningServer {
 
 /// Binds both listeners and starts serving. Returns once the server accepts calls.
 pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<RunningServer> {
+    let security = &config.security;
+    let limits = &config.limits;
+    security.check_listen(&[("gRPC", config.listen), ("HTTP", config.http_listen)])?;
+    let authenticator = security.authenticator()?;
+    if let Some(auth) = &authenticator {
+        tracing::info!(tokens_file = %auth.path().display(), "token authentication on");
+    }
+    let grpc_tls = security.grpc_tls()?;
+    let http_tls = security.http_tls()?;
+
     let endpoint = config.docker_endpoint();
-    let runtime: Arc<dyn Runtime> = Arc::new(DockerRuntime::new(&endpoint, config.docker_timeout)?);
+    let runtime: Arc<dyn Runtime> = Arc::new(
+        DockerRuntime::new(&endpoint, config.docker_timeout)?
+            .with_max_concurrent_calls(limits.max_docker_calls),
+    );
     match runtime.ping().await {
         Ok(()) => tracing::info!(docker = %endpoint, "docker engine answers"),
         Err(e) => {
@@ -121,7 +186,54 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir).await?;
 
+    if !config.webhooks.is_empty()
+        && config
+            .webhook_secret
+            .as_ref()
+            .is_none_or(|s| s.0.is_empty())
+    {
+        return Err(
+            "--webhook needs --webhook-secret (or STEVEDORE_WEBHOOK_SECRET) to sign with".into(),
+        );
+    }
+    let shutdown = CancellationToken::new();
+
+    // The built-in observers. Adding one: a type implementing `Observer`, one line here.
+    let metrics = Arc::new(Metrics::new(config.metrics_app_label));
+    let audit_path = config
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("audit.log"));
+    let audit_log = AuditLog::open(&audit_path);
+    let mut subscriptions = vec![
+        observers.subscribe(
+            Arc::new(MetricsObserver::new(metrics.clone())),
+            METRICS_QUEUE,
+        ),
+        observers.subscribe_lossless(Arc::new(AuditObserver::new(audit_log.clone()))),
+    ];
+    if !config.webhooks.is_empty() {
+        let webhooks = WebhookConfig {
+            urls: config.webhooks.clone(),
+            secret: config
+                .webhook_secret
+                .as_ref()
+                .map(|s| s.0.clone())
+                .unwrap_or_default(),
+            max_attempts: config.webhook_max_attempts,
+            backoff_initial: config.webhook_backoff,
+            backoff_max: config.webhook_backoff_max,
+            timeout: config.webhook_timeout,
+            shutdown_grace: WEBHOOK_SHUTDOWN_GRACE.min(config.shutdown_grace),
+        };
+        let observer = WebhookObserver::new(webhooks, Some(metrics.clone()));
+        subscriptions.push(observers.subscribe(Arc::new(observer), DEFAULT_QUEUE));
+    }
+    let upkeep = metrics.spawn_upkeep(METRICS_UPKEEP, shutdown.clone());
+
     let engine_config = EngineConfig {
+        max_in_flight: limits.max_in_flight,
+        max_queued: limits.max_queued,
         retention: Retention {
             max_deployments: config.retention_max_deployments,
             max_age: config.retention_max_age,
@@ -129,8 +241,14 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         },
         ..EngineConfig::default()
     };
-    let engine = Engine::new(runtime.clone(), observers, engine_config, store.clone());
-    // Reconcile what a previous process left before serving anything.
+    let engine = Engine::new(
+        runtime.clone(),
+        observers.clone(),
+        engine_config,
+        store.clone(),
+    );
+    // Reconcile what a previous process left before serving anything (the observers
+    // are subscribed, so the interrupted deployments' ends are audited too).
     let recovery = engine.recover().await?;
     if !recovery.interrupted.is_empty() {
         tracing::warn!(
@@ -140,7 +258,6 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         );
     }
     engine.apply_retention().await;
-    let shutdown = CancellationToken::new();
 
     let grpc = TcpListener::bind(config.listen)
         .await
@@ -169,15 +286,31 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         buffer: config.watch_buffer,
         stall_timeout: config.watch_stall_timeout,
     };
-    let service = DeployerServer::new(DeployerService::with_streams(
-        engine.clone(),
-        shutdown.clone(),
-        streams,
-    ));
+    // Refused calls (auth, deploy policy) are written to the audit log too.
+    let refusals = {
+        let log = audit_log.clone();
+        AuditRefusals::new(move |refusal| log.record_refusal(refusal))
+    };
+    let service = DeployerServer::new(
+        DeployerService::with_streams(engine.clone(), shutdown.clone(), streams)
+            .with_audit(refusals.clone())
+            .with_policy(security.policy())
+            .with_max_watch_streams(limits.max_watch_streams),
+    )
+    .max_decoding_message_size(limits.max_request_bytes)
+    .max_encoding_message_size(limits.max_response_bytes);
     let grpc_shutdown = shutdown.clone();
-    let grpc_server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = grpc_tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let grpc_server = builder
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .layer(
+            AuthLayer::new(authenticator.clone(), engine.rejections().clone()).with_audit(refusals),
+        )
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -187,21 +320,48 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
             grpc_shutdown.cancelled_owned(),
         );
 
+    let writable_log = audit_log.clone();
+    let exporter = MetricsExporter {
+        metrics,
+        engine: engine.clone(),
+        observers,
+        audit_writable: Some(Arc::new(move || writable_log.is_writable())),
+    };
     let http_router = crate::http::router(crate::http::HttpState {
         runtime: runtime.clone(),
+        metrics: Some(Arc::new(exporter)),
     });
     let http_shutdown = shutdown.clone();
-    let http_server =
-        axum::serve(http, http_router).with_graceful_shutdown(http_shutdown.cancelled_owned());
+    type HttpServer = std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
+    let http_server: HttpServer = match http_tls {
+        None => Box::pin(
+            axum::serve(http, http_router)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                .into_future(),
+        ),
+        Some(tls) => Box::pin(
+            axum::serve(TlsListener::new(http, tls, shutdown.clone())?, http_router)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                .into_future(),
+        ),
+    };
 
-    tracing::info!(grpc = %grpc_addr, http = %http_addr, docker = %endpoint, "stevedore listening");
+    tracing::info!(
+        grpc = %grpc_addr,
+        http = %http_addr,
+        docker = %endpoint,
+        tls = security.tls_enabled(),
+        mtls = security.tls_client_ca.is_some(),
+        auth = authenticator.is_some(),
+        "stevedore listening"
+    );
 
     let task_engine = engine.clone();
     let grace = config.shutdown_grace;
     let task_shutdown = shutdown.clone();
     let task = tokio::spawn(async move {
         let grpc = tokio::spawn(grpc_server);
-        let http = tokio::spawn(async move { http_server.await });
+        let http = tokio::spawn(http_server);
         let retention_engine = task_engine.clone();
         let retention = tokio::spawn(async move {
             // Age-based retention also needs time to pass; count-based runs after
@@ -242,6 +402,12 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
             Err(_) => tracing::warn!("gRPC connections did not close within 10s"),
         }
         http.await??;
+        // Let the observers write what the last deployments reported (the audit log
+        // syncs every record; webhooks get a short grace).
+        for subscription in subscriptions {
+            subscription.drain().await;
+        }
+        let _ = upkeep.await;
         tracing::info!("stopped");
         Ok(())
     });
@@ -249,6 +415,8 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         grpc_addr,
         http_addr,
         engine,
+        authenticator,
+        audit_log,
         shutdown,
         task,
     })
@@ -256,7 +424,13 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
 
 /// Runs the server until SIGTERM or SIGINT.
 pub async fn run(config: ServeConfig) -> Result<()> {
+    // Installed before the server announces itself, so an early SIGHUP reloads
+    // instead of killing the process.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let server = start(config, ObserverRegistry::new()).await?;
+    if let Some(auth) = server.authenticator.clone() {
+        reload_tokens_on_sighup(auth, hangup);
+    }
     let token = server.shutdown_token();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -272,4 +446,21 @@ async fn wait_for_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
+}
+
+/// Re-reads the tokens file on each SIGHUP; a file that does not parse leaves the
+/// tokens in force unchanged.
+fn reload_tokens_on_sighup(auth: Authenticator, mut hangup: tokio::signal::unix::Signal) {
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match auth.reload() {
+                Ok(n) => {
+                    tracing::info!(tokens = n, file = %auth.path().display(), "SIGHUP: tokens file reloaded")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: tokens file not reloaded; the previous tokens stay in force")
+                }
+            }
+        }
+    });
 }

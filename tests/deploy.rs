@@ -2,8 +2,14 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
-use stevedore::proto::{self, GetStatusRequest};
+use stevedore::proto::{
+    self, DeployRequest, GetStatusRequest, HealthCheck, HttpHealthCheck, ListDeploymentsRequest,
+    PortMapping, ProgressUpdate, health_check,
+};
+use tonic::Code;
 
 #[tokio::test]
 async fn deploy_pulls_from_the_registry_and_serves() {
@@ -79,5 +85,538 @@ async fn deploy_pulls_from_the_registry_and_serves() {
     assert_eq!(status.state(), proto::DeploymentState::Succeeded);
     assert_eq!(status.last_sequence, end.sequence);
     assert_eq!(app_containers(&app).len(), 1);
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Helpers local to these tests
+// ---------------------------------------------------------------------------
+
+fn secs(s: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+fn millis(ms: i32) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: 0,
+        nanos: ms * 1_000_000,
+    })
+}
+
+/// A web request whose image HEALTHCHECK is polled every 200ms.
+fn quick_request(app: &str, image: &str) -> DeployRequest {
+    let mut req = web_request(app, image);
+    req.health_check = Some(HealthCheck {
+        check: None,
+        timeout: secs(60),
+        interval: millis(200),
+    });
+    req
+}
+
+async fn get_status(client: &mut Client, id: &str) -> proto::DeploymentStatus {
+    client
+        .get_status(GetStatusRequest {
+            deployment_id: id.to_owned(),
+        })
+        .await
+        .expect("GetStatus answers")
+        .into_inner()
+}
+
+/// Polls GetStatus until the deployment has ended (generous bound; no timing asserted).
+async fn wait_finished(client: &mut Client, id: &str) -> proto::DeploymentStatus {
+    for _ in 0..1200 {
+        let status = get_status(client, id).await;
+        use proto::DeploymentState::*;
+        if matches!(status.state(), Succeeded | Failed | Cancelled) {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("deployment {id} did not end within 120s");
+}
+
+fn succeeded_url(updates: &[ProgressUpdate]) -> String {
+    let end = terminal(updates);
+    assert_eq!(
+        end.phase(),
+        proto::Phase::Complete,
+        "deployment failed: {}",
+        end.message
+    );
+    end.result.as_ref().unwrap().endpoints["8080/tcp"].clone()
+}
+
+fn timestamp_key(u: &ProgressUpdate) -> (i64, i32) {
+    let t = u.timestamp.as_ref().expect("timestamp set");
+    (t.seconds, t.nanos)
+}
+
+// ---------------------------------------------------------------------------
+// Redeploy, failure with rollback, queueing, disconnects
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn redeploy_replaces_the_container() {
+    require_docker();
+    let app = unique_app("redeploy");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let first = deploy(&mut client, quick_request(&app, "stevedore-test/web:1")).await;
+    assert_well_formed(&first);
+    let url1 = succeeded_url(&first);
+    assert_eq!(http_get(&url1).await.1.trim(), "v1");
+    let old_id = terminal(&first).result.clone().unwrap().container_id;
+    assert_eq!(app_containers(&app), vec![old_id.clone()]);
+
+    let second = deploy(&mut client, quick_request(&app, "stevedore-test/web:2")).await;
+    assert_well_formed(&second);
+    let url2 = succeeded_url(&second);
+    let new_id = terminal(&second).result.clone().unwrap().container_id;
+    assert_ne!(new_id, old_id, "a redeploy creates a new container");
+    assert_eq!(
+        app_containers(&app),
+        vec![new_id.clone()],
+        "exactly the new container is left"
+    );
+    let (status, body) = http_get(&url2).await;
+    assert_eq!((status, body.trim()), (200, "v2"));
+    // The switch reported taking the old container out, and it is gone from the engine.
+    assert!(
+        second
+            .iter()
+            .any(|u| metadata(u).get("removed_container_id") == Some(&old_id)),
+        "the switch names the removed container"
+    );
+    let inspect = std::process::Command::new("docker")
+        .args(["inspect", &old_id])
+        .output()
+        .unwrap();
+    assert!(
+        !inspect.status.success(),
+        "old container {old_id} still exists"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_crashing_image_fails_with_diagnostics_and_the_previous_version_serves() {
+    require_docker();
+    let app = unique_app("crash");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let good = deploy(&mut client, quick_request(&app, "stevedore-test/web:1")).await;
+    let url = succeeded_url(&good);
+    let good_id = terminal(&good).result.clone().unwrap().container_id;
+
+    let bad = deploy(&mut client, quick_request(&app, "stevedore-test/crash:1")).await;
+    assert_well_formed(&bad);
+    let end = terminal(&bad);
+    assert_eq!(end.phase(), proto::Phase::Failed, "{}", end.message);
+    assert_eq!(end.level(), proto::Level::Error);
+    let result = end.result.clone().unwrap();
+    assert!(!result.success);
+    let diagnostics = result.diagnostics.expect("diagnostics on failure");
+    assert_eq!(diagnostics.exit_code, Some(1), "{diagnostics:?}");
+    assert!(!diagnostics.oom_killed);
+    for line in [
+        "starting crash image",
+        "loading config",
+        "fatal: config missing",
+    ] {
+        assert!(
+            diagnostics.log_tail.iter().any(|l| l.contains(line)),
+            "{line:?} not in the log tail {:?}",
+            diagnostics.log_tail
+        );
+    }
+    assert!(
+        matches!(
+            diagnostics.failed_phase(),
+            proto::Phase::Starting | proto::Phase::HealthCheck
+        ),
+        "{diagnostics:?}"
+    );
+    assert!(end.message.contains("exited"), "{}", end.message);
+    assert_eq!(
+        metadata(end).get("exit_code").map(String::as_str),
+        Some("1")
+    );
+
+    let status = get_status(&mut client, &end.deployment_id).await;
+    assert_eq!(status.state(), proto::DeploymentState::Failed);
+    assert_eq!(status.error, end.message);
+
+    // Rolled back: the previous version is the app's only container and still serves.
+    assert_eq!(app_containers(&app), vec![good_id]);
+    let (code, body) = http_get(&url).await;
+    assert_eq!((code, body.trim()), (200, "v1"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_deploys_of_one_app_run_one_after_the_other() {
+    require_docker();
+    let app = unique_app("queue");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client1 = server.client().await;
+    let mut client2 = server.client().await;
+
+    let mut first = client1
+        .deploy(quick_request(&app, "stevedore-test/web:1"))
+        .await
+        .unwrap()
+        .into_inner();
+    // Once the first deployment is validating it holds the app's lock.
+    let mut first_updates = Vec::new();
+    loop {
+        let u = first.message().await.unwrap().expect("first stream open");
+        let validating = u.phase() == proto::Phase::Validating;
+        first_updates.push(u);
+        if validating {
+            break;
+        }
+    }
+    let first_rest = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Some(u) = first.message().await.unwrap() {
+            rest.push(u);
+        }
+        rest
+    });
+    let second = deploy(&mut client2, quick_request(&app, "stevedore-test/web:2")).await;
+    first_updates.extend(first_rest.await.unwrap());
+
+    assert_well_formed(&first_updates);
+    assert_well_formed(&second);
+    let first_end = terminal(&first_updates);
+    assert_eq!(
+        first_end.phase(),
+        proto::Phase::Complete,
+        "{}",
+        first_end.message
+    );
+    let url = succeeded_url(&second);
+
+    // The second waited in QUEUED at position 1 …
+    let queued: Vec<_> = second
+        .iter()
+        .filter(|u| u.phase() == proto::Phase::Queued && metadata(u).contains_key("queue_position"))
+        .collect();
+    assert!(!queued.is_empty(), "the second deployment showed QUEUED");
+    assert_eq!(metadata(queued[0])["queue_position"], "1");
+    // … and began validating only after the first's terminal update.
+    let validating = second
+        .iter()
+        .find(|u| u.phase() == proto::Phase::Validating)
+        .expect("second validated");
+    assert!(
+        timestamp_key(validating) >= timestamp_key(first_end),
+        "second started validating before the first ended"
+    );
+    assert!(
+        validating.sequence > queued[0].sequence,
+        "validating follows queued"
+    );
+
+    let second_id = terminal(&second).result.clone().unwrap().container_id;
+    assert_eq!(app_containers(&app), vec![second_id]);
+    assert_eq!(http_get(&url).await.1.trim(), "v2");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_dropped_stream_leaves_the_deployment_running() {
+    require_docker();
+    let app = unique_app("drop");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let mut stream = client
+        .deploy(quick_request(&app, "stevedore-test/web:1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.push(stream.message().await.unwrap().expect("stream open"));
+    }
+    assert!(seen.iter().all(|u| u.result.is_none()), "ended too early");
+    let id = seen[0].deployment_id.clone();
+    drop(stream);
+
+    let status = wait_finished(&mut client, &id).await;
+    assert_eq!(
+        status.state(),
+        proto::DeploymentState::Succeeded,
+        "{}",
+        status.error
+    );
+    assert_eq!(status.total_progress, 1.0);
+    let result = status.result.expect("result on a finished deployment");
+    assert_eq!(app_containers(&app), vec![result.container_id.clone()]);
+    let (code, body) = http_get(&result.endpoints["8080/tcp"]).await;
+    assert_eq!((code, body.trim()), (200, "v1"));
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Bad input, unreachable engine, unknown IDs
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_and_starts_nothing() {
+    require_docker();
+    let app = unique_app("bad");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let good = || web_request(&app, "stevedore-test/web:1");
+    let mut cases: Vec<(&str, DeployRequest)> = Vec::new();
+    let mut r = good();
+    r.app = "Bad_Name".into();
+    cases.push(("app", r));
+    let mut r = good();
+    r.app = String::new();
+    cases.push(("app", r));
+    let mut r = good();
+    r.image = String::new();
+    cases.push(("image", r));
+    let mut r = good();
+    r.image = "UPPER/case image".into();
+    cases.push(("image", r));
+    let mut r = good();
+    r.ports = vec![PortMapping {
+        container_port: 70000,
+        host_port: 0,
+        protocol: "tcp".into(),
+    }];
+    cases.push(("ports[0].container_port", r));
+    let mut r = good();
+    r.ports = vec![PortMapping {
+        container_port: 0,
+        host_port: 0,
+        protocol: "tcp".into(),
+    }];
+    cases.push(("ports[0].container_port", r));
+    let mut r = good();
+    r.ports[0].protocol = "sctp".into();
+    cases.push(("ports[0].protocol", r));
+    let mut r = good();
+    r.labels
+        .insert("io.stevedore.app".into(), "someone-else".into());
+    cases.push(("labels", r));
+
+    for (field, req) in cases {
+        let err = match client.deploy(req.clone()).await {
+            Ok(_) => panic!("{req:?} was accepted"),
+            Err(e) => e,
+        };
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "message {:?} should name {field}",
+            err.message()
+        );
+    }
+
+    // Nothing started: no container for the app, no deployment on the server.
+    assert!(app_containers(&app).is_empty());
+    assert!(app_containers("Bad_Name").is_empty());
+    let list = client
+        .list_deployments(ListDeploymentsRequest {
+            app: app.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.deployments.is_empty(), "{:?}", list.deployments);
+    let all = client
+        .list_deployments(ListDeploymentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(all.deployments.is_empty(), "{:?}", all.deployments);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_engine_is_unavailable_naming_the_address() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let address = "unix:///nonexistent/docker.sock";
+    let server = BinaryServer::spawn(data_dir.path(), &["--docker-host", address]);
+
+    let (code, body) = http_get(&format!("http://{}/healthz", server.http_addr)).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(address), "/healthz names the engine: {body}");
+
+    let mut client = connect(server.grpc_addr).await;
+    let app = unique_app("noengine");
+    let err = match client
+        .deploy(web_request(&app, "stevedore-test/web:1"))
+        .await
+    {
+        Ok(_) => panic!("deploy accepted with no engine"),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains(address),
+        "{:?} should name {address}",
+        err.message()
+    );
+    // Nothing was recorded either.
+    let all = client
+        .list_deployments(ListDeploymentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(all.deployments.is_empty());
+}
+
+#[tokio::test]
+async fn get_status_of_an_unknown_deployment_is_not_found() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for id in [uuid::Uuid::new_v4().to_string(), "not-a-uuid".to_owned()] {
+        let err = client
+            .get_status(GetStatusRequest {
+                deployment_id: id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{id}: {err:?}");
+        assert!(err.message().contains(&id), "{:?}", err.message());
+    }
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Health checks and the deadline
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_explicit_http_health_check_passes() {
+    require_docker();
+    let app = unique_app("http");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let mut req = web_request(&app, "stevedore-test/plain:1");
+    req.health_check = Some(HealthCheck {
+        check: Some(health_check::Check::Http(HttpHealthCheck {
+            port: 8080,
+            path: "/".into(),
+            expect_status: 200,
+        })),
+        timeout: secs(30),
+        interval: millis(200),
+    });
+    let updates = deploy(&mut client, req).await;
+    assert_well_formed(&updates);
+    let url = succeeded_url(&updates);
+    let result = terminal(&updates).result.clone().unwrap();
+    assert_eq!(result.health.len(), 1);
+    assert_eq!(result.health[0].check, "http");
+    assert!(result.health[0].healthy, "{:?}", result.health);
+    assert_eq!(http_get(&url).await.1.trim(), "plain");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unhealthy_image_fails_in_health_check() {
+    require_docker();
+    let app = unique_app("unhealthy");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let updates = deploy(
+        &mut client,
+        quick_request(&app, "stevedore-test/unhealthy:1"),
+    )
+    .await;
+    assert_well_formed(&updates);
+    let end = terminal(&updates);
+    assert_eq!(end.phase(), proto::Phase::Failed, "{}", end.message);
+    assert!(end.message.contains("unhealthy"), "{}", end.message);
+    let result = end.result.clone().unwrap();
+    let diagnostics = result.diagnostics.unwrap();
+    assert_eq!(diagnostics.failed_phase(), proto::Phase::HealthCheck);
+    assert_eq!(result.health.len(), 1);
+    assert!(!result.health[0].healthy);
+    assert!(
+        app_containers(&app).is_empty(),
+        "the failed container was removed"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_health_timeout_fails_and_leaves_nothing() {
+    require_docker();
+    let app = unique_app("slowhealth");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let mut req = quick_request(&app, "stevedore-test/slowhealth:1");
+    req.health_check.as_mut().unwrap().timeout = secs(3);
+    let updates = deploy(&mut client, req).await;
+    assert_well_formed(&updates);
+    let end = terminal(&updates);
+    assert_eq!(end.phase(), proto::Phase::Failed, "{}", end.message);
+    assert!(
+        end.message.contains("not healthy after"),
+        "timeout message expected: {}",
+        end.message
+    );
+    let diagnostics = end.result.clone().unwrap().diagnostics.unwrap();
+    assert_eq!(diagnostics.failed_phase(), proto::Phase::HealthCheck);
+    // Attempts were reported while waiting.
+    assert!(
+        updates
+            .iter()
+            .any(|u| u.phase() == proto::Phase::HealthCheck && metadata(u).contains_key("attempt"))
+    );
+    assert!(app_containers(&app).is_empty(), "nothing is left behind");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_deadline_bounds_the_deployment() {
+    require_docker();
+    let app = unique_app("deadline");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let mut req = quick_request(&app, "stevedore-test/slowhealth:1");
+    req.deadline = secs(3);
+    let updates = deploy(&mut client, req).await;
+    assert_well_formed(&updates);
+    let end = terminal(&updates);
+    assert_eq!(end.phase(), proto::Phase::Failed, "{}", end.message);
+    assert!(
+        end.message.contains("deadline") && end.message.contains("exceeded"),
+        "{}",
+        end.message
+    );
+    let status = get_status(&mut client, &end.deployment_id).await;
+    assert_eq!(status.state(), proto::DeploymentState::Failed);
+    assert!(app_containers(&app).is_empty(), "nothing is left behind");
     server.stop().await;
 }

@@ -22,10 +22,12 @@ pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_ENV_BYTES: usize = 128 * 1024;
 
 /// A Docker reference: optional registry host[:port], path components, then an
-/// optional `:tag` and/or `@algo:hex` digest.
+/// optional `:tag` and/or `@algo:hex` digest. As in Docker, a first component is a
+/// registry host only when it has a `.` or a `:port`, or is `localhost`; otherwise it
+/// is a path component and must be lowercase.
 static IMAGE_REFERENCE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(concat!(
-        r"^(?:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?/)?",
+        r"^(?:(?:(?:localhost|[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)+|\[[0-9a-fA-F:]+\])(?::[0-9]+)?|[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?:[0-9]+)/)?",
         r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*",
         r"(?::[\w][\w.-]{0,127})?",
         r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
@@ -510,12 +512,16 @@ mod tests {
             "127.0.0.1:5000/a/b:tag",
             "registry.example:443/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "a-b_c.d/e__f:v1.2-rc",
+            "localhost/app",
+            "Registry.Example/app",
+            "myhost:5000/app",
         ] {
             assert!(IMAGE_REFERENCE.is_match(ok), "{ok}");
         }
         for bad in [
             "",
             "UPPER/case",
+            "Upper",
             "a b",
             "a:",
             ":tag",
@@ -530,7 +536,8 @@ mod tests {
     #[test]
     #[allow(clippy::type_complexity)]
     fn every_bad_field_is_named() {
-        let cases: Vec<(Box<dyn Fn(&mut proto::DeployRequest)>, &str)> = vec![
+        type Case = (Box<dyn Fn(&mut proto::DeployRequest)>, &'static str);
+        let cases: Vec<Case> = vec![
             (Box::new(|r| r.app = "Bad_Name".into()), "app: "),
             (Box::new(|r| r.app.clear()), "app: "),
             (
@@ -626,6 +633,149 @@ mod tests {
                 message.starts_with(expected),
                 "{message:?} should start with {expected:?}"
             );
+        }
+    }
+
+    /// Fuzzing of request validation: arbitrary requests (any strings, any numbers,
+    /// any health check, durations and patterns) never panic; every refusal is
+    /// INVALID_ARGUMENT naming a field, and every accepted spec satisfies the limits.
+    /// `PROPTEST_CASES` raises the number of cases (scripts/test.sh does).
+    mod fuzz {
+        use super::*;
+        use proptest::collection::{btree_map, vec};
+        use proptest::option;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[a-z0-9-]{0,70}",
+                "([a-z0-9.:-]{1,12}/){0,3}[a-z0-9._-]{1,20}(:[a-zA-Z0-9._-]{0,10})?(@sha256:[0-9a-f]{0,70})?",
+                "[\\[\\](){}*+?.^$|a-z0-9]{0,20}",
+                Just(String::new()),
+                Just("io.stevedore.app".to_owned()),
+            ]
+        }
+
+        fn duration() -> impl Strategy<Value = prost_types::Duration> {
+            (any::<i64>(), any::<i32>())
+                .prop_map(|(seconds, nanos)| prost_types::Duration { seconds, nanos })
+        }
+
+        fn port() -> impl Strategy<Value = u32> {
+            prop_oneof![any::<u32>(), 0u32..70000, Just(8080u32)]
+        }
+
+        fn health() -> impl Strategy<Value = proto::HealthCheck> {
+            use proto::health_check::Check;
+            let check = prop_oneof![
+                Just(None),
+                Just(Some(Check::Docker(proto::DockerHealthCheck {}))),
+                Just(Some(Check::None(proto::NoHealthCheck {}))),
+                port().prop_map(|port| Some(Check::Tcp(proto::TcpHealthCheck { port }))),
+                (port(), text(), any::<u32>()).prop_map(|(port, path, expect_status)| Some(
+                    Check::Http(proto::HttpHealthCheck {
+                        port,
+                        path,
+                        expect_status
+                    })
+                )),
+                text().prop_map(|pattern| Some(Check::Log(proto::LogHealthCheck { pattern }))),
+            ];
+            (check, option::of(duration()), option::of(duration())).prop_map(
+                |(check, timeout, interval)| proto::HealthCheck {
+                    check,
+                    timeout,
+                    interval,
+                },
+            )
+        }
+
+        prop_compose! {
+            fn request()(
+                app in text(),
+                image in text(),
+                command in vec(text(), 0..3),
+                env in btree_map(text(), text(), 0..4),
+                ports in vec((port(), port(), prop_oneof![Just(String::new()), Just("udp".to_owned()), text()]), 0..4),
+                labels in btree_map(text(), text(), 0..4),
+                health_check in option::of(health()),
+                deadline in option::of(duration()),
+                idempotency_key in text(),
+                auth in option::of((text(), text(), text())),
+                milestones in vec((text(), any::<f64>(), text()), 0..3),
+                hooks in vec((text(), vec(text(), 0..3), any::<bool>(), option::of(duration())), 0..3),
+            ) -> proto::DeployRequest {
+                proto::DeployRequest {
+                    app,
+                    image,
+                    command,
+                    env: env.into_iter().collect(),
+                    ports: ports
+                        .into_iter()
+                        .map(|(container_port, host_port, protocol)| proto::PortMapping {
+                            container_port,
+                            host_port,
+                            protocol,
+                        })
+                        .collect(),
+                    labels: labels.into_iter().collect(),
+                    health_check,
+                    deadline,
+                    idempotency_key,
+                    registry_auth: auth.map(|(username, password, identity_token)| {
+                        proto::RegistryAuth {
+                            username,
+                            password,
+                            identity_token,
+                        }
+                    }),
+                    milestones: milestones
+                        .into_iter()
+                        .map(|(pattern, progress, description)| proto::Milestone {
+                            pattern,
+                            progress,
+                            description,
+                        })
+                        .collect(),
+                    hooks: hooks
+                        .into_iter()
+                        .map(|(name, command, tty, timeout)| proto::Hook {
+                            name,
+                            command,
+                            tty,
+                            timeout,
+                        })
+                        .collect(),
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn no_request_panics_validation(req in request()) {
+                match deploy_spec(req, "fuzz".into()) {
+                    Ok(spec) => {
+                        prop_assert!(!spec.image.is_empty());
+                        prop_assert!(spec.labels.keys().all(|k| !k.starts_with(RESERVED_LABEL_PREFIX)));
+                        let env: usize = spec.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+                        prop_assert!(env <= MAX_ENV_BYTES);
+                        prop_assert!(spec.deadline >= Duration::from_secs(1) && spec.deadline <= MAX_DEADLINE);
+                        // The deploy policy must not panic on anything validation accepts.
+                        let policy = crate::api::policy::DeployPolicy::new(&["127.0.0.1:5000".into()], false);
+                        let _ = policy.check(&spec);
+                    }
+                    Err(e) => {
+                        prop_assert_eq!(e.code(), tonic::Code::InvalidArgument);
+                        prop_assert!(e.message().contains(':'), "names a field: {}", e.message());
+                    }
+                }
+            }
         }
     }
 }

@@ -1,14 +1,18 @@
 //! The gRPC layer: validates requests into domain types, calls the engine, converts
 //! back. The only module that names tonic or generated types. No Docker here.
 
+pub mod auth;
 pub mod convert;
+pub mod policy;
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc::error::SendTimeoutError;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -16,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, EngineError, ListQuery};
 use crate::events::{LogError, UpdateStream};
+use crate::limits::Rejection;
 use crate::model::AppName;
 use crate::proto;
 use crate::proto::deployer_server::Deployer;
@@ -24,12 +29,15 @@ use crate::proto::deployer_server::Deployer;
 pub fn status_of(e: EngineError) -> Status {
     let message = e.to_string();
     match e {
-        EngineError::Unavailable(_) | EngineError::ShuttingDown => Status::unavailable(message),
+        EngineError::Unavailable(_) | EngineError::ShuttingDown | EngineError::Refused(_) => {
+            Status::unavailable(message)
+        }
         EngineError::NotFound(_) => Status::not_found(message),
         EngineError::OutOfRange(_) => Status::out_of_range(message),
         EngineError::AlreadyFinished { .. } => Status::failed_precondition(message),
         EngineError::InvalidPageToken => Status::invalid_argument(format!("page_token: {message}")),
         EngineError::Store(_) => Status::internal(message),
+        EngineError::Exhausted { .. } => Status::resource_exhausted(message),
     }
 }
 
@@ -37,6 +45,11 @@ pub struct DeployerService {
     engine: Engine,
     shutdown: CancellationToken,
     streams: StreamConfig,
+    policy: policy::DeployPolicy,
+    /// One permit per open WatchDeployment stream.
+    watch_streams: Arc<Semaphore>,
+    max_watch_streams: usize,
+    audit: auth::AuditRefusals,
 }
 
 /// How update streams (Deploy and WatchDeployment) are fed to clients.
@@ -75,11 +88,47 @@ impl DeployerService {
             engine,
             shutdown,
             streams,
+            policy: policy::DeployPolicy::default(),
+            watch_streams: Arc::new(Semaphore::new(crate::limits::DEFAULT_MAX_WATCH_STREAMS)),
+            max_watch_streams: crate::limits::DEFAULT_MAX_WATCH_STREAMS,
+            audit: auth::AuditRefusals::default(),
         }
     }
 
-    fn forward(&self, id: String, updates: UpdateStream) -> UpdateResponseStream {
-        forward(id, updates, self.shutdown.clone(), self.streams)
+    /// Policy refusals also go to `audit` (the audit log).
+    pub fn with_audit(mut self, audit: auth::AuditRefusals) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// Applies `policy` to every Deploy.
+    pub fn with_policy(mut self, policy: policy::DeployPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Caps the open WatchDeployment streams at `max`.
+    pub fn with_max_watch_streams(mut self, max: usize) -> Self {
+        self.watch_streams = Arc::new(Semaphore::new(max));
+        self.max_watch_streams = max;
+        self
+    }
+
+    fn forward(
+        &self,
+        id: String,
+        updates: UpdateStream,
+        caller: Option<auth::Caller>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> UpdateResponseStream {
+        forward(
+            id,
+            updates,
+            self.shutdown.clone(),
+            self.streams,
+            caller,
+            permit,
+        )
     }
 }
 
@@ -95,25 +144,43 @@ impl DeployerService {
 /// for `config.stall_timeout` with its buffer full, `OUT_OF_RANGE` if the log no longer
 /// holds what it needs. Memory per stream: the channel (≤ `buffer` encoded updates)
 /// plus one batch of shared pointers into the log.
+///
+/// `caller` is the authenticated caller: the stream ends with `UNAUTHENTICATED` when
+/// its token is removed from the tokens file. `permit` (a watch-stream slot) is held
+/// until the stream ends.
 pub fn forward(
     id: String,
     mut updates: UpdateStream,
     shutdown: CancellationToken,
     config: StreamConfig,
+    mut caller: Option<auth::Caller>,
+    permit: Option<OwnedSemaphorePermit>,
 ) -> UpdateResponseStream {
     let (tx, rx) = mpsc::channel(config.buffer.max(1));
     let (end_tx, end_rx) = oneshot::channel::<Status>();
     tokio::spawn(async move {
+        let _permit = permit;
         // Sequence of the last update placed in the channel: where to resume from.
         let mut sent = updates.cursor();
         let mut app = String::new();
         let mut phase = 0;
         let end = loop {
+            let revoked = async {
+                match caller.as_mut() {
+                    Some(c) => c.revoked().await,
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Some(Status::unavailable(format!(
                     "server shutting down; resume with WatchDeployment after_sequence={sent}"
                 ))),
+                _ = revoked => {
+                    let name = caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+                    tracing::info!(caller = %name, "token revoked: closing its stream");
+                    break Some(Status::unauthenticated(format!("token {name:?} was revoked")));
+                }
                 next = updates.next() => match next {
                     None => break None,
                     Some(Ok(u)) => Some(u),
@@ -185,10 +252,18 @@ fn heartbeat(id: &str, app: &str, sequence: u64, phase: i32) -> proto::ProgressU
 pub type UpdateResponseStream =
     Pin<Box<dyn Stream<Item = Result<proto::ProgressUpdate, Status>> + Send>>;
 
+/// Who is calling: the token's name when auth is on, else the peer address.
 fn caller<T>(req: &Request<T>) -> String {
+    if let Some(c) = req.extensions().get::<auth::Caller>() {
+        return c.name.clone();
+    }
     req.remote_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+fn authenticated<T>(req: &Request<T>) -> Option<auth::Caller> {
+    req.extensions().get::<auth::Caller>().cloned()
 }
 
 #[tonic::async_trait]
@@ -201,9 +276,27 @@ impl Deployer for DeployerService {
         request: Request<proto::DeployRequest>,
     ) -> Result<Response<Self::DeployStream>, Status> {
         let who = caller(&request);
+        let authed = authenticated(&request);
+        let peer = request.remote_addr();
         let spec = convert::deploy_spec(request.into_inner(), who)?;
+        if let Err(refused) = self.policy.check(&spec) {
+            self.engine.rejections().record(Rejection::Policy);
+            self.audit.emit(auth::RefusalEvent {
+                method: "Deploy",
+                caller: authed.as_ref().map(|c| c.name.as_str()),
+                peer,
+                code: refused.code(),
+                reason: refused.message(),
+            });
+            return Err(refused);
+        }
         let (id, updates) = self.engine.deploy(spec).await.map_err(status_of)?;
-        Ok(Response::new(self.forward(id.to_string(), updates)))
+        Ok(Response::new(self.forward(
+            id.to_string(),
+            updates,
+            authed,
+            None,
+        )))
     }
 
     async fn get_status(
@@ -219,15 +312,33 @@ impl Deployer for DeployerService {
         &self,
         request: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchDeploymentStream>, Status> {
+        let permit = self
+            .watch_streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                self.engine.rejections().record(Rejection::WatchStreams);
+                tracing::warn!(
+                    max = self.max_watch_streams,
+                    "watch stream refused: limit reached"
+                );
+                Status::resource_exhausted(format!(
+                    "{} watch streams are open (the limit); try again later",
+                    self.max_watch_streams
+                ))
+            })?;
         let r = request.get_ref();
         let updates = self
             .engine
             .watch(&r.deployment_id, r.after_sequence)
             .await
             .map_err(status_of)?;
-        Ok(Response::new(
-            self.forward(r.deployment_id.clone(), updates),
-        ))
+        Ok(Response::new(self.forward(
+            r.deployment_id.clone(),
+            updates,
+            authenticated(&request),
+            Some(permit),
+        )))
     }
 
     async fn list_deployments(
@@ -320,6 +431,8 @@ mod tests {
             log.subscribe(0).unwrap(),
             CancellationToken::new(),
             config(8, 60_000, 1_000),
+            None,
+            None,
         );
         for seq in 1..=2 {
             let u = stream.next().await.unwrap().unwrap();
@@ -352,6 +465,8 @@ mod tests {
             log.subscribe(0).unwrap(),
             CancellationToken::new(),
             config(2, 500, 60_000),
+            None,
+            None,
         );
         // The client reads nothing for longer than the stall timeout; the writer goes
         // on meanwhile.
@@ -380,6 +495,8 @@ mod tests {
             log.subscribe(2).unwrap(),
             CancellationToken::new(),
             config(2, 500, 60_000),
+            None,
+            None,
         )
         .map(|u| u.unwrap().sequence)
         .collect()
@@ -398,6 +515,8 @@ mod tests {
             log.subscribe(0).unwrap(),
             shutdown.clone(),
             config(8, 60_000, 60_000),
+            None,
+            None,
         );
         assert_eq!(stream.next().await.unwrap().unwrap().sequence, 1);
         assert_eq!(stream.next().await.unwrap().unwrap().sequence, 2);

@@ -211,7 +211,15 @@ impl Reporter {
             EventKind::Accepted,
             Level::Info,
             message,
-            Extra::meta([("image", spec.image.clone())]),
+            Extra::meta([
+                ("image", spec.image.clone()),
+                ("requested_by", spec.requested_by.clone()),
+                // Keys only: env values may be secrets and never leave the spec.
+                (
+                    "env_keys",
+                    spec.env.keys().cloned().collect::<Vec<_>>().join(","),
+                ),
+            ]),
             None,
         );
     }

@@ -5,10 +5,14 @@
 //! Nothing here knows about gRPC: `api/` converts requests into [`DeploySpec`]s and
 //! [`EngineError`]s into status codes.
 
+mod admission;
 mod deployment;
+mod hooks;
+mod milestones;
 mod pull;
 mod queue;
 mod run;
+pub mod tty_progress;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -21,6 +25,7 @@ use deployment::Reporter;
 pub use queue::AppQueues;
 
 use crate::events::{DeploymentLog, LogError, ObserverRegistry, UpdateStream};
+use crate::limits::{Rejection, Rejections};
 use crate::model::{
     AppName, DeploySpec, DeploymentId, DeploymentResult, DeploymentState, DeploymentStatus,
     EventKind, FailureDiagnostics, Level, Phase, Update,
@@ -49,6 +54,12 @@ pub enum EngineError {
     ShuttingDown,
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// A limit is reached; the caller may retry later.
+    #[error("{message}")]
+    Exhausted { limit: Rejection, message: String },
+    /// An observer that must not miss events (the audit log) cannot take them now.
+    #[error("{0}")]
+    Refused(crate::events::ObserverError),
 }
 
 /// Tunables of the engine. Defaults suit a local engine.
@@ -62,6 +73,11 @@ pub struct EngineConfig {
     pub cancel_wait: Duration,
     /// How much history the store keeps (applied after each finished deployment).
     pub retention: Retention,
+    /// Apps deploying at the same time; more get [`EngineError::Exhausted`].
+    pub max_in_flight: usize,
+    /// Deployments waiting for their app's lock (all apps); more get
+    /// [`EngineError::Exhausted`].
+    pub max_queued: usize,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +87,8 @@ impl Default for EngineConfig {
             settle_time: Duration::from_secs(2),
             cancel_wait: Duration::from_secs(30),
             retention: Retention::default(),
+            max_in_flight: crate::limits::DEFAULT_MAX_IN_FLIGHT,
+            max_queued: crate::limits::DEFAULT_MAX_QUEUED,
         }
     }
 }
@@ -95,6 +113,8 @@ pub struct Engine {
     idempotency: Arc<RwLock<HashMap<(AppName, String), DeploymentId>>>,
     tasks: tokio_util::task::TaskTracker,
     accepting: Arc<std::sync::atomic::AtomicBool>,
+    admission: Arc<admission::Admission>,
+    rejections: Arc<Rejections>,
 }
 
 /// Filter and page of [`Engine::list`].
@@ -163,6 +183,7 @@ impl Engine {
         config: EngineConfig,
         store: Store,
     ) -> Self {
+        let admission = admission::Admission::new(config.max_in_flight, config.max_queued);
         Self {
             ctx: Arc::new(EngineContext {
                 runtime,
@@ -176,6 +197,8 @@ impl Engine {
             idempotency: Default::default(),
             tasks: tokio_util::task::TaskTracker::new(),
             accepting: Arc::new(true.into()),
+            admission,
+            rejections: Arc::default(),
         }
     }
 
@@ -196,6 +219,11 @@ impl Engine {
         self.deployments.read().expect("deployments lock").len()
     }
 
+    /// Calls turned away, per limit (the gRPC layer records its own here too).
+    pub fn rejections(&self) -> &Arc<Rejections> {
+        &self.rejections
+    }
+
     /// Accepts a deployment and starts its task. Returns the deployment's ID and a
     /// stream of its updates from the first one. With an idempotency key already seen
     /// for the app (by this process or, through the store, an earlier one), returns
@@ -210,6 +238,9 @@ impl Engine {
         if let Some(found) = self.find_idempotent(&spec).await? {
             return Ok(found);
         }
+        // An observer that cannot record (the audit log) refuses new deployments
+        // rather than let them run unrecorded.
+        self.ctx.observers.admit().map_err(EngineError::Refused)?;
         let runtime = &self.ctx.runtime;
         match tokio::time::timeout(self.ctx.config.ping_timeout, runtime.ping()).await {
             Ok(Ok(())) => {}
@@ -223,6 +254,24 @@ impl Engine {
             }
         }
 
+        let admitted = self.admission.admit(&spec.app).map_err(|refused| {
+            self.rejections.record(refused.limit);
+            let message = match refused.limit {
+                Rejection::Queued => format!(
+                    "{} deployments are already queued (the limit); try again later",
+                    refused.max
+                ),
+                _ => format!(
+                    "{} apps are already deploying (the limit); try again later",
+                    refused.max
+                ),
+            };
+            tracing::warn!(app = %spec.app, limit = refused.limit.as_str(), "deployment refused: {message}");
+            EngineError::Exhausted {
+                limit: refused.limit,
+                message,
+            }
+        })?;
         let id = DeploymentId::new();
         let log = DeploymentLog::bounded(
             LIVE_LOG_WINDOW,
@@ -273,6 +322,8 @@ impl Engine {
         self.tasks.spawn(
             async move {
                 run::Run::new(reporter, engine.ctx.clone()).run().await;
+                // The admission place is held until the deployment has ended.
+                drop(admitted);
                 engine.retire(&deployment).await;
             }
             .instrument(span),
@@ -477,6 +528,15 @@ impl Engine {
         };
         let _ = tokio::time::timeout(self.ctx.config.cancel_wait, wait).await;
         Ok(deployment.status())
+    }
+
+    /// How many known deployments are in each state (for gauges).
+    pub fn state_counts(&self) -> HashMap<DeploymentState, usize> {
+        let mut counts = HashMap::new();
+        for d in self.deployments.read().expect("deployments lock").values() {
+            *counts.entry(d.status().state).or_default() += 1;
+        }
+        counts
     }
 
     /// Stops accepting deployments; running ones continue.

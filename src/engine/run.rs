@@ -1,7 +1,10 @@
 //! The task that carries one deployment through its phases.
 //!
 //! QUEUED → VALIDATING → PULLING → CREATING → STARTING → HEALTH_CHECK → [HOOKS] →
-//! SWITCHING → CLEANUP → COMPLETE. Until SWITCHING begins, a failure, a cancel or the
+//! SWITCHING → CLEANUP → COMPLETE. The new container's output is followed from its
+//! start; lines wait in a channel until HEALTH_CHECK reads them for the log check and
+//! the milestones ([`super::milestones`]). HOOKS ([`super::hooks`]) runs only when the
+//! request has hooks. Until SWITCHING begins, a failure, a cancel or the
 //! deadline rolls back: every container labelled with this deployment is removed and the
 //! app's previous version keeps serving. SWITCHING is the point of no return: once the
 //! old version is being taken out, the deployment runs to its end.
@@ -16,6 +19,8 @@ use tokio::time::Instant;
 
 use super::EngineContext;
 use super::deployment::{Extra, Reporter};
+use super::hooks;
+use super::milestones::MilestoneTracker;
 use super::pull::PullTracker;
 use crate::model::{
     DeploymentResult, DeploymentState, FailureDiagnostics, HealthOutcome, HealthProbe, LABEL_APP,
@@ -37,19 +42,32 @@ enum Stop {
     Interrupted,
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A failed step.
 struct Failure {
     phase: Phase,
-    step: &'static str,
+    step: String,
     message: String,
+    /// Exit code and output of the failed step when it is not the container's own
+    /// (a hook): they replace the container's in the diagnostics.
+    diagnostics: Option<(Option<i64>, Vec<String>)>,
 }
 
 impl Failure {
-    fn new(phase: Phase, step: &'static str, message: impl Into<String>) -> Self {
+    fn new(phase: Phase, step: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             phase,
-            step,
+            step: step.into(),
             message: message.into(),
+            diagnostics: None,
         }
     }
 
@@ -66,6 +84,7 @@ pub(super) struct Run {
     ports: Vec<PublishedPort>,
     health: Vec<HealthOutcome>,
     log_lines: Option<mpsc::Receiver<String>>,
+    log_follower: Option<AbortOnDrop>,
 }
 
 impl Run {
@@ -78,6 +97,7 @@ impl Run {
             ports: Vec::new(),
             health: Vec::new(),
             log_lines: None,
+            log_follower: None,
         }
     }
 
@@ -167,12 +187,13 @@ impl Run {
             .await
             .map_err(|e| Failure::runtime(Phase::Pulling, "image inspection", e))?
         {
+            let digest = info.digest.clone().unwrap_or_default();
             self.image = info;
             self.rep.progress(
                 1.0,
                 Level::Info,
                 format!("image {image} is present locally; no pull needed"),
-                Extra::meta([("pulled", "false".into())]),
+                Extra::meta([("pulled", "false".into()), ("image_digest", digest)]),
             );
             return Ok(());
         }
@@ -233,6 +254,7 @@ impl Run {
                 .map(|d| format!(" ({d})"))
                 .unwrap_or_default()
         );
+        let digest = info.digest.clone().unwrap_or_default();
         self.image = info;
         self.rep.progress(
             1.0,
@@ -240,7 +262,7 @@ impl Run {
             message,
             Extra {
                 pull: Some(progress),
-                ..Default::default()
+                ..Extra::meta([("image_digest", digest)])
             },
         );
         Ok(())
@@ -294,13 +316,15 @@ impl Run {
         // Follow the output from the start: log health checks and milestones read it.
         let (tx, rx) = mpsc::channel(1024);
         let mut lines = self.ctx.runtime.follow_logs(&id);
-        tokio::spawn(async move {
+        let follower = tokio::spawn(async move {
             while let Some(Ok(line)) = lines.next().await {
                 if tx.send(line).await.is_err() {
                     break;
                 }
             }
         });
+        // A healthy container may stay quiet for ever: stop following when the run ends.
+        self.log_follower = Some(AbortOnDrop(follower.abort_handle()));
         self.log_lines = Some(rx);
         let state = self.inspect(Phase::Starting).await?;
         self.ports = state.ports.clone();
@@ -421,12 +445,15 @@ impl Run {
         };
         let mut attempts = 0u32;
         let mut log_matched = false;
+        // Output lines printed during STARTING wait in the channel and are read here:
+        // milestones move HEALTH_CHECK's progress, whenever their line was printed.
         let mut lines = self.log_lines.take();
+        let mut milestones = MilestoneTracker::new(self.rep.deployment().spec.milestones.clone());
         let result = loop {
             attempts += 1;
-            if let (HealthProbe::Log { pattern }, Some(rx)) = (&probe, lines.as_mut()) {
+            if let Some(rx) = lines.as_mut() {
                 while let Ok(line) = rx.try_recv() {
-                    log_matched |= pattern.is_match(&line);
+                    self.on_output_line(&line, &probe, &mut log_matched, &mut milestones);
                 }
             }
             let state = self.inspect(Phase::HealthCheck).await?;
@@ -496,9 +523,14 @@ impl Run {
                             elapsed.as_secs_f64()
                         ));
                     }
-                    let fraction = elapsed.as_secs_f64() / timeout.as_secs_f64();
+                    // Milestones that set progress replace the clock.
+                    let fraction = if milestones.drives_progress() {
+                        milestones.reached()
+                    } else {
+                        elapsed.as_secs_f64() / timeout.as_secs_f64() * 0.95
+                    };
                     self.rep.progress(
-                        fraction * 0.95,
+                        fraction,
                         Level::Verbose,
                         format!("health check attempt {attempts}: {why}"),
                         Extra::meta([
@@ -508,8 +540,36 @@ impl Run {
                     );
                 }
             }
-            tokio::time::sleep(spec.interval).await;
+            // Until the next attempt, read output as it comes (milestones go out live; a
+            // matching line for a log check ends the wait).
+            let wake = Instant::now() + spec.interval;
+            loop {
+                let next = async {
+                    match lines.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => break,
+                    line = next => match line {
+                        Some(line) => {
+                            self.on_output_line(&line, &probe, &mut log_matched, &mut milestones);
+                            if log_matched {
+                                break;
+                            }
+                        }
+                        // The follower ended (the container exited): the next attempt says so.
+                        None => lines = None,
+                    },
+                }
+            }
         };
+        if let Some(rx) = lines.as_mut() {
+            while let Ok(line) = rx.try_recv() {
+                self.on_output_line(&line, &probe, &mut log_matched, &mut milestones);
+            }
+        }
         self.log_lines = lines;
         let healthy = result.is_ok();
         let message = match &result {
@@ -535,12 +595,51 @@ impl Run {
         }
     }
 
+    /// One line of the new container's output during HEALTH_CHECK: the log check's
+    /// pattern, then the milestones (each hit is an update: message = description,
+    /// metadata `milestone` (index), `line`, and `count` for a counting milestone).
+    fn on_output_line(
+        &mut self,
+        line: &str,
+        probe: &HealthProbe,
+        log_matched: &mut bool,
+        milestones: &mut MilestoneTracker,
+    ) {
+        if let HealthProbe::Log { pattern } = probe {
+            *log_matched |= pattern.is_match(line);
+        }
+        for hit in milestones.apply(line) {
+            let mut extra = Extra::meta([("milestone", hit.index.to_string()), ("line", hit.line)]);
+            if let Some(count) = hit.count {
+                extra.metadata.insert("count".into(), count.to_string());
+            }
+            self.rep
+                .progress(hit.progress, Level::Info, hit.description, extra);
+        }
+    }
+
+    /// PHASE_HOOKS: each hook in turn inside the new container (see [`hooks`]).
     async fn run_hooks(&mut self) -> Result<(), Failure> {
-        Err(Failure::new(
+        let deployment = self.rep.deployment().clone();
+        let hooks = &deployment.spec.hooks;
+        let container = self.container.clone().expect("created");
+        let runtime = self.ctx.runtime.clone();
+        let names: Vec<&str> = hooks.iter().map(|h| h.name.as_str()).collect();
+        self.rep.enter(
             Phase::Hooks,
-            "hooks",
-            "hooks are not supported by this server yet",
-        ))
+            format!("running {} hook(s): {}", hooks.len(), names.join(", ")),
+        );
+        for (i, hook) in hooks.iter().enumerate() {
+            hooks::run_hook(&mut self.rep, &runtime, &container, hook, i, hooks.len())
+                .await
+                .map_err(|f| Failure {
+                    phase: Phase::Hooks,
+                    step: format!("hook {}", hook.name),
+                    message: f.message,
+                    diagnostics: Some((f.exit_code, f.log_tail)),
+                })?;
+        }
+        Ok(())
     }
 
     /// SWITCHING and CLEANUP: the new container is healthy; take the old ones out.
@@ -644,10 +743,16 @@ impl Run {
             Stop::Failed(f) => {
                 let mut d = FailureDiagnostics {
                     failed_phase: Some(f.phase),
-                    step: f.step.into(),
+                    step: f.step,
                     ..Default::default()
                 };
-                self.collect_diagnostics(&mut d).await;
+                match f.diagnostics {
+                    Some((exit_code, log_tail)) => {
+                        d.exit_code = exit_code;
+                        d.log_tail = log_tail;
+                    }
+                    None => self.collect_diagnostics(&mut d).await,
+                }
                 (DeploymentState::Failed, f.message, Some(d))
             }
             Stop::Cancelled => {

@@ -1,5 +1,16 @@
 //! The observer registry: fans every update out to in-process observers (metrics,
-//! audit, webhooks …), each through its own bounded queue and task.
+//! audit, webhooks …), each through its own queue and task.
+//!
+//! Two kinds of subscription:
+//! - [`ObserverRegistry::subscribe`]: a bounded queue; when it is full the update is
+//!   dropped for that observer only, and the drop is counted. For observers that can
+//!   afford to miss an event (metrics, webhooks).
+//! - [`ObserverRegistry::subscribe_lossless`]: an unbounded queue; never drops, never
+//!   waits. For observers that must see everything (the audit log). Such an observer
+//!   should also implement [`Observer::admit`], so that while it cannot keep up (its
+//!   file cannot be written) new deployments are refused instead of piling up.
+//!
+//! Publishing never waits in either case: the deployment's task only pushes an `Arc`.
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -27,6 +38,17 @@ pub trait Observer: Send + Sync + 'static {
     /// Handles one update. Runs on the observer's own task: taking long only fills
     /// its own queue, an error or a panic is counted and the next event still comes.
     async fn on_update(&self, update: Arc<Update>) -> Result<(), ObserverError>;
+
+    /// Asked before a new deployment is accepted: an error refuses it (the engine
+    /// answers `UNAVAILABLE` with this message). Must be cheap and must not block.
+    /// The default admits everything.
+    fn admit(&self) -> Result<(), ObserverError> {
+        Ok(())
+    }
+
+    /// Called once on the observer's task after its last update, when the
+    /// subscription is drained ([`Subscription::drain`]): flush, finish deliveries.
+    async fn on_close(&self) {}
 }
 
 /// Counters of one observer.
@@ -44,9 +66,25 @@ struct Counters {
     failed: AtomicU64,
 }
 
+enum Queue {
+    Bounded(mpsc::Sender<Arc<Update>>),
+    Lossless(mpsc::UnboundedSender<Arc<Update>>),
+}
+
+impl Queue {
+    /// Queues without waiting; false when the update could not be queued.
+    fn offer(&self, update: &Arc<Update>) -> bool {
+        match self {
+            Queue::Bounded(tx) => tx.try_send(update.clone()).is_ok(),
+            Queue::Lossless(tx) => tx.send(update.clone()).is_ok(),
+        }
+    }
+}
+
 struct Entry {
     name: String,
-    tx: mpsc::Sender<Arc<Update>>,
+    observer: Arc<dyn Observer>,
+    queue: Queue,
     counters: Arc<Counters>,
 }
 
@@ -65,37 +103,85 @@ pub struct ObserverRegistry {
 }
 
 /// Keeps an observer subscribed; dropping it unsubscribes (the observer's task ends
-/// after the events already queued).
+/// after the events already queued). [`Subscription::drain`] unsubscribes and waits
+/// for that.
 #[must_use = "dropping the subscription unsubscribes the observer"]
 pub struct Subscription {
     registry: Weak<Mutex<Inner>>,
     id: u64,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl Drop for Subscription {
-    fn drop(&mut self) {
+impl Subscription {
+    /// Unsubscribes, then waits until the observer has handled every update already
+    /// queued and its [`Observer::on_close`] has returned.
+    pub async fn drain(mut self) {
+        self.unsubscribe();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    fn unsubscribe(&self) {
         if let Some(inner) = self.registry.upgrade() {
-            inner
+            let entry = inner
                 .lock()
                 .expect("registry lock")
                 .entries
                 .remove(&self.id);
+            // Dropped outside the lock: this closes the observer's queue.
+            drop(entry);
         }
     }
 }
 
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.unsubscribe();
+    }
+}
+
 /// Default queue length per observer.
+#[allow(dead_code)]
 pub const DEFAULT_QUEUE: usize = 1024;
+
+enum Receiver {
+    Bounded(mpsc::Receiver<Arc<Update>>),
+    Lossless(mpsc::UnboundedReceiver<Arc<Update>>),
+}
+
+impl Receiver {
+    async fn recv(&mut self) -> Option<Arc<Update>> {
+        match self {
+            Receiver::Bounded(rx) => rx.recv().await,
+            Receiver::Lossless(rx) => rx.recv().await,
+        }
+    }
+}
 
 impl ObserverRegistry {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Subscribes `observer` with a queue of `queue` events. Must be called inside a
-    /// tokio runtime: the observer gets its own task.
+    /// Subscribes `observer` with a queue of `queue` events ([`DEFAULT_QUEUE`] is a
+    /// good start): when the queue is full, updates are dropped for this observer and
+    /// counted. Must be called inside a tokio runtime: the observer gets its own task.
     pub fn subscribe(&self, observer: Arc<dyn Observer>, queue: usize) -> Subscription {
-        let (tx, mut rx) = mpsc::channel::<Arc<Update>>(queue.max(1));
+        let (tx, rx) = mpsc::channel::<Arc<Update>>(queue.max(1));
+        self.add(observer, Queue::Bounded(tx), Receiver::Bounded(rx))
+    }
+
+    /// Subscribes `observer` with an unbounded queue: it sees every update, however
+    /// slow it is, and publishing still never waits. Memory is the price of a stuck
+    /// observer, so a lossless observer should refuse new deployments through
+    /// [`Observer::admit`] while it cannot make progress.
+    pub fn subscribe_lossless(&self, observer: Arc<dyn Observer>) -> Subscription {
+        let (tx, rx) = mpsc::unbounded_channel::<Arc<Update>>();
+        self.add(observer, Queue::Lossless(tx), Receiver::Lossless(rx))
+    }
+
+    fn add(&self, observer: Arc<dyn Observer>, queue: Queue, mut rx: Receiver) -> Subscription {
         let name = observer.name().to_owned();
         let mut inner = self.inner.lock().expect("registry lock");
         let counters = inner.totals.entry(name.clone()).or_default().clone();
@@ -105,13 +191,14 @@ impl ObserverRegistry {
             id,
             Entry {
                 name: name.clone(),
-                tx,
+                observer: observer.clone(),
+                queue,
                 counters: counters.clone(),
             },
         );
         drop(inner);
 
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             while let Some(update) = rx.recv().await {
                 let outcome = AssertUnwindSafe(observer.on_update(update))
                     .catch_unwind()
@@ -130,25 +217,43 @@ impl ObserverRegistry {
                     }
                 }
             }
+            if AssertUnwindSafe(observer.on_close())
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!(observer = %name, "observer panicked while closing");
+            }
         });
         Subscription {
             registry: Arc::downgrade(&self.inner),
             id,
+            task: Some(task),
         }
     }
 
-    /// Hands `update` to every observer without waiting: an observer whose queue is
-    /// full loses this update, and the loss is counted.
+    /// Hands `update` to every observer without waiting: an observer whose bounded
+    /// queue is full loses this update, and the loss is counted.
     pub fn publish(&self, update: &Arc<Update>) {
         let inner = self.inner.lock().expect("registry lock");
         for entry in inner.entries.values() {
-            if entry.tx.try_send(update.clone()).is_err() {
+            if !entry.queue.offer(update) {
                 let dropped = entry.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if dropped.is_power_of_two() {
                     tracing::warn!(observer = %entry.name, dropped, "observer queue full; update dropped");
                 }
             }
         }
+    }
+
+    /// Asks every subscribed observer whether a new deployment may start; the first
+    /// refusal wins. Never waits.
+    pub fn admit(&self) -> Result<(), ObserverError> {
+        let observers: Vec<Arc<dyn Observer>> = {
+            let inner = self.inner.lock().expect("registry lock");
+            inner.entries.values().map(|e| e.observer.clone()).collect()
+        };
+        observers.iter().try_for_each(|o| o.admit())
     }
 
     /// Counters per observer name (including observers no longer subscribed).
@@ -241,7 +346,11 @@ mod tests {
         let _a = registry.subscribe(recorder.clone(), 1000);
         let _b = registry.subscribe(Arc::new(Panicker), 1000);
         let _c = registry.subscribe(Arc::new(Sleeper), 4);
-        for s in 1..=100 {
+        registry.publish(&update(1));
+        // Let the sleeper take the first update off its queue (publishing never
+        // yields, so on this single-threaded runtime it would not run otherwise).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for s in 2..=100 {
             registry.publish(&update(s));
         }
         for _ in 0..200 {
@@ -254,8 +363,13 @@ mod tests {
         assert_eq!(*recorder.0.lock().unwrap(), (1..=100).collect::<Vec<_>>());
         let stats = registry.stats();
         assert_eq!(stats["panicker"].failed, 100);
-        // The sleeper holds one event and queues four; the rest are dropped.
-        assert_eq!(stats["sleeper"].dropped, 95);
+        // The sleeper queues four events (and holds one more if its task took the first
+        // before the rest were published); the rest are dropped.
+        assert!(
+            (95..=96).contains(&stats["sleeper"].dropped),
+            "{:?}",
+            stats["sleeper"]
+        );
     }
 
     #[tokio::test]
@@ -268,5 +382,75 @@ mod tests {
         registry.publish(&update(2));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(*recorder.0.lock().unwrap(), vec![1]);
+    }
+
+    struct Gate(std::sync::atomic::AtomicBool);
+    #[async_trait]
+    impl Observer for Gate {
+        fn name(&self) -> &str {
+            "gate"
+        }
+        async fn on_update(&self, _: Arc<Update>) -> Result<(), ObserverError> {
+            Ok(())
+        }
+        fn admit(&self) -> Result<(), ObserverError> {
+            if self.0.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(ObserverError("gate closed".into()))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn admission_asks_every_subscribed_observer() {
+        let registry = ObserverRegistry::new();
+        assert!(registry.admit().is_ok());
+        let gate = Arc::new(Gate(false.into()));
+        let sub = registry.subscribe(gate.clone(), 1);
+        assert_eq!(registry.admit().unwrap_err().to_string(), "gate closed");
+        gate.0.store(true, Ordering::SeqCst);
+        assert!(registry.admit().is_ok());
+        gate.0.store(false, Ordering::SeqCst);
+        drop(sub);
+        assert!(
+            registry.admit().is_ok(),
+            "an unsubscribed observer has no say"
+        );
+    }
+
+    /// Holds every update until released, then records it.
+    struct Held {
+        release: tokio::sync::Semaphore,
+        seen: Mutex<Vec<u64>>,
+    }
+    #[async_trait]
+    impl Observer for Held {
+        fn name(&self) -> &str {
+            "held"
+        }
+        async fn on_update(&self, u: Arc<Update>) -> Result<(), ObserverError> {
+            self.release.acquire().await.unwrap().forget();
+            self.seen.lock().unwrap().push(u.sequence);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn lossless_subscription_never_drops_and_drain_waits() {
+        let registry = ObserverRegistry::new();
+        let held = Arc::new(Held {
+            release: tokio::sync::Semaphore::new(0),
+            seen: Mutex::new(vec![]),
+        });
+        let sub = registry.subscribe_lossless(held.clone());
+        for s in 1..=5000 {
+            registry.publish(&update(s));
+        }
+        assert_eq!(registry.stats()["held"].dropped, 0);
+        held.release.add_permits(5000);
+        sub.drain().await;
+        assert_eq!(*held.seen.lock().unwrap(), (1..=5000).collect::<Vec<_>>());
+        assert_eq!(registry.stats()["held"].delivered, 5000);
     }
 }

@@ -32,40 +32,61 @@ const API_VERSION: ClientVersion = ClientVersion {
     minor_version: 41,
 };
 
+/// `TERM` of a hook run with a TTY, and its size (columns, rows).
+const EXEC_TERM: &str = "xterm";
+const EXEC_TTY_SIZE: (i32, i32) = (120, 40);
+
 /// Seconds a container gets to stop after SIGTERM before it is killed.
 const STOP_GRACE_SECS: i32 = 5;
 
 pub struct DockerRuntime {
-    docker: Docker,
+    /// Connected on first use: see [`DockerRuntime::client`].
+    docker: std::sync::OnceLock<Docker>,
     endpoint: String,
     public_host: String,
     call_timeout: Duration,
     pull_idle_timeout: Duration,
+    /// Caps the Docker API calls in progress at once; others wait their turn.
+    calls: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// The engine address used when neither `--docker-host` nor `DOCKER_HOST` is set.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
+/// A bollard client for `host`. bollard refuses a unix socket path that does not exist.
+fn connect(host: &str, call_timeout: Duration) -> Result<Docker, RuntimeError> {
+    let secs = call_timeout.as_secs().max(1) * 4;
+    if host.starts_with("unix://") {
+        Docker::connect_with_unix(host, secs, &API_VERSION)
+    } else if host.starts_with("tcp://") || host.starts_with("http://") {
+        Docker::connect_with_http(host, secs, &API_VERSION)
+    } else {
+        return Err(RuntimeError::Unavailable {
+            endpoint: host.to_owned(),
+            reason: "unsupported address: use unix://PATH, tcp://HOST:PORT or http://HOST:PORT"
+                .into(),
+        });
+    }
+    .map_err(|e| RuntimeError::Unavailable {
+        endpoint: host.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
 impl DockerRuntime {
     /// Prepares a client for `host` (`unix://…`, `tcp://…` or `http://…`). Does not
     /// connect: an engine that is down is reported by the calls that need it.
     pub fn new(host: &str, call_timeout: Duration) -> Result<Self, RuntimeError> {
-        let secs = call_timeout.as_secs().max(1) * 4;
-        let docker = if host.starts_with("unix://") {
-            Docker::connect_with_unix(host, secs, &API_VERSION)
-        } else if host.starts_with("tcp://") || host.starts_with("http://") {
-            Docker::connect_with_http(host, secs, &API_VERSION)
-        } else {
-            return Err(RuntimeError::Unavailable {
-                endpoint: host.to_owned(),
-                reason: "unsupported address: use unix://PATH, tcp://HOST:PORT or http://HOST:PORT"
-                    .into(),
-            });
+        let docker = std::sync::OnceLock::new();
+        match connect(host, call_timeout) {
+            Ok(client) => {
+                let _ = docker.set(client);
+            }
+            // A socket that does not exist (yet) is not an error: the server starts, and
+            // every call reports the engine unavailable until the socket appears.
+            Err(_) if host.starts_with("unix://") => {}
+            Err(e) => return Err(e),
         }
-        .map_err(|e| RuntimeError::Unavailable {
-            endpoint: host.to_owned(),
-            reason: e.to_string(),
-        })?;
         let public_host = public_host_of(host);
         Ok(Self {
             docker,
@@ -73,13 +94,33 @@ impl DockerRuntime {
             public_host,
             call_timeout,
             pull_idle_timeout: Duration::from_secs(120),
+            calls: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                crate::limits::DEFAULT_MAX_DOCKER_CALLS,
+            )),
         })
+    }
+
+    /// Caps the Docker API calls in progress at once at `max` (at least 1).
+    pub fn with_max_concurrent_calls(mut self, max: usize) -> Self {
+        self.calls = std::sync::Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+        self
+    }
+
+    /// Docker API calls that may start now without waiting.
+    pub fn available_call_permits(&self) -> usize {
+        self.calls.available_permits()
     }
 
     async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RuntimeError>
     where
         F: Future<Output = Result<T, BollardError>>,
     {
+        // Waiting for a turn is not the engine's slowness: the timeout starts after it.
+        let _permit = self
+            .calls
+            .acquire()
+            .await
+            .expect("the docker call semaphore is never closed");
         match tokio::time::timeout(self.call_timeout, fut).await {
             Err(_) => Err(RuntimeError::Timeout {
                 op,
@@ -93,6 +134,15 @@ impl DockerRuntime {
 
     fn map_err(&self, op: &'static str, e: BollardError) -> RuntimeError {
         map_error(&self.endpoint, op, e)
+    }
+
+    /// The client, connecting on first use (retried on every call until it works).
+    fn client(&self) -> Result<&Docker, RuntimeError> {
+        if let Some(docker) = self.docker.get() {
+            return Ok(docker);
+        }
+        let docker = connect(&self.endpoint, self.call_timeout)?;
+        Ok(self.docker.get_or_init(|| docker))
     }
 }
 
@@ -254,12 +304,12 @@ impl Runtime for DockerRuntime {
     }
 
     async fn ping(&self) -> Result<(), RuntimeError> {
-        self.call("ping", self.docker.ping()).await.map(|_| ())
+        self.call("ping", self.client()?.ping()).await.map(|_| ())
     }
 
     async fn inspect_image(&self, image: &str) -> Result<Option<ImageInfo>, RuntimeError> {
         match self
-            .call("inspect image", self.docker.inspect_image(image))
+            .call("inspect image", self.client()?.inspect_image(image))
             .await
         {
             Ok(info) => {
@@ -303,7 +353,11 @@ impl Runtime for DockerRuntime {
             identitytoken: (!a.identity_token.is_empty()).then(|| a.identity_token.clone()),
             ..Default::default()
         });
-        let stream = self.docker.create_image(Some(options), None, credentials);
+        let docker = match self.client() {
+            Ok(d) => d,
+            Err(e) => return futures_util::stream::once(async move { Err(e) }).boxed(),
+        };
+        let stream = docker.create_image(Some(options), None, credentials);
         let endpoint = self.endpoint.clone();
         let image = image.to_owned();
         let idle = self.pull_idle_timeout;
@@ -388,7 +442,7 @@ impl Runtime for DockerRuntime {
         let created = self
             .call(
                 "create container",
-                self.docker.create_container(Some(options), body),
+                self.client()?.create_container(Some(options), body),
             )
             .await?;
         Ok(created.id)
@@ -397,7 +451,7 @@ impl Runtime for DockerRuntime {
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         self.call(
             "start container",
-            self.docker
+            self.client()?
                 .start_container(id, None::<bollard::query_parameters::StartContainerOptions>),
         )
         .await
@@ -407,7 +461,7 @@ impl Runtime for DockerRuntime {
         let info = self
             .call(
                 "inspect container",
-                self.docker.inspect_container(
+                self.client()?.inspect_container(
                     id,
                     None::<bollard::query_parameters::InspectContainerOptions>,
                 ),
@@ -474,7 +528,7 @@ impl Runtime for DockerRuntime {
         let chunks = self
             .call(
                 "read container logs",
-                self.docker
+                self.client()?
                     .logs(id, Some(options))
                     .map(|r| r.map(log_bytes))
                     .collect::<Vec<_>>()
@@ -497,8 +551,11 @@ impl Runtime for DockerRuntime {
             .follow(true)
             .build();
         let endpoint = self.endpoint.clone();
-        let chunks = self
-            .docker
+        let docker = match self.client() {
+            Ok(d) => d,
+            Err(e) => return futures_util::stream::once(async move { Err(e) }).boxed(),
+        };
+        let chunks = docker
             .logs(id, Some(options))
             .map(move |r| {
                 r.map(log_bytes)
@@ -522,7 +579,8 @@ impl Runtime for DockerRuntime {
             .build();
         // A stop can legitimately take the grace period; give it that on top.
         let stop_budget = self.call_timeout + Duration::from_secs(STOP_GRACE_SECS as u64);
-        match tokio::time::timeout(stop_budget, self.docker.stop_container(id, Some(stop))).await {
+        match tokio::time::timeout(stop_budget, self.client()?.stop_container(id, Some(stop))).await
+        {
             Err(_) => {
                 return Err(RuntimeError::Timeout {
                     op: "stop container",
@@ -546,7 +604,7 @@ impl Runtime for DockerRuntime {
         match self
             .call(
                 "remove container",
-                self.docker.remove_container(id, Some(options)),
+                self.client()?.remove_container(id, Some(options)),
             )
             .await
         {
@@ -559,13 +617,15 @@ impl Runtime for DockerRuntime {
         let created = self
             .call(
                 "create exec",
-                self.docker.create_exec(
+                self.client()?.create_exec(
                     id,
                     ExecConfig {
                         cmd: Some(command.to_vec()),
                         attach_stdout: Some(true),
                         attach_stderr: Some(true),
                         tty: Some(tty),
+                        // Progress-bar libraries draw only for a terminal they know.
+                        env: tty.then(|| vec![format!("TERM={EXEC_TERM}")]),
                         ..Default::default()
                     },
                 ),
@@ -574,7 +634,7 @@ impl Runtime for DockerRuntime {
         let started = self
             .call(
                 "start exec",
-                self.docker.start_exec(
+                self.client()?.start_exec(
                     &created.id,
                     Some(StartExecOptions {
                         detach: false,
@@ -584,6 +644,20 @@ impl Runtime for DockerRuntime {
                 ),
             )
             .await?;
+        if tty {
+            // API 1.41 has no initial console size: an unsized TTY is 0x0, which some
+            // progress bars take as "no room to draw". Best effort.
+            let size = bollard::query_parameters::ResizeExecOptionsBuilder::default()
+                .w(EXEC_TTY_SIZE.0)
+                .h(EXEC_TTY_SIZE.1)
+                .build();
+            if let Err(e) = self
+                .call("resize exec", self.client()?.resize_exec(&created.id, size))
+                .await
+            {
+                tracing::debug!(error = %e, "could not size the exec's TTY");
+            }
+        }
         let endpoint = self.endpoint.clone();
         let output = match started {
             StartExecResults::Attached { output, .. } => output
@@ -602,7 +676,7 @@ impl Runtime for DockerRuntime {
 
     async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError> {
         let info = self
-            .call("inspect exec", self.docker.inspect_exec(exec_id))
+            .call("inspect exec", self.client()?.inspect_exec(exec_id))
             .await?;
         if info.running.unwrap_or(false) {
             Ok(None)
@@ -623,7 +697,7 @@ impl DockerRuntime {
         let list = self
             .call(
                 "list containers",
-                self.docker.list_containers(Some(options)),
+                self.client()?.list_containers(Some(options)),
             )
             .await?;
         Ok(list
@@ -658,6 +732,55 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn concurrent_calls_are_capped() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let rt = Arc::new(
+            DockerRuntime::new("unix:///nonexistent/docker.sock", Duration::from_secs(30))
+                .unwrap()
+                .with_max_concurrent_calls(2),
+        );
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let (release, _) = tokio::sync::broadcast::channel::<()>(1);
+        let mut calls = Vec::new();
+        for _ in 0..5 {
+            let (rt, running, peak) = (rt.clone(), running.clone(), peak.clone());
+            let mut go = release.subscribe();
+            calls.push(tokio::spawn(async move {
+                rt.call("test", async {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    let _ = go.recv().await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, BollardError>(())
+                })
+                .await
+            }));
+        }
+        // Let every task run as far as it can: two hold a permit, three wait.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(running.load(Ordering::SeqCst), 2);
+        assert_eq!(rt.available_call_permits(), 0);
+        // Release them one wave at a time until all five have run.
+        while !calls.iter().all(|c| c.is_finished()) {
+            let _ = release.send(());
+            tokio::task::yield_now().await;
+        }
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            peak.load(Ordering::SeqCst),
+            2,
+            "never more than the cap at once"
+        );
+        assert_eq!(rt.available_call_permits(), 2);
+    }
 
     #[test]
     fn references_split_into_name_and_tag() {

@@ -176,6 +176,16 @@ pub fn serve_config(data_dir: &std::path::Path) -> ServeConfig {
         retention_max_deployments: None,
         retention_max_age: None,
         retention_max_log_updates: None,
+        audit_log: None,
+        metrics_app_label: false,
+        webhooks: Vec::new(),
+        webhook_secret: None,
+        webhook_max_attempts: 8,
+        webhook_backoff: Duration::from_millis(500),
+        webhook_backoff_max: Duration::from_secs(30),
+        webhook_timeout: Duration::from_secs(10),
+        security: Default::default(),
+        limits: Default::default(),
     }
 }
 
@@ -333,11 +343,18 @@ pub struct BinaryServer {
 impl BinaryServer {
     /// Starts `stevedore serve` with `args` (plus ephemeral listen addresses) and waits
     /// until it logs its addresses.
-    #[allow(clippy::zombie_processes)] // waited for by Drop; a failed start kills it first
+    // The child is waited for in `Drop`.
+    #[allow(clippy::zombie_processes)]
     pub fn spawn(data_dir: &std::path::Path, args: &[&str]) -> Self {
+        Self::spawn_with_env(data_dir, args, &[])
+    }
+
+    /// Like [`BinaryServer::spawn`], with extra environment variables (e.g.
+    /// `RUST_LOG=debug`).
+    pub fn spawn_with_env(data_dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let log = data_dir.join(format!("server-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary())
+        let mut child = Command::new(binary())
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
             .arg("--data-dir")
@@ -345,6 +362,7 @@ impl BinaryServer {
             .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -369,11 +387,11 @@ impl BinaryServer {
                     log,
                 };
             }
-            if std::time::Instant::now() >= deadline {
-                let mut child = child;
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || std::time::Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("server did not start; log:\n{text}");
+                panic!("server did not start ({exited:?}); log:\n{text}");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -381,6 +399,16 @@ impl BinaryServer {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGHUP to the server (it re-reads its tokens file).
+    pub fn hangup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -HUP {}", self.child.id());
     }
 }
 

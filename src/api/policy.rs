@@ -1,0 +1,169 @@
+//! The deploy policy of this server: which registries images may come from and whether
+//! containers may publish privileged host ports. Checked on a validated
+//! [`DeploySpec`] before the engine sees it; a refusal is `PERMISSION_DENIED` naming
+//! what was refused (an operator can change the policy, the caller cannot).
+
+use tonic::Status;
+
+use crate::model::DeploySpec;
+
+/// Docker Hub, as image references name it when they name no registry.
+const DOCKER_HUB: &str = "docker.io";
+
+#[derive(Clone, Debug, Default)]
+pub struct DeployPolicy {
+    /// Allowed image prefixes, normalized (`docker.io/library/busybox`,
+    /// `registry.example:5000/team`). Empty: any registry.
+    allowed_registries: Vec<String>,
+    /// Whether host ports 1–1023 may be published.
+    pub allow_privileged_ports: bool,
+}
+
+/// The fully qualified form of an image reference: `busybox` →
+/// `docker.io/library/busybox`, `team/app:1` → `docker.io/team/app:1`,
+/// `index.docker.io/x` → `docker.io/x`; references naming a registry are unchanged.
+/// A first component is a registry when it has a `.` or `:` or is `localhost`.
+pub fn normalize_image(image: &str) -> String {
+    let (first, rest) = match image.split_once('/') {
+        Some((first, rest)) => (first, Some(rest)),
+        None => (image, None),
+    };
+    match rest {
+        Some(rest) if first.contains(['.', ':']) || first == "localhost" => {
+            if first == "index.docker.io" || first == "registry-1.docker.io" {
+                normalize_hub(rest)
+            } else {
+                image.to_owned()
+            }
+        }
+        _ => normalize_hub(image),
+    }
+}
+
+fn normalize_hub(path: &str) -> String {
+    if path.contains('/') {
+        format!("{DOCKER_HUB}/{path}")
+    } else {
+        format!("{DOCKER_HUB}/library/{path}")
+    }
+}
+
+/// Whether `image` (normalized) is under `prefix` (normalized): the prefix must end at
+/// a boundary, so `reg:5000` allows `reg:5000/x` but not `reg:50001/x`.
+fn under(image: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    match image.strip_prefix(prefix) {
+        Some("") => true,
+        Some(rest) => rest.starts_with(['/', ':', '@']),
+        None => false,
+    }
+}
+
+impl DeployPolicy {
+    /// A policy allowing images under `registries` (none: any registry).
+    pub fn new(registries: &[String], allow_privileged_ports: bool) -> Self {
+        Self {
+            allowed_registries: registries
+                .iter()
+                .map(|r| r.trim())
+                .filter(|r| !r.is_empty())
+                .map(normalize_prefix)
+                .collect(),
+            allow_privileged_ports,
+        }
+    }
+
+    pub fn allowed_registries(&self) -> &[String] {
+        &self.allowed_registries
+    }
+
+    /// `Ok` when the policy allows `spec`, else `PERMISSION_DENIED` naming the image or
+    /// the port.
+    pub fn check(&self, spec: &DeploySpec) -> Result<(), Status> {
+        if !self.allowed_registries.is_empty() {
+            let image = normalize_image(&spec.image);
+            if !self.allowed_registries.iter().any(|p| under(&image, p)) {
+                return Err(Status::permission_denied(format!(
+                    "image: {} ({image}) is not from an allowed registry ({})",
+                    spec.image,
+                    self.allowed_registries.join(", ")
+                )));
+            }
+        }
+        if !self.allow_privileged_ports {
+            for (i, p) in spec.ports.iter().enumerate() {
+                if p.host_port != 0 && p.host_port < 1024 {
+                    return Err(Status::permission_denied(format!(
+                        "ports[{i}].host_port: {} is a privileged port (below 1024); the server allows those only with --allow-privileged-ports",
+                        p.host_port
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A prefix is normalized like an image when it names a path under Docker Hub
+/// (`busybox`, `library/busybox`); a bare registry host stays as it is.
+fn normalize_prefix(prefix: &str) -> String {
+    let looks_like_host = !prefix.contains('/')
+        && (prefix.contains(['.', ':']) || prefix == "localhost")
+        && prefix != "docker.io";
+    if looks_like_host {
+        prefix.to_owned()
+    } else if prefix == "docker.io" || prefix == "index.docker.io" {
+        DOCKER_HUB.to_owned()
+    } else {
+        normalize_image(prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_normalize_like_docker() {
+        assert_eq!(normalize_image("busybox"), "docker.io/library/busybox");
+        assert_eq!(
+            normalize_image("busybox:1.36"),
+            "docker.io/library/busybox:1.36"
+        );
+        assert_eq!(normalize_image("team/app"), "docker.io/team/app");
+        assert_eq!(
+            normalize_image("index.docker.io/library/busybox"),
+            "docker.io/library/busybox"
+        );
+        assert_eq!(
+            normalize_image("127.0.0.1:5000/a/b:1"),
+            "127.0.0.1:5000/a/b:1"
+        );
+        assert_eq!(normalize_image("localhost/a"), "localhost/a");
+        assert_eq!(
+            normalize_image("ghcr.io/o/a@sha256:00"),
+            "ghcr.io/o/a@sha256:00"
+        );
+    }
+
+    #[test]
+    fn prefixes_end_at_a_boundary() {
+        let p = DeployPolicy::new(&["127.0.0.1:5000".into(), "busybox".into()], false);
+        assert_eq!(
+            p.allowed_registries(),
+            ["127.0.0.1:5000", "docker.io/library/busybox"]
+        );
+        let ok = |image: &str| {
+            let img = normalize_image(image);
+            p.allowed_registries().iter().any(|x| under(&img, x))
+        };
+        assert!(ok("127.0.0.1:5000/stevedore-test/web:1"));
+        assert!(!ok("127.0.0.1:50001/stevedore-test/web:1"));
+        assert!(ok("busybox"));
+        assert!(ok("busybox:1.36"));
+        assert!(ok("docker.io/library/busybox@sha256:00"));
+        assert!(!ok("busyboxes"));
+        assert!(!ok("evil.example/busybox"));
+        assert!(!ok("alpine"));
+    }
+}

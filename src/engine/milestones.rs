@@ -1,0 +1,148 @@
+//! Log milestones: the request's regexes matched against each line of the new
+//! container's output while it starts and is health-checked.
+//!
+//! Pure: [`MilestoneTracker::apply`] takes a line and says which milestones it hit.
+//! A milestone with `progress >= 0` moves the phase's progress to that value (never
+//! backwards); one with a negative `progress` counts its matches instead.
+
+use crate::model::MilestoneSpec;
+
+/// Longest output line put in an update's metadata.
+const MAX_LINE_BYTES: usize = 1024;
+
+/// One milestone matched by one line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MilestoneHit {
+    /// Index of the milestone in the request.
+    pub index: usize,
+    pub description: String,
+    /// Phase progress after the hit (the highest value reached so far).
+    pub progress: f64,
+    /// For a counting milestone: matches so far, this one included.
+    pub count: Option<u64>,
+    /// The matched line (cut at 1 KiB).
+    pub line: String,
+}
+
+#[derive(Debug, Default)]
+pub struct MilestoneTracker {
+    specs: Vec<MilestoneSpec>,
+    counts: Vec<u64>,
+    reached: f64,
+}
+
+impl MilestoneTracker {
+    pub fn new(specs: Vec<MilestoneSpec>) -> Self {
+        let counts = vec![0; specs.len()];
+        Self {
+            specs,
+            counts,
+            reached: 0.0,
+        }
+    }
+
+    /// Whether some milestone sets progress (then the milestones, not the clock, drive
+    /// the health check's progress).
+    pub fn drives_progress(&self) -> bool {
+        self.specs.iter().any(|m| m.progress >= 0.0)
+    }
+
+    /// Highest progress reached so far.
+    pub fn reached(&self) -> f64 {
+        self.reached
+    }
+
+    /// The milestones `line` matches, in request order.
+    pub fn apply(&mut self, line: &str) -> Vec<MilestoneHit> {
+        let mut hits = Vec::new();
+        for (index, m) in self.specs.iter().enumerate() {
+            if !m.pattern.is_match(line) {
+                continue;
+            }
+            let count = if m.progress < 0.0 {
+                self.counts[index] += 1;
+                Some(self.counts[index])
+            } else {
+                self.reached = self.reached.max(m.progress.min(1.0));
+                None
+            };
+            hits.push(MilestoneHit {
+                index,
+                description: m.description.clone(),
+                progress: self.reached,
+                count,
+                line: cut(line, MAX_LINE_BYTES).to_owned(),
+            });
+        }
+        hits
+    }
+}
+
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use regex::Regex;
+
+    fn m(pattern: &str, progress: f64, description: &str) -> MilestoneSpec {
+        MilestoneSpec {
+            pattern: Regex::new(pattern).unwrap(),
+            progress,
+            description: description.into(),
+        }
+    }
+
+    #[test]
+    fn progress_moves_forward_only_and_counters_count() {
+        let mut t = MilestoneTracker::new(vec![
+            m("^step 1/2$", 0.5, "half"),
+            m("^step 2/2$", 1.0, "done"),
+            m("checkpoint", -1.0, "checkpoint"),
+        ]);
+        assert!(t.drives_progress());
+        assert!(t.apply("unrelated").is_empty());
+        let h = t.apply("step 2/2");
+        assert_eq!((h[0].index, h[0].progress), (1, 1.0));
+        assert_eq!(h[0].description, "done");
+        assert_eq!(h[0].count, None);
+        // A lower milestone after a higher one: reported, progress stays.
+        let h = t.apply("step 1/2");
+        assert_eq!((h[0].index, h[0].progress), (0, 1.0));
+        for n in 1..=3 {
+            let h = t.apply("checkpoint complete");
+            assert_eq!(h.len(), 1);
+            assert_eq!(h[0].count, Some(n));
+            assert_eq!(h[0].line, "checkpoint complete");
+            assert_eq!(h[0].progress, 1.0);
+        }
+    }
+
+    #[test]
+    fn one_line_can_hit_several_milestones() {
+        let mut t = MilestoneTracker::new(vec![m("a", 0.2, "a"), m("b", -1.0, "b")]);
+        assert!(!MilestoneTracker::new(vec![m("b", -1.0, "b")]).drives_progress());
+        let h = t.apply("ab");
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[0].progress, 0.2);
+        assert_eq!(h[1].count, Some(1));
+    }
+
+    #[test]
+    fn long_lines_are_cut_on_a_char_boundary() {
+        let mut t = MilestoneTracker::new(vec![m("é", 0.1, "x")]);
+        let line = "é".repeat(1000);
+        let h = t.apply(&line);
+        assert!(h[0].line.len() <= MAX_LINE_BYTES);
+        assert!(h[0].line.chars().all(|c| c == 'é'));
+    }
+}

@@ -1,0 +1,236 @@
+//! Security settings of `stevedore serve`: tokens, TLS and mTLS, the deploy policy,
+//! and the rule that a server without tokens listens on loopback only.
+//!
+//! TLS uses rustls 0.23 with the `ring` provider only (tonic's `tls-ring`); every
+//! config here names that provider explicitly, so no process-wide default is needed
+//! and a second provider can never make rustls panic.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::auth::Authenticator;
+use crate::api::policy::DeployPolicy;
+
+/// `stevedore serve` security flags; each has a `STEVEDORE_…` environment fallback.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct SecurityConfig {
+    /// TOML file of named tokens (`[[token]] name, sha256, scopes`). With it, every
+    /// Deployer call needs `authorization: Bearer <token>`. Re-read on SIGHUP.
+    #[arg(long, env = "STEVEDORE_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Allow listening on a non-loopback address without a tokens file (anyone who
+    /// can connect can then run any image on the host).
+    #[arg(long, env = "STEVEDORE_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// PEM certificate chain: serve gRPC and HTTP over TLS.
+    #[arg(long, env = "STEVEDORE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "STEVEDORE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): require client certificates signed by it (mTLS).
+    #[arg(long, env = "STEVEDORE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Image prefix deployments may use (repeatable), e.g. `registry.example:5000` or
+    /// `busybox` (= docker.io/library/busybox). When set, other images are refused.
+    #[arg(
+        long = "allow-registry",
+        env = "STEVEDORE_ALLOW_REGISTRY",
+        value_delimiter = ','
+    )]
+    pub allow_registries: Vec<String>,
+    /// Allow publishing host ports below 1024.
+    #[arg(long, env = "STEVEDORE_ALLOW_PRIVILEGED_PORTS")]
+    pub allow_privileged_ports: bool,
+}
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+impl SecurityConfig {
+    /// The authenticator of `--tokens-file`, if given.
+    pub fn authenticator(&self) -> Result<Option<Authenticator>, Error> {
+        match &self.tokens_file {
+            None => Ok(None),
+            Some(path) => {
+                let auth = Authenticator::load(path)?;
+                Ok(Some(auth))
+            }
+        }
+    }
+
+    pub fn policy(&self) -> DeployPolicy {
+        DeployPolicy::new(&self.allow_registries, self.allow_privileged_ports)
+    }
+
+    /// Without tokens, only loopback addresses, unless `--insecure-no-auth`.
+    pub fn check_listen(&self, addrs: &[(&str, SocketAddr)]) -> Result<(), Error> {
+        if self.tokens_file.is_some() {
+            return Ok(());
+        }
+        for (what, addr) in addrs {
+            if addr.ip().is_loopback() {
+                continue;
+            }
+            if self.insecure_no_auth {
+                tracing::warn!(listen = %addr, "{what} listens on a non-loopback address WITHOUT authentication (--insecure-no-auth): anyone who can connect can run any image on this host");
+            } else {
+                return Err(format!(
+                    "refusing to listen on {addr} ({what}) without authentication: give --tokens-file, listen on a loopback address, or pass --insecure-no-auth"
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert.is_some()
+    }
+
+    /// tonic's TLS settings for the gRPC server.
+    pub fn grpc_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, Error> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        let mut tls = tonic::transport::ServerTlsConfig::new()
+            .identity(identity)
+            .timeout(HANDSHAKE_TIMEOUT);
+        if let Some(ca) = &self.tls_client_ca {
+            tls = tls
+                .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
+                .client_auth_optional(false);
+        }
+        Ok(Some(tls))
+    }
+
+    /// rustls settings for the HTTP listener (same certificate, same client CA).
+    pub fn http_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, Error> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| pem_error(cert, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| pem_error(cert, e))?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_error(key, e))?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let builder = match &self.tls_client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(ca).map_err(|e| pem_error(ca, e))? {
+                    roots.add(c.map_err(|e| pem_error(ca, e))?)?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Some(Arc::new(config)))
+    }
+}
+
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes of the HTTP listener in progress at once.
+const MAX_HANDSHAKES: usize = 64;
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()).into())
+}
+
+fn pem_error(path: &Path, e: rustls_pki_types::pem::Error) -> Error {
+    format!("{}: {e}", path.display()).into()
+}
+
+/// An axum listener that serves TLS: connections are accepted and their handshakes
+/// run in a background task (each under a timeout, a bounded number at once), so a
+/// slow or failing client never holds up the others.
+pub struct TlsListener {
+    connections: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local_addr: SocketAddr,
+}
+
+impl TlsListener {
+    pub fn new(
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        let (tx, connections) = mpsc::channel(MAX_HANDSHAKES);
+        let acceptor = TlsAcceptor::from(config);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "http accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %peer, error = %e, "http tls handshake failed")
+                        }
+                        Err(_) => tracing::debug!(peer = %peer, "http tls handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            connections,
+            local_addr,
+        })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.connections.recv().await {
+            Some(c) => c,
+            // The accept task stopped (shutdown): no more connections.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local_addr)
+    }
+}

@@ -1,0 +1,912 @@
+//! Security against a real server: token scopes on every RPC, token revocation on
+//! SIGHUP, TLS and mTLS on both listeners, limits, the deploy policy, and registry
+//! credentials that must appear nowhere.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use stevedore::limits::Rejection;
+use stevedore::proto::{
+    self, CancelRequest, DeployRequest, GetStatusRequest, ListDeploymentsRequest, RegistryAuth,
+    WatchRequest,
+};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+// ---------------------------------------------------------------------------
+// helpers
+// ---------------------------------------------------------------------------
+
+/// A request carrying `authorization: Bearer <secret>` when a secret is given.
+fn authed<T>(msg: T, secret: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(s) = secret {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {s}").parse().unwrap());
+    }
+    r
+}
+
+/// `stevedore token new NAME --scope SCOPE`: (secret, tokens-file entry).
+fn cli_token(name: &str, scope: &str) -> (String, String) {
+    let out = Command::new(binary())
+        .args(["token", "new", name, "--scope", scope])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let secret = text
+        .lines()
+        .find(|l| l.starts_with("stv_"))
+        .expect("the token is printed")
+        .to_owned();
+    let entry = &text[text.find("[[token]]").expect("the entry is printed")..];
+    assert!(!entry.contains(&secret), "the entry never holds the secret");
+    (secret, entry.to_owned())
+}
+
+/// A deployment that stays in HEALTH_CHECK until cancelled: the image's HEALTHCHECK
+/// stays `starting` for an hour.
+fn holding_request(app: &str) -> DeployRequest {
+    DeployRequest {
+        app: app.into(),
+        image: "stevedore-test/slowhealth:1".into(),
+        health_check: Some(proto::HealthCheck {
+            check: Some(proto::health_check::Check::Docker(
+                proto::DockerHealthCheck {},
+            )),
+            timeout: Some(prost_types::Duration {
+                seconds: 1800,
+                nanos: 0,
+            }),
+            interval: None,
+        }),
+        deadline: Some(prost_types::Duration {
+            seconds: 3600,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+type Updates = tonic::Streaming<proto::ProgressUpdate>;
+
+/// Starts a deployment and returns its ID and open stream.
+async fn start_deploy(
+    client: &mut Client,
+    req: tonic::Request<DeployRequest>,
+) -> (String, Updates) {
+    let mut stream = client
+        .deploy(req)
+        .await
+        .expect("deploy accepted")
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .expect("first update")
+        .expect("a first update");
+    (first.deployment_id, stream)
+}
+
+fn code_of<T>(r: Result<T, tonic::Status>) -> Code {
+    match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+/// A test certificate authority (rcgen).
+struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Self { issuer }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A leaf certificate for `names` (DNS names or IPs): (cert PEM, key PEM).
+    fn leaf(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Every file under `dir`, read as (lossy) text.
+fn all_files_text(dir: &Path) -> String {
+    let mut out = String::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                out.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// tokens and scopes
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn every_rpc_answers_by_token_scope() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let (deploy_secret, deploy_entry) = cli_token("ci", "deploy");
+    let (read_secret, read_entry) = cli_token("reader", "read");
+    let (admin_secret, admin_entry) = cli_token("root", "admin");
+    let (unknown_secret, _) = cli_token("stranger", "admin");
+    let tokens = write(
+        dir.path(),
+        "tokens.toml",
+        &format!("{deploy_entry}\n{read_entry}\n{admin_entry}"),
+    );
+    let server = BinaryServer::spawn(dir.path(), &["--tokens-file", tokens.to_str().unwrap()]);
+    let mut client = connect(server.grpc_addr).await;
+
+    // Health stays open.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        Channel::from_shared(format!("http://{}", server.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "stevedore.v1.Deployer".into(),
+        })
+        .await
+        .expect("health answers without a token")
+        .into_inner();
+    assert_eq!(serving.status, 1, "SERVING");
+
+    // The deploy token deploys (a deployment that holds in HEALTH_CHECK).
+    let app = unique_app("scope");
+    let _guard = AppGuard(app.clone());
+    let (id, deploy_stream) = start_deploy(
+        &mut client,
+        authed(holding_request(&app), Some(&deploy_secret)),
+    )
+    .await;
+    drop(deploy_stream);
+
+    let none: Option<&str> = None;
+    let unknown = Some(unknown_secret.as_str());
+    let read = Some(read_secret.as_str());
+    let deploy = Some(deploy_secret.as_str());
+    let admin = Some(admin_secret.as_str());
+    use Code::*;
+
+    // Read RPCs.
+    let table: [(Option<&str>, Code); 5] = [
+        (none, Unauthenticated),
+        (unknown, Unauthenticated),
+        (read, Ok),
+        (deploy, Ok),
+        (admin, Ok),
+    ];
+    for (secret, expected) in table {
+        let status = client
+            .get_status(authed(
+                GetStatusRequest {
+                    deployment_id: id.clone(),
+                },
+                secret,
+            ))
+            .await;
+        assert_eq!(code_of(status), expected, "GetStatus");
+        let list = client
+            .list_deployments(authed(ListDeploymentsRequest::default(), secret))
+            .await;
+        assert_eq!(code_of(list), expected, "ListDeployments");
+        let watch = client
+            .watch_deployment(authed(
+                WatchRequest {
+                    deployment_id: id.clone(),
+                    after_sequence: 0,
+                },
+                secret,
+            ))
+            .await;
+        match watch {
+            Result::Ok(s) => {
+                assert_eq!(expected, Ok, "WatchDeployment");
+                let first = s.into_inner().message().await.unwrap().unwrap();
+                assert_eq!(first.sequence, 1);
+            }
+            Err(e) => assert_eq!(e.code(), expected, "WatchDeployment: {e:?}"),
+        }
+    }
+
+    // Deploy RPCs refused below the deploy scope: nothing is started.
+    let refused_app = unique_app("refused");
+    let _refused_guard = AppGuard(refused_app.clone());
+    let table: [(Option<&str>, Code); 3] = [
+        (none, Unauthenticated),
+        (unknown, Unauthenticated),
+        (read, PermissionDenied),
+    ];
+    for (secret, expected) in table {
+        let r = client
+            .deploy(authed(holding_request(&refused_app), secret))
+            .await;
+        assert_eq!(code_of(r), expected, "Deploy");
+        let r = client
+            .cancel_deployment(authed(
+                CancelRequest {
+                    deployment_id: id.clone(),
+                },
+                secret,
+            ))
+            .await;
+        assert_eq!(code_of(r), expected, "CancelDeployment");
+    }
+    assert!(
+        app_containers(&refused_app).is_empty(),
+        "a refused Deploy created a container"
+    );
+    let all = client
+        .list_deployments(authed(ListDeploymentsRequest::default(), admin))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(all.deployments.iter().all(|d| d.app != refused_app));
+    assert_eq!(all.deployments.len(), 1);
+
+    // The caller's token name is recorded, never the secret.
+    let status = client
+        .get_status(authed(
+            GetStatusRequest {
+                deployment_id: id.clone(),
+            },
+            read,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.requested_by, "ci");
+
+    // The deploy token cancels (the deployment was running, so this is allowed and works).
+    let cancelled = client
+        .cancel_deployment(authed(
+            CancelRequest {
+                deployment_id: id.clone(),
+            },
+            deploy,
+        ))
+        .await
+        .expect("deploy token cancels")
+        .into_inner();
+    assert_eq!(
+        cancelled.status.unwrap().state(),
+        proto::DeploymentState::Cancelled
+    );
+
+    // The audit log has every refusal: no or an unknown token × 5 methods, and the
+    // read token × Deploy and Cancel.
+    let log = server.log_text();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("stevedore::audit") && l.contains("call refused"))
+        .collect();
+    assert_eq!(
+        refusals.len(),
+        12,
+        "audit refusals:\n{}",
+        refusals.join("\n")
+    );
+    for method in ["Deploy", "CancelDeployment"] {
+        assert!(
+            refusals
+                .iter()
+                .any(|l| l.contains(&format!("method=\"{method}\""))
+                    && l.contains("caller=\"reader\"")
+                    && l.contains("PermissionDenied")),
+            "{method} refusal of reader audited:\n{}",
+            refusals.join("\n")
+        );
+    }
+    assert!(
+        log.contains("requested_by=ci"),
+        "the caller's name is logged"
+    );
+
+    // The audit log (DATA_DIR/audit.log) has the same refusals, in its chain, and
+    // the accepted deployment as requested by the token's name.
+    let audit_path = dir.path().join("audit.log");
+    let mut records: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&audit_path).unwrap_or_default();
+        records = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if records.iter().filter(|r| r["event"] == "refused").count() >= 12 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused: Vec<_> = records.iter().filter(|r| r["event"] == "refused").collect();
+    assert_eq!(refused.len(), 12, "{refused:#?}");
+    assert!(refused.iter().any(|r| r["method"] == "Deploy"
+        && r["requested_by"] == "reader"
+        && r["code"] == "PermissionDenied"));
+    assert_eq!(
+        refused
+            .iter()
+            .filter(|r| r["requested_by"] == "anonymous" && r["code"] == "Unauthenticated")
+            .count(),
+        10,
+        "no or an unknown token × 5 methods"
+    );
+    assert!(records.iter().any(|r| r["event"] == "accepted"
+        && r["app"] == app.as_str()
+        && r["requested_by"] == "ci"));
+    let verify = Command::new(binary())
+        .args(["audit", "verify"])
+        .arg(&audit_path)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let audit_text = std::fs::read_to_string(&audit_path).unwrap();
+    for secret in [&deploy_secret, &read_secret, &admin_secret, &unknown_secret] {
+        assert!(!log.contains(secret.as_str()), "a token secret was logged");
+        assert!(
+            !audit_text.contains(secret.as_str()),
+            "a token secret was audited"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_removed_token_ends_its_watch_stream_on_sighup() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let (deploy_secret, deploy_entry) = cli_token("ci", "deploy");
+    let (watch_secret, watch_entry) = cli_token("watcher", "read");
+    let tokens = write(
+        dir.path(),
+        "tokens.toml",
+        &format!("{deploy_entry}\n{watch_entry}"),
+    );
+    let server = BinaryServer::spawn(dir.path(), &["--tokens-file", tokens.to_str().unwrap()]);
+    let mut client = connect(server.grpc_addr).await;
+
+    let app = unique_app("revoke");
+    let _guard = AppGuard(app.clone());
+    let (id, _deploy_stream) = start_deploy(
+        &mut client,
+        authed(holding_request(&app), Some(&deploy_secret)),
+    )
+    .await;
+    let mut watch = client
+        .watch_deployment(authed(
+            WatchRequest {
+                deployment_id: id.clone(),
+                after_sequence: 0,
+            },
+            Some(&watch_secret),
+        ))
+        .await
+        .expect("watcher may watch")
+        .into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().sequence, 1);
+
+    // Remove the watcher's token and tell the server.
+    std::fs::write(&tokens, &deploy_entry).unwrap();
+    server.hangup();
+
+    // The deployment holds for half an hour: only the revocation can end this stream
+    // (the timeout turns a missing revocation into a failure instead of a hang).
+    let until_error = async {
+        loop {
+            match watch.message().await {
+                Ok(Some(u)) => assert!(u.result.is_none(), "the deployment ended: {u:?}"),
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(e) => break e,
+            }
+        }
+    };
+    let end = tokio::time::timeout(Duration::from_secs(120), until_error)
+        .await
+        .expect("the removed token's stream was not closed");
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    assert!(end.message().contains("watcher"), "{end:?}");
+
+    // The removed token is refused from now on; the kept one still works.
+    let r = client
+        .get_status(authed(
+            GetStatusRequest {
+                deployment_id: id.clone(),
+            },
+            Some(&watch_secret),
+        ))
+        .await;
+    assert_eq!(code_of(r), Code::Unauthenticated);
+    client
+        .cancel_deployment(authed(
+            CancelRequest {
+                deployment_id: id.clone(),
+            },
+            Some(&deploy_secret),
+        ))
+        .await
+        .expect("the kept token still works");
+    assert!(server.log_text().contains("tokens file reloaded"));
+}
+
+#[test]
+fn without_tokens_only_loopback_unless_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a non-loopback server without tokens started"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");
+
+    // With --insecure-no-auth it starts, and warns.
+    let log = dir.path().join("insecure.log");
+    let mut child = Command::new(binary())
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--insecure-no-auth",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut text = String::new();
+    for _ in 0..400 {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("stevedore listening") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.contains("stevedore listening"), "{text}");
+    assert!(text.contains("WITHOUT authentication"), "{text}");
+}
+
+// ---------------------------------------------------------------------------
+// TLS and mTLS
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn mtls_admits_only_clients_with_a_cert_from_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("stevedore test ca");
+    let other_ca = TestCa::new("some other ca");
+    let (server_cert, server_key) = ca.leaf(&["localhost", "127.0.0.1"]);
+    let (client_cert, client_key) = ca.leaf(&["client-ci"]);
+    let (wrong_cert, wrong_key) = other_ca.leaf(&["client-ci"]);
+    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
+    let cert_path = write(dir.path(), "server.pem", &server_cert);
+    let key_path = write(dir.path(), "server.key", &server_key);
+    let client_cert_path = write(dir.path(), "client.pem", &client_cert);
+    let client_key_path = write(dir.path(), "client.key", &client_key);
+
+    let server = TestServer::start_with(
+        |c| {
+            c.security.tls_cert = Some(cert_path.clone());
+            c.security.tls_key = Some(key_path.clone());
+            c.security.tls_client_ca = Some(ca_path.clone());
+        },
+        Default::default(),
+    )
+    .await;
+    let url = format!("https://{}", server.grpc_addr);
+
+    async fn list_with(url: &str, tls: Option<ClientTlsConfig>) -> Result<(), String> {
+        let mut endpoint = Channel::from_shared(url.to_owned()).unwrap();
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
+        }
+        let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+        proto::deployer_client::DeployerClient::new(channel)
+            .list_deployments(ListDeploymentsRequest::default())
+            .await
+            .map(drop)
+            .map_err(|e| format!("{e:?}"))
+    }
+    let tls = |identity: Option<(&str, &str)>| {
+        let mut t = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca.pem()))
+            .domain_name("localhost");
+        if let Some((c, k)) = identity {
+            t = t.identity(Identity::from_pem(c, k));
+        }
+        t
+    };
+
+    list_with(&url, Some(tls(Some((&client_cert, &client_key)))))
+        .await
+        .expect("a client with a cert from the CA is served");
+    let plaintext = list_with(&format!("http://{}", server.grpc_addr), None).await;
+    assert!(plaintext.is_err(), "plaintext was served");
+    let wrong = list_with(&url, Some(tls(Some((&wrong_cert, &wrong_key))))).await;
+    assert!(wrong.is_err(), "a cert from another CA was accepted");
+    let no_cert = list_with(&url, Some(tls(None))).await;
+    assert!(no_cert.is_err(), "a client without a cert was accepted");
+
+    // The HTTP listener takes the same settings.
+    let healthz = format!("https://localhost:{}/healthz", server.http_addr.port());
+    // curl runs as an async child: the in-process server shares this test's runtime.
+    let port = server.http_addr.port();
+    let curl = async |extra: &[&str], url: &str| {
+        tokio::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--resolve"])
+            .arg(format!("localhost:{port}:127.0.0.1"))
+            .arg("--cacert")
+            .arg(&ca_path)
+            .args(extra)
+            .arg(url)
+            .output()
+            .await
+            .unwrap()
+    };
+    let ok = curl(
+        &[
+            "--cert",
+            client_cert_path.to_str().unwrap(),
+            "--key",
+            client_key_path.to_str().unwrap(),
+        ],
+        &healthz,
+    )
+    .await;
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok"));
+    let no_cert = curl(&[], &healthz).await;
+    assert!(
+        !no_cert.status.success() || !String::from_utf8_lossy(&no_cert.stdout).starts_with("ok"),
+        "HTTP without a client cert was served"
+    );
+    let plain = curl(&[], &format!("http://127.0.0.1:{port}/healthz")).await;
+    assert!(
+        !String::from_utf8_lossy(&plain.stdout).starts_with("ok"),
+        "plaintext HTTP was served"
+    );
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// limits
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn over_limit_deploys_and_watches_get_resource_exhausted_at_once() {
+    require_docker();
+    let server = TestServer::start_with(
+        |c| {
+            c.limits.max_in_flight = 1;
+            c.limits.max_queued = 1;
+            c.limits.max_watch_streams = 1;
+        },
+        Default::default(),
+    )
+    .await;
+    let mut client = server.client().await;
+    let app = unique_app("limit-a");
+    let other = unique_app("limit-b");
+    let _guards = (AppGuard(app.clone()), AppGuard(other.clone()));
+
+    let (first, _s1) = start_deploy(&mut client, authed(holding_request(&app), None)).await;
+    let (queued, _s2) = start_deploy(&mut client, authed(holding_request(&app), None)).await;
+
+    // A third for the same app would queue beyond the cap; another app would be a
+    // second in flight. Both are refused at once, not left hanging.
+    let guard = Duration::from_secs(60);
+    for (req, limit) in [
+        (holding_request(&app), "queued"),
+        (holding_request(&other), "apps are already deploying"),
+    ] {
+        let r = tokio::time::timeout(guard, client.deploy(req))
+            .await
+            .expect("a refused deploy returns instead of hanging");
+        let e = r.expect_err("refused");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains(limit), "{e:?}");
+    }
+    assert!(app_containers(&other).is_empty());
+
+    // One watch stream is allowed, the second is refused.
+    let watch = |id: &str| WatchRequest {
+        deployment_id: id.to_owned(),
+        after_sequence: 0,
+    };
+    let _w1 = client
+        .watch_deployment(watch(&first))
+        .await
+        .expect("first watch");
+    let e = client
+        .watch_deployment(watch(&first))
+        .await
+        .expect_err("second watch refused");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+
+    let rejections = server.server.as_ref().unwrap().engine.rejections().clone();
+    assert_eq!(rejections.get(Rejection::Queued), 1);
+    assert_eq!(rejections.get(Rejection::InFlight), 1);
+    assert_eq!(rejections.get(Rejection::WatchStreams), 1);
+    let snapshot = rejections.snapshot();
+    assert!(
+        snapshot.contains(&("deployments_queued", 1)),
+        "{snapshot:?}"
+    );
+    // …and exported as a metric per limit.
+    let (_, metrics) = http_get(&server.http_url("/metrics")).await;
+    for limit in [
+        "deployments_queued",
+        "deployments_in_flight",
+        "watch_streams",
+    ] {
+        let line = format!("stevedore_rejections_total{{limit=\"{limit}\"}} 1");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+
+    for id in [queued, first] {
+        client
+            .cancel_deployment(CancelRequest { deployment_id: id })
+            .await
+            .unwrap();
+    }
+    // With both ended, a deployment of the other app is admitted again (the place is
+    // freed when the deployment's task returns, just after its terminal update).
+    let mut attempts = 0;
+    let mut s3 = loop {
+        match client.deploy(holding_request(&other)).await {
+            Ok(s) => break s.into_inner(),
+            Err(e) if e.code() == Code::ResourceExhausted && attempts < 100 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("not admitted after the others ended: {e:?}"),
+        }
+    };
+    let next = s3.message().await.unwrap().unwrap().deployment_id;
+    client
+        .cancel_deployment(CancelRequest {
+            deployment_id: next,
+        })
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_request_gets_a_clear_error() {
+    let server = TestServer::start_with(
+        |c| c.limits.max_request_bytes = 64 * 1024,
+        Default::default(),
+    )
+    .await;
+    let mut client = server.client().await;
+    let mut req = web_request(&unique_app("big"), "stevedore-test/web:1");
+    req.labels.insert("big".into(), "x".repeat(100 * 1024));
+    let e = client.deploy(req).await.expect_err("refused");
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert!(
+        e.message().contains("too large") && e.message().contains("65536"),
+        "{e:?}"
+    );
+    // A request under the limit is decoded (and then validated as usual).
+    let mut req = web_request("", "stevedore-test/web:1");
+    req.labels.insert("small".into(), "x".repeat(1024));
+    let e = client.deploy(req).await.expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// deploy policy
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_refused_registry_or_privileged_port_gets_permission_denied() {
+    let server = TestServer::start_with(
+        |c| c.security.allow_registries = vec![registry()],
+        Default::default(),
+    )
+    .await;
+    let mut client = server.client().await;
+    let app = unique_app("policy");
+    let _guard = AppGuard(app.clone());
+
+    let e = client
+        .deploy(web_request(&app, "busybox"))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("docker.io/library/busybox"), "{e:?}");
+
+    let e = client
+        .deploy(web_request(&app, "127.0.0.1:50001/stevedore-test/web:1"))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    let mut req = web_request(&app, &format!("{}/stevedore-test/web:1", registry()));
+    req.ports[0].host_port = 80;
+    let e = client.deploy(req).await.expect_err("refused");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().starts_with("ports[0].host_port"), "{e:?}");
+
+    let rejections = server.server.as_ref().unwrap().engine.rejections().clone();
+    assert_eq!(rejections.get(Rejection::Policy), 3);
+    assert!(app_containers(&app).is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn registry_credentials_appear_nowhere() {
+    require_docker();
+    let (image, _) = push_random_image(1);
+    let dir = tempfile::tempdir().unwrap();
+    let server = BinaryServer::spawn_with_env(
+        dir.path(),
+        &["--allow-registry", &registry()],
+        &[("RUST_LOG", "debug")],
+    );
+    let mut client = connect(server.grpc_addr).await;
+    let app = unique_app("creds");
+    let _guard = AppGuard(app.clone());
+
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let secrets = [
+        format!("user-{tag}"),
+        format!("pass-{tag}"),
+        format!("idtok-{tag}"),
+    ];
+    let mut req = web_request(&app, &image);
+    req.registry_auth = Some(RegistryAuth {
+        username: secrets[0].clone(),
+        password: secrets[1].clone(),
+        identity_token: String::new(),
+    });
+    let updates = deploy(&mut client, req).await;
+    assert_well_formed(&updates);
+    let end = terminal(&updates);
+    assert_eq!(end.phase(), proto::Phase::Complete, "{end:?}");
+    assert!(
+        updates.iter().any(|u| u.pull.is_some()),
+        "the image was pulled with the credentials"
+    );
+
+    // A second deployment with an identity token (refused by the policy first: the
+    // refusal is audited, and must not name the token either).
+    let mut req = web_request(&app, "busybox");
+    req.registry_auth = Some(RegistryAuth {
+        username: String::new(),
+        password: String::new(),
+        identity_token: secrets[2].clone(),
+    });
+    assert_eq!(code_of(client.deploy(req).await), Code::PermissionDenied);
+
+    let id = end.deployment_id.clone();
+    let status = client
+        .get_status(GetStatusRequest {
+            deployment_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let list = client
+        .list_deployments(ListDeploymentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut replay = client
+        .watch_deployment(WatchRequest {
+            deployment_id: id,
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut replayed = Vec::new();
+    while let Some(u) = replay.message().await.unwrap() {
+        replayed.push(u);
+    }
+    let container = end.result.as_ref().unwrap().container_id.clone();
+    let inspect = docker(&["inspect", &container]);
+
+    // The refusal reaches the audit log (written in the background).
+    let audit_path = dir.path().join("audit.log");
+    for _ in 0..100 {
+        if std::fs::read_to_string(&audit_path)
+            .unwrap_or_default()
+            .contains("\"refused\"")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    assert!(
+        audit.contains("\"refused\"") && audit.contains("\"accepted\""),
+        "{audit}"
+    );
+
+    let log = server.log_text();
+    assert!(log.contains("DEBUG"), "the server logged at debug level");
+    assert!(log.contains("stevedore::audit"), "the refusal was audited");
+    let places = [
+        ("server log (debug) and audit events", log),
+        ("audit log", audit),
+        ("data dir (store, audit log)", all_files_text(dir.path())),
+        ("updates", format!("{updates:?}")),
+        ("replayed updates", format!("{replayed:?}")),
+        ("GetStatus", format!("{status:?}")),
+        ("ListDeployments", format!("{list:?}")),
+        ("container", inspect),
+    ];
+    for (place, text) in &places {
+        for secret in &secrets {
+            assert!(!text.contains(secret.as_str()), "{secret} found in {place}");
+        }
+    }
+}
