@@ -13,27 +13,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=${1:-target/debug/stevedore}
 [[ -x $bin ]] || cargo build --quiet --bin stevedore
 
+# shellcheck source=scripts/lib/serve.sh
+source scripts/lib/serve.sh
+
 work=$(mktemp -d)
-log=$work/server.log
 app="t-smoke-$(cut -c1-8 /proc/sys/kernel/random/uuid)"
-pid=
 
 cleanup() {
   local rc=$?
-  if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  fi
-  local ids
-  ids=$(docker ps -aq --filter "label=io.stevedore.app=$app" 2>/dev/null || true)
-  # shellcheck disable=SC2086 # one ID per word
-  [[ -z $ids ]] || docker rm -f $ids >/dev/null 2>&1 || true
-  if ((rc != 0)); then
-    echo "--- server log" >&2
-    cat "$log" >&2 || true
-  fi
+  stevedore_cleanup "$rc" "$app"
   rm -rf "$work"
   exit "$rc"
 }
@@ -44,19 +32,9 @@ fail() {
   exit 1
 }
 
-NO_COLOR=1 RUST_LOG=info "$bin" serve --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
-  --data-dir "$work/data" 2>"$log" &
-pid=$!
-
-addr=
-for _ in $(seq 200); do
-  addr=$(sed -n 's/.*stevedore listening.*grpc=\([0-9.]*:[0-9]*\).*/\1/p' "$log" | head -n 1)
-  [[ -n $addr ]] && break
-  kill -0 "$pid" 2>/dev/null || fail "the server exited before listening"
-  sleep 0.1
-done
-[[ -n $addr ]] || fail "the server did not log its address"
-echo "server on $addr (pid $pid), app $app"
+stevedore_serve "$bin" "$work/data" || fail "the server did not start"
+addr=$GRPC_ADDR
+echo "server on $addr (pid $SERVER_PID), app $app"
 
 services=$(grpcurl -plaintext -max-time 10 "$addr" list)
 grep -qx 'stevedore.v1.Deployer' <<<"$services" || fail "list does not show stevedore.v1.Deployer: $services"

@@ -16,30 +16,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=${1:-target/debug/stevedore}
 [[ -x $bin ]] || cargo build --quiet --bin stevedore
 
+# shellcheck source=scripts/lib/serve.sh
+source scripts/lib/serve.sh
+
 work=$(mktemp -d)
-log=$work/server.log
 suffix=$(cut -c1-8 /proc/sys/kernel/random/uuid)
 apps=("t-metrics-ok-$suffix" "t-metrics-bad-$suffix")
-pid=
 
 cleanup() {
   local rc=$?
-  if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  fi
-  local app ids
-  for app in "${apps[@]}"; do
-    ids=$(docker ps -aq --filter "label=io.stevedore.app=$app" 2>/dev/null || true)
-    # shellcheck disable=SC2086 # one ID per word
-    [[ -z $ids ]] || docker rm -f $ids >/dev/null 2>&1 || true
-  done
-  if ((rc != 0)); then
-    echo "--- server log" >&2
-    cat "$log" >&2 || true
-  fi
+  stevedore_cleanup "$rc" "${apps[@]}"
   rm -rf "$work"
   exit "$rc"
 }
@@ -50,19 +36,9 @@ fail() {
   exit 1
 }
 
-NO_COLOR=1 RUST_LOG=info "$bin" serve --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
-  --data-dir "$work/data" 2>"$log" &
-pid=$!
-
-grpc= http=
-for _ in $(seq 200); do
-  grpc=$(sed -n 's/.*stevedore listening.*grpc=\([0-9.]*:[0-9]*\).*/\1/p' "$log" | head -n 1)
-  http=$(sed -n 's/.*stevedore listening.*http=\([0-9.]*:[0-9]*\).*/\1/p' "$log" | head -n 1)
-  [[ -n $grpc && -n $http ]] && break
-  kill -0 "$pid" 2>/dev/null || fail "the server exited before listening"
-  sleep 0.1
-done
-[[ -n $grpc && -n $http ]] || fail "the server did not log its addresses"
+stevedore_serve "$bin" "$work/data" || fail "the server did not start"
+grpc=$GRPC_ADDR
+http=$HTTP_ADDR
 
 deploy() {
   grpcurl -plaintext -max-time 120 -d "$1" "$grpc" stevedore.v1.Deployer/Deploy
@@ -87,7 +63,7 @@ expect 'stevedore_deployments_finished_total{outcome="succeeded"}' 1
 expect 'stevedore_deployments_finished_total{outcome="failed"}' 1
 echo "counters: ok"
 
-kill -TERM "$pid"
-wait "$pid" || fail "the server did not stop cleanly"
-pid=
+kill -TERM "$SERVER_PID"
+wait "$SERVER_PID" || fail "the server did not stop cleanly"
+SERVER_PID=
 "$bin" audit verify --data-dir "$work/data" || fail "audit verify failed"

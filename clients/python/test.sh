@@ -7,15 +7,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$here/../.."
 python3 -c 'import grpc_tools' 2>/dev/null || pip install -q -r "$here/requirements.txt"
 bash "$here/generate.sh"
+# shellcheck source=scripts/lib/serve.sh
+source "$root/scripts/lib/serve.sh"
 data="$(mktemp -d)"
-trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$data"' EXIT
-"$root/target/debug/stevedore" serve --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
-  --data-dir "$data" 2>"$data/server.log" &
-pid=$!
-for _ in $(seq 100); do
-  addr=$(grep -so 'grpc=[0-9.:]*' "$data/server.log" | head -1 | cut -d= -f2 || true)
-  [[ -n "$addr" ]] && break
-  sleep 0.1
-done
-[[ -n "${addr:-}" ]] || { cat "$data/server.log"; echo "server did not start" >&2; exit 1; }
-cd "$here" && STEVEDORE_ADDR="$addr" python3 -m unittest -v test_client
+trap 'rc=$?; stevedore_cleanup "$rc"; rm -rf "$data"; exit "$rc"' EXIT
+stevedore_serve "$root/target/debug/stevedore" "$data"
+cd "$here" && STEVEDORE_ADDR="$GRPC_ADDR" python3 -m unittest -v test_client
