@@ -5,7 +5,8 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$here/../.."
-python3 -c 'import grpc_tools' 2>/dev/null || pip install -q -r "$here/requirements.txt"
+python3 -c 'import grpc_tools' 2>/dev/null ||
+  PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip install -q -r "$here/requirements.txt"
 bash "$here/generate.sh"
 # shellcheck source=scripts/lib/serve.sh
 source "$root/scripts/lib/serve.sh"
