@@ -30,6 +30,8 @@ use crate::runtime::{ContainerSpec, ContainerState, ImageInfo, PublishedPort, Ru
 
 /// At most this many pull updates per second (the final 100% one always goes out).
 const PULL_UPDATE_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a rollback waits for an interrupted create call to finish.
+const CREATE_SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Output lines kept for diagnostics.
 const LOG_TAIL_LINES: usize = 20;
 
@@ -85,6 +87,8 @@ pub(super) struct Run {
     health: Vec<HealthOutcome>,
     log_lines: Option<mpsc::Receiver<String>>,
     log_follower: Option<AbortOnDrop>,
+    /// The create call while it runs (see [`Run::create`]).
+    creating: Option<tokio::task::JoinHandle<Result<String, RuntimeError>>>,
 }
 
 impl Run {
@@ -98,6 +102,7 @@ impl Run {
             health: Vec::new(),
             log_lines: None,
             log_follower: None,
+            creating: None,
         }
     }
 
@@ -286,11 +291,22 @@ impl Run {
             ports: spec.ports.clone(),
             labels,
         };
-        let container_id = self
-            .ctx
-            .runtime
-            .create(&container)
-            .await
+        // The call runs in its own task: if a cancel, the deadline or a shutdown drops
+        // this step mid-call, the engine still finishes creating the container, and the
+        // rollback collects it from `creating` instead of missing it.
+        let runtime = self.ctx.runtime.clone();
+        let creating =
+            self.creating.insert(tokio::spawn(
+                async move { runtime.create(&container).await },
+            ));
+        let created = creating.await;
+        self.creating = None;
+        let container_id = created
+            .map_err(|e| RuntimeError::Call {
+                op: "create container",
+                reason: e.to_string(),
+            })
+            .and_then(|r| r)
             .map_err(|e| Failure::runtime(Phase::Creating, "container creation", e))?;
         self.container = Some(container_id.clone());
         self.rep.progress(
@@ -831,12 +847,23 @@ impl Run {
         }
     }
 
-    /// Removes every container this deployment created (found by its label, so one
-    /// created by a call that was interrupted is found too).
-    async fn roll_back(&self) -> Result<(), RuntimeError> {
+    /// Removes every container this deployment created: the one it knows, one whose
+    /// create call was interrupted (awaited here), and any carrying its label.
+    async fn roll_back(&mut self) -> Result<(), RuntimeError> {
+        let mut ids: Vec<String> = self.container.iter().cloned().collect();
+        if let Some(creating) = self.creating.take() {
+            let budget = CREATE_SETTLE_TIMEOUT;
+            match tokio::time::timeout(budget, creating).await {
+                Ok(Ok(Ok(id))) => ids.push(id),
+                Ok(Ok(Err(_))) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "interrupted create call failed"),
+                Err(_) => {
+                    tracing::warn!("interrupted create call still running; relying on labels")
+                }
+            }
+        }
         let deployment = self.rep.deployment();
         let id = deployment.id.to_string();
-        let mut ids: Vec<String> = self.container.iter().cloned().collect();
         match self
             .ctx
             .runtime

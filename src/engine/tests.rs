@@ -50,6 +50,9 @@ struct Script {
     fail_start: bool,
     /// `start` waits for a permit of this semaphore.
     start_gate: Option<Arc<Semaphore>>,
+    /// `create` waits for a permit of this semaphore. Like a real engine, the fake
+    /// finishes creating the container even when the caller stops waiting.
+    create_gate: Option<Arc<Semaphore>>,
     /// `None`: the image is present locally. `Some`: absent until pulled with these events.
     pull: Option<Vec<PullEvent>>,
     pull_error: Option<String>,
@@ -85,7 +88,7 @@ struct FakeState {
 
 #[derive(Default)]
 struct FakeRuntime {
-    state: Mutex<FakeState>,
+    state: Arc<Mutex<FakeState>>,
 }
 
 impl FakeRuntime {
@@ -190,21 +193,31 @@ impl Runtime for FakeRuntime {
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
-        let mut state = self.state.lock().unwrap();
-        state.next_id += 1;
-        let id = format!("container-{:04}", state.next_id);
-        state.containers.insert(
-            id.clone(),
-            FakeContainer {
-                image: spec.image.clone(),
-                labels: spec.labels.clone(),
-                ports: spec.ports.clone(),
-                started: false,
-                inspections: 0,
-            },
-        );
-        state.created.push(id.clone());
-        Ok(id)
+        let gate = self.script(&spec.image).create_gate;
+        let state = self.state.clone();
+        let spec = spec.clone();
+        // The engine side of the call: it goes on if the caller drops the future.
+        let engine_side = tokio::spawn(async move {
+            if let Some(gate) = gate {
+                let _permit = gate.acquire().await.expect("gate open");
+            }
+            let mut state = state.lock().unwrap();
+            state.next_id += 1;
+            let id = format!("container-{:04}", state.next_id);
+            state.containers.insert(
+                id.clone(),
+                FakeContainer {
+                    image: spec.image.clone(),
+                    labels: spec.labels.clone(),
+                    ports: spec.ports.clone(),
+                    started: false,
+                    inspections: 0,
+                },
+            );
+            state.created.push(id.clone());
+            id
+        });
+        Ok(engine_side.await.expect("fake create"))
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
@@ -980,6 +993,45 @@ async fn cancel_while_running_rolls_back_and_releases_the_app() {
         engine.cancel(&a_dep.to_string()).await,
         Err(super::EngineError::AlreadyFinished { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_cancel_during_create_removes_the_container_the_engine_still_creates() {
+    let gate = Arc::new(Semaphore::new(0));
+    let slow_create = Script {
+        create_gate: Some(gate.clone()),
+        ..Script::healthy()
+    };
+    let fake = FakeRuntime::with([("web:1", Script::healthy()), ("slow:1", slow_create)]);
+    let engine = engine(&fake).await;
+    let good = deploy(&engine, spec("app", "web:1")).await;
+    let previous = good.last().unwrap().result.clone().unwrap().container_id;
+
+    let (id, mut updates) = engine.deploy(spec("app", "slow:1")).await.unwrap();
+    let mut seen = until(&mut updates, |u| u.phase == Phase::Creating).await;
+    let cancel = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.cancel(&id.to_string()).await })
+    };
+    // The cancel has dropped the create step; the engine now finishes the create.
+    seen.extend(until(&mut updates, |u| u.kind == EventKind::Cancelling).await);
+    gate.add_permits(1);
+    seen.extend(rest(updates).await);
+    let status = bounded("cancel", cancel).await.unwrap().unwrap();
+    assert_eq!(status.state, DeploymentState::Cancelled);
+    assert_well_formed(&seen);
+
+    let late = fake.created().last().unwrap().clone();
+    assert_ne!(late, previous);
+    assert!(
+        fake.removed().contains(&late),
+        "the late container is removed"
+    );
+    assert_eq!(
+        fake.existing(),
+        vec![previous],
+        "only the previous version is left"
+    );
 }
 
 #[tokio::test]
