@@ -73,3 +73,4 @@ _step "promtool check metrics" bash scripts/metrics-check.sh
 # Fuzzing of request validation (proptest, bounded: 5000 arbitrary DeployRequests).
 _step "fuzz request validation" env PROPTEST_CASES=5000 cargo test --lib api::convert::tests::fuzz
 _step "python client end-to-end" bash clients/python/test.sh
+_step "typescript client end-to-end" bash clients/typescript/test.sh
