@@ -83,16 +83,19 @@ pub enum Rejection {
     Queued,
     /// Too many open watch streams.
     WatchStreams,
+    /// A request larger than `--max-request-bytes`.
+    MessageSize,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 6] = [
+    pub const ALL: [Rejection; 7] = [
         Rejection::Unauthenticated,
         Rejection::PermissionDenied,
         Rejection::Policy,
         Rejection::InFlight,
         Rejection::Queued,
         Rejection::WatchStreams,
+        Rejection::MessageSize,
     ];
 
     /// A stable, low-cardinality name (a metric label value).
@@ -104,6 +107,7 @@ impl Rejection {
             Rejection::InFlight => "deployments_in_flight",
             Rejection::Queued => "deployments_queued",
             Rejection::WatchStreams => "watch_streams",
+            Rejection::MessageSize => "message_size",
         }
     }
 }
@@ -111,7 +115,7 @@ impl Rejection {
 /// Calls turned away, per [`Rejection`]. Shared by the engine and the gRPC layer.
 #[derive(Debug, Default)]
 pub struct Rejections {
-    counts: [AtomicU64; 6],
+    counts: [AtomicU64; Rejection::ALL.len()],
 }
 
 impl Rejections {
@@ -136,5 +140,84 @@ impl Rejections {
             .iter()
             .position(|x| *x == r)
             .expect("every rejection is listed")
+    }
+}
+
+/// Counts the requests tonic refuses for their size (`--max-request-bytes`). tonic
+/// answers them itself, before any handler runs, with a trailers-only response whose
+/// `grpc-status` is OUT_OF_RANGE and whose message says the length is too large; this
+/// layer sees that response on its way out and records a [`Rejection::MessageSize`].
+#[derive(Clone)]
+pub struct OversizedRequestsLayer {
+    rejections: std::sync::Arc<Rejections>,
+}
+
+impl OversizedRequestsLayer {
+    pub fn new(rejections: std::sync::Arc<Rejections>) -> Self {
+        Self { rejections }
+    }
+}
+
+impl<S> tower::Layer<S> for OversizedRequestsLayer {
+    type Service = OversizedRequests<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        OversizedRequests {
+            inner,
+            rejections: self.rejections.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct OversizedRequests<S> {
+    inner: S,
+    rejections: std::sync::Arc<Rejections>,
+}
+
+/// Whether `headers` are those of tonic's refusal of an oversized message.
+pub fn is_oversized_refusal(headers: &http::HeaderMap) -> bool {
+    let status = headers.get("grpc-status").and_then(|v| v.to_str().ok());
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    // grpc-message is percent-encoded; tonic leaves spaces as they are today.
+    status == Some("11")
+        && (message.contains("message length too large")
+            || message.contains("message%20length%20too%20large"))
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for OversizedRequests<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let response = self.inner.call(request);
+        let rejections = self.rejections.clone();
+        Box::pin(async move {
+            let response = response.await?;
+            if is_oversized_refusal(response.headers()) {
+                rejections.record(Rejection::MessageSize);
+                tracing::warn!(
+                    limit = Rejection::MessageSize.as_str(),
+                    "request refused: larger than --max-request-bytes"
+                );
+            }
+            Ok(response)
+        })
     }
 }

@@ -16,6 +16,7 @@ use crate::api::auth::{AuditRefusals, AuthLayer, Authenticator};
 use crate::engine::{Engine, EngineConfig};
 use crate::events::{DEFAULT_QUEUE, ObserverRegistry};
 use crate::limits::LimitsConfig;
+use crate::limits::OversizedRequestsLayer;
 use crate::observers::audit::{AuditLog, AuditObserver};
 use crate::observers::metrics::{Metrics, MetricsExporter, MetricsObserver};
 use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
@@ -311,6 +312,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         .layer(
             AuthLayer::new(authenticator.clone(), engine.rejections().clone()).with_audit(refusals),
         )
+        .layer(OversizedRequestsLayer::new(engine.rejections().clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

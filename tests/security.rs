@@ -753,6 +753,14 @@ async fn an_oversized_request_gets_a_clear_error() {
         e.message().contains("too large") && e.message().contains("65536"),
         "{e:?}"
     );
+    // The refusal is counted, and exported per limit.
+    let rejections = server.server.as_ref().unwrap().engine.rejections().clone();
+    assert_eq!(rejections.get(Rejection::MessageSize), 1);
+    let (_, metrics) = http_get(&server.http_url("/metrics")).await;
+    assert!(
+        metrics.contains(r#"stevedore_rejections_total{limit="message_size"} 1"#),
+        "{metrics}"
+    );
     // A request under the limit is decoded (and then validated as usual).
     let mut req = web_request("", "stevedore-test/web:1");
     req.labels.insert("small".into(), "x".repeat(1024));
