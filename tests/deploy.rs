@@ -370,6 +370,72 @@ async fn a_dropped_stream_leaves_the_deployment_running() {
     server.stop().await;
 }
 
+/// A fixed host port can be held by one container only: the previous version is
+/// stopped right before the new one starts, removed once the new one is healthy, and
+/// started again when the new one fails.
+#[tokio::test]
+async fn a_fixed_host_port_is_handed_over_and_given_back_on_failure() {
+    require_docker();
+    let app = unique_app("fixed");
+    let _guard = AppGuard(app.clone());
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let fixed = |image: &str| {
+        let mut req = quick_request(&app, image);
+        req.ports[0].host_port = u32::from(port);
+        req
+    };
+    let url = format!("http://127.0.0.1:{port}/");
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+
+    let first = deploy(&mut client, fixed("stevedore-test/web:1")).await;
+    assert_eq!(succeeded_url(&first), format!("http://127.0.0.1:{port}"));
+    let v1 = terminal(&first).result.clone().unwrap().container_id;
+    assert_eq!(http_get(&url).await, (200, "v1\n".into()));
+
+    // Redeploy on the same port: handed over, and the new version serves.
+    let second = deploy(&mut client, fixed("stevedore-test/web:2")).await;
+    assert_well_formed(&second);
+    succeeded_url(&second);
+    let handover = second
+        .iter()
+        .find(|u| metadata(u).contains_key("stopped_container_id"))
+        .expect("the handover is announced");
+    assert_eq!(handover.phase(), proto::Phase::Starting);
+    assert_eq!(handover.level(), proto::Level::Warning);
+    assert_eq!(metadata(handover)["stopped_container_id"], v1);
+    assert_eq!(http_get(&url).await, (200, "v2\n".into()));
+    let v2 = terminal(&second).result.clone().unwrap().container_id;
+    assert_eq!(app_containers(&app), vec![v2.clone()]);
+
+    // A failing deploy on the same port: the previous version gets the port back.
+    let third = deploy(&mut client, fixed("stevedore-test/crash:1")).await;
+    assert_well_formed(&third);
+    let end = terminal(&third);
+    assert_eq!(end.phase(), proto::Phase::Failed);
+    assert!(
+        end.message.contains("previous version was started again"),
+        "{}",
+        end.message
+    );
+    assert_eq!(app_containers(&app), vec![v2]);
+    // Started again without a health wait: give its server a moment to listen.
+    let mut answer = None;
+    for _ in 0..100 {
+        let r = reqwest::get(&url).await;
+        if let Ok(r) = r {
+            answer = Some((r.status().as_u16(), r.text().await.unwrap_or_default()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer, Some((200, "v2\n".into())));
+    server.stop().await;
+}
+
 // ---------------------------------------------------------------------------
 // Bad input, unreachable engine, unknown IDs
 // ---------------------------------------------------------------------------

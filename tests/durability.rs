@@ -758,3 +758,68 @@ async fn quiet_streams_carry_heartbeats_outside_the_log() {
     assert_eq!(watch(&mut client, &id, 0).await.unwrap(), real);
     server.stop().await;
 }
+
+/// A deployment that stopped the previous version to take over a fixed host port, and
+/// then died with its server (kill -9): the next start removes its container and starts
+/// the previous version again, which serves on its port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_gives_a_fixed_port_back_to_the_previous_version() {
+    require_docker();
+    let app = unique_app("fixed-restart");
+    let _guard = AppGuard(app.clone());
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let fixed = |image: &str| {
+        let mut req = web_request(&app, image);
+        req.ports[0].host_port = u32::from(port);
+        req
+    };
+    let url = format!("http://127.0.0.1:{port}/");
+    let data = tempfile::tempdir().unwrap();
+
+    let mut first = BinaryServer::spawn(data.path(), &[]);
+    let mut client = connect(first.grpc_addr).await;
+    let v1 = deploy(&mut client, fixed(WEB1)).await;
+    assert_eq!(terminal(&v1).phase(), proto::Phase::Complete);
+    let previous = terminal(&v1).result.clone().unwrap().container_id;
+    assert_eq!(http_get(&url).await, (200, "v1\n".into()));
+
+    // The next deployment stops v1 for the port and then waits in its health check.
+    let (seen, _stream) = deploy_until(
+        &mut client,
+        fixed(SLOWHEALTH),
+        in_phase(proto::Phase::HealthCheck),
+    )
+    .await;
+    assert!(
+        seen.iter()
+            .any(|u| u.metadata.get("stopped_container_id") == Some(&previous)),
+        "the handover stopped v1"
+    );
+    let interrupted = seen[0].deployment_id.clone();
+    first.child.kill().unwrap(); // SIGKILL
+    first.child.wait().unwrap();
+
+    let second = BinaryServer::spawn(data.path(), &[]);
+    let mut client = connect(second.grpc_addr).await;
+    let status = status(&mut client, &interrupted).await.unwrap();
+    assert_eq!(status.state(), proto::DeploymentState::Failed);
+    assert!(
+        status.error.contains("interrupted by a restart"),
+        "{}",
+        status.error
+    );
+    assert!(deployment_containers(&interrupted).is_empty());
+    assert_eq!(app_containers(&app), vec![previous]);
+    let mut answer = None;
+    for _ in 0..100 {
+        if let Ok(r) = reqwest::get(&url).await {
+            answer = Some((r.status().as_u16(), r.text().await.unwrap_or_default()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answer, Some((200, "v1\n".into())));
+}

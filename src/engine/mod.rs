@@ -559,12 +559,51 @@ impl Engine {
         }
     }
 
+    /// Starts the container of `app`'s last succeeded deployment if it exists but is
+    /// stopped; returns its ID when it runs afterwards.
+    async fn restart_previous_version(&self, app: &AppName) -> Option<String> {
+        let filter = crate::store::ListFilter {
+            app: Some(app.clone()),
+            state: Some(DeploymentState::Succeeded),
+            before: None,
+            limit: 1,
+        };
+        let last = self
+            .ctx
+            .store
+            .list(&filter)
+            .await
+            .ok()?
+            .into_iter()
+            .next()?;
+        let container = last.result?.container_id;
+        if container.is_empty() {
+            return None;
+        }
+        let runtime = &self.ctx.runtime;
+        let state = runtime.inspect(&container).await.ok()?;
+        if !state.running {
+            match runtime.start(&container).await {
+                Ok(()) => {
+                    tracing::info!(%app, container = %container, "started the app's previous version again after an interrupted deployment")
+                }
+                Err(e) => {
+                    tracing::warn!(%app, container = %container, error = %e, "could not start the app's previous version again");
+                    return None;
+                }
+            }
+        }
+        Some(container)
+    }
+
     /// Reconciles after a restart, before serving: every deployment the store holds as
     /// pending or running was in flight when the previous process died. Each gets a
     /// terminal FAILED update ("interrupted by a restart"), and the containers labelled
     /// with its ID are removed. Nothing else is touched: the app's previous version
-    /// (the last succeeded deployment's container) keeps running, and containers of
-    /// deployments this store does not know (another server's) are left alone.
+    /// (the last succeeded deployment's container) keeps running (it is started again
+    /// if the interrupted deployment had stopped it to take over a fixed host port),
+    /// and containers of deployments this store does not know (another server's) are
+    /// left alone.
     pub async fn recover(&self) -> Result<Recovery, EngineError> {
         let store = &self.ctx.store;
         let unfinished = store.unfinished().await?;
@@ -596,6 +635,19 @@ impl Engine {
                 }
             }
             Err(e) => removal_error = Some(e.to_string()),
+        }
+        // A deployment interrupted while it held a fixed host port may have stopped the
+        // app's previous version (see run.rs, hand_over_fixed_ports): start it again.
+        let mut apps: Vec<AppName> = unfinished.iter().map(|s| s.app.clone()).collect();
+        apps.sort();
+        apps.dedup();
+        for app in apps {
+            if serving.contains_key(app.as_str()) {
+                continue;
+            }
+            if let Some(id) = self.restart_previous_version(&app).await {
+                serving.insert(app.to_string(), id);
+            }
         }
         for status in unfinished {
             // The stored status and log are committed together; continue after the

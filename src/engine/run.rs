@@ -87,6 +87,9 @@ pub(super) struct Run {
     health: Vec<HealthOutcome>,
     log_lines: Option<mpsc::Receiver<String>>,
     log_follower: Option<AbortOnDrop>,
+    /// Previous-version containers stopped to free fixed host ports (see
+    /// [`Run::hand_over_fixed_ports`]); a rollback starts them again.
+    stopped_previous: Vec<String>,
     /// The create call while it runs (see [`Run::create`]).
     creating: Option<tokio::task::JoinHandle<Result<String, RuntimeError>>>,
 }
@@ -103,6 +106,7 @@ impl Run {
             log_lines: None,
             log_follower: None,
             creating: None,
+            stopped_previous: Vec::new(),
         }
     }
 
@@ -324,6 +328,7 @@ impl Run {
             Phase::Starting,
             format!("starting container {}", short(&id)),
         );
+        self.hand_over_fixed_ports(&id).await?;
         self.ctx
             .runtime
             .start(&id)
@@ -354,6 +359,70 @@ impl Run {
             format!("container {} is running", short(&id)),
             extra,
         );
+        Ok(())
+    }
+
+    /// A fixed host port can be bound by one container only, so the new version cannot
+    /// start while the previous one holds it. Then, and only then, the previous
+    /// container is stopped (not removed) right before the start: the app is briefly
+    /// down, and if this deployment does not complete the rollback starts the previous
+    /// container again. With host port 0 (any free port) nothing changes: the previous
+    /// version serves until the switch.
+    async fn hand_over_fixed_ports(&mut self, ours: &str) -> Result<(), Failure> {
+        let deployment = self.rep.deployment().clone();
+        let fixed: Vec<u16> = deployment
+            .spec
+            .ports
+            .iter()
+            .filter(|p| p.host_port != 0)
+            .map(|p| p.host_port)
+            .collect();
+        if fixed.is_empty() {
+            return Ok(());
+        }
+        let runtime = self.ctx.runtime.clone();
+        let step = "handing the fixed host ports over";
+        let running: Vec<_> = runtime
+            .list_app_containers(deployment.spec.app.as_str())
+            .await
+            .map_err(|e| Failure::runtime(Phase::Starting, step, e))?
+            .into_iter()
+            .filter(|c| c.id != ours && c.running)
+            .collect();
+        for old in running {
+            let state = runtime
+                .inspect(&old.id)
+                .await
+                .map_err(|e| Failure::runtime(Phase::Starting, step, e))?;
+            let held: Vec<String> = state
+                .ports
+                .iter()
+                .filter(|p| fixed.contains(&p.host_port))
+                .map(|p| p.host_port.to_string())
+                .collect();
+            if held.is_empty() {
+                continue;
+            }
+            self.rep.progress(
+                0.0,
+                Level::Warning,
+                format!(
+                    "host port {} is held by the previous version ({}): stopping it before \
+                     the new container starts (it is started again if this deployment does \
+                     not complete)",
+                    held.join(", "),
+                    short(&old.id)
+                ),
+                Extra::meta([("stopped_container_id", old.id.clone())]),
+            );
+            // Recorded before the call: if the call is interrupted, the rollback still
+            // starts the container again.
+            self.stopped_previous.push(old.id.clone());
+            runtime
+                .stop(&old.id)
+                .await
+                .map_err(|e| Failure::runtime(Phase::Starting, step, e))?;
+        }
         Ok(())
     }
 
@@ -671,7 +740,7 @@ impl Run {
             .await
             .map_err(|e| Failure::runtime(Phase::Switching, "listing the app's containers", e))?
             .into_iter()
-            .filter(|c| c.id != ours && c.running)
+            .filter(|c| c.id != ours && (c.running || self.stopped_previous.contains(&c.id)))
             .collect();
         let total = previous.len().max(1) as f64;
         for (i, old) in previous.iter().enumerate() {
@@ -818,6 +887,10 @@ impl Run {
             if let Some(d) = diagnostics.as_mut() {
                 d.step.push_str(" (rollback incomplete)");
             }
+        } else if !self.stopped_previous.is_empty() {
+            message.push_str(
+                "; the new container was removed and the previous version was started again",
+            );
         } else if self.container.is_some() {
             message
                 .push_str("; the new container was removed and the previous version keeps running");
@@ -883,6 +956,17 @@ impl Run {
         for cid in ids {
             self.ctx.runtime.remove(&cid).await?;
             tracing::info!(container = %cid, "rolled back container");
+        }
+        // Give the fixed host ports back to the previous version.
+        for old in &self.stopped_previous {
+            if let Err(e) = self.ctx.runtime.start(old).await {
+                // Running again anyway (a restart policy, or a start that raced) is fine.
+                let running = self.ctx.runtime.inspect(old).await.is_ok_and(|s| s.running);
+                if !running {
+                    return Err(e);
+                }
+            }
+            tracing::info!(container = %old, "started the previous version again");
         }
         Ok(())
     }

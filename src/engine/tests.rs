@@ -329,6 +329,16 @@ impl Runtime for FakeRuntime {
             .collect())
     }
 
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.state.lock().unwrap().containers.get_mut(id) {
+            Some(c) => {
+                c.started = false;
+                Ok(())
+            }
+            None => Err(no_such_container("stop container", id)),
+        }
+    }
+
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
         let mut state = self.state.lock().unwrap();
         state.containers.remove(id);

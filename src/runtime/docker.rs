@@ -573,7 +573,7 @@ impl Runtime for DockerRuntime {
         self.list_labelled(LABEL_DEPLOYMENT.to_owned()).await
     }
 
-    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
         let stop = StopContainerOptionsBuilder::default()
             .t(STOP_GRACE_SECS)
             .build();
@@ -581,21 +581,27 @@ impl Runtime for DockerRuntime {
         let stop_budget = self.call_timeout + Duration::from_secs(STOP_GRACE_SECS as u64);
         match tokio::time::timeout(stop_budget, self.client()?.stop_container(id, Some(stop))).await
         {
-            Err(_) => {
-                return Err(RuntimeError::Timeout {
-                    op: "stop container",
-                    after: stop_budget,
-                    endpoint: self.endpoint.clone(),
-                });
-            }
-            Ok(Err(e)) => {
-                let e = self.map_err("stop container", e);
-                // 304 (already stopped) and 404 come back as errors; removal decides.
-                if matches!(e, RuntimeError::Unavailable { .. }) {
-                    return Err(e);
-                }
-            }
-            Ok(Ok(())) => {}
+            Err(_) => Err(RuntimeError::Timeout {
+                op: "stop container",
+                after: stop_budget,
+                endpoint: self.endpoint.clone(),
+            }),
+            // 304: already stopped.
+            Ok(Err(BollardError::DockerResponseServerError {
+                status_code: 304, ..
+            })) => Ok(()),
+            Ok(Err(e)) => Err(self.map_err("stop container", e)),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        // An engine that does not answer fails the removal; anything else (absent,
+        // already stopped) is for the removal to decide.
+        if let Err(e @ (RuntimeError::Unavailable { .. } | RuntimeError::Timeout { .. })) =
+            self.stop(id).await
+        {
+            return Err(e);
         }
         let options = RemoveContainerOptionsBuilder::default()
             .force(true)

@@ -147,6 +147,9 @@ pub trait Runtime: Send + Sync + 'static {
     async fn list_app_containers(&self, app: &str) -> Result<Vec<ContainerSummary>, RuntimeError>;
     /// Containers carrying any Stevedore label (for reconciliation after a restart).
     async fn list_managed_containers(&self) -> Result<Vec<ContainerSummary>, RuntimeError>;
+    /// Stops a container (gracefully, then forcibly) and keeps it; already stopped is
+    /// fine.
+    async fn stop(&self, id: &str) -> Result<(), RuntimeError>;
     /// Stops (gracefully, then forcibly) and removes a container; absent is fine.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// Starts `command` inside a running container.
