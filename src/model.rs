@@ -389,6 +389,36 @@ impl Update {
     }
 }
 
+#[cfg(test)]
+impl Update {
+    /// A plain update for unit tests: app `app`, phase PULLING, kind `Progress`, or the
+    /// terminal `Finished { Succeeded }` when `terminal`. Override fields as needed.
+    pub(crate) fn for_test(sequence: u64, terminal: bool) -> Self {
+        Self {
+            deployment_id: DeploymentId::new(),
+            sequence,
+            app: AppName::parse("app").expect("valid app name"),
+            kind: if terminal {
+                EventKind::Finished {
+                    state: DeploymentState::Succeeded,
+                }
+            } else {
+                EventKind::Progress
+            },
+            phase: Phase::Pulling,
+            phase_progress: 0.0,
+            total_progress: 0.0,
+            level: Level::Info,
+            message: format!("update {sequence}"),
+            timestamp: SystemTime::now(),
+            elapsed: Duration::ZERO,
+            metadata: BTreeMap::new(),
+            pull: None,
+            result: None,
+        }
+    }
+}
+
 /// A point-in-time view of a deployment, for GetStatus and ListDeployments.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct DeploymentStatus {

@@ -423,16 +423,7 @@ async fn a_fixed_host_port_is_handed_over_and_given_back_on_failure() {
     );
     assert_eq!(app_containers(&app), vec![v2]);
     // Started again without a health wait: give its server a moment to listen.
-    let mut answer = None;
-    for _ in 0..100 {
-        let r = reqwest::get(&url).await;
-        if let Ok(r) = r {
-            answer = Some((r.status().as_u16(), r.text().await.unwrap_or_default()));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(answer, Some((200, "v2\n".into())));
+    assert_eq!(http_get_eventually(&url).await, (200, "v2\n".into()));
     server.stop().await;
 }
 

@@ -813,13 +813,5 @@ async fn a_restart_gives_a_fixed_port_back_to_the_previous_version() {
     );
     assert!(deployment_containers(&interrupted).is_empty());
     assert_eq!(app_containers(&app), vec![previous]);
-    let mut answer = None;
-    for _ in 0..100 {
-        if let Ok(r) = reqwest::get(&url).await {
-            answer = Some((r.status().as_u16(), r.text().await.unwrap_or_default()));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(answer, Some((200, "v1\n".into())));
+    assert_eq!(http_get_eventually(&url).await, (200, "v1\n".into()));
 }

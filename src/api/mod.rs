@@ -386,31 +386,9 @@ mod tests {
     use crate::events::DeploymentLog;
     use crate::model::*;
     use std::sync::Arc;
-    use std::time::SystemTime;
 
     fn update(seq: u64, terminal: bool) -> Update {
-        Update {
-            deployment_id: DeploymentId(uuid::Uuid::nil()),
-            sequence: seq,
-            app: AppName::parse("app").unwrap(),
-            kind: if terminal {
-                EventKind::Finished {
-                    state: DeploymentState::Succeeded,
-                }
-            } else {
-                EventKind::Progress
-            },
-            phase: Phase::Pulling,
-            phase_progress: 0.0,
-            total_progress: 0.0,
-            level: Level::Info,
-            message: format!("update {seq}"),
-            timestamp: SystemTime::now(),
-            elapsed: Duration::ZERO,
-            metadata: Default::default(),
-            pull: None,
-            result: None,
-        }
+        Update::for_test(seq, terminal)
     }
 
     fn config(buffer: usize, stall_ms: u64, heartbeat_ms: u64) -> StreamConfig {

@@ -274,31 +274,9 @@ mod tests {
     use super::*;
     use crate::model::*;
     use futures_util::StreamExt;
-    use std::time::{Duration, SystemTime};
 
     fn update(seq: u64, terminal: bool) -> Update {
-        Update {
-            deployment_id: DeploymentId::new(),
-            sequence: seq,
-            app: AppName::parse("app").unwrap(),
-            kind: if terminal {
-                EventKind::Finished {
-                    state: DeploymentState::Succeeded,
-                }
-            } else {
-                EventKind::Progress
-            },
-            phase: Phase::Pulling,
-            phase_progress: 0.0,
-            total_progress: 0.0,
-            level: Level::Info,
-            message: String::new(),
-            timestamp: SystemTime::now(),
-            elapsed: Duration::ZERO,
-            metadata: Default::default(),
-            pull: None,
-            result: None,
-        }
+        Update::for_test(seq, terminal)
     }
 
     #[tokio::test]

@@ -280,25 +280,10 @@ impl ObserverRegistry {
 mod tests {
     use super::*;
     use crate::model::*;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     fn update(seq: u64) -> Arc<Update> {
-        Arc::new(Update {
-            deployment_id: DeploymentId::new(),
-            sequence: seq,
-            app: AppName::parse("app").unwrap(),
-            kind: EventKind::Progress,
-            phase: Phase::Pulling,
-            phase_progress: 0.0,
-            total_progress: 0.0,
-            level: Level::Info,
-            message: String::new(),
-            timestamp: SystemTime::now(),
-            elapsed: Duration::ZERO,
-            metadata: Default::default(),
-            pull: None,
-            result: None,
-        })
+        Arc::new(Update::for_test(seq, false))
     }
 
     struct Recorder(Mutex<Vec<u64>>);

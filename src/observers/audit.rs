@@ -575,7 +575,6 @@ pub fn run_command(command: AuditCommand) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::model::*;
-    use std::time::SystemTime;
 
     fn update(id: DeploymentId, seq: u64, kind: EventKind, phase: Phase) -> Arc<Update> {
         let mut metadata = std::collections::BTreeMap::new();
@@ -586,19 +585,12 @@ mod tests {
         }
         Arc::new(Update {
             deployment_id: id,
-            sequence: seq,
             app: AppName::parse("web").unwrap(),
             kind,
             phase,
-            phase_progress: 0.0,
-            total_progress: 0.0,
-            level: Level::Info,
             message: "m".into(),
-            timestamp: SystemTime::now(),
-            elapsed: Duration::ZERO,
             metadata,
-            pull: None,
-            result: None,
+            ..Update::for_test(seq, false)
         })
     }
 

@@ -408,24 +408,15 @@ impl MetricsExporter {
 mod tests {
     use super::*;
     use crate::model::*;
-    use std::time::SystemTime;
 
     fn update(id: DeploymentId, seq: u64, kind: EventKind, phase: Phase, at: u64) -> Update {
         Update {
             deployment_id: id,
-            sequence: seq,
             app: AppName::parse("web").unwrap(),
             kind,
             phase,
-            phase_progress: 0.0,
-            total_progress: 0.0,
-            level: Level::Info,
-            message: String::new(),
-            timestamp: SystemTime::now(),
             elapsed: Duration::from_millis(at),
-            metadata: Default::default(),
-            pull: None,
-            result: None,
+            ..Update::for_test(seq, false)
         }
     }
 

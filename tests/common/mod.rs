@@ -323,6 +323,18 @@ pub async fn http_get(url: &str) -> (u16, String) {
     (status, r.text().await.unwrap_or_default())
 }
 
+/// GET `url` until something answers (a container just started may not listen yet),
+/// for up to 10s; return (status, body).
+pub async fn http_get_eventually(url: &str) -> (u16, String) {
+    for _ in 0..100 {
+        if let Ok(r) = reqwest::get(url).await {
+            return (r.status().as_u16(), r.text().await.unwrap_or_default());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("nothing answered at {url} within 10s");
+}
+
 pub fn metadata(u: &ProgressUpdate) -> BTreeMap<String, String> {
     u.metadata.clone().into_iter().collect()
 }
