@@ -1,7 +1,6 @@
 //! Proto ⇄ domain conversions. Requests are validated here, at the edge: a bad field
 //! becomes `INVALID_ARGUMENT` naming it, before anything starts.
 
-use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
@@ -464,11 +463,6 @@ pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
         requested_by: s.requested_by.clone(),
         queue_position: s.queue_position,
     }
-}
-
-/// Env keys of a request, for logs and audit (values are secrets).
-pub fn env_keys(env: &BTreeMap<String, String>) -> Vec<String> {
-    env.keys().cloned().collect()
 }
 
 #[cfg(test)]

@@ -128,11 +128,6 @@ impl Reporter {
         self.phase
     }
 
-    #[allow(dead_code)] // for steps that continue a phase's progress (hooks)
-    pub fn phase_progress(&self) -> f64 {
-        self.phase_progress
-    }
-
     fn emit(
         &mut self,
         kind: EventKind,
@@ -260,7 +255,6 @@ impl Reporter {
     }
 
     /// A line of output (container or hook), at the current progress.
-    #[allow(dead_code)] // for container and hook output lines
     pub fn output(&mut self, message: String, extra: Extra) {
         self.emit(EventKind::Output, Level::Verbose, message, extra, None);
     }

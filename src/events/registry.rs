@@ -142,7 +142,6 @@ impl Drop for Subscription {
 }
 
 /// Default queue length per observer.
-#[allow(dead_code)]
 pub const DEFAULT_QUEUE: usize = 1024;
 
 enum Receiver {
