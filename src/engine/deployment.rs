@@ -3,14 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{DeploymentLog, ObserverRegistry};
 use crate::model::{
     DeploySpec, DeploymentId, DeploymentResult, DeploymentState, DeploymentStatus, EventKind,
-    Level, Phase, PullProgress, Update,
+    FailureDiagnostics, HealthSpec, Level, Phase, PullProgress, Update,
 };
 use crate::store::Store;
 
@@ -29,12 +29,8 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    pub fn new(id: DeploymentId, spec: DeploySpec) -> Self {
-        Self::with_log(id, spec, DeploymentLog::new())
-    }
-
     /// A deployment whose log is `log` (e.g. a bounded one backed by the store).
-    pub fn with_log(id: DeploymentId, spec: DeploySpec, log: DeploymentLog) -> Self {
+    pub(crate) fn with_log(id: DeploymentId, spec: DeploySpec, log: DeploymentLog) -> Self {
         let status = DeploymentStatus {
             id,
             app: spec.app.clone(),
@@ -63,12 +59,44 @@ impl Deployment {
         }
     }
 
-    pub fn status(&self) -> DeploymentStatus {
-        self.status.lock().expect("status lock").clone()
+    /// A deployment known only from the store (after a restart), its log continuing
+    /// after `status.last_sequence`: enough for a [`Reporter`] to end it.
+    pub(super) fn recovered(status: DeploymentStatus) -> Self {
+        let spec = DeploySpec {
+            app: status.app.clone(),
+            image: status.image.clone(),
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            ports: Vec::new(),
+            labels: BTreeMap::new(),
+            health: HealthSpec {
+                probe: None,
+                timeout: Duration::ZERO,
+                interval: Duration::ZERO,
+            },
+            deadline: Duration::ZERO,
+            idempotency_key: None,
+            registry_auth: None,
+            milestones: Vec::new(),
+            hooks: Vec::new(),
+            requested_by: status.requested_by.clone(),
+        };
+        let age = SystemTime::now()
+            .duration_since(status.created_at)
+            .unwrap_or_default();
+        Self {
+            id: status.id,
+            spec,
+            log: Arc::new(DeploymentLog::resumed(status.last_sequence)),
+            cancel: CancellationToken::new(),
+            interrupt: CancellationToken::new(),
+            accepted: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+            status: Mutex::new(status),
+        }
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.status().state.is_terminal()
+    pub fn status(&self) -> DeploymentStatus {
+        self.status.lock().expect("status lock").clone()
     }
 }
 
@@ -117,6 +145,23 @@ impl Reporter {
             phase_progress: 0.0,
             total_progress: 0.0,
             finished: false,
+        }
+    }
+
+    /// A Reporter that continues `deployment`'s log after its last update, from the
+    /// phase and progress of its status (to end a deployment whose task is gone).
+    pub(super) fn resume(
+        deployment: Arc<Deployment>,
+        observers: ObserverRegistry,
+        store: Store,
+    ) -> Self {
+        let status = deployment.status();
+        Self {
+            sequence: deployment.log.last_sequence(),
+            phase: status.phase,
+            phase_progress: status.phase_progress,
+            total_progress: status.total_progress,
+            ..Self::new(deployment, observers, store)
         }
     }
 
@@ -269,8 +314,28 @@ impl Reporter {
         );
     }
 
+    /// Ends the deployment FAILED in `phase` at `step` with `message`, outside of its
+    /// steps (after a restart, or when its task failed); `extra` goes with the update.
+    pub(super) fn fail(&mut self, phase: Phase, step: &str, message: String, extra: Extra) {
+        let result = DeploymentResult {
+            success: false,
+            message,
+            diagnostics: Some(FailureDiagnostics {
+                failed_phase: Some(phase),
+                step: step.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.finish_with(DeploymentState::Failed, result, extra);
+    }
+
     /// The terminal update. Success brings `total_progress` to 1.0.
     pub fn finish(&mut self, state: DeploymentState, result: DeploymentResult) {
+        self.finish_with(state, result, Extra::default());
+    }
+
+    fn finish_with(&mut self, state: DeploymentState, result: DeploymentResult, mut extra: Extra) {
         let (phase, level) = match state {
             DeploymentState::Succeeded => (Phase::Complete, Level::Success),
             DeploymentState::Cancelled => (Phase::Cancelled, Level::Warning),
@@ -281,7 +346,6 @@ impl Reporter {
             self.total_progress = 1.0;
         }
         self.phase = phase;
-        let mut extra = Extra::default();
         if let Some(d) = &result.diagnostics {
             if let Some(p) = d.failed_phase {
                 extra

@@ -18,8 +18,9 @@ use futures_util::stream::BoxStream;
 use tokio::time::Instant;
 
 use super::deployment::{Extra, Reporter};
+use super::run::{Failure, StepOutput};
 use super::tty_progress::{TtyEvent, TtyParser};
-use crate::model::{HookSpec, Level};
+use crate::model::{HookSpec, Level, Phase};
 use crate::runtime::{Runtime, RuntimeError};
 
 /// At most one output update per this interval (lines in between are batched).
@@ -33,16 +34,6 @@ const TAIL_LINES: usize = 20;
 /// How long to wait for the engine to report the exit code after the output ended.
 const EXIT_CODE_WAIT: Duration = Duration::from_secs(5);
 
-/// Why a hook failed.
-#[derive(Debug)]
-pub struct HookFailure {
-    pub message: String,
-    /// The hook's exit code, when it exited.
-    pub exit_code: Option<i64>,
-    /// Its last output lines.
-    pub log_tail: Vec<String>,
-}
-
 /// Runs hook `index` of `count` in `container`.
 pub(super) async fn run_hook(
     rep: &mut Reporter,
@@ -51,52 +42,20 @@ pub(super) async fn run_hook(
     hook: &HookSpec,
     index: usize,
     count: usize,
-) -> Result<(), HookFailure> {
+) -> Result<(), Failure> {
     let started = Instant::now();
     let deadline = started + hook.timeout;
-    let base = index as f64 / count as f64;
-    let share = 1.0 / count as f64;
-    let mut run = HookRun {
-        rep,
-        hook,
-        index,
-        base,
-        share,
-        parser: TtyParser::new(),
-        tail: VecDeque::new(),
-        pending: Vec::new(),
-        dropped: 0,
-        last_output: None,
-        last_percent: None,
-    };
-    let timed_out = |run: &mut HookRun<'_>| {
-        let mut log_tail = run.tail.iter().cloned().collect::<Vec<_>>();
-        let drawn = run.parser.current().trim();
-        if !drawn.is_empty() && log_tail.last().map(String::as_str) != Some(drawn) {
-            log_tail.push(drawn.to_owned());
-        }
-        run.flush();
-        HookFailure {
-            message: format!(
-                "hook {} did not finish within {}s",
-                hook.name,
-                hook.timeout.as_secs_f64()
-            ),
-            exit_code: None,
-            log_tail,
-        }
-    };
-
+    let mut run = HookRun::new(rep, hook, index, count);
     let exec =
         match tokio::time::timeout_at(deadline, runtime.exec(container, &hook.command, hook.tty))
             .await
         {
-            Err(_) => return Err(timed_out(&mut run)),
+            Err(_) => return Err(run.timed_out()),
             Ok(Err(e)) => return Err(run.runtime_failure("could not start", e)),
             Ok(Ok(exec)) => exec,
         };
     run.rep.progress(
-        base,
+        run.base,
         Level::Info,
         format!(
             "running hook {} ({}/{count}): {}",
@@ -111,7 +70,7 @@ pub(super) async fn run_hook(
     );
     let mut output = exec.output;
     match tokio::time::timeout_at(deadline, run.pump(&mut output)).await {
-        Err(_) => return Err(timed_out(&mut run)),
+        Err(_) => return Err(run.timed_out()),
         Ok(Err(e)) => return Err(run.runtime_failure("output could not be read", e)),
         Ok(Ok(())) => {}
     }
@@ -119,55 +78,32 @@ pub(super) async fn run_hook(
     let events = run.parser.finish();
     run.handle(events);
     run.flush();
-
-    // The output ends when the process does; the engine may take a moment to say so.
-    let wait_exit = async {
-        let until = Instant::now() + EXIT_CODE_WAIT;
-        loop {
-            match runtime.exec_exit_code(&exec.exec_id).await {
-                Ok(Some(code)) => return Ok(code),
-                Ok(None) if Instant::now() < until => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Ok(None) => {
-                    return Err(RuntimeError::Call {
-                        op: "inspect exec",
-                        reason: "still running after its output ended".into(),
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    };
-    let code = match tokio::time::timeout_at(deadline, wait_exit).await {
-        Err(_) => return Err(timed_out(&mut run)),
-        Ok(Err(e)) => return Err(run.runtime_failure("exit code could not be read", e)),
-        Ok(Ok(code)) => code,
-    };
-    let took = started.elapsed().as_secs_f64();
-    if code != 0 {
-        let log_tail: Vec<String> = run.tail.iter().cloned().collect();
-        let last = log_tail
-            .last()
-            .map(|l| format!(": {l}"))
-            .unwrap_or_default();
-        return Err(HookFailure {
-            message: format!(
-                "hook {} exited with code {code} after {took:.1}s{last}",
-                hook.name
-            ),
-            exit_code: Some(code),
-            log_tail,
-        });
+    match tokio::time::timeout_at(deadline, exit_code(runtime, &exec.exec_id)).await {
+        Err(_) => Err(run.timed_out()),
+        Ok(Err(e)) => Err(run.runtime_failure("exit code could not be read", e)),
+        Ok(Ok(code)) => run.exited(code, started.elapsed()),
     }
-    let meta = run.meta([("exit_code", "0".into())]);
-    run.rep.progress(
-        base + share,
-        Level::Info,
-        format!("hook {} finished in {took:.1}s", hook.name),
-        meta,
-    );
-    Ok(())
+}
+
+/// The exit code of an exec whose output ended: the process has ended, though the
+/// engine may take a moment to say so.
+async fn exit_code(runtime: &Arc<dyn Runtime>, exec_id: &str) -> Result<i64, RuntimeError> {
+    let until = Instant::now() + EXIT_CODE_WAIT;
+    loop {
+        match runtime.exec_exit_code(exec_id).await {
+            Ok(Some(code)) => return Ok(code),
+            Ok(None) if Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Ok(None) => {
+                return Err(RuntimeError::Call {
+                    op: "inspect exec",
+                    reason: "still running after its output ended".into(),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 struct HookRun<'a> {
@@ -187,7 +123,75 @@ struct HookRun<'a> {
     last_percent: Option<(f64, Instant)>,
 }
 
-impl HookRun<'_> {
+impl<'a> HookRun<'a> {
+    fn new(rep: &'a mut Reporter, hook: &'a HookSpec, index: usize, count: usize) -> Self {
+        Self {
+            rep,
+            hook,
+            index,
+            base: index as f64 / count as f64,
+            share: 1.0 / count as f64,
+            parser: TtyParser::new(),
+            tail: VecDeque::new(),
+            pending: Vec::new(),
+            dropped: 0,
+            last_output: None,
+            last_percent: None,
+        }
+    }
+
+    /// The hook failed: its message, exit code and last output lines.
+    fn failure(&self, message: String, exit_code: Option<i64>, log_tail: Vec<String>) -> Failure {
+        Failure {
+            output: Some(StepOutput {
+                exit_code,
+                log_tail,
+            }),
+            ..Failure::new(Phase::Hooks, format!("hook {}", self.hook.name), message)
+        }
+    }
+
+    /// The hook overran its timeout: what it drew last counts as output too.
+    fn timed_out(&mut self) -> Failure {
+        let mut log_tail = self.tail.iter().cloned().collect::<Vec<_>>();
+        let drawn = self.parser.current().trim();
+        if !drawn.is_empty() && log_tail.last().map(String::as_str) != Some(drawn) {
+            log_tail.push(drawn.to_owned());
+        }
+        self.flush();
+        let message = format!(
+            "hook {} did not finish within {}s",
+            self.hook.name,
+            self.hook.timeout.as_secs_f64()
+        );
+        self.failure(message, None, log_tail)
+    }
+
+    /// The hook exited with `code` after `took`.
+    fn exited(&mut self, code: i64, took: Duration) -> Result<(), Failure> {
+        let took = took.as_secs_f64();
+        if code != 0 {
+            let log_tail: Vec<String> = self.tail.iter().cloned().collect();
+            let last = log_tail
+                .last()
+                .map(|l| format!(": {l}"))
+                .unwrap_or_default();
+            let message = format!(
+                "hook {} exited with code {code} after {took:.1}s{last}",
+                self.hook.name
+            );
+            return Err(self.failure(message, Some(code), log_tail));
+        }
+        let meta = self.meta([("exit_code", "0".into())]);
+        self.rep.progress(
+            self.base + self.share,
+            Level::Info,
+            format!("hook {} finished in {took:.1}s", self.hook.name),
+            meta,
+        );
+        Ok(())
+    }
+
     /// Metadata every hook update carries, plus `extra`.
     fn meta<const N: usize>(&self, extra: [(&str, String); N]) -> Extra {
         let mut e = Extra::meta(extra);
@@ -197,13 +201,10 @@ impl HookRun<'_> {
         e
     }
 
-    fn runtime_failure(&mut self, what: &str, e: RuntimeError) -> HookFailure {
+    fn runtime_failure(&mut self, what: &str, e: RuntimeError) -> Failure {
         self.flush();
-        HookFailure {
-            message: format!("hook {}: {what}: {e}", self.hook.name),
-            exit_code: None,
-            log_tail: self.tail.iter().cloned().collect(),
-        }
+        let message = format!("hook {}: {what}: {e}", self.hook.name);
+        self.failure(message, None, self.tail.iter().cloned().collect())
     }
 
     /// Reads the output until it ends, sending updates as it goes.

@@ -5,31 +5,31 @@
 //! Nothing here knows about gRPC: `api/` converts requests into [`DeploySpec`]s and
 //! [`EngineError`]s into status codes.
 
-mod admission;
 mod deployment;
+mod health;
 mod hooks;
 mod milestones;
 mod pull;
 mod queue;
+mod recover;
 mod run;
-pub mod tty_progress;
+mod tty_progress;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use deployment::Deployment;
-use deployment::Reporter;
-pub use queue::AppQueues;
+use deployment::{Extra, Reporter};
+use queue::AppQueues;
 
 use crate::events::{DeploymentLog, LogError, ObserverRegistry, UpdateStream};
 use crate::limits::{Rejection, Rejections};
-use crate::model::{
-    AppName, DeploySpec, DeploymentId, DeploymentResult, DeploymentState, DeploymentStatus,
-    EventKind, FailureDiagnostics, Level, Phase, Update,
-};
+use crate::model::{AppName, DeploySpec, DeploymentId, DeploymentState, DeploymentStatus, Update};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{ListFilter, Retention, Store, StoreError};
 
@@ -93,29 +93,34 @@ impl Default for EngineConfig {
     }
 }
 
-/// What a deployment task needs besides its own deployment.
-pub(crate) struct EngineContext {
+/// The engine's state, shared by its handles and the deployment tasks.
+pub(crate) struct Inner {
     runtime: Arc<dyn Runtime>,
     observers: ObserverRegistry,
+    /// The per-app queues, and admission.
     queues: AppQueues,
     config: EngineConfig,
     http: reqwest::Client,
     store: Store,
+    live: Mutex<Live>,
+    tasks: tokio_util::task::TaskTracker,
+    accepting: AtomicBool,
+    rejections: Arc<Rejections>,
+}
+
+/// Deployments held in memory, and their idempotency keys (under one lock, so a key
+/// is checked and its deployment inserted at once).
+#[derive(Default)]
+struct Live {
+    deployments: HashMap<DeploymentId, Arc<Deployment>>,
+    idempotency: HashMap<(AppName, String), DeploymentId>,
 }
 
 /// The engine. Only live deployments (queued or running) are held in memory; once a
 /// deployment has ended and its log is on disk it is dropped from memory, and status,
 /// watch, list and idempotency read it from the [`Store`].
 #[derive(Clone)]
-pub struct Engine {
-    ctx: Arc<EngineContext>,
-    deployments: Arc<RwLock<HashMap<DeploymentId, Arc<Deployment>>>>,
-    idempotency: Arc<RwLock<HashMap<(AppName, String), DeploymentId>>>,
-    tasks: tokio_util::task::TaskTracker,
-    accepting: Arc<std::sync::atomic::AtomicBool>,
-    admission: Arc<admission::Admission>,
-    rejections: Arc<Rejections>,
-}
+pub struct Engine(Arc<Inner>);
 
 /// Filter and page of [`Engine::list`].
 #[derive(Clone, Debug, Default)]
@@ -183,45 +188,31 @@ impl Engine {
         config: EngineConfig,
         store: Store,
     ) -> Self {
-        let admission = admission::Admission::new(config.max_in_flight, config.max_queued);
-        Self {
-            ctx: Arc::new(EngineContext {
-                runtime,
-                observers,
-                queues: AppQueues::default(),
-                config,
-                http: reqwest::Client::new(),
-                store,
-            }),
-            deployments: Default::default(),
-            idempotency: Default::default(),
+        Self(Arc::new(Inner {
+            runtime,
+            observers,
+            queues: AppQueues::new(config.max_in_flight, config.max_queued),
+            config,
+            http: reqwest::Client::new(),
+            store,
+            live: Mutex::default(),
             tasks: tokio_util::task::TaskTracker::new(),
-            accepting: Arc::new(true.into()),
-            admission,
+            accepting: AtomicBool::new(true),
             rejections: Arc::default(),
-        }
-    }
-
-    pub fn runtime(&self) -> &Arc<dyn Runtime> {
-        &self.ctx.runtime
-    }
-
-    pub fn observers(&self) -> &ObserverRegistry {
-        &self.ctx.observers
+        }))
     }
 
     pub fn store(&self) -> &Store {
-        &self.ctx.store
-    }
-
-    /// Number of deployments held in memory (queued or running, or just ended).
-    pub fn live_count(&self) -> usize {
-        self.deployments.read().expect("deployments lock").len()
+        &self.0.store
     }
 
     /// Calls turned away, per limit (the gRPC layer records its own here too).
     pub fn rejections(&self) -> &Arc<Rejections> {
-        &self.rejections
+        &self.0.rejections
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.0.live.lock().expect("live deployments lock")
     }
 
     /// Accepts a deployment and starts its task. Returns the deployment's ID and a
@@ -232,7 +223,7 @@ impl Engine {
         &self,
         spec: DeploySpec,
     ) -> Result<(DeploymentId, UpdateStream), EngineError> {
-        if !self.accepting.load(std::sync::atomic::Ordering::SeqCst) {
+        if !self.0.accepting.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
         if let Some(found) = self.find_idempotent(&spec).await? {
@@ -240,22 +231,11 @@ impl Engine {
         }
         // An observer that cannot record (the audit log) refuses new deployments
         // rather than let them run unrecorded.
-        self.ctx.observers.admit().map_err(EngineError::Refused)?;
-        let runtime = &self.ctx.runtime;
-        match tokio::time::timeout(self.ctx.config.ping_timeout, runtime.ping()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(EngineError::Unavailable(e)),
-            Err(_) => {
-                return Err(EngineError::Unavailable(RuntimeError::Timeout {
-                    op: "ping",
-                    after: self.ctx.config.ping_timeout,
-                    endpoint: runtime.endpoint().to_owned(),
-                }));
-            }
-        }
-
-        let admitted = self.admission.admit(&spec.app).map_err(|refused| {
-            self.rejections.record(refused.limit);
+        self.0.observers.admit().map_err(EngineError::Refused)?;
+        self.ping().await?;
+        let id = DeploymentId::new();
+        let ticket = self.0.queues.admit(&spec.app, id).map_err(|refused| {
+            self.0.rejections.record(refused.limit);
             let message = match refused.limit {
                 Rejection::Queued => format!(
                     "{} deployments are already queued (the limit); try again later",
@@ -272,92 +252,151 @@ impl Engine {
                 message,
             }
         })?;
-        let id = DeploymentId::new();
         let log = DeploymentLog::bounded(
             LIVE_LOG_WINDOW,
             Arc::new(StoreBackfill {
-                store: self.ctx.store.clone(),
+                store: self.0.store.clone(),
                 id,
             }),
         );
         let deployment = Arc::new(Deployment::with_log(id, spec, log));
-        {
-            // Check and insert under one lock so two retries cannot both start.
-            let mut keys = self.idempotency.write().expect("idempotency lock");
-            if let Some(key) = &deployment.spec.idempotency_key {
-                let k = (deployment.spec.app.clone(), key.clone());
-                if let Some(existing) = keys.get(&k).and_then(|id| self.get(*id)) {
-                    let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
-                    return Ok((existing.id, stream));
-                }
-                keys.insert(k, id);
-            }
-            self.deployments
-                .write()
-                .expect("deployments lock")
-                .insert(id, deployment.clone());
-            // Queued before its first update, so the store sees them in order.
-            self.ctx
-                .store
-                .insert(&deployment.status(), &deployment.spec);
+        if let Some(existing) = self.register(&deployment) {
+            let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
+            return Ok((existing.id, stream));
         }
         let mut reporter = Reporter::new(
             deployment.clone(),
-            self.ctx.observers.clone(),
-            self.ctx.store.clone(),
+            self.0.observers.clone(),
+            self.0.store.clone(),
         );
         reporter.accepted();
+        if ticket.position() > 0 {
+            reporter.queued(ticket.position());
+        }
         let stream = deployment
             .log
             .subscribe(0)
             .expect("a new log holds everything");
+        self.spawn_run(reporter, ticket);
+        Ok((id, stream))
+    }
+
+    /// The engine answers within the ping timeout.
+    async fn ping(&self) -> Result<(), EngineError> {
+        let runtime = &self.0.runtime;
+        let timeout = self.0.config.ping_timeout;
+        match tokio::time::timeout(timeout, runtime.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(EngineError::Unavailable(e)),
+            Err(_) => Err(EngineError::Unavailable(RuntimeError::Timeout {
+                op: "ping",
+                after: timeout,
+                endpoint: runtime.endpoint().to_owned(),
+            })),
+        }
+    }
+
+    /// Holds `deployment` in memory and queues it for the store, unless its
+    /// idempotency key names a live deployment already: that one is returned. Checked
+    /// and inserted under one lock, so two retries cannot both start.
+    fn register(&self, deployment: &Arc<Deployment>) -> Option<Arc<Deployment>> {
+        let mut live = self.live();
+        if let Some(key) = &deployment.spec.idempotency_key {
+            let k = (deployment.spec.app.clone(), key.clone());
+            if let Some(existing) = live
+                .idempotency
+                .get(&k)
+                .and_then(|id| live.deployments.get(id))
+            {
+                return Some(existing.clone());
+            }
+            live.idempotency.insert(k, deployment.id);
+        }
+        live.deployments.insert(deployment.id, deployment.clone());
+        // Queued before its first update, so the store sees them in order.
+        self.0.store.insert(&deployment.status(), &deployment.spec);
+        None
+    }
+
+    /// Runs the deployment's task. A panic in it is caught: the deployment ends FAILED
+    /// ("internal error"), so its log closes and its streams end.
+    fn spawn_run(&self, reporter: Reporter, ticket: queue::Ticket) {
+        let deployment = reporter.deployment().clone();
         let span = tracing::info_span!(
             "deployment",
-            deployment_id = %id,
+            deployment_id = %deployment.id,
             app = %deployment.spec.app,
             image = %deployment.spec.image,
         );
         tracing::info!(parent: &span, requested_by = %deployment.spec.requested_by, "deployment accepted");
         let engine = self.clone();
-        self.tasks.spawn(
+        let run = run::Run::new(reporter, self.0.clone()).run(ticket);
+        self.0.tasks.spawn(
             async move {
-                run::Run::new(reporter, engine.ctx.clone()).run().await;
-                // The admission place is held until the deployment has ended.
-                drop(admitted);
+                // The queue and admission place (the ticket) is held until the
+                // deployment has ended.
+                if let Err(e) = tokio::spawn(run.in_current_span()).await {
+                    engine.end_after_panic(&deployment, e);
+                }
                 engine.retire(&deployment).await;
             }
             .instrument(span),
         );
-        Ok((id, stream))
+    }
+
+    /// The deployment's task ended without its terminal update (it panicked).
+    fn end_after_panic(&self, deployment: &Arc<Deployment>, e: tokio::task::JoinError) {
+        let reason = match e.try_into_panic() {
+            Ok(panic) => panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into()),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(%reason, "the deployment task failed");
+        if deployment.status().state.is_terminal() {
+            return;
+        }
+        let mut reporter = Reporter::resume(
+            deployment.clone(),
+            self.0.observers.clone(),
+            self.0.store.clone(),
+        );
+        let phase = reporter.phase();
+        let message = format!(
+            "internal error during {}: {reason}; containers of this deployment may be left \
+             (the next start of the server removes them)",
+            phase.as_str()
+        );
+        reporter.fail(phase, "internal error", message, Extra::default());
     }
 
     /// After a deployment ended: once its log is on disk, drop it from memory (readers
     /// that hold its log keep reading it) and apply retention.
     async fn retire(&self, deployment: &Deployment) {
-        self.ctx.store.flush().await;
-        self.deployments
-            .write()
-            .expect("deployments lock")
-            .remove(&deployment.id);
-        if let Some(key) = &deployment.spec.idempotency_key {
-            self.idempotency
-                .write()
-                .expect("idempotency lock")
-                .remove(&(deployment.spec.app.clone(), key.clone()));
+        self.0.store.flush().await;
+        {
+            let mut live = self.live();
+            live.deployments.remove(&deployment.id);
+            if let Some(key) = &deployment.spec.idempotency_key {
+                live.idempotency
+                    .remove(&(deployment.spec.app.clone(), key.clone()));
+            }
         }
         self.apply_retention().await;
     }
 
     /// Applies the retention setting to the store; logs what it removed.
     pub async fn apply_retention(&self) {
-        let retention = &self.ctx.config.retention;
+        let retention = &self.0.config.retention;
         if retention.max_deployments.is_none()
             && retention.max_age.is_none()
             && retention.max_log_updates.is_none()
         {
             return;
         }
-        match self.ctx.store.apply_retention(retention).await {
+        match self.0.store.apply_retention(retention).await {
             Ok(out) if out.deployments_removed > 0 || out.updates_removed > 0 => tracing::info!(
                 deployments = out.deployments_removed,
                 updates = out.updates_removed,
@@ -368,6 +407,25 @@ impl Engine {
         }
     }
 
+    /// Applies retention every `interval` (age-based retention needs time to pass;
+    /// count-based runs after every finished deployment too) until `shutdown`.
+    pub fn spawn_retention(
+        &self,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => engine.apply_retention().await,
+                }
+            }
+        })
+    }
+
     async fn find_idempotent(
         &self,
         spec: &DeploySpec,
@@ -375,28 +433,23 @@ impl Engine {
         let Some(key) = spec.idempotency_key.as_ref() else {
             return Ok(None);
         };
-        let live = self
-            .idempotency
-            .read()
-            .expect("idempotency lock")
-            .get(&(spec.app.clone(), key.clone()))
-            .and_then(|id| self.get(*id));
+        let live = {
+            let live = self.live();
+            (live.idempotency.get(&(spec.app.clone(), key.clone())))
+                .and_then(|id| live.deployments.get(id).cloned())
+        };
         if let Some(d) = live {
             let stream = d.log.subscribe(0).map_err(EngineError::OutOfRange)?;
             return Ok(Some((d.id, stream)));
         }
-        match self.ctx.store.find_idempotent(&spec.app, key).await? {
+        match self.0.store.find_idempotent(&spec.app, key).await? {
             Some(id) => Ok(Some((id, self.watch_id(id, 0).await?))),
             None => Ok(None),
         }
     }
 
     fn get(&self, id: DeploymentId) -> Option<Arc<Deployment>> {
-        self.deployments
-            .read()
-            .expect("deployments lock")
-            .get(&id)
-            .cloned()
+        self.live().deployments.get(&id).cloned()
     }
 
     fn parse_id(id: &str) -> Result<DeploymentId, EngineError> {
@@ -408,16 +461,9 @@ impl Engine {
     pub async fn status(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
         let id = Self::parse_id(id)?;
         if let Some(deployment) = self.get(id) {
-            let mut status = deployment.status();
-            if status.state == DeploymentState::Pending {
-                let waiting = self.ctx.queues.waiting(&deployment.spec.app);
-                if let Some(i) = waiting.iter().position(|w| *w == deployment.id) {
-                    status.queue_position = i as u32 + 1;
-                }
-            }
-            return Ok(status);
+            return Ok(deployment.status());
         }
-        self.ctx
+        self.0
             .store
             .status(id)
             .await?
@@ -435,12 +481,12 @@ impl Engine {
         }
         // Ended: replay from the store. Only the part after `after` is loaded.
         let status = self
-            .ctx
+            .0
             .store
             .status(id)
             .await?
             .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
-        let stored = self.ctx.store.log(id, after).await?;
+        let stored = self.0.store.log(id, after).await?;
         let oldest = stored.oldest.unwrap_or(status.last_sequence + 1);
         if after < status.last_sequence && after + 1 < oldest {
             return Err(EngineError::OutOfRange(LogError::OutOfRange {
@@ -466,9 +512,9 @@ impl Engine {
             n => n.min(MAX_PAGE_SIZE),
         };
         // Everything accepted so far is in the store once the writer caught up.
-        self.ctx.store.flush().await;
+        self.0.store.flush().await;
         let rows = self
-            .ctx
+            .0
             .store
             .list(&ListFilter {
                 app: query.app.clone(),
@@ -526,14 +572,14 @@ impl Engine {
             use futures_util::StreamExt;
             while updates.next().await.is_some() {}
         };
-        let _ = tokio::time::timeout(self.ctx.config.cancel_wait, wait).await;
+        let _ = tokio::time::timeout(self.0.config.cancel_wait, wait).await;
         Ok(deployment.status())
     }
 
     /// How many known deployments are in each state (for gauges).
     pub fn state_counts(&self) -> HashMap<DeploymentState, usize> {
         let mut counts = HashMap::new();
-        for d in self.deployments.read().expect("deployments lock").values() {
+        for d in self.live().deployments.values() {
             *counts.entry(d.status().state).or_default() += 1;
         }
         counts
@@ -541,188 +587,21 @@ impl Engine {
 
     /// Stops accepting deployments; running ones continue.
     pub fn stop_accepting(&self) {
-        self.accepting
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.0.accepting.store(false, Ordering::SeqCst);
     }
 
     /// Waits until every deployment task has ended (and its log is on disk).
     pub async fn drain(&self) {
-        self.tasks.close();
-        self.tasks.wait().await;
+        self.0.tasks.close();
+        self.0.tasks.wait().await;
     }
 
     /// Interrupts every deployment still queued or running: each rolls back what it
     /// created and ends FAILED ("interrupted by server shutdown").
     pub fn interrupt_all(&self) {
-        for d in self.deployments.read().expect("deployments lock").values() {
+        for d in self.live().deployments.values() {
             d.interrupt.cancel();
         }
-    }
-
-    /// Starts the container of `app`'s last succeeded deployment if it exists but is
-    /// stopped; returns its ID when it runs afterwards.
-    async fn restart_previous_version(&self, app: &AppName) -> Option<String> {
-        let filter = crate::store::ListFilter {
-            app: Some(app.clone()),
-            state: Some(DeploymentState::Succeeded),
-            before: None,
-            limit: 1,
-        };
-        let last = self
-            .ctx
-            .store
-            .list(&filter)
-            .await
-            .ok()?
-            .into_iter()
-            .next()?;
-        let container = last.result?.container_id;
-        if container.is_empty() {
-            return None;
-        }
-        let runtime = &self.ctx.runtime;
-        let state = runtime.inspect(&container).await.ok()?;
-        if !state.running {
-            match runtime.start(&container).await {
-                Ok(()) => {
-                    tracing::info!(%app, container = %container, "started the app's previous version again after an interrupted deployment")
-                }
-                Err(e) => {
-                    tracing::warn!(%app, container = %container, error = %e, "could not start the app's previous version again");
-                    return None;
-                }
-            }
-        }
-        Some(container)
-    }
-
-    /// Reconciles after a restart, before serving: every deployment the store holds as
-    /// pending or running was in flight when the previous process died. Each gets a
-    /// terminal FAILED update ("interrupted by a restart"), and the containers labelled
-    /// with its ID are removed. Nothing else is touched: the app's previous version
-    /// (the last succeeded deployment's container) keeps running (it is started again
-    /// if the interrupted deployment had stopped it to take over a fixed host port),
-    /// and containers of deployments this store does not know (another server's) are
-    /// left alone.
-    pub async fn recover(&self) -> Result<Recovery, EngineError> {
-        let store = &self.ctx.store;
-        let unfinished = store.unfinished().await?;
-        let mut recovery = Recovery::default();
-        if unfinished.is_empty() {
-            return Ok(recovery);
-        }
-        let ids: std::collections::HashSet<String> =
-            unfinished.iter().map(|s| s.id.to_string()).collect();
-        let mut removal_error = None;
-        // Running containers of other deployments, by app: the previous versions.
-        let mut serving: HashMap<String, String> = HashMap::new();
-        match self.ctx.runtime.list_managed_containers().await {
-            Ok(containers) => {
-                for c in &containers {
-                    if !ids.contains(&c.deployment) {
-                        if c.running {
-                            serving.insert(c.app.clone(), c.id.clone());
-                        }
-                        continue;
-                    }
-                    match self.ctx.runtime.remove(&c.id).await {
-                        Ok(()) => {
-                            recovery.containers_removed += 1;
-                            tracing::info!(container = %c.id, deployment_id = %c.deployment, "removed container of an interrupted deployment");
-                        }
-                        Err(e) => removal_error = Some(e.to_string()),
-                    }
-                }
-            }
-            Err(e) => removal_error = Some(e.to_string()),
-        }
-        // A deployment interrupted while it held a fixed host port may have stopped the
-        // app's previous version (see run.rs, hand_over_fixed_ports): start it again.
-        let mut apps: Vec<AppName> = unfinished.iter().map(|s| s.app.clone()).collect();
-        apps.sort();
-        apps.dedup();
-        for app in apps {
-            if serving.contains_key(app.as_str()) {
-                continue;
-            }
-            if let Some(id) = self.restart_previous_version(&app).await {
-                serving.insert(app.to_string(), id);
-            }
-        }
-        for status in unfinished {
-            // The stored status and log are committed together; continue after the
-            // last update that reached the disk.
-            let tail = store.log(status.id, status.last_sequence).await?;
-            let last = tail
-                .updates
-                .last()
-                .map_or(status.last_sequence, |u| u.sequence);
-            let phase = tail.updates.last().map_or(status.phase, |u| u.phase);
-            let mut message = format!(
-                "interrupted by a restart of the server during {}: the previous server process stopped before the deployment finished",
-                phase.as_str()
-            );
-            match &removal_error {
-                None => message.push_str("; its containers were removed"),
-                Some(e) => message.push_str(&format!("; removing its containers failed: {e}")),
-            }
-            match serving.get(status.app.as_str()) {
-                Some(c) => message.push_str(&format!(
-                    "; the app's previous version keeps running (container {})",
-                    &c[..c.len().min(12)]
-                )),
-                None => message.push_str("; no other version of the app is running"),
-            }
-            let now = std::time::SystemTime::now();
-            let result = DeploymentResult {
-                success: false,
-                message: message.clone(),
-                diagnostics: Some(FailureDiagnostics {
-                    failed_phase: Some(phase),
-                    step: "server restart".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            let update = Update {
-                deployment_id: status.id,
-                sequence: last + 1,
-                app: status.app.clone(),
-                kind: EventKind::Finished {
-                    state: DeploymentState::Failed,
-                },
-                phase: Phase::Failed,
-                phase_progress: status.phase_progress,
-                total_progress: status.total_progress,
-                level: Level::Error,
-                message: message.clone(),
-                timestamp: now,
-                elapsed: now.duration_since(status.created_at).unwrap_or_default(),
-                metadata: [
-                    ("failed_phase".to_owned(), phase.as_str().to_owned()),
-                    ("interrupted".to_owned(), "restart".to_owned()),
-                ]
-                .into_iter()
-                .collect(),
-                pull: None,
-                result: Some(result.clone()),
-            };
-            let mut ended = status.clone();
-            ended.state = DeploymentState::Failed;
-            ended.phase = Phase::Failed;
-            ended.finished_at = Some(now);
-            ended.error = message;
-            ended.result = Some(result);
-            ended.last_sequence = last + 1;
-            ended.queue_position = 0;
-            tracing::warn!(deployment_id = %status.id, app = %status.app, phase = phase.as_str(), "deployment interrupted by a restart ended as failed");
-            let update = Arc::new(update);
-            store.append(update.clone(), ended);
-            self.ctx.observers.publish(&update);
-            recovery.interrupted.push(status.id);
-        }
-        store.flush().await;
-        Ok(recovery)
     }
 }
 

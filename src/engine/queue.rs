@@ -1,10 +1,15 @@
-//! One deployment per app at a time: a FIFO queue per app.
+//! One deployment per app at a time: a FIFO queue per app, and the admission of new
+//! deployments: at most `max_in_flight` apps deploying at once and at most `max_queued`
+//! deployments waiting for their app's lock (all apps together). Admission is decided
+//! at once when Deploy is called, so an overloaded server says `RESOURCE_EXHAUSTED`
+//! instead of letting callers hang.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
+use crate::limits::Rejection;
 use crate::model::{AppName, DeploymentId};
 
 #[derive(Default)]
@@ -14,24 +19,59 @@ struct Slot {
 }
 
 /// The per-app locks and their queues.
-#[derive(Clone, Default)]
-pub struct AppQueues {
+#[derive(Clone)]
+pub(crate) struct AppQueues {
     inner: Arc<Mutex<HashMap<AppName, Slot>>>,
+    max_in_flight: usize,
+    max_queued: usize,
 }
 
 /// A place in an app's queue. `position()` is 0 once it is this deployment's turn
 /// (it then holds the app's lock), else its 1-based place in the line. Dropping the
-/// ticket releases the lock or leaves the line, and moves the queue on.
-pub struct Ticket {
+/// ticket (when the deployment's task ends) releases the lock or leaves the line,
+/// moves the queue on, and frees the admission place.
+pub(crate) struct Ticket {
     queues: AppQueues,
     app: AppName,
     id: DeploymentId,
     position: watch::Receiver<u32>,
 }
 
+/// Why a deployment was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refused {
+    pub(crate) limit: Rejection,
+    pub(crate) max: usize,
+}
+
 impl AppQueues {
-    pub fn join(&self, app: &AppName, id: DeploymentId) -> Ticket {
+    pub(crate) fn new(max_in_flight: usize, max_queued: usize) -> Self {
+        Self {
+            inner: Arc::default(),
+            max_in_flight,
+            max_queued,
+        }
+    }
+
+    /// Admits deployment `id` of `app` into its app's queue, or refuses it when a
+    /// limit is reached.
+    pub(crate) fn admit(&self, app: &AppName, id: DeploymentId) -> Result<Ticket, Refused> {
         let mut inner = self.inner.lock().expect("queue lock");
+        if inner.contains_key(app) {
+            // It will wait for the app's lock.
+            let queued: usize = inner.values().map(|s| s.waiting.len()).sum();
+            if queued >= self.max_queued {
+                return Err(Refused {
+                    limit: Rejection::Queued,
+                    max: self.max_queued,
+                });
+            }
+        } else if inner.len() >= self.max_in_flight {
+            return Err(Refused {
+                limit: Rejection::InFlight,
+                max: self.max_in_flight,
+            });
+        }
         let slot = inner.entry(app.clone()).or_default();
         let position = if slot.running.is_none() {
             slot.running = Some(id);
@@ -41,21 +81,12 @@ impl AppQueues {
             slot.waiting.push_back((id, tx));
             rx
         };
-        Ticket {
+        Ok(Ticket {
             queues: self.clone(),
             app: app.clone(),
             id,
             position,
-        }
-    }
-
-    /// Deployments waiting for `app`'s lock, in order.
-    pub fn waiting(&self, app: &AppName) -> Vec<DeploymentId> {
-        let inner = self.inner.lock().expect("queue lock");
-        inner
-            .get(app)
-            .map(|s| s.waiting.iter().map(|(id, _)| *id).collect())
-            .unwrap_or_default()
+        })
     }
 
     fn leave(&self, app: &AppName, id: DeploymentId) {
@@ -87,12 +118,12 @@ impl AppQueues {
 }
 
 impl Ticket {
-    pub fn position(&self) -> u32 {
+    pub(crate) fn position(&self) -> u32 {
         *self.position.borrow()
     }
 
     /// Waits until the position changes; returns the new one.
-    pub async fn changed(&mut self) -> u32 {
+    pub(crate) async fn changed(&mut self) -> u32 {
         if self.position.changed().await.is_err() {
             // The sender is gone only once we were granted or removed; read the last value.
             std::future::pending::<()>().await;
@@ -111,28 +142,51 @@ impl Drop for Ticket {
 mod tests {
     use super::*;
 
+    fn app(s: &str) -> AppName {
+        AppName::parse(s).unwrap()
+    }
+
     #[tokio::test]
     async fn fifo_with_positions_and_leaving() {
-        let q = AppQueues::default();
-        let app = AppName::parse("a").unwrap();
+        let q = AppQueues::new(usize::MAX, usize::MAX);
+        let app = app("a");
         let (a, b, c) = (
             DeploymentId::new(),
             DeploymentId::new(),
             DeploymentId::new(),
         );
-        let ta = q.join(&app, a);
-        let mut tb = q.join(&app, b);
-        let mut tc = q.join(&app, c);
+        let ta = q.admit(&app, a).unwrap();
+        let mut tb = q.admit(&app, b).unwrap();
+        let mut tc = q.admit(&app, c).unwrap();
         assert_eq!((ta.position(), tb.position(), tc.position()), (0, 1, 2));
         drop(tb); // b leaves the line: c moves up
         assert_eq!(tc.changed().await, 1);
         drop(ta); // a finishes: c runs
         assert_eq!(tc.changed().await, 0);
-        tb = q.join(&app, b);
+        tb = q.admit(&app, b).unwrap();
         assert_eq!(tb.position(), 1);
         drop(tc);
         assert_eq!(tb.changed().await, 0);
         drop(tb);
         assert!(q.inner.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn in_flight_and_queued_caps_hold_and_free_on_drop() {
+        let q = AppQueues::new(2, 1);
+        let admit = |name: &str| q.admit(&app(name), DeploymentId::new());
+        let a1 = admit("a").unwrap();
+        let _b1 = admit("b").unwrap();
+        let refused = admit("c").err().unwrap();
+        assert_eq!(refused.limit, Rejection::InFlight);
+        let a2 = admit("a").unwrap(); // queues behind a1
+        assert_eq!(admit("a").err().unwrap().limit, Rejection::Queued);
+        assert_eq!(admit("b").err().unwrap().limit, Rejection::Queued);
+        drop(a2);
+        let _b2 = admit("b").unwrap();
+        drop(a1);
+        // `a` has ended: `c` may start; then two apps deploy again.
+        let _c1 = admit("c").unwrap();
+        assert_eq!(admit("d").err().unwrap().limit, Rejection::InFlight);
     }
 }

@@ -3,11 +3,12 @@
 //! QUEUED → VALIDATING → PULLING → CREATING → STARTING → HEALTH_CHECK → [HOOKS] →
 //! SWITCHING → CLEANUP → COMPLETE. The new container's output is followed from its
 //! start; lines wait in a channel until HEALTH_CHECK reads them for the log check and
-//! the milestones ([`super::milestones`]). HOOKS ([`super::hooks`]) runs only when the
-//! request has hooks. Until SWITCHING begins, a failure, a cancel or the
-//! deadline rolls back: every container labelled with this deployment is removed and the
-//! app's previous version keeps serving. SWITCHING is the point of no return: once the
-//! old version is being taken out, the deployment runs to its end.
+//! the milestones ([`super::milestones`]); the probes are in [`super::health`]. HOOKS
+//! ([`super::hooks`]) runs only when the request has hooks. Until SWITCHING begins, a
+//! failure, a cancel or the deadline rolls back: every container labelled with this
+//! deployment is removed and the app's previous version keeps serving. SWITCHING is the
+//! point of no return: once the old version is being taken out, the deployment runs to
+//! its end.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,17 +17,23 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
-use super::EngineContext;
+use super::Inner;
 use super::deployment::{Extra, Reporter};
+use super::health::{self, Verdict};
 use super::hooks;
 use super::milestones::MilestoneTracker;
 use super::pull::PullTracker;
+use super::queue::Ticket;
 use crate::model::{
     DeploymentResult, DeploymentState, FailureDiagnostics, HealthOutcome, HealthProbe, LABEL_APP,
-    LABEL_DEPLOYMENT, Level, Phase, Protocol,
+    LABEL_DEPLOYMENT, Level, Phase, Protocol, PullProgress,
 };
-use crate::runtime::{ContainerSpec, ContainerState, ImageInfo, PublishedPort, RuntimeError};
+use crate::runtime::{
+    ContainerSpec, ContainerState, ContainerSummary, ImageInfo, PublishedPort, RuntimeError,
+    remove_each,
+};
 
 /// At most this many pull updates per second (the final 100% one always goes out).
 const PULL_UPDATE_INTERVAL: Duration = Duration::from_millis(100);
@@ -44,32 +51,29 @@ enum Stop {
     Interrupted,
 }
 
-/// Aborts a background task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+/// A failed step (of the run, or of a hook).
+pub(super) struct Failure {
+    pub(super) phase: Phase,
+    pub(super) step: String,
+    pub(super) message: String,
+    /// Exit code and output of the failed step when it is not the container's own (a
+    /// hook): they replace the container's in the diagnostics.
+    pub(super) output: Option<StepOutput>,
 }
 
-/// A failed step.
-struct Failure {
-    phase: Phase,
-    step: String,
-    message: String,
-    /// Exit code and output of the failed step when it is not the container's own
-    /// (a hook): they replace the container's in the diagnostics.
-    diagnostics: Option<(Option<i64>, Vec<String>)>,
+/// What a failed step that is not the container itself printed, and how it exited.
+pub(super) struct StepOutput {
+    pub(super) exit_code: Option<i64>,
+    pub(super) log_tail: Vec<String>,
 }
 
 impl Failure {
-    fn new(phase: Phase, step: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(super) fn new(phase: Phase, step: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             phase,
             step: step.into(),
             message: message.into(),
-            diagnostics: None,
+            output: None,
         }
     }
 
@@ -78,24 +82,95 @@ impl Failure {
     }
 }
 
+/// The new container's output during HEALTH_CHECK: the lines still to read, whether a
+/// log check's pattern matched, and the milestones reached.
+struct Output {
+    lines: Option<mpsc::Receiver<String>>,
+    log_matched: bool,
+    milestones: MilestoneTracker,
+}
+
+impl Output {
+    /// Reads the lines already waiting.
+    fn drain(&mut self, rep: &mut Reporter, probe: &HealthProbe) {
+        let mut waiting = Vec::new();
+        if let Some(rx) = self.lines.as_mut() {
+            while let Ok(line) = rx.try_recv() {
+                waiting.push(line);
+            }
+        }
+        for line in waiting {
+            self.on_line(rep, &line, probe);
+        }
+    }
+
+    /// Reads output as it comes until `wake` (milestones go out live), or until a line
+    /// matches a log check.
+    async fn read_until(&mut self, rep: &mut Reporter, probe: &HealthProbe, wake: Instant) {
+        loop {
+            let next = async {
+                match self.lines.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => break,
+                line = next => match line {
+                    Some(line) => {
+                        self.on_line(rep, &line, probe);
+                        if self.log_matched {
+                            break;
+                        }
+                    }
+                    // The follower ended (the container exited): the next attempt says so.
+                    None => self.lines = None,
+                },
+            }
+        }
+    }
+
+    /// One line: the log check's pattern, then the milestones (each hit is an update:
+    /// message = description, metadata `milestone` (index), `line`, and `count` for a
+    /// counting milestone).
+    fn on_line(&mut self, rep: &mut Reporter, line: &str, probe: &HealthProbe) {
+        if let HealthProbe::Log { pattern } = probe {
+            self.log_matched |= pattern.is_match(line);
+        }
+        for hit in self.milestones.apply(line) {
+            let mut extra = Extra::meta([("milestone", hit.index.to_string()), ("line", hit.line)]);
+            if let Some(count) = hit.count {
+                extra.metadata.insert("count".into(), count.to_string());
+            }
+            rep.progress(hit.progress, Level::Info, hit.description, extra);
+        }
+    }
+}
+
 pub(super) struct Run {
     rep: Reporter,
-    ctx: Arc<EngineContext>,
+    ctx: Arc<Inner>,
+    /// The new container once created (for the diagnostics and the rollback; the steps
+    /// take its ID as an argument).
     container: Option<String>,
     image: ImageInfo,
     ports: Vec<PublishedPort>,
     health: Vec<HealthOutcome>,
     log_lines: Option<mpsc::Receiver<String>>,
-    log_follower: Option<AbortOnDrop>,
+    /// A healthy container may stay quiet for ever: following stops when the run ends.
+    log_follower: Option<AbortOnDropHandle<()>>,
     /// Previous-version containers stopped to free fixed host ports (see
     /// [`Run::hand_over_fixed_ports`]); a rollback starts them again.
     stopped_previous: Vec<String>,
     /// The create call while it runs (see [`Run::create`]).
     creating: Option<tokio::task::JoinHandle<Result<String, RuntimeError>>>,
+    /// The engine answered the ping when the deployment was accepted; VALIDATING asks
+    /// again only when the deployment waited in its app's queue.
+    waited: bool,
 }
 
 impl Run {
-    pub(super) fn new(rep: Reporter, ctx: Arc<EngineContext>) -> Self {
+    pub(super) fn new(rep: Reporter, ctx: Arc<Inner>) -> Self {
         Self {
             rep,
             ctx,
@@ -107,34 +182,18 @@ impl Run {
             log_follower: None,
             creating: None,
             stopped_previous: Vec::new(),
+            waited: false,
         }
     }
 
-    pub(super) async fn run(mut self) {
+    pub(super) async fn run(mut self, mut ticket: Ticket) {
         let deployment = self.rep.deployment().clone();
         let deadline = deployment_deadline(&self);
         let cancel = deployment.cancel.clone();
         let interrupt = deployment.interrupt.clone();
-
-        // QUEUED: wait for the app's lock.
-        let mut ticket = self.ctx.queues.join(&deployment.spec.app, deployment.id);
-        let mut position = ticket.position();
-        while position > 0 {
-            self.rep.queued(position);
-            tokio::select! {
-                p = ticket.changed() => position = p,
-                _ = cancel.cancelled() => {
-                    return self.end(Stop::Cancelled).await;
-                }
-                _ = interrupt.cancelled() => {
-                    return self.end(Stop::Interrupted).await;
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    return self.end(Stop::DeadlineExceeded).await;
-                }
-            }
+        if let Err(stop) = self.wait_turn(&mut ticket, deadline).await {
+            return self.end(stop).await;
         }
-
         let outcome = tokio::select! {
             r = self.until_switch() => r.map_err(Stop::Failed),
             _ = cancel.cancelled() => Err(Stop::Cancelled),
@@ -143,25 +202,47 @@ impl Run {
         };
         match outcome {
             Err(stop) => self.end(stop).await,
-            Ok(()) => match self.switch_and_clean().await {
-                Ok(()) => self.succeed(),
+            Ok(id) => match self.switch_and_clean(&id).await {
+                Ok(()) => self.succeed(id),
                 Err(f) => self.end(Stop::Failed(f)).await,
             },
         }
         drop(ticket);
     }
 
-    /// Every step up to the point of no return.
-    async fn until_switch(&mut self) -> Result<(), Failure> {
-        self.validate().await?;
-        self.pull().await?;
-        self.create().await?;
-        self.start().await?;
-        self.health_check().await?;
-        if !self.rep.deployment().spec.hooks.is_empty() {
-            self.run_hooks().await?;
+    /// QUEUED: waits for the app's lock. (The first position went out when the
+    /// deployment was accepted; each change goes out here.)
+    async fn wait_turn(&mut self, ticket: &mut Ticket, deadline: Instant) -> Result<(), Stop> {
+        let deployment = self.rep.deployment().clone();
+        let mut position = ticket.position();
+        self.waited = position > 0;
+        while position > 0 {
+            tokio::select! {
+                p = ticket.changed() => {
+                    position = p;
+                    if p > 0 {
+                        self.rep.queued(p);
+                    }
+                }
+                _ = deployment.cancel.cancelled() => return Err(Stop::Cancelled),
+                _ = deployment.interrupt.cancelled() => return Err(Stop::Interrupted),
+                _ = tokio::time::sleep_until(deadline) => return Err(Stop::DeadlineExceeded),
+            }
         }
         Ok(())
+    }
+
+    /// Every step up to the point of no return; returns the new container's ID.
+    async fn until_switch(&mut self) -> Result<String, Failure> {
+        self.validate().await?;
+        self.pull().await?;
+        let id = self.create().await?;
+        self.start(&id).await?;
+        self.health_check(&id).await?;
+        if !self.rep.deployment().spec.hooks.is_empty() {
+            self.run_hooks(&id).await?;
+        }
+        Ok(id)
     }
 
     async fn validate(&mut self) -> Result<(), Failure> {
@@ -170,11 +251,13 @@ impl Run {
             Phase::Validating,
             format!("checking the docker engine at {endpoint}"),
         );
-        self.ctx
-            .runtime
-            .ping()
-            .await
-            .map_err(|e| Failure::runtime(Phase::Validating, "docker engine check", e))?;
+        if self.waited {
+            self.ctx
+                .runtime
+                .ping()
+                .await
+                .map_err(|e| Failure::runtime(Phase::Validating, "docker engine check", e))?;
+        }
         self.rep.progress(
             1.0,
             Level::Info,
@@ -185,17 +268,10 @@ impl Run {
     }
 
     async fn pull(&mut self) -> Result<(), Failure> {
-        let spec = &self.rep.deployment().spec;
-        let image = spec.image.clone();
-        let auth = spec.registry_auth.clone();
-        let runtime = self.ctx.runtime.clone();
+        let image = self.rep.deployment().spec.image.clone();
         self.rep
             .enter(Phase::Pulling, format!("looking for image {image}"));
-        if let Some(info) = runtime
-            .inspect_image(&image)
-            .await
-            .map_err(|e| Failure::runtime(Phase::Pulling, "image inspection", e))?
-        {
+        if let Some(info) = self.inspect_image(&image).await? {
             let digest = info.digest.clone().unwrap_or_default();
             self.image = info;
             self.rep.progress(
@@ -212,48 +288,14 @@ impl Run {
             format!("pulling image {image}"),
             Extra::meta([("pulled", "true".into())]),
         );
-        let mut tracker = PullTracker::default();
-        let mut stream = runtime.pull(&image, auth.as_ref());
-        let mut last_sent: Option<Instant> = None;
-        while let Some(event) = stream.next().await {
-            let event = event.map_err(|e| Failure::runtime(Phase::Pulling, "image pull", e))?;
-            let Some(progress) = tracker.apply(&event) else {
-                continue;
-            };
-            let due = last_sent.is_none_or(|t| t.elapsed() >= PULL_UPDATE_INTERVAL);
-            if due {
-                last_sent = Some(Instant::now());
-                let message = format!(
-                    "pulling {image}: {} of {} ({}/{} layers)",
-                    bytes(progress.image_current_bytes),
-                    bytes(progress.image_total_bytes),
-                    progress.layers_done,
-                    progress.layers_total,
-                );
-                let fraction = PullTracker::fraction(&progress);
-                self.rep.progress(
-                    fraction * 0.99,
-                    Level::Verbose,
-                    message,
-                    Extra {
-                        pull: Some(progress),
-                        ..Default::default()
-                    },
-                );
-            }
-        }
-        let info = runtime
-            .inspect_image(&image)
-            .await
-            .map_err(|e| Failure::runtime(Phase::Pulling, "image inspection", e))?
-            .ok_or_else(|| {
-                Failure::new(
-                    Phase::Pulling,
-                    "image pull",
-                    format!("image {image} is not present after its pull"),
-                )
-            })?;
-        let progress = tracker.finish();
+        let progress = self.download(&image).await?;
+        let info = self.inspect_image(&image).await?.ok_or_else(|| {
+            Failure::new(
+                Phase::Pulling,
+                "image pull",
+                format!("image {image} is not present after its pull"),
+            )
+        })?;
         let message = format!(
             "pulled {image}: {} in {} layers{}",
             bytes(progress.image_total_bytes),
@@ -277,7 +319,52 @@ impl Run {
         Ok(())
     }
 
-    async fn create(&mut self) -> Result<(), Failure> {
+    async fn inspect_image(&self, image: &str) -> Result<Option<ImageInfo>, Failure> {
+        self.ctx
+            .runtime
+            .inspect_image(image)
+            .await
+            .map_err(|e| Failure::runtime(Phase::Pulling, "image inspection", e))
+    }
+
+    /// Pulls `image`, reporting its progress (throttled); returns the final progress.
+    async fn download(&mut self, image: &str) -> Result<PullProgress, Failure> {
+        let auth = self.rep.deployment().spec.registry_auth.clone();
+        let mut tracker = PullTracker::default();
+        let mut stream = self.ctx.runtime.pull(image, auth.as_ref());
+        let mut last_sent: Option<Instant> = None;
+        while let Some(event) = stream.next().await {
+            let event = event.map_err(|e| Failure::runtime(Phase::Pulling, "image pull", e))?;
+            let Some(progress) = tracker.apply(&event) else {
+                continue;
+            };
+            if last_sent.is_some_and(|t| t.elapsed() < PULL_UPDATE_INTERVAL) {
+                continue;
+            }
+            last_sent = Some(Instant::now());
+            let message = format!(
+                "pulling {image}: {} of {} ({}/{} layers)",
+                bytes(progress.image_current_bytes),
+                bytes(progress.image_total_bytes),
+                progress.layers_done,
+                progress.layers_total,
+            );
+            let fraction = PullTracker::fraction(&progress);
+            self.rep.progress(
+                fraction * 0.99,
+                Level::Verbose,
+                message,
+                Extra {
+                    pull: Some(progress),
+                    ..Default::default()
+                },
+            );
+        }
+        Ok(tracker.finish())
+    }
+
+    /// CREATING; returns the new container's ID.
+    async fn create(&mut self) -> Result<String, Failure> {
         let deployment = self.rep.deployment().clone();
         let spec = &deployment.spec;
         let id = deployment.id.to_string();
@@ -317,26 +404,23 @@ impl Run {
             1.0,
             Level::Info,
             format!("created container {name} ({})", short(&container_id)),
-            Extra::meta([("container_id", container_id)]),
+            Extra::meta([("container_id", container_id.clone())]),
         );
-        Ok(())
+        Ok(container_id)
     }
 
-    async fn start(&mut self) -> Result<(), Failure> {
-        let id = self.container.clone().expect("created");
-        self.rep.enter(
-            Phase::Starting,
-            format!("starting container {}", short(&id)),
-        );
-        self.hand_over_fixed_ports(&id).await?;
+    async fn start(&mut self, id: &str) -> Result<(), Failure> {
+        self.rep
+            .enter(Phase::Starting, format!("starting container {}", short(id)));
+        self.hand_over_fixed_ports(id).await?;
         self.ctx
             .runtime
-            .start(&id)
+            .start(id)
             .await
             .map_err(|e| Failure::runtime(Phase::Starting, "container start", e))?;
         // Follow the output from the start: log health checks and milestones read it.
         let (tx, rx) = mpsc::channel(1024);
-        let mut lines = self.ctx.runtime.follow_logs(&id);
+        let mut lines = self.ctx.runtime.follow_logs(id);
         let follower = tokio::spawn(async move {
             while let Some(Ok(line)) = lines.next().await {
                 if tx.send(line).await.is_err() {
@@ -344,10 +428,9 @@ impl Run {
                 }
             }
         });
-        // A healthy container may stay quiet for ever: stop following when the run ends.
-        self.log_follower = Some(AbortOnDrop(follower.abort_handle()));
+        self.log_follower = Some(AbortOnDropHandle::new(follower));
         self.log_lines = Some(rx);
-        let state = self.inspect(Phase::Starting).await?;
+        let state = self.inspect(id, Phase::Starting).await?;
         self.ports = state.ports.clone();
         let mut extra = Extra::default();
         for (name, url) in self.endpoints() {
@@ -356,10 +439,20 @@ impl Run {
         self.rep.progress(
             1.0,
             Level::Info,
-            format!("container {} is running", short(&id)),
+            format!("container {} is running", short(id)),
             extra,
         );
         Ok(())
+    }
+
+    /// The app's containers that `select` picks.
+    async fn app_containers(
+        &self,
+        select: impl Fn(&ContainerSummary) -> bool,
+    ) -> Result<Vec<ContainerSummary>, RuntimeError> {
+        let app = self.rep.deployment().spec.app.as_str();
+        let all = self.ctx.runtime.list_app_containers(app).await?;
+        Ok(all.into_iter().filter(|c| select(c)).collect())
     }
 
     /// A fixed host port can be bound by one container only, so the new version cannot
@@ -369,11 +462,7 @@ impl Run {
     /// container again. With host port 0 (any free port) nothing changes: the previous
     /// version serves until the switch.
     async fn hand_over_fixed_ports(&mut self, ours: &str) -> Result<(), Failure> {
-        let deployment = self.rep.deployment().clone();
-        let fixed: Vec<u16> = deployment
-            .spec
-            .ports
-            .iter()
+        let fixed: Vec<u16> = (self.rep.deployment().spec.ports.iter())
             .filter(|p| p.host_port != 0)
             .map(|p| p.host_port)
             .collect();
@@ -382,21 +471,16 @@ impl Run {
         }
         let runtime = self.ctx.runtime.clone();
         let step = "handing the fixed host ports over";
-        let running: Vec<_> = runtime
-            .list_app_containers(deployment.spec.app.as_str())
+        let running = self
+            .app_containers(|c| c.id != ours && c.running)
             .await
-            .map_err(|e| Failure::runtime(Phase::Starting, step, e))?
-            .into_iter()
-            .filter(|c| c.id != ours && c.running)
-            .collect();
+            .map_err(|e| Failure::runtime(Phase::Starting, step, e))?;
         for old in running {
             let state = runtime
                 .inspect(&old.id)
                 .await
                 .map_err(|e| Failure::runtime(Phase::Starting, step, e))?;
-            let held: Vec<String> = state
-                .ports
-                .iter()
+            let held: Vec<String> = (state.ports.iter())
                 .filter(|p| fixed.contains(&p.host_port))
                 .map(|p| p.host_port.to_string())
                 .collect();
@@ -426,44 +510,34 @@ impl Run {
         Ok(())
     }
 
-    async fn inspect(&self, phase: Phase) -> Result<ContainerState, Failure> {
-        let id = self.container.as_deref().expect("created");
+    async fn inspect(&self, id: &str, phase: Phase) -> Result<ContainerState, Failure> {
         let state = self
             .ctx
             .runtime
             .inspect(id)
             .await
             .map_err(|e| Failure::runtime(phase, "container inspection", e))?;
-        if !state.running {
-            return Err(Failure::new(
-                phase,
-                if phase == Phase::Starting {
-                    "container start"
-                } else {
-                    "health check"
-                },
-                format!(
-                    "container exited{}{}",
-                    state
-                        .exit_code
-                        .map(|c| format!(" with code {c}"))
-                        .unwrap_or_default(),
-                    if state.oom_killed {
-                        " (killed: out of memory)"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
+        if state.running {
+            return Ok(state);
         }
-        Ok(state)
-    }
-
-    fn published(&self, container_port: u16) -> Option<u16> {
-        self.ports
-            .iter()
-            .find(|p| p.container_port == container_port && p.protocol == Protocol::Tcp)
-            .map(|p| p.host_port)
+        let step = if phase == Phase::Starting {
+            "container start"
+        } else {
+            "health check"
+        };
+        let code = (state.exit_code)
+            .map(|c| format!(" with code {c}"))
+            .unwrap_or_default();
+        let oom = if state.oom_killed {
+            " (killed: out of memory)"
+        } else {
+            ""
+        };
+        Err(Failure::new(
+            phase,
+            step,
+            format!("container exited{code}{oom}"),
+        ))
     }
 
     fn endpoints(&self) -> BTreeMap<String, String> {
@@ -501,213 +575,104 @@ impl Run {
         }
     }
 
-    async fn health_check(&mut self) -> Result<(), Failure> {
+    /// HEALTH_CHECK: probes (see [`health`]) until one passes, one cannot pass, or the
+    /// timeout; output read in between moves the milestones.
+    async fn health_check(&mut self, id: &str) -> Result<(), Failure> {
         let probe = self.probe();
         let spec = self.rep.deployment().spec.health.clone();
         let settle = self.ctx.config.settle_time;
-        let description = match &probe {
-            HealthProbe::Docker => "waiting for the image's HEALTHCHECK to pass".to_owned(),
-            HealthProbe::Tcp { port } => format!("probing TCP port {port}"),
-            HealthProbe::Http {
-                port,
-                path,
-                expect_status,
-            } => format!("probing GET {path} on port {port} for status {expect_status}"),
-            HealthProbe::Log { pattern } => {
-                format!("waiting for an output line matching /{pattern}/")
-            }
-            HealthProbe::None => format!(
-                "no health check: the container must stay up for {}s",
-                settle.as_secs_f64()
-            ),
-        };
-        self.rep.enter(Phase::HealthCheck, description);
+        self.rep
+            .enter(Phase::HealthCheck, health::describe(&probe, settle));
         let started = Instant::now();
         let timeout = if matches!(probe, HealthProbe::None) {
             spec.timeout.max(settle * 2)
         } else {
             spec.timeout
         };
-        let mut attempts = 0u32;
-        let mut log_matched = false;
         // Output lines printed during STARTING wait in the channel and are read here:
         // milestones move HEALTH_CHECK's progress, whenever their line was printed.
-        let mut lines = self.log_lines.take();
-        let mut milestones = MilestoneTracker::new(self.rep.deployment().spec.milestones.clone());
+        let mut output = Output {
+            lines: self.log_lines.take(),
+            log_matched: false,
+            milestones: MilestoneTracker::new(self.rep.deployment().spec.milestones.clone()),
+        };
+        let mut attempts = 0u32;
         let result = loop {
             attempts += 1;
-            if let Some(rx) = lines.as_mut() {
-                while let Ok(line) = rx.try_recv() {
-                    self.on_output_line(&line, &probe, &mut log_matched, &mut milestones);
-                }
-            }
-            let state = self.inspect(Phase::HealthCheck).await?;
-            let verdict: Result<String, String> = match &probe {
-                HealthProbe::Docker => match state.health {
-                    Some(crate::runtime::DockerHealth::Healthy) => {
-                        Ok("image HEALTHCHECK passed".into())
-                    }
-                    Some(crate::runtime::DockerHealth::Unhealthy) => {
-                        break Err(format!(
-                            "image HEALTHCHECK reported unhealthy{}",
-                            state
-                                .health_log
-                                .map(|l| format!(": {l}"))
-                                .unwrap_or_default()
-                        ));
-                    }
-                    Some(crate::runtime::DockerHealth::Starting) => {
-                        Err("image HEALTHCHECK still starting".into())
-                    }
-                    None => break Err("the image has no HEALTHCHECK".into()),
-                },
-                HealthProbe::Tcp { port } => match self.published(*port) {
-                    None => break Err(format!("container port {port}/tcp is not published")),
-                    Some(host_port) => tcp_probe(self.ctx.runtime.public_host(), host_port)
-                        .await
-                        .map(|()| format!("TCP port {port} accepts connections")),
-                },
-                HealthProbe::Http {
-                    port,
-                    path,
-                    expect_status,
-                } => match self.published(*port) {
-                    None => break Err(format!("container port {port}/tcp is not published")),
-                    Some(host_port) => {
-                        let url = format!(
-                            "http://{}:{host_port}{path}",
-                            self.ctx.runtime.public_host()
-                        );
-                        http_probe(&self.ctx.http, &url, *expect_status, spec.interval)
-                            .await
-                            .map(|()| format!("GET {path} answered {expect_status}"))
-                    }
-                },
-                HealthProbe::Log { pattern } => {
-                    if log_matched {
-                        Ok(format!("output matched /{pattern}/"))
-                    } else {
-                        Err(format!("no output line matched /{pattern}/ yet"))
-                    }
-                }
-                HealthProbe::None => {
-                    if started.elapsed() >= settle {
-                        Ok(format!("container stayed up for {}s", settle.as_secs_f64()))
-                    } else {
-                        Err("waiting for the container to stay up".into())
-                    }
-                }
+            output.drain(&mut self.rep, &probe);
+            let target = health::Target {
+                state: self.inspect(id, Phase::HealthCheck).await?,
+                ports: &self.ports,
+                public_host: self.ctx.runtime.public_host(),
+                http: &self.ctx.http,
+                interval: spec.interval,
+                log_matched: output.log_matched,
+                started,
+                settle,
             };
-            match verdict {
-                Ok(message) => break Ok(message),
-                Err(why) => {
-                    let elapsed = started.elapsed();
-                    if elapsed >= timeout {
-                        break Err(format!(
-                            "not healthy after {:.1}s ({attempts} attempts): {why}",
-                            elapsed.as_secs_f64()
-                        ));
-                    }
-                    // Milestones that set progress replace the clock.
-                    let fraction = if milestones.drives_progress() {
-                        milestones.reached()
-                    } else {
-                        elapsed.as_secs_f64() / timeout.as_secs_f64() * 0.95
-                    };
-                    self.rep.progress(
-                        fraction,
-                        Level::Verbose,
-                        format!("health check attempt {attempts}: {why}"),
-                        Extra::meta([
-                            ("attempt", attempts.to_string()),
-                            ("check", probe.name().into()),
-                        ]),
-                    );
-                }
+            let why = match health::probe_once(&probe, &target).await {
+                Verdict::Pass(message) => break Ok(message),
+                Verdict::Fail(message) => break Err(message),
+                Verdict::Retry(why) => why,
+            };
+            let elapsed = started.elapsed();
+            if elapsed >= timeout {
+                break Err(format!(
+                    "not healthy after {:.1}s ({attempts} attempts): {why}",
+                    elapsed.as_secs_f64()
+                ));
             }
-            // Until the next attempt, read output as it comes (milestones go out live; a
-            // matching line for a log check ends the wait).
+            // Milestones that set progress replace the clock.
+            let fraction = if output.milestones.drives_progress() {
+                output.milestones.reached()
+            } else {
+                elapsed.as_secs_f64() / timeout.as_secs_f64() * 0.95
+            };
+            self.rep.progress(
+                fraction,
+                Level::Verbose,
+                format!("health check attempt {attempts}: {why}"),
+                Extra::meta([
+                    ("attempt", attempts.to_string()),
+                    ("check", probe.name().into()),
+                ]),
+            );
             let wake = Instant::now() + spec.interval;
-            loop {
-                let next = async {
-                    match lines.as_mut() {
-                        Some(rx) => rx.recv().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep_until(wake) => break,
-                    line = next => match line {
-                        Some(line) => {
-                            self.on_output_line(&line, &probe, &mut log_matched, &mut milestones);
-                            if log_matched {
-                                break;
-                            }
-                        }
-                        // The follower ended (the container exited): the next attempt says so.
-                        None => lines = None,
-                    },
-                }
-            }
+            output.read_until(&mut self.rep, &probe, wake).await;
         };
-        if let Some(rx) = lines.as_mut() {
-            while let Ok(line) = rx.try_recv() {
-                self.on_output_line(&line, &probe, &mut log_matched, &mut milestones);
-            }
-        }
-        self.log_lines = lines;
-        let healthy = result.is_ok();
-        let message = match &result {
-            Ok(m) | Err(m) => m.clone(),
-        };
+        output.drain(&mut self.rep, &probe);
+        self.log_lines = output.lines;
+        self.health_verdict(&probe, attempts, result)
+    }
+
+    /// Records HEALTH_CHECK's outcome and reports it.
+    fn health_verdict(
+        &mut self,
+        probe: &HealthProbe,
+        attempts: u32,
+        result: Result<String, String>,
+    ) -> Result<(), Failure> {
+        let (Ok(message) | Err(message)) = &result;
         self.health.push(HealthOutcome {
             check: probe.name().into(),
-            healthy,
+            healthy: result.is_ok(),
             attempts,
             message: message.clone(),
         });
-        match result {
-            Ok(m) => {
-                self.rep.progress(
-                    1.0,
-                    Level::Info,
-                    format!("healthy: {m}"),
-                    Extra::meta([("attempt", attempts.to_string())]),
-                );
-                Ok(())
-            }
-            Err(m) => Err(Failure::new(Phase::HealthCheck, "health check", m)),
-        }
-    }
-
-    /// One line of the new container's output during HEALTH_CHECK: the log check's
-    /// pattern, then the milestones (each hit is an update: message = description,
-    /// metadata `milestone` (index), `line`, and `count` for a counting milestone).
-    fn on_output_line(
-        &mut self,
-        line: &str,
-        probe: &HealthProbe,
-        log_matched: &mut bool,
-        milestones: &mut MilestoneTracker,
-    ) {
-        if let HealthProbe::Log { pattern } = probe {
-            *log_matched |= pattern.is_match(line);
-        }
-        for hit in milestones.apply(line) {
-            let mut extra = Extra::meta([("milestone", hit.index.to_string()), ("line", hit.line)]);
-            if let Some(count) = hit.count {
-                extra.metadata.insert("count".into(), count.to_string());
-            }
-            self.rep
-                .progress(hit.progress, Level::Info, hit.description, extra);
-        }
+        let message = result.map_err(|m| Failure::new(Phase::HealthCheck, "health check", m))?;
+        self.rep.progress(
+            1.0,
+            Level::Info,
+            format!("healthy: {message}"),
+            Extra::meta([("attempt", attempts.to_string())]),
+        );
+        Ok(())
     }
 
     /// PHASE_HOOKS: each hook in turn inside the new container (see [`hooks`]).
-    async fn run_hooks(&mut self) -> Result<(), Failure> {
+    async fn run_hooks(&mut self, container: &str) -> Result<(), Failure> {
         let deployment = self.rep.deployment().clone();
         let hooks = &deployment.spec.hooks;
-        let container = self.container.clone().expect("created");
         let runtime = self.ctx.runtime.clone();
         let names: Vec<&str> = hooks.iter().map(|h| h.name.as_str()).collect();
         self.rep.enter(
@@ -715,40 +680,30 @@ impl Run {
             format!("running {} hook(s): {}", hooks.len(), names.join(", ")),
         );
         for (i, hook) in hooks.iter().enumerate() {
-            hooks::run_hook(&mut self.rep, &runtime, &container, hook, i, hooks.len())
-                .await
-                .map_err(|f| Failure {
-                    phase: Phase::Hooks,
-                    step: format!("hook {}", hook.name),
-                    message: f.message,
-                    diagnostics: Some((f.exit_code, f.log_tail)),
-                })?;
+            hooks::run_hook(&mut self.rep, &runtime, container, hook, i, hooks.len()).await?;
         }
         Ok(())
     }
 
     /// SWITCHING and CLEANUP: the new container is healthy; take the old ones out.
-    async fn switch_and_clean(&mut self) -> Result<(), Failure> {
-        let ours = self.container.clone().expect("created");
-        let app = self.rep.deployment().spec.app.to_string();
+    async fn switch_and_clean(&mut self, ours: &str) -> Result<(), Failure> {
         self.rep
             .enter(Phase::Switching, "taking the previous version out");
-        let previous: Vec<_> = self
-            .ctx
-            .runtime
-            .list_app_containers(&app)
+        let stopped = self.stopped_previous.clone();
+        let previous = self
+            .app_containers(|c| c.id != ours && (c.running || stopped.contains(&c.id)))
             .await
-            .map_err(|e| Failure::runtime(Phase::Switching, "listing the app's containers", e))?
-            .into_iter()
-            .filter(|c| c.id != ours && (c.running || self.stopped_previous.contains(&c.id)))
-            .collect();
+            .map_err(|e| Failure::runtime(Phase::Switching, "listing the app's containers", e))?;
         let total = previous.len().max(1) as f64;
-        for (i, old) in previous.iter().enumerate() {
-            self.ctx.runtime.remove(&old.id).await.map_err(|e| {
+        let mut removed = 0;
+        let rep = &mut self.rep;
+        remove_each(&*self.ctx.runtime, &previous, |old, r| {
+            r.map_err(|e| {
                 Failure::runtime(Phase::Switching, "removing the previous container", e)
             })?;
-            self.rep.progress(
-                (i + 1) as f64 / total,
+            removed += 1;
+            rep.progress(
+                removed as f64 / total,
                 Level::Info,
                 format!(
                     "stopped and removed previous container {} (deployment {})",
@@ -757,7 +712,9 @@ impl Run {
                 ),
                 Extra::meta([("removed_container_id", old.id.clone())]),
             );
-        }
+            Ok(())
+        })
+        .await?;
         if previous.is_empty() {
             self.rep.progress(
                 1.0,
@@ -766,24 +723,25 @@ impl Run {
                 Extra::default(),
             );
         }
+        self.clean_up(ours).await
+    }
 
+    /// CLEANUP: stopped containers of earlier deployments go.
+    async fn clean_up(&mut self, ours: &str) -> Result<(), Failure> {
         self.rep
             .enter(Phase::Cleanup, "removing leftovers of earlier deployments");
-        let leftovers: Vec<_> = self
-            .ctx
-            .runtime
-            .list_app_containers(&app)
+        let leftovers = self
+            .app_containers(|c| c.id != ours)
             .await
-            .map_err(|e| Failure::runtime(Phase::Cleanup, "listing the app's containers", e))?
-            .into_iter()
-            .filter(|c| c.id != ours)
-            .collect();
-        for old in &leftovers {
-            if let Err(e) = self.ctx.runtime.remove(&old.id).await {
+            .map_err(|e| Failure::runtime(Phase::Cleanup, "listing the app's containers", e))?;
+        remove_each(&*self.ctx.runtime, &leftovers, |old, r| {
+            if let Err(e) = r {
                 tracing::warn!(container = %old.id, error = %e, "could not remove leftover container");
             }
-        }
-        self.inspect(Phase::Cleanup).await?;
+            Ok::<_, Failure>(())
+        })
+        .await?;
+        self.inspect(ours, Phase::Cleanup).await?;
         self.rep.progress(
             1.0,
             Level::Info,
@@ -796,8 +754,7 @@ impl Run {
         Ok(())
     }
 
-    fn succeed(mut self) {
-        let container_id = self.container.clone().unwrap_or_default();
+    fn succeed(mut self, container_id: String) {
         let endpoints = self.endpoints();
         let spec = &self.rep.deployment().spec;
         let mut message = format!(
@@ -823,65 +780,7 @@ impl Run {
 
     /// Rolls back what this deployment created and sends the terminal update.
     async fn end(mut self, stop: Stop) {
-        let phase = self.rep.phase();
-        let (state, mut message, mut diagnostics) = match stop {
-            Stop::Failed(f) => {
-                let mut d = FailureDiagnostics {
-                    failed_phase: Some(f.phase),
-                    step: f.step,
-                    ..Default::default()
-                };
-                match f.diagnostics {
-                    Some((exit_code, log_tail)) => {
-                        d.exit_code = exit_code;
-                        d.log_tail = log_tail;
-                    }
-                    None => self.collect_diagnostics(&mut d).await,
-                }
-                (DeploymentState::Failed, f.message, Some(d))
-            }
-            Stop::Cancelled => {
-                self.rep.cancelling(format!(
-                    "cancel requested during {}: removing what this deployment created",
-                    phase.as_str()
-                ));
-                (
-                    DeploymentState::Cancelled,
-                    format!("cancelled during {}", phase.as_str()),
-                    None,
-                )
-            }
-            Stop::Interrupted => (
-                DeploymentState::Failed,
-                format!(
-                    "interrupted by server shutdown during {}: the server stopped before the deployment could finish",
-                    phase.as_str()
-                ),
-                Some(FailureDiagnostics {
-                    failed_phase: Some(phase),
-                    step: "server shutdown".into(),
-                    ..Default::default()
-                }),
-            ),
-            Stop::DeadlineExceeded => {
-                let deadline = self.rep.deployment().spec.deadline;
-                let mut d = FailureDiagnostics {
-                    failed_phase: Some(phase),
-                    step: "deadline".into(),
-                    ..Default::default()
-                };
-                self.collect_diagnostics(&mut d).await;
-                (
-                    DeploymentState::Failed,
-                    format!(
-                        "deadline of {}s exceeded during {}",
-                        deadline.as_secs_f64(),
-                        phase.as_str()
-                    ),
-                    Some(d),
-                )
-            }
-        };
+        let (state, mut message, mut diagnostics) = self.outcome(stop).await;
         if let Err(e) = self.roll_back().await {
             message.push_str(&format!("; rollback incomplete: {e}"));
             if let Some(d) = diagnostics.as_mut() {
@@ -907,6 +806,59 @@ impl Run {
         self.rep.finish(state, result);
     }
 
+    /// The end state, message and diagnostics of a run stopped by `stop` (before the
+    /// rollback).
+    async fn outcome(
+        &mut self,
+        stop: Stop,
+    ) -> (DeploymentState, String, Option<FailureDiagnostics>) {
+        let phase = self.rep.phase();
+        let mut diagnostics = FailureDiagnostics {
+            failed_phase: Some(phase),
+            ..Default::default()
+        };
+        match stop {
+            Stop::Failed(f) => {
+                diagnostics.failed_phase = Some(f.phase);
+                diagnostics.step = f.step;
+                match f.output {
+                    Some(out) => {
+                        diagnostics.exit_code = out.exit_code;
+                        diagnostics.log_tail = out.log_tail;
+                    }
+                    None => self.collect_diagnostics(&mut diagnostics).await,
+                }
+                (DeploymentState::Failed, f.message, Some(diagnostics))
+            }
+            Stop::Cancelled => {
+                self.rep.cancelling(format!(
+                    "cancel requested during {}: removing what this deployment created",
+                    phase.as_str()
+                ));
+                let message = format!("cancelled during {}", phase.as_str());
+                (DeploymentState::Cancelled, message, None)
+            }
+            Stop::Interrupted => {
+                diagnostics.step = "server shutdown".into();
+                let message = format!(
+                    "interrupted by server shutdown during {}: the server stopped before the deployment could finish",
+                    phase.as_str()
+                );
+                (DeploymentState::Failed, message, Some(diagnostics))
+            }
+            Stop::DeadlineExceeded => {
+                diagnostics.step = "deadline".into();
+                self.collect_diagnostics(&mut diagnostics).await;
+                let message = format!(
+                    "deadline of {}s exceeded during {}",
+                    self.rep.deployment().spec.deadline.as_secs_f64(),
+                    phase.as_str()
+                );
+                (DeploymentState::Failed, message, Some(diagnostics))
+            }
+        }
+    }
+
     async fn collect_diagnostics(&self, d: &mut FailureDiagnostics) {
         let Some(id) = self.container.as_deref() else {
             return;
@@ -921,43 +873,42 @@ impl Run {
     }
 
     /// Removes every container this deployment created: the one it knows, one whose
-    /// create call was interrupted (awaited here), and any carrying its label.
+    /// create call was interrupted (awaited here), and any carrying its label; then
+    /// starts the previous version again if it was stopped for the fixed host ports.
     async fn roll_back(&mut self) -> Result<(), RuntimeError> {
         let mut ids: Vec<String> = self.container.iter().cloned().collect();
-        if let Some(creating) = self.creating.take() {
-            let budget = CREATE_SETTLE_TIMEOUT;
-            match tokio::time::timeout(budget, creating).await {
-                Ok(Ok(Ok(id))) => ids.push(id),
-                Ok(Ok(Err(_))) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "interrupted create call failed"),
-                Err(_) => {
-                    tracing::warn!("interrupted create call still running; relying on labels")
-                }
-            }
-        }
-        let deployment = self.rep.deployment();
-        let id = deployment.id.to_string();
-        match self
-            .ctx
-            .runtime
-            .list_app_containers(deployment.spec.app.as_str())
-            .await
-        {
-            Ok(list) => ids.extend(
-                list.into_iter()
-                    .filter(|c| c.deployment == id)
-                    .map(|c| c.id),
-            ),
+        ids.extend(self.settle_create().await);
+        let id = self.rep.deployment().id.to_string();
+        match self.app_containers(|c| c.deployment == id).await {
+            Ok(list) => ids.extend(list.into_iter().map(|c| c.id)),
             Err(e) if ids.is_empty() => return Err(e),
             Err(e) => tracing::warn!(error = %e, "could not list containers for rollback"),
         }
         ids.sort();
         ids.dedup();
-        for cid in ids {
-            self.ctx.runtime.remove(&cid).await?;
+        remove_each(&*self.ctx.runtime, &ids, |cid, r| {
+            r?;
             tracing::info!(container = %cid, "rolled back container");
+            Ok(())
+        })
+        .await?;
+        self.give_ports_back().await
+    }
+
+    /// The container of a create call interrupted mid-way, once the call has ended.
+    async fn settle_create(&mut self) -> Option<String> {
+        let creating = self.creating.take()?;
+        match tokio::time::timeout(CREATE_SETTLE_TIMEOUT, creating).await {
+            Ok(Ok(Ok(id))) => return Some(id),
+            Ok(Ok(Err(_))) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "interrupted create call failed"),
+            Err(_) => tracing::warn!("interrupted create call still running; relying on labels"),
         }
-        // Give the fixed host ports back to the previous version.
+        None
+    }
+
+    /// Gives the fixed host ports back to the previous version.
+    async fn give_ports_back(&self) -> Result<(), RuntimeError> {
         for old in &self.stopped_previous {
             if let Err(e) = self.ctx.runtime.start(old).await {
                 // Running again anyway (a restart policy, or a start that raced) is fine.
@@ -978,42 +929,8 @@ fn deployment_deadline(run: &Run) -> Instant {
     Instant::from_std(deployment.accepted) + deployment.spec.deadline
 }
 
-async fn tcp_probe(host: &str, port: u16) -> Result<(), String> {
-    use tokio::io::AsyncReadExt;
-    let connect = tokio::net::TcpStream::connect((host, port));
-    let mut stream = match tokio::time::timeout(Duration::from_secs(2), connect).await {
-        Err(_) => return Err(format!("connecting to {host}:{port} timed out")),
-        Ok(Err(e)) => return Err(format!("connecting to {host}:{port}: {e}")),
-        Ok(Ok(s)) => s,
-    };
-    // Docker's port proxy accepts connections even when nothing listens behind it, then
-    // closes them at once: a connection that stays open is the real sign of life.
-    let mut buf = [0u8; 1];
-    match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
-        Err(_) | Ok(Ok(1..)) => Ok(()),
-        Ok(Ok(0)) => Err(format!("{host}:{port} closed the connection")),
-        Ok(Err(e)) => Err(format!("{host}:{port}: {e}")),
-    }
-}
-
-async fn http_probe(
-    client: &reqwest::Client,
-    url: &str,
-    expect: u16,
-    interval: Duration,
-) -> Result<(), String> {
-    let timeout = (interval * 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
-    match client.get(url).timeout(timeout).send().await {
-        Err(e) => Err(format!("GET {url}: {e}")),
-        Ok(r) if r.status().as_u16() == expect => Ok(()),
-        Ok(r) => Err(format!(
-            "GET {url} answered {}, expected {expect}",
-            r.status()
-        )),
-    }
-}
-
-fn short(id: &str) -> &str {
+/// A container ID as Docker shows it (12 characters).
+pub(super) fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 

@@ -94,6 +94,14 @@ impl DeploymentLog {
         }
     }
 
+    /// An empty log whose next update is `after + 1` (continuing a stored one).
+    pub(crate) fn resumed(after: u64) -> Self {
+        let log = Self::new();
+        log.inner.lock().expect("log lock").first_seq = after + 1;
+        log.last.send_replace(after);
+        log
+    }
+
     /// Sequence of the last update appended (0 when empty).
     pub fn last_sequence(&self) -> u64 {
         *self.last.borrow()
@@ -124,12 +132,9 @@ impl DeploymentLog {
         self.last.send_replace(update.sequence);
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.inner.lock().expect("log lock").closed
-    }
-
     /// All updates currently held.
-    pub fn snapshot(&self) -> Vec<Arc<Update>> {
+    #[cfg(test)]
+    fn snapshot(&self) -> Vec<Arc<Update>> {
         self.inner
             .lock()
             .expect("log lock")

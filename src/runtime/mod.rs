@@ -158,3 +158,23 @@ pub trait Runtime: Send + Sync + 'static {
     /// its time ends with its container, which the engine removes on failure.)
     async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError>;
 }
+
+impl AsRef<str> for ContainerSummary {
+    /// The container's ID.
+    fn as_ref(&self) -> &str {
+        &self.id
+    }
+}
+
+/// Removes each of `containers` (IDs, or summaries) in turn, handing each result to
+/// `each`; stops at the first error `each` returns.
+pub(crate) async fn remove_each<'a, C: AsRef<str> + 'a, E>(
+    runtime: &dyn Runtime,
+    containers: impl IntoIterator<Item = &'a C>,
+    mut each: impl FnMut(&'a C, Result<(), RuntimeError>) -> Result<(), E>,
+) -> Result<(), E> {
+    for c in containers {
+        each(c, runtime.remove(c.as_ref()).await)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! HEALTH_CHECK's probes, one small function each: the image's HEALTHCHECK (`docker`),
+//! a TCP connection, an HTTP GET, a line of output (`log`), and a settle time when
+//! nothing else applies. [`super::run`] calls [`probe_once`] once per attempt and
+//! decides from its [`Verdict`] whether to stop, fail or try again.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::model::{HealthProbe, Protocol};
+use crate::runtime::{ContainerState, DockerHealth, PublishedPort};
+
+/// The result of one attempt.
+pub(super) enum Verdict {
+    /// Healthy; the message says why.
+    Pass(String),
+    /// Not yet; the next attempt may pass.
+    Retry(String),
+    /// Cannot pass: fail now.
+    Fail(String),
+}
+
+impl From<Result<String, String>> for Verdict {
+    fn from(r: Result<String, String>) -> Self {
+        match r {
+            Ok(m) => Verdict::Pass(m),
+            Err(m) => Verdict::Retry(m),
+        }
+    }
+}
+
+/// What one attempt can see of the container.
+pub(super) struct Target<'a> {
+    pub(super) state: ContainerState,
+    /// The ports published when the container started.
+    pub(super) ports: &'a [PublishedPort],
+    pub(super) public_host: &'a str,
+    pub(super) http: &'a reqwest::Client,
+    /// Between attempts (an HTTP probe's own timeout follows it).
+    pub(super) interval: Duration,
+    /// A log check's line was printed.
+    pub(super) log_matched: bool,
+    /// When HEALTH_CHECK began (for the settle time).
+    pub(super) started: Instant,
+    pub(super) settle: Duration,
+}
+
+impl Target<'_> {
+    fn published(&self, container_port: u16) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.container_port == container_port && p.protocol == Protocol::Tcp)
+            .map(|p| p.host_port)
+    }
+}
+
+/// The first update of HEALTH_CHECK: what is probed.
+pub(super) fn describe(probe: &HealthProbe, settle: Duration) -> String {
+    match probe {
+        HealthProbe::Docker => "waiting for the image's HEALTHCHECK to pass".to_owned(),
+        HealthProbe::Tcp { port } => format!("probing TCP port {port}"),
+        HealthProbe::Http {
+            port,
+            path,
+            expect_status,
+        } => format!("probing GET {path} on port {port} for status {expect_status}"),
+        HealthProbe::Log { pattern } => format!("waiting for an output line matching /{pattern}/"),
+        HealthProbe::None => format!(
+            "no health check: the container must stay up for {}s",
+            settle.as_secs_f64()
+        ),
+    }
+}
+
+/// One attempt of `probe` against `target`.
+pub(super) async fn probe_once(probe: &HealthProbe, target: &Target<'_>) -> Verdict {
+    match probe {
+        HealthProbe::Docker => docker(&target.state),
+        HealthProbe::Tcp { port } => match target.published(*port) {
+            None => not_published(*port),
+            Some(host_port) => tcp(target.public_host, host_port)
+                .await
+                .map(|()| format!("TCP port {port} accepts connections"))
+                .into(),
+        },
+        HealthProbe::Http {
+            port,
+            path,
+            expect_status,
+        } => match target.published(*port) {
+            None => not_published(*port),
+            Some(host_port) => {
+                let url = format!("http://{}:{host_port}{path}", target.public_host);
+                http(target.http, &url, *expect_status, target.interval)
+                    .await
+                    .map(|()| format!("GET {path} answered {expect_status}"))
+                    .into()
+            }
+        },
+        HealthProbe::Log { pattern } => log(target.log_matched, pattern),
+        HealthProbe::None => settle(target.started, target.settle),
+    }
+}
+
+fn not_published(port: u16) -> Verdict {
+    Verdict::Fail(format!("container port {port}/tcp is not published"))
+}
+
+/// The image's HEALTHCHECK, as the engine reports it.
+fn docker(state: &ContainerState) -> Verdict {
+    match state.health {
+        Some(DockerHealth::Healthy) => Verdict::Pass("image HEALTHCHECK passed".into()),
+        Some(DockerHealth::Unhealthy) => Verdict::Fail(format!(
+            "image HEALTHCHECK reported unhealthy{}",
+            state
+                .health_log
+                .as_ref()
+                .map(|l| format!(": {l}"))
+                .unwrap_or_default()
+        )),
+        Some(DockerHealth::Starting) => Verdict::Retry("image HEALTHCHECK still starting".into()),
+        None => Verdict::Fail("the image has no HEALTHCHECK".into()),
+    }
+}
+
+fn log(matched: bool, pattern: &regex::Regex) -> Verdict {
+    if matched {
+        Verdict::Pass(format!("output matched /{pattern}/"))
+    } else {
+        Verdict::Retry(format!("no output line matched /{pattern}/ yet"))
+    }
+}
+
+fn settle(started: Instant, settle: Duration) -> Verdict {
+    if started.elapsed() >= settle {
+        Verdict::Pass(format!("container stayed up for {}s", settle.as_secs_f64()))
+    } else {
+        Verdict::Retry("waiting for the container to stay up".into())
+    }
+}
+
+async fn tcp(host: &str, port: u16) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let connect = tokio::net::TcpStream::connect((host, port));
+    let mut stream = match tokio::time::timeout(Duration::from_secs(2), connect).await {
+        Err(_) => return Err(format!("connecting to {host}:{port} timed out")),
+        Ok(Err(e)) => return Err(format!("connecting to {host}:{port}: {e}")),
+        Ok(Ok(s)) => s,
+    };
+    // Docker's port proxy accepts connections even when nothing listens behind it, then
+    // closes them at once: a connection that stays open is the real sign of life.
+    let mut buf = [0u8; 1];
+    match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
+        Err(_) | Ok(Ok(1..)) => Ok(()),
+        Ok(Ok(0)) => Err(format!("{host}:{port} closed the connection")),
+        Ok(Err(e)) => Err(format!("{host}:{port}: {e}")),
+    }
+}
+
+async fn http(
+    client: &reqwest::Client,
+    url: &str,
+    expect: u16,
+    interval: Duration,
+) -> Result<(), String> {
+    let timeout = (interval * 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    match client.get(url).timeout(timeout).send().await {
+        Err(e) => Err(format!("GET {url}: {e}")),
+        Ok(r) if r.status().as_u16() == expect => Ok(()),
+        Ok(r) => Err(format!(
+            "GET {url} answered {}, expected {expect}",
+            r.status()
+        )),
+    }
+}
