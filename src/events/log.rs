@@ -5,8 +5,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use futures_util::Stream;
 use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use futures_util::{Stream, StreamExt, ready};
 use tokio::sync::watch;
 
 use crate::model::Update;
@@ -164,13 +165,19 @@ impl DeploymentLog {
         if self.backfill.is_none() {
             self.read_after(after, 0)?;
         }
-        Ok(UpdateStream {
+        let reader = Reader {
             log: self.clone(),
             cursor: after,
             pending: VecDeque::new(),
             done: false,
-            wait: None,
-            fill: None,
+        };
+        let updates = futures_util::stream::unfold(reader, |mut reader| async move {
+            let next = reader.next().await?;
+            Some((next, reader))
+        });
+        Ok(UpdateStream {
+            updates: Box::pin(updates),
+            cursor: after,
         })
     }
 }
@@ -179,12 +186,8 @@ impl DeploymentLog {
 /// update. Holds at most one batch of `Arc`s; a reader that falls behind simply reads
 /// from the log when it catches up.
 pub struct UpdateStream {
-    log: Arc<DeploymentLog>,
+    updates: BoxStream<'static, Result<Arc<Update>, LogError>>,
     cursor: u64,
-    pending: VecDeque<Arc<Update>>,
-    done: bool,
-    wait: Option<BoxFuture<'static, ()>>,
-    fill: Option<BoxFuture<'static, Result<Vec<Arc<Update>>, LogError>>>,
 }
 
 const BATCH: usize = 256;
@@ -200,77 +203,79 @@ impl Stream for UpdateStream {
     type Item = Result<Arc<Update>, LogError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
+        let next = ready!(self.updates.poll_next_unpin(cx));
+        if let Some(Ok(update)) = &next {
+            self.cursor = update.sequence;
+        }
+        Poll::Ready(next)
+    }
+}
+
+/// The state behind an [`UpdateStream`].
+struct Reader {
+    log: Arc<DeploymentLog>,
+    cursor: u64,
+    pending: VecDeque<Arc<Update>>,
+    done: bool,
+}
+
+impl Reader {
+    async fn next(&mut self) -> Option<Result<Arc<Update>, LogError>> {
         loop {
-            if let Some(update) = this.pending.pop_front() {
-                this.cursor = update.sequence;
+            if let Some(update) = self.pending.pop_front() {
+                self.cursor = update.sequence;
                 if update.is_terminal() {
-                    this.done = true;
-                    this.pending.clear();
+                    self.done = true;
+                    self.pending.clear();
                 }
-                return Poll::Ready(Some(Ok(update)));
+                return Some(Ok(update));
             }
-            if this.done {
-                return Poll::Ready(None);
-            }
-            if let Some(fill) = this.fill.as_mut() {
-                let result = match fill.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(r) => r,
-                };
-                this.fill = None;
-                match result {
-                    Ok(batch) if !batch.is_empty() => {
-                        this.pending.extend(batch);
-                        continue;
-                    }
-                    Ok(_) => {
-                        this.done = true;
-                        return Poll::Ready(Some(Err(LogError::OutOfRange {
-                            requested: this.cursor + 1,
-                            oldest: this.log.inner.lock().expect("log lock").first_seq,
-                        })));
-                    }
-                    Err(e) => {
-                        this.done = true;
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                }
-            }
-            if let Some(wait) = this.wait.as_mut() {
-                match wait.as_mut().poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(()) => this.wait = None,
-                }
+            if self.done {
+                return None;
             }
             // Subscribe to changes before reading, so an append between the read and
             // the wait is never missed.
-            let mut rx = this.log.last.subscribe();
-            rx.mark_unchanged();
-            match this.log.read_after(this.cursor, BATCH) {
-                Err(_) if this.log.backfill.is_some() => {
-                    let backfill = this.log.backfill.clone().expect("checked");
-                    this.fill = Some(backfill.read(this.cursor, BATCH));
-                }
-                Err(e) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                Ok((batch, closed)) => {
-                    if batch.is_empty() {
-                        if closed {
-                            this.done = true;
-                            return Poll::Ready(None);
+            let mut changes = self.log.last.subscribe();
+            changes.mark_unchanged();
+            let read = self.log.read_after(self.cursor, BATCH);
+            match read {
+                Err(e) => match self.log.backfill.clone() {
+                    Some(backfill) => {
+                        let batch = backfill.read(self.cursor, BATCH).await;
+                        if let Err(e) = self.take(batch) {
+                            self.done = true;
+                            return Some(Err(e));
                         }
-                        this.wait = Some(Box::pin(async move {
-                            let _ = rx.changed().await;
-                        }));
-                    } else {
-                        this.pending.extend(batch);
                     }
+                    None => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                },
+                Ok((batch, closed)) if batch.is_empty() => {
+                    if closed {
+                        self.done = true;
+                        return None;
+                    }
+                    let _ = changes.changed().await;
                 }
+                Ok((batch, _)) => self.pending.extend(batch),
             }
         }
+    }
+
+    /// Takes a batch read back from the store; an empty one means the updates after
+    /// the cursor are gone.
+    fn take(&mut self, batch: Result<Vec<Arc<Update>>, LogError>) -> Result<(), LogError> {
+        let batch = batch?;
+        if batch.is_empty() {
+            return Err(LogError::OutOfRange {
+                requested: self.cursor + 1,
+                oldest: self.log.inner.lock().expect("log lock").first_seq,
+            });
+        }
+        self.pending.extend(batch);
+        Ok(())
     }
 }
 

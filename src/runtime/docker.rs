@@ -2,7 +2,7 @@
 //! timeout (`call_timeout`), and streams under an idle timeout, so a hung engine fails
 //! the step instead of hanging the deployment.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::time::Duration;
 
@@ -17,7 +17,10 @@ use bollard::query_parameters::{
     LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
 };
 use bollard::{ClientVersion, Docker};
+use futures_util::TryStreamExt;
 use futures_util::stream::{BoxStream, StreamExt};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
+use tokio_util::io::StreamReader;
 
 use super::{
     ContainerSpec, ContainerState, ContainerSummary, DockerHealth, ExecRun, ImageInfo, LayerStatus,
@@ -115,16 +118,29 @@ impl DockerRuntime {
     where
         F: Future<Output = Result<T, BollardError>>,
     {
+        self.call_within(op, self.call_timeout, fut).await
+    }
+
+    /// [`DockerRuntime::call`] with a time limit of its own.
+    async fn call_within<T, F>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        fut: F,
+    ) -> Result<T, RuntimeError>
+    where
+        F: Future<Output = Result<T, BollardError>>,
+    {
         // Waiting for a turn is not the engine's slowness: the timeout starts after it.
         let _permit = self
             .calls
             .acquire()
             .await
             .expect("the docker call semaphore is never closed");
-        match tokio::time::timeout(self.call_timeout, fut).await {
+        match tokio::time::timeout(timeout, fut).await {
             Err(_) => Err(RuntimeError::Timeout {
                 op,
-                after: self.call_timeout,
+                after: timeout,
                 endpoint: self.endpoint.clone(),
             }),
             Ok(Err(e)) => Err(self.map_err(op, e)),
@@ -147,41 +163,43 @@ impl DockerRuntime {
 }
 
 fn map_error(endpoint: &str, op: &'static str, e: BollardError) -> RuntimeError {
+    let unavailable = |reason: String| RuntimeError::Unavailable {
+        endpoint: endpoint.to_owned(),
+        reason,
+    };
     match e {
+        BollardError::DockerResponseServerError {
+            status_code: 404,
+            message,
+        } => RuntimeError::NotFound {
+            op,
+            reason: message,
+        },
         BollardError::DockerResponseServerError { message, .. } => RuntimeError::Call {
             op,
             reason: message,
         },
         BollardError::DockerStreamError { error } => RuntimeError::Call { op, reason: error },
-        BollardError::IOError { err } => RuntimeError::Unavailable {
-            endpoint: endpoint.to_owned(),
-            reason: err.to_string(),
-        },
-        BollardError::HyperResponseError { err } => RuntimeError::Unavailable {
-            endpoint: endpoint.to_owned(),
-            reason: err.to_string(),
-        },
         BollardError::RequestTimeoutError => RuntimeError::Timeout {
             op,
             after: Duration::ZERO,
             endpoint: endpoint.to_owned(),
         },
-        other => {
-            let text = other.to_string();
-            if text.contains("connect") || text.contains("No such file") {
-                RuntimeError::Unavailable {
-                    endpoint: endpoint.to_owned(),
-                    reason: text,
-                }
-            } else {
-                RuntimeError::Call { op, reason: text }
-            }
+        // The engine could not be reached or did not answer.
+        BollardError::IOError { err } => unavailable(err.to_string()),
+        BollardError::HyperResponseError { err } => unavailable(err.to_string()),
+        e @ (BollardError::HyperLegacyError { .. } | BollardError::SocketNotFoundError(_)) => {
+            unavailable(e.to_string())
         }
+        other => RuntimeError::Call {
+            op,
+            reason: other.to_string(),
+        },
     }
 }
 
 fn is_not_found(e: &RuntimeError) -> bool {
-    matches!(e, RuntimeError::Call { reason, .. } if reason.contains("No such") || reason.contains("not found"))
+    matches!(e, RuntimeError::NotFound { .. })
 }
 
 /// Where published ports are reachable: loopback for a local engine, else its host.
@@ -237,60 +255,32 @@ fn log_bytes(out: LogOutput) -> Vec<u8> {
     out.as_ref().to_vec()
 }
 
-/// Splits a stream of output chunks into lines (without their line ending).
+/// Splits a stream of output chunks into lines (without their line ending; bytes
+/// that are not UTF-8 are replaced).
 fn lines_of(
     chunks: BoxStream<'static, Result<Vec<u8>, RuntimeError>>,
 ) -> BoxStream<'static, Result<String, RuntimeError>> {
-    futures_util::stream::unfold(
-        (chunks, Vec::<u8>::new(), false),
-        |(mut chunks, mut buf, done)| async move {
-            loop {
-                if let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                    let mut line: Vec<u8> = buf.drain(..=pos).collect();
-                    line.pop();
-                    if line.last() == Some(&b'\r') {
-                        line.pop();
-                    }
-                    let text = String::from_utf8_lossy(&line).into_owned();
-                    return Some((Ok(text), (chunks, buf, done)));
-                }
-                if done {
-                    if buf.is_empty() {
-                        return None;
-                    }
-                    let text = String::from_utf8_lossy(&buf).into_owned();
-                    buf.clear();
-                    return Some((Ok(text), (chunks, buf, true)));
-                }
-                match chunks.next().await {
-                    Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
-                    Some(Err(e)) => return Some((Err(e), (chunks, Vec::new(), true))),
-                    None => return lines_end(chunks, buf),
-                }
+    let bytes = chunks.map(|c| c.map(VecDeque::from).map_err(std::io::Error::other));
+    let codec = AnyDelimiterCodec::new(b"\n".to_vec(), Vec::new());
+    FramedRead::new(StreamReader::new(bytes), codec)
+        .map(|line| match line {
+            Ok(line) => {
+                let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                Ok(String::from_utf8_lossy(line).into_owned())
             }
-        },
-    )
-    .boxed()
-}
-
-#[allow(clippy::type_complexity)]
-fn lines_end(
-    chunks: BoxStream<'static, Result<Vec<u8>, RuntimeError>>,
-    buf: Vec<u8>,
-) -> Option<(
-    Result<String, RuntimeError>,
-    (
-        BoxStream<'static, Result<Vec<u8>, RuntimeError>>,
-        Vec<u8>,
-        bool,
-    ),
-)> {
-    if buf.is_empty() {
-        None
-    } else {
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        Some((Ok(text), (chunks, Vec::new(), true)))
-    }
+            Err(AnyDelimiterCodecError::Io(e)) => Err(match e.downcast::<RuntimeError>() {
+                Ok(e) => e,
+                Err(e) => RuntimeError::Call {
+                    op: "read output",
+                    reason: e.to_string(),
+                },
+            }),
+            Err(e) => Err(RuntimeError::Call {
+                op: "read output",
+                reason: e.to_string(),
+            }),
+        })
+        .boxed()
 }
 
 #[async_trait]
@@ -530,9 +520,8 @@ impl Runtime for DockerRuntime {
                 "read container logs",
                 self.client()?
                     .logs(id, Some(options))
-                    .map(|r| r.map(log_bytes))
-                    .collect::<Vec<_>>()
-                    .map_results(),
+                    .map_ok(log_bytes)
+                    .try_collect::<Vec<_>>(),
             )
             .await?;
         let text: Vec<u8> = chunks.concat();
@@ -578,21 +567,18 @@ impl Runtime for DockerRuntime {
             .t(STOP_GRACE_SECS)
             .build();
         // A stop can legitimately take the grace period; give it that on top.
-        let stop_budget = self.call_timeout + Duration::from_secs(STOP_GRACE_SECS as u64);
-        match tokio::time::timeout(stop_budget, self.client()?.stop_container(id, Some(stop))).await
-        {
-            Err(_) => Err(RuntimeError::Timeout {
-                op: "stop container",
-                after: stop_budget,
-                endpoint: self.endpoint.clone(),
-            }),
-            // 304: already stopped.
-            Ok(Err(BollardError::DockerResponseServerError {
-                status_code: 304, ..
-            })) => Ok(()),
-            Ok(Err(e)) => Err(self.map_err("stop container", e)),
-            Ok(Ok(())) => Ok(()),
-        }
+        let budget = self.call_timeout + Duration::from_secs(STOP_GRACE_SECS as u64);
+        let stop = self.client()?.stop_container(id, Some(stop));
+        let stop = async {
+            match stop.await {
+                // 304: already stopped.
+                Err(BollardError::DockerResponseServerError {
+                    status_code: 304, ..
+                }) => Ok(()),
+                other => other,
+            }
+        };
+        self.call_within("stop container", budget, stop).await
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
@@ -721,20 +707,6 @@ impl DockerRuntime {
     }
 }
 
-/// `collect::<Vec<Result<T, E>>>()` into `Result<Vec<T>, E>`.
-trait MapResults<T, E> {
-    fn map_results(self) -> impl Future<Output = Result<Vec<T>, E>>;
-}
-
-impl<F, T, E> MapResults<T, E> for F
-where
-    F: Future<Output = Vec<Result<T, E>>>,
-{
-    async fn map_results(self) -> Result<Vec<T>, E> {
-        self.await.into_iter().collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -822,5 +794,61 @@ mod tests {
             .collect()
             .await;
         assert_eq!(lines, vec!["one", "two", "three"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_never_answers_is_cut_at_the_timeout() {
+        let timeout = Duration::from_secs(30);
+        let rt = DockerRuntime::new("unix:///nonexistent/docker.sock", timeout)
+            .unwrap()
+            .with_max_concurrent_calls(1);
+        let never = std::future::pending::<Result<(), BollardError>>();
+        let started = tokio::time::Instant::now();
+        let r = rt.call("test", never).await;
+        assert!(
+            matches!(r, Err(RuntimeError::Timeout { op: "test", after, .. }) if after == timeout),
+            "{r:?}"
+        );
+        assert_eq!(
+            started.elapsed(),
+            timeout,
+            "cut at the timeout (paused clock)"
+        );
+        assert_eq!(rt.available_call_permits(), 1, "the permit is given back");
+    }
+
+    #[test]
+    fn errors_are_classified_by_status_code() {
+        let answer = |status_code: u16| BollardError::DockerResponseServerError {
+            status_code,
+            message: "No such container: x".into(),
+        };
+        let e = map_error("e", "inspect", answer(404));
+        assert!(is_not_found(&e), "{e:?}");
+        assert_eq!(e.to_string(), "inspect failed: No such container: x");
+        // The same words with another status are not "absent".
+        let e = map_error("e", "inspect", answer(500));
+        assert!(matches!(e, RuntimeError::Call { .. }), "{e:?}");
+        let e = map_error("e", "ping", BollardError::SocketNotFoundError("/x".into()));
+        assert!(matches!(e, RuntimeError::Unavailable { .. }), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn lines_keep_undecodable_bytes_and_end_at_an_error() {
+        let failed = RuntimeError::Call {
+            op: "follow",
+            reason: "gone".into(),
+        };
+        let chunks: Vec<Result<Vec<u8>, RuntimeError>> = vec![
+            Ok(b"a\xffb\nrest".to_vec()),
+            Err(failed.clone()),
+            Ok(b"never\n".to_vec()),
+        ];
+        let lines: Vec<_> = lines_of(futures_util::stream::iter(chunks).boxed())
+            .collect()
+            .await;
+        assert_eq!(lines[0], Ok("a\u{fffd}b".to_owned()));
+        assert_eq!(lines[1], Err(failed));
+        assert_eq!(lines.len(), 2, "{lines:?}");
     }
 }

@@ -26,6 +26,9 @@ pub enum RuntimeError {
     Pull { image: String, reason: String },
     #[error("{op} failed: {reason}")]
     Call { op: &'static str, reason: String },
+    /// The engine answered 404: no such container, image or exec.
+    #[error("{op} failed: {reason}")]
+    NotFound { op: &'static str, reason: String },
 }
 
 /// What the engine needs to know about a local image.
