@@ -389,11 +389,11 @@ impl Update {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "test-util"))]
 impl Update {
     /// A plain update for unit tests: app `app`, phase PULLING, kind `Progress`, or the
     /// terminal `Finished { Succeeded }` when `terminal`. Override fields as needed.
-    pub(crate) fn for_test(sequence: u64, terminal: bool) -> Self {
+    pub fn for_test(sequence: u64, terminal: bool) -> Self {
         Self {
             deployment_id: DeploymentId::new(),
             sequence,

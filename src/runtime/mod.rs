@@ -1,8 +1,10 @@
 //! The container runtime the engine drives. [`Runtime`] is the seam: [`docker`] is the
-//! real one (bollard), and unit tests of the engine use a fake. Nothing above this
+//! real one (bollard), and tests use [`fake`] (with the `test-util` feature). Nothing above this
 //! module names bollard or Docker's API types.
 
 pub mod docker;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

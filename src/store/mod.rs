@@ -97,9 +97,19 @@ impl Store {
     /// the writer task.
     pub async fn open(data_dir: &std::path::Path) -> Result<Self, StoreError> {
         let db = SqliteStore::open(&data_dir.join("stevedore.db")).await?;
+        Ok(Self::with_writer(db))
+    }
+
+    /// A store in memory (for tests): nothing reaches the disk.
+    #[cfg(any(test, feature = "test-util"))]
+    pub async fn open_in_memory() -> Result<Self, StoreError> {
+        Ok(Self::with_writer(SqliteStore::open_in_memory().await?))
+    }
+
+    fn with_writer(db: SqliteStore) -> Self {
         let (writer, rx) = mpsc::unbounded_channel();
         tokio::spawn(sqlite::writer(db.clone(), rx));
-        Ok(Self { db, writer })
+        Self { db, writer }
     }
 
     /// Queues a new deployment (before its first update, so order holds).

@@ -62,6 +62,27 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
+    /// A database in memory, for tests: one connection that lives as long as the pool
+    /// (each connection to `:memory:` is a database of its own).
+    #[cfg(any(test, feature = "test-util"))]
+    pub async fn open_in_memory() -> Result<Self, StoreError> {
+        let open_error = |source| StoreError::Open {
+            path: ":memory:".into(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(open_error)?;
+        let pool = SqlitePoolOptions::new()
+            .min_connections(1)
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(open_error)?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
     pub async fn status(&self, id: DeploymentId) -> Result<Option<DeploymentStatus>, StoreError> {
         let id = id.to_string();
         let row = sqlx::query("SELECT status FROM deployments WHERE id = ?1")
