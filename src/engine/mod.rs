@@ -336,7 +336,7 @@ impl Engine {
                 // The queue and admission place (the ticket) is held until the
                 // deployment has ended.
                 if let Err(e) = tokio::spawn(run.in_current_span()).await {
-                    engine.end_after_panic(&deployment, e);
+                    engine.end_after_panic(&deployment, e).await;
                 }
                 engine.retire(&deployment).await;
             }
@@ -344,12 +344,11 @@ impl Engine {
         );
     }
 
-    /// The deployment's task ended without its terminal update (it panicked).
-    fn end_after_panic(&self, deployment: &Arc<Deployment>, e: tokio::task::JoinError) {
+    /// The deployment's task ended without its terminal update (it panicked): its
+    /// containers are removed and it ends FAILED ("internal error").
+    async fn end_after_panic(&self, deployment: &Arc<Deployment>, e: tokio::task::JoinError) {
         let reason = match e.try_into_panic() {
-            Ok(panic) => panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
+            Ok(panic) => (panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "a panic".into()),
             Err(e) => e.to_string(),
@@ -364,12 +363,23 @@ impl Engine {
             self.0.store.clone(),
         );
         let phase = reporter.phase();
-        let message = format!(
-            "internal error during {}: {reason}; containers of this deployment may be left \
-             (the next start of the server removes them)",
-            phase.as_str()
-        );
+        let mut message = format!("internal error during {}: {reason}", phase.as_str());
+        match self.remove_containers_of(deployment).await {
+            Ok(()) => message.push_str("; the containers of this deployment were removed"),
+            Err(e) => message.push_str(&format!("; removing its containers failed: {e}")),
+        }
         reporter.fail(phase, "internal error", message, Extra::default());
+    }
+
+    /// Removes the containers labelled with `deployment`'s ID.
+    async fn remove_containers_of(&self, deployment: &Deployment) -> Result<(), RuntimeError> {
+        let runtime = &*self.0.runtime;
+        let id = deployment.id.to_string();
+        let all = runtime
+            .list_app_containers(deployment.spec.app.as_str())
+            .await?;
+        let ours: Vec<_> = all.into_iter().filter(|c| c.deployment == id).collect();
+        crate::runtime::remove_each(runtime, &ours, |_, r| r).await
     }
 
     /// After a deployment ended: once its log is on disk, drop it from memory (readers

@@ -666,15 +666,7 @@ async fn cancel_while_running_rolls_back_and_releases_the_app() {
 
 #[tokio::test]
 async fn a_cancel_during_create_removes_the_container_the_engine_still_creates() {
-    let gate = Arc::new(Semaphore::new(0));
-    let slow_create = Script {
-        create_gate: Some(gate.clone()),
-        ..Script::healthy()
-    };
-    let fake = FakeRuntime::with([("web:1", Script::healthy()), ("slow:1", slow_create)]);
-    let engine = engine(&fake).await;
-    let good = deploy(&engine, spec("app", "web:1")).await;
-    let previous = good.last().unwrap().result.clone().unwrap().container_id;
+    let (fake, engine, previous, gate) = after_a_good_version_with_a_slow_create().await;
 
     let (id, mut updates) = engine.deploy(spec("app", "slow:1")).await.unwrap();
     let mut seen = until(&mut updates, |u| u.phase == Phase::Creating).await;
@@ -690,17 +682,7 @@ async fn a_cancel_during_create_removes_the_container_the_engine_still_creates()
     assert_eq!(status.state, DeploymentState::Cancelled);
     assert_well_formed(&seen);
 
-    let late = fake.created().last().unwrap().clone();
-    assert_ne!(late, previous);
-    assert!(
-        fake.removed().contains(&late),
-        "the late container is removed"
-    );
-    assert_eq!(
-        fake.existing(),
-        vec![previous],
-        "only the previous version is left"
-    );
+    assert_late_container_collected(&fake, previous);
 }
 
 #[tokio::test]
@@ -781,4 +763,269 @@ async fn the_log_replays_the_same_updates_to_a_late_subscriber() {
     assert_eq!(seqs(&live), seqs(&replay));
     let tail = rest(engine.watch(&deployment.to_string(), 3).await.unwrap()).await;
     assert_eq!(seqs(&tail), seqs(&live)[3..].to_vec());
+}
+
+#[tokio::test]
+async fn a_panicking_step_ends_the_deployment_failed_and_closes_its_stream() {
+    let panics = Script {
+        start_panics: true,
+        ..Script::healthy()
+    };
+    let fake = FakeRuntime::with([("panics:1", panics), ("web:1", Script::healthy())]);
+    let engine = engine(&fake).await;
+    let (id, stream) = engine.deploy(spec("app", "panics:1")).await.unwrap();
+    let updates = tokio::time::timeout(
+        Duration::from_secs(5),
+        stream.map(|u| u.expect("log readable")).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("the stream of a deployment whose task panicked ends within seconds");
+    assert_well_formed(&updates);
+    assert_eq!(end_state(&updates), DeploymentState::Failed);
+    let end = updates.last().unwrap();
+    assert!(
+        end.message.starts_with("internal error during starting: "),
+        "{}",
+        end.message
+    );
+    let d = end.result.as_ref().unwrap().diagnostics.as_ref().unwrap();
+    assert_eq!(
+        (d.step.as_str(), d.failed_phase),
+        ("internal error", Some(Phase::Starting))
+    );
+    assert!(fake.existing().is_empty(), "its container is removed");
+    engine.store().flush().await;
+    let status = engine.status(&id.to_string()).await.unwrap();
+    assert_eq!(status.state, DeploymentState::Failed);
+    // The app's lock and admission place are free again.
+    let next = deploy(&engine, spec("app", "web:1")).await;
+    assert_eq!(end_state(&next), DeploymentState::Succeeded);
+}
+
+#[tokio::test]
+async fn phase_progress_never_goes_back_within_a_phase() {
+    use super::deployment::{Deployment, Extra, Reporter};
+    use crate::model::Level;
+    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let deployment = Arc::new(Deployment::with_log(
+        crate::model::DeploymentId::new(),
+        spec("app", "web:1"),
+        crate::events::DeploymentLog::new(),
+    ));
+    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    rep.accepted();
+    rep.enter(Phase::Pulling, "pulling");
+    let mut seen = Vec::new();
+    for p in [0.5, 0.3, 0.7, 0.0, 0.69] {
+        rep.progress(p, Level::Info, format!("{p}"), Extra::default());
+        let u = deployment.status();
+        seen.push((u.phase_progress, u.total_progress));
+    }
+    let phase: Vec<f64> = seen.iter().map(|s| s.0).collect();
+    assert_eq!(phase, vec![0.5, 0.5, 0.7, 0.7, 0.7]);
+    assert!(seen.windows(2).all(|w| w[1].1 >= w[0].1), "{seen:?}");
+    // A new phase starts at 0 again; the total does not go back.
+    let before = deployment.status().total_progress;
+    rep.enter(Phase::Creating, "creating");
+    assert_eq!(deployment.status().phase_progress, 0.0);
+    assert!(deployment.status().total_progress >= before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_update_is_in_the_store_before_a_subscriber_sees_it() {
+    let pulled = Script {
+        pull: Some(
+            (0..40)
+                .map(|i| layer("l1", LayerStatus::Downloading, Some(i * 100), Some(4000)))
+                .collect(),
+        ),
+        logs: (0..50).map(|i| format!("line {i}")).collect(),
+        ..Script::healthy()
+    };
+    let fake = FakeRuntime::with([("web:1", pulled)]);
+    let engine = engine(&fake).await;
+    let mut s = spec("app", "web:1");
+    s.milestones = vec![crate::model::MilestoneSpec {
+        pattern: regex::Regex::new("line").unwrap(),
+        progress: -1.0,
+        description: "a line".into(),
+    }];
+    let (id, mut stream) = engine.deploy(s).await.unwrap();
+    let mut seen = 0;
+    while let Some(u) = bounded("an update", stream.next()).await {
+        let u = u.unwrap();
+        // Whatever was queued to the store before this moment is on disk after a
+        // flush: the update must be among it.
+        engine.store().flush().await;
+        let stored = engine.store().log(id, u.sequence - 1).await.unwrap();
+        assert_eq!(
+            stored.updates.first().map(|s| s.sequence),
+            Some(u.sequence),
+            "update {} was seen before the store had it",
+            u.sequence
+        );
+        assert_eq!(stored.updates[0].message, u.message);
+        seen += 1;
+    }
+    assert!(seen > 20, "{seen} updates");
+}
+
+#[tokio::test]
+async fn a_cancel_during_switching_does_not_roll_back() {
+    let gate = Arc::new(Semaphore::new(0));
+    let old = Script {
+        remove_gate: Some(gate.clone()),
+        ..Script::healthy()
+    };
+    let fake = FakeRuntime::with([("old:1", old), ("web:1", Script::healthy())]);
+    let engine = engine(&fake).await;
+    let v1 = deploy(&engine, spec("app", "old:1")).await;
+    let previous = v1.last().unwrap().result.clone().unwrap().container_id;
+
+    let (id, mut updates) = engine.deploy(spec("app", "web:1")).await.unwrap();
+    // Taking v1 out waits on the gate: the deployment is in SWITCHING.
+    let mut seen = until(&mut updates, |u| u.phase == Phase::Switching).await;
+    let cancel = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.cancel(&id.to_string()).await })
+    };
+    // Let the cancel land before the switch goes on.
+    while !engine.get(id).unwrap().cancel.is_cancelled() {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(1);
+    seen.extend(rest(updates).await);
+    assert_well_formed(&seen);
+    assert_eq!(end_state(&seen), DeploymentState::Succeeded);
+    assert!(!seen.iter().any(|u| u.kind == EventKind::Cancelling));
+    let status = bounded("cancel", cancel).await.unwrap().unwrap();
+    assert_eq!(status.state, DeploymentState::Succeeded);
+    let current = seen.last().unwrap().result.clone().unwrap().container_id;
+    assert_eq!(fake.existing(), vec![current.clone()]);
+    assert_eq!(fake.removed(), vec![previous], "only v1 is removed");
+}
+
+/// An engine whose app `app` runs `web:1` (returned: its container), and whose image
+/// `slow:1` is created only once the returned gate opens.
+async fn after_a_good_version_with_a_slow_create()
+-> (Arc<FakeRuntime>, Engine, String, Arc<Semaphore>) {
+    let gate = Arc::new(Semaphore::new(0));
+    let slow_create = Script {
+        create_gate: Some(gate.clone()),
+        ..Script::healthy()
+    };
+    let fake = FakeRuntime::with([("web:1", Script::healthy()), ("slow:1", slow_create)]);
+    let engine = engine(&fake).await;
+    let good = deploy(&engine, spec("app", "web:1")).await;
+    let previous = good.last().unwrap().result.clone().unwrap().container_id;
+    (fake, engine, previous, gate)
+}
+
+/// The last container created (after `previous`) is removed again; `previous` is left.
+fn assert_late_container_collected(fake: &FakeRuntime, previous: String) {
+    let late = fake.created().last().unwrap().clone();
+    assert_ne!(late, previous);
+    assert!(
+        fake.removed().contains(&late),
+        "the late container is removed"
+    );
+    assert_eq!(
+        fake.existing(),
+        vec![previous],
+        "only the previous version is left"
+    );
+}
+
+/// Deploys `slow:1` (its create waits on a gate) after a good version, stops it with
+/// `stop` while the create runs, then lets the engine finish the create: the late
+/// container must be removed and the previous version stay. Returns the updates.
+async fn a_late_create_is_collected(
+    s: impl FnOnce(DeploySpec) -> DeploySpec,
+    stop: impl FnOnce(&Engine),
+) -> Vec<Arc<Update>> {
+    let (fake, engine, previous, gate) = after_a_good_version_with_a_slow_create().await;
+
+    let (_, mut updates) = engine.deploy(s(spec("app", "slow:1"))).await.unwrap();
+    let mut seen = until(&mut updates, |u| u.phase == Phase::Creating).await;
+    stop(&engine);
+    // The create call is still running when the step is dropped; the engine then
+    // finishes it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(fake.created().len() == 1, "the create is still gated");
+    gate.add_permits(1);
+    seen.extend(rest(updates).await);
+    assert_well_formed(&seen);
+    assert_eq!(end_state(&seen), DeploymentState::Failed);
+    assert_late_container_collected(&fake, previous);
+    seen
+}
+
+#[tokio::test]
+async fn a_late_create_is_collected_after_the_deadline() {
+    let seen = a_late_create_is_collected(
+        |mut s| {
+            s.deadline = Duration::from_millis(200);
+            s
+        },
+        |_| {},
+    )
+    .await;
+    let end = seen.last().unwrap();
+    assert!(end.message.contains("deadline"), "{}", end.message);
+}
+
+#[tokio::test]
+async fn a_late_create_is_collected_after_interrupt_all() {
+    let seen = a_late_create_is_collected(|s| s, Engine::interrupt_all).await;
+    let end = seen.last().unwrap();
+    assert!(
+        end.message.contains("interrupted by server shutdown"),
+        "{}",
+        end.message
+    );
+}
+
+#[tokio::test]
+async fn a_slow_reader_of_a_log_past_the_live_window_gets_every_update_once() {
+    const LINES: usize = super::LIVE_LOG_WINDOW + 1000;
+    let mut logs: Vec<String> = (0..LINES).map(|i| format!("tick {i}")).collect();
+    logs.push("ready".into());
+    let chatty = Script {
+        logs,
+        ..Default::default()
+    };
+    let fake = FakeRuntime::with([("chatty:1", chatty)]);
+    let engine = engine(&fake).await;
+    let mut s = spec("app", "chatty:1");
+    s.health.probe = Some(crate::model::HealthProbe::Log {
+        pattern: regex::Regex::new("^ready$").unwrap(),
+    });
+    s.milestones = vec![crate::model::MilestoneSpec {
+        pattern: regex::Regex::new("^tick").unwrap(),
+        progress: -1.0,
+        description: "tick".into(),
+    }];
+    let (id, slow) = engine.deploy(s).await.unwrap();
+    // The slow reader has read nothing yet when the deployment ends.
+    let ended = rest(engine.watch(&id.to_string(), 0).await.unwrap()).await;
+    assert_eq!(end_state(&ended), DeploymentState::Succeeded);
+    assert!(
+        ended.len() > LINES,
+        "{} updates: {:?}",
+        ended.len(),
+        ended
+            .iter()
+            .rev()
+            .take(3)
+            .map(|u| &u.message)
+            .collect::<Vec<_>>()
+    );
+    let updates = rest(slow).await;
+    assert_well_formed(&updates);
+    assert_eq!(updates.len(), ended.len(), "every update, each once");
+    let ticks = updates
+        .iter()
+        .filter(|u| u.metadata.contains_key("milestone"))
+        .count();
+    assert_eq!(ticks, LINES);
 }

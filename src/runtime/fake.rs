@@ -40,6 +40,10 @@ pub struct Script {
     /// The container's output.
     pub logs: Vec<String>,
     pub fail_start: bool,
+    /// `start` panics (a bug in a step).
+    pub start_panics: bool,
+    /// `remove` of a container of this image waits for a permit of this semaphore.
+    pub remove_gate: Option<Arc<Semaphore>>,
     /// `start` waits for a permit of this semaphore.
     pub start_gate: Option<Arc<Semaphore>>,
     /// `create` waits for a permit of this semaphore. Like a real engine, the fake
@@ -119,6 +123,28 @@ impl FakeRuntime {
             .containers
             .keys()
             .cloned()
+            .collect()
+    }
+
+    fn image_of(&self, id: &str) -> Option<String> {
+        let state = self.state.lock().unwrap();
+        state.containers.get(id).map(|c| c.image.clone())
+    }
+
+    /// The containers of `app` (all of them with `None`).
+    fn summaries(&self, app: Option<&str>) -> Vec<ContainerSummary> {
+        let state = self.state.lock().unwrap();
+        let label = |c: &FakeContainer, key: &str| c.labels.get(key).cloned().unwrap_or_default();
+        (state.containers.iter())
+            .filter(|(_, c)| {
+                app.is_none_or(|a| c.labels.get(LABEL_APP).map(String::as_str) == Some(a))
+            })
+            .map(|(id, c)| ContainerSummary {
+                id: id.clone(),
+                app: label(c, LABEL_APP),
+                deployment: label(c, LABEL_DEPLOYMENT),
+                running: self.is_running(&state, c),
+            })
             .collect()
     }
 
@@ -221,6 +247,7 @@ impl Runtime for FakeRuntime {
         if let Some(gate) = &script.start_gate {
             let _permit = gate.acquire().await.expect("gate open");
         }
+        assert!(!script.start_panics, "the fake's scripted panic in start");
         if script.fail_start {
             return Err(RuntimeError::Call {
                 op: "start container",
@@ -281,44 +308,16 @@ impl Runtime for FakeRuntime {
     }
 
     fn follow_logs(&self, id: &str) -> BoxStream<'static, Result<String, RuntimeError>> {
-        let image = self
-            .state
-            .lock()
-            .unwrap()
-            .containers
-            .get(id)
-            .map(|c| c.image.clone())
-            .unwrap_or_default();
+        let image = self.image_of(id).unwrap_or_default();
         futures_util::stream::iter(self.script(&image).logs.into_iter().map(Ok)).boxed()
     }
 
     async fn list_app_containers(&self, app: &str) -> Result<Vec<ContainerSummary>, RuntimeError> {
-        let state = self.state.lock().unwrap();
-        Ok(state
-            .containers
-            .iter()
-            .filter(|(_, c)| c.labels.get(LABEL_APP).map(String::as_str) == Some(app))
-            .map(|(id, c)| ContainerSummary {
-                id: id.clone(),
-                app: app.to_owned(),
-                deployment: c.labels.get(LABEL_DEPLOYMENT).cloned().unwrap_or_default(),
-                running: self.is_running(&state, c),
-            })
-            .collect())
+        Ok(self.summaries(Some(app)))
     }
 
     async fn list_managed_containers(&self) -> Result<Vec<ContainerSummary>, RuntimeError> {
-        let state = self.state.lock().unwrap();
-        Ok(state
-            .containers
-            .iter()
-            .map(|(id, c)| ContainerSummary {
-                id: id.clone(),
-                app: c.labels.get(LABEL_APP).cloned().unwrap_or_default(),
-                deployment: c.labels.get(LABEL_DEPLOYMENT).cloned().unwrap_or_default(),
-                running: self.is_running(&state, c),
-            })
-            .collect())
+        Ok(self.summaries(None))
     }
 
     async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
@@ -332,6 +331,12 @@ impl Runtime for FakeRuntime {
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        if let Some(gate) = self
+            .image_of(id)
+            .and_then(|image| self.script(&image).remove_gate)
+        {
+            let _permit = gate.acquire().await.expect("gate open");
+        }
         let mut state = self.state.lock().unwrap();
         state.containers.remove(id);
         state.removed.push(id.to_owned());
