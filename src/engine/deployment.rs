@@ -15,16 +15,16 @@ use crate::model::{
 use crate::store::Store;
 
 /// A deployment the server knows about, running or finished.
-pub struct Deployment {
-    pub id: DeploymentId,
-    pub spec: DeploySpec,
-    pub log: Arc<DeploymentLog>,
-    pub cancel: CancellationToken,
+pub(crate) struct Deployment {
+    pub(crate) id: DeploymentId,
+    pub(crate) spec: DeploySpec,
+    pub(crate) log: Arc<DeploymentLog>,
+    pub(crate) cancel: CancellationToken,
     /// Cancelled when the server shuts down and the deployment did not finish within
     /// the grace: it then rolls back and ends FAILED ("interrupted by server shutdown").
-    pub interrupt: CancellationToken,
+    pub(crate) interrupt: CancellationToken,
     /// When the deployment was accepted (`elapsed` and the deadline count from here).
-    pub accepted: Instant,
+    pub(crate) accepted: Instant,
     status: Mutex<DeploymentStatus>,
 }
 
@@ -95,7 +95,7 @@ impl Deployment {
         }
     }
 
-    pub fn status(&self) -> DeploymentStatus {
+    pub(crate) fn status(&self) -> DeploymentStatus {
         self.status.lock().expect("status lock").clone()
     }
 }
@@ -107,13 +107,13 @@ fn round(x: f64) -> f64 {
 
 /// Optional parts of an update.
 #[derive(Default)]
-pub struct Extra {
-    pub metadata: BTreeMap<String, String>,
-    pub pull: Option<PullProgress>,
+pub(crate) struct Extra {
+    pub(crate) metadata: BTreeMap<String, String>,
+    pub(crate) pull: Option<PullProgress>,
 }
 
 impl Extra {
-    pub fn meta<const N: usize>(pairs: [(&str, String); N]) -> Self {
+    pub(crate) fn meta<const N: usize>(pairs: [(&str, String); N]) -> Self {
         Self {
             metadata: pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
             pull: None,
@@ -123,7 +123,7 @@ impl Extra {
 
 /// The single writer of a deployment's log: assigns sequence numbers, keeps
 /// `total_progress` monotonic, updates the status, and publishes to observers.
-pub struct Reporter {
+pub(crate) struct Reporter {
     deployment: Arc<Deployment>,
     observers: ObserverRegistry,
     store: Store,
@@ -135,7 +135,11 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn new(deployment: Arc<Deployment>, observers: ObserverRegistry, store: Store) -> Self {
+    pub(crate) fn new(
+        deployment: Arc<Deployment>,
+        observers: ObserverRegistry,
+        store: Store,
+    ) -> Self {
         Self {
             deployment,
             observers,
@@ -165,11 +169,11 @@ impl Reporter {
         }
     }
 
-    pub fn deployment(&self) -> &Arc<Deployment> {
+    pub(crate) fn deployment(&self) -> &Arc<Deployment> {
         &self.deployment
     }
 
-    pub fn phase(&self) -> Phase {
+    pub(crate) fn phase(&self) -> Phase {
         self.phase
     }
 
@@ -244,7 +248,7 @@ impl Reporter {
     }
 
     /// The first update (sequence 1): the deployment exists.
-    pub fn accepted(&mut self) {
+    pub(crate) fn accepted(&mut self) {
         let spec = &self.deployment.spec;
         let message = format!("deployment of {} as app {} accepted", spec.image, spec.app);
         self.emit(
@@ -264,7 +268,7 @@ impl Reporter {
         );
     }
 
-    pub fn queued(&mut self, position: u32) {
+    pub(crate) fn queued(&mut self, position: u32) {
         let message = format!(
             "waiting for the app's current deployment to end (position {position} in queue)"
         );
@@ -278,7 +282,7 @@ impl Reporter {
     }
 
     /// Enters `phase` (progress 0 within it).
-    pub fn enter(&mut self, phase: Phase, message: impl Into<String>) {
+    pub(crate) fn enter(&mut self, phase: Phase, message: impl Into<String>) {
         debug_assert!(!phase.is_terminal());
         self.phase = phase;
         self.phase_progress = 0.0;
@@ -294,17 +298,23 @@ impl Reporter {
     }
 
     /// Progress within the current phase (never goes back).
-    pub fn progress(&mut self, phase_progress: f64, level: Level, message: String, extra: Extra) {
+    pub(crate) fn progress(
+        &mut self,
+        phase_progress: f64,
+        level: Level,
+        message: String,
+        extra: Extra,
+    ) {
         self.set_progress(phase_progress);
         self.emit(EventKind::Progress, level, message, extra, None);
     }
 
     /// A line of output (container or hook), at the current progress.
-    pub fn output(&mut self, message: String, extra: Extra) {
+    pub(crate) fn output(&mut self, message: String, extra: Extra) {
         self.emit(EventKind::Output, Level::Verbose, message, extra, None);
     }
 
-    pub fn cancelling(&mut self, message: String) {
+    pub(crate) fn cancelling(&mut self, message: String) {
         self.emit(
             EventKind::Cancelling,
             Level::Warning,
@@ -331,7 +341,7 @@ impl Reporter {
     }
 
     /// The terminal update. Success brings `total_progress` to 1.0.
-    pub fn finish(&mut self, state: DeploymentState, result: DeploymentResult) {
+    pub(crate) fn finish(&mut self, state: DeploymentState, result: DeploymentResult) {
         self.finish_with(state, result, Extra::default());
     }
 

@@ -1,13 +1,17 @@
 //! HEALTH_CHECK's probes, one small function each: the image's HEALTHCHECK (`docker`),
 //! a TCP connection, an HTTP GET, a line of output (`log`), and a settle time when
 //! nothing else applies. [`super::run`] calls [`probe_once`] once per attempt and
-//! decides from its [`Verdict`] whether to stop, fail or try again.
+//! decides from its [`Verdict`] whether to stop, fail or try again. Between attempts
+//! it reads the new container's [`Output`] (the log check and the milestones).
 
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::model::{HealthProbe, Protocol};
+use super::deployment::{Extra, Reporter};
+use super::milestones::MilestoneTracker;
+use crate::model::{HealthProbe, Level, Protocol};
 use crate::runtime::{ContainerState, DockerHealth, PublishedPort};
 
 /// The result of one attempt.
@@ -51,6 +55,76 @@ impl Target<'_> {
             .iter()
             .find(|p| p.container_port == container_port && p.protocol == Protocol::Tcp)
             .map(|p| p.host_port)
+    }
+}
+
+/// The new container's output during HEALTH_CHECK: the lines still to read, whether a
+/// log check's pattern matched, and the milestones reached.
+pub(super) struct Output {
+    pub(super) lines: Option<mpsc::Receiver<String>>,
+    pub(super) log_matched: bool,
+    pub(super) milestones: MilestoneTracker,
+}
+
+impl Output {
+    /// Reads the lines already waiting.
+    pub(super) fn drain(&mut self, rep: &mut Reporter, probe: &HealthProbe) {
+        let mut waiting = Vec::new();
+        if let Some(rx) = self.lines.as_mut() {
+            while let Ok(line) = rx.try_recv() {
+                waiting.push(line);
+            }
+        }
+        for line in waiting {
+            self.on_line(rep, &line, probe);
+        }
+    }
+
+    /// Reads output as it comes until `wake` (milestones go out live), or until a line
+    /// matches a log check.
+    pub(super) async fn read_until(
+        &mut self,
+        rep: &mut Reporter,
+        probe: &HealthProbe,
+        wake: Instant,
+    ) {
+        loop {
+            let next = async {
+                match self.lines.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => break,
+                line = next => match line {
+                    Some(line) => {
+                        self.on_line(rep, &line, probe);
+                        if self.log_matched {
+                            break;
+                        }
+                    }
+                    // The follower ended (the container exited): the next attempt says so.
+                    None => self.lines = None,
+                },
+            }
+        }
+    }
+
+    /// One line: the log check's pattern, then the milestones (each hit is an update:
+    /// message = description, metadata `milestone` (index), `line`, and `count` for a
+    /// counting milestone).
+    fn on_line(&mut self, rep: &mut Reporter, line: &str, probe: &HealthProbe) {
+        if let HealthProbe::Log { pattern } = probe {
+            self.log_matched |= pattern.is_match(line);
+        }
+        for hit in self.milestones.apply(line) {
+            let mut extra = Extra::meta([("milestone", hit.index.to_string()), ("line", hit.line)]);
+            if let Some(count) = hit.count {
+                extra.metadata.insert("count".into(), count.to_string());
+            }
+            rep.progress(hit.progress, Level::Info, hit.description, extra);
+        }
     }
 }
 

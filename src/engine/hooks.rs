@@ -24,7 +24,7 @@ use crate::model::{HookSpec, Level, Phase};
 use crate::runtime::{Runtime, RuntimeError};
 
 /// At most one output update per this interval (lines in between are batched).
-pub const OUTPUT_INTERVAL: Duration = Duration::from_millis(100);
+pub(crate) const OUTPUT_INTERVAL: Duration = Duration::from_millis(100);
 /// A percentage that does not reach a new whole number waits this long.
 const PERCENT_INTERVAL: Duration = Duration::from_millis(100);
 /// Lines in one batched output update; older ones are dropped (and counted).

@@ -12,27 +12,27 @@ const MAX_LINE_BYTES: usize = 1024;
 
 /// One milestone matched by one line.
 #[derive(Clone, Debug, PartialEq)]
-pub struct MilestoneHit {
+pub(crate) struct MilestoneHit {
     /// Index of the milestone in the request.
-    pub index: usize,
-    pub description: String,
+    pub(crate) index: usize,
+    pub(crate) description: String,
     /// Phase progress after the hit (the highest value reached so far).
-    pub progress: f64,
+    pub(crate) progress: f64,
     /// For a counting milestone: matches so far, this one included.
-    pub count: Option<u64>,
+    pub(crate) count: Option<u64>,
     /// The matched line (cut at 1 KiB).
-    pub line: String,
+    pub(crate) line: String,
 }
 
 #[derive(Debug, Default)]
-pub struct MilestoneTracker {
+pub(crate) struct MilestoneTracker {
     specs: Vec<MilestoneSpec>,
     counts: Vec<u64>,
     reached: f64,
 }
 
 impl MilestoneTracker {
-    pub fn new(specs: Vec<MilestoneSpec>) -> Self {
+    pub(crate) fn new(specs: Vec<MilestoneSpec>) -> Self {
         let counts = vec![0; specs.len()];
         Self {
             specs,
@@ -43,17 +43,17 @@ impl MilestoneTracker {
 
     /// Whether some milestone sets progress (then the milestones, not the clock, drive
     /// the health check's progress).
-    pub fn drives_progress(&self) -> bool {
+    pub(crate) fn drives_progress(&self) -> bool {
         self.specs.iter().any(|m| m.progress >= 0.0)
     }
 
     /// Highest progress reached so far.
-    pub fn reached(&self) -> f64 {
+    pub(crate) fn reached(&self) -> f64 {
         self.reached
     }
 
     /// The milestones `line` matches, in request order.
-    pub fn apply(&mut self, line: &str) -> Vec<MilestoneHit> {
+    pub(crate) fn apply(&mut self, line: &str) -> Vec<MilestoneHit> {
         let mut hits = Vec::new();
         for (index, m) in self.specs.iter().enumerate() {
             if !m.pattern.is_match(line) {

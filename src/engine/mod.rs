@@ -23,7 +23,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use deployment::Deployment;
+use deployment::Deployment;
 use deployment::{Extra, Reporter};
 use queue::AppQueues;
 

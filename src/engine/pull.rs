@@ -15,13 +15,13 @@ struct Layer {
 /// Per-layer bytes and the image aggregate. Layers that already exist locally, or whose
 /// size the engine never reports (tiny layers), count as done with no bytes.
 #[derive(Default)]
-pub struct PullTracker {
+pub(crate) struct PullTracker {
     layers: BTreeMap<String, Layer>,
 }
 
 impl PullTracker {
     /// Folds one event in; returns the progress it produced, if it was about a layer.
-    pub fn apply(&mut self, event: &PullEvent) -> Option<PullProgress> {
+    pub(crate) fn apply(&mut self, event: &PullEvent) -> Option<PullProgress> {
         let PullEvent::Layer {
             id,
             status,
@@ -62,7 +62,7 @@ impl PullTracker {
     }
 
     /// Marks every layer downloaded (the pull finished) and returns the final progress.
-    pub fn finish(&mut self) -> PullProgress {
+    pub(crate) fn finish(&mut self) -> PullProgress {
         for layer in self.layers.values_mut() {
             layer.downloaded = true;
             layer.current = layer.total.unwrap_or(layer.current);
@@ -92,7 +92,7 @@ impl PullTracker {
     }
 
     /// Fraction done: by bytes when any size is known, else by layers.
-    pub fn fraction(p: &PullProgress) -> f64 {
+    pub(crate) fn fraction(p: &PullProgress) -> f64 {
         if p.image_total_bytes > 0 {
             p.image_current_bytes as f64 / p.image_total_bytes as f64
         } else if p.layers_total > 0 {

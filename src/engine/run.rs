@@ -21,7 +21,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::Inner;
 use super::deployment::{Extra, Reporter};
-use super::health::{self, Verdict};
+use super::health::{self, Output, Verdict};
 use super::hooks;
 use super::milestones::MilestoneTracker;
 use super::pull::PullTracker;
@@ -79,71 +79,6 @@ impl Failure {
 
     fn runtime(phase: Phase, step: &'static str, e: RuntimeError) -> Self {
         Self::new(phase, step, format!("{step}: {e}"))
-    }
-}
-
-/// The new container's output during HEALTH_CHECK: the lines still to read, whether a
-/// log check's pattern matched, and the milestones reached.
-struct Output {
-    lines: Option<mpsc::Receiver<String>>,
-    log_matched: bool,
-    milestones: MilestoneTracker,
-}
-
-impl Output {
-    /// Reads the lines already waiting.
-    fn drain(&mut self, rep: &mut Reporter, probe: &HealthProbe) {
-        let mut waiting = Vec::new();
-        if let Some(rx) = self.lines.as_mut() {
-            while let Ok(line) = rx.try_recv() {
-                waiting.push(line);
-            }
-        }
-        for line in waiting {
-            self.on_line(rep, &line, probe);
-        }
-    }
-
-    /// Reads output as it comes until `wake` (milestones go out live), or until a line
-    /// matches a log check.
-    async fn read_until(&mut self, rep: &mut Reporter, probe: &HealthProbe, wake: Instant) {
-        loop {
-            let next = async {
-                match self.lines.as_mut() {
-                    Some(rx) => rx.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::time::sleep_until(wake) => break,
-                line = next => match line {
-                    Some(line) => {
-                        self.on_line(rep, &line, probe);
-                        if self.log_matched {
-                            break;
-                        }
-                    }
-                    // The follower ended (the container exited): the next attempt says so.
-                    None => self.lines = None,
-                },
-            }
-        }
-    }
-
-    /// One line: the log check's pattern, then the milestones (each hit is an update:
-    /// message = description, metadata `milestone` (index), `line`, and `count` for a
-    /// counting milestone).
-    fn on_line(&mut self, rep: &mut Reporter, line: &str, probe: &HealthProbe) {
-        if let HealthProbe::Log { pattern } = probe {
-            self.log_matched |= pattern.is_match(line);
-        }
-        for hit in self.milestones.apply(line) {
-            let mut extra = Extra::meta([("milestone", hit.index.to_string()), ("line", hit.line)]);
-            if let Some(count) = hit.count {
-                extra.metadata.insert("count".into(), count.to_string());
-            }
-            rep.progress(hit.progress, Level::Info, hit.description, extra);
-        }
     }
 }
 

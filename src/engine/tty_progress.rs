@@ -34,7 +34,7 @@ static PERCENT: LazyLock<Regex> =
 
 /// What the parser found in the output so far.
 #[derive(Clone, Debug, PartialEq)]
-pub enum TtyEvent {
+pub(crate) enum TtyEvent {
     /// A committed line of output (escape codes removed, redraws collapsed).
     Line(String),
     /// A new percentage (0.0–100.0) drawn on the terminal.
@@ -59,7 +59,7 @@ enum Escape {
 
 /// Incremental parser of terminal output. See the module documentation.
 #[derive(Debug, Default)]
-pub struct TtyParser {
+pub(crate) struct TtyParser {
     line: String,
     line_chars: usize,
     /// A `\r` was seen: the next printed character starts a new render of the line.
@@ -74,17 +74,17 @@ pub struct TtyParser {
 }
 
 impl TtyParser {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// The line as currently drawn (not yet committed).
-    pub fn current(&self) -> &str {
+    pub(crate) fn current(&self) -> &str {
         &self.line
     }
 
     /// Parses one chunk of raw output.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<TtyEvent> {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Vec<TtyEvent> {
         let mut events = Vec::new();
         self.partial.extend_from_slice(bytes);
         let data = std::mem::take(&mut self.partial);
@@ -122,7 +122,7 @@ impl TtyParser {
 
     /// Ends the output: an incomplete character becomes U+FFFD and the line being
     /// drawn is committed.
-    pub fn finish(&mut self) -> Vec<TtyEvent> {
+    pub(crate) fn finish(&mut self) -> Vec<TtyEvent> {
         let mut events = Vec::new();
         if !self.partial.is_empty() {
             self.partial.clear();
@@ -283,7 +283,7 @@ impl TtyParser {
 }
 
 /// The first percentage in `text` (0–100), if any.
-pub fn percent_of(text: &str) -> Option<f64> {
+pub(crate) fn percent_of(text: &str) -> Option<f64> {
     PERCENT.captures_iter(text).find_map(|c| {
         let v: f64 = c[1].parse().ok()?;
         (v <= 100.0).then_some(v)

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{AppName, DeploySpec, DeploymentId, DeploymentState, DeploymentStatus, Update};
 
-pub use sqlite::SqliteStore;
+use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -194,7 +194,7 @@ impl Store {
 }
 
 /// The request as stored: everything needed to understand it later, no secrets.
-pub fn redacted_request(spec: &DeploySpec) -> serde_json::Value {
+pub(crate) fn redacted_request(spec: &DeploySpec) -> serde_json::Value {
     serde_json::json!({
         "app": spec.app.as_str(),
         "image": spec.image,

@@ -21,7 +21,7 @@ const MAX_BATCH: usize = 1024;
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Clone)]
-pub struct SqliteStore {
+pub(crate) struct SqliteStore {
     pool: SqlitePool,
 }
 
@@ -37,7 +37,7 @@ fn parse_status(id: &str, json: &str) -> Result<DeploymentStatus, StoreError> {
 }
 
 impl SqliteStore {
-    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+    pub(crate) async fn open(path: &Path) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite://")
             .map_err(|source| StoreError::Open {
                 path: path.display().to_string(),
@@ -65,7 +65,7 @@ impl SqliteStore {
     /// A database in memory, for tests: one connection that lives as long as the pool
     /// (each connection to `:memory:` is a database of its own).
     #[cfg(any(test, feature = "test-util"))]
-    pub async fn open_in_memory() -> Result<Self, StoreError> {
+    pub(crate) async fn open_in_memory() -> Result<Self, StoreError> {
         let open_error = |source| StoreError::Open {
             path: ":memory:".into(),
             source,
@@ -83,7 +83,10 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
-    pub async fn status(&self, id: DeploymentId) -> Result<Option<DeploymentStatus>, StoreError> {
+    pub(crate) async fn status(
+        &self,
+        id: DeploymentId,
+    ) -> Result<Option<DeploymentStatus>, StoreError> {
         let id = id.to_string();
         let row = sqlx::query("SELECT status FROM deployments WHERE id = ?1")
             .bind(&id)
@@ -93,7 +96,7 @@ impl SqliteStore {
             .transpose()
     }
 
-    pub async fn log(
+    pub(crate) async fn log(
         &self,
         id: DeploymentId,
         after: u64,
@@ -130,7 +133,7 @@ impl SqliteStore {
         })
     }
 
-    pub async fn find_idempotent(
+    pub(crate) async fn find_idempotent(
         &self,
         app: &AppName,
         key: &str,
@@ -147,7 +150,10 @@ impl SqliteStore {
         }))
     }
 
-    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<DeploymentStatus>, StoreError> {
+    pub(crate) async fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<Vec<DeploymentStatus>, StoreError> {
         let (before_ns, before_id) = match filter.before {
             Some((ns, id)) => (Some(ns.min(i64::MAX as u128) as i64), Some(id.to_string())),
             None => (None, None),
@@ -172,7 +178,7 @@ impl SqliteStore {
             .collect()
     }
 
-    pub async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
+    pub(crate) async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, status FROM deployments WHERE state IN ('pending', 'running')
              ORDER BY created_ns",
@@ -184,7 +190,7 @@ impl SqliteStore {
             .collect()
     }
 
-    pub async fn count(&self) -> Result<u64, StoreError> {
+    pub(crate) async fn count(&self) -> Result<u64, StoreError> {
         let n: i64 = sqlx::query("SELECT COUNT(*) FROM deployments")
             .fetch_one(&self.pool)
             .await?
@@ -192,7 +198,7 @@ impl SqliteStore {
         Ok(n as u64)
     }
 
-    pub async fn apply_retention(
+    pub(crate) async fn apply_retention(
         &self,
         retention: &Retention,
         now: SystemTime,
