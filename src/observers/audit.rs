@@ -54,6 +54,9 @@ use crate::model::{DeploymentId, EventKind, Update};
 /// `prev_hash` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// File name of the audit log in the data directory (the default of `--audit-log`).
+pub const AUDIT_LOG_FILE: &str = "audit.log";
+
 /// How often a log that cannot be written is retried.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
@@ -549,7 +552,9 @@ pub struct VerifyArgs {
 pub fn run_command(command: AuditCommand) -> Result<(), String> {
     match command {
         AuditCommand::Verify(args) => {
-            let path = args.path.unwrap_or_else(|| args.data_dir.join("audit.log"));
+            let path = args
+                .path
+                .unwrap_or_else(|| args.data_dir.join(AUDIT_LOG_FILE));
             let report = verify(&path)?;
             if let Some(expected) = &args.expect_head
                 && !expected.eq_ignore_ascii_case(&report.head)
