@@ -272,7 +272,7 @@ impl MetricsObserver {
         let m = &self.metrics;
         let mut live = self.live.lock().expect("metrics lock");
         match &u.kind {
-            EventKind::Accepted => {
+            EventKind::Accepted { .. } => {
                 m.counter(
                     "stevedore_deployments_started_total",
                     &m.app_labels(u.app.as_str(), vec![]),
@@ -431,7 +431,13 @@ mod tests {
         let metrics = Arc::new(Metrics::new(false));
         let obs = MetricsObserver::new(metrics.clone());
         let id = DeploymentId::new();
-        obs.record(&update(id, 1, EventKind::Accepted, Phase::Queued, 0));
+        obs.record(&update(
+            id,
+            1,
+            EventKind::accepted_for_test(),
+            Phase::Queued,
+            0,
+        ));
         obs.record(&update(id, 2, EventKind::PhaseStarted, Phase::Pulling, 100));
         let mut pull = update(id, 3, EventKind::Progress, Phase::Pulling, 200);
         pull.pull = Some(PullProgress {
@@ -525,7 +531,7 @@ mod tests {
         obs.record(&update(
             DeploymentId::new(),
             1,
-            EventKind::Accepted,
+            EventKind::accepted_for_test(),
             Phase::Queued,
             0,
         ));
