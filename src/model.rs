@@ -427,6 +427,22 @@ impl EventKind {
     }
 }
 
+/// A call turned away at the edge (no or an unknown token, a missing scope, the
+/// deploy policy): an event for observers, like an update but of no deployment. The
+/// audit log records it; nothing here names a secret (only the token's name).
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    pub time: SystemTime,
+    /// The gRPC method (`Deploy`, `GetStatus` …).
+    pub method: String,
+    /// The token's name when the token was known.
+    pub caller: Option<String>,
+    pub peer: Option<std::net::SocketAddr>,
+    /// The name of the status code answered (`Unauthenticated`, `PermissionDenied` …).
+    pub code: String,
+    pub reason: String,
+}
+
 /// One event of a deployment: the domain form of `ProgressUpdate`.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Update {

@@ -14,12 +14,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{DeployerService, StreamConfig};
 
-use crate::api::auth::{AuditRefusals, AuthLayer, Authenticator};
+use crate::api::auth::{AuthLayer, Authenticator, Refusals};
 use crate::engine::{Engine, EngineConfig};
 use crate::events::{DEFAULT_QUEUE, ObserverRegistry, Subscription};
+use crate::http::MetricsExporter;
 use crate::limits::{LimitsConfig, OversizedRequestsLayer, Rejections};
 use crate::observers::audit::{AUDIT_LOG_FILE, AuditLog, AuditObserver};
-use crate::observers::metrics::{Metrics, MetricsExporter, MetricsObserver};
+use crate::observers::metrics::{Metrics, MetricsObserver};
 use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
 use crate::proto::deployer_server::DeployerServer;
 use crate::runtime::Runtime;
@@ -111,6 +112,24 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// Every flag at its default: the one place defaults are written is the clap
+    /// attributes above (and the constants they name). Environment fallbacks are not
+    /// read here, so a test config does not pick up a `STEVEDORE_…` variable.
+    pub fn defaults() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            serve: ServeConfig,
+        }
+        let matches = Defaults::command()
+            .mut_args(|arg| arg.env(None::<&str>))
+            .get_matches_from(["stevedore"]);
+        Defaults::from_arg_matches(&matches)
+            .expect("every flag has a default or is optional")
+            .serve
+    }
+
     /// The audit log's path: `--audit-log`, else `DATA_DIR/audit.log`.
     pub fn audit_log_path(&self) -> PathBuf {
         self.audit_log
@@ -224,17 +243,15 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     let http = bind(config.http_listen, "HTTP").await?;
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
+    // The counters of calls turned away: the engine counts its own limits (in flight,
+    // queued); the gRPC layer counts and publishes its refusals to the observers
+    // (the audit log records them), and /metrics exports them all.
     let rejections = engine.rejections().clone();
-    // Refused calls (auth, deploy policy) are written to the audit log too.
-    let refusals = {
-        let log = audit_log.clone();
-        AuditRefusals::new(move |refusal| log.record_refusal(refusal))
-    };
     let grpc = GrpcSide {
         engine: engine.clone(),
         authenticator: authenticator.clone(),
+        refusals: Refusals::new(rejections.clone(), observers.clone()),
         rejections: rejections.clone(),
-        refusals,
         tls: grpc_tls,
     }
     .spawn(&config, grpc, shutdown.clone())
@@ -243,6 +260,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         metrics: subscribed.metrics.clone(),
         engine: engine.clone(),
         observers,
+        rejections,
         audit_writable: Some({
             let log = audit_log.clone();
             Arc::new(move || log.is_writable())
@@ -387,7 +405,7 @@ struct GrpcSide {
     engine: Engine,
     authenticator: Option<Authenticator>,
     rejections: Arc<Rejections>,
-    refusals: AuditRefusals,
+    refusals: Refusals,
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
@@ -416,7 +434,7 @@ impl GrpcSide {
         };
         let service = DeployerServer::new(
             DeployerService::with_streams(self.engine, shutdown.clone(), streams)
-                .with_audit(self.refusals.clone())
+                .with_refusals(self.refusals.clone())
                 .with_policy(config.security.policy())
                 .with_max_watch_streams(limits.max_watch_streams),
         )
@@ -426,8 +444,7 @@ impl GrpcSide {
         if let Some(tls) = self.tls {
             builder = builder.tls_config(tls)?;
         }
-        let auth =
-            AuthLayer::new(self.authenticator, self.rejections.clone()).with_audit(self.refusals);
+        let auth = AuthLayer::new(self.authenticator, self.refusals);
         let server = builder
             .http2_keepalive_interval(Some(limits.keepalive_interval))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
@@ -580,4 +597,20 @@ fn reload_tokens_on_sighup(auth: Authenticator, mut hangup: tokio::signal::unix:
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_the_flags() {
+        let d = ServeConfig::defaults();
+        assert_eq!(d.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(d.watch_buffer, 64);
+        assert_eq!(d.webhook_backoff, Duration::from_millis(500));
+        assert_eq!(d.limits.max_in_flight, crate::limits::DEFAULT_MAX_IN_FLIGHT);
+        assert_eq!(d.limits.keepalive_timeout, Duration::from_secs(10));
+        assert!(d.webhooks.is_empty() && d.security.tokens_file.is_none());
+    }
 }

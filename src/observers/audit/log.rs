@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 /// `prev_hash` of the first record.
@@ -236,30 +236,6 @@ impl AuditLog {
             }
         }
         result
-    }
-
-    /// Appends a `refused` record (a call turned away by auth or the deploy policy,
-    /// see `api::auth::AuditRefusals`) without making the caller wait: it is written
-    /// in the background, in the chain like every record.
-    pub fn record_refusal(self: &Arc<Self>, refusal: &crate::api::auth::RefusalEvent<'_>) {
-        let record = json!({
-            "time": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            "event": "refused",
-            "method": refusal.method,
-            "requested_by": refusal.caller.unwrap_or("anonymous"),
-            "peer": refusal.peer.map(|p| p.to_string()).unwrap_or_default(),
-            "code": format!("{:?}", refusal.code),
-            "message": refusal.reason,
-        });
-        let Value::Object(record) = record else {
-            unreachable!("json! of an object")
-        };
-        let log = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = log.append(Some(record)).await {
-                tracing::warn!(error = %e, "audit record of a refused call is queued until the log can be written");
-            }
-        });
     }
 
     pub(super) async fn append(

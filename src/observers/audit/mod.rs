@@ -186,4 +186,75 @@ mod tests {
         let inserted: Vec<u8> = [lines[0], lines[0], lines[1]].concat();
         check(inserted, 2);
     }
+
+    /// Known answer: two records chained by the documented formula, the hashes
+    /// computed once outside this code (Python `hashlib.sha256` of
+    /// `prev_hash + "\n" + canonical JSON`). A change to the formula (separator,
+    /// field order, what is hashed) fails here even though writer and verifier share
+    /// `chain_hash`.
+    #[test]
+    fn the_chain_matches_a_known_answer() {
+        let first = r#"{"app":"web","event":"accepted","prev_hash":"0000000000000000000000000000000000000000000000000000000000000000","seq":1,"time":"2026-01-01T00:00:00.000Z"}"#;
+        let first_hash = "b2a8191d56dba078d6717ca23a93e14bc73c0b787d23ea8a49a58f0cfbc260a8";
+        let second = r#"{"app":"web","event":"succeeded","prev_hash":"b2a8191d56dba078d6717ca23a93e14bc73c0b787d23ea8a49a58f0cfbc260a8","seq":2,"time":"2026-01-01T00:00:01.000Z"}"#;
+        let head = "991152f06059288bdef68867609ead4d73ad16e3765d366c41d18bc5d43c0a36";
+        assert_eq!(chain_hash(GENESIS, first.as_bytes()), first_hash);
+        assert_eq!(chain_hash(first_hash, second.as_bytes()), head);
+        // The same records as lines of a log (`hash` sorted in among the keys).
+        let line = |canonical: &str, hash: &str| {
+            let mut v: serde_json::Map<String, Value> = serde_json::from_str(canonical).unwrap();
+            v.insert("hash".into(), hash.into());
+            format!("{}\n", serde_json::to_string(&v).unwrap())
+        };
+        let log = line(first, first_hash) + &line(second, head);
+        assert!(log.starts_with(r#"{"app":"web","event":"accepted","hash":"b2a8"#));
+        let report = verify_reader(log.as_bytes()).unwrap();
+        assert_eq!(report.records, 2);
+        assert_eq!(report.head, head);
+    }
+
+    /// A forger who rewrites an early record and recomputes every hash after it
+    /// produces a chain that is internally consistent: `verify` alone passes it (it
+    /// cannot know better), which is why the head is exported and checked with
+    /// `--expect-head`; against the old head the forgery fails.
+    #[tokio::test]
+    async fn a_rewritten_and_relinked_log_fails_only_against_the_exported_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        write_some(&path, 2).await;
+        let old_head = verify(&path).unwrap().head;
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut prev = GENESIS.to_owned();
+        let mut forged = String::new();
+        for (i, line) in text.lines().enumerate() {
+            let mut record: serde_json::Map<String, Value> = serde_json::from_str(line).unwrap();
+            record.remove("hash");
+            if i == 0 {
+                record.insert("requested_by".into(), "someone-else".into());
+            }
+            record.insert("prev_hash".into(), prev.clone().into());
+            let hash = chain_hash(&prev, &serde_json::to_vec(&record).unwrap());
+            record.insert("hash".into(), hash.clone().into());
+            forged.push_str(&serde_json::to_string(&record).unwrap());
+            forged.push('\n');
+            prev = hash;
+        }
+        std::fs::write(&path, &forged).unwrap();
+
+        let report = verify(&path).expect("a relinked chain passes the internal checks");
+        assert_eq!(report.records, 6);
+        assert_ne!(report.head, old_head);
+        let check = |expect_head: Option<String>| {
+            run_command(AuditCommand::Verify(VerifyArgs {
+                path: Some(path.clone()),
+                data_dir: dir.path().to_owned(),
+                expect_head,
+            }))
+        };
+        let err = check(Some(old_head)).unwrap_err();
+        assert!(err.contains("is not the expected"), "{err}");
+        check(Some(report.head)).unwrap();
+        check(None).unwrap();
+    }
 }

@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::AuditLog;
 use crate::events::{Observer, ObserverError};
-use crate::model::{DeploymentId, EventKind, StateChange, Update};
+use crate::model::{DeploymentId, EventKind, Refusal, StateChange, Update};
 
 /// What the log knows of a deployment beyond the update at hand.
 #[derive(Default)]
@@ -126,6 +126,22 @@ impl Observer for AuditObserver {
         };
         // On failure the record stays queued in the log (written by a later append or
         // the retry task), so nothing is lost; the failure is counted.
+        self.log.append(Some(record)).await.map_err(ObserverError)
+    }
+
+    async fn on_refusal(&self, refusal: Arc<Refusal>) -> Result<(), ObserverError> {
+        let record = json!({
+            "time": humantime::format_rfc3339_millis(refusal.time).to_string(),
+            "event": "refused",
+            "method": refusal.method,
+            "requested_by": refusal.caller.as_deref().unwrap_or("anonymous"),
+            "peer": refusal.peer.map(|p| p.to_string()).unwrap_or_default(),
+            "code": refusal.code,
+            "message": refusal.reason,
+        });
+        let Value::Object(record) = record else {
+            unreachable!("json! of an object")
+        };
         self.log.append(Some(record)).await.map_err(ObserverError)
     }
 
