@@ -52,22 +52,6 @@ pub struct LimitsConfig {
     pub keepalive_timeout: Duration,
 }
 
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        Self {
-            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
-            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-            max_queued: DEFAULT_MAX_QUEUED,
-            max_watch_streams: DEFAULT_MAX_WATCH_STREAMS,
-            max_docker_calls: DEFAULT_MAX_DOCKER_CALLS,
-            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
 /// Which limit or rule turned a call away.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Rejection {

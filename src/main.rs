@@ -52,7 +52,7 @@ async fn main() -> std::process::ExitCode {
     stevedore::logging::init(&cli.log_format);
     let result = match cli.command {
         Command::Serve(config) => server::run(config).await,
-        Command::Audit { command } => audit::run_command(command).map_err(Into::into),
+        Command::Audit { command } => audit::run_command(command).map_err(anyhow::Error::msg),
         Command::Token(TokenCommand::New { name, scope }) => {
             let (secret, digest) = stevedore::api::auth::new_token();
             println!(

@@ -345,11 +345,20 @@ pub struct DeploymentResult {
     pub diagnostics: Option<FailureDiagnostics>,
 }
 
-/// What an update is about, for observers that react to some kinds only.
+/// What an update is about, for observers that react to some kinds only. What an
+/// observer needs of an event is in its fields, typed: observers never parse
+/// `Update::metadata` (that map is for clients, and stays as it was on the wire).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(remote = "Self")]
 pub enum EventKind {
     /// The deployment was accepted (always sequence 1).
-    Accepted,
+    Accepted {
+        image: String,
+        /// Who asked (token name, or peer address without auth).
+        requested_by: String,
+        /// The names of the env variables; never their values (they may be secrets).
+        env_keys: Vec<String>,
+    },
     /// Waiting for the app's lock at `position` (1 = next).
     Queued { position: u32 },
     /// A phase began.
@@ -362,6 +371,76 @@ pub enum EventKind {
     Cancelling,
     /// The terminal update: `result` is set.
     Finished { state: DeploymentState },
+}
+
+impl serde::Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        EventKind::serialize(self, s)
+    }
+}
+
+/// Reads what this version writes, and updates stored by versions whose `Accepted`
+/// had no fields (`"Accepted"`): those come back with empty fields.
+impl<'de> serde::Deserialize<'de> for EventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Stored {
+            Current(#[serde(with = "EventKind")] EventKind),
+            Legacy(Legacy),
+        }
+        #[derive(serde::Deserialize)]
+        enum Legacy {
+            Accepted,
+        }
+        Ok(match Stored::deserialize(d)? {
+            Stored::Current(kind) => kind,
+            Stored::Legacy(Legacy::Accepted) => EventKind::Accepted {
+                image: String::new(),
+                requested_by: String::new(),
+                env_keys: Vec::new(),
+            },
+        })
+    }
+}
+
+/// A state change, as observers (audit log, webhooks) name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateChange {
+    Accepted,
+    PhaseStarted,
+    Cancelling,
+    Finished(DeploymentState),
+}
+
+impl EventKind {
+    /// The state change this event is, if it is one (queue positions, progress and
+    /// output are not).
+    pub fn state_change(&self) -> Option<StateChange> {
+        match self {
+            EventKind::Accepted { .. } => Some(StateChange::Accepted),
+            EventKind::PhaseStarted => Some(StateChange::PhaseStarted),
+            EventKind::Cancelling => Some(StateChange::Cancelling),
+            EventKind::Finished { state } => Some(StateChange::Finished(*state)),
+            EventKind::Queued { .. } | EventKind::Progress | EventKind::Output => None,
+        }
+    }
+}
+
+/// A call turned away at the edge (no or an unknown token, a missing scope, the
+/// deploy policy): an event for observers, like an update but of no deployment. The
+/// audit log records it; nothing here names a secret (only the token's name).
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    pub time: SystemTime,
+    /// The gRPC method (`Deploy`, `GetStatus` …).
+    pub method: String,
+    /// The token's name when the token was known.
+    pub caller: Option<String>,
+    pub peer: Option<std::net::SocketAddr>,
+    /// The name of the status code answered (`Unauthenticated`, `PermissionDenied` …).
+    pub code: String,
+    pub reason: String,
 }
 
 /// One event of a deployment: the domain form of `ProgressUpdate`.
@@ -389,7 +468,19 @@ impl Update {
     }
 }
 
-#[cfg(any(test, feature = "test-util"))]
+#[cfg(test)]
+impl EventKind {
+    /// `Accepted` of image `img:1` by `127.0.0.1:9` with env keys `A` and `B`.
+    pub(crate) fn accepted_for_test() -> Self {
+        EventKind::Accepted {
+            image: "img:1".into(),
+            requested_by: "127.0.0.1:9".into(),
+            env_keys: vec!["A".into(), "B".into()],
+        }
+    }
+}
+
+#[cfg(test)]
 impl Update {
     /// A plain update for unit tests: app `app`, phase PULLING, kind `Progress`, or the
     /// terminal `Finished { Succeeded }` when `terminal`. Override fields as needed.
@@ -442,6 +533,23 @@ pub struct DeploymentStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_reads_back_and_old_records_still_read() {
+        let kind = EventKind::Accepted {
+            image: "img:1".into(),
+            requested_by: "ci".into(),
+            env_keys: vec!["A,B".into(), "C".into()],
+        };
+        let json = serde_json::to_string(&kind).unwrap();
+        assert_eq!(serde_json::from_str::<EventKind>(&json).unwrap(), kind);
+        let old: EventKind = serde_json::from_str("\"Accepted\"").unwrap();
+        assert!(matches!(old, EventKind::Accepted { env_keys, .. } if env_keys.is_empty()));
+        for kind in [EventKind::Progress, EventKind::Queued { position: 2 }] {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(serde_json::from_str::<EventKind>(&json).unwrap(), kind);
+        }
+    }
 
     #[test]
     fn app_names() {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{Result, anyhow};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -54,11 +55,9 @@ pub struct SecurityConfig {
     pub allow_privileged_ports: bool,
 }
 
-pub type Error = Box<dyn std::error::Error + Send + Sync>;
-
 impl SecurityConfig {
     /// The authenticator of `--tokens-file`, if given.
-    pub fn authenticator(&self) -> Result<Option<Authenticator>, Error> {
+    pub fn authenticator(&self) -> Result<Option<Authenticator>> {
         match &self.tokens_file {
             None => Ok(None),
             Some(path) => {
@@ -73,7 +72,7 @@ impl SecurityConfig {
     }
 
     /// Without tokens, only loopback addresses, unless `--insecure-no-auth`.
-    pub fn check_listen(&self, addrs: &[(&str, SocketAddr)]) -> Result<(), Error> {
+    pub fn check_listen(&self, addrs: &[(&str, SocketAddr)]) -> Result<()> {
         if self.tokens_file.is_some() {
             return Ok(());
         }
@@ -84,10 +83,9 @@ impl SecurityConfig {
             if self.insecure_no_auth {
                 tracing::warn!(listen = %addr, "{what} listens on a non-loopback address WITHOUT authentication (--insecure-no-auth): anyone who can connect can run any image on this host");
             } else {
-                return Err(format!(
+                return Err(anyhow!(
                     "refusing to listen on {addr} ({what}) without authentication: give --tokens-file, listen on a loopback address, or pass --insecure-no-auth"
-                )
-                .into());
+                ));
             }
         }
         Ok(())
@@ -98,7 +96,7 @@ impl SecurityConfig {
     }
 
     /// tonic's TLS settings for the gRPC server.
-    pub fn grpc_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>, Error> {
+    pub fn grpc_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
@@ -115,7 +113,7 @@ impl SecurityConfig {
     }
 
     /// rustls settings for the HTTP listener (same certificate, same client CA).
-    pub fn http_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, Error> {
+    pub fn http_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
@@ -153,12 +151,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes of the HTTP listener in progress at once.
 const MAX_HANDSHAKES: usize = 64;
 
-fn read(path: &Path) -> Result<Vec<u8>, Error> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()).into())
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))
 }
 
-fn pem_error(path: &Path, e: rustls_pki_types::pem::Error) -> Error {
-    format!("{}: {e}", path.display()).into()
+fn pem_error(path: &Path, e: rustls_pki_types::pem::Error) -> anyhow::Error {
+    anyhow!("{}: {e}", path.display())
 }
 
 /// An axum listener that serves TLS: connections are accepted and their handshakes

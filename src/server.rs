@@ -6,19 +6,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{Context, Result, anyhow};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{DeployerService, StreamConfig};
 
-use crate::api::auth::{AuditRefusals, AuthLayer, Authenticator};
+use crate::api::auth::{AuthLayer, Authenticator, Refusals};
 use crate::engine::{Engine, EngineConfig};
-use crate::events::{DEFAULT_QUEUE, ObserverRegistry};
-use crate::limits::LimitsConfig;
-use crate::limits::OversizedRequestsLayer;
-use crate::observers::audit::{AuditLog, AuditObserver};
-use crate::observers::metrics::{Metrics, MetricsExporter, MetricsObserver};
+use crate::events::{DEFAULT_QUEUE, ObserverRegistry, Subscription};
+use crate::http::MetricsExporter;
+use crate::limits::{LimitsConfig, OversizedRequestsLayer, Rejections};
+use crate::observers::audit::{AUDIT_LOG_FILE, AuditLog, AuditObserver};
+use crate::observers::metrics::{Metrics, MetricsObserver};
 use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
 use crate::proto::deployer_server::DeployerServer;
 use crate::runtime::Runtime;
@@ -85,7 +87,12 @@ pub struct ServeConfig {
     pub metrics_app_label: bool,
     /// URL to POST deployment state changes to (repeatable; in the environment,
     /// comma-separated).
-    #[arg(long = "webhook", env = "STEVEDORE_WEBHOOKS", value_delimiter = ',')]
+    #[arg(
+        long = "webhook",
+        env = "STEVEDORE_WEBHOOKS",
+        value_delimiter = ',',
+        requires = "webhook_secret"
+    )]
     pub webhooks: Vec<String>,
     /// Secret of the webhook signatures (HMAC-SHA256); required with --webhook.
     #[arg(long, env = "STEVEDORE_WEBHOOK_SECRET", hide_env_values = true)]
@@ -105,6 +112,56 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// Every flag at its default: the one place defaults are written is the clap
+    /// attributes above (and the constants they name). Environment fallbacks are not
+    /// read here, so a test config does not pick up a `STEVEDORE_…` variable.
+    pub fn defaults() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            serve: ServeConfig,
+        }
+        let matches = Defaults::command()
+            .mut_args(|arg| arg.env(None::<&str>))
+            .get_matches_from(["stevedore"]);
+        Defaults::from_arg_matches(&matches)
+            .expect("every flag has a default or is optional")
+            .serve
+    }
+
+    /// The audit log's path: `--audit-log`, else `DATA_DIR/audit.log`.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(AUDIT_LOG_FILE))
+    }
+
+    /// The webhook observer's settings, when `--webhook` was given.
+    fn webhook_config(&self) -> Result<Option<WebhookConfig>> {
+        if self.webhooks.is_empty() {
+            return Ok(None);
+        }
+        // clap enforces the flag for the binary (`requires`); an empty secret, or a
+        // config built in code (tests, embedders), is refused here.
+        let secret = self
+            .webhook_secret
+            .as_ref()
+            .filter(|s| !s.0.is_empty())
+            .context(
+                "--webhook needs --webhook-secret (or STEVEDORE_WEBHOOK_SECRET) to sign with",
+            )?;
+        Ok(Some(WebhookConfig {
+            urls: self.webhooks.clone(),
+            secret: secret.0.clone(),
+            max_attempts: self.webhook_max_attempts,
+            backoff_initial: self.webhook_backoff,
+            backoff_max: self.webhook_backoff_max,
+            timeout: self.webhook_timeout,
+            shutdown_grace: WEBHOOK_SHUTDOWN_GRACE.min(self.shutdown_grace),
+        }))
+    }
+
     /// The Docker address to use: the flag, else `DOCKER_HOST`, else the local socket.
     pub fn docker_endpoint(&self) -> String {
         self.docker_host
@@ -121,6 +178,13 @@ const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 /// On shutdown, how long queued webhook deliveries may still take (at most the
 /// shutdown grace).
 const WEBHOOK_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// On shutdown, how long deployments interrupted after the grace may take to wind down.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(60);
+/// On shutdown, how long open gRPC connections may take to close.
+const GRPC_CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// How often retention runs (age-based retention needs time to pass; count-based
+/// retention also runs after every finished deployment).
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
 
 /// A server that is up: its bound addresses, and how to stop it.
 pub struct RunningServer {
@@ -133,14 +197,8 @@ pub struct RunningServer {
     /// The audit log this server writes.
     pub audit_log: Arc<AuditLog>,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow_like::Result<()>>,
+    task: JoinHandle<Result<()>>,
 }
-
-mod anyhow_like {
-    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
-}
-
-pub use anyhow_like::Result;
 
 impl RunningServer {
     /// Triggers a graceful shutdown and waits for it.
@@ -163,7 +221,6 @@ impl RunningServer {
 /// Binds both listeners and starts serving. Returns once the server accepts calls.
 pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<RunningServer> {
     let security = &config.security;
-    let limits = &config.limits;
     security.check_listen(&[("gRPC", config.listen), ("HTTP", config.http_listen)])?;
     let authenticator = security.authenticator()?;
     if let Some(auth) = &authenticator {
@@ -171,248 +228,75 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     }
     let grpc_tls = security.grpc_tls()?;
     let http_tls = security.http_tls()?;
-
-    let endpoint = config.docker_endpoint();
-    let runtime: Arc<dyn Runtime> = Arc::new(
-        DockerRuntime::new(&endpoint, config.docker_timeout)?
-            .with_max_concurrent_calls(limits.max_docker_calls),
-    );
-    match runtime.ping().await {
-        Ok(()) => tracing::info!(docker = %endpoint, "docker engine answers"),
-        Err(e) => {
-            tracing::warn!(docker = %endpoint, error = %e, "docker engine does not answer; deployments will be refused until it does")
-        }
-    }
+    let webhooks = config.webhook_config()?;
+    let runtime = docker_runtime(&config).await?;
     std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| format!("cannot create data dir {}: {e}", config.data_dir.display()))?;
+        .map_err(|e| anyhow!("cannot create data dir {}: {e}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir).await?;
-
-    if !config.webhooks.is_empty()
-        && config
-            .webhook_secret
-            .as_ref()
-            .is_none_or(|s| s.0.is_empty())
-    {
-        return Err(
-            "--webhook needs --webhook-secret (or STEVEDORE_WEBHOOK_SECRET) to sign with".into(),
-        );
-    }
     let shutdown = CancellationToken::new();
 
-    // The built-in observers. Adding one: a type implementing `Observer`, one line here.
-    let metrics = Arc::new(Metrics::new(config.metrics_app_label));
-    let audit_path = config
-        .audit_log
-        .clone()
-        .unwrap_or_else(|| config.data_dir.join("audit.log"));
-    let audit_log = AuditLog::open(&audit_path);
-    let mut subscriptions = vec![
-        observers.subscribe(
-            Arc::new(MetricsObserver::new(metrics.clone())),
-            METRICS_QUEUE,
-        ),
-        observers.subscribe_lossless(Arc::new(AuditObserver::new(audit_log.clone()))),
-    ];
-    if !config.webhooks.is_empty() {
-        let webhooks = WebhookConfig {
-            urls: config.webhooks.clone(),
-            secret: config
-                .webhook_secret
-                .as_ref()
-                .map(|s| s.0.clone())
-                .unwrap_or_default(),
-            max_attempts: config.webhook_max_attempts,
-            backoff_initial: config.webhook_backoff,
-            backoff_max: config.webhook_backoff_max,
-            timeout: config.webhook_timeout,
-            shutdown_grace: WEBHOOK_SHUTDOWN_GRACE.min(config.shutdown_grace),
-        };
-        let observer = WebhookObserver::new(webhooks, Some(metrics.clone()));
-        subscriptions.push(observers.subscribe(Arc::new(observer), DEFAULT_QUEUE));
-    }
-    let upkeep = metrics.spawn_upkeep(METRICS_UPKEEP, shutdown.clone());
+    let audit_log = AuditLog::open(config.audit_log_path());
+    let subscribed = subscribe_observers(&config, webhooks, &observers, &audit_log, &shutdown);
+    let engine = start_engine(&config, runtime.clone(), observers.clone(), store).await?;
 
-    let engine_config = EngineConfig {
-        max_in_flight: limits.max_in_flight,
-        max_queued: limits.max_queued,
-        retention: Retention {
-            max_deployments: config.retention_max_deployments,
-            max_age: config.retention_max_age,
-            max_log_updates: config.retention_max_log_updates,
-        },
-        ..EngineConfig::default()
-    };
-    let engine = Engine::new(
-        runtime.clone(),
-        observers.clone(),
-        engine_config,
-        store.clone(),
-    );
-    // Reconcile what a previous process left before serving anything (the observers
-    // are subscribed, so the interrupted deployments' ends are audited too).
-    let recovery = engine.recover().await?;
-    if !recovery.interrupted.is_empty() {
-        tracing::warn!(
-            deployments = recovery.interrupted.len(),
-            containers_removed = recovery.containers_removed,
-            "ended deployments interrupted by a restart"
-        );
-    }
-    engine.apply_retention().await;
-
-    let grpc = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {} (gRPC): {e}", config.listen))?;
-    let http = TcpListener::bind(config.http_listen)
-        .await
-        .map_err(|e| format!("cannot listen on {} (HTTP): {e}", config.http_listen))?;
+    let grpc = bind(config.listen, "gRPC").await?;
+    let http = bind(config.http_listen, "HTTP").await?;
     let grpc_addr = grpc.local_addr()?;
     let http_addr = http.local_addr()?;
-
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<DeployerServer<DeployerService>>()
-        .await;
-
-    let streams = StreamConfig {
-        heartbeat_interval: config.heartbeat_interval,
-        buffer: config.watch_buffer,
-        stall_timeout: config.watch_stall_timeout,
-    };
-    // Refused calls (auth, deploy policy) are written to the audit log too.
-    let refusals = {
-        let log = audit_log.clone();
-        AuditRefusals::new(move |refusal| log.record_refusal(refusal))
-    };
-    let service = DeployerServer::new(
-        DeployerService::with_streams(engine.clone(), shutdown.clone(), streams)
-            .with_audit(refusals.clone())
-            .with_policy(security.policy())
-            .with_max_watch_streams(limits.max_watch_streams),
-    )
-    .max_decoding_message_size(limits.max_request_bytes)
-    .max_encoding_message_size(limits.max_response_bytes);
-    let grpc_shutdown = shutdown.clone();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = grpc_tls {
-        builder = builder.tls_config(tls)?;
+    // The counters of calls turned away: the engine counts its own limits (in flight,
+    // queued); the gRPC layer counts and publishes its refusals to the observers
+    // (the audit log records them), and /metrics exports them all.
+    let rejections = engine.rejections().clone();
+    let grpc = GrpcSide {
+        engine: engine.clone(),
+        authenticator: authenticator.clone(),
+        refusals: Refusals::new(rejections.clone(), observers.clone()),
+        rejections: rejections.clone(),
+        tls: grpc_tls,
     }
-    let grpc_server = builder
-        .http2_keepalive_interval(Some(limits.keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .layer(
-            AuthLayer::new(authenticator.clone(), engine.rejections().clone()).with_audit(refusals),
-        )
-        .layer(OversizedRequestsLayer::new(engine.rejections().clone()))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc),
-            grpc_shutdown.cancelled_owned(),
-        );
-
-    let writable_log = audit_log.clone();
+    .spawn(&config, grpc, shutdown.clone())
+    .await?;
     let exporter = MetricsExporter {
-        metrics,
+        metrics: subscribed.metrics.clone(),
         engine: engine.clone(),
         observers,
-        audit_writable: Some(Arc::new(move || writable_log.is_writable())),
+        rejections,
+        audit_writable: Some({
+            let log = audit_log.clone();
+            Arc::new(move || log.is_writable())
+        }),
     };
-    let http_router = crate::http::router(crate::http::HttpState {
-        runtime: runtime.clone(),
+    let router = crate::http::router(crate::http::HttpState {
+        runtime,
         metrics: Some(Arc::new(exporter)),
     });
-    let http_shutdown = shutdown.clone();
-    type HttpServer = std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
-    let http_server: HttpServer = match http_tls {
-        None => Box::pin(
-            axum::serve(http, http_router)
-                .with_graceful_shutdown(http_shutdown.cancelled_owned())
-                .into_future(),
-        ),
-        Some(tls) => Box::pin(
-            axum::serve(TlsListener::new(http, tls, shutdown.clone())?, http_router)
-                .with_graceful_shutdown(http_shutdown.cancelled_owned())
-                .into_future(),
-        ),
+    let http = match http_tls {
+        None => tokio::spawn(serve_http(http, router, shutdown.clone())),
+        Some(tls) => {
+            let listener = TlsListener::new(http, tls, shutdown.clone())?;
+            tokio::spawn(serve_http(listener, router, shutdown.clone()))
+        }
     };
 
     tracing::info!(
         grpc = %grpc_addr,
         http = %http_addr,
-        docker = %endpoint,
+        docker = %config.docker_endpoint(),
         tls = security.tls_enabled(),
         mtls = security.tls_client_ca.is_some(),
         auth = authenticator.is_some(),
         "stevedore listening"
     );
-
-    let task_engine = engine.clone();
-    let grace = config.shutdown_grace;
-    let task_shutdown = shutdown.clone();
-    let task = tokio::spawn(async move {
-        let grpc = tokio::spawn(grpc_server);
-        let http = tokio::spawn(http_server);
-        let retention_engine = task_engine.clone();
-        let retention = tokio::spawn(async move {
-            // Age-based retention also needs time to pass; count-based runs after
-            // every finished deployment too.
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                retention_engine.apply_retention().await;
-            }
-        });
-        task_shutdown.cancelled().await;
-        retention.abort();
-        // Update streams end now (UNAVAILABLE + the sequence to resume from, see
-        // api::forward); deployments get the grace to finish, then are interrupted.
-        tracing::info!("shutting down: no new deployments; waiting for running ones");
-        task_engine.stop_accepting();
-        health_reporter
-            .set_not_serving::<DeployerServer<DeployerService>>()
-            .await;
-        if tokio::time::timeout(grace, task_engine.drain())
-            .await
-            .is_err()
-        {
-            tracing::warn!(grace = ?grace, "running deployments did not finish within the shutdown grace; interrupting them");
-            task_engine.interrupt_all();
-            if tokio::time::timeout(Duration::from_secs(60), task_engine.drain())
-                .await
-                .is_err()
-            {
-                tracing::error!(
-                    "interrupted deployments did not wind down; the next start reconciles them"
-                );
-            }
-        }
-        task_engine.store().flush().await;
-        match tokio::time::timeout(Duration::from_secs(10), grpc).await {
-            Ok(r) => r??,
-            Err(_) => tracing::warn!("gRPC connections did not close within 10s"),
-        }
-        http.await??;
-        // Let the observers write what the last deployments reported (the audit log
-        // syncs every record; webhooks get a short grace).
-        for subscription in subscriptions {
-            subscription.drain().await;
-        }
-        let _ = upkeep.await;
-        tracing::info!("stopped");
-        Ok(())
-    });
+    let retention = engine.spawn_retention(RETENTION_EVERY, shutdown.clone());
+    let serving = Serving {
+        engine: engine.clone(),
+        grace: config.shutdown_grace,
+        grpc,
+        http,
+        retention,
+        observers: subscribed,
+    };
+    let task = tokio::spawn(serving.until(shutdown.clone()));
     Ok(RunningServer {
         grpc_addr,
         http_addr,
@@ -422,6 +306,244 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         shutdown,
         task,
     })
+}
+
+/// The Docker runtime, pinged once to log whether the engine answers (a server whose
+/// engine is down still starts: deployments are refused until it answers).
+async fn docker_runtime(config: &ServeConfig) -> Result<Arc<dyn Runtime>> {
+    let endpoint = config.docker_endpoint();
+    let runtime: Arc<dyn Runtime> = Arc::new(
+        DockerRuntime::new(&endpoint, config.docker_timeout)?
+            .with_max_concurrent_calls(config.limits.max_docker_calls),
+    );
+    match runtime.ping().await {
+        Ok(()) => tracing::info!(docker = %endpoint, "docker engine answers"),
+        Err(e) => {
+            tracing::warn!(docker = %endpoint, error = %e, "docker engine does not answer; deployments will be refused until it does")
+        }
+    }
+    Ok(runtime)
+}
+
+/// The built-in observers, subscribed, and what shutdown needs of them.
+struct SubscribedObservers {
+    metrics: Arc<Metrics>,
+    subscriptions: Vec<Subscription>,
+    upkeep: JoinHandle<()>,
+}
+
+/// Subscribes the built-in observers. Adding one: a type implementing `Observer`, one
+/// line here.
+fn subscribe_observers(
+    config: &ServeConfig,
+    webhooks: Option<WebhookConfig>,
+    observers: &ObserverRegistry,
+    audit_log: &Arc<AuditLog>,
+    shutdown: &CancellationToken,
+) -> SubscribedObservers {
+    let metrics = Arc::new(Metrics::new(config.metrics_app_label));
+    let mut subscriptions = vec![
+        observers.subscribe(
+            Arc::new(MetricsObserver::new(metrics.clone())),
+            METRICS_QUEUE,
+        ),
+        observers.subscribe_lossless(Arc::new(AuditObserver::new(audit_log.clone()))),
+    ];
+    if let Some(webhooks) = webhooks {
+        let observer = WebhookObserver::new(webhooks, Some(metrics.clone()));
+        subscriptions.push(observers.subscribe(Arc::new(observer), DEFAULT_QUEUE));
+    }
+    let upkeep = metrics.spawn_upkeep(METRICS_UPKEEP, shutdown.clone());
+    SubscribedObservers {
+        metrics,
+        subscriptions,
+        upkeep,
+    }
+}
+
+/// The engine, after reconciling what a previous process left and applying retention
+/// (before serving anything; the observers are subscribed, so the interrupted
+/// deployments' ends are audited too).
+async fn start_engine(
+    config: &ServeConfig,
+    runtime: Arc<dyn Runtime>,
+    observers: ObserverRegistry,
+    store: Store,
+) -> Result<Engine> {
+    let engine_config = EngineConfig {
+        max_in_flight: config.limits.max_in_flight,
+        max_queued: config.limits.max_queued,
+        retention: Retention {
+            max_deployments: config.retention_max_deployments,
+            max_age: config.retention_max_age,
+            max_log_updates: config.retention_max_log_updates,
+        },
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(runtime, observers, engine_config, store);
+    let recovery = engine.recover().await?;
+    if !recovery.interrupted.is_empty() {
+        tracing::warn!(
+            deployments = recovery.interrupted.len(),
+            containers_removed = recovery.containers_removed,
+            "ended deployments interrupted by a restart"
+        );
+    }
+    engine.apply_retention().await;
+    Ok(engine)
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow!("cannot listen on {addr} ({what}): {e}"))
+}
+
+/// The gRPC side: the Deployer service behind auth and the size counter, with health
+/// and reflection (v1 and v1alpha).
+struct GrpcSide {
+    engine: Engine,
+    authenticator: Option<Authenticator>,
+    rejections: Arc<Rejections>,
+    refusals: Refusals,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+/// The gRPC server's task and the health reporter that shutdown marks not serving.
+struct GrpcServer {
+    task: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    health: tonic_health::server::HealthReporter,
+}
+
+impl GrpcSide {
+    async fn spawn(
+        self,
+        config: &ServeConfig,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<GrpcServer> {
+        let limits = &config.limits;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<DeployerServer<DeployerService>>()
+            .await;
+        let streams = StreamConfig {
+            heartbeat_interval: config.heartbeat_interval,
+            buffer: config.watch_buffer,
+            stall_timeout: config.watch_stall_timeout,
+        };
+        let service = DeployerServer::new(
+            DeployerService::with_streams(self.engine, shutdown.clone(), streams)
+                .with_refusals(self.refusals.clone())
+                .with_policy(config.security.policy())
+                .with_max_watch_streams(limits.max_watch_streams),
+        )
+        .max_decoding_message_size(limits.max_request_bytes)
+        .max_encoding_message_size(limits.max_response_bytes);
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let auth = AuthLayer::new(self.authenticator, self.refusals);
+        let server = builder
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .layer(auth)
+            .layer(OversizedRequestsLayer::new(self.rejections))
+            .add_service(health_service)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            );
+        Ok(GrpcServer {
+            task: tokio::spawn(server),
+            health,
+        })
+    }
+}
+
+/// Server reflection of the Deployer and health services.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Serves the HTTP side on `listener` (plain or TLS) until `shutdown`.
+async fn serve_http<L>(
+    listener: L,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// What runs while the server serves, and is wound down on shutdown.
+struct Serving {
+    engine: Engine,
+    grace: Duration,
+    grpc: GrpcServer,
+    http: JoinHandle<std::io::Result<()>>,
+    retention: JoinHandle<()>,
+    observers: SubscribedObservers,
+}
+
+impl Serving {
+    /// Waits for `shutdown`, then shuts down: no new deployments; update streams end
+    /// now (UNAVAILABLE + the sequence to resume from, see api::forward); running
+    /// deployments get the grace to finish, then are interrupted; then the listeners
+    /// close and the observers write what the last deployments reported.
+    async fn until(self, shutdown: CancellationToken) -> Result<()> {
+        shutdown.cancelled().await;
+        self.retention.abort();
+        tracing::info!("shutting down: no new deployments; waiting for running ones");
+        self.engine.stop_accepting();
+        self.grpc
+            .health
+            .set_not_serving::<DeployerServer<DeployerService>>()
+            .await;
+        wind_down_deployments(&self.engine, self.grace).await;
+        self.engine.store().flush().await;
+        match tokio::time::timeout(GRPC_CLOSE_GRACE, self.grpc.task).await {
+            Ok(r) => r??,
+            Err(_) => tracing::warn!("gRPC connections did not close within {GRPC_CLOSE_GRACE:?}"),
+        }
+        self.http.await??;
+        // The audit log syncs every record; webhooks get a short grace.
+        for subscription in self.observers.subscriptions {
+            subscription.drain().await;
+        }
+        let _ = self.observers.upkeep.await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Lets running deployments finish within `grace`, then interrupts those left.
+async fn wind_down_deployments(engine: &Engine, grace: Duration) {
+    if tokio::time::timeout(grace, engine.drain()).await.is_ok() {
+        return;
+    }
+    tracing::warn!(grace = ?grace, "running deployments did not finish within the shutdown grace; interrupting them");
+    engine.interrupt_all();
+    if tokio::time::timeout(INTERRUPT_GRACE, engine.drain())
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            "interrupted deployments did not wind down; the next start reconciles them"
+        );
+    }
 }
 
 /// Runs the server until SIGTERM or SIGINT.
@@ -465,4 +587,20 @@ fn reload_tokens_on_sighup(auth: Authenticator, mut hangup: tokio::signal::unix:
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_the_flags() {
+        let d = ServeConfig::defaults();
+        assert_eq!(d.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(d.watch_buffer, 64);
+        assert_eq!(d.webhook_backoff, Duration::from_millis(500));
+        assert_eq!(d.limits.max_in_flight, crate::limits::DEFAULT_MAX_IN_FLIGHT);
+        assert_eq!(d.limits.keepalive_timeout, Duration::from_secs(10));
+        assert!(d.webhooks.is_empty() && d.security.tokens_file.is_none());
+    }
 }

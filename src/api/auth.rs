@@ -22,7 +22,9 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tonic::{Code, Status};
 
+use crate::events::ObserverRegistry;
 use crate::limits::{Rejection, Rejections};
+use crate::model::Refusal;
 
 /// What a token allows. Each scope includes the ones before it.
 #[derive(
@@ -236,16 +238,16 @@ impl Authenticator {
     }
 
     /// Authenticates an `authorization` header value and checks it grants `needed`.
-    pub fn check(&self, authorization: Option<&str>, needed: Scope) -> Result<Caller, Refusal> {
+    pub fn check(&self, authorization: Option<&str>, needed: Scope) -> Result<Caller, Denied> {
         let Some(value) = authorization else {
-            return Err(Refusal::unauthenticated(
+            return Err(Denied::unauthenticated(
                 "missing authorization: send `authorization: Bearer <token>`",
             ));
         };
         let secret = match value.split_once(' ') {
             Some((scheme, secret)) if scheme.eq_ignore_ascii_case("bearer") => secret.trim(),
             _ => {
-                return Err(Refusal::unauthenticated(
+                return Err(Denied::unauthenticated(
                     "authorization: expected `Bearer <token>`",
                 ));
             }
@@ -253,10 +255,10 @@ impl Authenticator {
         let digest = digest_of(secret);
         let set = self.tokens.borrow().clone();
         let Some(token) = set.find(&digest) else {
-            return Err(Refusal::unauthenticated("unknown token"));
+            return Err(Denied::unauthenticated("unknown token"));
         };
         if !token.grants(needed) {
-            return Err(Refusal {
+            return Err(Denied {
                 code: Code::PermissionDenied,
                 caller: Some(token.name.clone()),
                 reason: format!(
@@ -280,16 +282,16 @@ impl Authenticator {
     }
 }
 
-/// Why a call was turned away.
+/// Why the authenticator turned a call away.
 #[derive(Debug, Clone)]
-pub struct Refusal {
+pub struct Denied {
     pub code: Code,
     /// The token's name when the token was known.
     pub caller: Option<String>,
     pub reason: String,
 }
 
-impl Refusal {
+impl Denied {
     fn unauthenticated(reason: &str) -> Self {
         Self {
             code: Code::Unauthenticated,
@@ -303,68 +305,61 @@ impl Refusal {
     }
 }
 
-/// Emits the audit event of a refused call: target `stevedore::audit`, event
-/// `refused`. The audit observer (the audit log) routes these events into its chain;
-/// nothing here names a secret (the presented token, credentials) — only the token's
-/// name when it was known.
-pub fn audit_refusal(
-    method: &str,
-    caller: Option<&str>,
-    peer: Option<SocketAddr>,
-    code: Code,
-    reason: &str,
-) {
-    tracing::warn!(
-        target: "stevedore::audit",
-        event = "refused",
-        method,
-        caller = caller.unwrap_or("anonymous"),
-        peer = %peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
-        code = ?code,
-        reason,
-        "call refused"
-    );
-}
-
-/// A refused call, as the audit log records it.
-#[derive(Debug, Clone, Copy)]
-pub struct RefusalEvent<'a> {
-    pub method: &'a str,
-    /// The token's name when the token was known.
-    pub caller: Option<&'a str>,
-    pub peer: Option<SocketAddr>,
-    pub code: Code,
-    pub reason: &'a str,
-}
-
-type RefusalSink = Arc<dyn Fn(&RefusalEvent<'_>) + Send + Sync>;
-
-/// Where refusals go: always the `stevedore::audit` tracing event
-/// ([`audit_refusal`]), and the audit log when the server wires one in.
+/// Where the gRPC layer reports the calls it turns away: the rejection counters
+/// (owned by the wiring, exported at `/metrics`), and for refusals by auth or the
+/// deploy policy the `stevedore::audit` tracing event and the observers (the audit
+/// log records them in its chain).
 #[derive(Clone, Default)]
-pub struct AuditRefusals {
-    sink: Option<RefusalSink>,
+pub struct Refusals {
+    rejections: Arc<Rejections>,
+    observers: ObserverRegistry,
 }
 
-impl AuditRefusals {
-    /// Refusals are also handed to `sink` (the server appends them to the audit log).
-    pub fn new(sink: impl Fn(&RefusalEvent<'_>) + Send + Sync + 'static) -> Self {
+impl Refusals {
+    pub fn new(rejections: Arc<Rejections>, observers: ObserverRegistry) -> Self {
         Self {
-            sink: Some(Arc::new(sink)),
+            rejections,
+            observers,
         }
     }
 
-    pub fn emit(&self, event: RefusalEvent<'_>) {
-        audit_refusal(
-            event.method,
-            event.caller,
-            event.peer,
-            event.code,
-            event.reason,
+    /// Counts a call turned away by a limit (not audited).
+    pub(crate) fn count(&self, limit: Rejection) {
+        self.rejections.record(limit);
+    }
+
+    /// Counts, logs and publishes a call refused by auth or the deploy policy.
+    pub(crate) fn refuse(&self, limit: Rejection, refusal: Refusal) {
+        self.rejections.record(limit);
+        tracing::warn!(
+            target: "stevedore::audit",
+            event = "refused",
+            method = refusal.method,
+            caller = refusal.caller.as_deref().unwrap_or("anonymous"),
+            peer = %refusal.peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+            code = refusal.code,
+            reason = refusal.reason,
+            "call refused"
         );
-        if let Some(sink) = &self.sink {
-            sink(&event);
-        }
+        self.observers.publish_refusal(refusal);
+    }
+}
+
+/// The refusal event of a call to `method` answered with `code` and `reason`.
+pub(crate) fn refusal(
+    method: &str,
+    caller: Option<String>,
+    peer: Option<SocketAddr>,
+    code: Code,
+    reason: &str,
+) -> Refusal {
+    Refusal {
+        time: std::time::SystemTime::now(),
+        method: method.to_owned(),
+        caller,
+        peer,
+        code: format!("{code:?}"),
+        reason: reason.to_owned(),
     }
 }
 
@@ -391,25 +386,17 @@ fn deployer_prefix() -> String {
 #[derive(Clone)]
 pub struct AuthLayer {
     auth: Option<Authenticator>,
-    rejections: Arc<Rejections>,
-    audit: AuditRefusals,
+    refusals: Refusals,
     prefix: Arc<str>,
 }
 
 impl AuthLayer {
-    pub fn new(auth: Option<Authenticator>, rejections: Arc<Rejections>) -> Self {
+    pub fn new(auth: Option<Authenticator>, refusals: Refusals) -> Self {
         Self {
             auth,
-            rejections,
-            audit: AuditRefusals::default(),
+            refusals,
             prefix: deployer_prefix().into(),
         }
-    }
-
-    /// Refusals also go to `audit` (the audit log).
-    pub fn with_audit(mut self, audit: AuditRefusals) -> Self {
-        self.audit = audit;
-        self
     }
 }
 
@@ -460,19 +447,21 @@ where
                     tracing::debug!(method, caller = %caller.name, "call authorized");
                     req.extensions_mut().insert(caller);
                 }
-                Err(refusal) => {
-                    self.layer.rejections.record(match refusal.code {
+                Err(denied) => {
+                    let limit = match denied.code {
                         Code::PermissionDenied => Rejection::PermissionDenied,
                         _ => Rejection::Unauthenticated,
-                    });
-                    self.layer.audit.emit(RefusalEvent {
+                    };
+                    let peer = peer_of(req.extensions());
+                    let event = refusal(
                         method,
-                        caller: refusal.caller.as_deref(),
-                        peer: peer_of(req.extensions()),
-                        code: refusal.code,
-                        reason: &refusal.reason,
-                    });
-                    let response = refusal.status().into_http::<R>();
+                        denied.caller.clone(),
+                        peer,
+                        denied.code,
+                        &denied.reason,
+                    );
+                    self.layer.refusals.refuse(limit, event);
+                    let response = denied.status().into_http::<R>();
                     return Box::pin(async move { Ok(response) });
                 }
             }
@@ -552,7 +541,7 @@ mod tests {
         assert_eq!(code(Some("secret-a"), "Future"), Ok("a".into()));
         assert!(matches!(
             a.check(Some("Basic secret-a"), Scope::Read),
-            Err(Refusal {
+            Err(Denied {
                 code: Code::Unauthenticated,
                 ..
             })

@@ -49,7 +49,7 @@ pub struct DeployerService {
     /// One permit per open WatchDeployment stream.
     watch_streams: Arc<Semaphore>,
     max_watch_streams: usize,
-    audit: auth::AuditRefusals,
+    refusals: auth::Refusals,
 }
 
 /// How update streams (Deploy and WatchDeployment) are fed to clients.
@@ -64,21 +64,7 @@ pub struct StreamConfig {
     pub stall_timeout: Duration,
 }
 
-impl Default for StreamConfig {
-    fn default() -> Self {
-        Self {
-            heartbeat_interval: Duration::from_secs(15),
-            buffer: 64,
-            stall_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
 impl DeployerService {
-    pub fn new(engine: Engine, shutdown: CancellationToken) -> Self {
-        Self::with_streams(engine, shutdown, StreamConfig::default())
-    }
-
     pub fn with_streams(
         engine: Engine,
         shutdown: CancellationToken,
@@ -91,13 +77,13 @@ impl DeployerService {
             policy: policy::DeployPolicy::default(),
             watch_streams: Arc::new(Semaphore::new(crate::limits::DEFAULT_MAX_WATCH_STREAMS)),
             max_watch_streams: crate::limits::DEFAULT_MAX_WATCH_STREAMS,
-            audit: auth::AuditRefusals::default(),
+            refusals: auth::Refusals::default(),
         }
     }
 
-    /// Policy refusals also go to `audit` (the audit log).
-    pub fn with_audit(mut self, audit: auth::AuditRefusals) -> Self {
-        self.audit = audit;
+    /// Where refusals (policy, watch-stream limit) are counted and published.
+    pub fn with_refusals(mut self, refusals: auth::Refusals) -> Self {
+        self.refusals = refusals;
         self
     }
 
@@ -280,14 +266,9 @@ impl Deployer for DeployerService {
         let peer = request.remote_addr();
         let spec = convert::deploy_spec(request.into_inner(), who)?;
         if let Err(refused) = self.policy.check(&spec) {
-            self.engine.rejections().record(Rejection::Policy);
-            self.audit.emit(auth::RefusalEvent {
-                method: "Deploy",
-                caller: authed.as_ref().map(|c| c.name.as_str()),
-                peer,
-                code: refused.code(),
-                reason: refused.message(),
-            });
+            let caller = authed.as_ref().map(|c| c.name.clone());
+            let event = auth::refusal("Deploy", caller, peer, refused.code(), refused.message());
+            self.refusals.refuse(Rejection::Policy, event);
             return Err(refused);
         }
         let (id, updates) = self.engine.deploy(spec).await.map_err(status_of)?;
@@ -317,7 +298,7 @@ impl Deployer for DeployerService {
             .clone()
             .try_acquire_owned()
             .map_err(|_| {
-                self.engine.rejections().record(Rejection::WatchStreams);
+                self.refusals.count(Rejection::WatchStreams);
                 tracing::warn!(
                     max = self.max_watch_streams,
                     "watch stream refused: limit reached"

@@ -251,8 +251,13 @@ impl Reporter {
     pub(crate) fn accepted(&mut self) {
         let spec = &self.deployment.spec;
         let message = format!("deployment of {} as app {} accepted", spec.image, spec.app);
+        let kind = EventKind::Accepted {
+            image: spec.image.clone(),
+            requested_by: spec.requested_by.clone(),
+            env_keys: spec.env.keys().cloned().collect(),
+        };
         self.emit(
-            EventKind::Accepted,
+            kind,
             Level::Info,
             message,
             Extra::meta([

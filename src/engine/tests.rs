@@ -111,7 +111,7 @@ async fn deploy(engine: &Engine, spec: DeploySpec) -> Vec<Arc<Update>> {
 fn assert_well_formed(updates: &[Arc<Update>]) {
     assert!(!updates.is_empty());
     let id = updates[0].deployment_id;
-    assert_eq!(updates[0].kind, EventKind::Accepted);
+    assert!(matches!(updates[0].kind, EventKind::Accepted { .. }));
     let mut last_total = 0.0;
     for (i, u) in updates.iter().enumerate() {
         assert_eq!(u.deployment_id, id);

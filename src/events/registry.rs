@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
 
-use crate::model::Update;
+use crate::model::{Refusal, Update};
 
 /// Why an observer could not handle an event. Counted and logged, never propagated.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,13 @@ pub trait Observer: Send + Sync + 'static {
     /// Handles one update. Runs on the observer's own task: taking long only fills
     /// its own queue, an error or a panic is counted and the next event still comes.
     async fn on_update(&self, update: Arc<Update>) -> Result<(), ObserverError>;
+
+    /// Handles a call refused at the edge ([`ObserverRegistry::publish_refusal`]),
+    /// on the same queue and task as the updates. The default ignores it.
+    async fn on_refusal(&self, refusal: Arc<Refusal>) -> Result<(), ObserverError> {
+        let _ = refusal;
+        Ok(())
+    }
 
     /// Asked before a new deployment is accepted: an error refuses it (the engine
     /// answers `UNAVAILABLE` with this message). Must be cheap and must not block.
@@ -66,17 +73,24 @@ struct Counters {
     failed: AtomicU64,
 }
 
+/// What goes through an observer's queue: deployment updates and refusals.
+#[derive(Clone)]
+enum Event {
+    Update(Arc<Update>),
+    Refusal(Arc<Refusal>),
+}
+
 enum Queue {
-    Bounded(mpsc::Sender<Arc<Update>>),
-    Lossless(mpsc::UnboundedSender<Arc<Update>>),
+    Bounded(mpsc::Sender<Event>),
+    Lossless(mpsc::UnboundedSender<Event>),
 }
 
 impl Queue {
-    /// Queues without waiting; false when the update could not be queued.
-    fn offer(&self, update: &Arc<Update>) -> bool {
+    /// Queues without waiting; false when the event could not be queued.
+    fn offer(&self, event: &Event) -> bool {
         match self {
-            Queue::Bounded(tx) => tx.try_send(update.clone()).is_ok(),
-            Queue::Lossless(tx) => tx.send(update.clone()).is_ok(),
+            Queue::Bounded(tx) => tx.try_send(event.clone()).is_ok(),
+            Queue::Lossless(tx) => tx.send(event.clone()).is_ok(),
         }
     }
 }
@@ -145,12 +159,12 @@ impl Drop for Subscription {
 pub const DEFAULT_QUEUE: usize = 1024;
 
 enum Receiver {
-    Bounded(mpsc::Receiver<Arc<Update>>),
-    Lossless(mpsc::UnboundedReceiver<Arc<Update>>),
+    Bounded(mpsc::Receiver<Event>),
+    Lossless(mpsc::UnboundedReceiver<Event>),
 }
 
 impl Receiver {
-    async fn recv(&mut self) -> Option<Arc<Update>> {
+    async fn recv(&mut self) -> Option<Event> {
         match self {
             Receiver::Bounded(rx) => rx.recv().await,
             Receiver::Lossless(rx) => rx.recv().await,
@@ -167,7 +181,7 @@ impl ObserverRegistry {
     /// good start): when the queue is full, updates are dropped for this observer and
     /// counted. Must be called inside a tokio runtime: the observer gets its own task.
     pub fn subscribe(&self, observer: Arc<dyn Observer>, queue: usize) -> Subscription {
-        let (tx, rx) = mpsc::channel::<Arc<Update>>(queue.max(1));
+        let (tx, rx) = mpsc::channel::<Event>(queue.max(1));
         self.add(observer, Queue::Bounded(tx), Receiver::Bounded(rx))
     }
 
@@ -176,7 +190,7 @@ impl ObserverRegistry {
     /// observer, so a lossless observer should refuse new deployments through
     /// [`Observer::admit`] while it cannot make progress.
     pub fn subscribe_lossless(&self, observer: Arc<dyn Observer>) -> Subscription {
-        let (tx, rx) = mpsc::unbounded_channel::<Arc<Update>>();
+        let (tx, rx) = mpsc::unbounded_channel::<Event>();
         self.add(observer, Queue::Lossless(tx), Receiver::Lossless(rx))
     }
 
@@ -198,10 +212,12 @@ impl ObserverRegistry {
         drop(inner);
 
         let task = tokio::spawn(async move {
-            while let Some(update) = rx.recv().await {
-                let outcome = AssertUnwindSafe(observer.on_update(update))
-                    .catch_unwind()
-                    .await;
+            while let Some(event) = rx.recv().await {
+                let handled = match event {
+                    Event::Update(update) => observer.on_update(update),
+                    Event::Refusal(refusal) => observer.on_refusal(refusal),
+                };
+                let outcome = AssertUnwindSafe(handled).catch_unwind().await;
                 match outcome {
                     Ok(Ok(())) => {
                         counters.delivered.fetch_add(1, Ordering::Relaxed);
@@ -234,9 +250,19 @@ impl ObserverRegistry {
     /// Hands `update` to every observer without waiting: an observer whose bounded
     /// queue is full loses this update, and the loss is counted.
     pub fn publish(&self, update: &Arc<Update>) {
+        self.offer(&Event::Update(update.clone()));
+    }
+
+    /// Hands a refused call to every observer, like [`ObserverRegistry::publish`]
+    /// (same queues, same counters).
+    pub fn publish_refusal(&self, refusal: Refusal) {
+        self.offer(&Event::Refusal(Arc::new(refusal)));
+    }
+
+    fn offer(&self, event: &Event) {
         let inner = self.inner.lock().expect("registry lock");
         for entry in inner.entries.values() {
-            if !entry.queue.offer(update) {
+            if !entry.queue.offer(event) {
                 let dropped = entry.counters.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if dropped.is_power_of_two() {
                     tracing::warn!(observer = %entry.name, dropped, "observer queue full; update dropped");

@@ -8,7 +8,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
-use crate::observers::metrics::MetricsExporter;
+use crate::engine::Engine;
+use crate::events::ObserverRegistry;
+use crate::limits::Rejections;
+use crate::model::DeploymentState;
+use crate::observers::metrics::Metrics;
 use crate::runtime::Runtime;
 
 #[derive(Clone)]
@@ -48,5 +52,47 @@ async fn metrics(State(state): State<HttpState>) -> axum::response::Response {
             exporter.render(),
         )
             .into_response(),
+    }
+}
+
+/// Renders `/metrics`: samples what is better read than counted (gauges from the
+/// engine, observer counters from the registry), then the exposition.
+pub struct MetricsExporter {
+    pub metrics: Arc<Metrics>,
+    pub engine: Engine,
+    pub observers: ObserverRegistry,
+    /// Calls turned away, per limit (`stevedore_rejections_total`).
+    pub rejections: Arc<Rejections>,
+    /// Whether the audit log can be written now, when there is one.
+    pub audit_writable: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+}
+
+impl MetricsExporter {
+    pub fn render(&self) -> String {
+        let m = &self.metrics;
+        let counts = self.engine.state_counts();
+        let count = |s| counts.get(&s).copied().unwrap_or(0) as f64;
+        m.gauge("stevedore_deployments_running", &[])
+            .set(count(DeploymentState::Running));
+        m.gauge("stevedore_deployments_queued", &[])
+            .set(count(DeploymentState::Pending));
+        for (name, stats) in self.observers.stats() {
+            let labels = [("observer", name)];
+            m.counter("stevedore_observer_updates_delivered_total", &labels)
+                .absolute(stats.delivered);
+            m.counter("stevedore_observer_updates_dropped_total", &labels)
+                .absolute(stats.dropped);
+            m.counter("stevedore_observer_updates_failed_total", &labels)
+                .absolute(stats.failed);
+        }
+        for (limit, n) in self.rejections.snapshot() {
+            m.counter("stevedore_rejections_total", &[("limit", limit.to_owned())])
+                .absolute(n);
+        }
+        if let Some(writable) = &self.audit_writable {
+            m.gauge("stevedore_audit_log_writable", &[])
+                .set(if writable() { 1.0 } else { 0.0 });
+        }
+        m.render()
     }
 }

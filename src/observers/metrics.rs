@@ -31,8 +31,7 @@ use async_trait::async_trait;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder, SharedString};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::engine::Engine;
-use crate::events::{Observer, ObserverError, ObserverRegistry};
+use crate::events::{Observer, ObserverError};
 use crate::model::{DeploymentId, DeploymentState, EventKind, Phase, Update};
 
 /// Histogram buckets (seconds): from a fast local step to a slow pull.
@@ -272,7 +271,7 @@ impl MetricsObserver {
         let m = &self.metrics;
         let mut live = self.live.lock().expect("metrics lock");
         match &u.kind {
-            EventKind::Accepted => {
+            EventKind::Accepted { .. } => {
                 m.counter(
                     "stevedore_deployments_started_total",
                     &m.app_labels(u.app.as_str(), vec![]),
@@ -364,46 +363,6 @@ impl Observer for MetricsObserver {
     }
 }
 
-/// Renders `/metrics`: samples what is better read than counted (gauges from the
-/// engine, observer counters from the registry), then the exposition.
-pub struct MetricsExporter {
-    pub metrics: Arc<Metrics>,
-    pub engine: Engine,
-    pub observers: ObserverRegistry,
-    /// Whether the audit log can be written now, when there is one.
-    pub audit_writable: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
-}
-
-impl MetricsExporter {
-    pub fn render(&self) -> String {
-        let m = &self.metrics;
-        let counts = self.engine.state_counts();
-        let count = |s| counts.get(&s).copied().unwrap_or(0) as f64;
-        m.gauge("stevedore_deployments_running", &[])
-            .set(count(DeploymentState::Running));
-        m.gauge("stevedore_deployments_queued", &[])
-            .set(count(DeploymentState::Pending));
-        for (name, stats) in self.observers.stats() {
-            let labels = [("observer", name)];
-            m.counter("stevedore_observer_updates_delivered_total", &labels)
-                .absolute(stats.delivered);
-            m.counter("stevedore_observer_updates_dropped_total", &labels)
-                .absolute(stats.dropped);
-            m.counter("stevedore_observer_updates_failed_total", &labels)
-                .absolute(stats.failed);
-        }
-        for (limit, n) in self.engine.rejections().snapshot() {
-            m.counter("stevedore_rejections_total", &[("limit", limit.to_owned())])
-                .absolute(n);
-        }
-        if let Some(writable) = &self.audit_writable {
-            m.gauge("stevedore_audit_log_writable", &[])
-                .set(if writable() { 1.0 } else { 0.0 });
-        }
-        m.render()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,7 +390,13 @@ mod tests {
         let metrics = Arc::new(Metrics::new(false));
         let obs = MetricsObserver::new(metrics.clone());
         let id = DeploymentId::new();
-        obs.record(&update(id, 1, EventKind::Accepted, Phase::Queued, 0));
+        obs.record(&update(
+            id,
+            1,
+            EventKind::accepted_for_test(),
+            Phase::Queued,
+            0,
+        ));
         obs.record(&update(id, 2, EventKind::PhaseStarted, Phase::Pulling, 100));
         let mut pull = update(id, 3, EventKind::Progress, Phase::Pulling, 200);
         pull.pull = Some(PullProgress {
@@ -525,7 +490,7 @@ mod tests {
         obs.record(&update(
             DeploymentId::new(),
             1,
-            EventKind::Accepted,
+            EventKind::accepted_for_test(),
             Phase::Queued,
             0,
         ));

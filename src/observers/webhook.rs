@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use super::metrics::Metrics;
 use crate::events::{Observer, ObserverError};
-use crate::model::{DeploymentId, EventKind, Update};
+use crate::model::{DeploymentId, StateChange, Update};
 
 pub const SIGNATURE_HEADER: &str = "X-Stevedore-Signature";
 pub const EVENT_ID_HEADER: &str = "X-Stevedore-Event-Id";
@@ -148,12 +148,11 @@ impl WebhookObserver {
     }
 
     fn delivery(&self, u: &Update) -> Option<Delivery> {
-        let (event, state) = match &u.kind {
-            EventKind::Accepted => ("accepted", None),
-            EventKind::PhaseStarted => ("phase_started", None),
-            EventKind::Cancelling => ("cancelling", None),
-            EventKind::Finished { state } => ("finished", Some(state.as_str())),
-            EventKind::Queued { .. } | EventKind::Progress | EventKind::Output => return None,
+        let (event, state) = match u.kind.state_change()? {
+            StateChange::Accepted => ("accepted", None),
+            StateChange::PhaseStarted => ("phase_started", None),
+            StateChange::Cancelling => ("cancelling", None),
+            StateChange::Finished(state) => ("finished", Some(state.as_str())),
         };
         let event_id = format!("{}-{}", u.deployment_id, u.sequence);
         let result = u.result.as_ref().map(|r| {

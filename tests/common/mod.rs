@@ -167,25 +167,7 @@ pub fn serve_config(data_dir: &std::path::Path) -> ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_owned(),
-        docker_host: None,
-        docker_timeout: Duration::from_secs(30),
-        shutdown_grace: Duration::from_secs(30),
-        heartbeat_interval: Duration::from_secs(15),
-        watch_buffer: 64,
-        watch_stall_timeout: Duration::from_secs(60),
-        retention_max_deployments: None,
-        retention_max_age: None,
-        retention_max_log_updates: None,
-        audit_log: None,
-        metrics_app_label: false,
-        webhooks: Vec::new(),
-        webhook_secret: None,
-        webhook_max_attempts: 8,
-        webhook_backoff: Duration::from_millis(500),
-        webhook_backoff_max: Duration::from_secs(30),
-        webhook_timeout: Duration::from_secs(10),
-        security: Default::default(),
-        limits: Default::default(),
+        ..ServeConfig::defaults()
     }
 }
 
