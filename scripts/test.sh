@@ -57,6 +57,22 @@ _rust_components() {
   cargo clippy --version
 }
 
+# Runs the proptest fuzz tests; fails when the filter matches no test (after a rename),
+# which cargo itself reports as success.
+_fuzz() {
+  local out passed
+  out=$(PROPTEST_CASES=5000 cargo test --lib api::convert::tests::fuzz 2>&1) || {
+    echo "$out"
+    return 1
+  }
+  echo "$out" | grep -E '^test |^test result'
+  passed=$(sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1/p' <<<"$out" | head -n1)
+  if ((${passed:-0} < 2)); then
+    echo "the fuzz filter ran ${passed:-0} tests, expected the 2 in api::convert::tests::fuzz" >&2
+    return 1
+  fi
+}
+
 _step "test environment up" stevedore_env_up
 export STEVEDORE_TEST_DOCKER=1
 export STEVEDORE_TEST_REGISTRY="${STEVEDORE_TEST_REGISTRY:-127.0.0.1:5000}"
@@ -71,6 +87,6 @@ _step "grpcurl smoke" bash scripts/grpcurl-smoke.sh
 _step "promtool check metrics" bash scripts/metrics-check.sh
 # (bench smoke goes here, as `_step NAME CMD...`)
 # Fuzzing of request validation (proptest, bounded: 5000 arbitrary DeployRequests).
-_step "fuzz request validation" env PROPTEST_CASES=5000 cargo test --lib api::convert::tests::fuzz
+_step "fuzz request validation" _fuzz
 _step "python client end-to-end" bash clients/python/test.sh
 _step "typescript client end-to-end" bash clients/typescript/test.sh

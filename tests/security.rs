@@ -78,23 +78,18 @@ fn holding_request(app: &str) -> DeployRequest {
     }
 }
 
-type Updates = tonic::Streaming<proto::ProgressUpdate>;
-
 /// Starts a deployment and returns its ID and open stream.
 async fn start_deploy(
     client: &mut Client,
     req: tonic::Request<DeployRequest>,
 ) -> (String, Updates) {
-    let mut stream = client
+    let raw = client
         .deploy(req)
         .await
         .expect("deploy accepted")
         .into_inner();
-    let first = stream
-        .message()
-        .await
-        .expect("first update")
-        .expect("a first update");
+    let mut stream = Updates::new(raw, 0);
+    let first = stream.next_update().await;
     (first.deployment_id, stream)
 }
 
@@ -246,7 +241,7 @@ async fn every_rpc_answers_by_token_scope() {
         match watch {
             Result::Ok(s) => {
                 assert_eq!(expected, Ok, "WatchDeployment");
-                let first = s.into_inner().message().await.unwrap().unwrap();
+                let first = Updates::new(s.into_inner(), 0).next_update().await;
                 assert_eq!(first.sequence, 1);
             }
             Err(e) => assert_eq!(e.code(), expected, "WatchDeployment: {e:?}"),
@@ -349,18 +344,16 @@ async fn every_rpc_answers_by_token_scope() {
     // The audit log (DATA_DIR/audit.log) has the same refusals, in its chain, and
     // the accepted deployment as requested by the token's name.
     let audit_path = dir.path().join("audit.log");
-    let mut records: Vec<serde_json::Value> = Vec::new();
-    for _ in 0..100 {
-        let text = std::fs::read_to_string(&audit_path).unwrap_or_default();
-        records = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        if records.iter().filter(|r| r["event"] == "refused").count() >= 12 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let records: Vec<serde_json::Value> =
+        eventually(STATE_LIMIT, "12 refusals in the audit log", || {
+            let text = std::fs::read_to_string(&audit_path).unwrap_or_default();
+            let records: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            (records.iter().filter(|r| r["event"] == "refused").count() >= 12).then_some(records)
+        })
+        .await;
     let refused: Vec<_> = records.iter().filter(|r| r["event"] == "refused").collect();
     assert_eq!(refused.len(), 12, "{refused:#?}");
     assert!(refused.iter().any(|r| r["method"] == "Deploy"
@@ -418,7 +411,7 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
         authed(holding_request(&app), Some(&deploy_secret)),
     )
     .await;
-    let mut watch = client
+    let watch = client
         .watch_deployment(authed(
             WatchRequest {
                 deployment_id: id.clone(),
@@ -429,7 +422,8 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
         .await
         .expect("watcher may watch")
         .into_inner();
-    assert_eq!(watch.message().await.unwrap().unwrap().sequence, 1);
+    let mut watch = Updates::new(watch, 0);
+    assert_eq!(watch.next_update().await.sequence, 1);
 
     // Remove the watcher's token and tell the server.
     std::fs::write(&tokens, &deploy_entry).unwrap();
@@ -439,7 +433,7 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
     // (the timeout turns a missing revocation into a failure instead of a hang).
     let until_error = async {
         loop {
-            match watch.message().await {
+            match watch.next().await {
                 Ok(Some(u)) => assert!(u.result.is_none(), "the deployment ended: {u:?}"),
                 Ok(None) => panic!("the stream ended without an error"),
                 Err(e) => break e,
@@ -717,7 +711,7 @@ async fn over_limit_deploys_and_watches_get_resource_exhausted_at_once() {
     // With both ended, a deployment of the other app is admitted again (the place is
     // freed when the deployment's task returns, just after its terminal update).
     let mut attempts = 0;
-    let mut s3 = loop {
+    let s3 = loop {
         match client.deploy(holding_request(&other)).await {
             Ok(s) => break s.into_inner(),
             Err(e) if e.code() == Code::ResourceExhausted && attempts < 100 => {
@@ -727,7 +721,7 @@ async fn over_limit_deploys_and_watches_get_resource_exhausted_at_once() {
             Err(e) => panic!("not admitted after the others ended: {e:?}"),
         }
     };
-    let next = s3.message().await.unwrap().unwrap().deployment_id;
+    let next = Updates::new(s3, 0).next_update().await.deployment_id;
     client
         .cancel_deployment(CancelRequest {
             deployment_id: next,
@@ -867,32 +861,19 @@ async fn registry_credentials_appear_nowhere() {
         .await
         .unwrap()
         .into_inner();
-    let mut replay = client
-        .watch_deployment(WatchRequest {
-            deployment_id: id,
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut replayed = Vec::new();
-    while let Some(u) = replay.message().await.unwrap() {
-        replayed.push(u);
-    }
+    let replayed = watch(&mut client, &id, 0).await.unwrap();
     let container = end.result.as_ref().unwrap().container_id.clone();
     let inspect = docker(&["inspect", &container]);
 
     // The refusal reaches the audit log (written in the background).
     let audit_path = dir.path().join("audit.log");
-    for _ in 0..100 {
-        if std::fs::read_to_string(&audit_path)
+    eventually(STATE_LIMIT, "the refusal in the audit log", || {
+        std::fs::read_to_string(&audit_path)
             .unwrap_or_default()
             .contains("\"refused\"")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .then_some(())
+    })
+    .await;
     let audit = std::fs::read_to_string(&audit_path).unwrap();
     assert!(
         audit.contains("\"refused\"") && audit.contains("\"accepted\""),
