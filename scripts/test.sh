@@ -1,20 +1,14 @@
 #!/usr/bin/env bash
 # The project's one test command: bash scripts/test.sh [extra cargo test args]
 #
-# Brings up the test environment (scripts/test-env.sh: Docker engine, local
-# registry on 127.0.0.1:5000, test images), then runs
-#   cargo fmt --check
-#   cargo clippy --all-targets -- -D warnings
-#   cargo test "$@"
-# with STEVEDORE_TEST_DOCKER=1 (Docker tests must fail, not skip, without an
-# engine) and STEVEDORE_TEST_REGISTRY exported. On exit it stops only the
-# daemons that this run started itself.
+# Brings up the test environment (scripts/test-env.sh up: Docker engine, registries on
+# 127.0.0.1:5000 and, with htpasswd auth, 127.0.0.1:5001, test images; left running for
+# the next run), then runs cargo fmt --check, cargo clippy --all-targets -D warnings,
+# cargo test "$@", and the script and client checks, each timed. Docker tests fail,
+# never skip, without an engine.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-# shellcheck source=scripts/test-env.sh
-source scripts/test-env.sh
 
 # elapsed time since $1 (an ${EPOCHREALTIME/./} value), as seconds with 1 decimal
 _now_us() { echo "${EPOCHREALTIME/./}"; }
@@ -36,7 +30,6 @@ _step() {
 
 _on_exit() {
   local rc=$?
-  stevedore_env_down_started || true
   printf '=== total: %s (exit %s)\n' "$(_since "$_t_total_start")" "$rc"
   exit "$rc"
 }
@@ -73,9 +66,12 @@ _fuzz() {
   fi
 }
 
-_step "test environment up" stevedore_env_up
-export STEVEDORE_TEST_DOCKER=1
-export STEVEDORE_TEST_REGISTRY="${STEVEDORE_TEST_REGISTRY:-127.0.0.1:5000}"
+_env_up() {
+  local exports
+  exports=$(bash scripts/test-env.sh up) || return 1
+  eval "$exports"
+}
+_step "test environment up" _env_up
 
 _step "rust components" _rust_components
 _step "cargo fmt --check" cargo fmt --check

@@ -806,11 +806,16 @@ async fn a_refused_registry_or_privileged_port_gets_permission_denied() {
 #[tokio::test]
 async fn registry_credentials_appear_nowhere() {
     require_docker();
-    let (image, _) = push_random_image(1);
+    let image = private_image();
     let dir = tempfile::tempdir().unwrap();
     let server = BinaryServer::spawn_with_env(
         dir.path(),
-        &["--allow-registry", &registry()],
+        &[
+            "--allow-registry",
+            &registry(),
+            "--allow-registry",
+            &auth_registry(),
+        ],
         &[("RUST_LOG", "debug")],
     );
     let mut client = connect(server.grpc_addr).await;
@@ -819,10 +824,26 @@ async fn registry_credentials_appear_nowhere() {
 
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let secrets = [
-        format!("user-{tag}"),
-        format!("pass-{tag}"),
+        AUTH_USER.to_owned(),
+        AUTH_PASSWORD.to_owned(),
         format!("idtok-{tag}"),
     ];
+
+    // The registry wants credentials: without them the pull fails, and says why.
+    let without = deploy(&mut client, web_request(&app, &image)).await;
+    assert_well_formed(&without);
+    let end = terminal(&without);
+    assert_eq!(end.phase(), proto::Phase::Failed, "{end:?}");
+    let why = end.message.to_lowercase();
+    assert!(
+        ["unauthorized", "authentication required", "no basic auth credentials"]
+            .iter()
+            .any(|s| why.contains(s)),
+        "the failure names the missing credentials: {}",
+        end.message
+    );
+
+    // With them (sent to the engine, never stored) the same image is pulled.
     let mut req = web_request(&app, &image);
     req.registry_auth = Some(RegistryAuth {
         username: secrets[0].clone(),
@@ -837,6 +858,7 @@ async fn registry_credentials_appear_nowhere() {
         updates.iter().any(|u| u.pull.is_some()),
         "the image was pulled with the credentials"
     );
+    let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
 
     // A second deployment with an identity token (refused by the policy first: the
     // refusal is audited, and must not name the token either).

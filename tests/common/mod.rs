@@ -42,6 +42,22 @@ pub fn registry() -> String {
     std::env::var("STEVEDORE_TEST_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5000".into())
 }
 
+/// The local registry with htpasswd auth (scripts/test-env.sh starts it).
+pub fn auth_registry() -> String {
+    std::env::var("STEVEDORE_TEST_AUTH_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5001".into())
+}
+
+/// The test-only credentials of [`auth_registry`] (the same as in scripts/test-env.sh).
+pub const AUTH_USER: &str = "sdtest-user-7f3a9c";
+pub const AUTH_PASSWORD: &str = "sdtest-pass-2b8e41d9";
+
+/// An image only [`auth_registry`] holds; removed locally so a deploy of it must pull.
+pub fn private_image() -> String {
+    let image = format!("{}/stevedore-test/private:1", auth_registry());
+    let _ = Command::new("docker").args(["rmi", &image]).output();
+    image
+}
+
 /// A unique app name with a readable prefix.
 pub fn unique_app(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();
