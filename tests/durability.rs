@@ -234,9 +234,35 @@ async fn restart_keeps_history_and_ends_interrupted_deployments() {
     .await;
     let v2 = seen[0].deployment_id.clone();
     assert_eq!(deployment_containers(&v2).len(), 1);
+    // Another deployment of the app, queued behind it.
+    let mut queued_client = client.clone();
+    let (queued_seen, _queued_stream) =
+        deploy_until(&mut queued_client, web_request(&app, WEB2), |_| true).await;
+    let queued = queued_seen[0].deployment_id.clone();
+    assert_eq!(
+        status(&mut client, &queued).await.unwrap().state(),
+        proto::DeploymentState::Pending
+    );
+    // kill -9 loses what the store's writer has not committed yet (a few ms, see
+    // DURABILITY.md); give it time so the queued deployment is on disk.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut b = b;
     b.child.kill().unwrap(); // SIGKILL
     b.child.wait().unwrap();
+
+    // A container of another server (its deployment is in no store here) must be left
+    // alone by the recovery.
+    let stranger_app = unique_app("stranger");
+    let _stranger_guard = AppGuard(stranger_app.clone());
+    let stranger = docker(&[
+        "run",
+        "-d",
+        "--label",
+        &format!("io.stevedore.app={stranger_app}"),
+        "--label",
+        &format!("io.stevedore.deployment={}", uuid::Uuid::new_v4()),
+        "stevedore-test/sleeper:1",
+    ]);
 
     // --- third server: the killed deployment ended FAILED, its container gone, the
     // previous version still serving, and the app's queue free.
@@ -256,9 +282,24 @@ async fn restart_keeps_history_and_ends_interrupted_deployments() {
     assert_well_formed(&v2_log);
     assert_eq!(terminal(&v2_log).phase(), proto::Phase::Failed);
     assert!(deployment_containers(&v2).is_empty());
-    assert_eq!(app_containers(&app), deployment_containers(&v1));
+    let v1_containers = deployment_containers(&v1);
+    assert_eq!(v1_containers.len(), 1, "v1 still has its container");
+    assert_eq!(app_containers(&app), v1_containers);
     assert_serves(&v1_url, "v1").await;
     assert_eq!(status(&mut client, &v1).await.unwrap(), v1_status);
+    // Nothing stays queued after a restart: the queued deployment ended FAILED too.
+    assert_eq!(
+        status(&mut client, &queued).await.unwrap().state(),
+        proto::DeploymentState::Failed
+    );
+    let queued_log = watch(&mut client, &queued, 0).await.unwrap();
+    assert_well_formed(&queued_log);
+    assert_eq!(terminal(&queued_log).phase(), proto::Phase::Failed);
+    assert_eq!(
+        app_containers(&stranger_app),
+        vec![stranger.clone()],
+        "another server's container was left alone"
+    );
 
     let v3_log = deploy(&mut client, web_request(&app, WEB2)).await;
     let v3_end = terminal(&v3_log);

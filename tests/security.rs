@@ -391,15 +391,16 @@ async fn every_rpc_answers_by_token_scope() {
 }
 
 #[tokio::test]
-async fn a_removed_token_ends_its_watch_stream_on_sighup() {
+async fn a_removed_token_ends_its_streams_on_sighup_and_a_bad_file_keeps_the_tokens() {
     require_docker();
     let dir = tempfile::tempdir().unwrap();
     let (deploy_secret, deploy_entry) = cli_token("ci", "deploy");
     let (watch_secret, watch_entry) = cli_token("watcher", "read");
+    let (gone_secret, gone_entry) = cli_token("gone", "deploy");
     let tokens = write(
         dir.path(),
         "tokens.toml",
-        &format!("{deploy_entry}\n{watch_entry}"),
+        &format!("{deploy_entry}\n{watch_entry}\n{gone_entry}"),
     );
     let server = BinaryServer::spawn(dir.path(), &["--tokens-file", tokens.to_str().unwrap()]);
     let mut client = connect(server.grpc_addr).await;
@@ -424,8 +425,16 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
         .into_inner();
     let mut watch = Updates::new(watch, 0);
     assert_eq!(watch.next_update().await.sequence, 1);
+    // A Deploy stream of a token that goes too (another app: it runs at once).
+    let other_app = unique_app("revoke-deploy");
+    let _other_guard = AppGuard(other_app.clone());
+    let (other_id, mut gone_stream) = start_deploy(
+        &mut client,
+        authed(holding_request(&other_app), Some(&gone_secret)),
+    )
+    .await;
 
-    // Remove the watcher's token and tell the server.
+    // Remove the watcher's and the other deployer's tokens and tell the server.
     std::fs::write(&tokens, &deploy_entry).unwrap();
     server.hangup();
 
@@ -445,6 +454,13 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
         .expect("the removed token's stream was not closed");
     assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
     assert!(end.message().contains("watcher"), "{end:?}");
+    // The Deploy stream of the removed token is closed the same way.
+    let (_, end) = tokio::time::timeout(Duration::from_secs(120), gone_stream.drain())
+        .await
+        .expect("the removed token's Deploy stream was not closed");
+    let end = end.expect("the Deploy stream ends with a status");
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    assert!(end.message().contains("gone"), "{end:?}");
 
     // The removed token is refused from now on; the kept one still works.
     let r = client
@@ -466,29 +482,58 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
         .await
         .expect("the kept token still works");
     assert!(server.log_text().contains("tokens file reloaded"));
+
+    // A broken tokens file on SIGHUP keeps the tokens in force.
+    std::fs::write(&tokens, "this is [not a tokens file").unwrap();
+    server.hangup();
+    eventually(STATE_LIMIT, "the refused reload in the log", || {
+        server
+            .log_text()
+            .contains("tokens file not reloaded")
+            .then_some(())
+    })
+    .await;
+    client
+        .cancel_deployment(authed(
+            CancelRequest {
+                deployment_id: other_id.clone(),
+            },
+            Some(&deploy_secret),
+        ))
+        .await
+        .expect("the kept token still works after a bad reload");
+    let r = client
+        .get_status(authed(
+            GetStatusRequest { deployment_id: id },
+            Some(&watch_secret),
+        ))
+        .await;
+    assert_eq!(
+        code_of(r),
+        Code::Unauthenticated,
+        "the removed one stays removed"
+    );
 }
 
 #[test]
 fn without_tokens_only_loopback_unless_insecure() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(binary())
-        .args([
-            "serve",
-            "--listen",
-            "0.0.0.0:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "a non-loopback server without tokens started"
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");
+    // Neither the gRPC nor the HTTP side (metrics, health) starts on a non-loopback
+    // address without tokens; the refusal names the address.
+    for (grpc, http) in [("0.0.0.0:0", "127.0.0.1:0"), ("127.0.0.1:0", "0.0.0.0:0")] {
+        let out = Command::new(binary())
+            .args(["serve", "--listen", grpc, "--http-listen", http])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "a server without tokens started with --listen {grpc} --http-listen {http}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");
+    }
 
     // With --insecure-no-auth it starts, and warns.
     let log = dir.path().join("insecure.log");
@@ -836,9 +881,13 @@ async fn registry_credentials_appear_nowhere() {
     assert_eq!(end.phase(), proto::Phase::Failed, "{end:?}");
     let why = end.message.to_lowercase();
     assert!(
-        ["unauthorized", "authentication required", "no basic auth credentials"]
-            .iter()
-            .any(|s| why.contains(s)),
+        [
+            "unauthorized",
+            "authentication required",
+            "no basic auth credentials"
+        ]
+        .iter()
+        .any(|s| why.contains(s)),
         "the failure names the missing credentials: {}",
         end.message
     );
