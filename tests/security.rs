@@ -853,6 +853,15 @@ async fn registry_credentials_appear_nowhere() {
     require_docker();
     let image = private_image();
     let dir = tempfile::tempdir().unwrap();
+    // Env values and the webhook secret must not appear anywhere either.
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let secrets = [
+        AUTH_USER.to_owned(),
+        AUTH_PASSWORD.to_owned(),
+        format!("idtok-{tag}"),
+        format!("envval-{tag}"),
+        format!("hooksecret-{tag}"),
+    ];
     let server = BinaryServer::spawn_with_env(
         dir.path(),
         &[
@@ -860,19 +869,16 @@ async fn registry_credentials_appear_nowhere() {
             &registry(),
             "--allow-registry",
             &auth_registry(),
+            "--webhook",
+            "http://127.0.0.1:9/hook",
+            "--webhook-secret",
+            &secrets[4],
         ],
         &[("RUST_LOG", "debug")],
     );
     let mut client = connect(server.grpc_addr).await;
     let app = unique_app("creds");
     let _guard = AppGuard(app.clone());
-
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let secrets = [
-        AUTH_USER.to_owned(),
-        AUTH_PASSWORD.to_owned(),
-        format!("idtok-{tag}"),
-    ];
 
     // The registry wants credentials: without them the pull fails, and says why.
     let without = deploy(&mut client, web_request(&app, &image)).await;
@@ -894,6 +900,8 @@ async fn registry_credentials_appear_nowhere() {
 
     // With them (sent to the engine, never stored) the same image is pulled.
     let mut req = web_request(&app, &image);
+    req.env
+        .insert("DATABASE_PASSWORD".into(), secrets[3].clone());
     req.registry_auth = Some(RegistryAuth {
         username: secrets[0].clone(),
         password: secrets[1].clone(),
@@ -962,11 +970,21 @@ async fn registry_credentials_appear_nowhere() {
         ("replayed updates", format!("{replayed:?}")),
         ("GetStatus", format!("{status:?}")),
         ("ListDeployments", format!("{list:?}")),
-        ("container", inspect),
     ];
     for (place, text) in &places {
         for secret in &secrets {
             assert!(!text.contains(secret.as_str()), "{secret} found in {place}");
         }
+    }
+    // The container has its env value (it was sent), and nothing else of these.
+    assert!(
+        inspect.contains(&secrets[3]),
+        "the env value reached the container"
+    );
+    for secret in secrets.iter().filter(|s| **s != secrets[3]) {
+        assert!(
+            !inspect.contains(secret.as_str()),
+            "{secret} found in the container"
+        );
     }
 }
