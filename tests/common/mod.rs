@@ -188,7 +188,9 @@ pub fn serve_config(data_dir: &std::path::Path) -> ServeConfig {
         http_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_owned(),
         docker_host: None,
-        docker_timeout: Duration::from_secs(30),
+        // Generous: other test runs share the engine and its two cores; no test measures
+        // the Docker call bound with this setting.
+        docker_timeout: Duration::from_secs(120),
         shutdown_grace: Duration::from_secs(30),
         heartbeat_interval: Duration::from_secs(15),
         watch_buffer: 64,
@@ -672,6 +674,7 @@ impl BinaryServer {
         let mut child = Command::new(binary())
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--docker-timeout", "120s"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)
