@@ -10,11 +10,10 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bin=${1:-target/debug/stevedore}
-[[ -x $bin ]] || cargo build --quiet --bin stevedore
 
 # shellcheck source=scripts/lib/serve.sh
 source scripts/lib/serve.sh
+bin=${1:-$(stevedore_binary)}
 
 work=$(mktemp -d)
 app="t-smoke-$(cut -c1-8 /proc/sys/kernel/random/uuid)"
@@ -49,5 +48,27 @@ stream=$(grpcurl -plaintext -max-time 120 -d "$request" "$addr" stevedore.v1.Dep
   fail "Deploy failed: $stream"
 grep -q '"PHASE_QUEUED"' <<<"$stream" || fail "the stream does not start in PHASE_QUEUED: $stream"
 grep -q '"PHASE_COMPLETE"' <<<"$stream" || fail "the stream does not reach PHASE_COMPLETE: $stream"
-updates=$(grep -c '"sequence"' <<<"$stream" || true)
-echo "deploy: ok ($updates updates, ends in PHASE_COMPLETE)"
+# The stream as JSON: sequences 1..n without a gap, the last update a success with the
+# endpoint of port 8080, which serves v1.
+checked=$(python3 -c '
+import json, sys
+text, dec, pos, updates = sys.stdin.read(), json.JSONDecoder(), 0, []
+while True:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    if pos == len(text):
+        break
+    u, pos = dec.raw_decode(text, pos)
+    if not u.get("heartbeat"):
+        updates.append(u)
+seqs = [int(u.get("sequence", 0)) for u in updates]
+assert seqs == list(range(1, len(updates) + 1)), f"sequences {seqs}"
+result = updates[-1].get("result") or {}
+assert result.get("success") is True, f"last update {updates[-1]}"
+assert all("result" not in u for u in updates[:-1]), "a result before the last update"
+print(len(updates), result["endpoints"]["8080/tcp"])
+' <<<"$stream") || fail "the Deploy stream is not well formed: $stream"
+read -r updates endpoint <<<"$checked"
+body=$(curl -sf -m 10 "$endpoint/") || fail "GET $endpoint/ failed"
+[[ $body == v1 ]] || fail "$endpoint/ answered $body, not v1"
+echo "deploy: ok ($updates updates, sequences 1..$updates, success, $endpoint serves v1)"

@@ -13,11 +13,10 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bin=${1:-target/debug/stevedore}
-[[ -x $bin ]] || cargo build --quiet --bin stevedore
 
 # shellcheck source=scripts/lib/serve.sh
 source scripts/lib/serve.sh
+bin=${1:-$(stevedore_binary)}
 
 work=$(mktemp -d)
 suffix=$(cut -c1-8 /proc/sys/kernel/random/uuid)
@@ -50,8 +49,15 @@ bad=$(deploy "$(printf '{"app":"%s","image":"stevedore-test/crash:1"}' "${apps[1
   fail "Deploy failed: $bad"
 grep -q '"PHASE_FAILED"' <<<"$bad" || fail "the crash deployment did not fail: $bad"
 
+# The metrics observer runs behind the stream: poll (up to 60 s) until both deployments
+# are counted before checking the counters.
 metrics=$work/metrics.txt
-curl -sf "http://$http/metrics" >"$metrics" || fail "GET /metrics failed"
+for ((i = 0; i < 600; i++)); do
+  curl -sf "http://$http/metrics" >"$metrics" || fail "GET /metrics failed"
+  grep -qx 'stevedore_deployments_finished_total{outcome="failed"} 1' "$metrics" &&
+    grep -qx 'stevedore_deployments_finished_total{outcome="succeeded"} 1' "$metrics" && break
+  sleep 0.1
+done
 promtool check metrics <"$metrics" || fail "promtool check metrics rejects /metrics"
 echo "promtool check metrics: ok ($(grep -vc '^#' "$metrics") samples)"
 

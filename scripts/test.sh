@@ -1,20 +1,14 @@
 #!/usr/bin/env bash
 # The project's one test command: bash scripts/test.sh [extra cargo test args]
 #
-# Brings up the test environment (scripts/test-env.sh: Docker engine, local
-# registry on 127.0.0.1:5000, test images), then runs
-#   cargo fmt --check
-#   cargo clippy --all-targets -- -D warnings
-#   cargo test "$@"
-# with STEVEDORE_TEST_DOCKER=1 (Docker tests must fail, not skip, without an
-# engine) and STEVEDORE_TEST_REGISTRY exported. On exit it stops only the
-# daemons that this run started itself.
+# Brings up the test environment (scripts/test-env.sh up: Docker engine, registries on
+# 127.0.0.1:5000 and, with htpasswd auth, 127.0.0.1:5001, test images; left running for
+# the next run), then runs cargo fmt --check, cargo clippy --all-targets -D warnings,
+# cargo test "$@", and the script and client checks, each timed. Docker tests fail,
+# never skip, without an engine.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-# shellcheck source=scripts/test-env.sh
-source scripts/test-env.sh
 
 # elapsed time since $1 (an ${EPOCHREALTIME/./} value), as seconds with 1 decimal
 _now_us() { echo "${EPOCHREALTIME/./}"; }
@@ -36,7 +30,6 @@ _step() {
 
 _on_exit() {
   local rc=$?
-  stevedore_env_down_started || true
   printf '=== total: %s (exit %s)\n' "$(_since "$_t_total_start")" "$rc"
   exit "$rc"
 }
@@ -57,9 +50,28 @@ _rust_components() {
   cargo clippy --version
 }
 
-_step "test environment up" stevedore_env_up
-export STEVEDORE_TEST_DOCKER=1
-export STEVEDORE_TEST_REGISTRY="${STEVEDORE_TEST_REGISTRY:-127.0.0.1:5000}"
+# Runs the proptest fuzz tests; fails when the filter matches no test (after a rename),
+# which cargo itself reports as success.
+_fuzz() {
+  local out passed
+  out=$(PROPTEST_CASES=5000 cargo test --lib api::convert::tests::fuzz 2>&1) || {
+    echo "$out"
+    return 1
+  }
+  echo "$out" | grep -E '^test |^test result'
+  passed=$(sed -n 's/^test result: ok\. \([0-9]*\) passed.*/\1/p' <<<"$out" | head -n1)
+  if ((${passed:-0} < 2)); then
+    echo "the fuzz filter ran ${passed:-0} tests, expected the 2 in api::convert::tests::fuzz" >&2
+    return 1
+  fi
+}
+
+_env_up() {
+  local exports
+  exports=$(bash scripts/test-env.sh up) || return 1
+  eval "$exports"
+}
+_step "test environment up" _env_up
 
 _step "rust components" _rust_components
 _step "cargo fmt --check" cargo fmt --check
@@ -71,6 +83,6 @@ _step "grpcurl smoke" bash scripts/grpcurl-smoke.sh
 _step "promtool check metrics" bash scripts/metrics-check.sh
 # (bench smoke goes here, as `_step NAME CMD...`)
 # Fuzzing of request validation (proptest, bounded: 5000 arbitrary DeployRequests).
-_step "fuzz request validation" env PROPTEST_CASES=5000 cargo test --lib api::convert::tests::fuzz
+_step "fuzz request validation" _fuzz
 _step "python client end-to-end" bash clients/python/test.sh
 _step "typescript client end-to-end" bash clients/typescript/test.sh

@@ -1,12 +1,16 @@
 //! Structured logs with `tracing`: text for terminals, JSON for machines. `RUST_LOG`
-//! overrides the default `info` filter.
+//! overrides the default `info` filter, except that `bollard` stays at `info`: its
+//! debug events print request and response bodies, which hold env values (and the
+//! registry credentials header), and those are never logged.
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
 pub fn init(format: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive("bollard=info".parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -2,23 +2,18 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use stevedore::proto::{
     self, DeployRequest, GetStatusRequest, HealthCheck, HttpHealthCheck, ListDeploymentsRequest,
-    PortMapping, ProgressUpdate, health_check,
+    ProgressUpdate, health_check,
 };
 use tonic::Code;
 
 #[tokio::test]
 async fn deploy_pulls_from_the_registry_and_serves() {
-    require_docker();
+    let t = Fixture::start("pull").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
     let (image, layer_sizes) = push_random_image(6);
-    let app = unique_app("pull");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
 
     let updates = deploy(&mut client, web_request(&app, &image)).await;
     assert_well_formed(&updates);
@@ -85,19 +80,12 @@ async fn deploy_pulls_from_the_registry_and_serves() {
     assert_eq!(status.state(), proto::DeploymentState::Succeeded);
     assert_eq!(status.last_sequence, end.sequence);
     assert_eq!(app_containers(&app).len(), 1);
-    server.stop().await;
+    t.stop().await;
 }
 
 // ---------------------------------------------------------------------------
 // Helpers local to these tests
 // ---------------------------------------------------------------------------
-
-fn secs(s: i64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration {
-        seconds: s,
-        nanos: 0,
-    })
-}
 
 fn millis(ms: i32) -> Option<prost_types::Duration> {
     Some(prost_types::Duration {
@@ -117,40 +105,6 @@ fn quick_request(app: &str, image: &str) -> DeployRequest {
     req
 }
 
-async fn get_status(client: &mut Client, id: &str) -> proto::DeploymentStatus {
-    client
-        .get_status(GetStatusRequest {
-            deployment_id: id.to_owned(),
-        })
-        .await
-        .expect("GetStatus answers")
-        .into_inner()
-}
-
-/// Polls GetStatus until the deployment has ended (generous bound; no timing asserted).
-async fn wait_finished(client: &mut Client, id: &str) -> proto::DeploymentStatus {
-    for _ in 0..1200 {
-        let status = get_status(client, id).await;
-        use proto::DeploymentState::*;
-        if matches!(status.state(), Succeeded | Failed | Cancelled) {
-            return status;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("deployment {id} did not end within 120s");
-}
-
-fn succeeded_url(updates: &[ProgressUpdate]) -> String {
-    let end = terminal(updates);
-    assert_eq!(
-        end.phase(),
-        proto::Phase::Complete,
-        "deployment failed: {}",
-        end.message
-    );
-    end.result.as_ref().unwrap().endpoints["8080/tcp"].clone()
-}
-
 fn timestamp_key(u: &ProgressUpdate) -> (i64, i32) {
     let t = u.timestamp.as_ref().expect("timestamp set");
     (t.seconds, t.nanos)
@@ -162,11 +116,8 @@ fn timestamp_key(u: &ProgressUpdate) -> (i64, i32) {
 
 #[tokio::test]
 async fn redeploy_replaces_the_container() {
-    require_docker();
-    let app = unique_app("redeploy");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("redeploy").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
     let first = deploy(&mut client, quick_request(&app, "stevedore-test/web:1")).await;
     assert_well_formed(&first);
@@ -202,16 +153,13 @@ async fn redeploy_replaces_the_container() {
         !inspect.status.success(),
         "old container {old_id} still exists"
     );
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test]
 async fn a_crashing_image_fails_with_diagnostics_and_the_previous_version_serves() {
-    require_docker();
-    let app = unique_app("crash");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("crash").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
     let good = deploy(&mut client, quick_request(&app, "stevedore-test/web:1")).await;
     let url = succeeded_url(&good);
@@ -259,40 +207,20 @@ async fn a_crashing_image_fails_with_diagnostics_and_the_previous_version_serves
     assert_eq!(app_containers(&app), vec![good_id]);
     let (code, body) = http_get(&url).await;
     assert_eq!((code, body.trim()), (200, "v1"));
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test]
 async fn concurrent_deploys_of_one_app_run_one_after_the_other() {
-    require_docker();
-    let app = unique_app("queue");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client1 = server.client().await;
-    let mut client2 = server.client().await;
+    let t = Fixture::start("queue").await;
+    let app = t.app.clone();
+    let mut client1 = t.client.clone();
+    let mut client2 = t.server.client().await;
 
-    let mut first = client1
-        .deploy(quick_request(&app, "stevedore-test/web:1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut first = deploy_stream(&mut client1, quick_request(&app, "stevedore-test/web:1")).await;
     // Once the first deployment is validating it holds the app's lock.
-    let mut first_updates = Vec::new();
-    loop {
-        let u = first.message().await.unwrap().expect("first stream open");
-        let validating = u.phase() == proto::Phase::Validating;
-        first_updates.push(u);
-        if validating {
-            break;
-        }
-    }
-    let first_rest = tokio::spawn(async move {
-        let mut rest = Vec::new();
-        while let Some(u) = first.message().await.unwrap() {
-            rest.push(u);
-        }
-        rest
-    });
+    let mut first_updates = first.until(|u| u.phase() == proto::Phase::Validating).await;
+    let first_rest = tokio::spawn(async move { first.rest().await });
     let second = deploy(&mut client2, quick_request(&app, "stevedore-test/web:2")).await;
     first_updates.extend(first_rest.await.unwrap());
 
@@ -331,26 +259,16 @@ async fn concurrent_deploys_of_one_app_run_one_after_the_other() {
     let second_id = terminal(&second).result.clone().unwrap().container_id;
     assert_eq!(app_containers(&app), vec![second_id]);
     assert_eq!(http_get(&url).await.1.trim(), "v2");
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test]
 async fn a_dropped_stream_leaves_the_deployment_running() {
-    require_docker();
-    let app = unique_app("drop");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("drop").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
-    let mut stream = client
-        .deploy(quick_request(&app, "stevedore-test/web:1"))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut seen = Vec::new();
-    while seen.len() < 3 {
-        seen.push(stream.message().await.unwrap().expect("stream open"));
-    }
+    let mut stream = deploy_stream(&mut client, quick_request(&app, "stevedore-test/web:1")).await;
+    let seen = stream.until(|u| u.sequence == 3).await;
     assert!(seen.iter().all(|u| u.result.is_none()), "ended too early");
     let id = seen[0].deployment_id.clone();
     drop(stream);
@@ -367,7 +285,7 @@ async fn a_dropped_stream_leaves_the_deployment_running() {
     assert_eq!(app_containers(&app), vec![result.container_id.clone()]);
     let (code, body) = http_get(&result.endpoints["8080/tcp"]).await;
     assert_eq!((code, body.trim()), (200, "v1"));
-    server.stop().await;
+    t.stop().await;
 }
 
 /// A fixed host port can be held by one container only: the previous version is
@@ -433,64 +351,27 @@ async fn a_fixed_host_port_is_handed_over_and_given_back_on_failure() {
 
 #[tokio::test]
 async fn bad_input_is_invalid_argument_and_starts_nothing() {
-    require_docker();
-    let app = unique_app("bad");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("bad").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
-    let good = || web_request(&app, "stevedore-test/web:1");
-    let mut cases: Vec<(&str, DeployRequest)> = Vec::new();
-    let mut r = good();
-    r.app = "Bad_Name".into();
-    cases.push(("app", r));
-    let mut r = good();
-    r.app = String::new();
-    cases.push(("app", r));
-    let mut r = good();
-    r.image = String::new();
-    cases.push(("image", r));
-    let mut r = good();
-    r.image = "UPPER/case image".into();
-    cases.push(("image", r));
-    let mut r = good();
-    r.ports = vec![PortMapping {
-        container_port: 70000,
-        host_port: 0,
-        protocol: "tcp".into(),
-    }];
-    cases.push(("ports[0].container_port", r));
-    let mut r = good();
-    r.ports = vec![PortMapping {
-        container_port: 0,
-        host_port: 0,
-        protocol: "tcp".into(),
-    }];
-    cases.push(("ports[0].container_port", r));
-    let mut r = good();
-    r.ports[0].protocol = "sctp".into();
-    cases.push(("ports[0].protocol", r));
-    let mut r = good();
-    r.labels
+    // One bad field through the whole server: the table of bad fields and their
+    // messages is `api::convert::tests::every_bad_field_is_named` (no Docker needed).
+    let mut req = web_request(&app, "stevedore-test/web:1");
+    req.labels
         .insert("io.stevedore.app".into(), "someone-else".into());
-    cases.push(("labels", r));
+    let err = client
+        .deploy(req)
+        .await
+        .expect_err("a reserved label is refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("labels"),
+        "message {:?} should name the field",
+        err.message()
+    );
 
-    for (field, req) in cases {
-        let err = match client.deploy(req.clone()).await {
-            Ok(_) => panic!("{req:?} was accepted"),
-            Err(e) => e,
-        };
-        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-        assert!(
-            err.message().starts_with(field),
-            "message {:?} should name {field}",
-            err.message()
-        );
-    }
-
-    // Nothing started: no container for the app, no deployment on the server.
+    // Nothing started: no container for the app, no deployment on the t.server.
     assert!(app_containers(&app).is_empty());
-    assert!(app_containers("Bad_Name").is_empty());
     let list = client
         .list_deployments(ListDeploymentsRequest {
             app: app.clone(),
@@ -506,7 +387,7 @@ async fn bad_input_is_invalid_argument_and_starts_nothing() {
         .unwrap()
         .into_inner();
     assert!(all.deployments.is_empty(), "{:?}", all.deployments);
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test]
@@ -566,11 +447,8 @@ async fn get_status_of_an_unknown_deployment_is_not_found() {
 
 #[tokio::test]
 async fn an_explicit_http_health_check_passes() {
-    require_docker();
-    let app = unique_app("http");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("http").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
     let mut req = web_request(&app, "stevedore-test/plain:1");
     req.health_check = Some(HealthCheck {
@@ -590,16 +468,13 @@ async fn an_explicit_http_health_check_passes() {
     assert_eq!(result.health[0].check, "http");
     assert!(result.health[0].healthy, "{:?}", result.health);
     assert_eq!(http_get(&url).await.1.trim(), "plain");
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test]
 async fn an_unhealthy_image_fails_in_health_check() {
-    require_docker();
-    let app = unique_app("unhealthy");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("unhealthy").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
     let updates = deploy(
         &mut client,
@@ -619,16 +494,13 @@ async fn an_unhealthy_image_fails_in_health_check() {
         app_containers(&app).is_empty(),
         "the failed container was removed"
     );
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test]
 async fn a_health_timeout_fails_and_leaves_nothing() {
-    require_docker();
-    let app = unique_app("slowhealth");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("slowhealth").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
     let mut req = quick_request(&app, "stevedore-test/slowhealth:1");
     req.health_check.as_mut().unwrap().timeout = secs(3);
@@ -650,16 +522,13 @@ async fn a_health_timeout_fails_and_leaves_nothing() {
             .any(|u| u.phase() == proto::Phase::HealthCheck && metadata(u).contains_key("attempt"))
     );
     assert!(app_containers(&app).is_empty(), "nothing is left behind");
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test]
 async fn the_deadline_bounds_the_deployment() {
-    require_docker();
-    let app = unique_app("deadline");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("deadline").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
     let mut req = quick_request(&app, "stevedore-test/slowhealth:1");
     req.deadline = secs(3);
@@ -675,5 +544,5 @@ async fn the_deadline_bounds_the_deployment() {
     let status = get_status(&mut client, &end.deployment_id).await;
     assert_eq!(status.state(), proto::DeploymentState::Failed);
     assert!(app_containers(&app).is_empty(), "nothing is left behind");
-    server.stop().await;
+    t.stop().await;
 }

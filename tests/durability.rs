@@ -7,51 +7,13 @@ use std::time::Duration;
 
 use common::*;
 use stevedore::proto::{
-    self, CancelRequest, DeployRequest, DeploymentStatus, GetStatusRequest, ListDeploymentsRequest,
-    ProgressUpdate, WatchRequest,
+    self, CancelRequest, DeployRequest, ListDeploymentsRequest, ProgressUpdate,
 };
-use tonic::{Code, Status, Streaming};
+use tonic::Code;
 
 const WEB1: &str = "stevedore-test/web:1";
 const WEB2: &str = "stevedore-test/web:2";
 const SLOWHEALTH: &str = "stevedore-test/slowhealth:1";
-
-/// Reads a stream to its end: the updates (heartbeats skipped) and the closing status
-/// when it ended with an error.
-async fn drain(stream: &mut Streaming<ProgressUpdate>) -> (Vec<ProgressUpdate>, Option<Status>) {
-    let mut updates = Vec::new();
-    loop {
-        match stream.message().await {
-            Ok(Some(u)) if u.heartbeat => {}
-            Ok(Some(u)) => updates.push(u),
-            Ok(None) => return (updates, None),
-            Err(s) => return (updates, Some(s)),
-        }
-    }
-}
-
-async fn watch(client: &mut Client, id: &str, after: u64) -> Result<Vec<ProgressUpdate>, Status> {
-    let mut stream = client
-        .watch_deployment(WatchRequest {
-            deployment_id: id.into(),
-            after_sequence: after,
-        })
-        .await?
-        .into_inner();
-    match drain(&mut stream).await {
-        (updates, None) => Ok(updates),
-        (_, Some(status)) => Err(status),
-    }
-}
-
-async fn status(client: &mut Client, id: &str) -> Result<DeploymentStatus, Status> {
-    client
-        .get_status(GetStatusRequest {
-            deployment_id: id.into(),
-        })
-        .await
-        .map(|r| r.into_inner())
-}
 
 /// Starts a deploy and reads its stream until `until` holds for an update; returns the
 /// updates read and the open stream.
@@ -59,50 +21,13 @@ async fn deploy_until(
     client: &mut Client,
     req: DeployRequest,
     until: impl Fn(&ProgressUpdate) -> bool,
-) -> (Vec<ProgressUpdate>, Streaming<ProgressUpdate>) {
-    let mut stream = client
-        .deploy(req)
-        .await
-        .expect("deploy accepted")
-        .into_inner();
-    let mut seen = Vec::new();
-    loop {
-        let u = stream
-            .message()
-            .await
-            .expect("stream ok")
-            .expect("stream did not end before the awaited update");
-        if u.heartbeat {
-            continue;
-        }
-        let done = until(&u);
-        seen.push(u);
-        if done {
-            return (seen, stream);
-        }
-    }
+) -> (Vec<ProgressUpdate>, Updates) {
+    let mut stream = deploy_stream(client, req).await;
+    (stream.until(until).await, stream)
 }
 
 fn in_phase(phase: proto::Phase) -> impl Fn(&ProgressUpdate) -> bool {
     move |u| u.phase() == phase
-}
-
-/// Containers (any state) labelled with deployment `id`.
-fn deployment_containers(id: &str) -> Vec<String> {
-    docker(&[
-        "ps",
-        "-aq",
-        "--no-trunc",
-        "--filter",
-        &format!("label=io.stevedore.deployment={id}"),
-    ])
-    .lines()
-    .map(str::to_owned)
-    .collect()
-}
-
-fn endpoint(end: &ProgressUpdate) -> String {
-    end.result.as_ref().unwrap().endpoints["8080/tcp"].clone()
 }
 
 async fn assert_serves(url: &str, body: &str) {
@@ -125,11 +50,8 @@ fn missing_image() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dropped_deploy_stream_resumes_with_watch_exactly_once() {
-    require_docker();
-    let app = unique_app("resume");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("resume").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
     let (first, stream) =
         deploy_until(&mut client, web_request(&app, WEB1), |u| u.sequence == 3).await;
@@ -147,36 +69,44 @@ async fn a_dropped_deploy_stream_resumes_with_watch_exactly_once() {
     assert_well_formed(&joined);
     let full = watch(&mut client, &id, 0).await.unwrap();
     assert_eq!(full, joined, "the log replays the same updates");
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_watchers_get_identical_logs_and_a_stalled_one_catches_up() {
-    require_docker();
-    let app = unique_app("watchers");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    // A 2-update buffer per watcher: the deployment's 20-30 updates outgrow it.
+    let t = Fixture::start_with(
+        "watchers",
+        |c| c.watch_buffer = 2,
+        stevedore::events::ObserverRegistry::new(),
+    )
+    .await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
     let (first, mut deploy_stream) =
         deploy_until(&mut client, web_request(&app, WEB1), |_| true).await;
     let id = first[0].deployment_id.clone();
 
     // A watcher that reads one update, then nothing until the deployment has ended.
-    let mut stalled = client
-        .watch_deployment(WatchRequest {
-            deployment_id: id.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let stalled_first = stalled.message().await.unwrap().unwrap();
+    let mut stalled = watch_stream(&mut client, &id, 0).await.unwrap();
+    let stalled_first = stalled.next_update().await;
+
+    // A watcher slower than the deployment: with a 2-update buffer its backlog outgrows
+    // the buffer, so the server blocks on it and it reads the rest from the log.
+    let mut slow = watch_stream(&mut client, &id, 0).await.unwrap();
+    let slow_reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        while let Some(u) = slow.next().await.expect("the slow watcher ends cleanly") {
+            got.push(u);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        got
+    });
 
     // 200 watchers over 8 connections (a connection carries at most 200 streams).
     let mut clients = Vec::new();
     for _ in 0..8 {
-        clients.push(server.client().await);
+        clients.push(t.server.client().await);
     }
     let mut watchers = Vec::new();
     for i in 0..200 {
@@ -185,7 +115,7 @@ async fn two_hundred_watchers_get_identical_logs_and_a_stalled_one_catches_up() 
         watchers.push(tokio::spawn(async move { watch(&mut c, &id, 0).await }));
     }
 
-    let (rest, end) = drain(&mut deploy_stream).await;
+    let (rest, end) = deploy_stream.drain().await;
     assert!(end.is_none(), "{end:?}");
     let mut reference = first;
     reference.extend(rest);
@@ -203,12 +133,16 @@ async fn two_hundred_watchers_get_identical_logs_and_a_stalled_one_catches_up() 
         status(&mut client, &id).await.unwrap().state(),
         proto::DeploymentState::Succeeded
     );
-    let (stalled_rest, end) = drain(&mut stalled).await;
+    let (stalled_rest, end) = stalled.drain().await;
     assert!(end.is_none(), "{end:?}");
     let mut stalled_log = vec![stalled_first];
     stalled_log.extend(stalled_rest);
     assert_eq!(stalled_log, reference);
-    server.stop().await;
+    // The slow watcher got every update once, in order (Updates checks each sequence
+    // as it arrives), and it was still reading when the deployment ended.
+    let slow_log = slow_reader.await.unwrap();
+    assert_eq!(slow_log, reference);
+    t.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -241,7 +175,7 @@ async fn restart_keeps_history_and_ends_interrupted_deployments() {
     assert_eq!(deployment_containers(&s).len(), 1);
     let pid = a.child.id().to_string();
     signal(&["-TERM", &pid]);
-    let (more, end) = drain(&mut s_stream).await;
+    let (more, end) = s_stream.drain().await;
     let end = end.expect("the stream ends with a status on shutdown");
     assert_eq!(end.code(), Code::Unavailable, "{end:?}");
     let last_seen = more.last().unwrap_or(seen.last().unwrap()).sequence;
@@ -300,9 +234,35 @@ async fn restart_keeps_history_and_ends_interrupted_deployments() {
     .await;
     let v2 = seen[0].deployment_id.clone();
     assert_eq!(deployment_containers(&v2).len(), 1);
+    // Another deployment of the app, queued behind it.
+    let mut queued_client = client.clone();
+    let (queued_seen, _queued_stream) =
+        deploy_until(&mut queued_client, web_request(&app, WEB2), |_| true).await;
+    let queued = queued_seen[0].deployment_id.clone();
+    assert_eq!(
+        status(&mut client, &queued).await.unwrap().state(),
+        proto::DeploymentState::Pending
+    );
+    // kill -9 loses what the store's writer has not committed yet (a few ms, see
+    // DURABILITY.md); give it time so the queued deployment is on disk.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut b = b;
     b.child.kill().unwrap(); // SIGKILL
     b.child.wait().unwrap();
+
+    // A container of another server (its deployment is in no store here) must be left
+    // alone by the recovery.
+    let stranger_app = unique_app("stranger");
+    let _stranger_guard = AppGuard(stranger_app.clone());
+    let stranger = docker(&[
+        "run",
+        "-d",
+        "--label",
+        &format!("io.stevedore.app={stranger_app}"),
+        "--label",
+        &format!("io.stevedore.deployment={}", uuid::Uuid::new_v4()),
+        "stevedore-test/sleeper:1",
+    ]);
 
     // --- third server: the killed deployment ended FAILED, its container gone, the
     // previous version still serving, and the app's queue free.
@@ -322,9 +282,24 @@ async fn restart_keeps_history_and_ends_interrupted_deployments() {
     assert_well_formed(&v2_log);
     assert_eq!(terminal(&v2_log).phase(), proto::Phase::Failed);
     assert!(deployment_containers(&v2).is_empty());
-    assert_eq!(app_containers(&app), deployment_containers(&v1));
+    let v1_containers = deployment_containers(&v1);
+    assert_eq!(v1_containers.len(), 1, "v1 still has its container");
+    assert_eq!(app_containers(&app), v1_containers);
     assert_serves(&v1_url, "v1").await;
     assert_eq!(status(&mut client, &v1).await.unwrap(), v1_status);
+    // Nothing stays queued after a restart: the queued deployment ended FAILED too.
+    assert_eq!(
+        status(&mut client, &queued).await.unwrap().state(),
+        proto::DeploymentState::Failed
+    );
+    let queued_log = watch(&mut client, &queued, 0).await.unwrap();
+    assert_well_formed(&queued_log);
+    assert_eq!(terminal(&queued_log).phase(), proto::Phase::Failed);
+    assert_eq!(
+        app_containers(&stranger_app),
+        vec![stranger.clone()],
+        "another server's container was left alone"
+    );
 
     let v3_log = deploy(&mut client, web_request(&app, WEB2)).await;
     let v3_end = terminal(&v3_log);
@@ -409,7 +384,7 @@ async fn cancel_scenario(image: String, reached: impl Fn(&ProgressUpdate) -> boo
         metadata(u).get("queue_position").map(String::as_str) == Some("1")
     })
     .await;
-    let queued = tokio::spawn(async move { drain(&mut queued_stream).await });
+    let queued = tokio::spawn(async move { queued_stream.drain().await });
 
     let cancelled = client
         .cancel_deployment(CancelRequest {
@@ -425,7 +400,7 @@ async fn cancel_scenario(image: String, reached: impl Fn(&ProgressUpdate) -> boo
     assert_serves(&v1_url, "v1").await;
     assert!(deployment_containers(&id).is_empty(), "nothing left behind");
 
-    let (rest, end) = drain(&mut stream).await;
+    let (rest, end) = stream.drain().await;
     assert!(end.is_none(), "{end:?}");
     let mut log = seen;
     log.extend(rest);
@@ -489,10 +464,8 @@ async fn cancel_during_health_check() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn retention_removes_history_with_clear_codes() {
-    require_docker();
-    let app = unique_app("retention");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start_with(
+    let t = Fixture::start_with(
+        "retention",
         |c| {
             c.retention_max_deployments = Some(2);
             c.retention_max_log_updates = Some(3);
@@ -500,19 +473,25 @@ async fn retention_removes_history_with_clear_codes() {
         stevedore::events::ObserverRegistry::new(),
     )
     .await;
-    let mut client = server.client().await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
     let mut ids = Vec::new();
     for _ in 0..3 {
         let log = deploy(&mut client, web_request(&app, &missing_image())).await;
         assert_eq!(terminal(&log).phase(), proto::Phase::Failed);
         ids.push(log[0].deployment_id.clone());
     }
-    let engine = &server.server.as_ref().unwrap().engine;
-    engine.store().flush().await;
-    engine.apply_retention().await;
-
-    // The oldest deployment is gone: NOT_FOUND, saying why it may be.
-    let err = status(&mut client, &ids[0]).await.unwrap_err();
+    // Retention runs by itself after each deployment (no manual call here): the oldest
+    // deployment goes, NOT_FOUND, saying why it may be.
+    let err = eventually_async(
+        STATE_LIMIT,
+        "retention to remove the oldest deployment",
+        || {
+            let mut client = client.clone();
+            let id = ids[0].clone();
+            async move { status(&mut client, &id).await.err() }
+        },
+    )
+    .await;
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("retention"), "{}", err.message());
     assert_eq!(
@@ -521,6 +500,12 @@ async fn retention_removes_history_with_clear_codes() {
     );
 
     // The newest keeps its status and the last 3 updates of its log.
+    eventually_async(STATE_LIMIT, "retention to trim the newest log", || {
+        let mut client = client.clone();
+        let id = ids[2].clone();
+        async move { (watch(&mut client, &id, 0).await.err()?.code() == Code::OutOfRange).then_some(()) }
+    })
+    .await;
     let last = status(&mut client, &ids[2]).await.unwrap();
     assert_eq!(last.state(), proto::DeploymentState::Failed);
     let n = last.last_sequence;
@@ -546,7 +531,41 @@ async fn retention_removes_history_with_clear_codes() {
         .into_inner()
         .deployments;
     assert_eq!(listed.len(), 2);
-    server.stop().await;
+    t.stop().await;
+}
+
+/// `--retention-max-age` on the binary: a deployment older than the limit goes when the
+/// next deployment ends, without any manual call; the young one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retention_max_age_removes_old_deployments_by_itself() {
+    require_docker();
+    let app = unique_app("max-age");
+    let _guard = AppGuard(app.clone());
+    let data = tempfile::tempdir().unwrap();
+    let server = BinaryServer::spawn(data.path(), &["--retention-max-age", "8s"]);
+    let mut client = connect(server.grpc_addr).await;
+    let old = deploy(&mut client, web_request(&app, &missing_image())).await;
+    let old = old[0].deployment_id.clone();
+    assert!(status(&mut client, &old).await.is_ok());
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let young = deploy(&mut client, web_request(&app, &missing_image())).await;
+    let young = young[0].deployment_id.clone();
+    let err = eventually_async(
+        STATE_LIMIT,
+        "max-age retention to remove the old deployment",
+        || {
+            let mut client = client.clone();
+            let id = old.clone();
+            async move { status(&mut client, &id).await.err() }
+        },
+    )
+    .await;
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("retention"), "{}", err.message());
+    assert!(
+        status(&mut client, &young).await.is_ok(),
+        "the young one stays"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -618,18 +637,15 @@ async fn list_pages_have_no_duplicates_or_holes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idempotent_retry_gives_one_deployment_and_one_container() {
-    require_docker();
-    let app = unique_app("idem");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("idem").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
     let mut req = web_request(&app, WEB1);
     req.idempotency_key = "release-42".into();
 
     let (first, mut stream) = deploy_until(&mut client, req.clone(), |u| u.sequence == 2).await;
     // The retry while the first still runs: same deployment, replayed from the start.
     let retry = deploy(&mut client, req.clone()).await;
-    let (rest, end) = drain(&mut stream).await;
+    let (rest, end) = stream.drain().await;
     assert!(end.is_none());
     let mut original = first;
     original.extend(rest);
@@ -661,16 +677,13 @@ async fn an_idempotent_retry_gives_one_deployment_and_one_container() {
     other_req.image = missing_image();
     let other_log = deploy(&mut client, other_req).await;
     assert_ne!(other_log[0].deployment_id, original[0].deployment_id);
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_store_never_holds_secrets() {
-    require_docker();
-    let app = unique_app("secrets");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("secrets").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
     let mut req = web_request(&app, WEB1);
     req.env
         .insert("API_TOKEN".into(), "env-value-7f3a9c".into());
@@ -681,10 +694,17 @@ async fn the_store_never_holds_secrets() {
     });
     let log = deploy(&mut client, req).await;
     assert_eq!(terminal(&log).phase(), proto::Phase::Complete);
-    server.server.as_ref().unwrap().engine.store().flush().await;
+    t.server
+        .server
+        .as_ref()
+        .unwrap()
+        .engine
+        .store()
+        .flush()
+        .await;
     let mut bytes = Vec::new();
     for f in ["stevedore.db", "stevedore.db-wal"] {
-        if let Ok(b) = std::fs::read(server.data_dir.path().join(f)) {
+        if let Ok(b) = std::fs::read(t.server.data_dir.path().join(f)) {
             bytes.extend(b);
         }
     }
@@ -702,20 +722,18 @@ async fn the_store_never_holds_secrets() {
     ] {
         assert!(!text.contains(secret), "{secret} was stored");
     }
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn quiet_streams_carry_heartbeats_outside_the_log() {
-    require_docker();
-    let app = unique_app("heartbeat");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start_with(
+    let t = Fixture::start_with(
+        "heartbeat",
         |c| c.heartbeat_interval = Duration::from_millis(100),
         stevedore::events::ObserverRegistry::new(),
     )
     .await;
-    let mut client = server.client().await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
     let mut req = web_request(&app, SLOWHEALTH);
     // Probe every 2s: the stream is quiet in between.
     req.health_check = Some(proto::HealthCheck {
@@ -725,11 +743,17 @@ async fn quiet_streams_carry_heartbeats_outside_the_log() {
         }),
         ..Default::default()
     });
-    let mut stream = client.deploy(req).await.unwrap().into_inner();
+    let mut raw = client.deploy(req).await.unwrap().into_inner();
     let mut real = Vec::new();
     let mut heartbeats = Vec::new();
     while heartbeats.len() < 3 {
-        let u = stream.message().await.unwrap().unwrap();
+        let u = tokio::time::timeout(STATE_LIMIT, raw.message())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("timed out after {STATE_LIMIT:?} waiting for a heartbeat; got {real:?}")
+            })
+            .unwrap()
+            .unwrap();
         if u.heartbeat {
             assert_eq!(
                 u.sequence,
@@ -750,13 +774,14 @@ async fn quiet_streams_carry_heartbeats_outside_the_log() {
         })
         .await
         .unwrap();
-    let (rest, end) = drain(&mut stream).await;
+    let after = real.last().unwrap().sequence;
+    let (rest, end) = Updates::new(raw, after).drain().await;
     assert!(end.is_none(), "{end:?}");
     real.extend(rest);
     assert_well_formed(&real);
     // The log holds no heartbeat.
     assert_eq!(watch(&mut client, &id, 0).await.unwrap(), real);
-    server.stop().await;
+    t.stop().await;
 }
 
 /// A deployment that stopped the previous version to take over a fixed host port, and

@@ -7,13 +7,6 @@ mod common;
 use common::*;
 use stevedore::proto::{self, Level, Phase};
 
-fn secs(s: i64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration {
-        seconds: s,
-        nanos: 0,
-    })
-}
-
 fn hook(name: &str, command: &[&str], tty: bool, timeout_secs: i64) -> proto::Hook {
     proto::Hook {
         name: name.into(),
@@ -41,11 +34,8 @@ fn hook_updates<'a>(
 
 #[tokio::test]
 async fn log_milestones_move_health_check_progress_and_count() {
-    require_docker();
-    let app = unique_app("milestones");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("milestones").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
     let mut req = web_request(&app, "stevedore-test/milestones:1");
     let milestone = |pattern: &str, progress: f64, description: &str| proto::Milestone {
@@ -138,16 +128,13 @@ async fn log_milestones_move_health_check_progress_and_count() {
     assert!(log.healthy, "{log:?}");
     let (status, body) = http_get(&result.endpoints["8080/tcp"]).await;
     assert_eq!((status, body.trim()), (200, "milestones"));
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test]
 async fn tty_hook_percentages_drive_progress_scaled_over_the_hooks() {
-    require_docker();
-    let app = unique_app("hook-tty");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("hook-tty").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
     let mut req = web_request(&app, "stevedore-test/web:1");
     req.hooks = vec![
@@ -228,16 +215,13 @@ async fn tty_hook_percentages_drive_progress_scaled_over_the_hooks() {
 
     let (status, body) = http_get(&end.result.clone().unwrap().endpoints["8080/tcp"]).await;
     assert_eq!((status, body.trim()), (200, "v1"));
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test]
 async fn the_same_hook_without_a_tty_completes() {
-    require_docker();
-    let app = unique_app("hook-notty");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("hook-notty").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
 
     let mut req = web_request(&app, "stevedore-test/web:1");
     req.hooks = vec![hook(
@@ -263,7 +247,7 @@ async fn the_same_hook_without_a_tty_completes() {
     assert_eq!(lines, vec!["100%", "no-tty"]);
     assert_eq!(ours.last().unwrap().phase_progress, 1.0);
     assert_eq!(app_containers(&app).len(), 1);
-    server.stop().await;
+    t.stop().await;
 }
 
 /// Deploys web:1 as `app` and returns its endpoint.
@@ -278,11 +262,8 @@ async fn deploy_v1(client: &mut Client, app: &str) -> String {
 
 #[tokio::test]
 async fn a_failing_hook_fails_the_deployment_and_the_previous_version_keeps_serving() {
-    require_docker();
-    let app = unique_app("hook-fail");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("hook-fail").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
     let url = deploy_v1(&mut client, &app).await;
     let before = app_containers(&app);
 
@@ -331,16 +312,13 @@ async fn a_failing_hook_fails_the_deployment_and_the_previous_version_keeps_serv
     // Rolled back: the new container is gone, the previous one still serves v1.
     assert_eq!(app_containers(&app), before);
     assert_eq!(http_get(&url).await, (200, "v1\n".into()));
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test]
 async fn a_hook_past_its_timeout_fails_and_its_exec_is_gone() {
-    require_docker();
-    let app = unique_app("hook-timeout");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let t = Fixture::start("hook-timeout").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
     let url = deploy_v1(&mut client, &app).await;
     let before = app_containers(&app);
 
@@ -385,47 +363,5 @@ async fn a_hook_past_its_timeout_fails_and_its_exec_is_gone() {
     );
     assert_eq!(app_containers(&app), before);
     assert_eq!(http_get(&url).await, (200, "v1\n".into()));
-    server.stop().await;
-}
-
-#[tokio::test]
-async fn an_invalid_milestone_regex_is_rejected_and_starts_nothing() {
-    require_docker();
-    let app = unique_app("bad-milestone");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-
-    let mut req = web_request(&app, "stevedore-test/milestones:1");
-    req.milestones = vec![
-        proto::Milestone {
-            pattern: "^step 1/4$".into(),
-            progress: 0.5,
-            description: "fine".into(),
-        },
-        proto::Milestone {
-            pattern: "step (unclosed".into(),
-            progress: 1.0,
-            description: "broken".into(),
-        },
-    ];
-    let err = client.deploy(req).await.expect_err("rejected");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(
-        err.message().contains("milestones[1].pattern"),
-        "{}",
-        err.message()
-    );
-
-    let list = client
-        .list_deployments(proto::ListDeploymentsRequest {
-            app: app.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(list.deployments.is_empty());
-    assert!(app_containers(&app).is_empty());
-    server.stop().await;
+    t.stop().await;
 }

@@ -19,17 +19,6 @@ use stevedore::proto::{self, DeployRequest};
 const WEB: &str = "stevedore-test/web:1";
 const CRASH: &str = "stevedore-test/crash:1";
 
-/// Polls `f` every 50 ms until it returns `Some`, for at most `secs` seconds.
-async fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    for _ in 0..secs * 20 {
-        if let Some(v) = f() {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("gave up waiting for {what}");
-}
-
 /// The value of `series` (metric name with its labels, as rendered) in a scrape.
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -115,25 +104,33 @@ async fn misbehaving_observers_do_not_affect_the_deployment_or_each_other() {
 
     // The healthy observer sees every update, in order.
     let id = end.deployment_id.clone();
-    let seen = eventually(30, "the recorder to see the terminal update", || {
-        let seen: Vec<u64> = recorder
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|u| u.deployment_id.to_string() == id)
-            .map(|u| u.sequence)
-            .collect();
-        (seen.len() as u64 == n).then_some(seen)
-    })
+    let seen = eventually(
+        Duration::from_secs(30),
+        "the recorder to see the terminal update",
+        || {
+            let seen: Vec<u64> = recorder
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|u| u.deployment_id.to_string() == id)
+                .map(|u| u.sequence)
+                .collect();
+            (seen.len() as u64 == n).then_some(seen)
+        },
+    )
     .await;
     assert_eq!(seen, (1..=n).collect::<Vec<_>>());
 
     // Failures and drops are counted, per observer, and exported.
-    let stats = eventually(30, "the failing observers to get every update", || {
-        let s = registry.stats();
-        (s["failing"].failed == n && s["panicking"].failed == n).then_some(s)
-    })
+    let stats = eventually(
+        Duration::from_secs(30),
+        "the failing observers to get every update",
+        || {
+            let s = registry.stats();
+            (s["failing"].failed == n && s["panicking"].failed == n).then_some(s)
+        },
+    )
     .await;
     // The sleeper holds one update and queues two: the rest are dropped.
     assert_eq!(stats["sleeper"].dropped, n - 3, "{stats:?}");
@@ -196,14 +193,18 @@ async fn metrics_count_successful_and_failed_deployments() {
     let bad = deploy(&mut client, crash_request(&bad_app)).await;
     assert_eq!(terminal(&bad).phase(), proto::Phase::Failed);
 
-    let text = eventually(30, "both deployments in the metrics", || {
-        let text = futures_block(scrape(&server));
-        (sample(
-            &text,
-            r#"stevedore_deployments_finished_total{outcome="failed"}"#,
-        ) == Some(1.0))
-        .then_some(text)
-    })
+    let text = eventually(
+        Duration::from_secs(30),
+        "both deployments in the metrics",
+        || {
+            let text = futures_block(scrape(&server));
+            (sample(
+                &text,
+                r#"stevedore_deployments_finished_total{outcome="failed"}"#,
+            ) == Some(1.0))
+            .then_some(text)
+        },
+    )
     .await;
     assert_eq!(
         sample(&text, "stevedore_deployments_started_total"),
@@ -244,14 +245,37 @@ async fn metrics_count_successful_and_failed_deployments() {
         ),
         Some(1.0)
     );
-    // The crash image fails during its health check (it exits after 0.5 s).
-    assert_eq!(
+    // The crash image exits after 0.5 s: it fails in its health check, or in STARTING
+    // when starting and inspecting it took longer than that on a loaded machine.
+    let failed_in = |phase: &str| {
         sample(
             &text,
-            r#"stevedore_phase_duration_seconds_count{phase="health_check",outcome="failed"}"#
+            &format!(
+                r#"stevedore_phase_duration_seconds_count{{phase="{phase}",outcome="failed"}}"#
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    let failed_phase = terminal(&bad)
+        .result
+        .as_ref()
+        .and_then(|r| r.diagnostics.as_ref())
+        .expect("the failure carries diagnostics")
+        .failed_phase();
+    assert!(
+        matches!(
+            failed_phase,
+            proto::Phase::Starting | proto::Phase::HealthCheck
         ),
-        Some(1.0)
+        "{failed_phase:?}"
     );
+    let counted = if failed_phase == proto::Phase::Starting {
+        "starting"
+    } else {
+        "health_check"
+    };
+    assert_eq!(failed_in(counted), 1.0, "{text}");
+    assert_eq!(failed_in("starting") + failed_in("health_check"), 1.0);
     assert_eq!(
         sample(
             &text,
@@ -299,11 +323,8 @@ fn verify(path: &std::path::Path) -> (bool, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_log_chains_verifies_and_shows_tampering() {
-    require_docker();
-    let app = unique_app("audit");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
+    let mut t = Fixture::start("audit").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
     let secret = format!("hunter2-{}", uuid::Uuid::new_v4().simple());
     // Pulled from the registry, so the digest is resolved.
     let (image, _) = push_random_image(1);
@@ -314,12 +335,11 @@ async fn audit_log_chains_verifies_and_shows_tampering() {
     let updates = deploy(&mut client, req).await;
     let end = terminal(&updates).clone();
     assert_eq!(end.phase(), proto::Phase::Complete);
-    let path = server.data_dir.path().join("audit.log");
-    let data_dir = server.data_dir.path().to_owned();
+    let path = t.server.data_dir.path().join("audit.log");
+    let data_dir = t.server.data_dir.path().to_owned();
     // Stopping drains the observers: every record is on disk. (The data dir lives on
-    // with `server`.)
-    let mut server = server;
-    server.server.take().unwrap().stop().await.unwrap();
+    // with `t`.)
+    t.server.server.take().unwrap().stop().await.unwrap();
 
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(!text.contains(&secret), "an env value was written");
@@ -484,15 +504,19 @@ async fn deployments_are_refused_while_the_audit_log_cannot_be_written() {
 
     // Once the log can be written, deployments are accepted again.
     std::fs::remove_file(&blocker).unwrap();
-    eventually(30, "the audit log to be writable", || {
-        server
-            .server
-            .as_ref()
-            .unwrap()
-            .audit_log
-            .is_writable()
-            .then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the audit log to be writable",
+        || {
+            server
+                .server
+                .as_ref()
+                .unwrap()
+                .audit_log
+                .is_writable()
+                .then_some(())
+        },
+    )
     .await;
     let updates = deploy(&mut client, web_request(&app, WEB)).await;
     assert_eq!(terminal(&updates).phase(), proto::Phase::Complete);
@@ -549,7 +573,7 @@ impl Receiver {
     }
 
     async fn wait_for_finished(&self, deployment_id: &str) -> Vec<serde_json::Value> {
-        eventually(60, "the finished webhook", || {
+        eventually(Duration::from_secs(60), "the finished webhook", || {
             let bodies = self.bodies(deployment_id);
             bodies
                 .iter()
@@ -664,16 +688,14 @@ async fn webhooks_are_retried_until_the_receiver_is_up() {
     require_docker();
     let (socket, port) = reserved_port();
     let url = format!("http://127.0.0.1:{port}/hook");
-    let app = unique_app("hookretry");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start_with(with_webhook(url), ObserverRegistry::new()).await;
-    let mut client = server.client().await;
+    let t = Fixture::start_with("hookretry", with_webhook(url), ObserverRegistry::new()).await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
     let updates = deploy(&mut client, web_request(&app, WEB)).await;
     let end = terminal(&updates).clone();
     assert_eq!(end.phase(), proto::Phase::Complete);
     // The receiver is down: attempts fail and are counted.
-    eventually(30, "failed webhook attempts", || {
-        (failed_attempts(&futures_block(scrape(&server))) >= 2.0).then_some(())
+    eventually(Duration::from_secs(30), "failed webhook attempts", || {
+        (failed_attempts(&futures_block(scrape(&t.server))) >= 2.0).then_some(())
     })
     .await;
     // Up: everything arrives, in order, after retries.
@@ -682,26 +704,45 @@ async fn webhooks_are_retried_until_the_receiver_is_up() {
     let _serving = receiver.serve(listener).await;
     let bodies = receiver.wait_for_finished(&end.deployment_id).await;
     assert_delivered_in_order(&receiver, &bodies, end.sequence);
-    server.stop().await;
+    t.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_webhook_does_not_hold_up_deployments() {
     require_docker();
+    // One receiver refuses connections; the other accepts them and never answers.
     let (_socket, port) = reserved_port();
-    let url = format!("http://127.0.0.1:{port}/hook");
-    let app = unique_app("hookdown");
-    let _guard = AppGuard(app.clone());
-    let server = TestServer::start_with(with_webhook(url), ObserverRegistry::new()).await;
-    let mut client = server.client().await;
-    for _ in 0..2 {
-        let updates = deploy(&mut client, web_request(&app, WEB)).await;
-        assert_well_formed(&updates);
-        assert_eq!(terminal(&updates).phase(), proto::Phase::Complete);
+    let refusing = format!("http://127.0.0.1:{port}/hook");
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}/hook", silent.local_addr().unwrap());
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    for url in [refusing, silent_url] {
+        let t = Fixture::start_with(
+            "hookdown",
+            with_webhook(url.clone()),
+            ObserverRegistry::new(),
+        )
+        .await;
+        let (app, mut client) = (t.app.clone(), t.client.clone());
+        for _ in 0..2 {
+            let updates = tokio::time::timeout(
+                Duration::from_secs(120),
+                deploy(&mut client, web_request(&app, WEB)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("a deployment waited for the webhook at {url}"));
+            assert_well_formed(&updates);
+            assert_eq!(terminal(&updates).phase(), proto::Phase::Complete);
+        }
+        eventually(Duration::from_secs(60), "failed webhook attempts", || {
+            (failed_attempts(&futures_block(scrape(&t.server))) >= 2.0).then_some(())
+        })
+        .await;
+        t.stop().await;
     }
-    eventually(30, "failed webhook attempts", || {
-        (failed_attempts(&futures_block(scrape(&server))) >= 2.0).then_some(())
-    })
-    .await;
-    server.stop().await;
 }

@@ -78,23 +78,18 @@ fn holding_request(app: &str) -> DeployRequest {
     }
 }
 
-type Updates = tonic::Streaming<proto::ProgressUpdate>;
-
 /// Starts a deployment and returns its ID and open stream.
 async fn start_deploy(
     client: &mut Client,
     req: tonic::Request<DeployRequest>,
 ) -> (String, Updates) {
-    let mut stream = client
+    let raw = client
         .deploy(req)
         .await
         .expect("deploy accepted")
         .into_inner();
-    let first = stream
-        .message()
-        .await
-        .expect("first update")
-        .expect("a first update");
+    let mut stream = Updates::new(raw, 0);
+    let first = stream.next_update().await;
     (first.deployment_id, stream)
 }
 
@@ -246,7 +241,7 @@ async fn every_rpc_answers_by_token_scope() {
         match watch {
             Result::Ok(s) => {
                 assert_eq!(expected, Ok, "WatchDeployment");
-                let first = s.into_inner().message().await.unwrap().unwrap();
+                let first = Updates::new(s.into_inner(), 0).next_update().await;
                 assert_eq!(first.sequence, 1);
             }
             Err(e) => assert_eq!(e.code(), expected, "WatchDeployment: {e:?}"),
@@ -349,18 +344,16 @@ async fn every_rpc_answers_by_token_scope() {
     // The audit log (DATA_DIR/audit.log) has the same refusals, in its chain, and
     // the accepted deployment as requested by the token's name.
     let audit_path = dir.path().join("audit.log");
-    let mut records: Vec<serde_json::Value> = Vec::new();
-    for _ in 0..100 {
-        let text = std::fs::read_to_string(&audit_path).unwrap_or_default();
-        records = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        if records.iter().filter(|r| r["event"] == "refused").count() >= 12 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let records: Vec<serde_json::Value> =
+        eventually(STATE_LIMIT, "12 refusals in the audit log", || {
+            let text = std::fs::read_to_string(&audit_path).unwrap_or_default();
+            let records: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            (records.iter().filter(|r| r["event"] == "refused").count() >= 12).then_some(records)
+        })
+        .await;
     let refused: Vec<_> = records.iter().filter(|r| r["event"] == "refused").collect();
     assert_eq!(refused.len(), 12, "{refused:#?}");
     assert!(refused.iter().any(|r| r["method"] == "Deploy"
@@ -398,15 +391,16 @@ async fn every_rpc_answers_by_token_scope() {
 }
 
 #[tokio::test]
-async fn a_removed_token_ends_its_watch_stream_on_sighup() {
+async fn a_removed_token_ends_its_streams_on_sighup_and_a_bad_file_keeps_the_tokens() {
     require_docker();
     let dir = tempfile::tempdir().unwrap();
     let (deploy_secret, deploy_entry) = cli_token("ci", "deploy");
     let (watch_secret, watch_entry) = cli_token("watcher", "read");
+    let (gone_secret, gone_entry) = cli_token("gone", "deploy");
     let tokens = write(
         dir.path(),
         "tokens.toml",
-        &format!("{deploy_entry}\n{watch_entry}"),
+        &format!("{deploy_entry}\n{watch_entry}\n{gone_entry}"),
     );
     let server = BinaryServer::spawn(dir.path(), &["--tokens-file", tokens.to_str().unwrap()]);
     let mut client = connect(server.grpc_addr).await;
@@ -418,7 +412,7 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
         authed(holding_request(&app), Some(&deploy_secret)),
     )
     .await;
-    let mut watch = client
+    let watch = client
         .watch_deployment(authed(
             WatchRequest {
                 deployment_id: id.clone(),
@@ -429,9 +423,18 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
         .await
         .expect("watcher may watch")
         .into_inner();
-    assert_eq!(watch.message().await.unwrap().unwrap().sequence, 1);
+    let mut watch = Updates::new(watch, 0);
+    assert_eq!(watch.next_update().await.sequence, 1);
+    // A Deploy stream of a token that goes too (another app: it runs at once).
+    let other_app = unique_app("revoke-deploy");
+    let _other_guard = AppGuard(other_app.clone());
+    let (other_id, mut gone_stream) = start_deploy(
+        &mut client,
+        authed(holding_request(&other_app), Some(&gone_secret)),
+    )
+    .await;
 
-    // Remove the watcher's token and tell the server.
+    // Remove the watcher's and the other deployer's tokens and tell the server.
     std::fs::write(&tokens, &deploy_entry).unwrap();
     server.hangup();
 
@@ -439,7 +442,7 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
     // (the timeout turns a missing revocation into a failure instead of a hang).
     let until_error = async {
         loop {
-            match watch.message().await {
+            match watch.next().await {
                 Ok(Some(u)) => assert!(u.result.is_none(), "the deployment ended: {u:?}"),
                 Ok(None) => panic!("the stream ended without an error"),
                 Err(e) => break e,
@@ -451,6 +454,13 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
         .expect("the removed token's stream was not closed");
     assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
     assert!(end.message().contains("watcher"), "{end:?}");
+    // The Deploy stream of the removed token is closed the same way.
+    let (_, end) = tokio::time::timeout(Duration::from_secs(120), gone_stream.drain())
+        .await
+        .expect("the removed token's Deploy stream was not closed");
+    let end = end.expect("the Deploy stream ends with a status");
+    assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    assert!(end.message().contains("gone"), "{end:?}");
 
     // The removed token is refused from now on; the kept one still works.
     let r = client
@@ -472,29 +482,58 @@ async fn a_removed_token_ends_its_watch_stream_on_sighup() {
         .await
         .expect("the kept token still works");
     assert!(server.log_text().contains("tokens file reloaded"));
+
+    // A broken tokens file on SIGHUP keeps the tokens in force.
+    std::fs::write(&tokens, "this is [not a tokens file").unwrap();
+    server.hangup();
+    eventually(STATE_LIMIT, "the refused reload in the log", || {
+        server
+            .log_text()
+            .contains("tokens file not reloaded")
+            .then_some(())
+    })
+    .await;
+    client
+        .cancel_deployment(authed(
+            CancelRequest {
+                deployment_id: other_id.clone(),
+            },
+            Some(&deploy_secret),
+        ))
+        .await
+        .expect("the kept token still works after a bad reload");
+    let r = client
+        .get_status(authed(
+            GetStatusRequest { deployment_id: id },
+            Some(&watch_secret),
+        ))
+        .await;
+    assert_eq!(
+        code_of(r),
+        Code::Unauthenticated,
+        "the removed one stays removed"
+    );
 }
 
 #[test]
 fn without_tokens_only_loopback_unless_insecure() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(binary())
-        .args([
-            "serve",
-            "--listen",
-            "0.0.0.0:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "a non-loopback server without tokens started"
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");
+    // Neither the gRPC nor the HTTP side (metrics, health) starts on a non-loopback
+    // address without tokens; the refusal names the address.
+    for (grpc, http) in [("0.0.0.0:0", "127.0.0.1:0"), ("127.0.0.1:0", "0.0.0.0:0")] {
+        let out = Command::new(binary())
+            .args(["serve", "--listen", grpc, "--http-listen", http])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "a server without tokens started with --listen {grpc} --http-listen {http}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("refusing to listen on 0.0.0.0:0"), "{err}");
+    }
 
     // With --insecure-no-auth it starts, and warns.
     let log = dir.path().join("insecure.log");
@@ -717,7 +756,7 @@ async fn over_limit_deploys_and_watches_get_resource_exhausted_at_once() {
     // With both ended, a deployment of the other app is admitted again (the place is
     // freed when the deployment's task returns, just after its terminal update).
     let mut attempts = 0;
-    let mut s3 = loop {
+    let s3 = loop {
         match client.deploy(holding_request(&other)).await {
             Ok(s) => break s.into_inner(),
             Err(e) if e.code() == Code::ResourceExhausted && attempts < 100 => {
@@ -727,7 +766,7 @@ async fn over_limit_deploys_and_watches_get_resource_exhausted_at_once() {
             Err(e) => panic!("not admitted after the others ended: {e:?}"),
         }
     };
-    let next = s3.message().await.unwrap().unwrap().deployment_id;
+    let next = Updates::new(s3, 0).next_update().await.deployment_id;
     client
         .cancel_deployment(CancelRequest {
             deployment_id: next,
@@ -812,24 +851,57 @@ async fn a_refused_registry_or_privileged_port_gets_permission_denied() {
 #[tokio::test]
 async fn registry_credentials_appear_nowhere() {
     require_docker();
-    let (image, _) = push_random_image(1);
+    let image = private_image();
     let dir = tempfile::tempdir().unwrap();
+    // Env values and the webhook secret must not appear anywhere either.
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let secrets = [
+        AUTH_USER.to_owned(),
+        AUTH_PASSWORD.to_owned(),
+        format!("idtok-{tag}"),
+        format!("envval-{tag}"),
+        format!("hooksecret-{tag}"),
+    ];
     let server = BinaryServer::spawn_with_env(
         dir.path(),
-        &["--allow-registry", &registry()],
+        &[
+            "--allow-registry",
+            &registry(),
+            "--allow-registry",
+            &auth_registry(),
+            "--webhook",
+            "http://127.0.0.1:9/hook",
+            "--webhook-secret",
+            &secrets[4],
+        ],
         &[("RUST_LOG", "debug")],
     );
     let mut client = connect(server.grpc_addr).await;
     let app = unique_app("creds");
     let _guard = AppGuard(app.clone());
 
-    let tag = uuid::Uuid::new_v4().simple().to_string();
-    let secrets = [
-        format!("user-{tag}"),
-        format!("pass-{tag}"),
-        format!("idtok-{tag}"),
-    ];
+    // The registry wants credentials: without them the pull fails, and says why.
+    let without = deploy(&mut client, web_request(&app, &image)).await;
+    assert_well_formed(&without);
+    let end = terminal(&without);
+    assert_eq!(end.phase(), proto::Phase::Failed, "{end:?}");
+    let why = end.message.to_lowercase();
+    assert!(
+        [
+            "unauthorized",
+            "authentication required",
+            "no basic auth credentials"
+        ]
+        .iter()
+        .any(|s| why.contains(s)),
+        "the failure names the missing credentials: {}",
+        end.message
+    );
+
+    // With them (sent to the engine, never stored) the same image is pulled.
     let mut req = web_request(&app, &image);
+    req.env
+        .insert("DATABASE_PASSWORD".into(), secrets[3].clone());
     req.registry_auth = Some(RegistryAuth {
         username: secrets[0].clone(),
         password: secrets[1].clone(),
@@ -843,6 +915,7 @@ async fn registry_credentials_appear_nowhere() {
         updates.iter().any(|u| u.pull.is_some()),
         "the image was pulled with the credentials"
     );
+    let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
 
     // A second deployment with an identity token (refused by the policy first: the
     // refusal is audited, and must not name the token either).
@@ -867,32 +940,19 @@ async fn registry_credentials_appear_nowhere() {
         .await
         .unwrap()
         .into_inner();
-    let mut replay = client
-        .watch_deployment(WatchRequest {
-            deployment_id: id,
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut replayed = Vec::new();
-    while let Some(u) = replay.message().await.unwrap() {
-        replayed.push(u);
-    }
+    let replayed = watch(&mut client, &id, 0).await.unwrap();
     let container = end.result.as_ref().unwrap().container_id.clone();
     let inspect = docker(&["inspect", &container]);
 
     // The refusal reaches the audit log (written in the background).
     let audit_path = dir.path().join("audit.log");
-    for _ in 0..100 {
-        if std::fs::read_to_string(&audit_path)
+    eventually(STATE_LIMIT, "the refusal in the audit log", || {
+        std::fs::read_to_string(&audit_path)
             .unwrap_or_default()
             .contains("\"refused\"")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .then_some(())
+    })
+    .await;
     let audit = std::fs::read_to_string(&audit_path).unwrap();
     assert!(
         audit.contains("\"refused\"") && audit.contains("\"accepted\""),
@@ -910,11 +970,21 @@ async fn registry_credentials_appear_nowhere() {
         ("replayed updates", format!("{replayed:?}")),
         ("GetStatus", format!("{status:?}")),
         ("ListDeployments", format!("{list:?}")),
-        ("container", inspect),
     ];
     for (place, text) in &places {
         for secret in &secrets {
             assert!(!text.contains(secret.as_str()), "{secret} found in {place}");
         }
+    }
+    // The container has its env value (it was sent), and nothing else of these.
+    assert!(
+        inspect.contains(&secrets[3]),
+        "the env value reached the container"
+    );
+    for secret in secrets.iter().filter(|s| **s != secrets[3]) {
+        assert!(
+            !inspect.contains(secret.as_str()),
+            "{secret} found in the container"
+        );
     }
 }

@@ -9,6 +9,21 @@
 #       stops the server (SIGTERM, SIGKILL after 10s), removes the apps' containers,
 #       and prints the server's log when RC is not 0.
 
+#   stevedore_binary
+#       prints the path of the debug binary (under $CARGO_TARGET_DIR when set), building
+#       it first when it is missing.
+
+stevedore_binary() {
+  local root target
+  root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+  target=${CARGO_TARGET_DIR:-$root/target}
+  [[ $target == /* ]] || target=$root/$target
+  if [[ ! -x $target/debug/stevedore ]]; then
+    (cd "$root" && cargo build -q --bin stevedore) >&2 || return 1
+  fi
+  echo "$target/debug/stevedore"
+}
+
 SERVER_PID=
 SERVER_LOG=
 GRPC_ADDR=

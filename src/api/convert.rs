@@ -685,6 +685,30 @@ mod tests {
             )
         }
 
+        type Milestones = Vec<(String, f64, String)>;
+        type Hooks = Vec<(String, Vec<String>, bool, Option<prost_types::Duration>)>;
+
+        fn milestones_of(m: Milestones) -> Vec<proto::Milestone> {
+            m.into_iter()
+                .map(|(pattern, progress, description)| proto::Milestone {
+                    pattern,
+                    progress,
+                    description,
+                })
+                .collect()
+        }
+
+        fn hooks_of(h: Hooks) -> Vec<proto::Hook> {
+            h.into_iter()
+                .map(|(name, command, tty, timeout)| proto::Hook {
+                    name,
+                    command,
+                    tty,
+                    timeout,
+                })
+                .collect()
+        }
+
         prop_compose! {
             fn request()(
                 app in text(),
@@ -724,23 +748,124 @@ mod tests {
                             identity_token,
                         }
                     }),
-                    milestones: milestones
-                        .into_iter()
-                        .map(|(pattern, progress, description)| proto::Milestone {
-                            pattern,
-                            progress,
-                            description,
-                        })
-                        .collect(),
-                    hooks: hooks
-                        .into_iter()
-                        .map(|(name, command, tty, timeout)| proto::Hook {
-                            name,
-                            command,
-                            tty,
-                            timeout,
-                        })
-                        .collect(),
+                    milestones: milestones_of(milestones),
+                    hooks: hooks_of(hooks),
+                }
+            }
+        }
+
+        fn short_duration(
+            min_ms: u64,
+            max_ms: u64,
+        ) -> impl Strategy<Value = prost_types::Duration> {
+            (min_ms..=max_ms).prop_map(|ms| prost_types::Duration {
+                seconds: (ms / 1000) as i64,
+                nanos: (ms % 1000) as i32 * 1_000_000,
+            })
+        }
+
+        prop_compose! {
+            /// Requests every field of which is valid on its own, so that most are
+            /// accepted and the accepted branch runs; the env sometimes nears or passes
+            /// the 128 KiB bound, and ports may repeat.
+            fn valid_request()(
+                app in "[a-z][a-z0-9-]{0,40}[a-z0-9]",
+                image in "(127\\.0\\.0\\.1:5000/)?[a-z0-9]{1,10}(/[a-z0-9]{1,10})?(:[a-z0-9.]{1,8})?",
+                command in vec("[ -~]{1,20}", 0..3),
+                env in btree_map("[A-Z_][A-Z0-9_]{0,15}", "[ -~]{0,40}", 0..4),
+                big_env in prop_oneof![4 => Just(0usize), 1 => 100_000usize..140_000],
+                container_ports in proptest::collection::btree_set(1u32..65536, 0..4),
+                host_port in prop_oneof![Just(0u32), 1u32..65536],
+                udp in any::<bool>(),
+                labels in btree_map("[a-z][a-z0-9.]{0,15}", "[ -~]{0,20}", 0..4),
+                health_timeout in option::of(short_duration(100, 3_600_000)),
+                health_interval in option::of(short_duration(50, 300_000)),
+                deadline in option::of(short_duration(1000, 86_400_000)),
+                idempotency_key in "[a-z0-9-]{0,40}",
+                milestones in vec(("[a-z ]{1,10}", -1.0f64..=1.0, "[a-z ]{0,10}"), 0..3),
+                hooks in vec(("[a-z]{0,8}", vec("[a-z]{1,8}", 1..3), any::<bool>(), option::of(short_duration(100, 600_000))), 0..3),
+            ) -> proto::DeployRequest {
+                let mut env: std::collections::HashMap<String, String> = env.into_iter().collect();
+                if big_env > 0 {
+                    env.insert("BIG".into(), "x".repeat(big_env));
+                }
+                let ports = container_ports
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, container_port)| proto::PortMapping {
+                        container_port,
+                        host_port: if i == 0 { host_port } else { 0 },
+                        protocol: if udp { "udp".into() } else { "tcp".into() },
+                    })
+                    .collect();
+                proto::DeployRequest {
+                    app,
+                    image,
+                    command,
+                    env,
+                    ports,
+                    labels: labels.into_iter().collect(),
+                    health_check: Some(proto::HealthCheck {
+                        check: None,
+                        timeout: health_timeout,
+                        interval: health_interval,
+                    }),
+                    deadline,
+                    idempotency_key,
+                    registry_auth: None,
+                    milestones: milestones_of(milestones),
+                    hooks: hooks_of(hooks),
+                }
+            }
+        }
+
+        /// The request fields an error message may start with.
+        const FIELDS: &[&str] = &[
+            "app",
+            "image",
+            "command",
+            "env",
+            "ports",
+            "labels",
+            "health_check",
+            "deadline",
+            "idempotency_key",
+            "registry_auth",
+            "milestones",
+            "hooks",
+        ];
+
+        /// Checks one request; returns whether it was accepted.
+        fn check(req: proto::DeployRequest) -> Result<bool, TestCaseError> {
+            match deploy_spec(req, "fuzz".into()) {
+                Ok(spec) => {
+                    prop_assert!(!spec.image.is_empty());
+                    prop_assert!(
+                        spec.labels
+                            .keys()
+                            .all(|k| !k.starts_with(RESERVED_LABEL_PREFIX))
+                    );
+                    let env: usize = spec.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+                    prop_assert!(env <= MAX_ENV_BYTES);
+                    prop_assert!(
+                        spec.deadline >= Duration::from_secs(1) && spec.deadline <= MAX_DEADLINE
+                    );
+                    // The deploy policy must not panic on anything validation accepts.
+                    let policy =
+                        crate::api::policy::DeployPolicy::new(&["127.0.0.1:5000".into()], false);
+                    let _ = policy.check(&spec);
+                    Ok(true)
+                }
+                Err(e) => {
+                    prop_assert_eq!(e.code(), tonic::Code::InvalidArgument);
+                    let message = e.message();
+                    let field = message.split([':', '[', '.']).next().unwrap_or_default();
+                    prop_assert!(
+                        FIELDS.contains(&field) && message.contains(": "),
+                        "the message names a request field first: {}",
+                        message
+                    );
+                    Ok(false)
                 }
             }
         }
@@ -753,23 +878,39 @@ mod tests {
 
             #[test]
             fn no_request_panics_validation(req in request()) {
-                match deploy_spec(req, "fuzz".into()) {
-                    Ok(spec) => {
-                        prop_assert!(!spec.image.is_empty());
-                        prop_assert!(spec.labels.keys().all(|k| !k.starts_with(RESERVED_LABEL_PREFIX)));
-                        let env: usize = spec.env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-                        prop_assert!(env <= MAX_ENV_BYTES);
-                        prop_assert!(spec.deadline >= Duration::from_secs(1) && spec.deadline <= MAX_DEADLINE);
-                        // The deploy policy must not panic on anything validation accepts.
-                        let policy = crate::api::policy::DeployPolicy::new(&["127.0.0.1:5000".into()], false);
-                        let _ = policy.check(&spec);
-                    }
-                    Err(e) => {
-                        prop_assert_eq!(e.code(), tonic::Code::InvalidArgument);
-                        prop_assert!(e.message().contains(':'), "names a field: {}", e.message());
-                    }
-                }
+                check(req)?;
             }
+        }
+
+        /// Mostly valid requests: the accepted branch runs for most of them (counted),
+        /// and the ones refused (env over the bound, a repeated host port…) name a field.
+        #[test]
+        fn valid_requests_are_accepted_and_keep_the_limits() {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            let accepted = AtomicUsize::new(0);
+            let refused = AtomicUsize::new(0);
+            let config = ProptestConfig {
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            };
+            let cases = config.cases as usize;
+            let mut runner = proptest::test_runner::TestRunner::new(config);
+            runner
+                .run(&valid_request(), |req| {
+                    let counter = if check(req)? { &accepted } else { &refused };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                })
+                .unwrap();
+            let (accepted, refused) = (accepted.into_inner(), refused.into_inner());
+            assert!(
+                accepted >= cases / 2,
+                "only {accepted} of {cases} valid requests were accepted ({refused} refused)"
+            );
+            assert!(
+                refused >= 1,
+                "no request over the env bound was refused in {cases}"
+            );
         }
     }
 }

@@ -12,8 +12,12 @@ use std::time::Duration;
 
 use stevedore::events::ObserverRegistry;
 use stevedore::proto::deployer_client::DeployerClient;
-use stevedore::proto::{self, DeployRequest, PortMapping, ProgressUpdate};
+use stevedore::proto::{
+    self, DeployRequest, DeploymentStatus, GetStatusRequest, PortMapping, ProgressUpdate,
+    WatchRequest,
+};
 use stevedore::server::{RunningServer, ServeConfig};
+use tonic::Streaming;
 use tonic::transport::Channel;
 
 pub type Client = DeployerClient<Channel>;
@@ -36,6 +40,22 @@ pub fn require_docker() {
 /// The local registry test images are pushed to.
 pub fn registry() -> String {
     std::env::var("STEVEDORE_TEST_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5000".into())
+}
+
+/// The local registry with htpasswd auth (scripts/test-env.sh starts it).
+pub fn auth_registry() -> String {
+    std::env::var("STEVEDORE_TEST_AUTH_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5001".into())
+}
+
+/// The test-only credentials of [`auth_registry`] (the same as in scripts/test-env.sh).
+pub const AUTH_USER: &str = "sdtest-user-7f3a9c";
+pub const AUTH_PASSWORD: &str = "sdtest-pass-2b8e41d9";
+
+/// An image only [`auth_registry`] holds; removed locally so a deploy of it must pull.
+pub fn private_image() -> String {
+    let image = format!("{}/stevedore-test/private:1", auth_registry());
+    let _ = Command::new("docker").args(["rmi", &image]).output();
+    image
 }
 
 /// A unique app name with a readable prefix.
@@ -167,6 +187,9 @@ pub fn serve_config(data_dir: &std::path::Path) -> ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         http_listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.to_owned(),
+        // Generous: other test runs share the engine and its two cores; no test measures
+        // the Docker call bound with this setting.
+        docker_timeout: Duration::from_secs(120),
         ..ServeConfig::defaults()
     }
 }
@@ -210,6 +233,48 @@ impl TestServer {
     }
 }
 
+/// What most Docker tests start with: an engine that answers, a unique app name whose
+/// containers are removed on drop, an in-process server and a client of it.
+/// `t.stop().await` asserts a clean shutdown; dropping without it still cleans up.
+pub struct Fixture {
+    pub app: String,
+    pub client: Client,
+    pub server: TestServer,
+    _guard: AppGuard,
+}
+
+impl Fixture {
+    /// Starts with the default config; `prefix` starts the app's name.
+    pub async fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, |_| {}, ObserverRegistry::new()).await
+    }
+
+    /// Starts with a config adjusted by `tweak` and the given observers.
+    pub async fn start_with(
+        prefix: &str,
+        tweak: impl FnOnce(&mut ServeConfig),
+        observers: ObserverRegistry,
+    ) -> Self {
+        require_docker();
+        let app = unique_app(prefix);
+        let guard = AppGuard(app.clone());
+        let server = TestServer::start_with(tweak, observers).await;
+        let client = server.client().await;
+        Self {
+            app,
+            client,
+            server,
+            _guard: guard,
+        }
+    }
+
+    /// Stops the server, asserting a clean shutdown; the app's containers go on drop.
+    pub async fn stop(self) {
+        let Self { server, _guard, .. } = self;
+        server.stop().await;
+    }
+}
+
 pub async fn connect(addr: SocketAddr) -> Client {
     DeployerClient::connect(format!("http://{addr}"))
         .await
@@ -234,21 +299,259 @@ pub fn web_request(app: &str, image: &str) -> DeployRequest {
     }
 }
 
-/// Deploys and collects every update until the stream ends (heartbeats skipped).
-pub async fn deploy(client: &mut Client, req: DeployRequest) -> Vec<ProgressUpdate> {
-    let mut stream = client
+/// How long a test waits for a stream to end. Test requests carry a 120 s deadline;
+/// the rest is room for rollback on a loaded two-core machine.
+pub const STREAM_LIMIT: Duration = Duration::from_secs(300);
+
+/// How long a test waits for a state to be reached (a status, an answer, a file).
+pub const STATE_LIMIT: Duration = Duration::from_secs(60);
+
+/// A stream of updates read under a time limit, checking as each update arrives that it
+/// belongs to the same deployment and follows the previous one without a gap, so a broken
+/// invariant fails at once with a message naming it, and a stream that never ends fails
+/// after [`STREAM_LIMIT`] instead of hanging the suite. Heartbeats are skipped.
+pub struct Updates {
+    stream: Streaming<ProgressUpdate>,
+    deployment_id: Option<String>,
+    last_sequence: u64,
+    last_phase: proto::Phase,
+    deadline: tokio::time::Instant,
+}
+
+impl Updates {
+    /// A stream whose first update must have sequence `after + 1` (0 for Deploy).
+    pub fn new(stream: Streaming<ProgressUpdate>, after: u64) -> Self {
+        Self::with_limit(stream, after, STREAM_LIMIT)
+    }
+
+    pub fn with_limit(stream: Streaming<ProgressUpdate>, after: u64, limit: Duration) -> Self {
+        Self {
+            stream,
+            deployment_id: None,
+            last_sequence: after,
+            last_phase: proto::Phase::Unspecified,
+            deadline: tokio::time::Instant::now() + limit,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "deployment {} (last seq {}, phase {:?})",
+            self.deployment_id.as_deref().unwrap_or("?"),
+            self.last_sequence,
+            self.last_phase
+        )
+    }
+
+    /// The next update (heartbeats skipped), `None` at the end, or the closing status.
+    pub async fn next(&mut self) -> Result<Option<ProgressUpdate>, tonic::Status> {
+        loop {
+            let started = tokio::time::Instant::now();
+            let next = tokio::time::timeout_at(self.deadline, self.stream.message()).await;
+            let Ok(next) = next else {
+                panic!(
+                    "timed out after {:?} waiting for the next update of {}",
+                    started.elapsed(),
+                    self.describe()
+                );
+            };
+            let Some(u) = next? else { return Ok(None) };
+            if u.heartbeat {
+                continue;
+            }
+            let id = self
+                .deployment_id
+                .get_or_insert_with(|| u.deployment_id.clone());
+            assert_eq!(&u.deployment_id, id, "an update of another deployment");
+            assert_eq!(
+                u.sequence,
+                self.last_sequence + 1,
+                "sequence gap: expected {}, got {} in {}",
+                self.last_sequence + 1,
+                u.sequence,
+                self.describe()
+            );
+            self.last_sequence = u.sequence;
+            self.last_phase = u.phase();
+            return Ok(Some(u));
+        }
+    }
+
+    /// The next update; panics if the stream ends or fails first.
+    pub async fn next_update(&mut self) -> ProgressUpdate {
+        let what = self.describe();
+        self.next()
+            .await
+            .unwrap_or_else(|s| panic!("stream of {what} failed: {s:?}"))
+            .unwrap_or_else(|| panic!("stream of {what} ended before the awaited update"))
+    }
+
+    /// Reads until `until` holds for an update; returns the updates read.
+    pub async fn until(&mut self, until: impl Fn(&ProgressUpdate) -> bool) -> Vec<ProgressUpdate> {
+        let mut seen = Vec::new();
+        loop {
+            let u = self.next_update().await;
+            let done = until(&u);
+            seen.push(u);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// Reads to the end: the updates and the closing status when it ended with an error.
+    pub async fn drain(&mut self) -> (Vec<ProgressUpdate>, Option<tonic::Status>) {
+        let mut updates = Vec::new();
+        loop {
+            match self.next().await {
+                Ok(Some(u)) => updates.push(u),
+                Ok(None) => return (updates, None),
+                Err(s) => return (updates, Some(s)),
+            }
+        }
+    }
+
+    /// Reads to the end; panics if the stream ends with an error.
+    pub async fn rest(&mut self) -> Vec<ProgressUpdate> {
+        let (updates, end) = self.drain().await;
+        if let Some(s) = end {
+            panic!("stream of {} ended with {s:?}", self.describe());
+        }
+        updates
+    }
+}
+
+/// Starts a deploy and returns its update stream.
+pub async fn deploy_stream(client: &mut Client, req: DeployRequest) -> Updates {
+    let stream = client
         .deploy(req)
         .await
         .expect("deploy accepted")
         .into_inner();
-    let mut updates = Vec::new();
-    while let Some(u) = stream.message().await.expect("stream ok") {
-        // Heartbeats (sent after 15s of silence) are not part of the log.
-        if !u.heartbeat {
-            updates.push(u);
-        }
+    Updates::new(stream, 0)
+}
+
+/// Deploys and collects every update until the stream ends (heartbeats skipped).
+pub async fn deploy(client: &mut Client, req: DeployRequest) -> Vec<ProgressUpdate> {
+    deploy_stream(client, req).await.rest().await
+}
+
+/// Opens a watch of deployment `id` after `after`.
+pub async fn watch_stream(
+    client: &mut Client,
+    id: &str,
+    after: u64,
+) -> Result<Updates, tonic::Status> {
+    let stream = client
+        .watch_deployment(WatchRequest {
+            deployment_id: id.into(),
+            after_sequence: after,
+        })
+        .await?
+        .into_inner();
+    Ok(Updates::new(stream, after))
+}
+
+/// Watches deployment `id` after `after` to the end of its log.
+pub async fn watch(
+    client: &mut Client,
+    id: &str,
+    after: u64,
+) -> Result<Vec<ProgressUpdate>, tonic::Status> {
+    match watch_stream(client, id, after).await?.drain().await {
+        (updates, None) => Ok(updates),
+        (_, Some(status)) => Err(status),
     }
-    updates
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    eventually_async(limit, what, || std::future::ready(f())).await
+}
+
+/// Polls the future `f` makes every 50 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually_async<T, F: std::future::Future<Output = Option<T>>>(
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GetStatus of deployment `id`.
+pub async fn status(client: &mut Client, id: &str) -> Result<DeploymentStatus, tonic::Status> {
+    client
+        .get_status(GetStatusRequest {
+            deployment_id: id.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// GetStatus of deployment `id`, which must answer.
+pub async fn get_status(client: &mut Client, id: &str) -> DeploymentStatus {
+    status(client, id).await.expect("GetStatus answers")
+}
+
+/// Polls GetStatus until deployment `id` has ended.
+pub async fn wait_finished(client: &mut Client, id: &str) -> DeploymentStatus {
+    eventually_async(STREAM_LIMIT, &format!("deployment {id} to end"), || {
+        let mut client = client.clone();
+        async move {
+            let s = get_status(&mut client, id).await;
+            use proto::DeploymentState::*;
+            matches!(s.state(), Succeeded | Failed | Cancelled).then_some(s)
+        }
+    })
+    .await
+}
+
+/// A protobuf duration of `s` seconds.
+pub fn secs(s: i64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    })
+}
+
+/// The endpoint of container port 8080 in a terminal update.
+pub fn endpoint(end: &ProgressUpdate) -> String {
+    end.result.as_ref().unwrap().endpoints["8080/tcp"].clone()
+}
+
+/// The endpoint of a deployment that must have succeeded.
+pub fn succeeded_url(updates: &[ProgressUpdate]) -> String {
+    let end = terminal(updates);
+    assert_eq!(
+        end.phase(),
+        proto::Phase::Complete,
+        "deployment failed: {}",
+        end.message
+    );
+    endpoint(end)
+}
+
+/// Containers (any state) labelled with deployment `id`.
+pub fn deployment_containers(id: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-aq",
+        "--no-trunc",
+        "--filter",
+        &format!("label=io.stevedore.deployment={id}"),
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect()
 }
 
 /// The terminal update (asserting there is exactly one, and it is last).
@@ -306,15 +609,18 @@ pub async fn http_get(url: &str) -> (u16, String) {
 }
 
 /// GET `url` until something answers (a container just started may not listen yet),
-/// for up to 10s; return (status, body).
+/// for up to [`STATE_LIMIT`]; return (status, body).
 pub async fn http_get_eventually(url: &str) -> (u16, String) {
-    for _ in 0..100 {
-        if let Ok(r) = reqwest::get(url).await {
-            return (r.status().as_u16(), r.text().await.unwrap_or_default());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("nothing answered at {url} within 10s");
+    eventually_async(STATE_LIMIT, &format!("an answer at {url}"), || async {
+        let r = reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+        Some((r.status().as_u16(), r.text().await.unwrap_or_default()))
+    })
+    .await
 }
 
 pub fn metadata(u: &ProgressUpdate) -> BTreeMap<String, String> {
@@ -351,6 +657,7 @@ impl BinaryServer {
         let mut child = Command::new(binary())
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--docker-timeout", "120s"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)
@@ -361,7 +668,7 @@ impl BinaryServer {
             .stderr(file)
             .spawn()
             .expect("spawn stevedore");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + STATE_LIMIT;
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if let Some(line) = text.lines().find(|l| l.contains("stevedore listening")) {

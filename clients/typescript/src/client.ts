@@ -2,6 +2,8 @@
 //
 // The service definition is loaded from proto/stevedore/v1/deployer.proto at runtime
 // (@grpc/proto-loader), so the client always speaks the contract in this repository.
+// The message types in src/generated/ are generated from the same proto by
+// proto-loader-gen-types (`npm run generate`, run by test.sh), never copied by hand.
 // Field names follow the proto (keepCase); enums arrive as their names
 // ("PHASE_COMPLETE"); 64-bit integers as strings.
 
@@ -9,103 +11,54 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import type { ProtoGrpcType } from "./generated/deployer.js";
+import type { DeployerClient } from "./generated/stevedore/v1/Deployer.js";
+import type { DeployRequest } from "./generated/stevedore/v1/DeployRequest.js";
+import type { DeploymentStatus__Output } from "./generated/stevedore/v1/DeploymentStatus.js";
+import type { ProgressUpdate__Output } from "./generated/stevedore/v1/ProgressUpdate.js";
+
+export type { DeployRequest };
+/** An update as the client receives it (every field present). */
+export type ProgressUpdate = ProgressUpdate__Output;
+export type DeploymentStatus = DeploymentStatus__Output;
+export type { DeploymentResult__Output as DeploymentResult } from "./generated/stevedore/v1/DeploymentResult.js";
+export type { PullProgress__Output as PullProgress } from "./generated/stevedore/v1/PullProgress.js";
+export type { PortMapping } from "./generated/stevedore/v1/PortMapping.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const PROTO_DIR = join(here, "..", "..", "..", "proto");
 
-export interface PortMapping {
-  container_port: number;
-  host_port?: number;
-  protocol?: "tcp" | "udp" | "";
-}
+/** The options the generated types assume (see the generate script in package.json). */
+const LOAD_OPTIONS: protoLoader.Options = {
+  includeDirs: [PROTO_DIR],
+  keepCase: true,
+  longs: String,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+};
 
-export interface DeployRequest {
-  app: string;
-  image: string;
-  command?: string[];
-  env?: Record<string, string>;
-  ports?: PortMapping[];
-  labels?: Record<string, string>;
-  idempotency_key?: string;
-  [field: string]: unknown;
-}
-
-export interface PullProgress {
-  layer_id: string;
-  current_bytes: string;
-  total_bytes: string;
-  image_current_bytes: string;
-  image_total_bytes: string;
-}
-
-export interface DeploymentResult {
-  success: boolean;
-  message: string;
-  container_id: string;
-  image_digest: string;
-  endpoints: Record<string, string>;
-  diagnostics?: { failed_phase: string; step: string; exit_code?: string; log_tail: string[] } | null;
-}
-
-export interface ProgressUpdate {
-  deployment_id: string;
-  sequence: string;
-  app: string;
-  phase: string;
-  phase_progress: number;
-  total_progress: number;
-  level: string;
-  message: string;
-  metadata: Record<string, string>;
-  pull?: PullProgress | null;
-  result?: DeploymentResult | null;
-  heartbeat: boolean;
-}
-
-export interface DeploymentStatus {
-  deployment_id: string;
-  app: string;
-  image: string;
-  state: string;
-  phase: string;
-  total_progress: number;
-  error: string;
-  result?: DeploymentResult | null;
-  last_sequence: string;
-}
-
-type Stub = grpc.Client & Record<string, (...args: unknown[]) => unknown>;
-
-function loadService(): grpc.ServiceClientConstructor {
-  const definition = protoLoader.loadSync("stevedore/v1/deployer.proto", {
-    includeDirs: [PROTO_DIR],
-    keepCase: true,
-    longs: String,
-    enums: String,
-    defaults: true,
-    oneofs: true,
-  });
-  const pkg = grpc.loadPackageDefinition(definition) as unknown as {
-    stevedore: { v1: { Deployer: grpc.ServiceClientConstructor } };
-  };
+function loadService(): ProtoGrpcType["stevedore"]["v1"]["Deployer"] {
+  const definition = protoLoader.loadSync("stevedore/v1/deployer.proto", LOAD_OPTIONS);
+  const pkg = grpc.loadPackageDefinition(definition) as unknown as ProtoGrpcType;
   return pkg.stevedore.v1.Deployer;
 }
 
 /** Deployer client. `token` is sent as `authorization: Bearer …` when given. */
 export class Stevedore {
-  private readonly stub: Stub;
+  private readonly stub: DeployerClient;
   private readonly metadata: grpc.Metadata;
 
   constructor(address = "127.0.0.1:50051", options: { token?: string } = {}) {
     const Deployer = loadService();
-    this.stub = new Deployer(address, grpc.credentials.createInsecure()) as unknown as Stub;
+    this.stub = new Deployer(address, grpc.credentials.createInsecure());
     this.metadata = new grpc.Metadata();
     if (options.token) this.metadata.set("authorization", `Bearer ${options.token}`);
   }
 
   /** Starts a deployment and yields every update until the terminal one (heartbeats skipped). */
   deploy(request: DeployRequest): AsyncIterable<ProgressUpdate> {
-    return this.updates(this.stub.Deploy(request, this.metadata) as grpc.ClientReadableStream<ProgressUpdate>);
+    return this.updates(this.stub.Deploy(request, this.metadata));
   }
 
   /** Replays updates after `afterSequence`, then follows until the end. */
@@ -113,7 +66,7 @@ export class Stevedore {
     const call = this.stub.WatchDeployment(
       { deployment_id: deploymentId, after_sequence: String(afterSequence) },
       this.metadata,
-    ) as grpc.ClientReadableStream<ProgressUpdate>;
+    );
     return this.updates(call);
   }
 
@@ -122,7 +75,7 @@ export class Stevedore {
       this.stub.GetStatus(
         { deployment_id: deploymentId },
         this.metadata,
-        (err: grpc.ServiceError | null, status: DeploymentStatus) => (err ? reject(err) : resolve(status)),
+        (err: grpc.ServiceError | null, status?: DeploymentStatus) => (err || !status ? reject(err) : resolve(status)),
       );
     });
   }
