@@ -7,6 +7,7 @@
 
 mod admission;
 mod deployment;
+pub mod eta;
 mod hooks;
 mod milestones;
 mod pull;
