@@ -116,6 +116,9 @@ static EXIT_CODE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"returned a non-zero code: (-?\d+)").expect("regex"));
 static RUNNING_IN: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^ ---> Running in ([0-9a-f]+)$").expect("regex"));
+/// Colour codes: the classic builder paints a step's stderr red (`ESC[91m … ESC[0m`).
+static ANSI: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\x1b\[[0-9;?]*[A-Za-z]").expect("regex"));
 static LAYER: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^ ---> [0-9a-f]{12,64}$").expect("regex"));
 
@@ -169,7 +172,9 @@ impl BuildParser {
 
     fn line(&mut self, raw: &str, events: &mut Vec<BuildEvent>) {
         // A progress bar rewritten with \r: its last state is the line.
-        let line = raw.rsplit('\r').next().unwrap_or(raw);
+        let raw = raw.rsplit('\r').next().unwrap_or(raw);
+        let plain = ANSI.replace_all(raw, "");
+        let line = plain.as_ref();
         if let Some(c) = STEP.captures(line) {
             let step = BuildStep {
                 number: c[1].parse().unwrap_or(0),
@@ -826,6 +831,20 @@ mod tests {
         assert_eq!(f.log_tail.len(), LOG_TAIL_LINES);
         assert_eq!(f.log_tail.first().unwrap(), "81");
         assert_eq!(f.log_tail.last().unwrap(), "100");
+    }
+
+    #[test]
+    fn colour_codes_are_removed() {
+        let mut p = BuildParser::default();
+        let events = run(
+            &mut p,
+            &[
+                stream("Step 1/1 : RUN x\n"),
+                stream("\u{1b}[91mmain.c:3: error\n"),
+                stream("\u{1b}[0mRemoving intermediate container 0123456789ab\n"),
+            ],
+        );
+        assert_eq!(events[1..], [output(1, "main.c:3: error")]);
     }
 
     #[test]

@@ -498,7 +498,12 @@ impl GitRun<'_> {
         killer.disarm();
         if !status.success() {
             return Err(GitError::Failed {
-                command: args.first().copied().unwrap_or("").to_owned(),
+                command: args
+                    .iter()
+                    .find(|a| !a.starts_with('-') && !a.contains('='))
+                    .copied()
+                    .unwrap_or("")
+                    .to_owned(),
                 status: status.to_string(),
                 message: redact_url(&tail.join("; ")),
             });
@@ -584,7 +589,11 @@ pub async fn fetch(
     });
 
     run.credential = credential.as_ref();
+    // unpackLimit=1: always keep the pack (index-pack), so even a small fetch reports
+    // "Receiving objects" with bytes and rate.
     let mut args = vec![
+        "-c",
+        "fetch.unpackLimit=1",
         "fetch",
         "--progress",
         "--prune",
@@ -608,6 +617,8 @@ pub async fn fetch(
                 return Err(GitError::UnknownReference(r));
             }
             let args = [
+                "-c",
+                "fetch.unpackLimit=1",
                 "fetch",
                 "--progress",
                 "--no-write-fetch-head",
