@@ -157,7 +157,7 @@ async fn fetch_over_file_url_reports_progress_and_the_commit_then_fetches_increm
     let fetched = fetched.unwrap();
     assert_eq!(fetched.commit, first);
     assert!(!fetched.incremental);
-    assert_eq!(log.started().unwrap().1, false);
+    assert!(!log.started().unwrap().1);
     let received_first = log.objects_received().expect("receiving progress");
     assert!(received_first >= 150, "objects: {received_first}");
     assert!(
@@ -180,7 +180,7 @@ async fn fetch_over_file_url_reports_progress_and_the_commit_then_fetches_increm
     let (fetched, log) = fetch(&cache, &repo.file_url(), Some("main")).await;
     let fetched = fetched.unwrap();
     assert!(fetched.incremental);
-    assert_eq!(log.started().unwrap().1, true);
+    assert!(log.started().unwrap().1);
     assert_eq!(fetched.commit, second);
     let received_second = log.objects_received().unwrap_or(0);
     assert!(
@@ -652,6 +652,15 @@ fn dockerfile(marker: &str, last: &str) -> String {
     format!("FROM stevedore-test/base:1\nRUN echo preparing {marker} > /prepared\n{last}\n")
 }
 
+/// A context directory with a three-step Dockerfile ending in `last` (its RUN step unique
+/// to this call, so the first build of it misses the cache).
+fn context_with(last: &str) -> tempfile::TempDir {
+    let marker = uuid::Uuid::new_v4().simple().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Dockerfile"), dockerfile(&marker, last)).unwrap();
+    dir
+}
+
 #[tokio::test]
 async fn build_reports_steps_tags_skips_a_built_commit_and_counts_cached_steps() {
     common::require_docker();
@@ -794,16 +803,9 @@ async fn a_failing_run_gives_diagnostics_naming_the_step_and_its_output() {
     common::require_docker();
     let app = common::unique_app("srcfail");
     let _images = ImageGuard(app.clone());
-    let marker = uuid::Uuid::new_v4().simple().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("Dockerfile"),
-        dockerfile(
-            &marker,
-            "RUN echo compiling main.c && echo 'main.c:3: error: expected ;' >&2 && exit 3",
-        ),
-    )
-    .unwrap();
+    let dir = context_with(
+        "RUN echo compiling main.c && echo 'main.c:3: error: expected ;' >&2 && exit 3",
+    );
     let built = run_build(&app, "0000000000000000000000000000000000000001", dir.path()).await;
     let Err(BuildError::Failed(failure)) = &built.result else {
         panic!("expected a failed build: {:?}", built.result)
@@ -815,8 +817,11 @@ async fn a_failing_run_gives_diagnostics_naming_the_step_and_its_output() {
         "{step:?}"
     );
     assert_eq!(failure.exit_code, Some(3));
+    // stdout and stderr are separate streams in the engine: their order may vary.
+    let mut tail = failure.log_tail.clone();
+    tail.sort();
     assert_eq!(
-        failure.log_tail,
+        tail,
         vec![
             "compiling main.c".to_owned(),
             "main.c:3: error: expected ;".to_owned()
@@ -843,13 +848,7 @@ async fn cancel_during_a_slow_run_stops_the_build_and_leaves_no_container() {
     common::require_docker();
     let app = common::unique_app("srccancel");
     let _images = ImageGuard(app.clone());
-    let marker = uuid::Uuid::new_v4().simple().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("Dockerfile"),
-        dockerfile(&marker, "RUN echo sleeping && sleep 30"),
-    )
-    .unwrap();
+    let dir = context_with("RUN echo sleeping && sleep 30");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cancel = CancellationToken::new();
     let task = {

@@ -155,7 +155,7 @@ impl Packer {
             } else {
                 format!("{prefix}/{name}")
             };
-            if self.always_exclude.iter().any(|x| *x == rel) {
+            if self.always_exclude.contains(&rel) {
                 continue;
             }
             let meta = std::fs::symlink_metadata(&path)?;

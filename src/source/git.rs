@@ -370,13 +370,26 @@ pub fn validate_url(url: &str) -> Result<(), GitError> {
 }
 
 /// The shell credential helper git runs; it reads the credential from the environment git
-/// inherited from us, so it is never on a command line or on disk.
-const HELPER: &str = "!f() { test \"$1\" = get || exit 0; printf 'username=%s\\npassword=%s\\n' \"$STEVEDORE_GIT_USERNAME\" \"$STEVEDORE_GIT_PASSWORD\"; }; f";
+/// inherited from us, so it is never on a command line or on disk. It answers only for
+/// the host (and port) of the URL, so a redirect elsewhere does not get it.
+const HELPER: &str = concat!(
+    "!f() { test \"$1\" = get || exit 0; h=; ",
+    "while IFS= read -r l && test -n \"$l\"; do case \"$l\" in host=*) h=\"${l#host=}\";; esac; done; ",
+    "test \"$h\" = \"$STEVEDORE_GIT_HOST\" || exit 0; ",
+    "printf 'username=%s\\npassword=%s\\n' \"$STEVEDORE_GIT_USERNAME\" \"$STEVEDORE_GIT_PASSWORD\"; }; f"
+);
+
+/// `host[:port]` of a URL like `https://host:port/path` (what git calls `host`).
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split(['/', '?', '#']).next().unwrap_or("")
+}
 
 /// How one git invocation is run.
 struct GitRun<'a> {
     dir: &'a Path,
-    credential: Option<&'a Credential>,
+    /// The credential and the host it is for.
+    credential: Option<(&'a Credential, &'a str)>,
     cancel: &'a CancellationToken,
 }
 
@@ -423,7 +436,7 @@ impl GitRun<'_> {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        if let Some(cred) = self.credential {
+        if let Some((cred, host)) = self.credential {
             // Configuration through the environment (git ≥ 2.31): an empty helper first
             // resets any configured helper, then ours answers from the environment.
             cmd.env("GIT_CONFIG_COUNT", "2")
@@ -432,7 +445,8 @@ impl GitRun<'_> {
                 .env("GIT_CONFIG_KEY_1", "credential.helper")
                 .env("GIT_CONFIG_VALUE_1", HELPER)
                 .env("STEVEDORE_GIT_USERNAME", &cred.username)
-                .env("STEVEDORE_GIT_PASSWORD", &cred.password);
+                .env("STEVEDORE_GIT_PASSWORD", &cred.password)
+                .env("STEVEDORE_GIT_HOST", host);
         }
         cmd
     }
@@ -588,7 +602,7 @@ pub async fn fetch(
         incremental,
     });
 
-    run.credential = credential.as_ref();
+    run.credential = credential.as_ref().map(|c| (c, url_host(&url)));
     // unpackLimit=1: always keep the pack (index-pack), so even a small fetch reports
     // "Receiving objects" with bytes and rate.
     let mut args = vec![
@@ -799,6 +813,16 @@ mod tests {
         let (url, cred) = split_credentials("file:///srv/r.git");
         assert_eq!(url, "file:///srv/r.git");
         assert!(cred.is_none());
+    }
+
+    #[test]
+    fn the_credential_is_for_the_url_host_only() {
+        assert_eq!(
+            url_host("https://example.test:8443/r.git"),
+            "example.test:8443"
+        );
+        assert_eq!(url_host("http://127.0.0.1:9/x"), "127.0.0.1:9");
+        assert_eq!(url_host("https://h"), "h");
     }
 
     #[test]
