@@ -937,3 +937,43 @@ async fn a_missing_dockerfile_fails_before_any_build() {
         "dockerfile \"Dockerfile\" not found in the build context"
     );
 }
+
+#[tokio::test]
+async fn a_missing_base_image_is_pulled_with_byte_progress() {
+    common::require_docker();
+    let (base, sizes) = common::push_random_image(3);
+    let app = common::unique_app("srcpull");
+    let _images = ImageGuard(app.clone());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!("FROM {base}\nRUN echo on top\n"),
+    )
+    .unwrap();
+    let built = run_build(&app, "0000000000000000000000000000000000000004", dir.path()).await;
+    let _ = Command::new("docker").args(["rmi", "-f", &base]).output();
+    built
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("build: {e}\n{:?}", built.events));
+    // The pull's events come inside step 1, with bytes of the random layer.
+    let first_step = built
+        .events
+        .iter()
+        .position(|e| matches!(e, BuildEvent::Step(s) if s.number == 1))
+        .unwrap();
+    let biggest = *sizes.iter().max().unwrap();
+    let downloaded = built.events[first_step..]
+        .iter()
+        .filter_map(|e| match e {
+            BuildEvent::Pull {
+                status,
+                total: Some(t),
+                current: Some(_),
+                ..
+            } if status == "Downloading" => Some(*t),
+            _ => None,
+        })
+        .max();
+    assert_eq!(downloaded, Some(biggest), "{:?}", built.events);
+}
