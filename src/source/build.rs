@@ -361,6 +361,60 @@ impl LineThrottle {
     }
 }
 
+/// Build events on their way out: output lines through a [`LineThrottle`], every other
+/// event after the output held back before it.
+struct OutputGate {
+    throttle: LineThrottle,
+    /// The step of the latest line offered (the one held, if any).
+    step: Option<u32>,
+}
+
+impl OutputGate {
+    fn new(lines_per_sec: u32) -> Self {
+        Self {
+            throttle: LineThrottle::new(lines_per_sec, Duration::from_secs(1)),
+            step: None,
+        }
+    }
+
+    fn send(&self, t: Throttled, on_event: &mut (dyn FnMut(BuildEvent) + Send)) {
+        on_event(BuildEvent::Output {
+            step: self.step,
+            line: t.line,
+            skipped: t.skipped,
+        });
+    }
+
+    fn emit(&mut self, event: BuildEvent, on_event: &mut (dyn FnMut(BuildEvent) + Send)) {
+        match event {
+            BuildEvent::Output { step, line, .. } => {
+                // A held line has the same step: a new step flushes it first.
+                self.step = step;
+                for t in self.throttle.offer(Instant::now(), line) {
+                    self.send(t, on_event);
+                }
+            }
+            other => {
+                self.flush(on_event);
+                on_event(other);
+            }
+        }
+    }
+
+    /// Lets a held line out once its window is over.
+    fn tick(&mut self, on_event: &mut (dyn FnMut(BuildEvent) + Send)) {
+        for t in self.throttle.tick(Instant::now()) {
+            self.send(t, on_event);
+        }
+    }
+
+    fn flush(&mut self, on_event: &mut (dyn FnMut(BuildEvent) + Send)) {
+        if let Some(t) = self.throttle.flush() {
+            self.send(t, on_event);
+        }
+    }
+}
+
 /// The tag of an app's image built from `commit`.
 pub fn image_tag(app: &str, commit: &str) -> String {
     format!("stevedore/{app}:{commit}")
@@ -523,36 +577,9 @@ pub async fn build(
     let mut stream = std::pin::pin!(stream);
 
     let mut parser = BuildParser::default();
-    let mut throttle = LineThrottle::new(spec.output_lines_per_sec, Duration::from_secs(1));
+    let mut gate = OutputGate::new(spec.output_lines_per_sec);
     let mut steps: Vec<StepTiming> = Vec::new();
     let mut step_started: Option<(BuildStep, Instant)> = None;
-    let emit = |event: BuildEvent,
-                throttle: &mut LineThrottle,
-                on_event: &mut (dyn FnMut(BuildEvent) + Send)| {
-        let now = Instant::now();
-        match event {
-            BuildEvent::Output { step, line, .. } => {
-                for t in throttle.offer(now, line) {
-                    on_event(BuildEvent::Output {
-                        step,
-                        line: t.line,
-                        skipped: t.skipped,
-                    });
-                }
-            }
-            other => {
-                // Output held back belongs before whatever comes next.
-                if let Some(t) = throttle.flush() {
-                    on_event(BuildEvent::Output {
-                        step: None,
-                        line: t.line,
-                        skipped: t.skipped,
-                    });
-                }
-                on_event(other);
-            }
-        }
-    };
     let mut close_step = |parser: &BuildParser, started: Option<(BuildStep, Instant)>| {
         if let Some((step, at)) = started {
             steps.push(StepTiming {
@@ -580,22 +607,16 @@ pub async fn build(
                         close_step(&parser, step_started.take());
                         step_started = Some((step.clone(), Instant::now()));
                     }
-                    emit(event, &mut throttle, on_event);
+                    gate.emit(event, on_event);
                 }
-                for t in throttle.tick(Instant::now()) {
-                    on_event(BuildEvent::Output {
-                        step: parser.step().map(|s| s.number),
-                        line: t.line,
-                        skipped: t.skipped,
-                    });
-                }
+                gate.tick(on_event);
                 if parser.failure().is_some() {
                     break;
                 }
             }
             Err(bollard::errors::Error::DockerStreamError { error }) => {
                 for event in parser.finish() {
-                    emit(event, &mut throttle, on_event);
+                    gate.emit(event, on_event);
                 }
                 parser.fail(&error);
                 break;
@@ -604,15 +625,9 @@ pub async fn build(
         }
     }
     for event in parser.finish() {
-        emit(event, &mut throttle, on_event);
+        gate.emit(event, on_event);
     }
-    if let Some(t) = throttle.flush() {
-        on_event(BuildEvent::Output {
-            step: parser.step().map(|s| s.number),
-            line: t.line,
-            skipped: t.skipped,
-        });
-    }
+    gate.flush(on_event);
     if let Some(failure) = parser.failure() {
         return Err(BuildError::Failed(failure.clone()));
     }
@@ -927,6 +942,29 @@ mod tests {
                 line: "d".into(),
                 skipped: 0
             })
+        );
+    }
+
+    #[test]
+    fn held_output_keeps_its_step_and_comes_before_the_next_step() {
+        let mut gate = OutputGate::new(1);
+        let mut out = Vec::new();
+        let mut sink = |e: BuildEvent| out.push(e);
+        gate.emit(output(1, "a"), &mut sink);
+        gate.emit(output(1, "b"), &mut sink);
+        gate.emit(output(1, "c"), &mut sink);
+        gate.emit(step(2, 2, "RUN x"), &mut sink);
+        assert_eq!(
+            out,
+            vec![
+                output(1, "a"),
+                BuildEvent::Output {
+                    step: Some(1),
+                    line: "c".into(),
+                    skipped: 1
+                },
+                step(2, 2, "RUN x"),
+            ]
         );
     }
 
