@@ -8,6 +8,7 @@ pub mod limits;
 pub mod model;
 pub mod observers;
 pub mod runtime;
+pub mod source;
 pub mod store;
 
 /// Code generated from `proto/stevedore/v1/deployer.proto`.

@@ -6,6 +6,7 @@
 //! [`EngineError`]s into status codes.
 
 mod deployment;
+pub mod eta;
 mod health;
 mod hooks;
 mod milestones;
