@@ -33,6 +33,8 @@ use super::state;
 
 /// Time limit of connecting to a backend (a loopback port: it answers at once or not).
 const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A state file write slower than this is logged.
+const SLOW_STATE_WRITE: Duration = Duration::from_millis(500);
 /// Wait between two attempts to bind a public port that is taken.
 const REBIND_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -277,7 +279,7 @@ impl Proxy {
         } else {
             None
         };
-        self.persist(&apps, Some((app, &route)))?;
+        self.persist(&apps, Some((app, &route))).await?;
 
         let entry = match apps.remove(app) {
             None => {
@@ -395,7 +397,7 @@ impl Proxy {
         for (name, e) in apps.iter().filter(|(name, _)| *name != app) {
             rest.insert(name.clone(), e.route.clone());
         }
-        self.write_state(RouteTable { routes: rest })?;
+        self.write_state(RouteTable { routes: rest }).await?;
         let entry = apps.remove(app).expect("checked above");
         entry.listener.cancel();
         self.drain(
@@ -408,7 +410,7 @@ impl Proxy {
         Ok(entry.shared.status(&entry.route))
     }
 
-    fn persist(
+    async fn persist(
         &self,
         apps: &BTreeMap<String, AppEntry>,
         change: Option<(&str, &Route)>,
@@ -420,12 +422,25 @@ impl Proxy {
         if let Some((app, route)) = change {
             routes.insert(app.to_owned(), route.clone());
         }
-        self.write_state(RouteTable { routes })
+        self.write_state(RouteTable { routes }).await
     }
 
-    fn write_state(&self, table: RouteTable) -> Result<(), RouteError> {
-        let path = &self.inner.settings.state_file;
-        state::save(path, &table).map_err(|source| RouteError::State {
+    /// Writes the state file off the runtime's threads (an fsync can take seconds on a
+    /// busy disk; forwarding must not wait for it).
+    async fn write_state(&self, table: RouteTable) -> Result<(), RouteError> {
+        let path = self.inner.settings.state_file.clone();
+        let started = Instant::now();
+        let written = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || state::save(&path, &table))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
+        let took = started.elapsed();
+        if took > SLOW_STATE_WRITE {
+            tracing::warn!(took = ?took, state_file = %path.display(), "slow state file write (fsync)");
+        }
+        written.map_err(|source| RouteError::State {
             path: path.display().to_string(),
             source,
         })
