@@ -387,10 +387,8 @@ async fn an_open_connection_drains_until_the_drain_timeout_then_is_cut() {
     switch.drain_timeout_ms = Some(3000);
     let status = f.client.set_route("web", &switch).await.unwrap();
     assert_eq!(status.open_connections, 0);
-    let [drain] = &status.draining[..] else {
-        panic!("one backend drains: {status:?}")
-    };
-    assert_eq!(drain.backend, f.v1.addr);
+    assert_eq!(status.draining.len(), 1, "{status:?}");
+    let drain = status.drain_of(f.v1.addr).expect("v1 drains");
     assert_eq!(drain.version.as_deref(), Some("v1"));
     assert_eq!(drain.open_connections, 2);
     assert!(
@@ -414,7 +412,7 @@ async fn an_open_connection_drains_until_the_drain_timeout_then_is_cut() {
         .expect("the connection is closed by the drain timeout");
     assert!(matches!(cut, Ok(None) | Err(_)), "{cut:?}");
     let status = route_until(&f.client, "web", Duration::from_secs(2), |s| {
-        s.draining.is_empty()
+        s.drain_of(f.v1.addr).is_none()
     })
     .await;
     assert_eq!(status.route.backend, f.v2.addr);
@@ -742,4 +740,52 @@ async fn forwards_http_to_real_containers_through_a_switch() {
     );
     assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(runs(&bodies), ["v1", "v2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_routes_that_cannot_be_served_say_why_and_can_be_set_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = backend("v1").await;
+    let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    std::fs::write(
+        dir.path().join("routes.json"),
+        serde_json::json!({"routes": {
+            "low": {"listen": "127.0.0.1:81", "backend": v1.addr},
+            "busy": {"listen": taken_addr, "backend": v1.addr},
+        }})
+        .to_string(),
+    )
+    .unwrap();
+    let proxy = ProxyProcess::spawn(dir.path(), &[]);
+    let client = proxy.client();
+    let low = client.get_route("low").await.unwrap().unwrap();
+    assert!(!low.listening);
+    assert!(
+        low.listen_error.as_deref().unwrap().contains("port 81"),
+        "{low:?}"
+    );
+    let busy = client.get_route("busy").await.unwrap().unwrap();
+    assert!(!busy.listening);
+    assert!(
+        busy.listen_error
+            .as_deref()
+            .unwrap()
+            .contains("cannot bind"),
+        "{busy:?}"
+    );
+
+    // The port frees up: the proxy binds it within about a second.
+    drop(taken);
+    route_until(&client, "busy", Duration::from_secs(5), |s| s.listening).await;
+    assert_eq!(request(taken_addr).await.unwrap(), "v1");
+
+    // A refused route set again on an allowed port is served.
+    let status = client
+        .set_route("low", &route(ephemeral(), v1.addr, "v1"))
+        .await
+        .unwrap();
+    assert!(status.listening, "{status:?}");
+    assert_ne!(status.route.listen.port(), 81, "{status:?}");
+    assert_eq!(request(status.route.listen).await.unwrap(), "v1");
 }

@@ -192,6 +192,8 @@ impl Proxy {
                 Err(e) => {
                     tracing::error!(app, error = %e, "route not served");
                     *shared.listen_error.lock().unwrap() = Some(e.to_string());
+                    // No listener runs: setting the route again binds one.
+                    listener.cancel();
                 }
             }
             tracing::info!(app, listen = %route.listen, backend = %route.backend, "route restored");
@@ -256,14 +258,17 @@ impl Proxy {
             });
         }
         let existing = apps.get(app);
-        // Port 0 asks for a free port once; setting the route again keeps the one it got.
+        // Port 0 asks for a free port once; setting the route again keeps the one it got
+        // (while it is served: a refused restored port is not kept).
         if let Some(e) = existing
             && route.listen.port() == 0
             && route.listen.ip() == e.route.listen.ip()
+            && !e.listener.is_cancelled()
         {
             route.listen = e.route.listen;
         }
-        let rebind = existing.is_none_or(|e| e.route.listen != route.listen);
+        let rebind =
+            existing.is_none_or(|e| e.route.listen != route.listen || e.listener.is_cancelled());
         let listener = if rebind {
             let l = TcpListener::bind(route.listen)
                 .await

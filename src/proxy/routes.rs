@@ -53,6 +53,14 @@ pub struct RouteStatus {
     pub draining: Vec<DrainStatus>,
 }
 
+impl RouteStatus {
+    /// The drain of `backend`, while connections to it are still open after a switch
+    /// (`None` once it is over: every connection closed, or cut at the drain timeout).
+    pub fn drain_of(&self, backend: SocketAddr) -> Option<&DrainStatus> {
+        self.draining.iter().find(|d| d.backend == backend)
+    }
+}
+
 /// A previous backend being drained: its open connections are cut when `seconds_left`
 /// reaches 0; the entry disappears once they are all closed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
