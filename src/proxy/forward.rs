@@ -173,14 +173,19 @@ impl Proxy {
             }),
         };
         let mut apps = proxy.inner.apps.lock().await;
-        for (app, route) in table.routes {
+        for (app, mut route) in table.routes {
             let shared = proxy.new_shared(&app, &route);
             let listener = CancellationToken::new();
             match validate(&app, &route, proxy.inner.settings.allow_privileged_ports) {
                 Ok(()) => {
                     let bound = TcpListener::bind(route.listen).await;
-                    if let Err(e) = &bound {
-                        tracing::error!(app, listen = %route.listen, error = %e, "cannot bind the route's public port; retrying every second");
+                    match &bound {
+                        Ok(l) => route.listen = l.local_addr().unwrap_or(route.listen),
+                        Err(e) => {
+                            tracing::error!(app, listen = %route.listen, error = %e, "cannot bind the route's public port; retrying every second");
+                            *shared.listen_error.lock().unwrap() =
+                                Some(format!("cannot bind {}: {e}", route.listen));
+                        }
                     }
                     proxy.spawn_listener(
                         route.listen,
@@ -490,12 +495,9 @@ impl Proxy {
         loop {
             match listener.accept().await {
                 Ok((client, _peer)) => {
-                    let generation = shared.current();
-                    self.inner.connections.spawn(forward(
-                        client,
-                        generation,
-                        shared.metrics.clone(),
-                    ));
+                    // Counted before the task runs, so a switch right now sees it open.
+                    let open = OpenGuard::new(shared.current(), shared.metrics.clone());
+                    self.inner.connections.spawn(forward(client, open));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -553,9 +555,9 @@ impl Drop for OpenGuard {
 
 /// One client connection: connect to the generation's backend, copy both ways until
 /// either side closes or the generation is cut.
-async fn forward(client: TcpStream, generation: Arc<Generation>, metrics: AppMetrics) {
+async fn forward(client: TcpStream, open: OpenGuard) {
+    let (generation, metrics) = (&open.generation, &open.metrics);
     metrics.connections.increment(1);
-    let _open = OpenGuard::new(generation.clone(), metrics.clone());
     let backend = match tokio::time::timeout(
         BACKEND_CONNECT_TIMEOUT,
         TcpStream::connect(generation.backend),
