@@ -24,5 +24,6 @@ pub mod proto {
 pub mod api;
 pub mod http;
 pub mod logging;
+pub mod proxy;
 pub mod security;
 pub mod server;

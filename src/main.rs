@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeConfig),
+    /// Run the apps' front door: forwards each app's public port to its current version.
+    Proxy(stevedore::proxy::ProxyConfig),
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -52,6 +54,7 @@ async fn main() -> std::process::ExitCode {
     stevedore::logging::init(&cli.log_format);
     let result = match cli.command {
         Command::Serve(config) => server::run(config).await,
+        Command::Proxy(config) => stevedore::proxy::run(config).await.map_err(Into::into),
         Command::Audit { command } => audit::run_command(command).map_err(anyhow::Error::msg),
         Command::Token(TokenCommand::New { name, scope }) => {
             let (secret, digest) = stevedore::api::auth::new_token();
