@@ -54,7 +54,9 @@ async fn main() -> std::process::ExitCode {
     stevedore::logging::init(&cli.log_format);
     let result = match cli.command {
         Command::Serve(config) => server::run(config).await,
-        Command::Proxy(config) => stevedore::proxy::run(config).await.map_err(Into::into),
+        Command::Proxy(config) => stevedore::proxy::run(config)
+            .await
+            .map_err(anyhow::Error::from_boxed),
         Command::Audit { command } => audit::run_command(command).map_err(anyhow::Error::msg),
         Command::Token(TokenCommand::New { name, scope }) => {
             let (secret, digest) = stevedore::api::auth::new_token();
