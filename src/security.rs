@@ -17,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::auth::Authenticator;
@@ -95,25 +96,9 @@ impl SecurityConfig {
         self.tls_cert.is_some()
     }
 
-    /// tonic's TLS settings for the gRPC server.
-    pub fn grpc_tls(&self) -> Result<Option<tonic::transport::ServerTlsConfig>> {
-        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
-            return Ok(None);
-        };
-        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
-        let mut tls = tonic::transport::ServerTlsConfig::new()
-            .identity(identity)
-            .timeout(HANDSHAKE_TIMEOUT);
-        if let Some(ca) = &self.tls_client_ca {
-            tls = tls
-                .client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?))
-                .client_auth_optional(false);
-        }
-        Ok(Some(tls))
-    }
-
-    /// rustls settings for the HTTP listener (same certificate, same client CA).
-    pub fn http_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    /// rustls settings of both listeners, gRPC and HTTP (one certificate, one client
+    /// CA). Both terminate TLS in [`TlsListener`], so every refused handshake is logged.
+    pub fn tls_config(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
@@ -148,20 +133,19 @@ impl SecurityConfig {
 
 /// How long a client has to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes of the HTTP listener in progress at once.
+/// TLS handshakes of one listener in progress at once.
 const MAX_HANDSHAKES: usize = 64;
-
-fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))
-}
 
 fn pem_error(path: &Path, e: rustls_pki_types::pem::Error) -> anyhow::Error {
     anyhow!("{}: {e}", path.display())
 }
 
-/// An axum listener that serves TLS: connections are accepted and their handshakes
-/// run in a background task (each under a timeout, a bounded number at once), so a
-/// slow or failing client never holds up the others.
+/// A listener that serves TLS, for the gRPC side (as a stream of connections, see
+/// [`TlsListener::into_incoming`]) and for axum: connections are accepted and their
+/// handshakes run in a background task (each under a timeout, a bounded number at
+/// once), so a slow or failing client never holds up the others. A refused handshake
+/// is logged with the peer and rustls' reason (an X.509 v1 client certificate, an
+/// unknown CA, no client certificate, plain text to a TLS port …).
 pub struct TlsListener {
     connections: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local_addr: SocketAddr,
@@ -184,7 +168,7 @@ impl TlsListener {
                     accepted = listener.accept() => match accepted {
                         Ok(a) => a,
                         Err(e) => {
-                            tracing::debug!(error = %e, "http accept failed");
+                            tracing::debug!(error = %e, "accept failed");
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
                         }
@@ -201,10 +185,18 @@ impl TlsListener {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
-                        Ok(Err(e)) => {
-                            tracing::debug!(peer = %peer, error = %e, "http tls handshake failed")
-                        }
-                        Err(_) => tracing::debug!(peer = %peer, "http tls handshake timed out"),
+                        Ok(Err(e)) => tracing::warn!(
+                            peer = %peer,
+                            listener = %local_addr,
+                            reason = %e,
+                            "tls handshake refused"
+                        ),
+                        Err(_) => tracing::warn!(
+                            peer = %peer,
+                            listener = %local_addr,
+                            reason = "no handshake within the time limit",
+                            "tls handshake refused"
+                        ),
                     }
                 });
             }
@@ -213,6 +205,15 @@ impl TlsListener {
             connections,
             local_addr,
         })
+    }
+}
+
+impl TlsListener {
+    /// The accepted connections as a stream, for tonic's `serve_with_incoming`.
+    pub fn into_incoming(
+        self,
+    ) -> impl futures_util::Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
+        tokio_stream::wrappers::ReceiverStream::new(self.connections).map(|(tls, _)| Ok(tls))
     }
 }
 

@@ -18,7 +18,7 @@ use crate::api::auth::{AuthLayer, Authenticator, Refusals};
 use crate::engine::{Engine, EngineConfig};
 use crate::events::{DEFAULT_QUEUE, ObserverRegistry, Subscription};
 use crate::http::MetricsExporter;
-use crate::limits::{LimitsConfig, OversizedRequestsLayer, Rejections};
+use crate::limits::{LimitsConfig, Rejections};
 use crate::observers::audit::{AUDIT_LOG_FILE, AuditLog, AuditObserver};
 use crate::observers::metrics::{Metrics, MetricsObserver};
 use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
@@ -226,8 +226,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     if let Some(auth) = &authenticator {
         tracing::info!(tokens_file = %auth.path().display(), "token authentication on");
     }
-    let grpc_tls = security.grpc_tls()?;
-    let http_tls = security.http_tls()?;
+    let tls = security.tls_config()?;
     let webhooks = config.webhook_config()?;
     let runtime = docker_runtime(&config).await?;
     std::fs::create_dir_all(&config.data_dir)
@@ -252,7 +251,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         authenticator: authenticator.clone(),
         refusals: Refusals::new(rejections.clone(), observers.clone()),
         rejections: rejections.clone(),
-        tls: grpc_tls,
+        tls: tls.clone(),
     }
     .spawn(&config, grpc, shutdown.clone())
     .await?;
@@ -270,7 +269,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         runtime,
         metrics: Some(Arc::new(exporter)),
     });
-    let http = match http_tls {
+    let http = match tls {
         None => tokio::spawn(serve_http(http, router, shutdown.clone())),
         Some(tls) => {
             let listener = TlsListener::new(http, tls, shutdown.clone())?;
@@ -406,7 +405,7 @@ struct GrpcSide {
     authenticator: Option<Authenticator>,
     rejections: Arc<Rejections>,
     refusals: Refusals,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// The gRPC server's task and the health reporter that shutdown marks not serving.
@@ -440,29 +439,32 @@ impl GrpcSide {
         )
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_response_bytes);
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = self.tls {
-            builder = builder.tls_config(tls)?;
-        }
         let auth = AuthLayer::new(self.authenticator, self.refusals);
-        let server = builder
+        let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(limits.keepalive_interval))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
             .max_concurrent_streams(limits.max_concurrent_streams)
             .layer(auth)
-            .layer(OversizedRequestsLayer::new(self.rejections))
+            .layer(crate::api::count_oversized_requests(self.rejections))
             .add_service(health_service)
             .add_service(reflection().build_v1()?)
             .add_service(reflection().build_v1alpha()?)
-            .add_service(service)
-            .serve_with_incoming_shutdown(
+            .add_service(service);
+        // TLS is terminated in our own listener (as on the HTTP side), so that every
+        // refused handshake is logged with its peer and reason.
+        let task = match self.tls {
+            None => tokio::spawn(router.serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
                 shutdown.cancelled_owned(),
-            );
-        Ok(GrpcServer {
-            task: tokio::spawn(server),
-            health,
-        })
+            )),
+            Some(tls) => {
+                let incoming = TlsListener::new(listener, tls, shutdown.clone())?.into_incoming();
+                tokio::spawn(
+                    router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()),
+                )
+            }
+        };
+        Ok(GrpcServer { task, health })
     }
 }
 

@@ -988,3 +988,95 @@ async fn registry_credentials_appear_nowhere() {
         );
     }
 }
+
+/// A refused TLS handshake is diagnosable from the server's end: on both listeners the
+/// log names the peer and rustls' reason (here: a client with no certificate where
+/// mTLS requires one, and plain text sent to a TLS port).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_tls_handshake_is_logged_with_peer_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("stevedore test ca");
+    let (server_cert, server_key) = ca.leaf(&["localhost", "127.0.0.1"]);
+    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
+    let cert_path = write(dir.path(), "server.pem", &server_cert);
+    let key_path = write(dir.path(), "server.key", &server_key);
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let server = BinaryServer::spawn(
+        &data,
+        &[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+            "--tls-client-ca",
+            ca_path.to_str().unwrap(),
+        ],
+    );
+
+    // gRPC: a TLS client without a certificate.
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca.pem()))
+        .domain_name("localhost");
+    let refused = async {
+        let channel = Channel::from_shared(format!("https://{}", server.grpc_addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await?;
+        proto::deployer_client::DeployerClient::new(channel)
+            .list_deployments(ListDeploymentsRequest::default())
+            .await
+            .map(drop)
+            .map_err(|e| e.into())
+    }
+    .await;
+    let refused: Result<(), Box<dyn std::error::Error>> = refused;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate was served"
+    );
+    // HTTP: plain text to the TLS port.
+    let plain = Command::new("curl")
+        .args([
+            "-sS",
+            "-m",
+            "5",
+            &format!("http://{}/healthz", server.http_addr),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !plain.status.success(),
+        "plain HTTP was served on the TLS port"
+    );
+
+    let grpc_line = format!("listener={}", server.grpc_addr);
+    let http_line = format!("listener={}", server.http_addr);
+    eventually(
+        Duration::from_secs(30),
+        "both refused handshakes in the server log",
+        || {
+            let log = server.log_text();
+            let refused: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("tls handshake refused") && l.contains("peer=127.0.0.1:"))
+                .collect();
+            let both = refused
+                .iter()
+                .any(|l| l.contains(&grpc_line) && l.contains("reason="))
+                && refused
+                    .iter()
+                    .any(|l| l.contains(&http_line) && l.contains("reason="));
+            both.then_some(())
+        },
+    )
+    .await;
+    let log = server.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&grpc_line) && l.to_lowercase().contains("certificate")),
+        "the gRPC refusal names the missing client certificate:\n{log}"
+    );
+}

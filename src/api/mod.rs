@@ -3,7 +3,10 @@
 
 pub mod auth;
 pub mod convert;
+mod oversized;
 pub mod policy;
+
+pub use oversized::count_oversized_requests;
 
 use std::pin::Pin;
 use std::sync::Arc;
