@@ -130,9 +130,13 @@ impl ConnectArgs {
                     read(key, "--key")?,
                 ));
             }
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| Failure::usage(format!("TLS settings: {}", chain(&e))))?;
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
+                let cause = chain(&e);
+                match self.tls_cause(&cause) {
+                    Some(why) => Failure::usage(format!("TLS settings: {why} ({cause})")),
+                    None => Failure::usage(format!("TLS settings: {cause}")),
+                }
+            })?;
         }
         let auth = match &self.token {
             None => Auth(None),
@@ -178,6 +182,9 @@ impl ConnectArgs {
             })
         };
         if has("UnsupportedCertVersion") {
+            if let Some(why) = client_cert() {
+                return Some(why);
+            }
             return Some(
                 "the server's certificate is X.509 v1 (made without extensions), which rustls \
                  refuses; re-issue it as v3 with a subjectAltName"
@@ -217,15 +224,18 @@ impl ConnectArgs {
             return Some("the server does not answer in TLS (use http://?)".into());
         }
         // TLS 1.3 reports a refused client certificate only after the handshake: the
-        // first call then sees a reset or a broken pipe.
-        if self.cert.is_some()
-            && (has("broken pipe") || has("reset") || has("closed") || has("unexpected EOF"))
-        {
-            return Some(client_cert().unwrap_or_else(|| {
-                "the server closed the connection after the handshake: it likely refused the \
-                 client certificate (signed by a CA it does not trust?)"
-                    .into()
-            }));
+        // first call then sees a reset, a broken pipe or a closed connection.
+        if has("broken pipe") || has("reset") || has("closed") || has("unexpected EOF") {
+            return Some(match (&self.cert, client_cert()) {
+                (_, Some(why)) => why,
+                (Some(_), None) => "the server closed the connection after the handshake: it \
+                                    likely refused the client certificate (signed by a CA it \
+                                    does not trust?)"
+                    .into(),
+                (None, None) => "the server closed the connection after the handshake: it \
+                                 likely requires a client certificate (give --cert and --key)"
+                    .into(),
+            });
         }
         None
     }
@@ -258,7 +268,12 @@ impl ConnectArgs {
                 format!("OUT_OF_RANGE from the server at {url}: {msg}"),
             ),
             _ if is_transport(status) => {
-                let cause = format!("{msg}: {}", chain_of(status));
+                let chain = chain_of(status);
+                let cause = if chain.contains(msg) {
+                    chain
+                } else {
+                    format!("{msg}: {chain}")
+                };
                 (Exit::Rpc, self.unreachable(&cause))
             }
             code => (
