@@ -502,23 +502,35 @@ fn ctrl_c_detaches_and_the_deployment_still_succeeds() {
     assert_eq!(updates.last().unwrap()["phase"], "PHASE_COMPLETE");
 }
 
+/// A server child process; killed (if still running) and waited for on drop.
+struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `stevedore serve` on a fixed gRPC port (so it can be restarted on the same one).
-fn spawn_server_on(port: u16, data: &Path, log: &Path) -> Child {
+fn spawn_server_on(port: u16, data: &Path, log: &Path) -> ServerProcess {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    let child = Command::new(binary())
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .unwrap();
+    let child = ServerProcess(
+        Command::new(binary())
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--http-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     let starts = |text: &str| text.matches("stevedore listening").count();
     let before = starts(&std::fs::read_to_string(log).unwrap_or_default());
@@ -559,13 +571,12 @@ fn a_server_restarted_mid_deploy_and_the_cli_ends_with_the_terminal_result() {
     let seen = read_until(&mut child, |l| l.contains("PHASE_HOOKS"));
     // SIGTERM: the server ends open streams with UNAVAILABLE, lets the deployment
     // finish within its shutdown grace, and exits; the CLI keeps trying meanwhile.
-    kill("-TERM", first.id());
-    assert!(first.wait().unwrap().success());
+    kill("-TERM", first.0.id());
+    assert!(first.0.wait().unwrap().success());
     std::thread::sleep(Duration::from_secs(1));
-    let mut second = spawn_server_on(port, data.path(), &log);
+    let second = spawn_server_on(port, data.path(), &log);
     let r = finish(child, seen);
-    let _ = second.kill();
-    let _ = second.wait();
+    drop(second);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains("resuming after update"), "{r:?}");
     let updates = json_lines(&r.stdout);
@@ -601,8 +612,8 @@ fn a_stream_that_cannot_resume_exits_4_with_the_command_to_resume() {
     );
     let seen = read_until(&mut child, |l| l.contains("PHASE_HOOKS"));
     let id = deployment_id(&json_lines(&seen));
-    kill("-KILL", server.id());
-    let _ = server.wait();
+    kill("-KILL", server.0.id());
+    let _ = server.0.wait();
     let r = finish(child, seen);
     assert_eq!(r.code, 4, "{r:?}");
     let last = seq(json_lines(&r.stdout).last().unwrap());
