@@ -706,3 +706,115 @@ fn in_a_terminal_phase_lines_and_a_pull_bar_with_bytes_appear() {
     assert!(text.contains("endpoint  8080/tcp"), "{text}");
     assert!(drawn.contains('\x1b'), "a terminal gets a live display");
 }
+
+/// Makes, with openssl (as docs/SECURITY.md does): a CA, a server certificate for
+/// 127.0.0.1, a client key with a v3 and a v1 certificate (`x509 -req` without
+/// extensions), and a second CA.
+fn make_certs(dir: &Path) {
+    let script = r#"
+set -e
+ec() { openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "$@" 2>/dev/null; }
+ca() { openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -keyout "$1.key" -out "$1.pem" -subj "/CN=$1" \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null; }
+sign() { openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out "$2" "${@:3}" 2>/dev/null; }
+ca ca
+ca other-ca
+ec -keyout server.key -out server.csr -subj /CN=127.0.0.1
+printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+sign server server.pem -extfile server.ext
+ec -keyout client.key -out client.csr -subj /CN=client
+printf 'extendedKeyUsage=clientAuth\n' >client.ext
+sign client client-v3.pem -extfile client.ext
+sign client client-v1.pem
+"#;
+    let out = Command::new("bash")
+        .args(["-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("bash and openssl run");
+    assert!(
+        out.status.success(),
+        "openssl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_refused_tls_handshake_names_its_likely_cause() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let file = |name: &str| certs.path().join(name).to_str().unwrap().to_owned();
+    let s = server_with(&[
+        "--tls-cert",
+        &file("server.pem"),
+        "--tls-key",
+        &file("server.key"),
+        "--tls-client-ca",
+        &file("ca.pem"),
+    ]);
+    let https = format!("https://{}", s.grpc_addr);
+    let cases: [(Vec<String>, i32, &str); 5] = [
+        (
+            vec!["--ca".into(), file("ca.pem")],
+            4,
+            "requires a client certificate",
+        ),
+        (
+            vec![
+                "--ca".into(),
+                file("ca.pem"),
+                "--cert".into(),
+                file("client-v1.pem"),
+                "--key".into(),
+                file("client.key"),
+            ],
+            2,
+            "is X.509 v1",
+        ),
+        (
+            vec![
+                "--ca".into(),
+                file("other-ca.pem"),
+                "--cert".into(),
+                file("client-v3.pem"),
+                "--key".into(),
+                file("client.key"),
+            ],
+            4,
+            "unknown CA",
+        ),
+        (
+            vec![
+                "--ca".into(),
+                file("ca.pem"),
+                "--cert".into(),
+                file("client-v3.pem"),
+                "--key".into(),
+                file("client.key"),
+            ],
+            0,
+            "",
+        ),
+        (vec![], 4, "does it serve TLS?"),
+    ];
+    for (flags, code, cause) in cases {
+        let server = if flags.is_empty() {
+            format!("http://{}", s.grpc_addr)
+        } else {
+            https.clone()
+        };
+        let mut args = vec!["list", "--server", &server];
+        args.extend(flags.iter().map(String::as_str));
+        let r = cli(s.grpc_addr, &args);
+        assert_eq!(r.code, code, "{args:?}: {r:?}");
+        if code != 0 {
+            assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+            assert!(r.stderr.contains(cause), "{args:?}: {r:?}");
+            assert!(
+                r.stderr.contains(&s.grpc_addr.to_string()) || r.stderr.contains("client-v1.pem"),
+                "{r:?}"
+            );
+        }
+    }
+}
