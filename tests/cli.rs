@@ -818,3 +818,40 @@ fn a_refused_tls_handshake_names_its_likely_cause() {
         }
     }
 }
+
+#[test]
+fn a_missing_or_refused_token_exits_4_naming_the_address() {
+    let out = Command::new(binary())
+        .args(["token", "new", "cli", "--scope", "read"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let secret = text.lines().nth(1).unwrap().to_owned();
+    let entry = text.split_once("[[token]]").unwrap().1;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(&tokens, format!("[[token]]{entry}")).unwrap();
+    let s = server_with(&["--tokens-file", tokens.to_str().unwrap()]);
+    let addr = s.grpc_addr.to_string();
+
+    let r = cli(s.grpc_addr, &["list"]);
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(
+        r.stderr.contains("requires a token") && r.stderr.contains(&addr),
+        "{r:?}"
+    );
+    assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
+
+    let r = cli(s.grpc_addr, &["list", "--token", "stv_wrong"]);
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(
+        r.stderr.contains("refused the token") && r.stderr.contains(&addr),
+        "{r:?}"
+    );
+
+    let r = command(s.grpc_addr, &["list", "-o", "json"])
+        .env("STEVEDORE_TOKEN", &secret)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{r:?}");
+}
