@@ -80,6 +80,8 @@ fi
 # --- 1. what is missing: packages, the Docker engine, the busybox base image
 say "installing what is missing and starting the Docker engine (scripts/test-env.sh)"
 mkdir -p "$QS_DIR"
+# Only what this run starts is recorded (not what a calling script started).
+STEVEDORE_ENV_STARTED=
 stevedore_env_install
 _sd_lock
 stevedore_env_start_docker && stevedore_env_build_base || {
