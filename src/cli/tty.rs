@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::proto::{Level, Phase, ProgressUpdate};
 use super::render::{Render, elapsed, fmt_secs, phase_name, summary};
@@ -38,7 +38,11 @@ fn style(template: &str) -> ProgressStyle {
 
 impl Tty {
     pub fn new(colors: bool) -> Self {
-        let multi = MultiProgress::new();
+        Self::with_target(colors, ProgressDrawTarget::stderr())
+    }
+
+    fn with_target(colors: bool, target: ProgressDrawTarget) -> Self {
+        let multi = MultiProgress::with_draw_target(target);
         let phase_bar = multi.add(ProgressBar::new(SCALE as u64));
         phase_bar.set_style(style(
             "{spinner} {prefix:<12} [{bar:24}] {percent:>3}%  {wide_msg}",
@@ -223,5 +227,51 @@ impl Render for Tty {
         self.phase_bar.finish_and_clear();
         self.total_bar.finish_and_clear();
         let _ = self.multi.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::proto::PullProgress;
+
+    fn pulling(seq: u64, layer: &str, current: u64, total: u64) -> ProgressUpdate {
+        ProgressUpdate {
+            deployment_id: "d1".into(),
+            sequence: seq,
+            app: "web".into(),
+            phase: Phase::Pulling as i32,
+            pull: Some(PullProgress {
+                layer_id: layer.into(),
+                current_bytes: current,
+                total_bytes: total,
+                image_current_bytes: current,
+                image_total_bytes: 100 * total,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn at_most_six_layer_bars_and_finished_layers_leave() {
+        let mut tty = Tty::with_target(false, ProgressDrawTarget::hidden());
+        for i in 0..10 {
+            tty.update(&pulling(i + 1, &format!("layer{i}"), 1, 10));
+        }
+        assert_eq!(tty.layers.len(), MAX_LAYER_BARS);
+        assert!(tty.image_bar.is_some());
+        tty.update(&pulling(11, "layer0", 10, 10));
+        assert_eq!(tty.layers.len(), MAX_LAYER_BARS - 1);
+        // A finished layer never comes back; a waiting one takes the free place.
+        tty.update(&pulling(12, "layer0", 10, 10));
+        tty.update(&pulling(13, "layer7", 5, 10));
+        assert_eq!(tty.layers.len(), MAX_LAYER_BARS);
+        assert!(!tty.layers.contains_key("layer0"));
+        let mut next = pulling(14, "", 0, 0);
+        next.phase = Phase::Creating as i32;
+        next.pull = None;
+        tty.update(&next);
+        assert!(tty.layers.is_empty() && tty.image_bar.is_none());
     }
 }
