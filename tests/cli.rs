@@ -646,9 +646,11 @@ fn out_of_range_is_reported_as_such() {
 }
 
 /// Runs `stevedore ARGS` in a pseudo-terminal (120x40) and returns everything it
-/// drew, and its exit code.
-fn run_in_pty(addr: SocketAddr, args: &[&str]) -> (String, u32) {
+/// drew, and its exit code. With `interrupt_after`, types Ctrl-C once the drawn text
+/// (escape sequences removed) contains it.
+fn run_in_pty(addr: SocketAddr, args: &[&str], interrupt_after: Option<&str>) -> (String, u32) {
     use portable_pty::{CommandBuilder, PtySize, native_pty_system};
+    use std::sync::{Arc, Mutex};
     let pair = native_pty_system()
         .openpty(PtySize {
             rows: 40,
@@ -666,15 +668,32 @@ fn run_in_pty(addr: SocketAddr, args: &[&str]) -> (String, u32) {
     let mut child = pair.slave.spawn_command(cmd).unwrap();
     drop(pair.slave);
     let mut reader = pair.master.try_clone_reader().unwrap();
-    let drawn = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        // Ends with EIO once the child has exited; what was read is kept.
-        let _ = reader.read_to_end(&mut out);
-        out
+    let drawn = Arc::new(Mutex::new(Vec::new()));
+    let sink = drawn.clone();
+    let reading = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        // Ends with EIO once the child has exited.
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
     });
+    if let Some(text) = interrupt_after {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let so_far = strip_ansi(&String::from_utf8_lossy(&drawn.lock().unwrap()));
+            if so_far.contains(text) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{text:?} never drawn:\n{so_far}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut keys = pair.master.take_writer().unwrap();
+        std::io::Write::write_all(&mut keys, b"\x03").unwrap();
+    }
     let status = child.wait().unwrap();
     drop(pair.master);
-    let out = drawn.join().unwrap();
+    reading.join().unwrap();
+    let out = drawn.lock().unwrap().clone();
     (
         String::from_utf8_lossy(&out).into_owned(),
         status.exit_code(),
@@ -693,7 +712,7 @@ fn in_a_terminal_phase_lines_and_a_pull_bar_with_bytes_appear() {
     let app = unique_app("cli-tty");
     let _guard = AppGuard(app.clone());
     let (image, _) = push_random_image(24);
-    let (drawn, code) = run_in_pty(s.grpc_addr, &["deploy", &app, &image, "-p", "8080"]);
+    let (drawn, code) = run_in_pty(s.grpc_addr, &["deploy", &app, &image, "-p", "8080"], None);
     assert_eq!(code, 0, "{drawn}");
     let text = strip_ansi(&drawn);
     for phase in ["queued", "pulling", "creating", "starting", "health check"] {
@@ -854,4 +873,31 @@ fn a_missing_or_refused_token_exits_4_naming_the_address() {
         .output()
         .unwrap();
     assert!(r.status.success(), "{r:?}");
+}
+
+#[test]
+fn ctrl_c_in_a_terminal_detaches_with_the_commands_to_follow_or_stop() {
+    let s = server();
+    let app = unique_app("cli-tty-int");
+    let _guard = AppGuard(app.clone());
+    let (drawn, code) = run_in_pty(
+        s.grpc_addr,
+        &["deploy", &app, WEB1, "-p", "8080", "--hook", "wait=sleep 3"],
+        Some("✔ health check"),
+    );
+    assert_eq!(code, 130, "{drawn}");
+    let text = strip_ansi(&drawn);
+    let id = regex::Regex::new(r"deployment ([0-9a-f-]{36}) of")
+        .unwrap()
+        .captures(&text)
+        .unwrap_or_else(|| panic!("no deployment ID drawn:\n{text}"))[1]
+        .to_owned();
+    assert!(text.contains("detached"), "{text}");
+    assert!(
+        text.contains(&format!("stevedore watch {id} --after ")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("stevedore cancel {id}")), "{text}");
+    let w = cli(s.grpc_addr, &["watch", &id, "-o", "json"]);
+    assert_eq!(w.code, 0, "the deployment went on and succeeded: {w:?}");
 }
