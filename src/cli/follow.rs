@@ -177,13 +177,11 @@ impl Follower<'_> {
                     if let Some(exit) = self.ended_before(id.as_deref(), last).await {
                         return exit;
                     }
-                    broken.get_or_insert_with(|| {
-                        (
-                            Instant::now(),
-                            "the stream ended before the deployment did".into(),
-                        )
-                    });
-                    backoff = BACKOFF_FIRST;
+                    let why = || "the stream ended before the deployment did".to_owned();
+                    if let Some(exit) = self.still_broken(&mut broken, &mut backoff, why, &id, last)
+                    {
+                        return exit;
+                    }
                 }
                 Event::Message(Err(status)) => {
                     if id.is_none() || !resumable(&status) {
@@ -195,9 +193,12 @@ impl Follower<'_> {
                         self.render.notice(&format!(
                             "stevedore: lost the stream ({why}); resuming after update {last}"
                         ));
-                        broken = Some((Instant::now(), why));
                     }
-                    backoff = BACKOFF_FIRST;
+                    let why = || self.connect.failure(&status).message;
+                    if let Some(exit) = self.still_broken(&mut broken, &mut backoff, why, &id, last)
+                    {
+                        return exit;
+                    }
                 }
                 Event::Watched(Ok(s)) => stream = Some(s),
                 Event::Watched(Err(status)) => {
@@ -212,22 +213,11 @@ impl Follower<'_> {
                         }
                         return self.fail(f);
                     }
-                    let (since, why) = broken.get_or_insert_with(|| {
-                        (Instant::now(), self.connect.failure(&status).message)
-                    });
-                    if since.elapsed() >= self.opts.reconnect_timeout {
-                        let id = id.clone().unwrap_or_default();
-                        let flags = self.connect.flags_for_hint();
-                        let message = format!(
-                            "stevedore: could not resume within {} ({why}); the deployment may \
-                             still be running. Resume with: stevedore watch {id} --after {last}{flags}",
-                            humantime::format_duration(self.opts.reconnect_timeout)
-                        );
-                        self.render.close();
-                        eprintln!("{message}");
-                        return Exit::Rpc;
+                    let why = || self.connect.failure(&status).message;
+                    if let Some(exit) = self.still_broken(&mut broken, &mut backoff, why, &id, last)
+                    {
+                        return exit;
                     }
-                    backoff = (backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
                 }
                 Event::CancelAnswered(Ok(_)) => {}
                 Event::CancelAnswered(Err(status)) => {
@@ -286,6 +276,33 @@ impl Follower<'_> {
 }
 
 impl Follower<'_> {
+    /// Notes one more failed attempt on a broken stream: the next wait (doubling from
+    /// [`BACKOFF_FIRST`] up to [`BACKOFF_MAX`]), or, once `--reconnect-timeout` has
+    /// passed since the break, the exit with the command to resume by hand.
+    fn still_broken(
+        &mut self,
+        broken: &mut Option<(Instant, String)>,
+        backoff: &mut Duration,
+        why: impl FnOnce() -> String,
+        id: &Option<String>,
+        last: u64,
+    ) -> Option<Exit> {
+        let (since, why) = broken.get_or_insert_with(|| (Instant::now(), why()));
+        if since.elapsed() < self.opts.reconnect_timeout {
+            *backoff = (*backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
+            return None;
+        }
+        let id = id.as_deref().unwrap_or_default();
+        let flags = self.connect.flags_for_hint();
+        self.render.close();
+        eprintln!(
+            "stevedore: could not resume within {} ({why}); the deployment may still be \
+             running. Resume with: stevedore watch {id} --after {last}{flags}",
+            humantime::format_duration(self.opts.reconnect_timeout)
+        );
+        Some(Exit::Rpc)
+    }
+
     /// When the deployment has ended with no update after `last`: its exit code (and
     /// a notice saying so).
     async fn ended_before(&mut self, id: Option<&str>, last: u64) -> Option<Exit> {
