@@ -66,7 +66,8 @@ fn spawn_cli(addr: SocketAddr, args: &[&str]) -> Child {
         .expect("stevedore starts")
 }
 
-/// Waits for `child` and collects what it printed (stdout read so far included).
+/// Waits for `child` and collects what it printed (`stdout_so_far`: what was read
+/// from its stdout, when it was taken).
 fn finish(mut child: Child, stdout_so_far: String) -> Run {
     let mut stdout = stdout_so_far;
     let mut stderr = String::new();
@@ -84,24 +85,41 @@ fn finish(mut child: Child, stdout_so_far: String) -> Run {
     }
 }
 
-/// Reads `child`'s stdout line by line until `want` matches one; returns what it read
-/// (that line included).
-fn read_until(child: &mut Child, want: impl Fn(&str) -> bool) -> String {
-    let stdout = child.stdout.take().unwrap();
-    let mut reader = BufReader::new(stdout);
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        let n = reader.read_line(&mut line).unwrap();
-        assert!(
-            n > 0,
-            "stdout ended before the expected line; read:\n{seen}"
-        );
-        seen.push_str(&line);
-        if want(&line) {
-            child.stdout = Some(reader.into_inner());
-            return seen;
+/// A child's stdout, read as it comes.
+struct Stdout {
+    reader: BufReader<std::process::ChildStdout>,
+    text: String,
+}
+
+fn stdout_of(child: &mut Child) -> Stdout {
+    Stdout {
+        reader: BufReader::new(child.stdout.take().unwrap()),
+        text: String::new(),
+    }
+}
+
+impl Stdout {
+    /// Reads lines until `want` matches one, and returns that line.
+    fn until(&mut self, want: impl Fn(&str) -> bool) -> String {
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).unwrap();
+            assert!(
+                n > 0,
+                "stdout ended before the expected line; read:\n{}",
+                self.text
+            );
+            self.text.push_str(&line);
+            if want(&line) {
+                return line;
+            }
         }
+    }
+
+    /// Everything the child printed on stdout, once it has closed it.
+    fn rest(mut self) -> String {
+        self.reader.read_to_string(&mut self.text).unwrap();
+        self.text
     }
 }
 
@@ -323,12 +341,13 @@ fn a_cancelled_deployment_exits_3() {
         s.grpc_addr,
         &["deploy", &app, SLOWHEALTH, "-p", "8080", "-o", "json"],
     );
-    let first = read_until(&mut child, |l| l.contains("PHASE_HEALTH_CHECK"));
-    let id = deployment_id(&json_lines(&first));
+    let mut out = stdout_of(&mut child);
+    let line = out.until(|l| l.contains("PHASE_HEALTH_CHECK"));
+    let id = deployment_id(&json_lines(&line));
     let c = cli(s.grpc_addr, &["cancel", &id]);
     assert_eq!(c.code, 0, "{c:?}");
     assert!(c.stdout.contains("cancelled"), "{c:?}");
-    let r = finish(child, first);
+    let r = finish(child, out.rest());
     assert_eq!(r.code, 3, "{r:?}");
     let updates = json_lines(&r.stdout);
     assert_stream_contract(&updates);
@@ -357,9 +376,10 @@ fn cancel_on_interrupt_cancels_and_waits_for_the_end() {
             "--cancel-on-interrupt",
         ],
     );
-    let first = read_until(&mut child, |l| l.contains("PHASE_HEALTH_CHECK"));
+    let mut out = stdout_of(&mut child);
+    out.until(|l| l.contains("PHASE_HEALTH_CHECK"));
     kill("-INT", child.id());
-    let r = finish(child, first);
+    let r = finish(child, out.rest());
     assert_eq!(r.code, 3, "{r:?}");
     assert!(r.stderr.contains("cancelling deployment"), "{r:?}");
     let updates = json_lines(&r.stdout);
@@ -485,10 +505,11 @@ fn ctrl_c_detaches_and_the_deployment_still_succeeds() {
             "plain",
         ],
     );
-    let first = read_until(&mut child, |l| l.starts_with("deployment "));
-    let id = first.split_whitespace().nth(1).unwrap().to_owned();
+    let mut out = stdout_of(&mut child);
+    let line = out.until(|l| l.starts_with("deployment "));
+    let id = line.split_whitespace().nth(1).unwrap().to_owned();
     kill("-INT", child.id());
-    let r = finish(child, first);
+    let r = finish(child, out.rest());
     assert_eq!(r.code, 130, "{r:?}");
     assert!(r.stderr.contains(&format!("stevedore watch {id}")), "{r:?}");
     assert!(
@@ -568,14 +589,15 @@ fn a_server_restarted_mid_deploy_and_the_cli_ends_with_the_terminal_result() {
             "json",
         ],
     );
-    let seen = read_until(&mut child, |l| l.contains("PHASE_HOOKS"));
+    let mut out = stdout_of(&mut child);
+    out.until(|l| l.contains("PHASE_HOOKS"));
     // SIGTERM: the server ends open streams with UNAVAILABLE, lets the deployment
     // finish within its shutdown grace, and exits; the CLI keeps trying meanwhile.
     kill("-TERM", first.0.id());
     assert!(first.0.wait().unwrap().success());
     std::thread::sleep(Duration::from_secs(1));
     let second = spawn_server_on(port, data.path(), &log);
-    let r = finish(child, seen);
+    let r = finish(child, out.rest());
     drop(second);
     assert_eq!(r.code, 0, "{r:?}");
     assert!(r.stderr.contains("resuming after update"), "{r:?}");
@@ -610,11 +632,12 @@ fn a_stream_that_cannot_resume_exits_4_with_the_command_to_resume() {
             "2s",
         ],
     );
-    let seen = read_until(&mut child, |l| l.contains("PHASE_HOOKS"));
-    let id = deployment_id(&json_lines(&seen));
+    let mut out = stdout_of(&mut child);
+    let line = out.until(|l| l.contains("PHASE_HOOKS"));
+    let id = deployment_id(&json_lines(&line));
     kill("-KILL", server.0.id());
     let _ = server.0.wait();
-    let r = finish(child, seen);
+    let r = finish(child, out.rest());
     assert_eq!(r.code, 4, "{r:?}");
     let last = seq(json_lines(&r.stdout).last().unwrap());
     assert!(
@@ -710,7 +733,7 @@ fn strip_ansi(s: &str) -> String {
 fn in_a_terminal_phase_lines_and_a_pull_bar_with_bytes_appear() {
     let s = server();
     let app = unique_app("cli-tty");
-    let _guard = AppGuard(app.clone());
+    let guard = AppGuard(app.clone());
     let (image, _) = push_random_image(24);
     let (drawn, code) = run_in_pty(s.grpc_addr, &["deploy", &app, &image, "-p", "8080"], None);
     assert_eq!(code, 0, "{drawn}");
@@ -724,6 +747,9 @@ fn in_a_terminal_phase_lines_and_a_pull_bar_with_bytes_appear() {
     assert!(text.contains(&format!("deployed {app} in")), "{text}");
     assert!(text.contains("endpoint  8080/tcp"), "{text}");
     assert!(drawn.contains('\x1b'), "a terminal gets a live display");
+    // The pulled image goes too, once its container is gone.
+    drop(guard);
+    let _ = Command::new("docker").args(["rmi", &image]).output();
 }
 
 /// Makes, with openssl (as docs/SECURITY.md does): a CA, a server certificate for
