@@ -62,7 +62,7 @@ http_code_is() { [[ $(curl -s -m 3 -o /dev/null -w '%{http_code}' "$1" 2>/dev/nu
 # ---------------------------------------------------------------------------- provision
 provision() {
   local missing=() pkg made_policy=0 rc=0
-  for pkg in docker.io docker-registry busybox-static prometheus curl apache2-utils; do
+  for pkg in docker.io docker-registry busybox-static prometheus curl apache2-utils openssl git; do
     [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]] || missing+=("$pkg")
   done
   if ((${#missing[@]})); then

@@ -86,3 +86,5 @@ _step "promtool check metrics" bash scripts/metrics-check.sh
 _step "fuzz request validation" _fuzz
 _step "python client end-to-end" bash clients/python/test.sh
 _step "typescript client end-to-end" bash clients/typescript/test.sh
+# The README's quickstart, exactly as written (release build), its URL checked, then stopped.
+_step "quickstart" bash scripts/quickstart-check.sh

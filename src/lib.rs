@@ -22,6 +22,7 @@ pub mod proto {
 }
 
 pub mod api;
+pub mod cli;
 pub mod http;
 pub mod logging;
 pub mod proxy;

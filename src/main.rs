@@ -34,6 +34,8 @@ enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    #[command(flatten)]
+    Client(stevedore::cli::Command),
 }
 
 #[derive(Subcommand)]
@@ -51,8 +53,13 @@ enum TokenCommand {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let command = match cli.command {
+        // The client commands keep stdout and stderr for their own output.
+        Command::Client(command) => return stevedore::cli::run(command).await,
+        other => other,
+    };
     stevedore::logging::init(&cli.log_format);
-    let result = match cli.command {
+    let result = match command {
         Command::Serve(config) => server::run(config).await,
         Command::Proxy(config) => stevedore::proxy::run(config)
             .await
@@ -72,6 +79,7 @@ async fn main() -> std::process::ExitCode {
             );
             Ok(())
         }
+        Command::Client(_) => unreachable!("dispatched above"),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
