@@ -32,7 +32,7 @@ use crate::model::Refusal;
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
-    /// GetStatus, ListDeployments, WatchDeployment.
+    /// GetStatus, ListDeployments, WatchDeployment, ListApps.
     Read,
     /// Deploy and CancelDeployment, plus read.
     Deploy,
@@ -54,7 +54,7 @@ impl Scope {
 /// closed until someone decides who may call it.
 pub fn required_scope(method: &str) -> Scope {
     match method {
-        "GetStatus" | "ListDeployments" | "WatchDeployment" => Scope::Read,
+        "GetStatus" | "ListDeployments" | "WatchDeployment" | "ListApps" => Scope::Read,
         "Deploy" | "CancelDeployment" => Scope::Deploy,
         _ => Scope::Admin,
     }

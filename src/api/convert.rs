@@ -462,6 +462,28 @@ pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
         last_sequence: s.last_sequence,
         requested_by: s.requested_by.clone(),
         queue_position: s.queue_position,
+        superseded_by: s.superseded_by.map(|id| id.to_string()).unwrap_or_default(),
+    }
+}
+
+/// An app of ListApps: what runs now (from its newest successful deployment) and its
+/// newest deployment.
+pub fn app(a: &crate::engine::AppView) -> proto::App {
+    proto::App {
+        app: a.app.to_string(),
+        current: a.current.as_ref().map(|c| {
+            let r = c.result.as_ref().map(result).unwrap_or_default();
+            proto::RunningVersion {
+                deployment_id: c.id.to_string(),
+                image: c.image.clone(),
+                image_digest: r.image_digest,
+                container_id: r.container_id,
+                endpoints: r.endpoints,
+                since: c.finished_at.map(timestamp),
+                health: r.health,
+            }
+        }),
+        latest: Some(status(&a.latest)),
     }
 }
 

@@ -346,6 +346,16 @@ impl Deployer for DeployerService {
         }))
     }
 
+    async fn list_apps(
+        &self,
+        _request: Request<proto::ListAppsRequest>,
+    ) -> Result<Response<proto::ListAppsResponse>, Status> {
+        let apps = self.engine.apps().await.map_err(status_of)?;
+        Ok(Response::new(proto::ListAppsResponse {
+            apps: apps.iter().map(convert::app).collect(),
+        }))
+    }
+
     async fn cancel_deployment(
         &self,
         request: Request<proto::CancelRequest>,

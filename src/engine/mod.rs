@@ -5,6 +5,7 @@
 //! Nothing here knows about gRPC: `api/` converts requests into [`DeploySpec`]s and
 //! [`EngineError`]s into status codes.
 
+mod apps;
 mod deployment;
 mod health;
 mod hooks;
@@ -26,6 +27,8 @@ use tracing::Instrument;
 use deployment::Deployment;
 use deployment::{Extra, Reporter};
 use queue::AppQueues;
+
+pub use apps::AppView;
 
 use crate::events::{DeploymentLog, LogError, ObserverRegistry, UpdateStream};
 use crate::limits::{Rejection, Rejections};
@@ -473,11 +476,14 @@ impl Engine {
         if let Some(deployment) = self.get(id) {
             return Ok(deployment.status());
         }
-        self.0
+        let mut status = self
+            .0
             .store
             .status(id)
             .await?
-            .ok_or_else(|| EngineError::NotFound(id.to_string()))
+            .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+        self.mark_superseded(&mut status).await?;
+        Ok(status)
     }
 
     /// Replays updates after `after_sequence`, then follows live until the terminal one.
@@ -542,6 +548,7 @@ impl Engine {
                     *s = live;
                 }
             }
+            self.mark_superseded(s).await?;
         }
         let next_page_token = if more {
             deployments.last().map(|s| encode_token(sort_key(s)))
