@@ -33,12 +33,24 @@ pub fn status_of(e: EngineError) -> Status {
             Status::unavailable(message)
         }
         EngineError::NotFound(_) => Status::not_found(message),
-        EngineError::OutOfRange(_) => Status::out_of_range(message),
+        EngineError::OutOfRange(ref e) => out_of_range(message, e),
         EngineError::AlreadyFinished { .. } => Status::failed_precondition(message),
         EngineError::InvalidPageToken => Status::invalid_argument(format!("page_token: {message}")),
         EngineError::Store(_) => Status::internal(message),
         EngineError::Exhausted { .. } => Status::resource_exhausted(message),
     }
+}
+
+/// Metadata key of an OUT_OF_RANGE status: the oldest sequence still held.
+pub const OLDEST_SEQUENCE: &str = "oldest-sequence";
+
+fn out_of_range(message: String, e: &LogError) -> Status {
+    let LogError::OutOfRange { oldest, .. } = e;
+    let mut status = Status::out_of_range(message);
+    if let Ok(v) = oldest.to_string().parse() {
+        status.metadata_mut().insert(OLDEST_SEQUENCE, v);
+    }
+    status
 }
 
 pub struct DeployerService {
@@ -170,8 +182,8 @@ pub fn forward(
                 next = updates.next() => match next {
                     None => break None,
                     Some(Ok(u)) => Some(u),
-                    Some(Err(e @ LogError::OutOfRange { .. })) => break Some(Status::out_of_range(
-                        format!("{e}; updates after sequence {sent} are no longer held")
+                    Some(Err(e @ LogError::OutOfRange { .. })) => break Some(out_of_range(
+                        format!("{e}; updates after sequence {sent} are no longer held"), &e
                     )),
                 },
                 _ = tokio::time::sleep(config.heartbeat_interval) => None,
