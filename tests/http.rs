@@ -210,7 +210,7 @@ async fn deploy_and_resume_the_event_stream_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_replaced_deployment_says_so_and_apps_survive_a_restart() {
+async fn a_replaced_deployment_says_so_apps_survive_a_restart_and_remove() {
     let t = Fixture::start("http-apps").await;
     let base = format!("http://{}", t.server.http_addr);
     let mut ids = Vec::new();
@@ -248,6 +248,31 @@ async fn a_replaced_deployment_says_so_and_apps_survive_a_restart() {
     assert_eq!(app["current"]["deploymentId"], ids[1].as_str());
     assert_eq!(app["latest"]["deploymentId"], ids[1].as_str());
     assert!(app["current"]["image"].as_str().unwrap().ends_with("web:2"));
+
+    // RemoveApp: every container goes, the app leaves ListApps, history stays.
+    let base = format!("http://{}", again.http_addr);
+    assert!(!app_containers(&t.app).is_empty());
+    let resp = http()
+        .delete(format!("{base}/v1/apps/{}", t.app))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let removed: Value = resp.json().await.unwrap();
+    assert!(
+        removed["containersRemoved"].as_u64().unwrap() >= 1,
+        "{removed}"
+    );
+    assert!(app_containers(&t.app).is_empty());
+    assert!(listed_app(&base, &t.app).await.is_none());
+    let (code, _) = get_json(&format!("{base}/v1/deployments/{}", ids[1]), None).await;
+    assert_eq!(code, 200, "history stays");
+    let resp = http()
+        .delete(format!("{base}/v1/apps/Bad_Name"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
     again.stop().await.unwrap();
 }
 

@@ -34,7 +34,7 @@ use crate::model::Refusal;
 pub enum Scope {
     /// GetStatus, ListDeployments, WatchDeployment, ListApps.
     Read,
-    /// Deploy and CancelDeployment, plus read.
+    /// Deploy, CancelDeployment and RemoveApp, plus read.
     Deploy,
     /// Everything.
     Admin,
@@ -55,7 +55,7 @@ impl Scope {
 pub fn required_scope(method: &str) -> Scope {
     match method {
         "GetStatus" | "ListDeployments" | "WatchDeployment" | "ListApps" => Scope::Read,
-        "Deploy" | "CancelDeployment" => Scope::Deploy,
+        "Deploy" | "CancelDeployment" | "RemoveApp" => Scope::Deploy,
         _ => Scope::Admin,
     }
 }

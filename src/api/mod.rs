@@ -368,6 +368,27 @@ impl Deployer for DeployerService {
         }))
     }
 
+    async fn remove_app(
+        &self,
+        request: Request<proto::RemoveAppRequest>,
+    ) -> Result<Response<proto::RemoveAppResponse>, Status> {
+        let app = AppName::parse(&request.get_ref().app)
+            .map_err(|e| Status::invalid_argument(format!("app: {e}")))?;
+        tracing::info!(
+            target: "stevedore::audit",
+            event = "remove_app",
+            app = %app,
+            caller = %caller(&request),
+            "app removal requested"
+        );
+        let removal = self.engine.remove_app(&app).await.map_err(status_of)?;
+        Ok(Response::new(proto::RemoveAppResponse {
+            app: app.to_string(),
+            containers_removed: removal.containers_removed,
+            removed_at: Some(convert::timestamp(removal.removed_at)),
+        }))
+    }
+
     async fn cancel_deployment(
         &self,
         request: Request<proto::CancelRequest>,

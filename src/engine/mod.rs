@@ -28,7 +28,7 @@ use deployment::Deployment;
 use deployment::{Extra, Reporter};
 use queue::AppQueues;
 
-pub use apps::AppView;
+pub use apps::{AppView, Removal};
 
 use crate::events::{DeploymentLog, LogError, ObserverRegistry, UpdateStream};
 use crate::limits::{Rejection, Rejections};

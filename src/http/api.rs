@@ -43,6 +43,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub fn router<S: Clone + Send + Sync + 'static>(state: ApiState) -> Router<S> {
     Router::new()
         .route("/v1/apps", get(list_apps))
+        .route("/v1/apps/{app}", axum::routing::delete(remove_app))
         .route("/v1/deployments", get(list_deployments).post(deploy))
         .route("/v1/deployments/{id}", get(get_status))
         .route("/v1/deployments/{id}/cancel", post(cancel))
@@ -155,6 +156,16 @@ fn json<T: serde::Serialize>(value: &T) -> Response {
 async fn list_apps(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
     let request = s.request("ListApps", &headers, proto::ListAppsRequest {})?;
     Ok(json(s.deployer.list_apps(request).await?.get_ref()))
+}
+
+/// `DELETE /v1/apps/{app}`: RemoveApp.
+async fn remove_app(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Path(app): Path<String>,
+) -> ApiResult {
+    let request = s.request("RemoveApp", &headers, proto::RemoveAppRequest { app })?;
+    Ok(json(s.deployer.remove_app(request).await?.get_ref()))
 }
 
 #[derive(serde::Deserialize)]

@@ -192,6 +192,17 @@ impl Store {
             .await
     }
 
+    /// Records that `app` was removed at `at` (RemoveApp).
+    pub async fn record_removal(&self, app: &AppName, at: SystemTime) -> Result<(), StoreError> {
+        self.flush().await;
+        self.db.record_removal(app, at).await
+    }
+
+    /// Per removed app, when it was last removed (Unix ns).
+    pub async fn removals(&self) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        self.db.removals().await
+    }
+
     /// Deployments that were neither finished nor cancelled when the last process
     /// stopped writing.
     pub async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {

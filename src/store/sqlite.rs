@@ -226,6 +226,33 @@ impl SqliteStore {
         }))
     }
 
+    pub(crate) async fn record_removal(
+        &self,
+        app: &AppName,
+        at: SystemTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO app_removals (app, removed_ns) VALUES (?1, ?2)
+             ON CONFLICT (app) DO UPDATE SET removed_ns = excluded.removed_ns",
+        )
+        .bind(app.as_str())
+        .bind(nanos(at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// When each removed app was last removed (ns).
+    pub(crate) async fn removals(&self) -> Result<HashMap<String, i64>, StoreError> {
+        let rows = sqlx::query("SELECT app, removed_ns FROM app_removals")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+            .collect())
+    }
+
     pub(crate) async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, status FROM deployments WHERE state IN ('pending', 'running')
