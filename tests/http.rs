@@ -310,7 +310,14 @@ async fn bad_input_unknown_ids_and_auth_by_scope() {
             .0,
         401
     );
-    assert_eq!(http_get(&format!("{base}/")).await.0, 200);
+    // The page is embedded and open (it asks for the token); nothing from elsewhere.
+    let (code, page) = http_get(&format!("{base}/deployments/{}", uuid::Uuid::new_v4())).await;
+    assert_eq!(code, 200);
+    assert!(page.contains(r#"src="/ui/app.js""#), "{page}");
+    let (code, js) = http_get(&format!("{base}/ui/app.js")).await;
+    assert_eq!(code, 200);
+    assert!(js.contains("Authorization") && !js.contains("EventSource("));
+    assert!(!page.contains("http") && !js.contains("https://"));
     let resp = post_deploy(&base, &body, Some(&read_secret)).await;
     assert_eq!(resp.status().as_u16(), 403);
     let err: Value = resp.json().await.unwrap();
