@@ -28,6 +28,8 @@ try {
   for (const l of lines) { if (seen.has(l)) fail(`a log line shows twice: ${l}`); seen.add(l); }
   const done = await page.$$eval(".stepper li.done", (ls) => ls.map((l) => l.dataset.phase));
   for (const p of ["PHASE_VALIDATING", "PHASE_STARTING", "PHASE_COMPLETE"]) if (!done.includes(p)) fail(`phase ${p} not shown done: ${done}`);
+  if (done.includes("PHASE_HOOKS")) fail(`a phase that never ran is shown done: ${done}`);
+  if ((await page.textContent("#result")).includes("null")) fail("the result card shows null");
   if ((await page.textContent("#state")) !== "COMPLETE") fail(`state: ${await page.textContent("#state")}`);
   if ((await page.textContent("#conn")) !== "ended") fail(`connection: ${await page.textContent("#conn")}`);
   const href = await page.getAttribute("#endpoints a.endpoint", "href");

@@ -239,14 +239,15 @@ function apply(view, u) {
   const t = u.timestamp ? new Date(u.timestamp) : new Date();
   if (u.phase && u.phase !== view.phase) {
     if (view.phase) view.phaseEnd[view.phase] = t;
+    if (!TERMINAL.has(u.phase)) view.lastRunning = u.phase;
     view.phase = u.phase;
     view.phaseStart[u.phase] ??= t;
   }
   for (const li of el("stepper").children) {
     const p = li.dataset.phase;
-    const idx = PHASES.indexOf(short(p)), cur = PHASES.indexOf(short(u.phase));
-    li.className = p === u.phase ? (u.phase === "PHASE_COMPLETE" ? "done" : "active") : (cur > idx || (TERMINAL.has(u.phase) && view.phaseStart[p])) ? "done" : "";
-    if (u.phase === "PHASE_FAILED" && p === view.failedFrom) li.className = "failed";
+    // Done: seen and left (a phase that never ran, e.g. hooks without hooks, stays plain).
+    li.className = p === u.phase ? (u.phase === "PHASE_COMPLETE" ? "done" : "active") : view.phaseStart[p] ? "done" : "";
+    if (TERMINAL.has(u.phase) && u.phase !== "PHASE_COMPLETE" && p === view.lastRunning) li.className = "failed";
     const s = view.phaseStart[p], e = view.phaseEnd[p];
     li.querySelector(".dur").textContent = s && e ? ` ${fmtSecs((e - s) / 1000)}` : "";
   }
@@ -286,7 +287,7 @@ function result(view, u) {
   el("elapsed").textContent = fmtSecs(secs(u.elapsed));
   const d = r.diagnostics;
   el("result").hidden = false;
-  el("result").replaceChildren(
+  el("result").replaceChildren(...[
     h("h2", {}, r.success ? "Succeeded" : "Did not succeed"),
     h("p", {}, r.message),
     h("div", { id: "endpoints" }, links(r.endpoints)),
@@ -294,7 +295,7 @@ function result(view, u) {
     (r.health || []).length ? h("ul", {}, r.health.map((c) => h("li", { class: c.healthy ? "healthy" : "unhealthy" }, `${c.check}: ${c.healthy ? "healthy" : "unhealthy"} after ${c.attempts || 0} attempt(s) ${c.message || ""}`))) : null,
     d ? h("div", {}, h("p", {}, `Failed in ${short(d.failedPhase)} at ${d.step}` + (d.exitCode !== undefined ? `, exit code ${d.exitCode}` : "") + (d.oomKilled ? ", killed: out of memory" : "")),
       (d.logTail || []).length ? h("pre", { class: "log" }, d.logTail.join("\n")) : null) : null,
-  );
+  ].filter((c) => c !== null));
 }
 
 // ---------------------------------------------------------------- routing
