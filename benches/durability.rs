@@ -84,6 +84,7 @@ fn status_of(
         last_sequence: last,
         requested_by: "bench".into(),
         queue_position: 0,
+        superseded_by: None,
     }
 }
 

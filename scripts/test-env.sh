@@ -62,7 +62,9 @@ http_code_is() { [[ $(curl -s -m 3 -o /dev/null -w '%{http_code}' "$1" 2>/dev/nu
 # ---------------------------------------------------------------------------- provision
 provision() {
   local missing=() pkg made_policy=0 rc=0
-  for pkg in docker.io docker-registry busybox-static prometheus curl apache2-utils openssl git; do
+  # chromium: the browser test of the dashboard (tests/browser/test.sh); openssl and
+  # git: the CLI's TLS tests and the deploy-from-source tests.
+  for pkg in docker.io docker-registry busybox-static prometheus curl apache2-utils openssl git chromium; do
     [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]] || missing+=("$pkg")
   done
   if ((${#missing[@]})); then
@@ -86,6 +88,7 @@ provision() {
     command -v "$c" >/dev/null || die "$c not found after provisioning"
   done
   [[ -x /bin/busybox ]] || die "/bin/busybox missing (busybox-static)"
+  [[ -x /usr/bin/chromium ]] || die "/usr/bin/chromium missing"
 }
 
 # ---------------------------------------------------------------------------- daemons

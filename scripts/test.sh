@@ -81,6 +81,7 @@ _step "cargo test" cargo test "$@"
 # extra checks
 _step "grpcurl smoke" bash scripts/grpcurl-smoke.sh
 _step "promtool check metrics" bash scripts/metrics-check.sh
+_step "dashboard browser test" bash tests/browser/test.sh
 # (bench smoke goes here, as `_step NAME CMD...`)
 # Fuzzing of request validation (proptest, bounded: 5000 arbitrary DeployRequests).
 _step "fuzz request validation" _fuzz

@@ -15,6 +15,8 @@ pub mod store;
 pub mod proto {
     #![allow(clippy::all)]
     tonic::include_proto!("stevedore.v1");
+    // The proto3 JSON mapping of the types above (pbjson).
+    include!(concat!(env!("OUT_DIR"), "/stevedore.v1.serde.rs"));
 
     /// Encoded descriptor set, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

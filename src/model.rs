@@ -528,6 +528,10 @@ pub struct DeploymentStatus {
     pub last_sequence: u64,
     pub requested_by: String,
     pub queue_position: u32,
+    /// The later successful deployment of the app that replaced this one (filled in
+    /// when read, never stored).
+    #[serde(default, skip_serializing)]
+    pub superseded_by: Option<DeploymentId>,
 }
 
 #[cfg(test)]

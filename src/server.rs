@@ -246,10 +246,11 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     // queued); the gRPC layer counts and publishes its refusals to the observers
     // (the audit log records them), and /metrics exports them all.
     let rejections = engine.rejections().clone();
+    let refusals = Refusals::new(rejections.clone(), observers.clone());
     let grpc = GrpcSide {
         engine: engine.clone(),
         authenticator: authenticator.clone(),
-        refusals: Refusals::new(rejections.clone(), observers.clone()),
+        refusals: refusals.clone(),
         rejections: rejections.clone(),
         tls: tls.clone(),
     }
@@ -268,6 +269,12 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     let router = crate::http::router(crate::http::HttpState {
         runtime,
         metrics: Some(Arc::new(exporter)),
+        // The HTTP API calls the same Deployer service (same auth, limits, refusals).
+        api: Some(crate::http::api::ApiState {
+            deployer: grpc.deployer.clone(),
+            auth: authenticator.clone(),
+            refusals,
+        }),
     });
     let http = match tls {
         None => tokio::spawn(serve_http(http, router, shutdown.clone())),
@@ -410,6 +417,8 @@ struct GrpcSide {
 
 /// The gRPC server's task and the health reporter that shutdown marks not serving.
 struct GrpcServer {
+    /// The Deployer service, shared with the HTTP API.
+    deployer: Arc<DeployerService>,
     task: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     health: tonic_health::server::HealthReporter,
 }
@@ -431,14 +440,15 @@ impl GrpcSide {
             buffer: config.watch_buffer,
             stall_timeout: config.watch_stall_timeout,
         };
-        let service = DeployerServer::new(
+        let deployer = Arc::new(
             DeployerService::with_streams(self.engine, shutdown.clone(), streams)
                 .with_refusals(self.refusals.clone())
                 .with_policy(config.security.policy())
                 .with_max_watch_streams(limits.max_watch_streams),
-        )
-        .max_decoding_message_size(limits.max_request_bytes)
-        .max_encoding_message_size(limits.max_response_bytes);
+        );
+        let service = DeployerServer::from_arc(deployer.clone())
+            .max_decoding_message_size(limits.max_request_bytes)
+            .max_encoding_message_size(limits.max_response_bytes);
         let auth = AuthLayer::new(self.authenticator, self.refusals);
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(limits.keepalive_interval))
@@ -464,7 +474,11 @@ impl GrpcSide {
                 )
             }
         };
-        Ok(GrpcServer { task, health })
+        Ok(GrpcServer {
+            deployer,
+            task,
+            health,
+        })
     }
 }
 

@@ -87,8 +87,8 @@ async fn deploy_pulls_from_the_registry_and_serves() {
 // Helpers local to these tests
 // ---------------------------------------------------------------------------
 
-fn millis(ms: i32) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration {
+fn millis(ms: i32) -> Option<pbjson_types::Duration> {
+    Some(pbjson_types::Duration {
         seconds: 0,
         nanos: ms * 1_000_000,
     })

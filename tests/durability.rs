@@ -737,7 +737,7 @@ async fn quiet_streams_carry_heartbeats_outside_the_log() {
     let mut req = web_request(&app, SLOWHEALTH);
     // Probe every 2s: the stream is quiet in between.
     req.health_check = Some(proto::HealthCheck {
-        interval: Some(prost_types::Duration {
+        interval: Some(pbjson_types::Duration {
             seconds: 2,
             nanos: 0,
         }),

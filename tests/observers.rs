@@ -162,7 +162,7 @@ fn crash_request(app: &str) -> DeployRequest {
     DeployRequest {
         app: app.into(),
         image: CRASH.into(),
-        deadline: Some(prost_types::Duration {
+        deadline: Some(pbjson_types::Duration {
             seconds: 60,
             nanos: 0,
         }),

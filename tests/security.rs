@@ -64,13 +64,13 @@ fn holding_request(app: &str) -> DeployRequest {
             check: Some(proto::health_check::Check::Docker(
                 proto::DockerHealthCheck {},
             )),
-            timeout: Some(prost_types::Duration {
+            timeout: Some(pbjson_types::Duration {
                 seconds: 1800,
                 nanos: 0,
             }),
             interval: None,
         }),
-        deadline: Some(prost_types::Duration {
+        deadline: Some(pbjson_types::Duration {
             seconds: 3600,
             nanos: 0,
         }),

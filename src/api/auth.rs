@@ -32,9 +32,9 @@ use crate::model::Refusal;
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
-    /// GetStatus, ListDeployments, WatchDeployment.
+    /// GetStatus, ListDeployments, WatchDeployment, ListApps.
     Read,
-    /// Deploy and CancelDeployment, plus read.
+    /// Deploy, CancelDeployment and RemoveApp, plus read.
     Deploy,
     /// Everything.
     Admin,
@@ -54,8 +54,8 @@ impl Scope {
 /// closed until someone decides who may call it.
 pub fn required_scope(method: &str) -> Scope {
     match method {
-        "GetStatus" | "ListDeployments" | "WatchDeployment" => Scope::Read,
-        "Deploy" | "CancelDeployment" => Scope::Deploy,
+        "GetStatus" | "ListDeployments" | "WatchDeployment" | "ListApps" => Scope::Read,
+        "Deploy" | "CancelDeployment" | "RemoveApp" => Scope::Deploy,
         _ => Scope::Admin,
     }
 }
@@ -381,6 +381,42 @@ fn deployer_prefix() -> String {
     format!("/{}/", crate::proto::deployer_server::SERVICE_NAME)
 }
 
+/// Checks the bearer token in `headers` for a call of the Deployer method `method`:
+/// the caller, or the refusal (counted, audited and published) as a status. The gRPC
+/// layer and the HTTP API both call this.
+pub fn authorize(
+    auth: &Authenticator,
+    refusals: &Refusals,
+    method: &str,
+    headers: &http::HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Result<Caller, Status> {
+    let header = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match auth.check(header, required_scope(method)) {
+        Ok(caller) => {
+            tracing::debug!(method, caller = %caller.name, "call authorized");
+            Ok(caller)
+        }
+        Err(denied) => {
+            let limit = match denied.code {
+                Code::PermissionDenied => Rejection::PermissionDenied,
+                _ => Rejection::Unauthenticated,
+            };
+            let event = refusal(
+                method,
+                denied.caller.clone(),
+                peer,
+                denied.code,
+                &denied.reason,
+            );
+            refusals.refuse(limit, event);
+            Err(denied.status())
+        }
+    }
+}
+
 /// A tower layer that authenticates and authorizes every Deployer call. With no
 /// authenticator (no tokens file) it lets every call through.
 #[derive(Clone)]
@@ -438,30 +474,13 @@ where
         if let Some(auth) = &self.layer.auth
             && let Some(method) = req.uri().path().strip_prefix(&*self.layer.prefix)
         {
-            let header = req
-                .headers()
-                .get(http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
-            match auth.check(header, required_scope(method)) {
+            let peer = peer_of(req.extensions());
+            match authorize(auth, &self.layer.refusals, method, req.headers(), peer) {
                 Ok(caller) => {
-                    tracing::debug!(method, caller = %caller.name, "call authorized");
                     req.extensions_mut().insert(caller);
                 }
-                Err(denied) => {
-                    let limit = match denied.code {
-                        Code::PermissionDenied => Rejection::PermissionDenied,
-                        _ => Rejection::Unauthenticated,
-                    };
-                    let peer = peer_of(req.extensions());
-                    let event = refusal(
-                        method,
-                        denied.caller.clone(),
-                        peer,
-                        denied.code,
-                        &denied.reason,
-                    );
-                    self.layer.refusals.refuse(limit, event);
-                    let response = denied.status().into_http::<R>();
+                Err(status) => {
+                    let response = status.into_http::<R>();
                     return Box::pin(async move { Ok(response) });
                 }
             }

@@ -40,7 +40,7 @@ fn invalid(field: impl std::fmt::Display, message: impl std::fmt::Display) -> St
 
 fn duration(
     field: &str,
-    d: Option<&prost_types::Duration>,
+    d: Option<&pbjson_types::Duration>,
     default: Duration,
     min: Duration,
     max: Duration,
@@ -330,12 +330,14 @@ fn health(h: Option<&proto::HealthCheck>, ports: &[PortSpec]) -> Result<HealthSp
     })
 }
 
-pub(crate) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    prost_types::Timestamp::from(t)
+pub(crate) fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
+    let prost_types::Timestamp { seconds, nanos } = t.into();
+    pbjson_types::Timestamp { seconds, nanos }
 }
 
-fn proto_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration::try_from(d).unwrap_or_default()
+fn proto_duration(d: Duration) -> pbjson_types::Duration {
+    let prost_types::Duration { seconds, nanos } = d.try_into().unwrap_or_default();
+    pbjson_types::Duration { seconds, nanos }
 }
 
 pub fn phase(p: model::Phase) -> proto::Phase {
@@ -462,6 +464,28 @@ pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
         last_sequence: s.last_sequence,
         requested_by: s.requested_by.clone(),
         queue_position: s.queue_position,
+        superseded_by: s.superseded_by.map(|id| id.to_string()).unwrap_or_default(),
+    }
+}
+
+/// An app of ListApps: what runs now (from its newest successful deployment) and its
+/// newest deployment.
+pub fn app(a: &crate::engine::AppView) -> proto::App {
+    proto::App {
+        app: a.app.to_string(),
+        current: a.current.as_ref().map(|c| {
+            let r = c.result.as_ref().map(result).unwrap_or_default();
+            proto::RunningVersion {
+                deployment_id: c.id.to_string(),
+                image: c.image.clone(),
+                image_digest: r.image_digest,
+                container_id: r.container_id,
+                endpoints: r.endpoints,
+                since: c.finished_at.map(timestamp),
+                health: r.health,
+            }
+        }),
+        latest: Some(status(&a.latest)),
     }
 }
 
@@ -611,7 +635,7 @@ mod tests {
             ),
             (
                 Box::new(|r| {
-                    r.deadline = Some(prost_types::Duration {
+                    r.deadline = Some(pbjson_types::Duration {
                         seconds: -1,
                         nanos: 0,
                     })
@@ -651,9 +675,9 @@ mod tests {
             ]
         }
 
-        fn duration() -> impl Strategy<Value = prost_types::Duration> {
+        fn duration() -> impl Strategy<Value = pbjson_types::Duration> {
             (any::<i64>(), any::<i32>())
-                .prop_map(|(seconds, nanos)| prost_types::Duration { seconds, nanos })
+                .prop_map(|(seconds, nanos)| pbjson_types::Duration { seconds, nanos })
         }
 
         fn port() -> impl Strategy<Value = u32> {
@@ -686,7 +710,7 @@ mod tests {
         }
 
         type Milestones = Vec<(String, f64, String)>;
-        type Hooks = Vec<(String, Vec<String>, bool, Option<prost_types::Duration>)>;
+        type Hooks = Vec<(String, Vec<String>, bool, Option<pbjson_types::Duration>)>;
 
         fn milestones_of(m: Milestones) -> Vec<proto::Milestone> {
             m.into_iter()
@@ -757,8 +781,8 @@ mod tests {
         fn short_duration(
             min_ms: u64,
             max_ms: u64,
-        ) -> impl Strategy<Value = prost_types::Duration> {
-            (min_ms..=max_ms).prop_map(|ms| prost_types::Duration {
+        ) -> impl Strategy<Value = pbjson_types::Duration> {
+            (min_ms..=max_ms).prop_map(|ms| pbjson_types::Duration {
                 seconds: (ms / 1000) as i64,
                 nanos: (ms % 1000) as i32 * 1_000_000,
             })

@@ -36,12 +36,24 @@ pub fn status_of(e: EngineError) -> Status {
             Status::unavailable(message)
         }
         EngineError::NotFound(_) => Status::not_found(message),
-        EngineError::OutOfRange(_) => Status::out_of_range(message),
+        EngineError::OutOfRange(ref e) => out_of_range(message, e),
         EngineError::AlreadyFinished { .. } => Status::failed_precondition(message),
         EngineError::InvalidPageToken => Status::invalid_argument(format!("page_token: {message}")),
         EngineError::Store(_) => Status::internal(message),
         EngineError::Exhausted { .. } => Status::resource_exhausted(message),
     }
+}
+
+/// Metadata key of an OUT_OF_RANGE status: the oldest sequence still held.
+pub const OLDEST_SEQUENCE: &str = "oldest-sequence";
+
+fn out_of_range(message: String, e: &LogError) -> Status {
+    let LogError::OutOfRange { oldest, .. } = e;
+    let mut status = Status::out_of_range(message);
+    if let Ok(v) = oldest.to_string().parse() {
+        status.metadata_mut().insert(OLDEST_SEQUENCE, v);
+    }
+    status
 }
 
 pub struct DeployerService {
@@ -173,8 +185,8 @@ pub fn forward(
                 next = updates.next() => match next {
                     None => break None,
                     Some(Ok(u)) => Some(u),
-                    Some(Err(e @ LogError::OutOfRange { .. })) => break Some(Status::out_of_range(
-                        format!("{e}; updates after sequence {sent} are no longer held")
+                    Some(Err(e @ LogError::OutOfRange { .. })) => break Some(out_of_range(
+                        format!("{e}; updates after sequence {sent} are no longer held"), &e
                     )),
                 },
                 _ = tokio::time::sleep(config.heartbeat_interval) => None,
@@ -346,6 +358,37 @@ impl Deployer for DeployerService {
         Ok(Response::new(proto::ListDeploymentsResponse {
             deployments: page.deployments.iter().map(convert::status).collect(),
             next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn list_apps(
+        &self,
+        _request: Request<proto::ListAppsRequest>,
+    ) -> Result<Response<proto::ListAppsResponse>, Status> {
+        let apps = self.engine.apps().await.map_err(status_of)?;
+        Ok(Response::new(proto::ListAppsResponse {
+            apps: apps.iter().map(convert::app).collect(),
+        }))
+    }
+
+    async fn remove_app(
+        &self,
+        request: Request<proto::RemoveAppRequest>,
+    ) -> Result<Response<proto::RemoveAppResponse>, Status> {
+        let app = AppName::parse(&request.get_ref().app)
+            .map_err(|e| Status::invalid_argument(format!("app: {e}")))?;
+        tracing::info!(
+            target: "stevedore::audit",
+            event = "remove_app",
+            app = %app,
+            caller = %caller(&request),
+            "app removal requested"
+        );
+        let removal = self.engine.remove_app(&app).await.map_err(status_of)?;
+        Ok(Response::new(proto::RemoveAppResponse {
+            app: app.to_string(),
+            containers_removed: removal.containers_removed,
+            removed_at: Some(convert::timestamp(removal.removed_at)),
         }))
     }
 

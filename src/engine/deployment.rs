@@ -47,6 +47,7 @@ impl Deployment {
             last_sequence: 0,
             requested_by: spec.requested_by.clone(),
             queue_position: 0,
+            superseded_by: None,
         };
         Self {
             id,

@@ -5,6 +5,7 @@
 //! Nothing here knows about gRPC: `api/` converts requests into [`DeploySpec`]s and
 //! [`EngineError`]s into status codes.
 
+mod apps;
 mod deployment;
 pub mod eta;
 mod health;
@@ -27,6 +28,8 @@ use tracing::Instrument;
 use deployment::Deployment;
 use deployment::{Extra, Reporter};
 use queue::AppQueues;
+
+pub use apps::{AppView, Removal};
 
 use crate::events::{DeploymentLog, LogError, ObserverRegistry, UpdateStream};
 use crate::limits::{Rejection, Rejections};
@@ -474,11 +477,14 @@ impl Engine {
         if let Some(deployment) = self.get(id) {
             return Ok(deployment.status());
         }
-        self.0
+        let mut status = self
+            .0
             .store
             .status(id)
             .await?
-            .ok_or_else(|| EngineError::NotFound(id.to_string()))
+            .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+        self.mark_superseded(&mut status).await?;
+        Ok(status)
     }
 
     /// Replays updates after `after_sequence`, then follows live until the terminal one.
@@ -543,6 +549,7 @@ impl Engine {
                     *s = live;
                 }
             }
+            self.mark_superseded(s).await?;
         }
         let next_page_token = if more {
             deployments.last().map(|s| encode_token(sort_key(s)))

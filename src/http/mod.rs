@@ -1,5 +1,9 @@
 //! The HTTP side (axum): `/healthz` for load balancers and operators, `/metrics` for
-//! Prometheus.
+//! Prometheus, the JSON API with its event streams (`api.rs`) and the dashboard page
+//! (`page.rs`).
+
+pub mod api;
+pub mod page;
 
 use std::sync::Arc;
 
@@ -20,13 +24,18 @@ pub struct HttpState {
     pub runtime: Arc<dyn Runtime>,
     /// Renders `/metrics` (404 without it).
     pub metrics: Option<Arc<MetricsExporter>>,
+    /// The JSON API and the page (absent: not served).
+    pub api: Option<api::ApiState>,
 }
 
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+        .route("/metrics", get(metrics));
+    if let Some(api) = state.api.clone() {
+        router = router.merge(api::router(api)).merge(page::router());
+    }
+    router.with_state(state)
 }
 
 /// 200 when the server runs; the body says whether the Docker engine answers (an engine

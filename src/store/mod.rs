@@ -173,6 +173,36 @@ impl Store {
         self.db.list(filter).await
     }
 
+    /// Per app (sorted by name), its newest deployment, or with `succeeded_only` its
+    /// newest SUCCEEDED one.
+    pub async fn newest_per_app(
+        &self,
+        succeeded_only: bool,
+    ) -> Result<Vec<DeploymentStatus>, StoreError> {
+        self.db.newest_per_app(succeeded_only).await
+    }
+
+    /// The SUCCEEDED deployment of `status.app` that directly followed `status`.
+    pub async fn next_succeeded(
+        &self,
+        status: &DeploymentStatus,
+    ) -> Result<Option<DeploymentId>, StoreError> {
+        self.db
+            .next_succeeded(&status.app, status.created_at, status.id)
+            .await
+    }
+
+    /// Records that `app` was removed at `at` (RemoveApp).
+    pub async fn record_removal(&self, app: &AppName, at: SystemTime) -> Result<(), StoreError> {
+        self.flush().await;
+        self.db.record_removal(app, at).await
+    }
+
+    /// Per removed app, when it was last removed (Unix ns).
+    pub async fn removals(&self) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        self.db.removals().await
+    }
+
     /// Deployments that were neither finished nor cancelled when the last process
     /// stopped writing.
     pub async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {

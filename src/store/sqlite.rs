@@ -178,6 +178,81 @@ impl SqliteStore {
             .collect()
     }
 
+    /// Per app, the newest deployment (`succeeded_only`: the newest SUCCEEDED one),
+    /// sorted by app.
+    pub(crate) async fn newest_per_app(
+        &self,
+        succeeded_only: bool,
+    ) -> Result<Vec<DeploymentStatus>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, status FROM (
+                SELECT id, status, app, ROW_NUMBER() OVER (
+                    PARTITION BY app ORDER BY created_ns DESC, id DESC) AS rn
+                FROM deployments WHERE (?1 = 0 OR state = ?2))
+             WHERE rn = 1 ORDER BY app",
+        )
+        .bind(succeeded_only)
+        .bind(state_str(DeploymentState::Succeeded))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| parse_status(r.get::<&str, _>(0), r.get::<&str, _>(1)))
+            .collect()
+    }
+
+    /// The first SUCCEEDED deployment of `app` created after `created` (ns, id).
+    pub(crate) async fn next_succeeded(
+        &self,
+        app: &AppName,
+        created: SystemTime,
+        id: DeploymentId,
+    ) -> Result<Option<DeploymentId>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id FROM deployments
+             WHERE app = ?1 AND state = ?2
+               AND (created_ns > ?3 OR (created_ns = ?3 AND id > ?4))
+             ORDER BY created_ns, id LIMIT 1",
+        )
+        .bind(app.as_str())
+        .bind(state_str(DeploymentState::Succeeded))
+        .bind(nanos(created))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|r| {
+            uuid::Uuid::parse_str(r.get::<&str, _>(0))
+                .ok()
+                .map(DeploymentId)
+        }))
+    }
+
+    pub(crate) async fn record_removal(
+        &self,
+        app: &AppName,
+        at: SystemTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO app_removals (app, removed_ns) VALUES (?1, ?2)
+             ON CONFLICT (app) DO UPDATE SET removed_ns = excluded.removed_ns",
+        )
+        .bind(app.as_str())
+        .bind(nanos(at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// When each removed app was last removed (ns).
+    pub(crate) async fn removals(&self) -> Result<HashMap<String, i64>, StoreError> {
+        let rows = sqlx::query("SELECT app, removed_ns FROM app_removals")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+            .collect())
+    }
+
     pub(crate) async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, status FROM deployments WHERE state IN ('pending', 'running')

@@ -291,7 +291,7 @@ pub fn web_request(app: &str, image: &str) -> DeployRequest {
             host_port: 0,
             protocol: "tcp".into(),
         }],
-        deadline: Some(prost_types::Duration {
+        deadline: Some(pbjson_types::Duration {
             seconds: 120,
             nanos: 0,
         }),
@@ -516,8 +516,8 @@ pub async fn wait_finished(client: &mut Client, id: &str) -> DeploymentStatus {
 }
 
 /// A protobuf duration of `s` seconds.
-pub fn secs(s: i64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration {
+pub fn secs(s: i64) -> Option<pbjson_types::Duration> {
+    Some(pbjson_types::Duration {
         seconds: s,
         nanos: 0,
     })
