@@ -19,6 +19,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::events::{DEFAULT_QUEUE, ObserverRegistry, Subscription};
 use crate::http::MetricsExporter;
 use crate::limits::{LimitsConfig, OversizedRequestsLayer, Rejections};
+use crate::lock::{DATA_DIR_LOCK_FILE, HeldLock, audit_lock_path};
 use crate::observers::audit::{AUDIT_LOG_FILE, AuditLog, AuditObserver};
 use crate::observers::metrics::{Metrics, MetricsObserver};
 use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
@@ -232,6 +233,18 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     let runtime = docker_runtime(&config).await?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| anyhow!("cannot create data dir {}: {e}", config.data_dir.display()))?;
+    // Before recovery touches anything: a second server on the same data dir (or audit
+    // log) would remove the first one's live containers and break its audit chain.
+    let locks = [
+        HeldLock::acquire(
+            &config.data_dir.join(DATA_DIR_LOCK_FILE),
+            &format!("data dir {}", config.data_dir.display()),
+        )?,
+        HeldLock::acquire(
+            &audit_lock_path(&config.audit_log_path()),
+            &format!("audit log {}", config.audit_log_path().display()),
+        )?,
+    ];
     let store = Store::open(&config.data_dir).await?;
     let shutdown = CancellationToken::new();
 
@@ -295,6 +308,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         http,
         retention,
         observers: subscribed,
+        locks,
     };
     let task = tokio::spawn(serving.until(shutdown.clone()));
     Ok(RunningServer {
@@ -496,6 +510,9 @@ struct Serving {
     http: JoinHandle<std::io::Result<()>>,
     retention: JoinHandle<()>,
     observers: SubscribedObservers,
+    /// The data dir's and the audit log's locks, released once the server has stopped.
+    #[allow(dead_code)]
+    locks: [HeldLock; 2],
 }
 
 impl Serving {
