@@ -82,6 +82,12 @@ impl Failure {
     }
 }
 
+/// The image's identity for `image_digest`: its repo digest, else its image ID (an
+/// image built or loaded locally has no repo digest).
+fn image_digest(info: &ImageInfo) -> String {
+    info.digest.clone().unwrap_or_else(|| info.id.clone())
+}
+
 pub(super) struct Run {
     rep: Reporter,
     ctx: Arc<Inner>,
@@ -207,7 +213,7 @@ impl Run {
         self.rep
             .enter(Phase::Pulling, format!("looking for image {image}"));
         if let Some(info) = self.inspect_image(&image).await? {
-            let digest = info.digest.clone().unwrap_or_default();
+            let digest = image_digest(&info);
             self.image = info;
             self.rep.progress(
                 1.0,
@@ -221,7 +227,7 @@ impl Run {
             0.0,
             Level::Info,
             format!("pulling image {image}"),
-            Extra::meta([("pulled", "true".into())]),
+            Extra::default(),
         );
         let progress = self.download(&image).await?;
         let info = self.inspect_image(&image).await?.ok_or_else(|| {
@@ -231,16 +237,18 @@ impl Run {
                 format!("image {image} is not present after its pull"),
             )
         })?;
-        let message = format!(
-            "pulled {image}: {} in {} layers{}",
-            bytes(progress.image_total_bytes),
-            progress.layers_total,
-            info.digest
-                .as_deref()
-                .map(|d| format!(" ({d})"))
-                .unwrap_or_default()
-        );
-        let digest = info.digest.clone().unwrap_or_default();
+        let digest = image_digest(&info);
+        let what = if progress.image_total_bytes == 0 {
+            // Every layer was already local (the tag was new, its layers were not).
+            "every layer was present locally".to_string()
+        } else {
+            format!(
+                "{} in {} layers",
+                bytes(progress.image_total_bytes),
+                progress.layers_total
+            )
+        };
+        let message = format!("pulled {image}: {what} ({digest})");
         self.image = info;
         self.rep.progress(
             1.0,
@@ -248,7 +256,7 @@ impl Run {
             message,
             Extra {
                 pull: Some(progress),
-                ..Extra::meta([("image_digest", digest)])
+                ..Extra::meta([("pulled", "true".into()), ("image_digest", digest)])
             },
         );
         Ok(())
@@ -284,7 +292,7 @@ impl Run {
                 progress.layers_done,
                 progress.layers_total,
             );
-            let fraction = PullTracker::fraction(&progress);
+            let fraction = tracker.fraction();
             self.rep.progress(
                 fraction * 0.99,
                 Level::Verbose,
@@ -705,7 +713,7 @@ impl Run {
             success: true,
             message,
             container_id,
-            image_digest: self.image.digest.clone().unwrap_or_default(),
+            image_digest: image_digest(&self.image),
             endpoints,
             health: std::mem::take(&mut self.health),
             diagnostics: None,
@@ -733,7 +741,7 @@ impl Run {
             success: false,
             message,
             container_id: String::new(),
-            image_digest: self.image.digest.clone().unwrap_or_default(),
+            image_digest: image_digest(&self.image),
             endpoints: BTreeMap::new(),
             health: std::mem::take(&mut self.health),
             diagnostics,

@@ -393,6 +393,32 @@ async fn a_failed_pull_fails_in_pulling_and_creates_nothing() {
     assert_eq!(d.failed_phase, Some(Phase::Pulling));
     assert!(fake.created().is_empty());
     assert!(fake.removed().is_empty());
+    // `pulled: "true"` says a pull succeeded: never on a pull that failed.
+    assert!(
+        updates.iter().all(|u| !u.metadata.contains_key("pulled")),
+        "{updates:?}"
+    );
+}
+
+/// Issue 17: an image with no repo digest (built or loaded locally) is named by its
+/// image ID in `image_digest`, never by an empty string.
+#[tokio::test]
+async fn a_local_image_without_a_repo_digest_is_named_by_its_id() {
+    let local = Script {
+        no_repo_digest: true,
+        ..Script::healthy()
+    };
+    let fake = FakeRuntime::with([("local:1", local)]);
+    let engine = engine(&fake).await;
+    let updates = deploy(&engine, spec("app", "local:1")).await;
+    assert_eq!(end_state(&updates), DeploymentState::Succeeded);
+    let present = updates
+        .iter()
+        .find(|u| u.metadata.get("pulled").map(String::as_str) == Some("false"))
+        .expect("the image was present");
+    assert_eq!(present.metadata["image_digest"], "sha256:local:1");
+    let result = updates.last().unwrap().result.as_ref().unwrap();
+    assert_eq!(result.image_digest, "sha256:local:1");
 }
 
 #[tokio::test]

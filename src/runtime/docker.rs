@@ -173,13 +173,16 @@ fn map_error(endpoint: &str, op: &'static str, e: BollardError) -> RuntimeError 
             message,
         } => RuntimeError::NotFound {
             op,
-            reason: message,
+            reason: without_repeats(&message),
         },
         BollardError::DockerResponseServerError { message, .. } => RuntimeError::Call {
             op,
-            reason: message,
+            reason: without_repeats(&message),
         },
-        BollardError::DockerStreamError { error } => RuntimeError::Call { op, reason: error },
+        BollardError::DockerStreamError { error } => RuntimeError::Call {
+            op,
+            reason: without_repeats(&error),
+        },
         BollardError::RequestTimeoutError => RuntimeError::Timeout {
             op,
             after: Duration::ZERO,
@@ -196,6 +199,19 @@ fn map_error(endpoint: &str, op: &'static str, e: BollardError) -> RuntimeError 
             reason: other.to_string(),
         },
     }
+}
+
+/// The engine's text without a part repeated right after itself: dockerd wraps the
+/// registry's error in its own words, which are often the same
+/// (`manifest unknown: manifest unknown`).
+fn without_repeats(message: &str) -> String {
+    let mut parts: Vec<&str> = vec![];
+    for part in message.split(": ") {
+        if parts.last() != Some(&part) {
+            parts.push(part);
+        }
+    }
+    parts.join(": ")
 }
 
 fn is_not_found(e: &RuntimeError) -> bool {
@@ -710,6 +726,21 @@ impl DockerRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_engine_text_is_not_repeated() {
+        let e = map_error(
+            "unix:///x",
+            "image pull",
+            BollardError::DockerStreamError {
+                error: "manifest for r/x:9 not found: manifest unknown: manifest unknown".into(),
+            },
+        );
+        assert_eq!(
+            e.to_string(),
+            "image pull failed: manifest for r/x:9 not found: manifest unknown"
+        );
+    }
 
     #[tokio::test]
     async fn concurrent_calls_are_capped() {
