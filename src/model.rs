@@ -96,6 +96,8 @@ pub struct PortSpec {
     /// 0 = any free port.
     pub host_port: u16,
     pub protocol: Protocol,
+    /// The host address to publish on; `None`: the server's `--publish-ip`.
+    pub host_ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Clone, Debug)]

@@ -41,6 +41,11 @@ pub struct ServeConfig {
     /// Directory for Stevedore's state.
     #[arg(long, env = "STEVEDORE_DATA_DIR", default_value = "./stevedore-data")]
     pub data_dir: PathBuf,
+    /// Host address the apps' ports are published on when a request's
+    /// `PortMapping.host_ip` is empty. The default keeps apps reachable from this host
+    /// only; 0.0.0.0 (or ::) opens them to the network.
+    #[arg(long, env = "STEVEDORE_PUBLISH_IP", default_value = "127.0.0.1")]
+    pub publish_ip: std::net::IpAddr,
     /// Docker engine address (unix://PATH, tcp://HOST:PORT). Default: DOCKER_HOST, else
     /// the local socket.
     #[arg(long, env = "STEVEDORE_DOCKER_HOST")]
@@ -387,6 +392,7 @@ async fn start_engine(
     let engine_config = EngineConfig {
         max_in_flight: config.limits.max_in_flight,
         max_queued: config.limits.max_queued,
+        publish_ip: config.publish_ip,
         retention: Retention {
             max_deployments: config.retention_max_deployments,
             max_age: config.retention_max_age,

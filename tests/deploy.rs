@@ -645,3 +645,71 @@ async fn pull_progress_with_a_local_base_layer_advances() {
         .expect("pulled: true");
     assert!(std::ptr::eq(&updates[pulled], *last), "{trace:#?}");
 }
+
+/// The host addresses Docker reports for a deployment's container, from inspect:
+/// (HostConfig.PortBindings, NetworkSettings.Ports) for `8080/tcp`.
+fn bound_addresses(deployment_id: &str) -> (Vec<String>, Vec<String>) {
+    let id = deployment_containers(deployment_id)
+        .pop()
+        .expect("the container");
+    let ips = |template: &str| -> Vec<String> {
+        let json = docker(&["inspect", "-f", template, &id]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["8080/tcp"]
+            .as_array()
+            .unwrap_or(&vec![])
+            .iter()
+            .map(|b| b["HostIp"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    (
+        ips("{{json .HostConfig.PortBindings}}"),
+        ips("{{json .NetworkSettings.Ports}}"),
+    )
+}
+
+/// Issue 17: apps are published on the server's --publish-ip (127.0.0.1 by default),
+/// never on every interface unasked; `PortMapping.host_ip` picks another address; the
+/// endpoint names the address Docker reports as bound, and it serves there.
+#[tokio::test]
+async fn ports_are_published_on_the_requested_host_ip() {
+    let t = Fixture::start("hostip").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
+
+    let updates = deploy(&mut client, web_request(&app, "stevedore-test/web:1")).await;
+    let end = terminal(&updates).clone();
+    assert_eq!(end.phase(), proto::Phase::Complete, "{}", end.message);
+    let (config, bound) = bound_addresses(&end.deployment_id);
+    assert_eq!(config, vec!["127.0.0.1"], "the default --publish-ip");
+    assert_eq!(bound, vec!["127.0.0.1"], "docker binds loopback only");
+    let url = &end.result.as_ref().unwrap().endpoints["8080/tcp"];
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+
+    let mut req = web_request(&app, "stevedore-test/web:2");
+    req.ports[0].host_ip = "127.0.0.2".into();
+    let updates = deploy(&mut client, req).await;
+    let end = terminal(&updates).clone();
+    assert_eq!(end.phase(), proto::Phase::Complete, "{}", end.message);
+    let (config, bound) = bound_addresses(&end.deployment_id);
+    assert_eq!(
+        (config, bound),
+        (vec!["127.0.0.2".to_string()], vec!["127.0.0.2".to_string()])
+    );
+    let url = end.result.as_ref().unwrap().endpoints["8080/tcp"].clone();
+    assert!(url.starts_with("http://127.0.0.2:"), "{url}");
+    let (status, body) = http_get(&url).await;
+    assert_eq!((status, body.trim()), (200, "v2"));
+    // Nothing answers on the same port at another loopback address.
+    let other = url.replacen("127.0.0.2", "127.0.0.3", 1);
+    assert!(reqwest::get(&other).await.is_err(), "{other} is not bound");
+
+    let mut bad = web_request(&app, "stevedore-test/web:2");
+    bad.ports[0].host_ip = "not-an-ip".into();
+    let err = client.deploy(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("ports[0].host_ip"),
+        "{}",
+        err.message()
+    );
+}

@@ -50,11 +50,12 @@ pub(super) struct Target<'a> {
 }
 
 impl Target<'_> {
-    fn published(&self, container_port: u16) -> Option<u16> {
+    /// Where `container_port` is reachable: the bound host address and port.
+    fn published(&self, container_port: u16) -> Option<(String, u16)> {
         self.ports
             .iter()
             .find(|p| p.container_port == container_port && p.protocol == Protocol::Tcp)
-            .map(|p| p.host_port)
+            .map(|p| (p.reach_host(self.public_host), p.host_port))
     }
 }
 
@@ -152,7 +153,7 @@ pub(super) async fn probe_once(probe: &HealthProbe, target: &Target<'_>) -> Verd
         HealthProbe::Docker => docker(&target.state),
         HealthProbe::Tcp { port } => match target.published(*port) {
             None => not_published(*port),
-            Some(host_port) => tcp(target.public_host, host_port)
+            Some((host, host_port)) => tcp(host.trim_matches(['[', ']']), host_port)
                 .await
                 .map(|()| format!("TCP port {port} accepts connections"))
                 .into(),
@@ -163,8 +164,8 @@ pub(super) async fn probe_once(probe: &HealthProbe, target: &Target<'_>) -> Verd
             expect_status,
         } => match target.published(*port) {
             None => not_published(*port),
-            Some(host_port) => {
-                let url = format!("http://{}:{host_port}{path}", target.public_host);
+            Some((host, host_port)) => {
+                let url = format!("http://{host}:{host_port}{path}");
                 http(target.http, &url, *expect_status, target.interval)
                     .await
                     .map(|()| format!("GET {path} answered {expect_status}"))

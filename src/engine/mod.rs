@@ -78,6 +78,8 @@ pub struct EngineConfig {
     /// Deployments waiting for their app's lock (all apps); more get
     /// [`EngineError::Exhausted`].
     pub max_queued: usize,
+    /// The host address ports are published on when the request names none.
+    pub publish_ip: std::net::IpAddr,
 }
 
 impl Default for EngineConfig {
@@ -89,6 +91,7 @@ impl Default for EngineConfig {
             retention: Retention::default(),
             max_in_flight: crate::limits::DEFAULT_MAX_IN_FLIGHT,
             max_queued: crate::limits::DEFAULT_MAX_QUEUED,
+            publish_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         }
     }
 }

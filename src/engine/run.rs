@@ -28,7 +28,7 @@ use super::pull::PullTracker;
 use super::queue::Ticket;
 use crate::model::{
     DeploymentResult, DeploymentState, FailureDiagnostics, HealthOutcome, HealthProbe, LABEL_APP,
-    LABEL_DEPLOYMENT, Level, Phase, Protocol, PullProgress,
+    LABEL_DEPLOYMENT, Level, Phase, PortSpec, Protocol, PullProgress,
 };
 use crate::runtime::{
     ContainerSpec, ContainerState, ContainerSummary, ImageInfo, PublishedPort, RuntimeError,
@@ -322,7 +322,14 @@ impl Run {
             image: spec.image.clone(),
             command: spec.command.clone(),
             env: spec.env.clone(),
-            ports: spec.ports.clone(),
+            ports: spec
+                .ports
+                .iter()
+                .map(|p| PortSpec {
+                    host_ip: p.host_ip.or(Some(self.ctx.config.publish_ip)),
+                    ..*p
+                })
+                .collect(),
             labels,
         };
         // The call runs in its own task: if a cancel, the deadline or a shutdown drops
@@ -494,7 +501,7 @@ impl Run {
                 };
                 (
                     format!("{}/{}", p.container_port, p.protocol.as_str()),
-                    format!("{scheme}://{host}:{}", p.host_port),
+                    format!("{scheme}://{}:{}", p.reach_host(host), p.host_port),
                 )
             })
             .collect()

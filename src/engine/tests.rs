@@ -48,6 +48,7 @@ fn spec(app: &str, image: &str) -> DeploySpec {
         command: vec![],
         env: Default::default(),
         ports: vec![PortSpec {
+            host_ip: None,
             container_port: 8080,
             host_port: 0,
             protocol: Protocol::Tcp,

@@ -422,7 +422,7 @@ impl Runtime for DockerRuntime {
                 .or_insert_with(|| Some(Vec::new()))
                 .get_or_insert_with(Vec::new)
                 .push(PortBinding {
-                    host_ip: None,
+                    host_ip: p.host_ip.map(|ip| ip.to_string()),
                     host_port: Some(if p.host_port == 0 {
                         String::new()
                     } else {
@@ -494,21 +494,23 @@ impl Runtime for DockerRuntime {
                     Protocol::Tcp
                 };
                 // One URL per container port: prefer the IPv4 binding.
-                let mut best: Option<(bool, u16)> = None;
+                let mut best: Option<(bool, u16, String)> = None;
                 for b in bindings.unwrap_or_default() {
                     let Some(host_port) = b.host_port.and_then(|p| p.parse::<u16>().ok()) else {
                         continue;
                     };
-                    let v4 = !b.host_ip.as_deref().unwrap_or("").contains(':');
-                    if best.is_none_or(|(was_v4, _)| v4 && !was_v4) {
-                        best = Some((v4, host_port));
+                    let host_ip = b.host_ip.unwrap_or_default();
+                    let v4 = !host_ip.contains(':');
+                    if best.as_ref().is_none_or(|(was_v4, ..)| v4 && !was_v4) {
+                        best = Some((v4, host_port, host_ip));
                     }
                 }
-                if let Some((_, host_port)) = best {
+                if let Some((_, host_port, host_ip)) = best {
                     ports.push(PublishedPort {
                         container_port,
                         protocol,
                         host_port,
+                        host_ip,
                     });
                 }
             }

@@ -293,6 +293,7 @@ impl Runtime for FakeRuntime {
                     container_port: p.container_port,
                     protocol: p.protocol,
                     host_port: 40000 + p.container_port % 20000,
+                    host_ip: p.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
                 })
                 .collect(),
             status: if running { "running" } else { "exited" }.into(),
