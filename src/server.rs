@@ -575,8 +575,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     // instead of killing the process.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let server = start(config, ObserverRegistry::new()).await?;
-    if let Some(auth) = server.authenticator.clone() {
-        reload_tokens_on_sighup(auth, hangup);
+    match server.authenticator.clone() {
+        Some(auth) => reload_tokens_on_sighup(auth, hangup),
+        None => say_nothing_to_reload_on_sighup(hangup),
     }
     let token = server.shutdown_token();
     tokio::spawn(async move {
@@ -593,6 +594,17 @@ async fn wait_for_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
+}
+
+/// Without a tokens file SIGHUP has nothing to reload: say so instead of ignoring it.
+fn say_nothing_to_reload_on_sighup(mut hangup: tokio::signal::unix::Signal) {
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::warn!(
+                "SIGHUP: nothing reloaded; token authentication is off (the server was started without --tokens-file)"
+            );
+        }
+    });
 }
 
 /// Re-reads the tokens file on each SIGHUP; a file that does not parse leaves the

@@ -988,3 +988,25 @@ async fn registry_credentials_appear_nowhere() {
         );
     }
 }
+
+/// Issue 17: SIGHUP to a server started without --tokens-file is not ignored without
+/// a word: it logs that authentication is off and nothing was reloaded, and the server
+/// keeps serving.
+#[tokio::test]
+async fn sighup_without_a_tokens_file_says_nothing_was_reloaded() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = BinaryServer::spawn(dir.path(), &[]);
+    server.hangup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !server.log_text().contains("SIGHUP: nothing reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no word about SIGHUP; log:\n{}",
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(server.log_text().contains("authentication is off"));
+    assert!(server.child.try_wait().unwrap().is_none(), "still running");
+}

@@ -50,6 +50,10 @@ pub enum EngineError {
     },
     #[error("invalid page_token")]
     InvalidPageToken,
+    #[error(
+        "deployment_id: required (the ID in the first update of Deploy, or from ListDeployments)"
+    )]
+    MissingDeploymentId,
     #[error("the server is shutting down and accepts no new deployments")]
     ShuttingDown,
     #[error("{0}")]
@@ -466,6 +470,9 @@ impl Engine {
     }
 
     fn parse_id(id: &str) -> Result<DeploymentId, EngineError> {
+        if id.trim().is_empty() {
+            return Err(EngineError::MissingDeploymentId);
+        }
         uuid::Uuid::parse_str(id)
             .map(DeploymentId)
             .map_err(|_| EngineError::NotFound(id.to_owned()))
@@ -499,6 +506,12 @@ impl Engine {
             .status(id)
             .await?
             .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+        if after > status.last_sequence && status.state.is_terminal() {
+            return Err(EngineError::OutOfRange(LogError::Beyond {
+                after,
+                last: status.last_sequence,
+            }));
+        }
         let stored = self.0.store.log(id, after).await?;
         let oldest = stored.oldest.unwrap_or(status.last_sequence + 1);
         if after < status.last_sequence && after + 1 < oldest {

@@ -1056,3 +1056,56 @@ async fn a_slow_reader_of_a_log_past_the_live_window_gets_every_update_once() {
         .count();
     assert_eq!(ticks, LINES);
 }
+
+/// Issue 17: a watch from beyond the last update of an ended deployment is
+/// OUT_OF_RANGE naming the last sequence (not an empty stream and OK); an empty
+/// deployment_id is an invalid argument naming the field, for every call taking one.
+#[tokio::test]
+async fn edge_answers_name_the_last_sequence_and_the_missing_field() {
+    let fake = FakeRuntime::with([("web:1", Script::healthy())]);
+    let engine = engine(&fake).await;
+    let updates = deploy(&engine, spec("app", "web:1")).await;
+    let last = updates.last().unwrap().sequence;
+    let id = updates[0].deployment_id.to_string();
+    // In memory (the log closed) or retired to the store: the same answer.
+    for _ in 0..2 {
+        match engine.watch(&id, last + 5).await {
+            Err(super::EngineError::OutOfRange(e)) => {
+                let text = e.to_string();
+                assert!(text.contains(&format!("last sequence is {last}")), "{text}");
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a watch beyond the end answered OK"),
+        }
+        bounded("retired", async {
+            while engine.get(updates[0].deployment_id).is_some() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+    // From the last sequence itself: an empty stream that ends (nothing is missing).
+    assert!(
+        rest(engine.watch(&id, last).await.unwrap())
+            .await
+            .is_empty()
+    );
+
+    assert!(matches!(
+        engine.status("").await,
+        Err(super::EngineError::MissingDeploymentId)
+    ));
+    assert!(matches!(
+        engine.watch("", 0).await,
+        Err(super::EngineError::MissingDeploymentId)
+    ));
+    assert!(matches!(
+        engine.cancel("").await,
+        Err(super::EngineError::MissingDeploymentId)
+    ));
+    assert!(
+        super::EngineError::MissingDeploymentId
+            .to_string()
+            .starts_with("deployment_id: required")
+    );
+}
