@@ -278,7 +278,7 @@ impl Engine {
         );
         reporter.accepted();
         if ticket.position() > 0 {
-            reporter.queued(ticket.position());
+            reporter.queued(ticket.position(), ticket.ahead());
         }
         let stream = deployment
             .log

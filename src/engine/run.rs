@@ -162,7 +162,7 @@ impl Run {
                 p = ticket.changed() => {
                     position = p;
                     if p > 0 {
-                        self.rep.queued(p);
+                        self.rep.queued(p, ticket.ahead());
                     }
                 }
                 _ = deployment.cancel.cancelled() => return Err(Stop::Cancelled),

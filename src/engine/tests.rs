@@ -537,6 +537,13 @@ async fn deployments_of_one_app_queue_and_positions_move_up() {
     let (c_dep, mut c) = engine.deploy(spec("app", "web:1")).await.unwrap();
     let mut c_updates = until(&mut c, |u| matches!(u.kind, EventKind::Queued { .. })).await;
     assert_eq!(queue_positions(&c_updates), vec![2]);
+    // Each names the deployment it waits behind (issue 17).
+    let a_id = a_updates[0].deployment_id.to_string();
+    let b_queued = b_seen.last().unwrap();
+    assert_eq!(b_queued.metadata["queued_behind"], a_id);
+    assert!(b_queued.message.contains(&a_id), "{}", b_queued.message);
+    let c_queued = c_updates.last().unwrap();
+    assert_eq!(c_queued.metadata["queued_behind"], b_dep.to_string());
     assert_eq!(
         engine
             .status(&c_dep.to_string())
@@ -1108,4 +1115,43 @@ async fn edge_answers_name_the_last_sequence_and_the_missing_field() {
             .to_string()
             .starts_with("deployment_id: required")
     );
+}
+
+/// Every metadata key the engine sends is in the proto's list of stable keys
+/// (issue 17: `env_keys` and `requested_by` on sequence 1 were not).
+#[tokio::test]
+async fn every_metadata_key_sent_is_listed_in_the_proto() {
+    let proto = include_str!("../../proto/stevedore/v1/deployer.proto");
+    let gate = Arc::new(Semaphore::new(0));
+    let gated = Script {
+        start_gate: Some(gate.clone()),
+        ..Script::healthy()
+    };
+    let fake = FakeRuntime::with([("gated:1", gated), ("web:1", Script::healthy())]);
+    let engine = engine(&fake).await;
+    let (_, mut a) = engine.deploy(spec("app", "gated:1")).await.unwrap();
+    let mut updates = until(&mut a, |u| u.phase == Phase::Starting).await;
+    let (_, b) = engine.deploy(spec("app", "web:1")).await.unwrap();
+    gate.add_permits(1);
+    updates.extend(rest(a).await);
+    updates.extend(rest(b).await);
+    let mut keys: Vec<String> = updates
+        .iter()
+        .flat_map(|u| u.metadata.keys().cloned())
+        .map(|k| {
+            if k.starts_with("endpoint.") {
+                "endpoint.<port>/<protocol>".into()
+            } else {
+                k
+            }
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert!(keys.contains(&"queued_behind".to_string()), "{keys:?}");
+    let missing: Vec<_> = keys
+        .iter()
+        .filter(|k| !proto.contains(&format!("`{k}`")))
+        .collect();
+    assert!(missing.is_empty(), "not in the proto's list: {missing:?}");
 }
