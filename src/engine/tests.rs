@@ -512,14 +512,20 @@ async fn pull_progress_is_aggregated_throttled_and_ends_at_100_percent() {
     assert!(digest.starts_with("remote:1@sha256:"), "{digest}");
 }
 
-#[tokio::test]
-async fn deployments_of_one_app_queue_and_positions_move_up() {
+/// `gated:1` waits in its start for a permit of the gate; `web:1` is healthy.
+fn gated_and_web() -> (Arc<Semaphore>, Arc<FakeRuntime>) {
     let gate = Arc::new(Semaphore::new(0));
     let gated = Script {
         start_gate: Some(gate.clone()),
         ..Script::healthy()
     };
     let fake = FakeRuntime::with([("gated:1", gated), ("web:1", Script::healthy())]);
+    (gate, fake)
+}
+
+#[tokio::test]
+async fn deployments_of_one_app_queue_and_positions_move_up() {
+    let (gate, fake) = gated_and_web();
     let engine = engine(&fake).await;
 
     // A holds the app's lock (waiting in its start).
@@ -755,12 +761,7 @@ async fn the_deadline_fails_the_deployment_and_rolls_back() {
 
 #[tokio::test]
 async fn the_deadline_counts_the_queue_wait() {
-    let gate = Arc::new(Semaphore::new(0));
-    let gated = Script {
-        start_gate: Some(gate.clone()),
-        ..Script::healthy()
-    };
-    let fake = FakeRuntime::with([("gated:1", gated), ("web:1", Script::healthy())]);
+    let (gate, fake) = gated_and_web();
     let engine = engine(&fake).await;
     let (_, mut a) = engine.deploy(spec("app", "gated:1")).await.unwrap();
     let mut a_updates = until(&mut a, |u| u.phase == Phase::Starting).await;
@@ -1122,12 +1123,7 @@ async fn edge_answers_name_the_last_sequence_and_the_missing_field() {
 #[tokio::test]
 async fn every_metadata_key_sent_is_listed_in_the_proto() {
     let proto = include_str!("../../proto/stevedore/v1/deployer.proto");
-    let gate = Arc::new(Semaphore::new(0));
-    let gated = Script {
-        start_gate: Some(gate.clone()),
-        ..Script::healthy()
-    };
-    let fake = FakeRuntime::with([("gated:1", gated), ("web:1", Script::healthy())]);
+    let (gate, fake) = gated_and_web();
     let engine = engine(&fake).await;
     let (_, mut a) = engine.deploy(spec("app", "gated:1")).await.unwrap();
     let mut updates = until(&mut a, |u| u.phase == Phase::Starting).await;
