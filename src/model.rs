@@ -252,6 +252,13 @@ impl Phase {
         matches!(self, Phase::Complete | Phase::Failed | Phase::Cancelled)
     }
 
+    /// The phase in human text (messages): the proto's enum name without `PHASE_`,
+    /// e.g. `HEALTH_CHECK`, the one way messages name phases. [`Phase::as_str`] is the
+    /// machine label (logs, metrics, audit records).
+    pub fn name(self) -> String {
+        self.as_str().to_ascii_uppercase()
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Queued => "queued",

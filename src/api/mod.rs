@@ -162,7 +162,7 @@ pub fn forward(
             let next = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Some(Status::unavailable(format!(
-                    "server shutting down; resume with WatchDeployment after_sequence={sent}"
+                    "server shutting down; resume with WatchDeployment deployment_id={id} after_sequence={sent}"
                 ))),
                 _ = revoked => {
                     let name = caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
@@ -197,7 +197,7 @@ pub fn forward(
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Some(Status::unavailable(format!(
-                    "server shutting down; resume with WatchDeployment after_sequence={sent}"
+                    "server shutting down; resume with WatchDeployment deployment_id={id} after_sequence={sent}"
                 ))),
                 r = tx.send_timeout(Ok(message), config.stall_timeout) => match r {
                     Ok(()) => if let Some(u) = update {
@@ -437,6 +437,33 @@ mod tests {
         assert!(
             stream.next().await.is_none(),
             "ends after the terminal update"
+        );
+    }
+
+    /// Issue 17: the shutdown status names the deployment and the sequence to resume
+    /// from.
+    #[tokio::test]
+    async fn shutdown_names_the_deployment_and_the_sequence() {
+        let log = Arc::new(DeploymentLog::new());
+        log.append(update(1, false));
+        let shutdown = CancellationToken::new();
+        let mut stream = forward(
+            "the-id".into(),
+            log.subscribe(0).unwrap(),
+            shutdown.clone(),
+            config(8, 60_000, 60_000),
+            None,
+            None,
+        );
+        assert_eq!(stream.next().await.unwrap().unwrap().sequence, 1);
+        shutdown.cancel();
+        let end = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(end.code(), tonic::Code::Unavailable);
+        assert!(
+            end.message()
+                .contains("deployment_id=the-id after_sequence=1"),
+            "{}",
+            end.message()
         );
     }
 

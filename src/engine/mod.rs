@@ -370,7 +370,7 @@ impl Engine {
             self.0.store.clone(),
         );
         let phase = reporter.phase();
-        let mut message = format!("internal error during {}: {reason}", phase.as_str());
+        let mut message = format!("internal error during {}: {reason}", phase.name());
         match self.remove_containers_of(deployment).await {
             Ok(()) => message.push_str("; the containers of this deployment were removed"),
             Err(e) => message.push_str(&format!("; removing its containers failed: {e}")),

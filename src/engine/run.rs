@@ -741,8 +741,15 @@ impl Run {
                 "; the new container was removed and the previous version was started again",
             );
         } else if self.container.is_some() {
-            message
-                .push_str("; the new container was removed and the previous version keeps running");
+            // Only an app that had a running version keeps one (not on its first deployment).
+            let previous = self.app_containers(|c| c.running).await;
+            if previous.is_ok_and(|p| !p.is_empty()) {
+                message.push_str(
+                    "; the new container was removed and the previous version keeps running",
+                );
+            } else {
+                message.push_str("; the new container was removed");
+            }
         }
         let result = DeploymentResult {
             success: false,
@@ -783,16 +790,16 @@ impl Run {
             Stop::Cancelled => {
                 self.rep.cancelling(format!(
                     "cancel requested during {}: removing what this deployment created",
-                    phase.as_str()
+                    phase.name()
                 ));
-                let message = format!("cancelled during {}", phase.as_str());
+                let message = format!("cancelled during {}", phase.name());
                 (DeploymentState::Cancelled, message, None)
             }
             Stop::Interrupted => {
                 diagnostics.step = "server shutdown".into();
                 let message = format!(
                     "interrupted by server shutdown during {}: the server stopped before the deployment could finish",
-                    phase.as_str()
+                    phase.name()
                 );
                 (DeploymentState::Failed, message, Some(diagnostics))
             }
@@ -802,7 +809,7 @@ impl Run {
                 let message = format!(
                     "deadline of {}s exceeded during {}",
                     self.rep.deployment().spec.deadline.as_secs_f64(),
-                    phase.as_str()
+                    phase.name()
                 );
                 (DeploymentState::Failed, message, Some(diagnostics))
             }

@@ -362,6 +362,8 @@ async fn unhealthy_fails_in_health_check_and_rolls_back() {
     assert_eq!(end_state(&updates), DeploymentState::Failed);
     let end = updates.last().unwrap();
     assert!(end.message.contains("unhealthy"), "{}", end.message);
+    // The app's first deployment: no previous version keeps running (issue 17).
+    assert!(!end.message.contains("previous version"), "{}", end.message);
     let result = end.result.as_ref().unwrap();
     assert_eq!(
         result.diagnostics.as_ref().unwrap().failed_phase,
@@ -665,7 +667,12 @@ async fn cancel_while_running_rolls_back_and_releases_the_app() {
     assert_eq!(end_state(&a_updates), DeploymentState::Cancelled);
     let end = a_updates.last().unwrap();
     assert_eq!(end.phase, Phase::Cancelled);
-    assert!(end.message.contains("health_check"), "{}", end.message);
+    assert!(end.message.contains("HEALTH_CHECK"), "{}", end.message);
+    assert!(
+        end.message.contains("previous version keeps running"),
+        "{}",
+        end.message
+    );
     assert!(
         a_updates.iter().any(|u| u.kind == EventKind::Cancelling),
         "the cancel is announced before the end"
@@ -746,7 +753,7 @@ async fn the_deadline_fails_the_deployment_and_rolls_back() {
     let end = updates.last().unwrap();
     assert!(
         end.message
-            .contains("deadline of 0.3s exceeded during health_check"),
+            .contains("deadline of 0.3s exceeded during HEALTH_CHECK"),
         "{}",
         end.message
     );
@@ -773,7 +780,7 @@ async fn the_deadline_counts_the_queue_wait() {
     assert_eq!(end_state(&queued), DeploymentState::Failed);
     let end = queued.last().unwrap();
     assert!(
-        end.message.contains("exceeded during queued"),
+        end.message.contains("exceeded during QUEUED"),
         "{}",
         end.message
     );
@@ -819,7 +826,7 @@ async fn a_panicking_step_ends_the_deployment_failed_and_closes_its_stream() {
     assert_eq!(end_state(&updates), DeploymentState::Failed);
     let end = updates.last().unwrap();
     assert!(
-        end.message.starts_with("internal error during starting: "),
+        end.message.starts_with("internal error during STARTING: "),
         "{}",
         end.message
     );
