@@ -566,17 +566,11 @@ impl Run {
                 Verdict::Retry(why) => why,
             };
             let elapsed = started.elapsed();
-            if elapsed >= timeout {
-                break Err(format!(
-                    "not healthy after {:.1}s ({attempts} attempts): {why}",
-                    elapsed.as_secs_f64()
-                ));
-            }
             // Milestones that set progress replace the clock.
             let fraction = if output.milestones.drives_progress() {
                 output.milestones.reached()
             } else {
-                elapsed.as_secs_f64() / timeout.as_secs_f64() * 0.95
+                (elapsed.as_secs_f64() / timeout.as_secs_f64()).min(1.0) * 0.95
             };
             self.rep.progress(
                 fraction,
@@ -587,6 +581,14 @@ impl Run {
                     ("check", probe.name().into()),
                 ]),
             );
+            // Every attempt is reported, the last one too: the count in the final
+            // message is the number of attempts the client saw.
+            if elapsed >= timeout {
+                break Err(format!(
+                    "not healthy after {:.1}s ({attempts} attempts): {why}",
+                    elapsed.as_secs_f64()
+                ));
+            }
             let wake = Instant::now() + spec.interval;
             output.read_until(&mut self.rep, &probe, wake).await;
         };

@@ -1158,3 +1158,31 @@ async fn every_metadata_key_sent_is_listed_in_the_proto() {
         .collect();
     assert!(missing.is_empty(), "not in the proto's list: {missing:?}");
 }
+
+/// Issue 17: the count in "not healthy after …s (N attempts)" is the number of
+/// attempts reported, the last one included.
+#[tokio::test]
+async fn the_attempts_in_the_final_message_are_the_attempts_reported() {
+    let hang = Script {
+        healthcheck: true,
+        health: Health::StartingForever,
+        ..Default::default()
+    };
+    let fake = FakeRuntime::with([("hang:1", hang)]);
+    let engine = engine(&fake).await;
+    let mut s = spec("app", "hang:1");
+    s.health.timeout = Duration::from_millis(100);
+    s.health.interval = Duration::from_millis(20);
+    let updates = deploy(&engine, s).await;
+    assert_eq!(end_state(&updates), DeploymentState::Failed);
+    let reported = updates
+        .iter()
+        .filter(|u| u.metadata.contains_key("attempt"))
+        .count();
+    let end = updates.last().unwrap();
+    assert!(
+        end.message.contains(&format!("({reported} attempts)")),
+        "{reported} reported: {}",
+        end.message
+    );
+}
