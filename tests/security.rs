@@ -44,6 +44,11 @@ fn cli_token(name: &str, scope: &str) -> (String, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
+    // SIGHUP reloads only a server started with a tokens file: the hint says so.
+    assert!(
+        text.contains("start the server with --tokens-file"),
+        "{text}"
+    );
     let secret = text
         .lines()
         .find(|l| l.starts_with("stv_"))
