@@ -267,6 +267,43 @@ fn health_of(status: Option<HealthStatusEnum>) -> Option<DockerHealth> {
     }
 }
 
+/// The lines of timestamped log frames in the order they were written. The engine
+/// copies a container's stdout and stderr in two streams, so its log can hold a
+/// stderr line before a stdout line printed earlier; each line's timestamp (asked for
+/// with `timestamps`) gives the real order. A stable sort keeps lines with the same
+/// time (or none) in the order received.
+fn in_time_order(frames: &[Vec<u8>]) -> Vec<String> {
+    let mut lines: Vec<(Option<std::time::SystemTime>, String)> = frames
+        .iter()
+        .flat_map(|f| {
+            String::from_utf8_lossy(f)
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .map(|line| match line.split_once(' ') {
+            Some((ts, rest)) => match humantime::parse_rfc3339(ts) {
+                Ok(t) => (Some(t), rest.to_owned()),
+                Err(_) => (None, line),
+            },
+            None => match humantime::parse_rfc3339(&line) {
+                Ok(t) => (Some(t), String::new()),
+                Err(_) => (None, line),
+            },
+        })
+        .collect();
+    // A line without a time sorts with the one before it.
+    let mut last = None;
+    for (t, _) in &mut lines {
+        match t {
+            Some(_) => last = *t,
+            None => *t = last,
+        }
+    }
+    lines.sort_by_key(|(t, _)| *t);
+    lines.into_iter().map(|(_, l)| l).collect()
+}
+
 fn log_bytes(out: LogOutput) -> Vec<u8> {
     out.as_ref().to_vec()
 }
@@ -531,6 +568,7 @@ impl Runtime for DockerRuntime {
         let options = LogsOptionsBuilder::default()
             .stdout(true)
             .stderr(true)
+            .timestamps(true)
             .tail(&lines.to_string())
             .build();
         let chunks = self
@@ -542,11 +580,7 @@ impl Runtime for DockerRuntime {
                     .try_collect::<Vec<_>>(),
             )
             .await?;
-        let text: Vec<u8> = chunks.concat();
-        let all: Vec<String> = String::from_utf8_lossy(&text)
-            .lines()
-            .map(str::to_owned)
-            .collect();
+        let all = in_time_order(&chunks);
         let skip = all.len().saturating_sub(lines);
         Ok(all.into_iter().skip(skip).collect())
     }
@@ -728,6 +762,29 @@ impl DockerRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17: log_tail came out of order when the engine recorded a stderr line
+    /// before a stdout line printed earlier; the timestamps put them back in order.
+    #[test]
+    fn log_lines_come_in_time_order() {
+        let frames: Vec<Vec<u8>> = [
+            "2026-12-02T07:00:00.2Z second (stderr)\n",
+            "2026-12-02T07:00:00.123456789Z first (stdout)\n",
+            "2026-12-02T07:00:01Z third\n2026-12-02T07:00:01Z fourth, same time\n",
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+        assert_eq!(
+            in_time_order(&frames),
+            vec![
+                "first (stdout)",
+                "second (stderr)",
+                "third",
+                "fourth, same time"
+            ]
+        );
+    }
 
     #[test]
     fn the_engine_text_is_not_repeated() {
