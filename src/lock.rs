@@ -6,7 +6,18 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, anyhow};
+/// Why a lock was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another process holds it.
+    #[error("{0}")]
+    Held(String),
+    /// The lock file could not be opened or locked.
+    #[error("{0}")]
+    Io(String),
+}
+
+type Result<T> = std::result::Result<T, LockError>;
 
 /// The lock file in the data dir.
 pub const DATA_DIR_LOCK_FILE: &str = "stevedore.lock";
@@ -30,7 +41,7 @@ impl HeldLock {
             .create(true)
             .truncate(false)
             .open(path)
-            .map_err(|e| anyhow!("cannot open lock file {}: {e}", path.display()))?;
+            .map_err(|e| LockError::Io(format!("cannot open lock file {}: {e}", path.display())))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -42,20 +53,24 @@ impl HeldLock {
                 } else {
                     format!("process {holder}")
                 };
-                return Err(anyhow!(
+                return Err(LockError::Held(format!(
                     "{what} is in use by another stevedore server ({holder} holds {}); \
                      stop it or give this one another --data-dir",
                     path.display()
-                ));
+                )));
             }
             Err(TryLockError::Error(e)) => {
-                return Err(anyhow!("cannot lock {}: {e}", path.display()));
+                return Err(LockError::Io(format!(
+                    "cannot lock {}: {e}",
+                    path.display()
+                )));
             }
         }
-        file.set_len(0)?;
-        file.seek(SeekFrom::Start(0))?;
-        write!(file, "{}", std::process::id())?;
-        file.flush()?;
+        let io = |e: std::io::Error| LockError::Io(format!("cannot write {}: {e}", path.display()));
+        file.set_len(0).map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        write!(file, "{}", std::process::id()).map_err(io)?;
+        file.flush().map_err(io)?;
         Ok(Self {
             _file: file,
             path: path.to_path_buf(),

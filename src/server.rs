@@ -19,7 +19,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::events::{DEFAULT_QUEUE, ObserverRegistry, Subscription};
 use crate::http::MetricsExporter;
 use crate::limits::{LimitsConfig, OversizedRequestsLayer, Rejections};
-use crate::lock::{DATA_DIR_LOCK_FILE, HeldLock, audit_lock_path};
+use crate::lock::{DATA_DIR_LOCK_FILE, HeldLock, LockError, audit_lock_path};
 use crate::observers::audit::{AUDIT_LOG_FILE, AuditLog, AuditObserver};
 use crate::observers::metrics::{Metrics, MetricsObserver};
 use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
@@ -240,16 +240,20 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         .map_err(|e| anyhow!("cannot create data dir {}: {e}", config.data_dir.display()))?;
     // Before recovery touches anything: a second server on the same data dir (or audit
     // log) would remove the first one's live containers and break its audit chain.
-    let locks = [
-        HeldLock::acquire(
-            &config.data_dir.join(DATA_DIR_LOCK_FILE),
-            &format!("data dir {}", config.data_dir.display()),
-        )?,
-        HeldLock::acquire(
-            &audit_lock_path(&config.audit_log_path()),
-            &format!("audit log {}", config.audit_log_path().display()),
-        )?,
-    ];
+    let mut locks = vec![HeldLock::acquire(
+        &config.data_dir.join(DATA_DIR_LOCK_FILE),
+        &format!("data dir {}", config.data_dir.display()),
+    )?];
+    match HeldLock::acquire(
+        &audit_lock_path(&config.audit_log_path()),
+        &format!("audit log {}", config.audit_log_path().display()),
+    ) {
+        Ok(lock) => locks.push(lock),
+        Err(e @ LockError::Held(_)) => return Err(e.into()),
+        // An audit log that cannot be written yet does not stop the start: deployments
+        // are refused until it can (see AuditLog), and nobody else writes it.
+        Err(e @ LockError::Io(_)) => tracing::warn!(error = %e, "audit log not locked"),
+    }
     let store = Store::open(&config.data_dir).await?;
     let shutdown = CancellationToken::new();
 
@@ -518,7 +522,7 @@ struct Serving {
     observers: SubscribedObservers,
     /// The data dir's and the audit log's locks, released once the server has stopped.
     #[allow(dead_code)]
-    locks: [HeldLock; 2],
+    locks: Vec<HeldLock>,
 }
 
 impl Serving {
