@@ -424,6 +424,7 @@ async fn real_deployments_with_a_stalled_watcher() {
                         container_port: 8080,
                         host_port: 0,
                         protocol: "tcp".into(),
+                        ..Default::default()
                     }],
                     ..Default::default()
                 })

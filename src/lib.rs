@@ -5,6 +5,7 @@
 pub mod engine;
 pub mod events;
 pub mod limits;
+pub mod lock;
 pub mod model;
 pub mod observers;
 pub mod runtime;

@@ -72,7 +72,11 @@ async fn main() -> std::process::ExitCode {
             );
             println!("{secret}");
             println!();
-            println!("add to the tokens file, then send SIGHUP to the server:");
+            println!(
+                "add this entry to a tokens file; start the server with --tokens-file FILE, \
+                 or send SIGHUP to a server started with it (without a tokens file, \
+                 authentication is off and SIGHUP reloads nothing):"
+            );
             print!(
                 "{}",
                 stevedore::api::auth::token_entry(&name, &digest, &scope)

@@ -96,6 +96,8 @@ pub struct PortSpec {
     /// 0 = any free port.
     pub host_port: u16,
     pub protocol: Protocol,
+    /// The host address to publish on; `None`: the server's `--publish-ip`.
+    pub host_ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -248,6 +250,13 @@ impl Phase {
 
     pub fn is_terminal(self) -> bool {
         matches!(self, Phase::Complete | Phase::Failed | Phase::Cancelled)
+    }
+
+    /// The phase in human text (messages): the proto's enum name without `PHASE_`,
+    /// e.g. `HEALTH_CHECK`, the one way messages name phases. [`Phase::as_str`] is the
+    /// machine label (logs, metrics, audit records).
+    pub fn name(self) -> String {
+        self.as_str().to_ascii_uppercase()
     }
 
     pub fn as_str(self) -> &'static str {

@@ -19,6 +19,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::events::{DEFAULT_QUEUE, ObserverRegistry, Subscription};
 use crate::http::MetricsExporter;
 use crate::limits::{LimitsConfig, Rejections};
+use crate::lock::{DATA_DIR_LOCK_FILE, HeldLock, LockError, audit_lock_path};
 use crate::observers::audit::{AUDIT_LOG_FILE, AuditLog, AuditObserver};
 use crate::observers::metrics::{Metrics, MetricsObserver};
 use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
@@ -40,6 +41,11 @@ pub struct ServeConfig {
     /// Directory for Stevedore's state.
     #[arg(long, env = "STEVEDORE_DATA_DIR", default_value = "./stevedore-data")]
     pub data_dir: PathBuf,
+    /// Host address the apps' ports are published on when a request's
+    /// `PortMapping.host_ip` is empty. The default keeps apps reachable from this host
+    /// only; 0.0.0.0 (or ::) opens them to the network.
+    #[arg(long, env = "STEVEDORE_PUBLISH_IP", default_value = "127.0.0.1")]
+    pub publish_ip: std::net::IpAddr,
     /// Docker engine address (unix://PATH, tcp://HOST:PORT). Default: DOCKER_HOST, else
     /// the local socket.
     #[arg(long, env = "STEVEDORE_DOCKER_HOST")]
@@ -231,6 +237,22 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     let runtime = docker_runtime(&config).await?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| anyhow!("cannot create data dir {}: {e}", config.data_dir.display()))?;
+    // Before recovery touches anything: a second server on the same data dir (or audit
+    // log) would remove the first one's live containers and break its audit chain.
+    let mut locks = vec![HeldLock::acquire(
+        &config.data_dir.join(DATA_DIR_LOCK_FILE),
+        &format!("data dir {}", config.data_dir.display()),
+    )?];
+    match HeldLock::acquire(
+        &audit_lock_path(&config.audit_log_path()),
+        &format!("audit log {}", config.audit_log_path().display()),
+    ) {
+        Ok(lock) => locks.push(lock),
+        Err(e @ LockError::Held(_)) => return Err(e.into()),
+        // An audit log that cannot be written yet does not stop the start: deployments
+        // are refused until it can (see AuditLog), and nobody else writes it.
+        Err(e @ LockError::Io(_)) => tracing::warn!(error = %e, "audit log not locked"),
+    }
     let store = Store::open(&config.data_dir).await?;
     let shutdown = CancellationToken::new();
 
@@ -301,6 +323,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         http,
         retention,
         observers: subscribed,
+        locks,
     };
     let task = tokio::spawn(serving.until(shutdown.clone()));
     Ok(RunningServer {
@@ -379,6 +402,7 @@ async fn start_engine(
     let engine_config = EngineConfig {
         max_in_flight: config.limits.max_in_flight,
         max_queued: config.limits.max_queued,
+        publish_ip: config.publish_ip,
         retention: Retention {
             max_deployments: config.retention_max_deployments,
             max_age: config.retention_max_age,
@@ -512,6 +536,9 @@ struct Serving {
     http: JoinHandle<std::io::Result<()>>,
     retention: JoinHandle<()>,
     observers: SubscribedObservers,
+    /// The data dir's and the audit log's locks, released once the server has stopped.
+    #[allow(dead_code)]
+    locks: Vec<HeldLock>,
 }
 
 impl Serving {
@@ -568,8 +595,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     // instead of killing the process.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let server = start(config, ObserverRegistry::new()).await?;
-    if let Some(auth) = server.authenticator.clone() {
-        reload_tokens_on_sighup(auth, hangup);
+    match server.authenticator.clone() {
+        Some(auth) => reload_tokens_on_sighup(auth, hangup),
+        None => say_nothing_to_reload_on_sighup(hangup),
     }
     let token = server.shutdown_token();
     tokio::spawn(async move {
@@ -586,6 +614,17 @@ async fn wait_for_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
+}
+
+/// Without a tokens file SIGHUP has nothing to reload: say so instead of ignoring it.
+fn say_nothing_to_reload_on_sighup(mut hangup: tokio::signal::unix::Signal) {
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::warn!(
+                "SIGHUP: nothing reloaded; token authentication is off (the server was started without --tokens-file)"
+            );
+        }
+    });
 }
 
 /// Re-reads the tokens file on each SIGHUP; a file that does not parse leaves the

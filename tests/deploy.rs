@@ -546,3 +546,170 @@ async fn the_deadline_bounds_the_deployment() {
     assert!(app_containers(&app).is_empty(), "nothing is left behind");
     t.stop().await;
 }
+
+/// A TCP proxy in front of the local registry that forwards its answers at about
+/// `bytes_per_sec`, so a pull of a few MB takes seconds. Docker treats any
+/// 127.0.0.0/8 registry as insecure (plain HTTP), so `127.0.0.1:PORT/...` pulls work.
+async fn throttled_registry(bytes_per_sec: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = registry();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream.as_str()).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    let _ = sw.shutdown().await;
+                });
+                let chunk = bytes_per_sec / 20;
+                let mut buf = vec![0u8; chunk];
+                loop {
+                    match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                let _ = cw.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Issue 17: an image whose base layer is local (the usual redeploy of a new version)
+/// pulls with progress that follows the bytes still to come: the "Already exists"
+/// layer seen first does not send PULLING to 99%, and phase and total progress
+/// advance over several updates instead of standing still and then jumping.
+#[tokio::test]
+async fn pull_progress_with_a_local_base_layer_advances() {
+    let t = Fixture::start("pullbase").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
+    let (image, _) = push_random_image(6);
+    let proxy = throttled_registry(2 * 1024 * 1024).await;
+    let image = image.replacen(&registry(), &proxy.to_string(), 1);
+
+    let updates = deploy(&mut client, web_request(&app, &image)).await;
+    assert_well_formed(&updates);
+    assert_eq!(terminal(&updates).phase(), proto::Phase::Complete);
+    let pulling: Vec<&ProgressUpdate> = updates
+        .iter()
+        .filter(|u| u.phase() == proto::Phase::Pulling && u.pull.is_some())
+        .collect();
+    let shown = |u: &&ProgressUpdate| {
+        format!(
+            "{:.3}/{:.3} {}",
+            u.phase_progress, u.total_progress, u.message
+        )
+    };
+    let trace: Vec<String> = pulling.iter().map(shown).collect();
+    let (last, during) = pulling.split_last().expect("pull updates");
+    assert_eq!(last.phase_progress, 1.0, "{trace:#?}");
+    assert!(
+        during.len() >= 4,
+        "several updates while pulling: {trace:#?}"
+    );
+    // Never near the end before most bytes arrived.
+    for u in during {
+        let p = u.pull.as_ref().unwrap();
+        let bytes = p.image_current_bytes as f64 / p.image_total_bytes.max(1) as f64;
+        assert!(
+            u.phase_progress <= bytes + 0.01,
+            "progress ahead of the bytes: {trace:#?}"
+        );
+    }
+    let distinct = |f: fn(&ProgressUpdate) -> f64| {
+        let mut v: Vec<f64> = during.iter().map(|u| f(u)).collect();
+        v.dedup();
+        v.len()
+    };
+    assert!(
+        distinct(|u| u.phase_progress) >= 3 && distinct(|u| u.total_progress) >= 3,
+        "progress advances over the pull: {trace:#?}"
+    );
+    // The pull succeeded before it said so.
+    let pulled = updates
+        .iter()
+        .position(|u| u.metadata.get("pulled").map(String::as_str) == Some("true"))
+        .expect("pulled: true");
+    assert!(std::ptr::eq(&updates[pulled], *last), "{trace:#?}");
+}
+
+/// The host addresses Docker reports for a deployment's container, from inspect:
+/// (HostConfig.PortBindings, NetworkSettings.Ports) for `8080/tcp`.
+fn bound_addresses(deployment_id: &str) -> (Vec<String>, Vec<String>) {
+    let id = deployment_containers(deployment_id)
+        .pop()
+        .expect("the container");
+    let ips = |template: &str| -> Vec<String> {
+        let json = docker(&["inspect", "-f", template, &id]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        v["8080/tcp"]
+            .as_array()
+            .unwrap_or(&vec![])
+            .iter()
+            .map(|b| b["HostIp"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    (
+        ips("{{json .HostConfig.PortBindings}}"),
+        ips("{{json .NetworkSettings.Ports}}"),
+    )
+}
+
+/// Issue 17: apps are published on the server's --publish-ip (127.0.0.1 by default),
+/// never on every interface unasked; `PortMapping.host_ip` picks another address; the
+/// endpoint names the address Docker reports as bound, and it serves there.
+#[tokio::test]
+async fn ports_are_published_on_the_requested_host_ip() {
+    let t = Fixture::start("hostip").await;
+    let (app, mut client) = (t.app.clone(), t.client.clone());
+
+    let updates = deploy(&mut client, web_request(&app, "stevedore-test/web:1")).await;
+    let end = terminal(&updates).clone();
+    assert_eq!(end.phase(), proto::Phase::Complete, "{}", end.message);
+    let (config, bound) = bound_addresses(&end.deployment_id);
+    assert_eq!(config, vec!["127.0.0.1"], "the default --publish-ip");
+    assert_eq!(bound, vec!["127.0.0.1"], "docker binds loopback only");
+    let url = &end.result.as_ref().unwrap().endpoints["8080/tcp"];
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+
+    let mut req = web_request(&app, "stevedore-test/web:2");
+    req.ports[0].host_ip = "127.0.0.2".into();
+    let updates = deploy(&mut client, req).await;
+    let end = terminal(&updates).clone();
+    assert_eq!(end.phase(), proto::Phase::Complete, "{}", end.message);
+    let (config, bound) = bound_addresses(&end.deployment_id);
+    assert_eq!(
+        (config, bound),
+        (vec!["127.0.0.2".to_string()], vec!["127.0.0.2".to_string()])
+    );
+    let url = end.result.as_ref().unwrap().endpoints["8080/tcp"].clone();
+    assert!(url.starts_with("http://127.0.0.2:"), "{url}");
+    let (status, body) = http_get(&url).await;
+    assert_eq!((status, body.trim()), (200, "v2"));
+    // Nothing answers on the same port at another loopback address.
+    let other = url.replacen("127.0.0.2", "127.0.0.3", 1);
+    assert!(reqwest::get(&other).await.is_err(), "{other} is not bound");
+
+    let mut bad = web_request(&app, "stevedore-test/web:2");
+    bad.ports[0].host_ip = "not-an-ip".into();
+    let err = client.deploy(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("ports[0].host_ip"),
+        "{}",
+        err.message()
+    );
+}

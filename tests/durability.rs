@@ -840,3 +840,78 @@ async fn a_restart_gives_a_fixed_port_back_to_the_previous_version() {
     assert_eq!(app_containers(&app), vec![previous]);
     assert_eq!(http_get_eventually(&url).await, (200, "v1\n".into()));
 }
+
+/// Runs `stevedore serve ARGS` expecting it to exit at once; a server that starts
+/// instead is killed and fails the test.
+fn refused_serve(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    let child = std::process::Command::new(binary())
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn stevedore serve");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(output) => output.expect("wait for stevedore serve"),
+        Err(_) => {
+            signal(&["-KILL", &pid.to_string()]);
+            panic!("a second server on the same files started instead of refusing");
+        }
+    }
+}
+
+/// Issue 17: a second server on the same data dir refuses to start, naming the pid of
+/// the server holding it, and leaves the first one serving; a separate audit log is
+/// locked too. Once the first has stopped, the data dir is free again.
+#[tokio::test]
+async fn a_second_server_on_the_same_data_dir_refuses_to_start() {
+    require_docker();
+    let data = tempfile::tempdir().unwrap();
+    let first = BinaryServer::spawn(data.path(), &[]);
+    let second = refused_serve(&["--data-dir".as_ref(), data.path().as_os_str()]);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "the second server refused: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("process {}", first.child.id())) && stderr.contains("data dir"),
+        "the refusal names the holder's pid: {stderr}"
+    );
+    // The first one still answers.
+    let mut client = connect(first.grpc_addr).await;
+    client
+        .list_deployments(ListDeploymentsRequest::default())
+        .await
+        .expect("the first server still answers");
+
+    // Another data dir, but the first server's audit log: refused as well.
+    let other = tempfile::tempdir().unwrap();
+    let audit = data.path().join("audit.log");
+    let third = refused_serve(&[
+        "--data-dir".as_ref(),
+        other.path().as_os_str(),
+        "--audit-log".as_ref(),
+        audit.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(
+        !third.status.success(),
+        "the third server refused: {stderr}"
+    );
+    assert!(
+        stderr.contains("audit log") && stderr.contains(&format!("process {}", first.child.id())),
+        "{stderr}"
+    );
+
+    drop(first);
+    let again = BinaryServer::spawn(data.path(), &[]);
+    drop(again);
+}

@@ -44,6 +44,11 @@ fn cli_token(name: &str, scope: &str) -> (String, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
+    // SIGHUP reloads only a server started with a tokens file: the hint says so.
+    assert!(
+        text.contains("start the server with --tokens-file"),
+        "{text}"
+    );
     let secret = text
         .lines()
         .find(|l| l.starts_with("stv_"))
@@ -1079,4 +1084,26 @@ async fn a_refused_tls_handshake_is_logged_with_peer_and_reason() {
             .any(|l| l.contains(&grpc_line) && l.to_lowercase().contains("certificate")),
         "the gRPC refusal names the missing client certificate:\n{log}"
     );
+}
+
+/// Issue 17: SIGHUP to a server started without --tokens-file is not ignored without
+/// a word: it logs that authentication is off and nothing was reloaded, and the server
+/// keeps serving.
+#[tokio::test]
+async fn sighup_without_a_tokens_file_says_nothing_was_reloaded() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = BinaryServer::spawn(dir.path(), &[]);
+    server.hangup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !server.log_text().contains("SIGHUP: nothing reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no word about SIGHUP; log:\n{}",
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(server.log_text().contains("authentication is off"));
+    assert!(server.child.try_wait().unwrap().is_none(), "still running");
 }

@@ -9,7 +9,7 @@ import unittest
 import urllib.request
 import uuid
 
-from stevedore_client import Stevedore, pb
+from stevedore_client import Stevedore, StevedoreError, pb
 
 
 class DeployTest(unittest.TestCase):
@@ -45,12 +45,33 @@ class DeployTest(unittest.TestCase):
         self.assertEqual([u.sequence for u in replay], [u.sequence for u in updates[3:]])
 
     def test_bad_input_names_the_field(self):
-        import grpc
-
-        with self.assertRaises(grpc.RpcError) as caught:
+        with self.assertRaises(StevedoreError) as caught:
             list(self.client.deploy("Bad_Name", "stevedore-test/web:1"))
-        self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
-        self.assertIn("app:", caught.exception.details())
+        self.assertEqual(caught.exception.code, "INVALID_ARGUMENT")
+        self.assertIn("app:", caught.exception.message)
+
+    def test_errors_name_the_status(self):
+        with self.assertRaises(StevedoreError) as caught:
+            self.client.status("")
+        self.assertEqual(caught.exception.code, "INVALID_ARGUMENT")
+        self.assertIn("deployment_id", str(caught.exception))
+
+    def test_list_and_cancel(self):
+        # A deployment that holds in HEALTH_CHECK (a line never printed) until cancelled.
+        stream = self.client.deploy(
+            self.app, "stevedore-test/web:1", ports=[8080],
+            health_check=pb.HealthCheck(log=pb.LogHealthCheck(pattern="never-printed-7f3a"), timeout={"seconds": 60}),
+        )
+        first = next(stream)
+        page = self.client.list(app=self.app)
+        self.assertEqual([d.deployment_id for d in page.deployments], [first.deployment_id])
+        status = self.client.cancel(first.deployment_id)
+        self.assertEqual(status.state, pb.DEPLOYMENT_STATE_CANCELLED)
+        rest = list(stream)
+        self.assertEqual(rest[-1].phase, pb.PHASE_CANCELLED)
+        with self.assertRaises(StevedoreError) as caught:
+            self.client.cancel(first.deployment_id)
+        self.assertEqual(caught.exception.code, "FAILED_PRECONDITION")
 
 
 if __name__ == "__main__":

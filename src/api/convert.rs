@@ -139,10 +139,20 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
                 format!("host port {host_port} is used twice"),
             ));
         }
+        let host_ip = match p.host_ip.trim() {
+            "" => None,
+            ip => Some(ip.parse().map_err(|_| {
+                invalid(
+                    format!("ports[{i}].host_ip"),
+                    format!("{ip:?} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)"),
+                )
+            })?),
+        };
         ports.push(PortSpec {
             container_port,
             host_port,
             protocol,
+            host_ip,
         });
     }
 
@@ -498,6 +508,7 @@ mod tests {
             app: "web".into(),
             image: "127.0.0.1:5000/stevedore-test/web:1".into(),
             ports: vec![proto::PortMapping {
+                host_ip: String::new(),
                 container_port: 8080,
                 host_port: 0,
                 protocol: String::new(),
@@ -756,6 +767,7 @@ mod tests {
                     ports: ports
                         .into_iter()
                         .map(|(container_port, host_port, protocol)| proto::PortMapping {
+                            host_ip: String::new(),
                             container_port,
                             host_port,
                             protocol,
@@ -817,6 +829,7 @@ mod tests {
                     .into_iter()
                     .enumerate()
                     .map(|(i, container_port)| proto::PortMapping {
+                        host_ip: String::new(),
                         container_port,
                         host_port: if i == 0 { host_port } else { 0 },
                         protocol: if udp { "udp".into() } else { "tcp".into() },

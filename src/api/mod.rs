@@ -39,18 +39,21 @@ pub fn status_of(e: EngineError) -> Status {
         EngineError::OutOfRange(ref e) => out_of_range(message, e),
         EngineError::AlreadyFinished { .. } => Status::failed_precondition(message),
         EngineError::InvalidPageToken => Status::invalid_argument(format!("page_token: {message}")),
+        EngineError::MissingDeploymentId => Status::invalid_argument(message),
         EngineError::Store(_) => Status::internal(message),
         EngineError::Exhausted { .. } => Status::resource_exhausted(message),
     }
 }
 
-/// Metadata key of an OUT_OF_RANGE status: the oldest sequence still held.
+/// Metadata key of an OUT_OF_RANGE status for a resume point removed by retention:
+/// the oldest sequence still held.
 pub const OLDEST_SEQUENCE: &str = "oldest-sequence";
 
 fn out_of_range(message: String, e: &LogError) -> Status {
-    let LogError::OutOfRange { oldest, .. } = e;
     let mut status = Status::out_of_range(message);
-    if let Ok(v) = oldest.to_string().parse() {
+    if let LogError::OutOfRange { oldest, .. } = e
+        && let Ok(v) = oldest.to_string().parse()
+    {
         status.metadata_mut().insert(OLDEST_SEQUENCE, v);
     }
     status
@@ -163,8 +166,9 @@ pub fn forward(
         let _permit = permit;
         // Sequence of the last update placed in the channel: where to resume from.
         let mut sent = updates.cursor();
-        let mut app = String::new();
-        let mut phase = 0;
+        // What a heartbeat repeats: the last update's app, phase and progress, so a
+        // client that draws every message does not see its bar go back to zero.
+        let mut last = Progress::default();
         let end = loop {
             let revoked = async {
                 match caller.as_mut() {
@@ -175,7 +179,7 @@ pub fn forward(
             let next = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Some(Status::unavailable(format!(
-                    "server shutting down; resume with WatchDeployment after_sequence={sent}"
+                    "server shutting down; resume with WatchDeployment deployment_id={id} after_sequence={sent}"
                 ))),
                 _ = revoked => {
                     let name = caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
@@ -188,6 +192,7 @@ pub fn forward(
                     Some(Err(e @ LogError::OutOfRange { .. })) => break Some(out_of_range(
                         format!("{e}; updates after sequence {sent} are no longer held"), &e
                     )),
+                    Some(Err(e @ LogError::Beyond { .. })) => break Some(Status::out_of_range(e.to_string())),
                 },
                 _ = tokio::time::sleep(config.heartbeat_interval) => None,
                 // The client left: stop forwarding (the deployment goes on).
@@ -195,17 +200,21 @@ pub fn forward(
             };
             let (message, update) = match next {
                 Some(u) => {
-                    app = u.app.to_string();
                     let m = convert::update(&u);
-                    phase = m.phase;
+                    last = Progress {
+                        app: m.app.clone(),
+                        phase: m.phase,
+                        phase_progress: m.phase_progress,
+                        total_progress: m.total_progress,
+                    };
                     (m, Some(u))
                 }
-                None => (heartbeat(&id, &app, sent, phase), None),
+                None => (heartbeat(&id, sent, &last), None),
             };
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Some(Status::unavailable(format!(
-                    "server shutting down; resume with WatchDeployment after_sequence={sent}"
+                    "server shutting down; resume with WatchDeployment deployment_id={id} after_sequence={sent}"
                 ))),
                 r = tx.send_timeout(Ok(message), config.stall_timeout) => match r {
                     Ok(()) => if let Some(u) = update {
@@ -235,13 +244,25 @@ pub fn forward(
     Box::pin(ReceiverStream::new(rx).chain(end))
 }
 
-/// A heartbeat: not part of the log; repeats the last delivered sequence.
-fn heartbeat(id: &str, app: &str, sequence: u64, phase: i32) -> proto::ProgressUpdate {
+/// The last delivered update's app, phase and progress (what a heartbeat repeats).
+#[derive(Default)]
+struct Progress {
+    app: String,
+    phase: i32,
+    phase_progress: f64,
+    total_progress: f64,
+}
+
+/// A heartbeat: not part of the log; repeats the last delivered sequence, phase and
+/// progress.
+fn heartbeat(id: &str, sequence: u64, last: &Progress) -> proto::ProgressUpdate {
     proto::ProgressUpdate {
         deployment_id: id.to_owned(),
         sequence,
-        app: app.to_owned(),
-        phase,
+        app: last.app.clone(),
+        phase: last.phase,
+        phase_progress: last.phase_progress,
+        total_progress: last.total_progress,
         level: proto::Level::Verbose as i32,
         message: "heartbeat".into(),
         timestamp: Some(convert::timestamp(std::time::SystemTime::now())),
@@ -430,7 +451,10 @@ mod tests {
     async fn silence_brings_heartbeats_with_the_last_sequence() {
         let log = Arc::new(DeploymentLog::new());
         log.append(update(1, false));
-        log.append(update(2, false));
+        let mut second = update(2, false);
+        (second.phase, second.phase_progress, second.total_progress) =
+            (crate::model::Phase::Pulling, 0.5, 0.3);
+        log.append(second);
         let mut stream = forward(
             "id".into(),
             log.subscribe(0).unwrap(),
@@ -446,6 +470,11 @@ mod tests {
         let hb = stream.next().await.unwrap().unwrap();
         assert!(hb.heartbeat);
         assert_eq!((hb.sequence, hb.app.as_str()), (2, "app"));
+        // It carries the last progress and phase, not 0 (issue 17).
+        assert_eq!(
+            (hb.total_progress, hb.phase_progress, hb.phase()),
+            (0.3, 0.5, proto::Phase::Pulling)
+        );
         log.append(update(3, true));
         // Heartbeats are not part of the log: the next real update follows on.
         let mut next = stream.next().await.unwrap().unwrap();
@@ -528,7 +557,14 @@ mod tests {
         shutdown.cancel();
         let status = stream.next().await.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable);
-        assert!(status.message().contains("after_sequence=2"));
+        // It names the deployment and the sequence (issue 17).
+        assert!(
+            status
+                .message()
+                .contains("deployment_id=id after_sequence=2"),
+            "{}",
+            status.message()
+        );
         assert!(stream.next().await.is_none());
     }
 }

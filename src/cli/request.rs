@@ -204,7 +204,8 @@ fn key_value(s: &str) -> Option<(String, String)> {
     (!k.is_empty()).then(|| (k.to_owned(), v.to_owned()))
 }
 
-/// `8080`, `9000:8080`, `8080/udp`, `9000:8080/udp` (host port first, as in docker).
+/// `8080`, `9000:8080`, `8080/udp`, `9000:8080/udp`, `0.0.0.0:9000:8080` (host address
+/// and port first, as in docker).
 fn parse_port(s: &str) -> Result<PortMapping, String> {
     let (ports, protocol) = match s.split_once('/') {
         Some((p, proto @ ("tcp" | "udp"))) => (p, proto),
@@ -217,14 +218,25 @@ fn parse_port(s: &str) -> Result<PortMapping, String> {
             _ => Err(format!("{p:?} is not a port (1-65535)")),
         }
     };
-    let (host_port, container_port) = match ports.split_once(':') {
-        Some((host, container)) => (number(host)?, number(container)?),
-        None => (0, number(ports)?),
+    // From the right: container port, then host port, then host address (which may
+    // itself hold colons: `[::1]:9000:8080`).
+    let mut parts: Vec<&str> = ports.rsplitn(3, ':').collect();
+    parts.reverse();
+    let (host_ip, host_port, container_port) = match parts[..] {
+        [ip, host, container] => {
+            let ip = ip.trim_start_matches('[').trim_end_matches(']');
+            ip.parse::<std::net::IpAddr>()
+                .map_err(|_| format!("{ip:?} is not an IP address"))?;
+            (ip.to_owned(), number(host)?, number(container)?)
+        }
+        [host, container] => (String::new(), number(host)?, number(container)?),
+        _ => (String::new(), 0, number(ports)?),
     };
     Ok(PortMapping {
         container_port,
         host_port,
         protocol: protocol.into(),
+        host_ip,
     })
 }
 
@@ -332,6 +344,14 @@ mod tests {
         assert!(parse_port("80/sctp").is_err());
         assert!(parse_port("0").is_err());
         assert!(parse_port("x:80").is_err());
+        let p = parse_port("0.0.0.0:9000:8080").unwrap();
+        assert_eq!(
+            (p.host_ip.as_str(), p.host_port, p.container_port),
+            ("0.0.0.0", 9000, 8080)
+        );
+        let p = parse_port("[::1]:9000:8080/udp").unwrap();
+        assert_eq!((p.host_ip.as_str(), p.protocol.as_str()), ("::1", "udp"));
+        assert!(parse_port("localhost:9000:8080").is_err());
     }
 
     #[test]

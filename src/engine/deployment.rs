@@ -274,15 +274,27 @@ impl Reporter {
         );
     }
 
-    pub(crate) fn queued(&mut self, position: u32) {
-        let message = format!(
-            "waiting for the app's current deployment to end (position {position} in queue)"
-        );
+    pub(crate) fn queued(&mut self, position: u32, behind: Option<DeploymentId>) {
+        let mut meta = vec![("queue_position", position.to_string())];
+        let message = match behind {
+            Some(ahead) => {
+                meta.push(("queued_behind", ahead.to_string()));
+                format!(
+                    "waiting behind deployment {ahead} of this app (position {position} in queue)"
+                )
+            }
+            None => format!(
+                "waiting for the app's current deployment to end (position {position} in queue)"
+            ),
+        };
         self.emit(
             EventKind::Queued { position },
             Level::Info,
             message,
-            Extra::meta([("queue_position", position.to_string())]),
+            Extra {
+                metadata: meta.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                pull: None,
+            },
             None,
         );
     }

@@ -50,11 +50,12 @@ pub(super) struct Target<'a> {
 }
 
 impl Target<'_> {
-    fn published(&self, container_port: u16) -> Option<u16> {
+    /// Where `container_port` is reachable: the bound host address and port.
+    fn published(&self, container_port: u16) -> Option<(String, u16)> {
         self.ports
             .iter()
             .find(|p| p.container_port == container_port && p.protocol == Protocol::Tcp)
-            .map(|p| p.host_port)
+            .map(|p| (p.reach_host(self.public_host), p.host_port))
     }
 }
 
@@ -152,7 +153,7 @@ pub(super) async fn probe_once(probe: &HealthProbe, target: &Target<'_>) -> Verd
         HealthProbe::Docker => docker(&target.state),
         HealthProbe::Tcp { port } => match target.published(*port) {
             None => not_published(*port),
-            Some(host_port) => tcp(target.public_host, host_port)
+            Some((host, host_port)) => tcp(host.trim_matches(['[', ']']), host_port)
                 .await
                 .map(|()| format!("TCP port {port} accepts connections"))
                 .into(),
@@ -163,8 +164,8 @@ pub(super) async fn probe_once(probe: &HealthProbe, target: &Target<'_>) -> Verd
             expect_status,
         } => match target.published(*port) {
             None => not_published(*port),
-            Some(host_port) => {
-                let url = format!("http://{}:{host_port}{path}", target.public_host);
+            Some((host, host_port)) => {
+                let url = format!("http://{host}:{host_port}{path}");
                 http(target.http, &url, *expect_status, target.interval)
                     .await
                     .map(|()| format!("GET {path} answered {expect_status}"))
@@ -231,6 +232,20 @@ async fn tcp(host: &str, port: u16) -> Result<(), String> {
     }
 }
 
+/// A request error with its cause: reqwest's own text ("error sending request for
+/// url") says nothing of why, the innermost source does (connection refused, timed
+/// out, connection reset).
+fn cause_of(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".into();
+    }
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    cause.to_string()
+}
+
 async fn http(
     client: &reqwest::Client,
     url: &str,
@@ -239,11 +254,35 @@ async fn http(
 ) -> Result<(), String> {
     let timeout = (interval * 4).clamp(Duration::from_secs(1), Duration::from_secs(10));
     match client.get(url).timeout(timeout).send().await {
-        Err(e) => Err(format!("GET {url}: {e}")),
+        Err(e) => Err(format!("GET {url}: {}", cause_of(&e))),
         Ok(r) if r.status().as_u16() == expect => Ok(()),
         Ok(r) => Err(format!(
             "GET {url} answered {}, expected {expect}",
             r.status()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 17: a failed attempt says why (here: nothing listens on the port).
+    #[tokio::test]
+    async fn an_http_attempt_gives_the_cause() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let url = format!("http://127.0.0.1:{port}/");
+        let err = http(
+            &reqwest::Client::new(),
+            &url,
+            200,
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("refused"), "{err}");
+        assert!(!err.contains("error sending request"), "{err}");
     }
 }

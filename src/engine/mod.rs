@@ -54,6 +54,10 @@ pub enum EngineError {
     },
     #[error("invalid page_token")]
     InvalidPageToken,
+    #[error(
+        "deployment_id: required (the ID in the first update of Deploy, or from ListDeployments)"
+    )]
+    MissingDeploymentId,
     #[error("the server is shutting down and accepts no new deployments")]
     ShuttingDown,
     #[error("{0}")]
@@ -82,6 +86,8 @@ pub struct EngineConfig {
     /// Deployments waiting for their app's lock (all apps); more get
     /// [`EngineError::Exhausted`].
     pub max_queued: usize,
+    /// The host address ports are published on when the request names none.
+    pub publish_ip: std::net::IpAddr,
 }
 
 impl Default for EngineConfig {
@@ -93,6 +99,7 @@ impl Default for EngineConfig {
             retention: Retention::default(),
             max_in_flight: crate::limits::DEFAULT_MAX_IN_FLIGHT,
             max_queued: crate::limits::DEFAULT_MAX_QUEUED,
+            publish_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         }
     }
 }
@@ -275,7 +282,7 @@ impl Engine {
         );
         reporter.accepted();
         if ticket.position() > 0 {
-            reporter.queued(ticket.position());
+            reporter.queued(ticket.position(), ticket.ahead());
         }
         let stream = deployment
             .log
@@ -367,7 +374,7 @@ impl Engine {
             self.0.store.clone(),
         );
         let phase = reporter.phase();
-        let mut message = format!("internal error during {}: {reason}", phase.as_str());
+        let mut message = format!("internal error during {}: {reason}", phase.name());
         match self.remove_containers_of(deployment).await {
             Ok(()) => message.push_str("; the containers of this deployment were removed"),
             Err(e) => message.push_str(&format!("; removing its containers failed: {e}")),
@@ -467,6 +474,9 @@ impl Engine {
     }
 
     fn parse_id(id: &str) -> Result<DeploymentId, EngineError> {
+        if id.trim().is_empty() {
+            return Err(EngineError::MissingDeploymentId);
+        }
         uuid::Uuid::parse_str(id)
             .map(DeploymentId)
             .map_err(|_| EngineError::NotFound(id.to_owned()))
@@ -503,6 +513,12 @@ impl Engine {
             .status(id)
             .await?
             .ok_or_else(|| EngineError::NotFound(id.to_string()))?;
+        if after > status.last_sequence && status.state.is_terminal() {
+            return Err(EngineError::OutOfRange(LogError::Beyond {
+                after,
+                last: status.last_sequence,
+            }));
+        }
         let stored = self.0.store.log(id, after).await?;
         let oldest = stored.oldest.unwrap_or(status.last_sequence + 1);
         if after < status.last_sequence && after + 1 < oldest {

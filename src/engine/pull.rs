@@ -10,6 +10,8 @@ struct Layer {
     current: u64,
     total: Option<u64>,
     downloaded: bool,
+    /// Present locally before the pull ("Already exists"): nothing to download.
+    present: bool,
 }
 
 /// Per-layer bytes and the image aggregate. Layers that already exist locally, or whose
@@ -45,10 +47,11 @@ impl PullTracker {
                     layer.current = (*c).max(layer.current);
                 }
             }
-            LayerStatus::Downloaded
-            | LayerStatus::Extracting
-            | LayerStatus::Done
-            | LayerStatus::AlreadyExists => {
+            LayerStatus::AlreadyExists => {
+                layer.downloaded = true;
+                layer.present = true;
+            }
+            LayerStatus::Downloaded | LayerStatus::Extracting | LayerStatus::Done => {
                 layer.downloaded = true;
             }
         }
@@ -91,14 +94,33 @@ impl PullTracker {
         }
     }
 
-    /// Fraction done: by bytes when any size is known, else by layers.
-    pub(crate) fn fraction(p: &PullProgress) -> f64 {
-        if p.image_total_bytes > 0 {
-            p.image_current_bytes as f64 / p.image_total_bytes as f64
-        } else if p.layers_total > 0 {
-            p.layers_done as f64 / p.layers_total as f64
-        } else {
+    /// Fraction of the download done, following the bytes still to come. Layers
+    /// already present count for nothing either way (an image whose first known layer
+    /// is a local base layer is not nearly pulled). A layer still to download whose
+    /// size is not known yet counts as the average of the known sizes; a layer done
+    /// without a size ever reported (a tiny one) counts for nothing. With no size known
+    /// at all, the share of the layers to download that are done.
+    pub(crate) fn fraction(&self) -> f64 {
+        let to_fetch: Vec<&Layer> = self.layers.values().filter(|l| !l.present).collect();
+        let sized: Vec<&Layer> = to_fetch
+            .iter()
+            .copied()
+            .filter(|l| l.total.is_some())
+            .collect();
+        let unknown = to_fetch
+            .iter()
+            .filter(|l| l.total.is_none() && !l.downloaded)
+            .count();
+        let known_total: u64 = sized.iter().filter_map(|l| l.total).sum();
+        if known_total > 0 {
+            let average = known_total as f64 / sized.len() as f64;
+            let current: u64 = sized.iter().map(|l| l.current).sum();
+            current as f64 / (known_total as f64 + unknown as f64 * average)
+        } else if to_fetch.is_empty() {
             0.0
+        } else {
+            let done = to_fetch.iter().filter(|l| l.downloaded).count();
+            done as f64 / to_fetch.len() as f64
         }
     }
 }
@@ -145,7 +167,7 @@ mod tests {
         let p = t.finish();
         assert_eq!((p.image_current_bytes, p.image_total_bytes), (1500, 1500));
         assert_eq!((p.layers_done, p.layers_total), (3, 3));
-        assert_eq!(PullTracker::fraction(&p), 1.0);
+        assert_eq!(t.fraction(), 1.0);
     }
 
     #[test]
@@ -167,6 +189,62 @@ mod tests {
             })
             .is_none()
         );
-        assert_eq!(PullTracker::fraction(&t.finish()), 0.0);
+        t.finish();
+        assert_eq!(t.fraction(), 0.0);
+    }
+
+    /// The sequence dockerd sends for an image whose base layer is local (issue 17):
+    /// "Already exists" first, then the layers to fetch, announced and then
+    /// downloaded. The fraction starts at 0, follows the bytes, and never jumps to the
+    /// end because the first layer seen was present.
+    #[test]
+    fn a_present_base_layer_does_not_finish_the_pull() {
+        let mb = 1 << 20;
+        let mut events = vec![
+            ev("base", LayerStatus::AlreadyExists, None, None),
+            ev("big", LayerStatus::Pending, None, None),
+            ev("small", LayerStatus::Pending, None, None),
+            ev("tiny", LayerStatus::Pending, None, None),
+        ];
+        for step in 1..=8 {
+            events.push(ev(
+                "big",
+                LayerStatus::Downloading,
+                Some(step * mb),
+                Some(8 * mb),
+            ));
+        }
+        events.extend([
+            ev("big", LayerStatus::Downloaded, None, None),
+            ev("small", LayerStatus::Downloading, Some(mb / 2), Some(mb)),
+            ev("small", LayerStatus::Downloaded, None, None),
+            ev("tiny", LayerStatus::Done, None, None),
+        ]);
+        for e in ["big", "small"] {
+            events.push(ev(e, LayerStatus::Extracting, Some(1), Some(2)));
+            events.push(ev(e, LayerStatus::Done, None, None));
+        }
+        let mut t = PullTracker::default();
+        let fractions: Vec<f64> = events
+            .iter()
+            .map(|e| {
+                t.apply(e);
+                t.fraction()
+            })
+            .collect();
+        assert!(fractions[..4].iter().all(|f| *f == 0.0), "{fractions:?}");
+        let downloading = &fractions[4..12];
+        assert!(
+            downloading.windows(2).all(|w| w[0] < w[1]),
+            "the fraction follows the bytes: {fractions:?}"
+        );
+        // While "small" and "tiny" have no size, they count as the average known one.
+        assert!(
+            downloading[0] > 0.0 && downloading[0] < 0.1,
+            "{fractions:?}"
+        );
+        assert!(downloading[7] < 0.6, "{fractions:?}");
+        assert!(fractions.windows(2).all(|w| w[0] <= w[1]), "{fractions:?}");
+        assert_eq!(*fractions.last().unwrap(), 1.0);
     }
 }

@@ -89,6 +89,18 @@ impl AppQueues {
         })
     }
 
+    /// The deployment right ahead of `id` in its app's line: the running one for the
+    /// first in line, else the one waiting before it.
+    fn ahead_of(&self, app: &AppName, id: DeploymentId) -> Option<DeploymentId> {
+        let inner = self.inner.lock().expect("queue lock");
+        let slot = inner.get(app)?;
+        let place = slot.waiting.iter().position(|(w, _)| *w == id)?;
+        match place {
+            0 => slot.running,
+            n => Some(slot.waiting[n - 1].0),
+        }
+    }
+
     fn leave(&self, app: &AppName, id: DeploymentId) {
         let mut inner = self.inner.lock().expect("queue lock");
         let Some(slot) = inner.get_mut(app) else {
@@ -120,6 +132,11 @@ impl AppQueues {
 impl Ticket {
     pub(crate) fn position(&self) -> u32 {
         *self.position.borrow()
+    }
+
+    /// The deployment this one waits behind (none once it holds the lock).
+    pub(crate) fn ahead(&self) -> Option<DeploymentId> {
+        self.queues.ahead_of(&self.app, self.id)
     }
 
     /// Waits until the position changes; returns the new one.

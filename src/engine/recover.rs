@@ -108,7 +108,7 @@ impl Engine {
         let phase = status.phase;
         let mut message = format!(
             "interrupted by a restart of the server during {}: the previous server process stopped before the deployment finished",
-            phase.as_str()
+            phase.name()
         );
         match &removal.error {
             None => message.push_str("; its containers were removed"),

@@ -28,7 +28,7 @@ use super::pull::PullTracker;
 use super::queue::Ticket;
 use crate::model::{
     DeploymentResult, DeploymentState, FailureDiagnostics, HealthOutcome, HealthProbe, LABEL_APP,
-    LABEL_DEPLOYMENT, Level, Phase, Protocol, PullProgress,
+    LABEL_DEPLOYMENT, Level, Phase, PortSpec, Protocol, PullProgress,
 };
 use crate::runtime::{
     ContainerSpec, ContainerState, ContainerSummary, ImageInfo, PublishedPort, RuntimeError,
@@ -80,6 +80,12 @@ impl Failure {
     fn runtime(phase: Phase, step: &'static str, e: RuntimeError) -> Self {
         Self::new(phase, step, format!("{step}: {e}"))
     }
+}
+
+/// The image's identity for `image_digest`: its repo digest, else its image ID (an
+/// image built or loaded locally has no repo digest).
+fn image_digest(info: &ImageInfo) -> String {
+    info.digest.clone().unwrap_or_else(|| info.id.clone())
 }
 
 pub(super) struct Run {
@@ -156,7 +162,7 @@ impl Run {
                 p = ticket.changed() => {
                     position = p;
                     if p > 0 {
-                        self.rep.queued(p);
+                        self.rep.queued(p, ticket.ahead());
                     }
                 }
                 _ = deployment.cancel.cancelled() => return Err(Stop::Cancelled),
@@ -207,7 +213,7 @@ impl Run {
         self.rep
             .enter(Phase::Pulling, format!("looking for image {image}"));
         if let Some(info) = self.inspect_image(&image).await? {
-            let digest = info.digest.clone().unwrap_or_default();
+            let digest = image_digest(&info);
             self.image = info;
             self.rep.progress(
                 1.0,
@@ -221,7 +227,7 @@ impl Run {
             0.0,
             Level::Info,
             format!("pulling image {image}"),
-            Extra::meta([("pulled", "true".into())]),
+            Extra::default(),
         );
         let progress = self.download(&image).await?;
         let info = self.inspect_image(&image).await?.ok_or_else(|| {
@@ -231,16 +237,18 @@ impl Run {
                 format!("image {image} is not present after its pull"),
             )
         })?;
-        let message = format!(
-            "pulled {image}: {} in {} layers{}",
-            bytes(progress.image_total_bytes),
-            progress.layers_total,
-            info.digest
-                .as_deref()
-                .map(|d| format!(" ({d})"))
-                .unwrap_or_default()
-        );
-        let digest = info.digest.clone().unwrap_or_default();
+        let digest = image_digest(&info);
+        let what = if progress.image_total_bytes == 0 {
+            // Every layer was already local (the tag was new, its layers were not).
+            "every layer was present locally".to_string()
+        } else {
+            format!(
+                "{} in {} layers",
+                bytes(progress.image_total_bytes),
+                progress.layers_total
+            )
+        };
+        let message = format!("pulled {image}: {what} ({digest})");
         self.image = info;
         self.rep.progress(
             1.0,
@@ -248,7 +256,7 @@ impl Run {
             message,
             Extra {
                 pull: Some(progress),
-                ..Extra::meta([("image_digest", digest)])
+                ..Extra::meta([("pulled", "true".into()), ("image_digest", digest)])
             },
         );
         Ok(())
@@ -284,7 +292,7 @@ impl Run {
                 progress.layers_done,
                 progress.layers_total,
             );
-            let fraction = PullTracker::fraction(&progress);
+            let fraction = tracker.fraction();
             self.rep.progress(
                 fraction * 0.99,
                 Level::Verbose,
@@ -314,7 +322,14 @@ impl Run {
             image: spec.image.clone(),
             command: spec.command.clone(),
             env: spec.env.clone(),
-            ports: spec.ports.clone(),
+            ports: spec
+                .ports
+                .iter()
+                .map(|p| PortSpec {
+                    host_ip: p.host_ip.or(Some(self.ctx.config.publish_ip)),
+                    ..*p
+                })
+                .collect(),
             labels,
         };
         // The call runs in its own task: if a cancel, the deadline or a shutdown drops
@@ -486,7 +501,7 @@ impl Run {
                 };
                 (
                     format!("{}/{}", p.container_port, p.protocol.as_str()),
-                    format!("{scheme}://{host}:{}", p.host_port),
+                    format!("{scheme}://{}:{}", p.reach_host(host), p.host_port),
                 )
             })
             .collect()
@@ -551,17 +566,11 @@ impl Run {
                 Verdict::Retry(why) => why,
             };
             let elapsed = started.elapsed();
-            if elapsed >= timeout {
-                break Err(format!(
-                    "not healthy after {:.1}s ({attempts} attempts): {why}",
-                    elapsed.as_secs_f64()
-                ));
-            }
             // Milestones that set progress replace the clock.
             let fraction = if output.milestones.drives_progress() {
                 output.milestones.reached()
             } else {
-                elapsed.as_secs_f64() / timeout.as_secs_f64() * 0.95
+                (elapsed.as_secs_f64() / timeout.as_secs_f64()).min(1.0) * 0.95
             };
             self.rep.progress(
                 fraction,
@@ -572,6 +581,14 @@ impl Run {
                     ("check", probe.name().into()),
                 ]),
             );
+            // Every attempt is reported, the last one too: the count in the final
+            // message is the number of attempts the client saw.
+            if elapsed >= timeout {
+                break Err(format!(
+                    "not healthy after {:.1}s ({attempts} attempts): {why}",
+                    elapsed.as_secs_f64()
+                ));
+            }
             let wake = Instant::now() + spec.interval;
             output.read_until(&mut self.rep, &probe, wake).await;
         };
@@ -705,7 +722,7 @@ impl Run {
             success: true,
             message,
             container_id,
-            image_digest: self.image.digest.clone().unwrap_or_default(),
+            image_digest: image_digest(&self.image),
             endpoints,
             health: std::mem::take(&mut self.health),
             diagnostics: None,
@@ -726,14 +743,21 @@ impl Run {
                 "; the new container was removed and the previous version was started again",
             );
         } else if self.container.is_some() {
-            message
-                .push_str("; the new container was removed and the previous version keeps running");
+            // Only an app that had a running version keeps one (not on its first deployment).
+            let previous = self.app_containers(|c| c.running).await;
+            if previous.is_ok_and(|p| !p.is_empty()) {
+                message.push_str(
+                    "; the new container was removed and the previous version keeps running",
+                );
+            } else {
+                message.push_str("; the new container was removed");
+            }
         }
         let result = DeploymentResult {
             success: false,
             message,
             container_id: String::new(),
-            image_digest: self.image.digest.clone().unwrap_or_default(),
+            image_digest: image_digest(&self.image),
             endpoints: BTreeMap::new(),
             health: std::mem::take(&mut self.health),
             diagnostics,
@@ -768,16 +792,16 @@ impl Run {
             Stop::Cancelled => {
                 self.rep.cancelling(format!(
                     "cancel requested during {}: removing what this deployment created",
-                    phase.as_str()
+                    phase.name()
                 ));
-                let message = format!("cancelled during {}", phase.as_str());
+                let message = format!("cancelled during {}", phase.name());
                 (DeploymentState::Cancelled, message, None)
             }
             Stop::Interrupted => {
                 diagnostics.step = "server shutdown".into();
                 let message = format!(
                     "interrupted by server shutdown during {}: the server stopped before the deployment could finish",
-                    phase.as_str()
+                    phase.name()
                 );
                 (DeploymentState::Failed, message, Some(diagnostics))
             }
@@ -787,7 +811,7 @@ impl Run {
                 let message = format!(
                     "deadline of {}s exceeded during {}",
                     self.rep.deployment().spec.deadline.as_secs_f64(),
-                    phase.as_str()
+                    phase.name()
                 );
                 (DeploymentState::Failed, message, Some(diagnostics))
             }

@@ -48,6 +48,7 @@ fn spec(app: &str, image: &str) -> DeploySpec {
         command: vec![],
         env: Default::default(),
         ports: vec![PortSpec {
+            host_ip: None,
             container_port: 8080,
             host_port: 0,
             protocol: Protocol::Tcp,
@@ -361,6 +362,8 @@ async fn unhealthy_fails_in_health_check_and_rolls_back() {
     assert_eq!(end_state(&updates), DeploymentState::Failed);
     let end = updates.last().unwrap();
     assert!(end.message.contains("unhealthy"), "{}", end.message);
+    // The app's first deployment: no previous version keeps running (issue 17).
+    assert!(!end.message.contains("previous version"), "{}", end.message);
     let result = end.result.as_ref().unwrap();
     assert_eq!(
         result.diagnostics.as_ref().unwrap().failed_phase,
@@ -393,6 +396,32 @@ async fn a_failed_pull_fails_in_pulling_and_creates_nothing() {
     assert_eq!(d.failed_phase, Some(Phase::Pulling));
     assert!(fake.created().is_empty());
     assert!(fake.removed().is_empty());
+    // `pulled: "true"` says a pull succeeded: never on a pull that failed.
+    assert!(
+        updates.iter().all(|u| !u.metadata.contains_key("pulled")),
+        "{updates:?}"
+    );
+}
+
+/// Issue 17: an image with no repo digest (built or loaded locally) is named by its
+/// image ID in `image_digest`, never by an empty string.
+#[tokio::test]
+async fn a_local_image_without_a_repo_digest_is_named_by_its_id() {
+    let local = Script {
+        no_repo_digest: true,
+        ..Script::healthy()
+    };
+    let fake = FakeRuntime::with([("local:1", local)]);
+    let engine = engine(&fake).await;
+    let updates = deploy(&engine, spec("app", "local:1")).await;
+    assert_eq!(end_state(&updates), DeploymentState::Succeeded);
+    let present = updates
+        .iter()
+        .find(|u| u.metadata.get("pulled").map(String::as_str) == Some("false"))
+        .expect("the image was present");
+    assert_eq!(present.metadata["image_digest"], "sha256:local:1");
+    let result = updates.last().unwrap().result.as_ref().unwrap();
+    assert_eq!(result.image_digest, "sha256:local:1");
 }
 
 #[tokio::test]
@@ -485,14 +514,20 @@ async fn pull_progress_is_aggregated_throttled_and_ends_at_100_percent() {
     assert!(digest.starts_with("remote:1@sha256:"), "{digest}");
 }
 
-#[tokio::test]
-async fn deployments_of_one_app_queue_and_positions_move_up() {
+/// `gated:1` waits in its start for a permit of the gate; `web:1` is healthy.
+fn gated_and_web() -> (Arc<Semaphore>, Arc<FakeRuntime>) {
     let gate = Arc::new(Semaphore::new(0));
     let gated = Script {
         start_gate: Some(gate.clone()),
         ..Script::healthy()
     };
     let fake = FakeRuntime::with([("gated:1", gated), ("web:1", Script::healthy())]);
+    (gate, fake)
+}
+
+#[tokio::test]
+async fn deployments_of_one_app_queue_and_positions_move_up() {
+    let (gate, fake) = gated_and_web();
     let engine = engine(&fake).await;
 
     // A holds the app's lock (waiting in its start).
@@ -510,6 +545,13 @@ async fn deployments_of_one_app_queue_and_positions_move_up() {
     let (c_dep, mut c) = engine.deploy(spec("app", "web:1")).await.unwrap();
     let mut c_updates = until(&mut c, |u| matches!(u.kind, EventKind::Queued { .. })).await;
     assert_eq!(queue_positions(&c_updates), vec![2]);
+    // Each names the deployment it waits behind (issue 17).
+    let a_id = a_updates[0].deployment_id.to_string();
+    let b_queued = b_seen.last().unwrap();
+    assert_eq!(b_queued.metadata["queued_behind"], a_id);
+    assert!(b_queued.message.contains(&a_id), "{}", b_queued.message);
+    let c_queued = c_updates.last().unwrap();
+    assert_eq!(c_queued.metadata["queued_behind"], b_dep.to_string());
     assert_eq!(
         engine
             .status(&c_dep.to_string())
@@ -625,7 +667,12 @@ async fn cancel_while_running_rolls_back_and_releases_the_app() {
     assert_eq!(end_state(&a_updates), DeploymentState::Cancelled);
     let end = a_updates.last().unwrap();
     assert_eq!(end.phase, Phase::Cancelled);
-    assert!(end.message.contains("health_check"), "{}", end.message);
+    assert!(end.message.contains("HEALTH_CHECK"), "{}", end.message);
+    assert!(
+        end.message.contains("previous version keeps running"),
+        "{}",
+        end.message
+    );
     assert!(
         a_updates.iter().any(|u| u.kind == EventKind::Cancelling),
         "the cancel is announced before the end"
@@ -706,7 +753,7 @@ async fn the_deadline_fails_the_deployment_and_rolls_back() {
     let end = updates.last().unwrap();
     assert!(
         end.message
-            .contains("deadline of 0.3s exceeded during health_check"),
+            .contains("deadline of 0.3s exceeded during HEALTH_CHECK"),
         "{}",
         end.message
     );
@@ -721,12 +768,7 @@ async fn the_deadline_fails_the_deployment_and_rolls_back() {
 
 #[tokio::test]
 async fn the_deadline_counts_the_queue_wait() {
-    let gate = Arc::new(Semaphore::new(0));
-    let gated = Script {
-        start_gate: Some(gate.clone()),
-        ..Script::healthy()
-    };
-    let fake = FakeRuntime::with([("gated:1", gated), ("web:1", Script::healthy())]);
+    let (gate, fake) = gated_and_web();
     let engine = engine(&fake).await;
     let (_, mut a) = engine.deploy(spec("app", "gated:1")).await.unwrap();
     let mut a_updates = until(&mut a, |u| u.phase == Phase::Starting).await;
@@ -738,7 +780,7 @@ async fn the_deadline_counts_the_queue_wait() {
     assert_eq!(end_state(&queued), DeploymentState::Failed);
     let end = queued.last().unwrap();
     assert!(
-        end.message.contains("exceeded during queued"),
+        end.message.contains("exceeded during QUEUED"),
         "{}",
         end.message
     );
@@ -784,7 +826,7 @@ async fn a_panicking_step_ends_the_deployment_failed_and_closes_its_stream() {
     assert_eq!(end_state(&updates), DeploymentState::Failed);
     let end = updates.last().unwrap();
     assert!(
-        end.message.starts_with("internal error during starting: "),
+        end.message.starts_with("internal error during STARTING: "),
         "{}",
         end.message
     );
@@ -1028,4 +1070,119 @@ async fn a_slow_reader_of_a_log_past_the_live_window_gets_every_update_once() {
         .filter(|u| u.metadata.contains_key("milestone"))
         .count();
     assert_eq!(ticks, LINES);
+}
+
+/// Issue 17: a watch from beyond the last update of an ended deployment is
+/// OUT_OF_RANGE naming the last sequence (not an empty stream and OK); an empty
+/// deployment_id is an invalid argument naming the field, for every call taking one.
+#[tokio::test]
+async fn edge_answers_name_the_last_sequence_and_the_missing_field() {
+    let fake = FakeRuntime::with([("web:1", Script::healthy())]);
+    let engine = engine(&fake).await;
+    let updates = deploy(&engine, spec("app", "web:1")).await;
+    let last = updates.last().unwrap().sequence;
+    let id = updates[0].deployment_id.to_string();
+    // In memory (the log closed) or retired to the store: the same answer.
+    for _ in 0..2 {
+        match engine.watch(&id, last + 5).await {
+            Err(super::EngineError::OutOfRange(e)) => {
+                let text = e.to_string();
+                assert!(text.contains(&format!("last sequence is {last}")), "{text}");
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a watch beyond the end answered OK"),
+        }
+        bounded("retired", async {
+            while engine.get(updates[0].deployment_id).is_some() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+    // From the last sequence itself: an empty stream that ends (nothing is missing).
+    assert!(
+        rest(engine.watch(&id, last).await.unwrap())
+            .await
+            .is_empty()
+    );
+
+    assert!(matches!(
+        engine.status("").await,
+        Err(super::EngineError::MissingDeploymentId)
+    ));
+    assert!(matches!(
+        engine.watch("", 0).await,
+        Err(super::EngineError::MissingDeploymentId)
+    ));
+    assert!(matches!(
+        engine.cancel("").await,
+        Err(super::EngineError::MissingDeploymentId)
+    ));
+    assert!(
+        super::EngineError::MissingDeploymentId
+            .to_string()
+            .starts_with("deployment_id: required")
+    );
+}
+
+/// Every metadata key the engine sends is in the proto's list of stable keys
+/// (issue 17: `env_keys` and `requested_by` on sequence 1 were not).
+#[tokio::test]
+async fn every_metadata_key_sent_is_listed_in_the_proto() {
+    let proto = include_str!("../../proto/stevedore/v1/deployer.proto");
+    let (gate, fake) = gated_and_web();
+    let engine = engine(&fake).await;
+    let (_, mut a) = engine.deploy(spec("app", "gated:1")).await.unwrap();
+    let mut updates = until(&mut a, |u| u.phase == Phase::Starting).await;
+    let (_, b) = engine.deploy(spec("app", "web:1")).await.unwrap();
+    gate.add_permits(1);
+    updates.extend(rest(a).await);
+    updates.extend(rest(b).await);
+    let mut keys: Vec<String> = updates
+        .iter()
+        .flat_map(|u| u.metadata.keys().cloned())
+        .map(|k| {
+            if k.starts_with("endpoint.") {
+                "endpoint.<port>/<protocol>".into()
+            } else {
+                k
+            }
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert!(keys.contains(&"queued_behind".to_string()), "{keys:?}");
+    let missing: Vec<_> = keys
+        .iter()
+        .filter(|k| !proto.contains(&format!("`{k}`")))
+        .collect();
+    assert!(missing.is_empty(), "not in the proto's list: {missing:?}");
+}
+
+/// Issue 17: the count in "not healthy after …s (N attempts)" is the number of
+/// attempts reported, the last one included.
+#[tokio::test]
+async fn the_attempts_in_the_final_message_are_the_attempts_reported() {
+    let hang = Script {
+        healthcheck: true,
+        health: Health::StartingForever,
+        ..Default::default()
+    };
+    let fake = FakeRuntime::with([("hang:1", hang)]);
+    let engine = engine(&fake).await;
+    let mut s = spec("app", "hang:1");
+    s.health.timeout = Duration::from_millis(100);
+    s.health.interval = Duration::from_millis(20);
+    let updates = deploy(&engine, s).await;
+    assert_eq!(end_state(&updates), DeploymentState::Failed);
+    let reported = updates
+        .iter()
+        .filter(|u| u.metadata.contains_key("attempt"))
+        .count();
+    let end = updates.last().unwrap();
+    assert!(
+        end.message.contains(&format!("({reported} attempts)")),
+        "{reported} reported: {}",
+        end.message
+    );
 }

@@ -18,6 +18,10 @@ pub enum LogError {
         "sequence {requested} is no longer held (history is bounded by the retention setting); the oldest held is {oldest}"
     )]
     OutOfRange { requested: u64, oldest: u64 },
+    #[error(
+        "after_sequence {after} is beyond the last update of this ended deployment; its last sequence is {last}"
+    )]
+    Beyond { after: u64, last: u64 },
 }
 
 /// Where the start of a bounded log can be read back from once it has left memory
@@ -162,6 +166,11 @@ impl DeploymentLog {
     /// Replays every update with `sequence > after`, then follows live until the
     /// terminal update. Fails at once when `after + 1` is older than what is held.
     pub fn subscribe(self: &Arc<Self>, after: u64) -> Result<UpdateStream, LogError> {
+        let last = self.last_sequence();
+        if after > last && self.inner.lock().expect("log lock").closed {
+            // Nothing will ever come: an empty stream would pass for success.
+            return Err(LogError::Beyond { after, last });
+        }
         if self.backfill.is_none() {
             self.read_after(after, 0)?;
         }

@@ -118,7 +118,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (
         "stevedore_rejections_total",
         Kind::Counter,
-        "Calls turned away, by limit or rule (unauthenticated, permission_denied, policy, deployments_in_flight, deployments_queued, watch_streams).",
+        "Calls turned away, by limit or rule (unauthenticated, permission_denied, policy, deployments_in_flight, deployments_queued, watch_streams, message_size).",
     ),
 ];
 
@@ -366,6 +366,23 @@ impl Observer for MetricsObserver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The HELP text of stevedore_rejections_total names every label value.
+    #[test]
+    fn the_rejections_help_names_every_limit() {
+        let help = DESCRIPTIONS
+            .iter()
+            .find(|(name, ..)| *name == "stevedore_rejections_total")
+            .unwrap()
+            .2;
+        for r in crate::limits::Rejection::ALL {
+            assert!(
+                help.contains(r.as_str()),
+                "{} missing from {help}",
+                r.as_str()
+            );
+        }
+    }
     use crate::model::*;
 
     fn update(id: DeploymentId, seq: u64, kind: EventKind, phase: Phase, at: u64) -> Update {

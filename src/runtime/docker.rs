@@ -173,13 +173,16 @@ fn map_error(endpoint: &str, op: &'static str, e: BollardError) -> RuntimeError 
             message,
         } => RuntimeError::NotFound {
             op,
-            reason: message,
+            reason: without_repeats(&message),
         },
         BollardError::DockerResponseServerError { message, .. } => RuntimeError::Call {
             op,
-            reason: message,
+            reason: without_repeats(&message),
         },
-        BollardError::DockerStreamError { error } => RuntimeError::Call { op, reason: error },
+        BollardError::DockerStreamError { error } => RuntimeError::Call {
+            op,
+            reason: without_repeats(&error),
+        },
         BollardError::RequestTimeoutError => RuntimeError::Timeout {
             op,
             after: Duration::ZERO,
@@ -196,6 +199,19 @@ fn map_error(endpoint: &str, op: &'static str, e: BollardError) -> RuntimeError 
             reason: other.to_string(),
         },
     }
+}
+
+/// The engine's text without a part repeated right after itself: dockerd wraps the
+/// registry's error in its own words, which are often the same
+/// (`manifest unknown: manifest unknown`).
+fn without_repeats(message: &str) -> String {
+    let mut parts: Vec<&str> = vec![];
+    for part in message.split(": ") {
+        if parts.last() != Some(&part) {
+            parts.push(part);
+        }
+    }
+    parts.join(": ")
 }
 
 fn is_not_found(e: &RuntimeError) -> bool {
@@ -249,6 +265,43 @@ fn health_of(status: Option<HealthStatusEnum>) -> Option<DockerHealth> {
         HealthStatusEnum::UNHEALTHY => Some(DockerHealth::Unhealthy),
         _ => None,
     }
+}
+
+/// The lines of timestamped log frames in the order they were written. The engine
+/// copies a container's stdout and stderr in two streams, so its log can hold a
+/// stderr line before a stdout line printed earlier; each line's timestamp (asked for
+/// with `timestamps`) gives the real order. A stable sort keeps lines with the same
+/// time (or none) in the order received.
+fn in_time_order(frames: &[Vec<u8>]) -> Vec<String> {
+    let mut lines: Vec<(Option<std::time::SystemTime>, String)> = frames
+        .iter()
+        .flat_map(|f| {
+            String::from_utf8_lossy(f)
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .map(|line| match line.split_once(' ') {
+            Some((ts, rest)) => match humantime::parse_rfc3339(ts) {
+                Ok(t) => (Some(t), rest.to_owned()),
+                Err(_) => (None, line),
+            },
+            None => match humantime::parse_rfc3339(&line) {
+                Ok(t) => (Some(t), String::new()),
+                Err(_) => (None, line),
+            },
+        })
+        .collect();
+    // A line without a time sorts with the one before it.
+    let mut last = None;
+    for (t, _) in &mut lines {
+        match t {
+            Some(_) => last = *t,
+            None => *t = last,
+        }
+    }
+    lines.sort_by_key(|(t, _)| *t);
+    lines.into_iter().map(|(_, l)| l).collect()
 }
 
 fn log_bytes(out: LogOutput) -> Vec<u8> {
@@ -406,7 +459,7 @@ impl Runtime for DockerRuntime {
                 .or_insert_with(|| Some(Vec::new()))
                 .get_or_insert_with(Vec::new)
                 .push(PortBinding {
-                    host_ip: None,
+                    host_ip: p.host_ip.map(|ip| ip.to_string()),
                     host_port: Some(if p.host_port == 0 {
                         String::new()
                     } else {
@@ -478,21 +531,23 @@ impl Runtime for DockerRuntime {
                     Protocol::Tcp
                 };
                 // One URL per container port: prefer the IPv4 binding.
-                let mut best: Option<(bool, u16)> = None;
+                let mut best: Option<(bool, u16, String)> = None;
                 for b in bindings.unwrap_or_default() {
                     let Some(host_port) = b.host_port.and_then(|p| p.parse::<u16>().ok()) else {
                         continue;
                     };
-                    let v4 = !b.host_ip.as_deref().unwrap_or("").contains(':');
-                    if best.is_none_or(|(was_v4, _)| v4 && !was_v4) {
-                        best = Some((v4, host_port));
+                    let host_ip = b.host_ip.unwrap_or_default();
+                    let v4 = !host_ip.contains(':');
+                    if best.as_ref().is_none_or(|(was_v4, ..)| v4 && !was_v4) {
+                        best = Some((v4, host_port, host_ip));
                     }
                 }
-                if let Some((_, host_port)) = best {
+                if let Some((_, host_port, host_ip)) = best {
                     ports.push(PublishedPort {
                         container_port,
                         protocol,
                         host_port,
+                        host_ip,
                     });
                 }
             }
@@ -513,6 +568,7 @@ impl Runtime for DockerRuntime {
         let options = LogsOptionsBuilder::default()
             .stdout(true)
             .stderr(true)
+            .timestamps(true)
             .tail(&lines.to_string())
             .build();
         let chunks = self
@@ -524,11 +580,7 @@ impl Runtime for DockerRuntime {
                     .try_collect::<Vec<_>>(),
             )
             .await?;
-        let text: Vec<u8> = chunks.concat();
-        let all: Vec<String> = String::from_utf8_lossy(&text)
-            .lines()
-            .map(str::to_owned)
-            .collect();
+        let all = in_time_order(&chunks);
         let skip = all.len().saturating_sub(lines);
         Ok(all.into_iter().skip(skip).collect())
     }
@@ -710,6 +762,44 @@ impl DockerRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17: log_tail came out of order when the engine recorded a stderr line
+    /// before a stdout line printed earlier; the timestamps put them back in order.
+    #[test]
+    fn log_lines_come_in_time_order() {
+        let frames: Vec<Vec<u8>> = [
+            "2026-12-02T07:00:00.2Z second (stderr)\n",
+            "2026-12-02T07:00:00.123456789Z first (stdout)\n",
+            "2026-12-02T07:00:01Z third\n2026-12-02T07:00:01Z fourth, same time\n",
+        ]
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+        assert_eq!(
+            in_time_order(&frames),
+            vec![
+                "first (stdout)",
+                "second (stderr)",
+                "third",
+                "fourth, same time"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_engine_text_is_not_repeated() {
+        let e = map_error(
+            "unix:///x",
+            "image pull",
+            BollardError::DockerStreamError {
+                error: "manifest for r/x:9 not found: manifest unknown: manifest unknown".into(),
+            },
+        );
+        assert_eq!(
+            e.to_string(),
+            "image pull failed: manifest for r/x:9 not found: manifest unknown"
+        );
+    }
 
     #[tokio::test]
     async fn concurrent_calls_are_capped() {

@@ -52,6 +52,8 @@ pub struct Script {
     /// `None`: the image is present locally. `Some`: absent until pulled with these events.
     pub pull: Option<Vec<PullEvent>>,
     pub pull_error: Option<String>,
+    /// The image has no repo digest (built or loaded locally).
+    pub no_repo_digest: bool,
 }
 
 impl Script {
@@ -188,7 +190,7 @@ impl Runtime for FakeRuntime {
         }
         Ok(Some(ImageInfo {
             id: format!("sha256:{image}"),
-            digest: Some(format!("{image}@sha256:{}", "a".repeat(64))),
+            digest: (!script.no_repo_digest).then(|| format!("{image}@sha256:{}", "a".repeat(64))),
             has_healthcheck: script.healthcheck,
         }))
     }
@@ -291,6 +293,7 @@ impl Runtime for FakeRuntime {
                     container_port: p.container_port,
                     protocol: p.protocol,
                     host_port: 40000 + p.container_port % 20000,
+                    host_ip: p.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
                 })
                 .collect(),
             status: if running { "running" } else { "exited" }.into(),

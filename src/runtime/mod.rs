@@ -93,6 +93,23 @@ pub struct PublishedPort {
     pub container_port: u16,
     pub protocol: Protocol,
     pub host_port: u16,
+    /// The host address bound, as the engine reports it ("0.0.0.0" or "::" for every
+    /// interface; empty if the engine did not say).
+    pub host_ip: String,
+}
+
+impl PublishedPort {
+    /// The host to reach the port at: the bound address, or `public_host` when the
+    /// port is bound on every interface (IPv6 in brackets, for URLs).
+    pub fn reach_host(&self, public_host: &str) -> String {
+        match self.host_ip.parse::<std::net::IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => match ip {
+                std::net::IpAddr::V4(v4) => v4.to_string(),
+                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            },
+            _ => public_host.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

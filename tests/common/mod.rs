@@ -290,6 +290,7 @@ pub fn web_request(app: &str, image: &str) -> DeployRequest {
             container_port: 8080,
             host_port: 0,
             protocol: "tcp".into(),
+            host_ip: String::new(),
         }],
         deadline: Some(pbjson_types::Duration {
             seconds: 120,

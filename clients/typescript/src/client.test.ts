@@ -4,8 +4,7 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { randomUUID } from "node:crypto";
-import * as grpc from "@grpc/grpc-js";
-import { Stevedore, type ProgressUpdate } from "./client.js";
+import { Stevedore, StevedoreError, type ProgressUpdate } from "./client.js";
 
 const client = new Stevedore(process.env.STEVEDORE_ADDR ?? "127.0.0.1:50051");
 const apps: string[] = [];
@@ -65,6 +64,42 @@ test("bad input is INVALID_ARGUMENT naming the field", async () => {
         // no update is expected
       }
     },
-    (err: grpc.ServiceError) => err.code === grpc.status.INVALID_ARGUMENT && err.details.startsWith("app:"),
+    (err: StevedoreError) => err.code === "INVALID_ARGUMENT" && err.details.startsWith("app:"),
+  );
+});
+
+test("errors name the status", async () => {
+  await assert.rejects(
+    client.status(""),
+    (err: StevedoreError) =>
+      err instanceof StevedoreError && err.code === "INVALID_ARGUMENT" && err.message.includes("deployment_id"),
+  );
+});
+
+test("list and cancel", async () => {
+  const app = uniqueApp();
+  // Holds in HEALTH_CHECK (a line never printed) until cancelled.
+  const stream = client
+    .deploy({
+      app,
+      image: "stevedore-test/web:1",
+      ports: [{ container_port: 8080 }],
+      health_check: { log: { pattern: "never-printed-7f3a" }, timeout: { seconds: 60 } },
+    })
+    [Symbol.asyncIterator]();
+  const first = (await stream.next()).value as ProgressUpdate;
+  const page = await client.list({ app });
+  assert.deepEqual(
+    page.deployments.map((d) => d.deployment_id),
+    [first.deployment_id],
+  );
+  const status = await client.cancel(first.deployment_id);
+  assert.equal(status.state, "DEPLOYMENT_STATE_CANCELLED");
+  let last = first;
+  for (let r = await stream.next(); !r.done; r = await stream.next()) last = r.value;
+  assert.equal(last.phase, "PHASE_CANCELLED");
+  await assert.rejects(
+    client.cancel(first.deployment_id),
+    (err: StevedoreError) => err.code === "FAILED_PRECONDITION",
   );
 });

@@ -15,6 +15,8 @@ import type { ProtoGrpcType } from "./generated/deployer.js";
 import type { DeployerClient } from "./generated/stevedore/v1/Deployer.js";
 import type { DeployRequest } from "./generated/stevedore/v1/DeployRequest.js";
 import type { DeploymentStatus__Output } from "./generated/stevedore/v1/DeploymentStatus.js";
+import type { ListDeploymentsRequest } from "./generated/stevedore/v1/ListDeploymentsRequest.js";
+import type { ListDeploymentsResponse__Output } from "./generated/stevedore/v1/ListDeploymentsResponse.js";
 import type { ProgressUpdate__Output } from "./generated/stevedore/v1/ProgressUpdate.js";
 
 export type { DeployRequest };
@@ -44,14 +46,55 @@ function loadService(): ProtoGrpcType["stevedore"]["v1"]["Deployer"] {
   return pkg.stevedore.v1.Deployer;
 }
 
-/** Deployer client. `token` is sent as `authorization: Bearer …` when given. */
+export type { ListDeploymentsRequest };
+export type ListDeploymentsResponse = ListDeploymentsResponse__Output;
+
+/** A call the server refused or could not answer: `code` is the gRPC status name
+ * (e.g. "INVALID_ARGUMENT", "NOT_FOUND"), `message` the server's text. */
+export class StevedoreError extends Error {
+  constructor(
+    readonly code: string,
+    message: string,
+  ) {
+    super(`${code}: ${message}`);
+    this.name = "StevedoreError";
+    this.details = message;
+  }
+  /** The server's text alone. */
+  readonly details: string;
+
+  static from(err: unknown): unknown {
+    const e = err as Partial<grpc.ServiceError>;
+    if (typeof e?.code !== "number") return err;
+    return new StevedoreError(grpc.status[e.code] ?? String(e.code), e.details ?? "");
+  }
+}
+
+export interface Options {
+  /** Sent as `authorization: Bearer …`. */
+  token?: string;
+  /** TLS with the system roots (implied by `ca` or `cert`). */
+  tls?: boolean;
+  /** PEM of the CA that signed the server's certificate. */
+  ca?: Buffer;
+  /** PEM client certificate and key, for mTLS. */
+  cert?: Buffer;
+  key?: Buffer;
+}
+
+/** Deployer client: deploy, watch, status, list, cancel. Failing calls reject with
+ * (or throw) a StevedoreError. */
 export class Stevedore {
   private readonly stub: DeployerClient;
   private readonly metadata: grpc.Metadata;
 
-  constructor(address = "127.0.0.1:50051", options: { token?: string } = {}) {
+  constructor(address = "127.0.0.1:50051", options: Options = {}) {
     const Deployer = loadService();
-    this.stub = new Deployer(address, grpc.credentials.createInsecure());
+    const credentials =
+      options.tls || options.ca || options.cert
+        ? grpc.credentials.createSsl(options.ca ?? null, options.key ?? null, options.cert ?? null)
+        : grpc.credentials.createInsecure();
+    this.stub = new Deployer(address, credentials);
     this.metadata = new grpc.Metadata();
     if (options.token) this.metadata.set("authorization", `Bearer ${options.token}`);
   }
@@ -75,7 +118,29 @@ export class Stevedore {
       this.stub.GetStatus(
         { deployment_id: deploymentId },
         this.metadata,
-        (err: grpc.ServiceError | null, status?: DeploymentStatus) => (err || !status ? reject(err) : resolve(status)),
+        (err: grpc.ServiceError | null, status?: DeploymentStatus) =>
+          err || !status ? reject(StevedoreError.from(err)) : resolve(status),
+      );
+    });
+  }
+
+  /** One page of deployments, newest first. */
+  list(request: ListDeploymentsRequest = {}): Promise<ListDeploymentsResponse> {
+    return new Promise((resolve, reject) => {
+      this.stub.ListDeployments(
+        request,
+        this.metadata,
+        (err: grpc.ServiceError | null, page?: ListDeploymentsResponse) =>
+          err || !page ? reject(StevedoreError.from(err)) : resolve(page),
+      );
+    });
+  }
+
+  /** Cancels a running deployment; resolves to its status. */
+  cancel(deploymentId: string): Promise<DeploymentStatus> {
+    return new Promise((resolve, reject) => {
+      this.stub.CancelDeployment({ deployment_id: deploymentId }, this.metadata, (err, response) =>
+        err || !response?.status ? reject(StevedoreError.from(err)) : resolve(response.status),
       );
     });
   }
@@ -85,8 +150,12 @@ export class Stevedore {
   }
 
   private async *updates(call: grpc.ClientReadableStream<ProgressUpdate>): AsyncIterable<ProgressUpdate> {
-    for await (const update of call as AsyncIterable<ProgressUpdate>) {
-      if (!update.heartbeat) yield update;
+    try {
+      for await (const update of call as AsyncIterable<ProgressUpdate>) {
+        if (!update.heartbeat) yield update;
+      }
+    } catch (err) {
+      throw StevedoreError.from(err);
     }
   }
 }
