@@ -389,6 +389,12 @@ async fn start_engine(
             "ended deployments interrupted by a restart"
         );
     }
+    if !recovery.completed.is_empty() {
+        tracing::warn!(
+            deployments = recovery.completed.len(),
+            "completed deployments interrupted past the point of no return"
+        );
+    }
     engine.apply_retention().await;
     Ok(engine)
 }

@@ -144,6 +144,10 @@ pub struct Recovery {
     pub interrupted: Vec<DeploymentId>,
     /// Containers of those deployments that were removed.
     pub containers_removed: usize,
+    /// Deployments that were past the point of no return (SWITCHING or CLEANUP) when
+    /// the previous process stopped, completed by recovery: their container is kept as
+    /// the app's current version, now SUCCEEDED.
+    pub completed: Vec<DeploymentId>,
 }
 
 /// Updates of a live deployment held in memory (its most recent ones); a reader

@@ -476,20 +476,7 @@ impl Run {
     }
 
     fn endpoints(&self) -> BTreeMap<String, String> {
-        let host = self.ctx.runtime.public_host();
-        self.ports
-            .iter()
-            .map(|p| {
-                let scheme = match p.protocol {
-                    Protocol::Tcp => "http",
-                    Protocol::Udp => "udp",
-                };
-                (
-                    format!("{}/{}", p.container_port, p.protocol.as_str()),
-                    format!("{scheme}://{host}:{}", p.host_port),
-                )
-            })
-            .collect()
+        endpoints(self.ctx.runtime.public_host(), &self.ports)
     }
 
     /// The probe for this deployment: the requested one, else the image's HEALTHCHECK,
@@ -624,6 +611,9 @@ impl Run {
     async fn switch_and_clean(&mut self, ours: &str) -> Result<(), Failure> {
         self.rep
             .enter(Phase::Switching, "taking the previous version out");
+        // The point of no return is on disk before the previous version is touched: a
+        // recovery after a crash from here on keeps this version (see recover.rs).
+        self.ctx.store.flush().await;
         let stopped = self.stopped_previous.clone();
         let previous = self
             .app_containers(|c| c.id != ours && (c.running || stopped.contains(&c.id)))
@@ -862,6 +852,23 @@ impl Run {
 fn deployment_deadline(run: &Run) -> Instant {
     let deployment = run.rep.deployment();
     Instant::from_std(deployment.accepted) + deployment.spec.deadline
+}
+
+/// The result's endpoints: `"8080/tcp"` → `http://host:port`.
+pub(super) fn endpoints(host: &str, ports: &[PublishedPort]) -> BTreeMap<String, String> {
+    ports
+        .iter()
+        .map(|p| {
+            let scheme = match p.protocol {
+                Protocol::Tcp => "http",
+                Protocol::Udp => "udp",
+            };
+            (
+                format!("{}/{}", p.container_port, p.protocol.as_str()),
+                format!("{scheme}://{host}:{}", p.host_port),
+            )
+        })
+        .collect()
 }
 
 /// A container ID as Docker shows it (12 characters).

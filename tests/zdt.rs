@@ -1,0 +1,164 @@
+//! Zero downtime across crashes: kill -9 of the server past the point of no return
+//! (SWITCHING, CLEANUP) and a restart on the same data dir leave every app with exactly
+//! one running version, which serves (issue 11).
+
+mod common;
+
+use common::*;
+use stevedore::proto::{self, ProgressUpdate};
+
+const WEB1: &str = "stevedore-test/web:1";
+const WEB2: &str = "stevedore-test/web:2";
+
+/// A request for a web test image whose PID 1 is busybox httpd itself, which ignores
+/// SIGTERM (the images' own entrypoint traps it): taking it out waits for the stop
+/// grace, so SWITCHING lasts a while.
+fn sigterm_ignoring(app: &str, image: &str) -> proto::DeployRequest {
+    let mut req = web_request(app, image);
+    req.command = ["httpd", "-f", "-p", "8080", "-h", "/var/www"]
+        .map(String::from)
+        .to_vec();
+    req
+}
+
+/// Running containers labelled with `app`.
+fn running_containers(app: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-q",
+        "--no-trunc",
+        "--filter",
+        &format!("label=io.stevedore.app={app}"),
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// The host address of container port 8080 of container `id`.
+fn url_of(id: &str) -> String {
+    let out = docker(&["port", id, "8080/tcp"]);
+    let line = out.lines().next().expect("port 8080 published");
+    let port = line.rsplit(':').next().unwrap();
+    format!("http://127.0.0.1:{port}/")
+}
+
+/// The version a web test image answers with (`v1`, `v2`).
+fn body_of(image: &str) -> &'static str {
+    if image == WEB1 { "v1" } else { "v2" }
+}
+
+/// Asserts the invariant: exactly one running container of `app`, and it serves.
+/// Returns its ID and what it answers.
+async fn assert_one_serving(app: &str) -> (String, String) {
+    let running = eventually(STATE_LIMIT, "exactly one running container", || {
+        let r = running_containers(app);
+        (r.len() == 1).then_some(r)
+    })
+    .await;
+    let id = running[0].clone();
+    let (code, body) = http_get_eventually(&url_of(&id)).await;
+    assert_eq!(code, 200, "the running container serves");
+    assert_eq!(
+        app_containers(app),
+        running,
+        "no other container of the app is left"
+    );
+    (id, body.trim().to_owned())
+}
+
+/// kill -9 of the server once the stream shows `phase`, `rounds` times, each followed
+/// by a restart on the same data dir.
+async fn kill_at_phase(phase: proto::Phase, rounds: usize) {
+    require_docker();
+    let name = phase
+        .as_str_name()
+        .trim_start_matches("PHASE_")
+        .to_lowercase();
+    let app = unique_app(&format!("zdt-{name}"));
+    let _guard = AppGuard(app.clone());
+    let data = tempfile::tempdir().unwrap();
+    let mut server = BinaryServer::spawn(data.path(), &[]);
+    let mut client = connect(server.grpc_addr).await;
+    let first = deploy(&mut client, sigterm_ignoring(&app, WEB1)).await;
+    assert_eq!(terminal(&first).phase(), proto::Phase::Complete);
+    let mut serving = WEB1;
+    let mut completed = 0;
+    for round in 0..rounds {
+        let next = if serving == WEB1 { WEB2 } else { WEB1 };
+        let mut stream = deploy_stream(&mut client, sigterm_ignoring(&app, next)).await;
+        let seen: Vec<ProgressUpdate> = stream
+            .until(|u| u.phase() == phase || u.result.is_some())
+            .await;
+        let id = seen[0].deployment_id.clone();
+        let reached = seen.last().unwrap().phase();
+        if reached == proto::Phase::Switching {
+            // Well into the switch: the old version is being stopped (its PID 1 ignores
+            // SIGTERM, so that takes the stop grace).
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        server.child.kill().unwrap(); // SIGKILL
+        server.child.wait().unwrap();
+        drop(stream);
+
+        server = BinaryServer::spawn(data.path(), &[]);
+        client = connect(server.grpc_addr).await;
+        let (container, body) = assert_one_serving(&app).await;
+        let status = get_status(&mut client, &id).await;
+        let result = status.result.clone().unwrap_or_default();
+        match status.state() {
+            // Past the point of no return the new version is the app's version.
+            proto::DeploymentState::Succeeded => {
+                assert_eq!(
+                    result.container_id, container,
+                    "recorded as the app's current version"
+                );
+                assert_eq!(body, body_of(next), "round {round}: the new version serves");
+                if reached == phase {
+                    assert!(
+                        result.message.contains("completed by recovery"),
+                        "round {round}: {}",
+                        result.message
+                    );
+                    completed += 1;
+                }
+                serving = next;
+            }
+            // Killed before SWITCHING reached the disk: the previous version was untouched.
+            state => {
+                assert_eq!(state, proto::DeploymentState::Failed, "{}", status.error);
+                assert!(
+                    status.error.contains("previous version keeps running"),
+                    "{}",
+                    status.error
+                );
+                assert_eq!(
+                    body,
+                    body_of(serving),
+                    "round {round}: the previous version serves"
+                );
+            }
+        }
+    }
+    eprintln!("{phase:?}: {completed} of {rounds} rounds completed by recovery");
+    if phase == proto::Phase::Switching {
+        assert!(completed > 0, "no round was completed by recovery");
+    }
+    // The recorded version is the one the next deployment replaces.
+    let next = if serving == WEB1 { WEB2 } else { WEB1 };
+    let end = deploy(&mut client, sigterm_ignoring(&app, next)).await;
+    assert_eq!(terminal(&end).phase(), proto::Phase::Complete);
+    let (_, body) = assert_one_serving(&app).await;
+    assert_eq!(body, body_of(next));
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kill_during_switching_rolls_forward() {
+    kill_at_phase(proto::Phase::Switching, 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kill_during_cleanup_rolls_forward() {
+    kill_at_phase(proto::Phase::Cleanup, 5).await;
+}
