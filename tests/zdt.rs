@@ -162,3 +162,59 @@ async fn a_kill_during_switching_rolls_forward() {
 async fn a_kill_during_cleanup_rolls_forward() {
     kill_at_phase(proto::Phase::Cleanup, 5).await;
 }
+
+/// The previous version's PID 1 ignores SIGTERM and the request gives it 1 s: the
+/// stream says the signal was sent, waits, and that it was killed after its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_stream_says_the_previous_version_was_killed_after_its_grace() {
+    require_docker();
+    let fixture = Fixture::start("zdt-grace").await;
+    let app = fixture.app.clone();
+    let mut client = fixture.client.clone();
+    let first = deploy(&mut client, sigterm_ignoring(&app, WEB1)).await;
+    assert_eq!(terminal(&first).phase(), proto::Phase::Complete);
+    let old = terminal(&first).result.clone().unwrap().container_id;
+
+    let mut req = sigterm_ignoring(&app, WEB2);
+    req.stop_timeout = Some(prost_types::Duration {
+        seconds: 1,
+        nanos: 0,
+    });
+    let updates = deploy(&mut client, req).await;
+    let url = succeeded_url(&updates);
+    let switching: Vec<_> = updates
+        .iter()
+        .filter(|u| u.phase() == proto::Phase::Switching)
+        .collect();
+    let sent = switching
+        .iter()
+        .find(|u| metadata(u).get("stopping_container_id") == Some(&old))
+        .expect("the stream says the stop signal was sent");
+    assert!(sent.message.contains("sent SIGTERM"), "{}", sent.message);
+    assert_eq!(metadata(sent)["stop_timeout_ms"], "1000");
+    let killed = switching
+        .iter()
+        .find(|u| metadata(u).contains_key("stop_outcome"))
+        .expect("the stream says how the previous version ended");
+    assert_eq!(
+        metadata(killed)["stop_outcome"],
+        "killed",
+        "{}",
+        killed.message
+    );
+    assert!(
+        killed
+            .message
+            .contains("did not stop within its 1s grace: killed"),
+        "{}",
+        killed.message
+    );
+    assert!(
+        switching
+            .iter()
+            .any(|u| metadata(u).get("removed_container_id") == Some(&old)),
+        "the previous version was removed"
+    );
+    assert_eq!(http_get(&url).await, (200, "v2\n".into()));
+    fixture.stop().await;
+}
