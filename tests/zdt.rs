@@ -218,3 +218,139 @@ async fn the_stream_says_the_previous_version_was_killed_after_its_grace() {
     assert_eq!(http_get(&url).await, (200, "v2\n".into()));
     fixture.stop().await;
 }
+
+/// A relay on a unix socket in front of the Docker socket that can stop forwarding
+/// (an engine that hangs) and resume.
+struct Relay {
+    path: std::path::PathBuf,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(dir: &std::path::Path) -> Self {
+        let path = dir.join("relay.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let paused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = paused.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let Ok(engine) = tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (er, ew) = engine.into_split();
+                    tokio::join!(pump(cr, ew, flag.clone()), pump(er, cw, flag));
+                });
+            }
+        });
+        Self {
+            path,
+            paused,
+            _task: task,
+        }
+    }
+
+    fn pause(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to`, holding the bytes while the relay is paused.
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let held = || paused.load(std::sync::atomic::Ordering::SeqCst);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while held() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while held() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// The engine freezes during HEALTH_CHECK: the deployment ends FAILED with its rollback
+/// incomplete; once the engine answers again, the reconciler removes its container and
+/// the app's current version keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_reconciler_removes_what_a_frozen_engine_left_behind() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(dir.path());
+    let app = unique_app("zdt-reconcile");
+    let _guard = AppGuard(app.clone());
+    let socket = format!("unix://{}", relay.path.display());
+    let server = TestServer::start_with(
+        |c| {
+            c.docker_host = Some(socket);
+            c.docker_timeout = std::time::Duration::from_secs(3);
+            c.reconcile_interval = std::time::Duration::from_secs(2);
+        },
+        stevedore::events::ObserverRegistry::new(),
+    )
+    .await;
+    let mut client = server.client().await;
+    let first = deploy(&mut client, web_request(&app, WEB1)).await;
+    let current = terminal(&first).result.clone().unwrap().container_id;
+
+    let mut stream = deploy_stream(
+        &mut client,
+        web_request(&app, "stevedore-test/slowhealth:1"),
+    )
+    .await;
+    let seen = stream
+        .until(|u| u.phase() == proto::Phase::HealthCheck)
+        .await;
+    let id = seen[0].deployment_id.clone();
+    relay.pause(true);
+    let rest = stream.rest().await;
+    let end = rest.last().expect("a terminal update");
+    assert_eq!(end.phase(), proto::Phase::Failed, "{}", end.message);
+    assert!(
+        end.message.contains("rollback incomplete"),
+        "the engine did not answer the rollback: {}",
+        end.message
+    );
+    assert!(!deployment_containers(&id).is_empty(), "left behind");
+
+    relay.pause(false);
+    eventually(
+        std::time::Duration::from_secs(30),
+        "the reconciler to remove it",
+        || deployment_containers(&id).is_empty().then_some(()),
+    )
+    .await;
+    assert_eq!(app_containers(&app), vec![current.clone()]);
+    assert_eq!(running_containers(&app), vec![current]);
+    let metrics = reqwest::get(server.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("stevedore_reconciler_removed_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    server.stop().await;
+}

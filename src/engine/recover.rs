@@ -133,7 +133,7 @@ impl Engine {
     }
 
     /// The container of `app`'s last succeeded deployment, from the store.
-    async fn previous_container(&self, app: &AppName) -> Option<String> {
+    pub(super) async fn previous_container(&self, app: &AppName) -> Option<String> {
         let filter = ListFilter {
             app: Some(app.clone()),
             state: Some(DeploymentState::Succeeded),
