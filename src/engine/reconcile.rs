@@ -42,8 +42,11 @@ impl Engine {
             let Ok(app) = AppName::parse(&c.app) else {
                 continue;
             };
-            if self.previous_container(&app).await.as_deref() == Some(c.id.as_str()) {
-                continue;
+            // Unknown current version: leave the app alone this time.
+            match self.current_container(&app).await {
+                Ok(Some(current)) if current == c.id => continue,
+                Err(_) => continue,
+                _ => {}
             }
             doomed.push(c);
         }

@@ -133,16 +133,25 @@ impl Engine {
     }
 
     /// The container of `app`'s last succeeded deployment, from the store.
-    pub(super) async fn previous_container(&self, app: &AppName) -> Option<String> {
+    async fn previous_container(&self, app: &AppName) -> Option<String> {
+        self.current_container(app).await.ok().flatten()
+    }
+
+    /// The container of `app`'s last succeeded deployment, from the store; `Ok(None)`
+    /// when it has none.
+    pub(super) async fn current_container(
+        &self,
+        app: &AppName,
+    ) -> Result<Option<String>, crate::store::StoreError> {
         let filter = ListFilter {
             app: Some(app.clone()),
             state: Some(DeploymentState::Succeeded),
             before: None,
             limit: 1,
         };
-        let last = self.0.store.list(&filter).await.ok()?.into_iter().next()?;
-        let container = last.result?.container_id;
-        (!container.is_empty()).then_some(container)
+        let last = self.0.store.list(&filter).await?.into_iter().next();
+        let container = last.and_then(|l| l.result).map(|r| r.container_id);
+        Ok(container.filter(|c| !c.is_empty()))
     }
 
     /// Rolls an interrupted deployment forward: its container `ours` (running) becomes
