@@ -90,6 +90,7 @@ fn status_of(
 
 fn spec(app: &AppName) -> DeploySpec {
     DeploySpec {
+        stop_timeout: None,
         app: app.clone(),
         image: "127.0.0.1:5000/bench/app:1".into(),
         command: vec![],

@@ -185,6 +185,8 @@ pub struct DeploySpec {
     pub registry_auth: Option<RegistryAuth>,
     pub milestones: Vec<MilestoneSpec>,
     pub hooks: Vec<HookSpec>,
+    /// The previous version's stop grace; `None`: its StopTimeout, else 10 s.
+    pub stop_timeout: Option<Duration>,
     /// Who asked (token name, or peer address without auth).
     pub requested_by: String,
 }

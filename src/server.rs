@@ -53,6 +53,10 @@ pub struct ServeConfig {
     /// Time limit of each Docker call (pulls: of each silence in the pull stream).
     #[arg(long, env = "STEVEDORE_DOCKER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub docker_timeout: Duration,
+    /// How often the reconciler removes containers that are neither their app's
+    /// current version nor part of a live deployment (while the engine answers).
+    #[arg(long, env = "STEVEDORE_RECONCILE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub reconcile_interval: Duration,
     /// How long to wait on SIGTERM for running deployments to finish; those still
     /// running then are interrupted (rolled back, ended FAILED) before exiting.
     #[arg(long, env = "STEVEDORE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -316,6 +320,8 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         "stevedore listening"
     );
     let retention = engine.spawn_retention(RETENTION_EVERY, shutdown.clone());
+    // Ends with `shutdown`.
+    drop(engine.spawn_reconciler(config.reconcile_interval, shutdown.clone()));
     let serving = Serving {
         engine: engine.clone(),
         grace: config.shutdown_grace,
@@ -417,6 +423,12 @@ async fn start_engine(
             deployments = recovery.interrupted.len(),
             containers_removed = recovery.containers_removed,
             "ended deployments interrupted by a restart"
+        );
+    }
+    if !recovery.completed.is_empty() {
+        tracing::warn!(
+            deployments = recovery.completed.len(),
+            "completed deployments interrupted past the point of no return"
         );
     }
     engine.apply_retention().await;

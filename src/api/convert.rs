@@ -38,6 +38,9 @@ fn invalid(field: impl std::fmt::Display, message: impl std::fmt::Display) -> St
     Status::invalid_argument(format!("{field}: {message}"))
 }
 
+/// The longest stop grace a request may ask for.
+const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(600);
+
 fn duration(
     field: &str,
     d: Option<&pbjson_types::Duration>,
@@ -239,6 +242,18 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
         });
     }
 
+    let stop_timeout = match req.stop_timeout.as_ref() {
+        None => None,
+        Some(d) => Some(duration(
+            "stop_timeout",
+            Some(d),
+            Duration::ZERO,
+            Duration::from_millis(1),
+            MAX_STOP_TIMEOUT,
+        )?)
+        .filter(|d| !d.is_zero()),
+    };
+
     let idempotency_key = match req.idempotency_key.as_str() {
         "" => None,
         k if k.len() > 256 => {
@@ -264,6 +279,7 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
         }),
         milestones,
         hooks,
+        stop_timeout,
         requested_by,
     })
 }
@@ -521,6 +537,23 @@ mod tests {
         let e = deploy_spec(req, "test".into()).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         e.message().to_owned()
+    }
+
+    #[test]
+    fn stop_timeout_defaults_to_the_container_and_is_bounded() {
+        assert_eq!(
+            deploy_spec(request(), "t".into()).unwrap().stop_timeout,
+            None
+        );
+        let with = |seconds| proto::DeployRequest {
+            stop_timeout: Some(pbjson_types::Duration { seconds, nanos: 0 }),
+            ..request()
+        };
+        let spec = deploy_spec(with(1), "t".into()).unwrap();
+        assert_eq!(spec.stop_timeout, Some(Duration::from_secs(1)));
+        assert_eq!(deploy_spec(with(0), "t".into()).unwrap().stop_timeout, None);
+        assert!(error_of(with(601)).starts_with("stop_timeout: "));
+        assert!(error_of(with(-1)).starts_with("stop_timeout: "));
     }
 
     #[test]
@@ -786,6 +819,7 @@ mod tests {
                     }),
                     milestones: milestones_of(milestones),
                     hooks: hooks_of(hooks),
+                    stop_timeout: None,
                 }
             }
         }
@@ -852,6 +886,7 @@ mod tests {
                     registry_auth: None,
                     milestones: milestones_of(milestones),
                     hooks: hooks_of(hooks),
+                    stop_timeout: None,
                 }
             }
         }

@@ -64,6 +64,7 @@ impl Deployment {
     /// after `status.last_sequence`: enough for a [`Reporter`] to end it.
     pub(super) fn recovered(status: DeploymentStatus) -> Self {
         let spec = DeploySpec {
+            stop_timeout: None,
             app: status.app.clone(),
             image: status.image.clone(),
             command: Vec::new(),

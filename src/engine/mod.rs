@@ -13,6 +13,7 @@ mod hooks;
 mod milestones;
 mod pull;
 mod queue;
+mod reconcile;
 mod recover;
 mod run;
 mod tty_progress;
@@ -117,6 +118,8 @@ pub(crate) struct Inner {
     tasks: tokio_util::task::TaskTracker,
     accepting: AtomicBool,
     rejections: Arc<Rejections>,
+    /// Containers the reconciler removed.
+    reconciled: std::sync::atomic::AtomicU64,
 }
 
 /// Deployments held in memory, and their idempotency keys (under one lock, so a key
@@ -154,6 +157,32 @@ pub struct Recovery {
     pub interrupted: Vec<DeploymentId>,
     /// Containers of those deployments that were removed.
     pub containers_removed: usize,
+    /// Deployments that were past the point of no return (SWITCHING or CLEANUP) when
+    /// the previous process stopped, completed by recovery: their container is kept as
+    /// the app's current version, now SUCCEEDED.
+    pub completed: Vec<DeploymentId>,
+}
+
+/// Runs `each` every `interval` (the first at once) until `shutdown`.
+fn spawn_every<F, Fut>(
+    interval: Duration,
+    shutdown: CancellationToken,
+    mut each: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => each().await,
+            }
+        }
+    })
 }
 
 /// Updates of a live deployment held in memory (its most recent ones); a reader
@@ -210,6 +239,7 @@ impl Engine {
             tasks: tokio_util::task::TaskTracker::new(),
             accepting: AtomicBool::new(true),
             rejections: Arc::default(),
+            reconciled: Default::default(),
         }))
     }
 
@@ -436,14 +466,9 @@ impl Engine {
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let engine = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => engine.apply_retention().await,
-                }
-            }
+        spawn_every(interval, shutdown, move || {
+            let engine = engine.clone();
+            async move { engine.apply_retention().await }
         })
     }
 

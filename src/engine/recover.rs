@@ -4,10 +4,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::deployment::{Deployment, Extra, Reporter};
-use super::run::short;
+use super::run::{endpoints, short};
 use super::{Engine, EngineError, Recovery};
-use crate::model::{AppName, DeploymentState, DeploymentStatus};
-use crate::runtime::remove_each;
+use crate::model::{AppName, DeploymentResult, DeploymentState, DeploymentStatus, Phase};
+use crate::runtime::{RuntimeError, remove_each};
 use crate::store::ListFilter;
 
 /// What happened to the containers of the interrupted deployments.
@@ -32,11 +32,27 @@ impl Engine {
     /// left alone.
     pub async fn recover(&self) -> Result<Recovery, EngineError> {
         let store = &self.0.store;
-        let unfinished = store.unfinished().await?;
+        let mut unfinished = store.unfinished().await?;
         let mut recovery = Recovery::default();
         if unfinished.is_empty() {
             return Ok(recovery);
         }
+        for status in &mut unfinished {
+            self.settle_tail(status).await?;
+        }
+        // Past the point of no return, the new version is kept (rolled forward).
+        let mut back = Vec::new();
+        for status in unfinished {
+            match self.roll_forward_target(&status).await {
+                Some(ours) => {
+                    let id = status.id;
+                    self.complete_interrupted(status, ours).await;
+                    recovery.completed.push(id);
+                }
+                None => back.push(status),
+            }
+        }
+        let unfinished = back;
         let mut removal = self.remove_interrupted(&unfinished).await;
         recovery.containers_removed = removal.removed;
         // A deployment interrupted while it held a fixed host port may have stopped the
@@ -59,6 +75,144 @@ impl Engine {
         }
         store.flush().await;
         Ok(recovery)
+    }
+
+    /// The stored status and log are committed together; continue after the last
+    /// update that reached the disk.
+    async fn settle_tail(&self, status: &mut DeploymentStatus) -> Result<(), EngineError> {
+        let tail = self.0.store.log(status.id, status.last_sequence).await?;
+        if let Some(last) = tail.updates.last() {
+            status.last_sequence = last.sequence;
+            status.phase = last.phase;
+        }
+        Ok(())
+    }
+
+    /// The container to keep when an interrupted deployment is rolled forward, running
+    /// afterwards; `None` to roll it back. It rolls forward when it had reached
+    /// SWITCHING (the engine commits that phase before it touches the previous version),
+    /// or when its container runs and the app's previous version is gone (removed by a
+    /// switch whose SWITCHING update was lost), provided its container can run.
+    async fn roll_forward_target(&self, status: &DeploymentStatus) -> Option<String> {
+        let runtime = &self.0.runtime;
+        let id = status.id.to_string();
+        let containers = runtime
+            .list_app_containers(status.app.as_str())
+            .await
+            .ok()?;
+        let ours: Vec<_> = containers.iter().filter(|c| c.deployment == id).collect();
+        let pick = ours.iter().find(|c| c.running).or(ours.first())?;
+        let past_switch = matches!(
+            status.phase,
+            Phase::Switching | Phase::Cleanup | Phase::Complete
+        );
+        if !past_switch {
+            let others_running = containers.iter().any(|c| c.deployment != id && c.running);
+            if !pick.running || others_running || !self.previous_version_gone(&status.app).await {
+                return None;
+            }
+        }
+        if !pick.running
+            && let Err(e) = runtime.start(&pick.id).await
+        {
+            tracing::warn!(deployment_id = %status.id, container = %pick.id, error = %e, "could not start the interrupted deployment's container: rolling back");
+            return None;
+        }
+        Some(pick.id.clone())
+    }
+
+    /// Whether the container of `app`'s last succeeded deployment no longer exists.
+    async fn previous_version_gone(&self, app: &AppName) -> bool {
+        let Some(container) = self.previous_container(app).await else {
+            return false;
+        };
+        matches!(
+            self.0.runtime.inspect(&container).await,
+            Err(RuntimeError::NotFound { .. })
+        )
+    }
+
+    /// The container of `app`'s last succeeded deployment, from the store.
+    async fn previous_container(&self, app: &AppName) -> Option<String> {
+        self.current_container(app).await.ok().flatten()
+    }
+
+    /// The container of `app`'s last succeeded deployment, from the store; `Ok(None)`
+    /// when it has none.
+    pub(super) async fn current_container(
+        &self,
+        app: &AppName,
+    ) -> Result<Option<String>, crate::store::StoreError> {
+        let filter = ListFilter {
+            app: Some(app.clone()),
+            state: Some(DeploymentState::Succeeded),
+            before: None,
+            limit: 1,
+        };
+        let last = self.0.store.list(&filter).await?.into_iter().next();
+        let container = last.and_then(|l| l.result).map(|r| r.container_id);
+        Ok(container.filter(|c| !c.is_empty()))
+    }
+
+    /// Rolls an interrupted deployment forward: its container `ours` (running) becomes
+    /// the app's current version, every other container of the app goes, and it ends
+    /// SUCCEEDED, "completed by recovery".
+    async fn complete_interrupted(&self, status: DeploymentStatus, ours: String) {
+        let runtime = &self.0.runtime;
+        let phase = status.phase;
+        let others = match runtime.list_app_containers(status.app.as_str()).await {
+            Ok(list) => list.into_iter().filter(|c| c.id != ours).collect(),
+            Err(e) => {
+                tracing::warn!(app = %status.app, error = %e, "could not list the app's containers");
+                Vec::new()
+            }
+        };
+        let mut removed = 0;
+        let _ = remove_each(&**runtime, &others, |c, r| {
+            match r {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::info!(container = %c.id, deployment_id = %c.deployment, "removed a previous version after completing an interrupted deployment");
+                }
+                Err(e) => tracing::warn!(container = %c.id, error = %e, "could not remove a previous version"),
+            }
+            Ok::<_, ()>(())
+        })
+        .await;
+        let ports = runtime
+            .inspect(&ours)
+            .await
+            .map(|s| s.ports)
+            .unwrap_or_default();
+        let endpoints = endpoints(runtime.public_host(), &ports);
+        let mut message = format!(
+            "completed by recovery: the server restarted during {} after the new version had \
+             begun taking over; its container {} is kept as the app's current version",
+            phase.as_str(),
+            short(&ours)
+        );
+        if removed > 0 {
+            message.push_str(&format!(
+                " and {removed} container(s) of earlier versions were removed"
+            ));
+        }
+        if let Some(url) = endpoints.values().next() {
+            message.push_str(&format!(", serving at {url}"));
+        }
+        tracing::warn!(deployment_id = %status.id, app = %status.app, phase = phase.as_str(), "deployment interrupted by a restart completed by recovery");
+        let result = DeploymentResult {
+            success: true,
+            message,
+            container_id: ours,
+            image_digest: String::new(),
+            endpoints,
+            health: Vec::new(),
+            diagnostics: None,
+        };
+        let deployment = Arc::new(Deployment::recovered(status));
+        let mut reporter =
+            Reporter::resume(deployment, self.0.observers.clone(), self.0.store.clone());
+        reporter.finish(DeploymentState::Succeeded, result);
     }
 
     /// Removes the containers labelled with an unfinished deployment's ID.
@@ -95,16 +249,9 @@ impl Engine {
     /// Ends one deployment interrupted by a restart with a terminal FAILED update.
     async fn end_interrupted(
         &self,
-        mut status: DeploymentStatus,
+        status: DeploymentStatus,
         removal: &Removal,
     ) -> Result<(), EngineError> {
-        // The stored status and log are committed together; continue after the last
-        // update that reached the disk.
-        let tail = self.0.store.log(status.id, status.last_sequence).await?;
-        if let Some(last) = tail.updates.last() {
-            status.last_sequence = last.sequence;
-            status.phase = last.phase;
-        }
         let phase = status.phase;
         let mut message = format!(
             "interrupted by a restart of the server during {}: the previous server process stopped before the deployment finished",
@@ -133,17 +280,7 @@ impl Engine {
     /// Starts the container of `app`'s last succeeded deployment if it exists but is
     /// stopped; returns its ID when it runs afterwards.
     async fn restart_previous_version(&self, app: &AppName) -> Option<String> {
-        let filter = ListFilter {
-            app: Some(app.clone()),
-            state: Some(DeploymentState::Succeeded),
-            before: None,
-            limit: 1,
-        };
-        let last = self.0.store.list(&filter).await.ok()?.into_iter().next()?;
-        let container = last.result?.container_id;
-        if container.is_empty() {
-            return None;
-        }
+        let container = self.previous_container(app).await?;
         let runtime = &self.0.runtime;
         let state = runtime.inspect(&container).await.ok()?;
         if !state.running {

@@ -39,6 +39,8 @@ use crate::runtime::{
 const PULL_UPDATE_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a rollback waits for an interrupted create call to finish.
 const CREATE_SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The previous version's stop grace when neither the request nor the container sets one.
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Output lines kept for diagnostics.
 const LOG_TAIL_LINES: usize = 20;
 
@@ -491,20 +493,7 @@ impl Run {
     }
 
     fn endpoints(&self) -> BTreeMap<String, String> {
-        let host = self.ctx.runtime.public_host();
-        self.ports
-            .iter()
-            .map(|p| {
-                let scheme = match p.protocol {
-                    Protocol::Tcp => "http",
-                    Protocol::Udp => "udp",
-                };
-                (
-                    format!("{}/{}", p.container_port, p.protocol.as_str()),
-                    format!("{scheme}://{}:{}", p.reach_host(host), p.host_port),
-                )
-            })
-            .collect()
+        endpoints(self.ctx.runtime.public_host(), &self.ports)
     }
 
     /// The probe for this deployment: the requested one, else the image's HEALTHCHECK,
@@ -641,32 +630,31 @@ impl Run {
     async fn switch_and_clean(&mut self, ours: &str) -> Result<(), Failure> {
         self.rep
             .enter(Phase::Switching, "taking the previous version out");
+        // The point of no return is on disk before the previous version is touched: a
+        // recovery after a crash from here on keeps this version (see recover.rs).
+        self.ctx.store.flush().await;
         let stopped = self.stopped_previous.clone();
         let previous = self
             .app_containers(|c| c.id != ours && (c.running || stopped.contains(&c.id)))
             .await
             .map_err(|e| Failure::runtime(Phase::Switching, "listing the app's containers", e))?;
         let total = previous.len().max(1) as f64;
-        let mut removed = 0;
-        let rep = &mut self.rep;
-        remove_each(&*self.ctx.runtime, &previous, |old, r| {
-            r.map_err(|e| {
+        for (i, old) in previous.iter().enumerate() {
+            self.stop_previous(old, i as f64 / total, 1.0 / total).await;
+            self.ctx.runtime.remove(&old.id).await.map_err(|e| {
                 Failure::runtime(Phase::Switching, "removing the previous container", e)
             })?;
-            removed += 1;
-            rep.progress(
-                removed as f64 / total,
+            self.rep.progress(
+                (i + 1) as f64 / total,
                 Level::Info,
                 format!(
-                    "stopped and removed previous container {} (deployment {})",
+                    "removed previous container {} (deployment {})",
                     short(&old.id),
                     old.deployment
                 ),
                 Extra::meta([("removed_container_id", old.id.clone())]),
             );
-            Ok(())
-        })
-        .await?;
+        }
         if previous.is_empty() {
             self.rep.progress(
                 1.0,
@@ -676,6 +664,99 @@ impl Run {
             );
         }
         self.clean_up(ours).await
+    }
+
+    /// Stops a previous version under the stop policy: its stop signal, then up to the
+    /// grace (the request's `stop_timeout`, else the container's StopTimeout, else
+    /// [`DEFAULT_STOP_TIMEOUT`]), reported about each second over `[base, base + span]`
+    /// of the phase, then killed. How it exits does not fail the deployment.
+    async fn stop_previous(&mut self, old: &ContainerSummary, base: f64, span: f64) {
+        let runtime = self.ctx.runtime.clone();
+        let Ok(state) = runtime.inspect(&old.id).await else {
+            return; // Gone already, or the removal reports the engine's trouble.
+        };
+        if !state.running {
+            return;
+        }
+        let grace = (self.rep.deployment().spec.stop_timeout)
+            .or(state.stop_timeout)
+            .unwrap_or(DEFAULT_STOP_TIMEOUT);
+        let signal = state
+            .stop_signal
+            .clone()
+            .unwrap_or_else(|| "SIGTERM".into());
+        let name = short(&old.id).to_owned();
+        let secs = grace.as_secs_f64();
+        self.rep.progress(
+            base,
+            Level::Info,
+            format!(
+                "sent {signal} to previous container {name}; waiting up to {secs}s for it to stop"
+            ),
+            Extra::meta([
+                ("stop_signal", signal.clone()),
+                ("stop_timeout_ms", grace.as_millis().to_string()),
+                ("stopping_container_id", old.id.clone()),
+            ]),
+        );
+        let started = Instant::now();
+        let stop = runtime.stop_with(&old.id, Some(&signal), grace);
+        tokio::pin!(stop);
+        let mut tick =
+            tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
+        let result = loop {
+            tokio::select! {
+                r = &mut stop => break r,
+                _ = tick.tick() => {
+                    let waited = started.elapsed().as_secs_f64();
+                    self.rep.progress(
+                        base + span * 0.9 * (waited / secs.max(0.001)).min(1.0),
+                        Level::Info,
+                        format!("waiting for previous container {name} to stop: {:.0}s of its {secs}s grace", waited.floor()),
+                        Extra::meta([("waited_seconds", format!("{:.0}", waited.floor()))]),
+                    );
+                }
+            }
+        };
+        let waited = started.elapsed();
+        let exit = runtime
+            .inspect(&old.id)
+            .await
+            .ok()
+            .and_then(|s| s.exit_code);
+        let code = exit
+            .map(|c| format!(" (exit code {c})"))
+            .unwrap_or_default();
+        let killed = exit == Some(137)
+            && signal != "SIGKILL"
+            && signal != "KILL"
+            && waited >= grace.mul_f64(0.9);
+        let (level, message) = match result {
+            Err(e) => (
+                Level::Warning,
+                format!("stopping previous container {name} failed: {e}; removing it by force"),
+            ),
+            Ok(()) if killed => (
+                Level::Warning,
+                format!(
+                    "previous container {name} did not stop within its {secs}s grace: killed (SIGKILL){code}"
+                ),
+            ),
+            Ok(()) => (
+                Level::Info,
+                format!(
+                    "previous container {name} stopped after {:.1}s{code}",
+                    waited.as_secs_f64()
+                ),
+            ),
+        };
+        let outcome = if killed { "killed" } else { "stopped" };
+        self.rep.progress(
+            base + span * 0.9,
+            level,
+            message,
+            Extra::meta([("stop_outcome", outcome.into())]),
+        );
     }
 
     /// CLEANUP: stopped containers of earlier deployments go.
@@ -886,6 +967,23 @@ impl Run {
 fn deployment_deadline(run: &Run) -> Instant {
     let deployment = run.rep.deployment();
     Instant::from_std(deployment.accepted) + deployment.spec.deadline
+}
+
+/// The result's endpoints: `"8080/tcp"` → `http://host:port`.
+pub(super) fn endpoints(host: &str, ports: &[PublishedPort]) -> BTreeMap<String, String> {
+    ports
+        .iter()
+        .map(|p| {
+            let scheme = match p.protocol {
+                Protocol::Tcp => "http",
+                Protocol::Udp => "udp",
+            };
+            (
+                format!("{}/{}", p.container_port, p.protocol.as_str()),
+                format!("{scheme}://{}:{}", p.reach_host(host), p.host_port),
+            )
+        })
+        .collect()
 }
 
 /// A container ID as Docker shows it (12 characters).

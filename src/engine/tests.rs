@@ -43,6 +43,7 @@ async fn engine_with(fake: &Arc<FakeRuntime>, config: EngineConfig) -> Engine {
 
 fn spec(app: &str, image: &str) -> DeploySpec {
     DeploySpec {
+        stop_timeout: None,
         app: AppName::parse(app).unwrap(),
         image: image.into(),
         command: vec![],

@@ -98,6 +98,8 @@ impl MetricsExporter {
             m.counter("stevedore_rejections_total", &[("limit", limit.to_owned())])
                 .absolute(n);
         }
+        m.counter("stevedore_reconciler_removed_total", &[])
+            .absolute(self.engine.reconciler_removed());
         if let Some(writable) = &self.audit_writable {
             m.gauge("stevedore_audit_log_writable", &[])
                 .set(if writable() { 1.0 } else { 0.0 });

@@ -116,6 +116,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "1 when the audit log can be written; 0 while new deployments are refused.",
     ),
     (
+        "stevedore_reconciler_removed_total",
+        Kind::Counter,
+        "Containers the reconciler removed: neither their app's current version nor part of a live deployment.",
+    ),
+    (
         "stevedore_rejections_total",
         Kind::Counter,
         "Calls turned away, by limit or rule (unauthenticated, permission_denied, policy, deployments_in_flight, deployments_queued, watch_streams, message_size).",

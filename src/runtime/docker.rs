@@ -511,6 +511,7 @@ impl Runtime for DockerRuntime {
             )
             .await?;
         let state = info.state.unwrap_or_default();
+        let config = info.config;
         let running = state.running.unwrap_or(false);
         let health = state.health.as_ref();
         let health_log = health
@@ -561,6 +562,12 @@ impl Runtime for DockerRuntime {
             health_log,
             ports,
             status: state.status.map(|s| s.to_string()).unwrap_or_default(),
+            stop_signal: config.as_ref().and_then(|c| c.stop_signal.clone()),
+            stop_timeout: config
+                .as_ref()
+                .and_then(|c| c.stop_timeout)
+                .and_then(|t| u64::try_from(t).ok())
+                .map(Duration::from_secs),
         })
     }
 
@@ -615,12 +622,24 @@ impl Runtime for DockerRuntime {
     }
 
     async fn stop(&self, id: &str) -> Result<(), RuntimeError> {
-        let stop = StopContainerOptionsBuilder::default()
-            .t(STOP_GRACE_SECS)
-            .build();
+        let grace = Duration::from_secs(STOP_GRACE_SECS as u64);
+        self.stop_with(id, None, grace).await
+    }
+
+    async fn stop_with(
+        &self,
+        id: &str,
+        signal: Option<&str>,
+        grace: Duration,
+    ) -> Result<(), RuntimeError> {
+        let secs = i32::try_from(grace.as_secs_f64().ceil() as i64).unwrap_or(i32::MAX);
+        let mut options = StopContainerOptionsBuilder::default().t(secs);
+        if let Some(signal) = signal {
+            options = options.signal(signal);
+        }
         // A stop can legitimately take the grace period; give it that on top.
-        let budget = self.call_timeout + Duration::from_secs(STOP_GRACE_SECS as u64);
-        let stop = self.client()?.stop_container(id, Some(stop));
+        let budget = self.call_timeout + grace;
+        let stop = self.client()?.stop_container(id, Some(options.build()));
         let stop = async {
             match stop.await {
                 // 304: already stopped.

@@ -286,6 +286,8 @@ impl Runtime for FakeRuntime {
             oom_killed: false,
             health,
             health_log: None,
+            stop_signal: None,
+            stop_timeout: None,
             ports: c
                 .ports
                 .iter()

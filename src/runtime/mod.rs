@@ -124,6 +124,10 @@ pub struct ContainerState {
     pub health_log: Option<String>,
     pub ports: Vec<PublishedPort>,
     pub status: String,
+    /// The container's stop signal (the image's STOPSIGNAL), when set.
+    pub stop_signal: Option<String>,
+    /// The container's StopTimeout, when set.
+    pub stop_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +176,16 @@ pub trait Runtime: Send + Sync + 'static {
     /// Stops a container (gracefully, then forcibly) and keeps it; already stopped is
     /// fine.
     async fn stop(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Sends `signal` (the container's own stop signal when `None`), waits up to
+    /// `grace`, then kills; already stopped is fine.
+    async fn stop_with(
+        &self,
+        id: &str,
+        _signal: Option<&str>,
+        _grace: Duration,
+    ) -> Result<(), RuntimeError> {
+        self.stop(id).await
+    }
     /// Stops (gracefully, then forcibly) and removes a container; absent is fine.
     async fn remove(&self, id: &str) -> Result<(), RuntimeError>;
     /// Starts `command` inside a running container.
