@@ -84,6 +84,7 @@ fn status_of(
         last_sequence: last,
         requested_by: "bench".into(),
         queue_position: 0,
+        commit: String::new(),
     }
 }
 
@@ -91,6 +92,7 @@ fn spec(app: &AppName) -> DeploySpec {
     DeploySpec {
         app: app.clone(),
         image: "127.0.0.1:5000/bench/app:1".into(),
+        source: None,
         command: vec![],
         env: [("SECRET".to_owned(), "never stored".to_owned())].into(),
         ports: vec![],

@@ -47,6 +47,7 @@ impl Deployment {
             last_sequence: 0,
             requested_by: spec.requested_by.clone(),
             queue_position: 0,
+            commit: String::new(),
         };
         Self {
             id,
@@ -65,6 +66,7 @@ impl Deployment {
         let spec = DeploySpec {
             app: status.app.clone(),
             image: status.image.clone(),
+            source: None,
             command: Vec::new(),
             env: BTreeMap::new(),
             ports: Vec::new(),

@@ -102,6 +102,8 @@ pub(super) struct Run {
     /// The engine answered the ping when the deployment was accepted; VALIDATING asks
     /// again only when the deployment waited in its app's queue.
     waited: bool,
+    /// Deploys from source: the commit fetched.
+    commit: String,
 }
 
 impl Run {
@@ -118,6 +120,7 @@ impl Run {
             creating: None,
             stopped_previous: Vec::new(),
             waited: false,
+            commit: String::new(),
         }
     }
 
@@ -709,6 +712,7 @@ impl Run {
             endpoints,
             health: std::mem::take(&mut self.health),
             diagnostics: None,
+            commit: self.commit.clone(),
         };
         self.rep.finish(DeploymentState::Succeeded, result);
     }
@@ -737,6 +741,7 @@ impl Run {
             endpoints: BTreeMap::new(),
             health: std::mem::take(&mut self.health),
             diagnostics,
+            commit: self.commit.clone(),
         };
         self.rep.finish(state, result);
     }

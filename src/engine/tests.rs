@@ -45,6 +45,7 @@ fn spec(app: &str, image: &str) -> DeploySpec {
     DeploySpec {
         app: AppName::parse(app).unwrap(),
         image: image.into(),
+        source: None,
         command: vec![],
         env: Default::default(),
         ports: vec![PortSpec {
