@@ -179,6 +179,16 @@ impl Reporter {
         self.phase
     }
 
+    /// Deploys from source: the commit fetched and, once built, the image that runs
+    /// (the status shows them from the next update on).
+    pub(crate) fn set_commit(&mut self, commit: &str, image: Option<&str>) {
+        let mut status = self.deployment.status.lock().expect("status lock");
+        status.commit = commit.to_owned();
+        if let Some(image) = image {
+            status.image = image.to_owned();
+        }
+    }
+
     fn emit(
         &mut self,
         kind: EventKind,

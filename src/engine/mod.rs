@@ -14,6 +14,7 @@ mod pull;
 mod queue;
 mod recover;
 mod run;
+mod source;
 mod tty_progress;
 
 use std::collections::HashMap;
@@ -79,6 +80,9 @@ pub struct EngineConfig {
     /// Deployments waiting for their app's lock (all apps); more get
     /// [`EngineError::Exhausted`].
     pub max_queued: usize,
+    /// Deploys from source: one git cache per app under this directory
+    /// (`DATA_DIR/sources` in the server).
+    pub sources_dir: std::path::PathBuf,
 }
 
 impl Default for EngineConfig {
@@ -90,6 +94,7 @@ impl Default for EngineConfig {
             retention: Retention::default(),
             max_in_flight: crate::limits::DEFAULT_MAX_IN_FLIGHT,
             max_queued: crate::limits::DEFAULT_MAX_QUEUED,
+            sources_dir: std::env::temp_dir().join("stevedore-sources"),
         }
     }
 }
