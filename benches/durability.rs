@@ -58,6 +58,7 @@ fn update(id: DeploymentId, app: &AppName, seq: u64, terminal: bool) -> Update {
             layers_done: 1,
         }),
         result: None,
+        eta: None,
     }
 }
 
@@ -85,6 +86,7 @@ fn status_of(
         requested_by: "bench".into(),
         queue_position: 0,
         commit: String::new(),
+        eta: None,
     }
 }
 

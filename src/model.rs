@@ -522,6 +522,9 @@ pub struct Update {
     pub metadata: BTreeMap<String, String>,
     pub pull: Option<PullProgress>,
     pub result: Option<DeploymentResult>,
+    /// The time left, once the app has earlier succeeded deployments.
+    #[serde(default)]
+    pub eta: Option<crate::engine::eta::Eta>,
 }
 
 impl Update {
@@ -568,6 +571,7 @@ impl Update {
             metadata: BTreeMap::new(),
             pull: None,
             result: None,
+            eta: None,
         }
     }
 }
@@ -593,6 +597,9 @@ pub struct DeploymentStatus {
     /// Deploys from source: the commit, once fetched.
     #[serde(default)]
     pub commit: String,
+    /// As of the last update; `None` once ended.
+    #[serde(default)]
+    pub eta: Option<crate::engine::eta::Eta>,
 }
 
 #[cfg(test)]

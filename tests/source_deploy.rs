@@ -276,3 +276,94 @@ async fn a_url_with_credentials_leaves_no_trace() {
     );
     t.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// ETA
+
+/// web:1 (present locally, so no pull) with a hook that sleeps `sleep` seconds: a
+/// deployment that takes a fixed time more than its Docker calls.
+fn timed_request(app: &str, sleep: u32) -> DeployRequest {
+    DeployRequest {
+        hooks: vec![proto::Hook {
+            name: "wait".into(),
+            command: vec!["sh".into(), "-c".into(), format!("sleep {sleep}")],
+            tty: false,
+            timeout: secs(60),
+        }],
+        ..web_request(app, "stevedore-test/web:1")
+    }
+}
+
+async fn start_server(dir: &std::path::Path) -> stevedore::server::RunningServer {
+    stevedore::server::start(
+        serve_config(dir),
+        stevedore::events::ObserverRegistry::new(),
+    )
+    .await
+    .expect("server starts")
+}
+
+fn secs_of(d: &Option<prost_types::Duration>) -> f64 {
+    let d = d.as_ref().expect("a duration");
+    d.seconds as f64 + f64::from(d.nanos) / 1e9
+}
+
+#[tokio::test]
+async fn the_eta_is_learned_from_earlier_deployments_survives_a_restart_and_flags_overdue() {
+    require_docker();
+    let app = unique_app("eta");
+    let _guard = AppGuard(app.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let mut client = connect(server.grpc_addr).await;
+
+    let first = deploy(&mut client, timed_request(&app, 3)).await;
+    succeeded_url(&first);
+    assert!(
+        first.iter().all(|u| u.eta.is_none()),
+        "no estimate without history"
+    );
+    for _ in 0..2 {
+        let updates = deploy(&mut client, timed_request(&app, 3)).await;
+        succeeded_url(&updates);
+        assert!(updates[..updates.len() - 1].iter().all(|u| u.eta.is_some()));
+    }
+    server.stop().await.expect("clean shutdown");
+
+    // After a restart, the history is read back from the store.
+    let server = start_server(dir.path()).await;
+    let mut client = connect(server.grpc_addr).await;
+    let fourth = deploy(&mut client, timed_request(&app, 3)).await;
+    succeeded_url(&fourth);
+    let eta = fourth[0]
+        .eta
+        .clone()
+        .expect("an estimate on the first update");
+    let actual = secs_of(&terminal(&fourth).elapsed);
+    let (remaining, low, high) = (
+        secs_of(&eta.remaining),
+        secs_of(&eta.low),
+        secs_of(&eta.high),
+    );
+    eprintln!("eta: {remaining:.2}s [{low:.2}s, {high:.2}s], actual {actual:.2}s");
+    assert!(low <= remaining && remaining <= high, "{eta:?}");
+    assert!(
+        (remaining - actual).abs() <= actual * 0.25,
+        "estimated {remaining:.2}s, took {actual:.2}s ({eta:?})"
+    );
+    assert_eq!(eta.samples, 3);
+    assert!(eta.basis.contains("3 earlier deployments"), "{}", eta.basis);
+    assert!(!eta.overdue);
+    let status = get_status(&mut client, &fourth[0].deployment_id).await;
+    assert!(status.eta.is_none(), "no estimate once ended");
+
+    // Much slower than its history: overdue.
+    let slow = deploy(&mut client, timed_request(&app, 12)).await;
+    succeeded_url(&slow);
+    assert!(
+        slow.iter()
+            .any(|u| u.eta.as_ref().is_some_and(|e| e.overdue)),
+        "a deployment slower than any earlier one is overdue"
+    );
+    server.stop().await.expect("clean shutdown");
+}

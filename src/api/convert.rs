@@ -521,6 +521,18 @@ pub fn update(u: &model::Update) -> proto::ProgressUpdate {
         }),
         result: u.result.as_ref().map(result),
         heartbeat: false,
+        eta: u.eta.as_ref().map(eta),
+    }
+}
+
+fn eta(e: &crate::engine::eta::Eta) -> proto::Eta {
+    proto::Eta {
+        remaining: Some(proto_duration(e.remaining)),
+        low: Some(proto_duration(e.low)),
+        high: Some(proto_duration(e.high)),
+        samples: e.samples,
+        basis: e.basis.clone(),
+        overdue: e.overdue,
     }
 }
 
@@ -542,6 +554,7 @@ pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
         requested_by: s.requested_by.clone(),
         queue_position: s.queue_position,
         commit: s.commit.clone(),
+        eta: s.eta.as_ref().map(eta),
     }
 }
 

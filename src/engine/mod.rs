@@ -8,6 +8,7 @@
 mod deployment;
 pub mod eta;
 mod health;
+mod history;
 mod hooks;
 mod milestones;
 mod pull;
@@ -265,6 +266,7 @@ impl Engine {
                 id,
             }),
         );
+        let eta = history::EtaTracker::new(&spec, history::load(&self.0.store, &spec.app).await);
         let deployment = Arc::new(Deployment::with_log(id, spec, log));
         if let Some(existing) = self.register(&deployment) {
             let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
@@ -274,7 +276,8 @@ impl Engine {
             deployment.clone(),
             self.0.observers.clone(),
             self.0.store.clone(),
-        );
+        )
+        .with_eta(eta);
         reporter.accepted();
         if ticket.position() > 0 {
             reporter.queued(ticket.position());

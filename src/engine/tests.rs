@@ -41,7 +41,7 @@ async fn engine_with(fake: &Arc<FakeRuntime>, config: EngineConfig) -> Engine {
     )
 }
 
-fn spec(app: &str, image: &str) -> DeploySpec {
+pub(super) fn spec(app: &str, image: &str) -> DeploySpec {
     DeploySpec {
         app: AppName::parse(app).unwrap(),
         image: image.into(),
