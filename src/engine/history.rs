@@ -15,6 +15,9 @@ const HISTORY: usize = 10;
 /// The app's last [`HISTORY`] succeeded deployments, newest first. A store error gives
 /// no history (no estimate), never a failed deployment.
 pub(super) async fn load(store: &Store, app: &AppName) -> Vec<PastDeployment<Phase>> {
+    // The app's previous deployment may have ended a moment ago: its last updates may
+    // still be queued to the store's writer.
+    store.flush().await;
     let filter = ListFilter {
         app: Some(app.clone()),
         state: Some(DeploymentState::Succeeded),
