@@ -58,6 +58,7 @@ fn update(id: DeploymentId, app: &AppName, seq: u64, terminal: bool) -> Update {
             layers_done: 1,
         }),
         result: None,
+        eta: None,
     }
 }
 
@@ -85,6 +86,8 @@ fn status_of(
         requested_by: "bench".into(),
         queue_position: 0,
         superseded_by: None,
+        commit: String::new(),
+        eta: None,
     }
 }
 
@@ -93,6 +96,7 @@ fn spec(app: &AppName) -> DeploySpec {
         stop_timeout: None,
         app: app.clone(),
         image: "127.0.0.1:5000/bench/app:1".into(),
+        source: None,
         command: vec![],
         env: [("SECRET".to_owned(), "never stored".to_owned())].into(),
         ports: vec![],

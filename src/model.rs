@@ -169,11 +169,60 @@ pub struct HookSpec {
     pub timeout: Duration,
 }
 
+/// A git repository to build the app's image from (`DeployRequest.source`).
+///
+/// `url` may carry a credential (`https://user:token@host/…`): it stays in memory for
+/// the fetch only. Everything shown, stored or audited uses [`SourceSpec::display_url`];
+/// `Debug` prints that too.
+#[derive(Clone)]
+pub struct SourceSpec {
+    pub url: String,
+    /// Branch, tag or commit; `None`: the remote's HEAD.
+    pub reference: Option<String>,
+    /// Relative to `context_dir`.
+    pub dockerfile: String,
+    /// Relative to the repository's root; empty: the root.
+    pub context_dir: String,
+    pub build_args: BTreeMap<String, String>,
+}
+
+impl SourceSpec {
+    /// The URL without its credential (`scheme://***@host/…`).
+    pub fn display_url(&self) -> String {
+        crate::source::git::redact_url(&self.url)
+    }
+
+    /// `url` (or `url#ref`), credential removed: what the status' `image` shows until
+    /// the commit is known.
+    pub fn describe(&self) -> String {
+        match &self.reference {
+            Some(r) => format!("{}#{r}", self.display_url()),
+            None => self.display_url(),
+        }
+    }
+}
+
+impl fmt::Debug for SourceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceSpec")
+            .field("url", &self.display_url())
+            .field("reference", &self.reference)
+            .field("dockerfile", &self.dockerfile)
+            .field("context_dir", &self.context_dir)
+            .field("build_args", &self.build_args.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 /// A validated deploy request.
 #[derive(Clone, Debug)]
 pub struct DeploySpec {
     pub app: AppName,
+    /// The image to run. For a deploy from source: [`SourceSpec::describe`] until the
+    /// build names the image (`stevedore/<app>:<commit>`).
     pub image: String,
+    /// Build the image from this repository instead of pulling `image`.
+    pub source: Option<SourceSpec>,
     pub command: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub ports: Vec<PortSpec>,
@@ -198,6 +247,8 @@ pub struct DeploySpec {
 pub enum Phase {
     Queued,
     Validating,
+    Fetching,
+    Building,
     Pulling,
     Creating,
     Starting,
@@ -212,9 +263,11 @@ pub enum Phase {
 
 impl Phase {
     /// The non-terminal phases, in order.
-    pub const WORK: [Phase; 9] = [
+    pub const WORK: [Phase; 11] = [
         Phase::Queued,
         Phase::Validating,
+        Phase::Fetching,
+        Phase::Building,
         Phase::Pulling,
         Phase::Creating,
         Phase::Starting,
@@ -225,18 +278,22 @@ impl Phase {
     ];
 
     /// Share of `total_progress` this phase accounts for. The weights add up to 1.0;
-    /// pulling and health checking are where the time goes.
+    /// building, pulling and health checking are where the time goes. A phase a
+    /// deployment skips (FETCHING and BUILDING for an image, HOOKS without hooks) counts
+    /// as done.
     pub fn weight(self) -> f64 {
         match self {
             Phase::Queued => 0.0,
             Phase::Validating => 0.02,
-            Phase::Pulling => 0.40,
-            Phase::Creating => 0.05,
-            Phase::Starting => 0.08,
-            Phase::HealthCheck => 0.25,
-            Phase::Hooks => 0.10,
-            Phase::Switching => 0.07,
-            Phase::Cleanup => 0.03,
+            Phase::Fetching => 0.08,
+            Phase::Building => 0.25,
+            Phase::Pulling => 0.20,
+            Phase::Creating => 0.04,
+            Phase::Starting => 0.06,
+            Phase::HealthCheck => 0.20,
+            Phase::Hooks => 0.08,
+            Phase::Switching => 0.05,
+            Phase::Cleanup => 0.02,
             Phase::Complete | Phase::Failed | Phase::Cancelled => 0.0,
         }
     }
@@ -265,6 +322,8 @@ impl Phase {
         match self {
             Phase::Queued => "queued",
             Phase::Validating => "validating",
+            Phase::Fetching => "fetching",
+            Phase::Building => "building",
             Phase::Pulling => "pulling",
             Phase::Creating => "creating",
             Phase::Starting => "starting",
@@ -354,6 +413,9 @@ pub struct DeploymentResult {
     pub endpoints: BTreeMap<String, String>,
     pub health: Vec<HealthOutcome>,
     pub diagnostics: Option<FailureDiagnostics>,
+    /// Deploys from source: the commit fetched (and built).
+    #[serde(default)]
+    pub commit: String,
 }
 
 /// What an update is about, for observers that react to some kinds only. What an
@@ -471,6 +533,9 @@ pub struct Update {
     pub metadata: BTreeMap<String, String>,
     pub pull: Option<PullProgress>,
     pub result: Option<DeploymentResult>,
+    /// The time left, once the app has earlier succeeded deployments.
+    #[serde(default)]
+    pub eta: Option<crate::engine::eta::Eta>,
 }
 
 impl Update {
@@ -517,6 +582,7 @@ impl Update {
             metadata: BTreeMap::new(),
             pull: None,
             result: None,
+            eta: None,
         }
     }
 }
@@ -543,6 +609,12 @@ pub struct DeploymentStatus {
     /// when read, never stored).
     #[serde(default, skip_serializing)]
     pub superseded_by: Option<DeploymentId>,
+    /// Deploys from source: the commit, once fetched.
+    #[serde(default)]
+    pub commit: String,
+    /// As of the last update; `None` once ended.
+    #[serde(default)]
+    pub eta: Option<crate::engine::eta::Eta>,
 }
 
 #[cfg(test)]

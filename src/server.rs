@@ -409,6 +409,7 @@ async fn start_engine(
         max_in_flight: config.limits.max_in_flight,
         max_queued: config.limits.max_queued,
         publish_ip: config.publish_ip,
+        sources_dir: config.data_dir.join("sources"),
         retention: Retention {
             max_deployments: config.retention_max_deployments,
             max_age: config.retention_max_age,

@@ -87,20 +87,95 @@ fn regex(field: String, pattern: &str) -> Result<Regex, Status> {
     Regex::new(pattern).map_err(|e| invalid(field, format!("invalid regex: {e}")))
 }
 
+/// Validates `DeployRequest.source`. Messages never echo the URL's credential.
+fn source(src: &proto::GitSource) -> Result<model::SourceSpec, Status> {
+    use crate::source::git;
+    let url = src.url.trim();
+    if url.is_empty() {
+        return Err(invalid("source.url", "empty URL"));
+    }
+    git::validate_url(url).map_err(|e| invalid("source.url", git::redact_url(&e.to_string())))?;
+    let reference = match src.r#ref.trim() {
+        "" => None,
+        r => {
+            git::validate_reference(r).map_err(|e| invalid("source.ref", e))?;
+            Some(r.to_owned())
+        }
+    };
+    let dockerfile = match src.dockerfile.trim() {
+        "" => "Dockerfile".to_owned(),
+        d => relative("source.dockerfile", d)?,
+    };
+    let context_dir = match src.context_dir.trim().trim_end_matches('/') {
+        "" | "." => String::new(),
+        d => relative("source.context_dir", d)?,
+    };
+    for k in src.build_args.keys() {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(invalid(
+                format!("source.build_args[{k:?}]"),
+                "a build arg name must be non-empty, without '=' or NUL",
+            ));
+        }
+    }
+    Ok(model::SourceSpec {
+        url: url.to_owned(),
+        reference,
+        dockerfile,
+        context_dir,
+        build_args: src.build_args.clone().into_iter().collect(),
+    })
+}
+
+/// A path inside the repository: relative, without `..`.
+fn relative(field: &str, path: &str) -> Result<String, Status> {
+    let p = std::path::Path::new(path);
+    let inside = p.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    });
+    if !inside || path.contains('\0') {
+        return Err(invalid(
+            field,
+            format!("{path:?} must be a relative path inside the repository"),
+        ));
+    }
+    Ok(path.to_owned())
+}
+
 /// Validates a DeployRequest into a [`DeploySpec`]. `requested_by` names the caller.
 pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<DeploySpec, Status> {
     let app = AppName::parse(&req.app).map_err(|e| invalid("app", e))?;
 
-    let image = req.image.trim();
-    if image.is_empty() {
-        return Err(invalid("image", "empty reference"));
-    }
-    if !IMAGE_REFERENCE.is_match(image) || image.len() > 512 {
-        return Err(invalid(
-            "image",
-            format!("{image:?} is not a valid image reference (name[:tag][@digest])"),
-        ));
-    }
+    let (image, source) = match (req.image.trim(), req.source.as_ref()) {
+        ("", None) => {
+            return Err(invalid(
+                "image",
+                "empty reference (give an image or a source)",
+            ));
+        }
+        ("", Some(src)) => {
+            let source = source(src)?;
+            (source.describe(), Some(source))
+        }
+        (_, Some(_)) => {
+            return Err(invalid(
+                "source",
+                "give either an image or a source, not both",
+            ));
+        }
+        (image, None) => {
+            if !IMAGE_REFERENCE.is_match(image) || image.len() > 512 {
+                return Err(invalid(
+                    "image",
+                    format!("{image:?} is not a valid image reference (name[:tag][@digest])"),
+                ));
+            }
+            (image.to_owned(), None)
+        }
+    };
 
     let mut ports = Vec::with_capacity(req.ports.len());
     for (i, p) in req.ports.iter().enumerate() {
@@ -264,7 +339,8 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
 
     Ok(DeploySpec {
         app,
-        image: image.to_owned(),
+        image,
+        source,
         command: req.command,
         env: req.env.into_iter().collect(),
         ports,
@@ -371,6 +447,8 @@ pub fn phase(p: model::Phase) -> proto::Phase {
     match p {
         P::Queued => proto::Phase::Queued,
         P::Validating => proto::Phase::Validating,
+        P::Fetching => proto::Phase::Fetching,
+        P::Building => proto::Phase::Building,
         P::Pulling => proto::Phase::Pulling,
         P::Creating => proto::Phase::Creating,
         P::Starting => proto::Phase::Starting,
@@ -443,6 +521,7 @@ fn result(r: &model::DeploymentResult) -> proto::DeploymentResult {
             oom_killed: d.oom_killed,
             log_tail: d.log_tail.clone(),
         }),
+        commit: r.commit.clone(),
     }
 }
 
@@ -470,6 +549,18 @@ pub fn update(u: &model::Update) -> proto::ProgressUpdate {
         }),
         result: u.result.as_ref().map(result),
         heartbeat: false,
+        eta: u.eta.as_ref().map(eta),
+    }
+}
+
+fn eta(e: &crate::engine::eta::Eta) -> proto::Eta {
+    proto::Eta {
+        remaining: Some(proto_duration(e.remaining)),
+        low: Some(proto_duration(e.low)),
+        high: Some(proto_duration(e.high)),
+        samples: e.samples,
+        basis: e.basis.clone(),
+        overdue: e.overdue,
     }
 }
 
@@ -491,6 +582,8 @@ pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
         requested_by: s.requested_by.clone(),
         queue_position: s.queue_position,
         superseded_by: s.superseded_by.map(|id| id.to_string()).unwrap_or_default(),
+        commit: s.commit.clone(),
+        eta: s.eta.as_ref().map(eta),
     }
 }
 
@@ -537,6 +630,70 @@ mod tests {
         let e = deploy_spec(req, "test".into()).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         e.message().to_owned()
+    }
+
+    fn git(url: &str) -> proto::GitSource {
+        proto::GitSource {
+            url: url.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exactly_one_of_image_and_source() {
+        let both = proto::DeployRequest {
+            source: Some(git("https://example.invalid/r.git")),
+            ..request()
+        };
+        assert!(error_of(both).starts_with("source:"));
+        let neither = proto::DeployRequest {
+            image: String::new(),
+            ..request()
+        };
+        assert!(error_of(neither).starts_with("image:"));
+    }
+
+    #[test]
+    fn a_source_is_validated_and_its_credential_never_echoed() {
+        let from_source = |src: proto::GitSource| proto::DeployRequest {
+            image: String::new(),
+            source: Some(src),
+            ..request()
+        };
+        let spec = deploy_spec(
+            from_source(proto::GitSource {
+                r#ref: "main".into(),
+                ..git("https://bob:s3cret@git.example.invalid/r.git")
+            }),
+            "test".into(),
+        )
+        .unwrap();
+        let source = spec.source.as_ref().unwrap();
+        assert_eq!(source.dockerfile, "Dockerfile");
+        assert_eq!(source.context_dir, "");
+        assert_eq!(spec.image, "https://***@git.example.invalid/r.git#main");
+        assert!(!format!("{spec:?}").contains("s3cret"));
+        // Kept in memory for the fetch.
+        assert!(source.url.contains("s3cret"));
+
+        let bad_url = error_of(from_source(git("-uhttps://bob:s3cret@x/r")));
+        assert!(bad_url.starts_with("source.url:"), "{bad_url}");
+        assert!(!bad_url.contains("s3cret"), "{bad_url}");
+        let bad_ref = error_of(from_source(proto::GitSource {
+            r#ref: "a..b".into(),
+            ..git("file:///srv/r.git")
+        }));
+        assert!(bad_ref.starts_with("source.ref:"), "{bad_ref}");
+        let escape = error_of(from_source(proto::GitSource {
+            context_dir: "../etc".into(),
+            ..git("file:///srv/r.git")
+        }));
+        assert!(escape.starts_with("source.context_dir:"), "{escape}");
+        let df = error_of(from_source(proto::GitSource {
+            dockerfile: "/etc/passwd".into(),
+            ..git("file:///srv/r.git")
+        }));
+        assert!(df.starts_with("source.dockerfile:"), "{df}");
     }
 
     #[test]
@@ -791,6 +948,7 @@ mod tests {
                 auth in option::of((text(), text(), text())),
                 milestones in vec((text(), any::<f64>(), text()), 0..3),
                 hooks in vec((text(), vec(text(), 0..3), any::<bool>(), option::of(duration())), 0..3),
+                source in option::of((text(), text(), text(), text())),
             ) -> proto::DeployRequest {
                 proto::DeployRequest {
                     app,
@@ -820,6 +978,13 @@ mod tests {
                     milestones: milestones_of(milestones),
                     hooks: hooks_of(hooks),
                     stop_timeout: None,
+                    source: source.map(|(url, r#ref, dockerfile, context_dir)| proto::GitSource {
+                        url,
+                        r#ref,
+                        dockerfile,
+                        context_dir,
+                        build_args: Default::default(),
+                    }),
                 }
             }
         }
@@ -887,6 +1052,7 @@ mod tests {
                     milestones: milestones_of(milestones),
                     hooks: hooks_of(hooks),
                     stop_timeout: None,
+                    source: None,
                 }
             }
         }
@@ -895,6 +1061,7 @@ mod tests {
         const FIELDS: &[&str] = &[
             "app",
             "image",
+            "source",
             "command",
             "env",
             "ports",

@@ -48,6 +48,8 @@ impl Deployment {
             requested_by: spec.requested_by.clone(),
             queue_position: 0,
             superseded_by: None,
+            commit: String::new(),
+            eta: None,
         };
         Self {
             id,
@@ -67,6 +69,7 @@ impl Deployment {
             stop_timeout: None,
             app: status.app.clone(),
             image: status.image.clone(),
+            source: None,
             command: Vec::new(),
             env: BTreeMap::new(),
             ports: Vec::new(),
@@ -134,6 +137,8 @@ pub(crate) struct Reporter {
     phase_progress: f64,
     total_progress: f64,
     finished: bool,
+    /// The ETA of every update, when the app has history.
+    eta: Option<super::history::EtaTracker>,
 }
 
 impl Reporter {
@@ -151,7 +156,14 @@ impl Reporter {
             phase_progress: 0.0,
             total_progress: 0.0,
             finished: false,
+            eta: None,
         }
+    }
+
+    /// Estimates the time left on every update from here on.
+    pub(crate) fn with_eta(mut self, eta: super::history::EtaTracker) -> Self {
+        self.eta = Some(eta);
+        self
     }
 
     /// A Reporter that continues `deployment`'s log after its last update, from the
@@ -179,6 +191,16 @@ impl Reporter {
         self.phase
     }
 
+    /// Deploys from source: the commit fetched and, once built, the image that runs
+    /// (the status shows them from the next update on).
+    pub(crate) fn set_commit(&mut self, commit: &str, image: Option<&str>) {
+        let mut status = self.deployment.status.lock().expect("status lock");
+        status.commit = commit.to_owned();
+        if let Some(image) = image {
+            status.image = image.to_owned();
+        }
+    }
+
     fn emit(
         &mut self,
         kind: EventKind,
@@ -190,6 +212,14 @@ impl Reporter {
         assert!(!self.finished, "update after the terminal update");
         self.sequence += 1;
         let now = SystemTime::now();
+        let elapsed = self.deployment.accepted.elapsed();
+        let eta = match &kind {
+            EventKind::Finished { .. } => None,
+            _ => self
+                .eta
+                .as_mut()
+                .and_then(|t| t.estimate(self.phase, self.phase_progress, elapsed)),
+        };
         let update = Update {
             deployment_id: self.deployment.id,
             sequence: self.sequence,
@@ -201,10 +231,11 @@ impl Reporter {
             level,
             message,
             timestamp: now,
-            elapsed: self.deployment.accepted.elapsed(),
+            elapsed,
             metadata: extra.metadata,
             pull: extra.pull,
             result: result.clone(),
+            eta: eta.clone(),
         };
         let status = {
             let mut status = self.deployment.status.lock().expect("status lock");
@@ -212,6 +243,7 @@ impl Reporter {
             status.phase_progress = self.phase_progress;
             status.total_progress = self.total_progress;
             status.last_sequence = self.sequence;
+            status.eta = eta;
             match &kind {
                 EventKind::Queued { position } => status.queue_position = *position,
                 EventKind::PhaseStarted if status.state == DeploymentState::Pending => {

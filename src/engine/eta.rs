@@ -103,7 +103,7 @@ pub struct Now<P> {
 }
 
 /// An estimate of the time left.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Eta {
     pub remaining: Duration,
     pub low: Duration,

@@ -9,6 +9,7 @@ mod apps;
 mod deployment;
 pub mod eta;
 mod health;
+mod history;
 mod hooks;
 mod milestones;
 mod pull;
@@ -16,6 +17,7 @@ mod queue;
 mod reconcile;
 mod recover;
 mod run;
+mod source;
 mod tty_progress;
 
 use std::collections::HashMap;
@@ -89,6 +91,9 @@ pub struct EngineConfig {
     pub max_queued: usize,
     /// The host address ports are published on when the request names none.
     pub publish_ip: std::net::IpAddr,
+    /// Deploys from source: one git cache per app under this directory
+    /// (`DATA_DIR/sources` in the server).
+    pub sources_dir: std::path::PathBuf,
 }
 
 impl Default for EngineConfig {
@@ -101,6 +106,7 @@ impl Default for EngineConfig {
             max_in_flight: crate::limits::DEFAULT_MAX_IN_FLIGHT,
             max_queued: crate::limits::DEFAULT_MAX_QUEUED,
             publish_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            sources_dir: std::env::temp_dir().join("stevedore-sources"),
         }
     }
 }
@@ -300,6 +306,7 @@ impl Engine {
                 id,
             }),
         );
+        let eta = history::EtaTracker::new(&spec, history::load(&self.0.store, &spec.app).await);
         let deployment = Arc::new(Deployment::with_log(id, spec, log));
         if let Some(existing) = self.register(&deployment) {
             let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
@@ -309,7 +316,8 @@ impl Engine {
             deployment.clone(),
             self.0.observers.clone(),
             self.0.store.clone(),
-        );
+        )
+        .with_eta(eta);
         reporter.accepted();
         if ticket.position() > 0 {
             reporter.queued(ticket.position(), ticket.ahead());

@@ -208,6 +208,7 @@ impl Engine {
             endpoints,
             health: Vec::new(),
             diagnostics: None,
+            commit: status.commit.clone(),
         };
         let deployment = Arc::new(Deployment::recovered(status));
         let mut reporter =

@@ -28,7 +28,7 @@ use super::pull::PullTracker;
 use super::queue::Ticket;
 use crate::model::{
     DeploymentResult, DeploymentState, FailureDiagnostics, HealthOutcome, HealthProbe, LABEL_APP,
-    LABEL_DEPLOYMENT, Level, Phase, PortSpec, Protocol, PullProgress,
+    LABEL_DEPLOYMENT, Level, Phase, PortSpec, Protocol, PullProgress, SourceSpec,
 };
 use crate::runtime::{
     ContainerSpec, ContainerState, ContainerSummary, ImageInfo, PublishedPort, RuntimeError,
@@ -110,6 +110,10 @@ pub(super) struct Run {
     /// The engine answered the ping when the deployment was accepted; VALIDATING asks
     /// again only when the deployment waited in its app's queue.
     waited: bool,
+    /// Deploys from source: the commit fetched.
+    commit: String,
+    /// Deploys from source: the image built (`stevedore/<app>:<commit>`).
+    built: Option<String>,
 }
 
 impl Run {
@@ -126,6 +130,8 @@ impl Run {
             creating: None,
             stopped_previous: Vec::new(),
             waited: false,
+            commit: String::new(),
+            built: None,
         }
     }
 
@@ -178,7 +184,11 @@ impl Run {
     /// Every step up to the point of no return; returns the new container's ID.
     async fn until_switch(&mut self) -> Result<String, Failure> {
         self.validate().await?;
-        self.pull().await?;
+        let deployment = self.rep.deployment().clone();
+        match &deployment.spec.source {
+            Some(source) => self.fetch_and_build(source).await?,
+            None => self.pull().await?,
+        }
         let id = self.create().await?;
         self.start(&id).await?;
         self.health_check(&id).await?;
@@ -208,6 +218,37 @@ impl Run {
             Extra::default(),
         );
         Ok(())
+    }
+
+    /// FETCHING and BUILDING (see [`super::source`]); the image is then local, so
+    /// PULLING is skipped (its weight counted as done).
+    async fn fetch_and_build(&mut self, source: &SourceSpec) -> Result<(), Failure> {
+        let cache = self
+            .ctx
+            .config
+            .sources_dir
+            .join(self.rep.deployment().spec.app.as_str());
+        let fetched = super::source::fetch(&mut self.rep, source, &cache).await?;
+        self.commit = fetched.commit.clone();
+        let runtime = self.ctx.runtime.clone();
+        let outcome = super::source::build(&mut self.rep, &runtime, source, &fetched).await?;
+        let tag = outcome.tag().to_owned();
+        self.image = self.inspect_image(&tag).await?.ok_or_else(|| {
+            Failure::new(
+                Phase::Building,
+                "image build",
+                format!("image {tag} is not present after its build"),
+            )
+        })?;
+        self.built = Some(tag);
+        Ok(())
+    }
+
+    /// The image the container runs: the request's, or the one built from source.
+    fn image_name(&self) -> String {
+        self.built
+            .clone()
+            .unwrap_or_else(|| self.rep.deployment().spec.image.clone())
     }
 
     async fn pull(&mut self) -> Result<(), Failure> {
@@ -321,7 +362,7 @@ impl Run {
         labels.insert(LABEL_DEPLOYMENT.into(), id.clone());
         let container = ContainerSpec {
             name: name.clone(),
-            image: spec.image.clone(),
+            image: self.image_name(),
             command: spec.command.clone(),
             env: spec.env.clone(),
             ports: spec
@@ -792,7 +833,7 @@ impl Run {
         let spec = &self.rep.deployment().spec;
         let mut message = format!(
             "deployed {} as app {} in container {}",
-            spec.image,
+            self.image_name(),
             spec.app,
             short(&container_id)
         );
@@ -807,6 +848,7 @@ impl Run {
             endpoints,
             health: std::mem::take(&mut self.health),
             diagnostics: None,
+            commit: self.commit.clone(),
         };
         self.rep.finish(DeploymentState::Succeeded, result);
     }
@@ -842,6 +884,7 @@ impl Run {
             endpoints: BTreeMap::new(),
             health: std::mem::take(&mut self.health),
             diagnostics,
+            commit: self.commit.clone(),
         };
         self.rep.finish(state, result);
     }

@@ -41,11 +41,12 @@ async fn engine_with(fake: &Arc<FakeRuntime>, config: EngineConfig) -> Engine {
     )
 }
 
-fn spec(app: &str, image: &str) -> DeploySpec {
+pub(super) fn spec(app: &str, image: &str) -> DeploySpec {
     DeploySpec {
         stop_timeout: None,
         app: AppName::parse(app).unwrap(),
         image: image.into(),
+        source: None,
         command: vec![],
         env: Default::default(),
         ports: vec![PortSpec {

@@ -27,6 +27,8 @@ use super::{
     PublishedPort, PullEvent, Runtime, RuntimeError,
 };
 use crate::model::{LABEL_APP, LABEL_DEPLOYMENT, Protocol, RegistryAuth};
+use crate::source::build::{BuildError, BuildEvent, BuildOutcome, BuildSpec};
+use tokio_util::sync::CancellationToken;
 
 /// API version spoken to the engine: 1.41 is what Debian 12's engine (20.10) serves,
 /// and every newer engine still accepts it.
@@ -247,7 +249,8 @@ fn split_reference(image: &str) -> (&str, &str) {
     }
 }
 
-fn layer_status(status: &str) -> LayerStatus {
+/// A pull message's status word as a [`LayerStatus`] (also for a build's base-image pull).
+pub(crate) fn layer_status(status: &str) -> LayerStatus {
     match status {
         "Downloading" => LayerStatus::Downloading,
         "Verifying Checksum" | "Download complete" => LayerStatus::Downloaded,
@@ -746,6 +749,22 @@ impl Runtime for DockerRuntime {
         } else {
             Ok(Some(info.exit_code.unwrap_or(-1)))
         }
+    }
+
+    /// Not under the call cap: a build streams for as long as it runs, and
+    /// `source::build` bounds it by its idle timeout and each inspect by `call_timeout`.
+    async fn build_image(
+        &self,
+        spec: &BuildSpec,
+        cancel: &CancellationToken,
+        on_event: &mut (dyn FnMut(BuildEvent) + Send),
+    ) -> Result<BuildOutcome, BuildError> {
+        let docker = self.client().map_err(|e| {
+            BuildError::Docker(BollardError::IOError {
+                err: std::io::Error::other(e.to_string()),
+            })
+        })?;
+        crate::source::build::build(docker, spec, cancel, on_event).await
     }
 }
 

@@ -17,7 +17,10 @@ use super::{
     ContainerSpec, ContainerState, ContainerSummary, DockerHealth, ExecRun, ImageInfo,
     PublishedPort, PullEvent, Runtime, RuntimeError,
 };
+use tokio_util::sync::CancellationToken;
+
 use crate::model::{LABEL_APP, LABEL_DEPLOYMENT, PortSpec, RegistryAuth};
+use crate::source::build::{BuildError, BuildEvent, BuildOutcome, BuildSpec, BuildStep};
 
 /// What the image's HEALTHCHECK reports.
 #[derive(Clone, Copy, Debug, Default)]
@@ -359,6 +362,44 @@ impl Runtime for FakeRuntime {
         Err(RuntimeError::Call {
             op: "inspect exec",
             reason: "not supported by the fake".into(),
+        })
+    }
+
+    /// One step, then the tag is an image present locally with a HEALTHCHECK that
+    /// passes; a tag built before is skipped.
+    async fn build_image(
+        &self,
+        spec: &BuildSpec,
+        _cancel: &CancellationToken,
+        on_event: &mut (dyn FnMut(BuildEvent) + Send),
+    ) -> Result<BuildOutcome, BuildError> {
+        let tag = spec.tag();
+        let image_id = format!("sha256:{tag}");
+        let built = {
+            let mut state = self.state.lock().unwrap();
+            state
+                .scripts
+                .insert(tag.clone(), Script::healthy())
+                .is_some()
+        };
+        if built {
+            on_event(BuildEvent::Skipped {
+                tag: tag.clone(),
+                image_id: image_id.clone(),
+            });
+            return Ok(BuildOutcome::Skipped { tag, image_id });
+        }
+        on_event(BuildEvent::Step(BuildStep {
+            number: 1,
+            total: 1,
+            instruction: "FROM scratch".into(),
+        }));
+        Ok(BuildOutcome::Built {
+            tag,
+            image_id,
+            total_steps: 1,
+            cached_steps: 0,
+            steps: Vec::new(),
         })
     }
 }

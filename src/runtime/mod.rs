@@ -12,7 +12,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::model::{PortSpec, Protocol, RegistryAuth};
+use crate::source::build::{BuildError, BuildEvent, BuildOutcome, BuildSpec};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RuntimeError {
@@ -193,6 +196,15 @@ pub trait Runtime: Send + Sync + 'static {
     /// Exit code of a finished exec; `None` while it still runs. (An exec that overruns
     /// its time ends with its container, which the engine removes on failure.)
     async fn exec_exit_code(&self, exec_id: &str) -> Result<Option<i64>, RuntimeError>;
+    /// Builds `spec` with the classic builder and tags it `stevedore/<app>:<commit>`, or
+    /// skips the build when that tag exists (see [`crate::source::build::build`]).
+    /// Dropping the future (or `cancel`) stops the build.
+    async fn build_image(
+        &self,
+        spec: &BuildSpec,
+        cancel: &CancellationToken,
+        on_event: &mut (dyn FnMut(BuildEvent) + Send),
+    ) -> Result<BuildOutcome, BuildError>;
 }
 
 impl AsRef<str> for ContainerSummary {

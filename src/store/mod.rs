@@ -228,6 +228,14 @@ pub(crate) fn redacted_request(spec: &DeploySpec) -> serde_json::Value {
     serde_json::json!({
         "app": spec.app.as_str(),
         "image": spec.image,
+        // The URL without its credential; build args by name only.
+        "source": spec.source.as_ref().map(|s| serde_json::json!({
+            "url": s.display_url(),
+            "ref": s.reference,
+            "dockerfile": s.dockerfile,
+            "context_dir": s.context_dir,
+            "build_arg_keys": s.build_args.keys().collect::<Vec<_>>(),
+        })),
         "command": spec.command,
         "env_keys": spec.env.keys().collect::<Vec<_>>(),
         "ports": spec.ports.iter().map(|p| serde_json::json!({

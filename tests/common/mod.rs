@@ -5,6 +5,8 @@
 //! missing engine is a failure, never a skip.
 #![allow(dead_code)]
 
+pub mod git;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
