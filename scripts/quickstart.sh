@@ -9,7 +9,7 @@
 #
 # Running it twice is harmless: the server it started is reused and the demo app is
 # deployed again. Packages, the Docker engine and the busybox base image come from
-# scripts/test-env.sh (sourced, so the test setup and this share one way of doing it).
+# `scripts/test-env.sh docker` (the test setup and this share one way of doing it).
 #
 # Settings (environment):
 #   STEVEDORE_QUICKSTART_DIR   state: data dir, server log, pid file
@@ -19,8 +19,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# shellcheck source=scripts/test-env.sh
-source scripts/test-env.sh
+BASE_IMAGE=stevedore-test/base:1
 
 QS_DIR=${STEVEDORE_QUICKSTART_DIR:-/var/tmp/stevedore-quickstart}
 QS_ADDR=${STEVEDORE_QUICKSTART_ADDR:-127.0.0.1:50051}
@@ -45,13 +44,34 @@ die() {
 }
 
 server_answers() { curl -fsS -m 2 -o /dev/null "http://$QS_HTTP/healthz" 2>/dev/null; }
+docker_ok() { timeout 10 docker info >/dev/null 2>&1; }
+
+# pid_alive PIDFILE: prints the pid if that process is alive and is a stevedore server.
+pid_alive() {
+  local pid
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ && $(cat "/proc/$pid/comm" 2>/dev/null) == stevedore* ]] || return 1
+  echo "$pid"
+}
+
+# stop_server: SIGTERM to the server this script started (it finishes or rolls back
+# running deployments), SIGKILL after 60 s.
+stop_server() {
+  local pid i
+  pid=$(pid_alive "$QS_PIDFILE") || return 0
+  echo "stopping the stevedore server (pid $pid)"
+  kill -TERM "$pid"
+  for ((i = 0; i < 120; i++)); do
+    [[ -d /proc/$pid ]] || return 0
+    sleep 0.5
+  done
+  kill -KILL "$pid"
+}
 
 qs_stop() {
   local ids
-  if [[ -f $QS_PIDFILE ]]; then
-    _sd_stop "stevedore server" stevedore "$QS_PIDFILE"
-  fi
-  if command -v docker >/dev/null 2>&1 && _sd_docker_ok; then
+  stop_server
+  if command -v docker >/dev/null 2>&1 && docker_ok; then
     ids=$(docker ps -aq --filter "label=io.stevedore.app=$QS_APP")
     if [[ -n $ids ]]; then
       echo "removing the demo app's containers"
@@ -61,9 +81,8 @@ qs_stop() {
     docker rmi "$QS_IMAGE:1" "$QS_IMAGE:2" >/dev/null 2>&1 || true
   fi
   # A Docker engine the quickstart started itself is stopped too.
-  if [[ -f $QS_DIR/env-started ]]; then
-    STEVEDORE_ENV_STARTED=$(cat "$QS_DIR/env-started")
-    stevedore_env_down_started
+  if [[ -f $QS_DIR/engine-started ]]; then
+    bash scripts/test-env.sh down
   fi
   rm -rf "$QS_DIR"
   echo "quickstart stopped: server, demo app and $QS_DIR removed"
@@ -80,19 +99,11 @@ fi
 # --- 1. what is missing: packages, the Docker engine, the busybox base image
 say "installing what is missing and starting the Docker engine (scripts/test-env.sh)"
 mkdir -p "$QS_DIR"
-# Only what this run starts is recorded (not what a calling script started).
-STEVEDORE_ENV_STARTED=
-stevedore_env_install
-_sd_lock
-stevedore_env_start_docker && stevedore_env_build_base || {
-  _sd_unlock
-  die "could not start the Docker engine or build the base image"
-}
-_sd_unlock
 # Remember a Docker engine started here, for `stop`.
-if [[ -n ${STEVEDORE_ENV_STARTED// /} ]]; then
-  printf '%s\n' "$STEVEDORE_ENV_STARTED" >>"$QS_DIR/env-started"
+if ! command -v docker >/dev/null 2>&1 || ! docker_ok; then
+  touch "$QS_DIR/engine-started"
 fi
+bash scripts/test-env.sh docker || die "could not start the Docker engine or build the base image"
 
 # --- 2. the release binary
 say "building the release binary (cargo build --release)"
@@ -104,16 +115,17 @@ command -v cargo >/dev/null 2>&1 ||
 cargo build --release --bin stevedore
 
 # --- 3. the server, in the background
-if pid=$(_sd_pid_alive "$QS_PIDFILE" stevedore) && server_answers; then
+if pid=$(pid_alive "$QS_PIDFILE") && server_answers; then
   say "the server started earlier is running (pid $pid)"
 elif server_answers; then
   say "a Stevedore server already answers on $QS_HTTP; using it (not stopped by 'stop')"
 else
   say "starting the server: gRPC on $QS_ADDR, HTTP on $QS_HTTP"
   mkdir -p "$QS_DATA"
-  pid=$(NO_COLOR=1 _sd_spawn "$QS_PIDFILE" "$QS_LOG" "$QS_BIN" serve \
-    --listen "$QS_ADDR" --http-listen "$QS_HTTP" --data-dir "$QS_DATA") ||
-    die "could not start the server (log: $QS_LOG)"
+  NO_COLOR=1 setsid "$QS_BIN" serve --listen "$QS_ADDR" --http-listen "$QS_HTTP" \
+    --data-dir "$QS_DATA" </dev/null >>"$QS_LOG" 2>&1 &
+  pid=$!
+  echo "$pid" >"$QS_PIDFILE"
   for _ in $(seq 100); do
     server_answers && break
     [[ -d /proc/$pid ]] || { tail -n 20 "$QS_LOG" >&2; die "the server exited (log: $QS_LOG)"; }
@@ -126,7 +138,7 @@ echo "  data dir: $QS_DATA"
 echo "  log file: $QS_LOG"
 
 # --- 4. a demo image, built locally FROM the busybox base image
-say "building the demo image $QS_IMAGE:1 and :2 (FROM $STEVEDORE_BASE_IMAGE)"
+say "building the demo image $QS_IMAGE:1 and :2 (FROM $BASE_IMAGE)"
 mkdir -p "$QS_DIR/image"
 cat >"$QS_DIR/image/Dockerfile" <<'EOF'
 FROM stevedore-test/base:1

@@ -260,9 +260,16 @@ up)
   build_images
   print_env
   ;;
+docker)
+  # What the quickstart needs: the packages, the Docker engine, the busybox base image.
+  provision
+  # shellcheck disable=SC2086  # flags are word-split on purpose
+  ensure_daemon dockerd docker_ok dockerd -H "unix://$SOCK" ${STEVEDORE_DOCKERD_FLAGS:-}
+  build_base
+  ;;
 images) build_images ;;
 env) print_env ;;
 status) status ;;
 down) down ;;
-*) die "usage: $0 provision|up|status|env|images|down" ;;
+*) die "usage: $0 provision|up|docker|status|env|images|down" ;;
 esac
