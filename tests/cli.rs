@@ -246,6 +246,32 @@ fn a_deploy_that_succeeds_exits_0_and_its_json_lines_keep_the_contract() {
         l.stdout.contains(&id) && l.stdout.contains("succeeded"),
         "{l:?}"
     );
+
+    // `apps` (ListApps) names what runs now: this deployment, its image and endpoint.
+    let a = cli(s.grpc_addr, &["apps", "-o", "json"]);
+    assert_eq!(a.code, 0, "{a:?}");
+    let ours: Vec<_> = json_lines(&a.stdout)
+        .into_iter()
+        .filter(|x| x["app"] == app.as_str())
+        .collect();
+    assert_eq!(ours.len(), 1, "{a:?}");
+    assert_eq!(
+        ours[0]["current"]["deploymentId"],
+        id.as_str(),
+        "{}",
+        ours[0]
+    );
+    assert_eq!(ours[0]["current"]["image"], WEB1);
+    assert_eq!(
+        ours[0]["current"]["endpoints"]["8080/tcp"],
+        end["result"]["endpoints"]["8080/tcp"]
+    );
+    let a = cli(s.grpc_addr, &["apps", "-o", "plain"]);
+    let line = a.stdout.lines().find(|l| l.starts_with(app.as_str()));
+    assert!(
+        line.is_some_and(|l| l.contains(WEB1) && l.contains("succeeded")),
+        "{a:?}"
+    );
 }
 
 #[test]

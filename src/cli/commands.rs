@@ -8,12 +8,13 @@ use tokio::time::Instant;
 use super::connect::{Client, ConnectArgs, Failure};
 use super::follow::{Follower, Start, state_name};
 use super::proto::{
-    CancelRequest, DeploymentState, DeploymentStatus, GetStatusRequest, ListDeploymentsRequest,
+    App, CancelRequest, DeploymentState, DeploymentStatus, GetStatusRequest, ListAppsRequest,
+    ListDeploymentsRequest,
 };
 use super::render::{self, fmt_secs, phase_name, renderer, resolve};
 use super::{
-    CancelArgs, CommonArgs, DeployArgs, Exit, FollowArgs, ListArgs, Output, StateArg, StatusArgs,
-    WatchArgs,
+    AppsArgs, CancelArgs, CommonArgs, DeployArgs, Exit, FollowArgs, ListArgs, Output, StateArg,
+    StatusArgs, WatchArgs,
 };
 
 /// SIGINT as a stream, taken before anything slow so Ctrl-C is ours from the start.
@@ -181,6 +182,63 @@ pub async fn list(args: ListArgs) -> Exit {
         _ => print_table(&found),
     }
     Exit::Success
+}
+
+pub async fn apps(args: AppsArgs) -> Exit {
+    let mut interrupts = interrupts();
+    let mut client = match connect(&args.common.connect, &mut interrupts).await {
+        Ok(c) => c,
+        Err(exit) => return exit,
+    };
+    let apps = match client.list_apps(ListAppsRequest {}).await {
+        Ok(r) => r.into_inner().apps,
+        Err(status) => return args.common.connect.failure(&status).report(),
+    };
+    match resolve(args.common.output) {
+        Output::Json => apps.iter().for_each(print_json),
+        Output::Quiet => {}
+        _ => print_apps(&apps),
+    }
+    Exit::Success
+}
+
+/// One line per app: what runs now (image, endpoint, since when) and the latest
+/// deployment's state.
+fn print_apps(apps: &[App]) {
+    if apps.is_empty() {
+        eprintln!("no apps");
+        return;
+    }
+    let width = apps.iter().map(|a| a.app.len()).max().unwrap_or(3).max(3);
+    println!(
+        "{:<width$}  {:<36}  {:>8}  {:<30}  LATEST",
+        "APP", "RUNNING", "SINCE", "ENDPOINT"
+    );
+    for a in apps {
+        let current = a.current.as_ref();
+        let latest = a.latest.as_ref().map(|l| {
+            format!(
+                "{} {} {}",
+                l.deployment_id,
+                state_name(l.state()),
+                phase_name(l.phase())
+            )
+        });
+        println!(
+            "{:<width$}  {:<36}  {:>8}  {:<30}  {}",
+            a.app,
+            current.map(|c| c.image.as_str()).unwrap_or("-"),
+            current
+                .and_then(|c| c.since.as_ref())
+                .map(|t| fmt_secs(age(t)))
+                .unwrap_or_else(|| "-".into()),
+            current
+                .and_then(|c| c.endpoints.values().next())
+                .map(String::as_str)
+                .unwrap_or("-"),
+            latest.unwrap_or_default()
+        );
+    }
 }
 
 pub async fn cancel(args: CancelArgs) -> Exit {

@@ -1,4 +1,4 @@
-//! The client commands (`deploy`, `watch`, `status`, `list`, `cancel`): a tonic client
+//! The client commands (`deploy`, `watch`, `status`, `list`, `cancel`, `apps`): a tonic client
 //! of the public gRPC API, the follower that turns an update stream into an exit code
 //! (resume on a broken stream, `--timeout`, Ctrl-C), and the renderers (`tty`, `plain`,
 //! `json`, `quiet`).
@@ -80,6 +80,9 @@ pub enum Command {
     /// Cancel a queued or running deployment (the previous version keeps running).
     #[command(after_help = EXIT_CODES_HELP)]
     Cancel(CancelArgs),
+    /// What runs now, per app: image, endpoints, since when, and the latest deployment.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Apps(AppsArgs),
 }
 
 /// How to show what happens.
@@ -189,6 +192,12 @@ pub enum StateArg {
 }
 
 #[derive(Args, Debug)]
+pub struct AppsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Args, Debug)]
 pub struct CancelArgs {
     /// Deployment ID.
     pub id: String,
@@ -208,6 +217,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::Status(args) => commands::status(args).await,
         Command::List(args) => commands::list(args).await,
         Command::Cancel(args) => commands::cancel(args).await,
+        Command::Apps(args) => commands::apps(args).await,
     };
     exit.into()
 }
