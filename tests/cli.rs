@@ -591,30 +591,48 @@ fn spawn_server_on(port: u16, data: &Path, log: &Path) -> ServerProcess {
     }
 }
 
+/// A server binary on a fixed free port (so a restart keeps the address) and
+/// `stevedore deploy` of web:1 with a hook `HOOK` (plus `extra` flags) against it.
+struct DeployBehindServer {
+    _guard: AppGuard,
+    data: tempfile::TempDir,
+    log: std::path::PathBuf,
+    port: u16,
+    server: ServerProcess,
+    child: Child,
+}
+
+impl DeployBehindServer {
+    fn start(prefix: &str, hook: &str, extra: &[&str]) -> Self {
+        require_docker();
+        let app = unique_app(prefix);
+        let _guard = AppGuard(app.clone());
+        let data = tempfile::tempdir().unwrap();
+        let log = data.path().join("server.log");
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let server = spawn_server_on(port, data.path(), &log);
+        let mut args = vec![
+            "deploy", &app, WEB1, "-p", "8080", "--hook", hook, "-o", "json",
+        ];
+        args.extend_from_slice(extra);
+        let child = spawn_cli(addr, &args);
+        Self {
+            _guard,
+            data,
+            log,
+            port,
+            server,
+            child,
+        }
+    }
+}
+
 #[test]
 fn a_server_restarted_mid_deploy_and_the_cli_ends_with_the_terminal_result() {
-    require_docker();
-    let app = unique_app("cli-restart");
-    let _guard = AppGuard(app.clone());
-    let data = tempfile::tempdir().unwrap();
-    let log = data.path().join("server.log");
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut first = spawn_server_on(port, data.path(), &log);
-    let mut child = spawn_cli(
-        addr,
-        &[
-            "deploy",
-            &app,
-            WEB1,
-            "-p",
-            "8080",
-            "--hook",
-            "wait=sleep 4",
-            "-o",
-            "json",
-        ],
-    );
+    let d = DeployBehindServer::start("cli-restart", "wait=sleep 4", &[]);
+    let (mut first, mut child, port, log) = (d.server, d.child, d.port, d.log);
+    let data = d.data;
     let mut out = stdout_of(&mut child);
     out.until(|l| l.contains("PHASE_HOOKS"));
     // SIGTERM: the server ends open streams with UNAVAILABLE, lets the deployment
@@ -634,30 +652,12 @@ fn a_server_restarted_mid_deploy_and_the_cli_ends_with_the_terminal_result() {
 
 #[test]
 fn a_stream_that_cannot_resume_exits_4_with_the_command_to_resume() {
-    require_docker();
-    let app = unique_app("cli-giveup");
-    let _guard = AppGuard(app.clone());
-    let data = tempfile::tempdir().unwrap();
-    let log = data.path().join("server.log");
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut server = spawn_server_on(port, data.path(), &log);
-    let mut child = spawn_cli(
-        addr,
-        &[
-            "deploy",
-            &app,
-            WEB1,
-            "-p",
-            "8080",
-            "--hook",
-            "wait=sleep 30",
-            "-o",
-            "json",
-            "--reconnect-timeout",
-            "2s",
-        ],
+    let d = DeployBehindServer::start(
+        "cli-giveup",
+        "wait=sleep 30",
+        &["--reconnect-timeout", "2s"],
     );
+    let (mut server, mut child) = (d.server, d.child);
     let mut out = stdout_of(&mut child);
     let line = out.until(|l| l.contains("PHASE_HOOKS"));
     let id = deployment_id(&json_lines(&line));

@@ -143,11 +143,7 @@ impl SqliteStore {
             .bind(key)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.and_then(|r| {
-            uuid::Uuid::parse_str(r.get::<&str, _>(0))
-                .ok()
-                .map(DeploymentId)
-        }))
+        Ok(row.as_ref().and_then(first_column_id))
     }
 
     pub(crate) async fn list(
@@ -219,11 +215,7 @@ impl SqliteStore {
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.and_then(|r| {
-            uuid::Uuid::parse_str(r.get::<&str, _>(0))
-                .ok()
-                .map(DeploymentId)
-        }))
+        Ok(row.as_ref().and_then(first_column_id))
     }
 
     pub(crate) async fn record_removal(
@@ -427,4 +419,11 @@ pub(super) async fn writer(db: SqliteStore, mut rx: mpsc::UnboundedReceiver<Writ
             }
         }
     }
+}
+
+/// The deployment ID in a row's first column (rows of `SELECT id …`).
+fn first_column_id(row: &sqlx::sqlite::SqliteRow) -> Option<DeploymentId> {
+    uuid::Uuid::parse_str(row.get::<&str, _>(0))
+        .ok()
+        .map(DeploymentId)
 }
