@@ -352,6 +352,95 @@ async fn throttled_registry(rate: u64) -> String {
     addr.to_string()
 }
 
+/// A TCP proxy to the local registry that passes on the first `budget` bytes towards
+/// the client (over all connections), then stops forwarding while keeping every
+/// connection open: a registry that stalls in the middle of a blob.
+async fn stalling_registry(budget: usize) -> String {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let left = Arc::new(AtomicUsize::new(budget));
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let left = left.clone();
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(registry()).await else {
+                    return;
+                };
+                let (mut in_r, mut in_w) = inbound.into_split();
+                let (mut out_r, mut out_w) = outbound.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
+                });
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match out_r.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let take = left
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+                            Some(l.saturating_sub(n))
+                        })
+                        .unwrap()
+                        .min(n);
+                    if in_w.write_all(&buf[..take]).await.is_err() {
+                        break;
+                    }
+                    if take < n {
+                        // Stalled: hold the connection open, send nothing more.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    addr.to_string()
+}
+
+/// A registry that stops sending in the middle of a blob fails the deployment in
+/// PULLING once the pull has been silent for `--docker-timeout`, with a message
+/// naming the stall, long before the deployment's own deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pull_that_stalls_mid_blob_fails_naming_the_stall() {
+    require_docker();
+    let (image, _) = push_random_image(8);
+    // Manifest and config are a few KiB: 2 MiB ends inside the 8 MiB layer.
+    let proxy = stalling_registry(2 * 1024 * 1024).await;
+    let image = image.replacen(&registry(), &proxy, 1);
+    let app = unique_app("stall");
+    let _guard = AppGuard(app.clone());
+    let server = TestServer::start_with(
+        |c| c.docker_timeout = Duration::from_secs(8),
+        stevedore::events::ObserverRegistry::new(),
+    )
+    .await;
+    let mut client = server.client().await;
+    // The request's deadline is 120 s: the stall must end it first.
+    let log = deploy(&mut client, web_request(&app, &image)).await;
+    assert_well_formed(&log);
+    assert!(
+        log.iter().any(|u| u.pull.as_ref().is_some_and(|p| {
+            p.image_current_bytes > 0 && p.image_current_bytes < p.image_total_bytes
+        })),
+        "the pull had started sending the layer before it stalled"
+    );
+    let end = terminal(&log);
+    assert_eq!(end.phase(), proto::Phase::Failed, "{}", end.message);
+    assert!(
+        end.message
+            .contains("image pull (no progress) timed out after 8s"),
+        "{}",
+        end.message
+    );
+    let d = end.result.clone().unwrap().diagnostics.unwrap();
+    assert_eq!(d.failed_phase(), proto::Phase::Pulling);
+    assert!(app_containers(&app).is_empty());
+    server.stop().await;
+}
+
 /// Cancels the deployment in `phase` (reached when `reached` holds) with a deploy of
 /// WEB2 queued behind it; checks everything the issue asks of a cancel.
 async fn cancel_scenario(image: String, reached: impl Fn(&ProgressUpdate) -> bool) {

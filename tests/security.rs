@@ -288,6 +288,14 @@ async fn every_rpc_answers_by_token_scope() {
     assert!(all.deployments.iter().all(|d| d.app != refused_app));
     assert_eq!(all.deployments.len(), 1);
 
+    // Each refusal is counted once, by kind, on /metrics: no or an unknown token ×
+    // (3 read RPCs + Deploy + Cancel), and the read token × (Deploy + Cancel).
+    let (_, metrics) = http_get(&format!("http://{}/metrics", server.http_addr)).await;
+    for (limit, count) in [("unauthenticated", 10), ("permission_denied", 2)] {
+        let line = format!("stevedore_rejections_total{{limit=\"{limit}\"}} {count}");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+
     // The caller's token name is recorded, never the secret.
     let status = client
         .get_status(authed(
@@ -600,17 +608,21 @@ async fn mtls_admits_only_clients_with_a_cert_from_the_ca() {
     .await;
     let url = format!("https://{}", server.grpc_addr);
 
+    /// Lists over `url`; an error says whether the connection or the call failed.
     async fn list_with(url: &str, tls: Option<ClientTlsConfig>) -> Result<(), String> {
         let mut endpoint = Channel::from_shared(url.to_owned()).unwrap();
         if let Some(tls) = tls {
             endpoint = endpoint.tls_config(tls).map_err(|e| e.to_string())?;
         }
-        let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
         proto::deployer_client::DeployerClient::new(channel)
             .list_deployments(ListDeploymentsRequest::default())
             .await
             .map(drop)
-            .map_err(|e| format!("{e:?}"))
+            .map_err(|e| format!("call: {e:?}"))
     }
     let tls = |identity: Option<(&str, &str)>| {
         let mut t = ClientTlsConfig::new()
@@ -625,12 +637,24 @@ async fn mtls_admits_only_clients_with_a_cert_from_the_ca() {
     list_with(&url, Some(tls(Some((&client_cert, &client_key)))))
         .await
         .expect("a client with a cert from the CA is served");
-    let plaintext = list_with(&format!("http://{}", server.grpc_addr), None).await;
-    assert!(plaintext.is_err(), "plaintext was served");
-    let wrong = list_with(&url, Some(tls(Some((&wrong_cert, &wrong_key))))).await;
-    assert!(wrong.is_err(), "a cert from another CA was accepted");
-    let no_cert = list_with(&url, Some(tls(None))).await;
-    assert!(no_cert.is_err(), "a client without a cert was accepted");
+    // Each refusal is the TLS listener's, after a TCP connection was made (not a
+    // server that cannot be reached): plaintext is hung up on, the TLS alerts name
+    // the reason.
+    let plaintext = list_with(&format!("http://{}", server.grpc_addr), None)
+        .await
+        .expect_err("plaintext was served");
+    assert!(
+        plaintext.starts_with("call: ") && plaintext.contains("transport error"),
+        "{plaintext}"
+    );
+    let wrong = list_with(&url, Some(tls(Some((&wrong_cert, &wrong_key)))))
+        .await
+        .expect_err("a cert from another CA was accepted");
+    assert!(wrong.contains("UnknownCA"), "{wrong}");
+    let no_cert = list_with(&url, Some(tls(None)))
+        .await
+        .expect_err("a client without a cert was accepted");
+    assert!(no_cert.contains("CertificateRequired"), "{no_cert}");
 
     // The HTTP listener takes the same settings.
     let healthz = format!("https://localhost:{}/healthz", server.http_addr.port());
@@ -664,15 +688,23 @@ async fn mtls_admits_only_clients_with_a_cert_from_the_ca() {
         String::from_utf8_lossy(&ok.stderr)
     );
     assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok"));
+    // Without a client cert: a TLS failure once connected (35 SSL connect error, 55
+    // send or 56 receive failure), not 7 (cannot connect) or 28 (timeout).
     let no_cert = curl(&[], &healthz).await;
     assert!(
-        !no_cert.status.success() || !String::from_utf8_lossy(&no_cert.stdout).starts_with("ok"),
-        "HTTP without a client cert was served"
+        matches!(no_cert.status.code(), Some(35 | 55 | 56)),
+        "HTTP without a client cert: {:?} {}",
+        no_cert.status,
+        String::from_utf8_lossy(&no_cert.stderr)
     );
+    // Plain HTTP gets the TLS listener's alert bytes back, which curl reads as a
+    // malformed (HTTP/0.9) answer: the listener was reached and spoke only TLS.
     let plain = curl(&[], &format!("http://127.0.0.1:{port}/healthz")).await;
+    let plain_err = String::from_utf8_lossy(&plain.stderr);
     assert!(
-        !String::from_utf8_lossy(&plain.stdout).starts_with("ok"),
-        "plaintext HTTP was served"
+        plain.status.code() == Some(1) && plain_err.contains("HTTP/0.9"),
+        "plaintext HTTP: {:?} {plain_err}",
+        plain.status
     );
     server.stop().await;
 }
@@ -810,6 +842,98 @@ async fn an_oversized_request_gets_a_clear_error() {
     req.labels.insert("small".into(), "x".repeat(1024));
     let e = client.deploy(req).await.expect_err("refused");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    server.stop().await;
+}
+
+/// `--max-response-bytes`: a message over it fails the call with OUT_OF_RANGE naming
+/// the limit; smaller answers on the same server are served.
+#[tokio::test]
+async fn an_answer_over_max_response_bytes_fails_with_out_of_range() {
+    require_docker();
+    let server =
+        TestServer::start_with(|c| c.limits.max_response_bytes = 1024, Default::default()).await;
+    let mut client = server.client().await;
+    let app = unique_app("biganswer");
+    let _guard = AppGuard(app.clone());
+    // The first update lists the env keys: 40 keys of 40 bytes make it over 1 KiB. The
+    // image does not exist, so the deployment ends on its own in PULLING.
+    let image = format!(
+        "{}/stevedore-test/missing-{}:1",
+        registry(),
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
+    let mut req = web_request(&app, &image);
+    for i in 0..40 {
+        req.env.insert(format!("KEY_{i:036}"), "v".into());
+    }
+    let mut stream = client.deploy(req).await.expect("accepted").into_inner();
+    let e = tokio::time::timeout(Duration::from_secs(60), stream.message())
+        .await
+        .expect("the stream answers")
+        .expect_err("an update over the limit was sent");
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert!(e.message().contains("1024"), "{e:?}");
+    let listed = client
+        .list_deployments(ListDeploymentsRequest {
+            app: app.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("a small answer is served")
+        .into_inner();
+    assert_eq!(listed.deployments.len(), 1);
+    server.stop().await;
+}
+
+/// `--keepalive-interval` / `--keepalive-timeout`: a client that completes the HTTP/2
+/// handshake but never answers a PING is pinged, then disconnected.
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start_with(
+        |c| {
+            c.limits.keepalive_interval = Duration::from_secs(1);
+            c.limits.keepalive_timeout = Duration::from_secs(1);
+        },
+        Default::default(),
+    )
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(server.grpc_addr)
+        .await
+        .unwrap();
+    // The connection preface and an empty SETTINGS frame; nothing else, ever.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut received = Vec::new();
+    let read_all = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    // 20 s: far above the 2 s the flags give, below the 40 s of the defaults (so a
+    // server that ignored the flags fails here).
+    tokio::time::timeout(Duration::from_secs(20), read_all)
+        .await
+        .expect("the server closed the connection of a client that does not answer pings");
+    // Walk the frames (9-byte headers): a PING (type 6) without the ACK flag was sent.
+    let mut frame_types = Vec::new();
+    let mut at = 0;
+    while at + 9 <= received.len() {
+        let len = u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]]);
+        frame_types.push((received[at + 3], received[at + 4]));
+        at += 9 + len as usize;
+    }
+    assert!(
+        frame_types
+            .iter()
+            .any(|&(t, flags)| t == 6 && flags & 1 == 0),
+        "no PING among the frames (type, flags) {frame_types:?}"
+    );
     server.stop().await;
 }
 

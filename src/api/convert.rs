@@ -843,6 +843,27 @@ mod tests {
                 }),
                 "deadline: ",
             ),
+            (
+                Box::new(|r| r.ports.push(r.ports[0].clone())),
+                "ports[1]: container port 8080/tcp is listed twice",
+            ),
+            (
+                Box::new(|r| {
+                    r.ports[0].host_port = 18080;
+                    r.ports.push(proto::PortMapping {
+                        container_port: 9090,
+                        ..r.ports[0].clone()
+                    });
+                }),
+                "ports[1].host_port: host port 18080 is used twice",
+            ),
+            (
+                Box::new(|r| {
+                    // 128 KiB of value plus the key and its separators: over the bound.
+                    r.env.insert("BIG".into(), "x".repeat(MAX_ENV_BYTES));
+                }),
+                "env: ",
+            ),
         ];
         for (mutate, expected) in cases {
             let mut r = request();

@@ -148,6 +148,37 @@ mod tests {
         );
     }
 
+    /// A host port below 1024 is refused, naming the port, unless the server allows
+    /// privileged ports; 0 (any port) and 1024 are not privileged.
+    #[test]
+    fn privileged_host_ports_need_the_flag() {
+        let spec = |host_port: u32| {
+            let req = crate::proto::DeployRequest {
+                app: "web".into(),
+                image: "127.0.0.1:5000/stevedore-test/web:1".into(),
+                ports: vec![crate::proto::PortMapping {
+                    container_port: 8080,
+                    host_port,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            crate::api::convert::deploy_spec(req, "test".into()).unwrap()
+        };
+        let strict = DeployPolicy::new(&[], false);
+        let e = strict.check(&spec(80)).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message()
+                .starts_with("ports[0].host_port: 80 is a privileged port"),
+            "{e:?}"
+        );
+        assert!(strict.check(&spec(1023)).is_err());
+        assert!(strict.check(&spec(1024)).is_ok());
+        assert!(strict.check(&spec(0)).is_ok());
+        assert!(DeployPolicy::new(&[], true).check(&spec(80)).is_ok());
+    }
+
     #[test]
     fn prefixes_end_at_a_boundary() {
         let p = DeployPolicy::new(&["127.0.0.1:5000".into(), "busybox".into()], false);

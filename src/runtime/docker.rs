@@ -50,6 +50,7 @@ pub struct DockerRuntime {
     endpoint: String,
     public_host: String,
     call_timeout: Duration,
+    /// Longest silence in a pull's progress stream (`--docker-timeout`, like each call).
     pull_idle_timeout: Duration,
     /// Caps the Docker API calls in progress at once; others wait their turn.
     calls: std::sync::Arc<tokio::sync::Semaphore>,
@@ -98,7 +99,7 @@ impl DockerRuntime {
             endpoint: host.to_owned(),
             public_host,
             call_timeout,
-            pull_idle_timeout: Duration::from_secs(120),
+            pull_idle_timeout: call_timeout,
             calls: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 crate::limits::DEFAULT_MAX_DOCKER_CALLS,
             )),
