@@ -353,8 +353,8 @@ async fn throttled_registry(rate: u64) -> String {
 }
 
 /// A TCP proxy to the local registry that passes on the first `budget` bytes towards
-/// the client (over all connections), then stops forwarding while keeping every
-/// connection open: a registry that stalls in the middle of a blob.
+/// the client (over all connections, at 4 MiB/s), then stops forwarding while keeping
+/// every connection open: a registry that stalls in the middle of a blob.
 async fn stalling_registry(budget: usize) -> String {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -393,6 +393,9 @@ async fn stalling_registry(budget: usize) -> String {
                         // Stalled: hold the connection open, send nothing more.
                         std::future::pending::<()>().await;
                     }
+                    // 4 MiB/s until then, so the engine reports the layer's bytes
+                    // (it reports progress at most every so often, not per read).
+                    tokio::time::sleep(Duration::from_secs_f64(n as f64 / (4 << 20) as f64)).await;
                 }
             });
         }
@@ -406,9 +409,9 @@ async fn stalling_registry(budget: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pull_that_stalls_mid_blob_fails_naming_the_stall() {
     require_docker();
-    let (image, _) = push_random_image(8);
-    // Manifest and config are a few KiB: 2 MiB ends inside the 8 MiB layer.
-    let proxy = stalling_registry(2 * 1024 * 1024).await;
+    let (image, _) = push_random_image(24);
+    // Manifest and config are a few KiB: 8 MiB ends inside the 24 MiB layer.
+    let proxy = stalling_registry(8 * 1024 * 1024).await;
     let image = image.replacen(&registry(), &proxy, 1);
     let app = unique_app("stall");
     let _guard = AppGuard(app.clone());
