@@ -308,6 +308,60 @@ async fn restart_keeps_history_and_ends_interrupted_deployments() {
     drop(c);
 }
 
+/// SIGTERM with a deployment running and time left in the grace: the open stream ends
+/// with UNAVAILABLE and the resume point, a new Deploy is refused with UNAVAILABLE,
+/// and the running deployment finishes (SUCCEEDED, its version serving) before the
+/// process exits cleanly. The next server reports it finished, not interrupted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_a_running_deployment_finish_within_the_grace() {
+    require_docker();
+    let app = unique_app("grace");
+    let _guard = AppGuard(app.clone());
+    let data = tempfile::tempdir().unwrap();
+    let a = BinaryServer::spawn(data.path(), &["--shutdown-grace", "120s"]);
+    let mut client = connect(a.grpc_addr).await;
+    let mut req = web_request(&app, WEB2);
+    req.hooks = vec![proto::Hook {
+        name: "wait".into(),
+        command: vec!["sleep".into(), "4".into()],
+        tty: false,
+        timeout: secs(60),
+    }];
+    let (seen, mut stream) = deploy_until(&mut client, req, in_phase(proto::Phase::Hooks)).await;
+    let id = seen[0].deployment_id.clone();
+    signal(&["-TERM", &a.child.id().to_string()]);
+    let (_, end) = stream.drain().await;
+    let end = end.expect("the stream ends with a status on shutdown");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    let refused = client
+        .deploy(web_request(&unique_app("grace-late"), WEB1))
+        .await
+        .expect_err("a deploy during shutdown was accepted");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let mut a = a;
+    let exit = a.child.wait().unwrap();
+    assert!(exit.success(), "SIGTERM exits cleanly: {exit:?}");
+    assert_eq!(
+        app_containers(&app),
+        deployment_containers(&id),
+        "the finished deployment's container is the app's"
+    );
+    assert_eq!(app_containers(&app).len(), 1);
+
+    let b = BinaryServer::spawn(data.path(), &[]);
+    let mut client = connect(b.grpc_addr).await;
+    let finished = status(&mut client, &id).await.unwrap();
+    assert_eq!(
+        finished.state(),
+        proto::DeploymentState::Succeeded,
+        "{}",
+        finished.error
+    );
+    let log = watch(&mut client, &id, 0).await.unwrap();
+    assert_well_formed(&log);
+    assert_eq!(terminal(&log).phase(), proto::Phase::Complete);
+}
+
 /// `kill ARGS` (a signal to a process this test started).
 fn signal(args: &[&str]) {
     let ok = std::process::Command::new("kill")

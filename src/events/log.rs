@@ -375,6 +375,26 @@ mod tests {
         assert_eq!(seqs, (501..=1000).collect::<Vec<_>>());
     }
 
+    /// A log resumed after a restart continues the stored sequence: the next update
+    /// is `after + 1`, and what came before is not in memory.
+    #[tokio::test]
+    async fn a_resumed_log_continues_after_the_stored_sequence() {
+        let log = Arc::new(DeploymentLog::resumed(41));
+        assert_eq!(log.last_sequence(), 41);
+        let stream = log.subscribe(41).unwrap();
+        log.append(update(42, false));
+        log.append(update(43, true));
+        let seqs: Vec<u64> = stream.map(|u| u.unwrap().sequence).collect().await;
+        assert_eq!(seqs, vec![42, 43]);
+        assert_eq!(
+            log.subscribe(40).err(),
+            Some(LogError::OutOfRange {
+                requested: 41,
+                oldest: 42
+            })
+        );
+    }
+
     #[tokio::test]
     async fn out_of_range_names_the_oldest() {
         let log = Arc::new(DeploymentLog::from_updates(
