@@ -298,6 +298,15 @@ mod tests {
         Update::for_test(seq, terminal)
     }
 
+    /// The sequences a stream yields until it ends; fails instead of hanging when it
+    /// does not end (a lost update or a log that never closes).
+    async fn sequences(stream: UpdateStream) -> Vec<u64> {
+        let all = stream.map(|u| u.unwrap().sequence).collect();
+        tokio::time::timeout(std::time::Duration::from_secs(10), all)
+            .await
+            .expect("the stream did not end within 10 s")
+    }
+
     #[tokio::test]
     async fn replays_then_follows_until_terminal() {
         let log = Arc::new(DeploymentLog::new());
@@ -317,7 +326,7 @@ mod tests {
                 log.append(update(601, true));
             })
         };
-        let seqs: Vec<u64> = stream.map(|u| u.unwrap().sequence).collect().await;
+        let seqs = sequences(stream).await;
         writer.await.unwrap();
         assert_eq!(seqs, (2..=601).collect::<Vec<_>>());
     }
@@ -327,14 +336,8 @@ mod tests {
         let log = Arc::new(DeploymentLog::new());
         log.append(update(1, false));
         log.append(update(2, true));
-        let seqs: Vec<u64> = log
-            .subscribe(0)
-            .unwrap()
-            .map(|u| u.unwrap().sequence)
-            .collect()
-            .await;
-        assert_eq!(seqs, vec![1, 2]);
-        assert_eq!(log.subscribe(2).unwrap().count().await, 0);
+        assert_eq!(sequences(log.subscribe(0).unwrap()).await, vec![1, 2]);
+        assert!(sequences(log.subscribe(2).unwrap()).await.is_empty());
     }
 
     struct Memory(Vec<Arc<Update>>);
@@ -369,9 +372,9 @@ mod tests {
         for u in &all[995..] {
             log.append_shared(u.clone());
         }
-        let seqs: Vec<u64> = early.map(|u| u.unwrap().sequence).collect().await;
+        let seqs = sequences(early).await;
         assert_eq!(seqs, (1..=1000).collect::<Vec<_>>());
-        let seqs: Vec<u64> = late.map(|u| u.unwrap().sequence).collect().await;
+        let seqs = sequences(late).await;
         assert_eq!(seqs, (501..=1000).collect::<Vec<_>>());
     }
 
@@ -384,7 +387,7 @@ mod tests {
         let stream = log.subscribe(41).unwrap();
         log.append(update(42, false));
         log.append(update(43, true));
-        let seqs: Vec<u64> = stream.map(|u| u.unwrap().sequence).collect().await;
+        let seqs = sequences(stream).await;
         assert_eq!(seqs, vec![42, 43]);
         assert_eq!(
             log.subscribe(40).err(),
