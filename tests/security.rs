@@ -885,13 +885,16 @@ async fn an_answer_over_max_response_bytes_fails_with_out_of_range() {
     server.stop().await;
 }
 
-/// `--keepalive-interval` / `--keepalive-timeout`: a client that completes the HTTP/2
-/// handshake but never answers a PING is pinged, then disconnected.
+/// The HTTP/2 flags reach the wire: the server's SETTINGS announce
+/// `--max-concurrent-streams`, and with `--keepalive-interval` / `--keepalive-timeout`
+/// a client that completes the handshake but never answers a PING is pinged, then
+/// disconnected.
 #[tokio::test]
-async fn a_client_that_never_answers_pings_is_disconnected() {
+async fn http2_limits_reach_the_wire_and_a_client_that_never_answers_pings_is_dropped() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = TestServer::start_with(
         |c| {
+            c.limits.max_concurrent_streams = 7;
             c.limits.keepalive_interval = Duration::from_secs(1);
             c.limits.keepalive_timeout = Duration::from_secs(1);
         },
@@ -920,19 +923,37 @@ async fn a_client_that_never_answers_pings_is_disconnected() {
     tokio::time::timeout(Duration::from_secs(20), read_all)
         .await
         .expect("the server closed the connection of a client that does not answer pings");
-    // Walk the frames (9-byte headers): a PING (type 6) without the ACK flag was sent.
-    let mut frame_types = Vec::new();
+    // Walk the frames: a 9-byte header (length, type, flags, stream), then the payload.
+    let mut frames: Vec<(u8, u8, &[u8])> = Vec::new();
     let mut at = 0;
     while at + 9 <= received.len() {
         let len = u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]]);
-        frame_types.push((received[at + 3], received[at + 4]));
-        at += 9 + len as usize;
+        let end = (at + 9 + len as usize).min(received.len());
+        frames.push((received[at + 3], received[at + 4], &received[at + 9..end]));
+        at = end;
     }
+    let kinds: Vec<(u8, u8)> = frames.iter().map(|f| (f.0, f.1)).collect();
+    // The server's own SETTINGS (type 4, not an ACK): 6-byte (id, value) pairs;
+    // SETTINGS_MAX_CONCURRENT_STREAMS is id 3.
+    let settings = frames
+        .iter()
+        .find(|f| f.0 == 4 && f.1 & 1 == 0)
+        .unwrap_or_else(|| panic!("no SETTINGS among the frames (type, flags) {kinds:?}"));
+    let params: Vec<(u16, u32)> = settings
+        .2
+        .chunks_exact(6)
+        .map(|p| {
+            (
+                u16::from_be_bytes([p[0], p[1]]),
+                u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+            )
+        })
+        .collect();
+    assert!(params.contains(&(3, 7)), "SETTINGS {params:?}");
+    // A PING (type 6) without the ACK flag was sent before the hang-up.
     assert!(
-        frame_types
-            .iter()
-            .any(|&(t, flags)| t == 6 && flags & 1 == 0),
-        "no PING among the frames (type, flags) {frame_types:?}"
+        kinds.iter().any(|&(t, flags)| t == 6 && flags & 1 == 0),
+        "no PING among the frames (type, flags) {kinds:?}"
     );
     server.stop().await;
 }
@@ -973,6 +994,11 @@ async fn a_refused_registry_or_privileged_port_gets_permission_denied() {
 
     let rejections = server.server.as_ref().unwrap().engine.rejections().clone();
     assert_eq!(rejections.get(Rejection::Policy), 3);
+    let (_, metrics) = http_get(&server.http_url("/metrics")).await;
+    assert!(
+        metrics.contains(r#"stevedore_rejections_total{limit="policy"} 3"#),
+        "{metrics}"
+    );
     assert!(app_containers(&app).is_empty());
     server.stop().await;
 }
