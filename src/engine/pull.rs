@@ -170,6 +170,33 @@ mod tests {
         assert_eq!(t.fraction(), 1.0);
     }
 
+    /// A layer whose size is not known yet weighs the average of the known sizes:
+    /// 100 bytes of (1000 + 3000 + the average 2000).
+    #[test]
+    fn an_unsized_layer_weighs_the_average_known_size() {
+        let mut t = PullTracker::default();
+        t.apply(&ev("a", LayerStatus::Downloading, Some(100), Some(1000)));
+        t.apply(&ev("b", LayerStatus::Downloading, Some(0), Some(3000)));
+        t.apply(&ev("c", LayerStatus::Pending, None, None));
+        assert_eq!(t.fraction(), 100.0 / 6000.0);
+    }
+
+    /// With no size known at all, the fraction is the share of the layers to fetch
+    /// that are done (a present layer is not one of them).
+    #[test]
+    fn without_sizes_the_fraction_is_the_share_of_layers_done() {
+        let mut t = PullTracker::default();
+        t.apply(&ev("base", LayerStatus::AlreadyExists, None, None));
+        for id in ["a", "b", "c", "d"] {
+            t.apply(&ev(id, LayerStatus::Pending, None, None));
+        }
+        t.apply(&ev("a", LayerStatus::Done, None, None));
+        assert_eq!(t.fraction(), 0.25);
+        t.apply(&ev("b", LayerStatus::Done, None, None));
+        t.apply(&ev("c", LayerStatus::Done, None, None));
+        assert_eq!(t.fraction(), 0.75);
+    }
+
     #[test]
     fn a_layer_never_goes_backwards() {
         let mut t = PullTracker::default();

@@ -187,6 +187,44 @@ mod tests {
         check(inserted, 2);
     }
 
+    /// A log whose records are chained by the formula, with the `seq` and
+    /// `prev_hash` fields as given (`None`: the true previous hash): each record's
+    /// hash is right, so only the field checks can find a bad link.
+    fn chained(fields: &[(u64, Option<&str>)]) -> Vec<u8> {
+        let mut prev = GENESIS.to_owned();
+        let mut log = Vec::new();
+        for (seq, prev_field) in fields {
+            let mut record = serde_json::Map::new();
+            record.insert("event".into(), "accepted".into());
+            record.insert("prev_hash".into(), prev_field.unwrap_or(&prev).into());
+            record.insert("seq".into(), (*seq).into());
+            let hash = chain_hash(&prev, &serde_json::to_vec(&record).unwrap());
+            record.insert("hash".into(), hash.clone().into());
+            log.extend(serde_json::to_vec(&record).unwrap());
+            log.push(b'\n');
+            prev = hash;
+        }
+        log
+    }
+
+    /// `seq` and `prev_hash` are each checked, not only through the hash: a record
+    /// numbered out of turn, or naming another predecessor, fails on that field.
+    #[test]
+    fn verify_checks_seq_and_prev_hash_fields() {
+        let report = verify_reader(chained(&[(1, None), (2, None)]).as_slice()).unwrap();
+        assert_eq!(report.records, 2);
+        let err = verify_reader(chained(&[(1, None), (3, None)]).as_slice()).unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(err.reason.starts_with("seq is 3, expected 2"), "{err}");
+        let err = verify_reader(chained(&[(1, None), (2, Some(GENESIS))]).as_slice()).unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(
+            err.reason
+                .starts_with("prev_hash is not the hash of the record before"),
+            "{err}"
+        );
+    }
+
     /// Known answer: two records chained by the documented formula, the hashes
     /// computed once outside this code (Python `hashlib.sha256` of
     /// `prev_hash + "\n" + canonical JSON`). A change to the formula (separator,
