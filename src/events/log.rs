@@ -398,6 +398,20 @@ mod tests {
         );
     }
 
+    /// The cursor says where to resume: the `after` subscribed with until something
+    /// is yielded, then the last sequence yielded.
+    #[tokio::test]
+    async fn the_cursor_is_where_to_resume() {
+        let log = Arc::new(DeploymentLog::new());
+        for s in 1..=5 {
+            log.append(update(s, false));
+        }
+        let mut stream = log.subscribe(3).unwrap();
+        assert_eq!(stream.cursor(), 3);
+        assert_eq!(stream.next().await.unwrap().unwrap().sequence, 4);
+        assert_eq!(stream.cursor(), 4);
+    }
+
     #[tokio::test]
     async fn out_of_range_names_the_oldest() {
         let log = Arc::new(DeploymentLog::from_updates(
