@@ -412,6 +412,29 @@ mod tests {
         assert_eq!(stream.cursor(), 4);
     }
 
+    /// A reader behind a bounded log whose backfill no longer has the updates it
+    /// needs (retention removed them) gets OUT_OF_RANGE naming the first one missing
+    /// and the oldest still held, and its stream ends.
+    #[tokio::test]
+    async fn a_backfill_that_lost_the_updates_ends_the_stream_out_of_range() {
+        let log = Arc::new(DeploymentLog::bounded(2, Arc::new(Memory(Vec::new()))));
+        for s in 1..=4 {
+            log.append(update(s, false));
+        }
+        let mut stream = log.subscribe(1).unwrap();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+            .await
+            .expect("the reader gave up instead of asking the backfill forever");
+        assert_eq!(
+            first.unwrap().err(),
+            Some(LogError::OutOfRange {
+                requested: 2,
+                oldest: 3
+            })
+        );
+        assert!(stream.next().await.is_none());
+    }
+
     #[tokio::test]
     async fn out_of_range_names_the_oldest() {
         let log = Arc::new(DeploymentLog::from_updates(
