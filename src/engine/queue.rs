@@ -163,6 +163,14 @@ mod tests {
         AppName::parse(s).unwrap()
     }
 
+    /// The ticket's next position; fails instead of hanging when the queue never
+    /// moves it (a leave that does not move the line on).
+    async fn next_position(ticket: &mut Ticket) -> u32 {
+        tokio::time::timeout(std::time::Duration::from_secs(10), ticket.changed())
+            .await
+            .expect("the position did not change within 10 s")
+    }
+
     #[tokio::test]
     async fn fifo_with_positions_and_leaving() {
         let q = AppQueues::new(usize::MAX, usize::MAX);
@@ -177,13 +185,13 @@ mod tests {
         let mut tc = q.admit(&app, c).unwrap();
         assert_eq!((ta.position(), tb.position(), tc.position()), (0, 1, 2));
         drop(tb); // b leaves the line: c moves up
-        assert_eq!(tc.changed().await, 1);
+        assert_eq!(next_position(&mut tc).await, 1);
         drop(ta); // a finishes: c runs
-        assert_eq!(tc.changed().await, 0);
+        assert_eq!(next_position(&mut tc).await, 0);
         tb = q.admit(&app, b).unwrap();
         assert_eq!(tb.position(), 1);
         drop(tc);
-        assert_eq!(tb.changed().await, 0);
+        assert_eq!(next_position(&mut tb).await, 0);
         drop(tb);
         assert!(q.inner.lock().unwrap().is_empty());
     }
