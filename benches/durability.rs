@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 fn update(id: DeploymentId, app: &AppName, seq: u64, terminal: bool) -> Update {
     Update {
+        operation: Default::default(),
         deployment_id: id,
         sequence: seq,
         app: app.clone(),
@@ -70,6 +71,7 @@ fn status_of(
     now: SystemTime,
 ) -> DeploymentStatus {
     DeploymentStatus {
+        operation: Default::default(),
         id,
         app: app.clone(),
         image: "127.0.0.1:5000/bench/app:1".into(),

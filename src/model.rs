@@ -338,6 +338,44 @@ impl Phase {
     }
 }
 
+/// What a deployment-like operation does. A removal (RemoveApp) is an operation of
+/// its own with an ID, a log, a status and a place in its app's queue, like a deploy;
+/// it goes QUEUED → SWITCHING (stopping the app's containers) → CLEANUP (removing them)
+/// → COMPLETE.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum Operation {
+    #[default]
+    Deploy,
+    RemoveApp,
+}
+
+impl Operation {
+    pub fn is_deploy(&self) -> bool {
+        *self == Operation::Deploy
+    }
+
+    /// The machine label (audit records, webhooks, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Deploy => "deploy",
+            Operation::RemoveApp => "remove_app",
+        }
+    }
+
+    /// `(start offset, weight)` of `phase` in this operation's `total_progress`. A
+    /// removal spends its time stopping (SWITCHING) and little removing (CLEANUP).
+    pub fn phase_span(self, phase: Phase) -> (f64, f64) {
+        match (self, phase) {
+            (Operation::Deploy, p) => (p.start_offset(), p.weight()),
+            (Operation::RemoveApp, Phase::Switching) => (0.0, 0.8),
+            (Operation::RemoveApp, Phase::Cleanup) => (0.8, 0.2),
+            (Operation::RemoveApp, _) => (0.0, 0.0),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Level {
     Info,
@@ -416,6 +454,9 @@ pub struct DeploymentResult {
     /// Deploys from source: the commit fetched (and built).
     #[serde(default)]
     pub commit: String,
+    /// A removal: the app's containers stopped and removed.
+    #[serde(default)]
+    pub containers_removed: u32,
 }
 
 /// What an update is about, for observers that react to some kinds only. What an
@@ -520,6 +561,9 @@ pub struct Refusal {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Update {
     pub deployment_id: DeploymentId,
+    /// A deploy, or a removal (RemoveApp). Stored only when not a deploy.
+    #[serde(default, skip_serializing_if = "Operation::is_deploy")]
+    pub operation: Operation,
     pub sequence: u64,
     pub app: AppName,
     pub kind: EventKind,
@@ -563,6 +607,7 @@ impl Update {
     pub fn for_test(sequence: u64, terminal: bool) -> Self {
         Self {
             deployment_id: DeploymentId::new(),
+            operation: Operation::Deploy,
             sequence,
             app: AppName::parse("app").expect("valid app name"),
             kind: if terminal {
@@ -591,6 +636,9 @@ impl Update {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct DeploymentStatus {
     pub id: DeploymentId,
+    /// A deploy, or a removal (RemoveApp).
+    #[serde(default)]
+    pub operation: Operation,
     pub app: AppName,
     pub image: String,
     pub state: DeploymentState,

@@ -360,6 +360,16 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
     })
 }
 
+/// A RemoveAppRequest: the app, and the stop grace (`None`: each container's own).
+pub fn removal(req: &proto::RemoveAppRequest) -> Result<(AppName, Option<Duration>), Status> {
+    let app = AppName::parse(&req.app).map_err(|e| invalid("app", e))?;
+    let grace = req.stop_timeout.as_ref().map(|d| {
+        let (zero, min) = (Duration::ZERO, Duration::from_millis(1));
+        duration("stop_timeout", Some(d), zero, min, MAX_STOP_TIMEOUT)
+    });
+    Ok((app, grace.transpose()?.filter(|d| !d.is_zero())))
+}
+
 fn health(h: Option<&proto::HealthCheck>, ports: &[PortSpec]) -> Result<HealthSpec, Status> {
     let timeout = duration(
         "health_check.timeout",
@@ -522,12 +532,14 @@ fn result(r: &model::DeploymentResult) -> proto::DeploymentResult {
             log_tail: d.log_tail.clone(),
         }),
         commit: r.commit.clone(),
+        containers_removed: r.containers_removed,
     }
 }
 
 pub fn update(u: &model::Update) -> proto::ProgressUpdate {
     proto::ProgressUpdate {
         deployment_id: u.deployment_id.to_string(),
+        operation: operation(u.operation) as i32,
         sequence: u.sequence,
         app: u.app.to_string(),
         phase: phase(u.phase) as i32,
@@ -564,9 +576,17 @@ fn eta(e: &crate::engine::eta::Eta) -> proto::Eta {
     }
 }
 
+fn operation(o: model::Operation) -> proto::Operation {
+    match o {
+        model::Operation::Deploy => proto::Operation::Deploy,
+        model::Operation::RemoveApp => proto::Operation::RemoveApp,
+    }
+}
+
 pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
     proto::DeploymentStatus {
         deployment_id: s.id.to_string(),
+        operation: operation(s.operation) as i32,
         app: s.app.to_string(),
         image: s.image.clone(),
         state: state(s.state) as i32,

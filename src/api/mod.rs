@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 use crate::engine::{Engine, EngineError, ListQuery};
 use crate::events::{LogError, UpdateStream};
 use crate::limits::Rejection;
-use crate::model::AppName;
+use crate::model::{AppName, DeploymentState, EventKind};
 use crate::proto;
 use crate::proto::deployer_server::Deployer;
 
@@ -396,21 +396,45 @@ impl Deployer for DeployerService {
         &self,
         request: Request<proto::RemoveAppRequest>,
     ) -> Result<Response<proto::RemoveAppResponse>, Status> {
-        let app = AppName::parse(&request.get_ref().app)
-            .map_err(|e| Status::invalid_argument(format!("app: {e}")))?;
-        tracing::info!(
-            target: "stevedore::audit",
-            event = "remove_app",
-            app = %app,
-            caller = %caller(&request),
-            "app removal requested"
-        );
-        let removal = self.engine.remove_app(&app).await.map_err(status_of)?;
-        Ok(Response::new(proto::RemoveAppResponse {
+        let who = caller(&request);
+        let r = request.into_inner();
+        let (app, grace) = convert::removal(&r)?;
+        let (id, mut updates) =
+            (self.engine.remove_app(app.clone(), who, grace).await).map_err(status_of)?;
+        let mut response = proto::RemoveAppResponse {
             app: app.to_string(),
-            containers_removed: removal.containers_removed,
-            removed_at: Some(convert::timestamp(removal.removed_at)),
-        }))
+            deployment_id: id.to_string(),
+            ..Default::default()
+        };
+        if r.detach {
+            return Ok(Response::new(response));
+        }
+        // Waits for the end (the removal goes on if the caller leaves).
+        let end = loop {
+            match updates.next().await {
+                Some(Ok(u)) if u.is_terminal() => break u,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(status_of(EngineError::OutOfRange(e))),
+                None => return Err(Status::internal("the removal ended without its result")),
+            }
+        };
+        let result = end.result.clone().unwrap_or_default();
+        match end.kind {
+            EventKind::Finished {
+                state: DeploymentState::Succeeded,
+            } => {
+                response.containers_removed = result.containers_removed;
+                response.removed_at = Some(convert::timestamp(end.timestamp));
+                Ok(Response::new(response))
+            }
+            EventKind::Finished {
+                state: DeploymentState::Cancelled,
+            } => Err(Status::aborted(format!("removal {id}: {}", result.message))),
+            _ => Err(Status::unavailable(format!(
+                "removal {id} failed: {}",
+                result.message
+            ))),
+        }
     }
 
     async fn cancel_deployment(

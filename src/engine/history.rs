@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use super::eta::{self, Eta, Model, Now, PastDeployment, Planned, PullSample};
-use crate::model::{AppName, DeploySpec, DeploymentState, EventKind, Phase, Update};
+use crate::model::{AppName, DeploySpec, DeploymentState, EventKind, Operation, Phase, Update};
 use crate::store::{ListFilter, Store};
 
 /// Earlier deployments an estimate learns from.
@@ -23,6 +23,7 @@ pub(super) async fn load(store: &Store, app: &AppName) -> Vec<PastDeployment<Pha
         state: Some(DeploymentState::Succeeded),
         before: None,
         limit: HISTORY,
+        operation: Some(Operation::Deploy),
     };
     let Ok(list) = store.list(&filter).await else {
         return Vec::new();

@@ -16,6 +16,7 @@ mod pull;
 mod queue;
 mod reconcile;
 mod recover;
+mod removal;
 mod run;
 mod source;
 mod tty_progress;
@@ -32,7 +33,7 @@ use deployment::Deployment;
 use deployment::{Extra, Reporter};
 use queue::AppQueues;
 
-pub use apps::{AppView, Removal};
+pub use apps::AppView;
 
 use crate::events::{DeploymentLog, LogError, ObserverRegistry, UpdateStream};
 use crate::limits::{Rejection, Rejections};
@@ -167,6 +168,9 @@ pub struct Recovery {
     /// the previous process stopped, completed by recovery: their container is kept as
     /// the app's current version, now SUCCEEDED.
     pub completed: Vec<DeploymentId>,
+    /// Removals (RemoveApp) that were queued or running, finished by recovery: every
+    /// container of their app removed, now SUCCEEDED (FAILED if the engine refused).
+    pub removals: Vec<DeploymentId>,
 }
 
 /// Runs `each` every `interval` (the first at once) until `shutdown`.
@@ -270,18 +274,48 @@ impl Engine {
         &self,
         spec: DeploySpec,
     ) -> Result<(DeploymentId, UpdateStream), EngineError> {
-        if !self.0.accepting.load(Ordering::SeqCst) {
-            return Err(EngineError::ShuttingDown);
-        }
+        self.check_accepting()?;
         if let Some(found) = self.find_idempotent(&spec).await? {
             return Ok(found);
         }
-        // An observer that cannot record (the audit log) refuses new deployments
-        // rather than let them run unrecorded.
-        self.0.observers.admit().map_err(EngineError::Refused)?;
         self.ping().await?;
         let id = DeploymentId::new();
-        let ticket = self.0.queues.admit(&spec.app, id).map_err(|refused| {
+        let ticket = self.admit(&spec.app, id)?;
+        let log = self.live_log(id);
+        let eta = history::EtaTracker::new(&spec, history::load(&self.0.store, &spec.app).await);
+        let deployment = Arc::new(Deployment::with_log(id, spec, log));
+        if let Some(existing) = self.register(&deployment) {
+            let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
+            return Ok((existing.id, stream));
+        }
+        let mut reporter = self.reporter(&deployment).with_eta(eta);
+        reporter.accepted();
+        if ticket.position() > 0 {
+            reporter.queued(ticket.position(), ticket.ahead());
+        }
+        let stream = deployment
+            .log
+            .subscribe(0)
+            .expect("a new log holds everything");
+        let run = run::Run::new(reporter, self.0.clone()).run(ticket);
+        self.spawn_task(&deployment, run);
+        Ok((id, stream))
+    }
+
+    /// New work is accepted: the server is not shutting down, and an observer that
+    /// cannot record (the audit log) refuses new work rather than let it run
+    /// unrecorded.
+    fn check_accepting(&self) -> Result<(), EngineError> {
+        if !self.0.accepting.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
+        self.0.observers.admit().map_err(EngineError::Refused)
+    }
+
+    /// Admission of `id` into `app`'s queue (a deployment or a removal), or the limit
+    /// it ran into (counted).
+    fn admit(&self, app: &AppName, id: DeploymentId) -> Result<queue::Ticket, EngineError> {
+        self.0.queues.admit(app, id).map_err(|refused| {
             self.0.rejections.record(refused.limit);
             let message = match refused.limit {
                 Rejection::Queued => format!(
@@ -293,41 +327,33 @@ impl Engine {
                     refused.max
                 ),
             };
-            tracing::warn!(app = %spec.app, limit = refused.limit.as_str(), "deployment refused: {message}");
+            tracing::warn!(app = %app, limit = refused.limit.as_str(), "deployment refused: {message}");
             EngineError::Exhausted {
                 limit: refused.limit,
                 message,
             }
-        })?;
-        let log = DeploymentLog::bounded(
+        })
+    }
+
+    /// The log of a new deployment: its recent updates in memory, the rest read back
+    /// from the store.
+    fn live_log(&self, id: DeploymentId) -> DeploymentLog {
+        DeploymentLog::bounded(
             LIVE_LOG_WINDOW,
             Arc::new(StoreBackfill {
                 store: self.0.store.clone(),
                 id,
             }),
-        );
-        let eta = history::EtaTracker::new(&spec, history::load(&self.0.store, &spec.app).await);
-        let deployment = Arc::new(Deployment::with_log(id, spec, log));
-        if let Some(existing) = self.register(&deployment) {
-            let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
-            return Ok((existing.id, stream));
-        }
-        let mut reporter = Reporter::new(
+        )
+    }
+
+    /// The writer of `deployment`'s log from its first update.
+    fn reporter(&self, deployment: &Arc<Deployment>) -> Reporter {
+        Reporter::new(
             deployment.clone(),
             self.0.observers.clone(),
             self.0.store.clone(),
         )
-        .with_eta(eta);
-        reporter.accepted();
-        if ticket.position() > 0 {
-            reporter.queued(ticket.position(), ticket.ahead());
-        }
-        let stream = deployment
-            .log
-            .subscribe(0)
-            .expect("a new log holds everything");
-        self.spawn_run(reporter, ticket);
-        Ok((id, stream))
     }
 
     /// The engine answers within the ping timeout.
@@ -367,24 +393,29 @@ impl Engine {
         None
     }
 
-    /// Runs the deployment's task. A panic in it is caught: the deployment ends FAILED
-    /// ("internal error"), so its log closes and its streams end.
-    fn spawn_run(&self, reporter: Reporter, ticket: queue::Ticket) {
-        let deployment = reporter.deployment().clone();
+    /// Runs `task`, the task of `deployment` (a deploy's [`run::Run`], or a removal).
+    /// A panic in it is caught: the deployment ends FAILED ("internal error"), so its
+    /// log closes and its streams end.
+    fn spawn_task(
+        &self,
+        deployment: &Arc<Deployment>,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let deployment = deployment.clone();
         let span = tracing::info_span!(
             "deployment",
             deployment_id = %deployment.id,
+            operation = deployment.operation.as_str(),
             app = %deployment.spec.app,
             image = %deployment.spec.image,
         );
         tracing::info!(parent: &span, requested_by = %deployment.spec.requested_by, "deployment accepted");
         let engine = self.clone();
-        let run = run::Run::new(reporter, self.0.clone()).run(ticket);
         self.0.tasks.spawn(
             async move {
                 // The queue and admission place (the ticket) is held until the
                 // deployment has ended.
-                if let Err(e) = tokio::spawn(run.in_current_span()).await {
+                if let Err(e) = tokio::spawn(task.in_current_span()).await {
                     engine.end_after_panic(&deployment, e).await;
                 }
                 engine.retire(&deployment).await;
@@ -587,6 +618,7 @@ impl Engine {
                 state: query.state,
                 before,
                 limit: size + 1,
+                operation: None,
             })
             .await?;
         let more = rows.len() > size;
@@ -643,10 +675,11 @@ impl Engine {
         Ok(deployment.status())
     }
 
-    /// How many known deployments are in each state (for gauges).
+    /// How many known deployments are in each state (for gauges); removals are not
+    /// counted.
     pub fn state_counts(&self) -> HashMap<DeploymentState, usize> {
         let mut counts = HashMap::new();
-        for d in self.live().deployments.values() {
+        for d in (self.live().deployments.values()).filter(|d| d.operation.is_deploy()) {
             *counts.entry(d.status().state).or_default() += 1;
         }
         counts

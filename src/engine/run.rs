@@ -79,7 +79,7 @@ impl Failure {
         }
     }
 
-    fn runtime(phase: Phase, step: &'static str, e: RuntimeError) -> Self {
+    pub(super) fn runtime(phase: Phase, step: &'static str, e: RuntimeError) -> Self {
         Self::new(phase, step, format!("{step}: {e}"))
     }
 }
@@ -707,97 +707,12 @@ impl Run {
         self.clean_up(ours).await
     }
 
-    /// Stops a previous version under the stop policy: its stop signal, then up to the
-    /// grace (the request's `stop_timeout`, else the container's StopTimeout, else
-    /// [`DEFAULT_STOP_TIMEOUT`]), reported about each second over `[base, base + span]`
-    /// of the phase, then killed. How it exits does not fail the deployment.
+    /// Stops a previous version under the stop policy (see [`stop_gracefully`]).
     async fn stop_previous(&mut self, old: &ContainerSummary, base: f64, span: f64) {
         let runtime = self.ctx.runtime.clone();
-        let Ok(state) = runtime.inspect(&old.id).await else {
-            return; // Gone already, or the removal reports the engine's trouble.
-        };
-        if !state.running {
-            return;
-        }
-        let grace = (self.rep.deployment().spec.stop_timeout)
-            .or(state.stop_timeout)
-            .unwrap_or(DEFAULT_STOP_TIMEOUT);
-        let signal = state
-            .stop_signal
-            .clone()
-            .unwrap_or_else(|| "SIGTERM".into());
-        let name = short(&old.id).to_owned();
-        let secs = grace.as_secs_f64();
-        self.rep.progress(
-            base,
-            Level::Info,
-            format!(
-                "sent {signal} to previous container {name}; waiting up to {secs}s for it to stop"
-            ),
-            Extra::meta([
-                ("stop_signal", signal.clone()),
-                ("stop_timeout_ms", grace.as_millis().to_string()),
-                ("stopping_container_id", old.id.clone()),
-            ]),
-        );
-        let started = Instant::now();
-        let stop = runtime.stop_with(&old.id, Some(&signal), grace);
-        tokio::pin!(stop);
-        let mut tick =
-            tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
-        let result = loop {
-            tokio::select! {
-                r = &mut stop => break r,
-                _ = tick.tick() => {
-                    let waited = started.elapsed().as_secs_f64();
-                    self.rep.progress(
-                        base + span * 0.9 * (waited / secs.max(0.001)).min(1.0),
-                        Level::Info,
-                        format!("waiting for previous container {name} to stop: {:.0}s of its {secs}s grace", waited.floor()),
-                        Extra::meta([("waited_seconds", format!("{:.0}", waited.floor()))]),
-                    );
-                }
-            }
-        };
-        let waited = started.elapsed();
-        let exit = runtime
-            .inspect(&old.id)
-            .await
-            .ok()
-            .and_then(|s| s.exit_code);
-        let code = exit
-            .map(|c| format!(" (exit code {c})"))
-            .unwrap_or_default();
-        let killed = exit == Some(137)
-            && signal != "SIGKILL"
-            && signal != "KILL"
-            && waited >= grace.mul_f64(0.9);
-        let (level, message) = match result {
-            Err(e) => (
-                Level::Warning,
-                format!("stopping previous container {name} failed: {e}; removing it by force"),
-            ),
-            Ok(()) if killed => (
-                Level::Warning,
-                format!(
-                    "previous container {name} did not stop within its {secs}s grace: killed (SIGKILL){code}"
-                ),
-            ),
-            Ok(()) => (
-                Level::Info,
-                format!(
-                    "previous container {name} stopped after {:.1}s{code}",
-                    waited.as_secs_f64()
-                ),
-            ),
-        };
-        let outcome = if killed { "killed" } else { "stopped" };
-        self.rep.progress(
-            base + span * 0.9,
-            level,
-            message,
-            Extra::meta([("stop_outcome", outcome.into())]),
-        );
+        let grace = self.rep.deployment().spec.stop_timeout;
+        let what = "previous container";
+        stop_gracefully(&mut self.rep, &*runtime, grace, old, what, (base, span)).await;
     }
 
     /// CLEANUP: stopped containers of earlier deployments go.
@@ -849,6 +764,7 @@ impl Run {
             health: std::mem::take(&mut self.health),
             diagnostics: None,
             commit: self.commit.clone(),
+            containers_removed: 0,
         };
         self.rep.finish(DeploymentState::Succeeded, result);
     }
@@ -885,6 +801,7 @@ impl Run {
             health: std::mem::take(&mut self.health),
             diagnostics,
             commit: self.commit.clone(),
+            containers_removed: 0,
         };
         self.rep.finish(state, result);
     }
@@ -1004,6 +921,100 @@ impl Run {
         }
         Ok(())
     }
+}
+
+/// Stops a container under the stop policy: its stop signal, then up to the grace
+/// (`grace`: the request's `stop_timeout`, else the container's StopTimeout, else
+/// [`DEFAULT_STOP_TIMEOUT`]), reported about each second over `[base, base + span]` of
+/// the phase, then killed. `what` names it in messages ("previous container"). How it
+/// exits does not fail the deployment or the removal.
+pub(super) async fn stop_gracefully(
+    rep: &mut Reporter,
+    runtime: &dyn crate::runtime::Runtime,
+    grace: Option<Duration>,
+    old: &ContainerSummary,
+    what: &str,
+    (base, span): (f64, f64),
+) {
+    let Ok(state) = runtime.inspect(&old.id).await else {
+        return; // Gone already, or the removal reports the engine's trouble.
+    };
+    if !state.running {
+        return;
+    }
+    let grace = grace.or(state.stop_timeout).unwrap_or(DEFAULT_STOP_TIMEOUT);
+    let signal = state
+        .stop_signal
+        .clone()
+        .unwrap_or_else(|| "SIGTERM".into());
+    let name = short(&old.id).to_owned();
+    let secs = grace.as_secs_f64();
+    rep.progress(
+        base,
+        Level::Info,
+        format!("sent {signal} to {what} {name}; waiting up to {secs}s for it to stop"),
+        Extra::meta([
+            ("stop_signal", signal.clone()),
+            ("stop_timeout_ms", grace.as_millis().to_string()),
+            ("stopping_container_id", old.id.clone()),
+        ]),
+    );
+    let started = Instant::now();
+    let stop = runtime.stop_with(&old.id, Some(&signal), grace);
+    tokio::pin!(stop);
+    let mut tick =
+        tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
+    let result = loop {
+        tokio::select! {
+            r = &mut stop => break r,
+            _ = tick.tick() => {
+                let waited = started.elapsed().as_secs_f64();
+                rep.progress(
+                    base + span * 0.9 * (waited / secs.max(0.001)).min(1.0),
+                    Level::Info,
+                    format!("waiting for {what} {name} to stop: {:.0}s of its {secs}s grace", waited.floor()),
+                    Extra::meta([("waited_seconds", format!("{:.0}", waited.floor()))]),
+                );
+            }
+        }
+    };
+    let waited = started.elapsed();
+    let exit = runtime
+        .inspect(&old.id)
+        .await
+        .ok()
+        .and_then(|s| s.exit_code);
+    let code = exit
+        .map(|c| format!(" (exit code {c})"))
+        .unwrap_or_default();
+    let killed = exit == Some(137)
+        && signal != "SIGKILL"
+        && signal != "KILL"
+        && waited >= grace.mul_f64(0.9);
+    let (level, message) = match result {
+        Err(e) => (
+            Level::Warning,
+            format!("stopping {what} {name} failed: {e}; removing it by force"),
+        ),
+        Ok(()) if killed => (
+            Level::Warning,
+            format!("{what} {name} did not stop within its {secs}s grace: killed (SIGKILL){code}"),
+        ),
+        Ok(()) => (
+            Level::Info,
+            format!(
+                "{what} {name} stopped after {:.1}s{code}",
+                waited.as_secs_f64()
+            ),
+        ),
+    };
+    let outcome = if killed { "killed" } else { "stopped" };
+    rep.progress(
+        base + span * 0.9,
+        level,
+        message,
+        Extra::meta([("stop_outcome", outcome.into())]),
+    );
 }
 
 /// The deadline counts from acceptance, queue wait included.

@@ -164,7 +164,14 @@ async fn remove_app(
     headers: HeaderMap,
     Path(app): Path<String>,
 ) -> ApiResult {
-    let request = s.request("RemoveApp", &headers, proto::RemoveAppRequest { app })?;
+    let request = s.request(
+        "RemoveApp",
+        &headers,
+        proto::RemoveAppRequest {
+            app,
+            ..Default::default()
+        },
+    )?;
     Ok(json(s.deployer.remove_app(request).await?.get_ref()))
 }
 

@@ -12,6 +12,7 @@
 //! | `stevedore_deployments_running` / `_queued` | gauge | |
 //! | `stevedore_deployment_duration_seconds` | histogram | `outcome` (`app`) |
 //! | `stevedore_phase_duration_seconds` | histogram | `phase`, `outcome` = completed, failed, cancelled |
+//! | `stevedore_app_removals_total` | counter | `outcome` = succeeded, failed, cancelled (`app`) |
 //! | `stevedore_pull_bytes_total` | counter | |
 //! | `stevedore_health_check_attempts_total` | counter | `check` |
 //! | `stevedore_health_checks_total` | counter | `check`, `result` = healthy, unhealthy |
@@ -21,7 +22,8 @@
 //! | `stevedore_audit_log_writable` | gauge | |
 //!
 //! `app` is there only with `--metrics-app-label`: app names are unbounded. No label
-//! ever carries a deployment ID.
+//! ever carries a deployment ID. Removals (RemoveApp) count only in
+//! `stevedore_app_removals_total`, never as deployments.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -59,6 +61,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "stevedore_deployments_queued",
         Kind::Gauge,
         "Deployments waiting for their app's current deployment to end.",
+    ),
+    (
+        "stevedore_app_removals_total",
+        Kind::Counter,
+        "App removals (RemoveApp) that ended, by outcome.",
     ),
     (
         "stevedore_deployment_duration_seconds",
@@ -173,12 +180,14 @@ impl Metrics {
                 .counter("stevedore_deployments_started_total", &[])
                 .absolute(0);
             for outcome in ["succeeded", "failed", "cancelled"] {
-                metrics
-                    .counter(
-                        "stevedore_deployments_finished_total",
-                        &[("outcome", outcome.into())],
-                    )
-                    .absolute(0);
+                for name in [
+                    "stevedore_deployments_finished_total",
+                    "stevedore_app_removals_total",
+                ] {
+                    metrics
+                        .counter(name, &[("outcome", outcome.into())])
+                        .absolute(0);
+                }
             }
         }
         metrics
@@ -274,6 +283,14 @@ impl MetricsObserver {
 
     fn record(&self, u: &Update) {
         let m = &self.metrics;
+        if !u.operation.is_deploy() {
+            if let EventKind::Finished { state } = &u.kind {
+                let labels = m.app_labels(u.app.as_str(), vec![("outcome", state.as_str().into())]);
+                m.counter("stevedore_app_removals_total", &labels)
+                    .increment(1);
+            }
+            return;
+        }
         let mut live = self.live.lock().expect("metrics lock");
         match &u.kind {
             EventKind::Accepted { .. } => {

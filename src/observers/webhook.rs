@@ -167,6 +167,7 @@ impl WebhookObserver {
         let body = json!({
             "event_id": event_id,
             "event": event,
+            "operation": u.operation.as_str(),
             "deployment_id": u.deployment_id.to_string(),
             "sequence": u.sequence,
             "app": u.app.as_str(),

@@ -19,7 +19,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::{AppName, DeploySpec, DeploymentId, DeploymentState, DeploymentStatus, Update};
+use crate::model::{
+    AppName, DeploySpec, DeploymentId, DeploymentState, DeploymentStatus, Operation, Update,
+};
 
 use sqlite::SqliteStore;
 
@@ -63,6 +65,8 @@ pub struct ListFilter {
     /// Only deployments strictly older than this `(created_at ns, id)`.
     pub before: Option<(u128, uuid::Uuid)>,
     pub limit: usize,
+    /// Only deploys, or only removals; `None`: both.
+    pub operation: Option<Operation>,
 }
 
 /// A deployment's stored log: the updates after the requested sequence, and the oldest
@@ -173,8 +177,8 @@ impl Store {
         self.db.list(filter).await
     }
 
-    /// Per app (sorted by name), its newest deployment, or with `succeeded_only` its
-    /// newest SUCCEEDED one.
+    /// Per app (sorted by name), its newest deployment or removal, or with
+    /// `succeeded_only` its newest SUCCEEDED deployment (removals left out).
     pub async fn newest_per_app(
         &self,
         succeeded_only: bool,
@@ -192,13 +196,15 @@ impl Store {
             .await
     }
 
-    /// Records that `app` was removed at `at` (RemoveApp).
+    /// Records that `app` was removed by a removal accepted at `at` (RemoveApp): what
+    /// was accepted for the app before `at` ran before the removal (the app's queue is
+    /// FIFO), so it is gone; what came after runs after it.
     pub async fn record_removal(&self, app: &AppName, at: SystemTime) -> Result<(), StoreError> {
         self.flush().await;
         self.db.record_removal(app, at).await
     }
 
-    /// Per removed app, when it was last removed (Unix ns).
+    /// Per removed app, when its last successful removal was accepted (Unix ns).
     pub async fn removals(&self) -> Result<std::collections::HashMap<String, i64>, StoreError> {
         self.db.removals().await
     }

@@ -13,7 +13,7 @@ use sqlx::sqlite::{
 use tokio::sync::mpsc;
 
 use super::{ListFilter, Retention, RetentionOutcome, StoreError, StoredLog, WriteOp, nanos};
-use crate::model::{AppName, DeploymentId, DeploymentState, DeploymentStatus, Update};
+use crate::model::{AppName, DeploymentId, DeploymentState, DeploymentStatus, Operation, Update};
 
 /// Most operations committed in one transaction by the writer.
 const MAX_BATCH: usize = 1024;
@@ -159,6 +159,7 @@ impl SqliteStore {
              WHERE (?1 IS NULL OR app = ?1)
                AND (?2 IS NULL OR state = ?2)
                AND (?3 IS NULL OR created_ns < ?3 OR (created_ns = ?3 AND id < ?4))
+               AND (?6 IS NULL OR operation = ?6)
              ORDER BY created_ns DESC, id DESC
              LIMIT ?5",
         )
@@ -167,6 +168,7 @@ impl SqliteStore {
         .bind(before_ns)
         .bind(before_id)
         .bind(filter.limit as i64)
+        .bind(filter.operation.map(Operation::as_str))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -174,8 +176,8 @@ impl SqliteStore {
             .collect()
     }
 
-    /// Per app, the newest deployment (`succeeded_only`: the newest SUCCEEDED one),
-    /// sorted by app.
+    /// Per app, the newest deployment or removal (`succeeded_only`: the newest
+    /// SUCCEEDED deployment, removals left out), sorted by app.
     pub(crate) async fn newest_per_app(
         &self,
         succeeded_only: bool,
@@ -184,11 +186,12 @@ impl SqliteStore {
             "SELECT id, status FROM (
                 SELECT id, status, app, ROW_NUMBER() OVER (
                     PARTITION BY app ORDER BY created_ns DESC, id DESC) AS rn
-                FROM deployments WHERE (?1 = 0 OR state = ?2))
+                FROM deployments WHERE (?1 = 0 OR (state = ?2 AND operation = ?3)))
              WHERE rn = 1 ORDER BY app",
         )
         .bind(succeeded_only)
         .bind(state_str(DeploymentState::Succeeded))
+        .bind(Operation::Deploy.as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -225,7 +228,7 @@ impl SqliteStore {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO app_removals (app, removed_ns) VALUES (?1, ?2)
-             ON CONFLICT (app) DO UPDATE SET removed_ns = excluded.removed_ns",
+             ON CONFLICT (app) DO UPDATE SET removed_ns = MAX(removed_ns, excluded.removed_ns)",
         )
         .bind(app.as_str())
         .bind(nanos(at))
@@ -341,8 +344,8 @@ impl SqliteStore {
                     sqlx::query(
                         "INSERT INTO deployments
                            (id, app, state, created_ns, finished_ns, last_sequence,
-                            idempotency_key, request, status)
-                         VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8)
+                            idempotency_key, request, status, operation)
+                         VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8, ?9)
                          ON CONFLICT (id) DO NOTHING",
                     )
                     .bind(status.id.to_string())
@@ -353,6 +356,7 @@ impl SqliteStore {
                     .bind(idempotency_key.clone())
                     .bind(request.clone())
                     .bind(json)
+                    .bind(status.operation.as_str())
                     .execute(&mut *tx)
                     .await?;
                 }

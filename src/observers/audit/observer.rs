@@ -91,6 +91,7 @@ impl AuditObserver {
         let record = json!({
             "time": humantime::format_rfc3339_millis(u.timestamp).to_string(),
             "event": event,
+            "operation": u.operation.as_str(),
             "deployment_id": u.deployment_id.to_string(),
             "sequence": u.sequence,
             "app": u.app.as_str(),
