@@ -535,8 +535,11 @@ async fn serve_http<L>(
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
+    for<'a> crate::http::Peer:
+        axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
-    axum::serve(listener, router)
+    let service = router.into_make_service_with_connect_info::<crate::http::Peer>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

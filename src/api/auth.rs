@@ -41,6 +41,9 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// Every scope, lowest first.
+    pub const ALL: [Scope; 3] = [Scope::Read, Scope::Deploy, Scope::Admin];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Read => "read",
@@ -54,7 +57,8 @@ impl Scope {
 /// closed until someone decides who may call it.
 pub fn required_scope(method: &str) -> Scope {
     match method {
-        "GetStatus" | "ListDeployments" | "WatchDeployment" | "ListApps" => Scope::Read,
+        // WhoAmI: the HTTP API's `GET /v1/whoami` (any valid token).
+        "GetStatus" | "ListDeployments" | "WatchDeployment" | "ListApps" | "WhoAmI" => Scope::Read,
         "Deploy" | "CancelDeployment" | "RemoveApp" => Scope::Deploy,
         _ => Scope::Admin,
     }
@@ -177,6 +181,9 @@ impl TokenSet {
 pub struct Caller {
     /// The token's name (never its secret).
     pub name: String,
+    /// The scopes the token grants, the ones its scopes imply included (`deploy`
+    /// implies `read`), lowest first.
+    pub scopes: Vec<Scope>,
     digest: [u8; 32],
     tokens: watch::Receiver<Arc<TokenSet>>,
 }
@@ -276,6 +283,9 @@ impl Authenticator {
         }
         Ok(Caller {
             name: token.name.clone(),
+            scopes: (Scope::ALL.into_iter())
+                .filter(|s| token.grants(*s))
+                .collect(),
             digest,
             tokens: self.tokens.subscribe(),
         })

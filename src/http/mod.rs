@@ -19,6 +19,32 @@ use crate::model::DeploymentState;
 use crate::observers::metrics::Metrics;
 use crate::runtime::Runtime;
 
+/// The address of an HTTP client, as the listener (plain or TLS) accepted it: the
+/// connect info of the router (`into_make_service_with_connect_info::<Peer>`), which the
+/// API hands to the Deployer service as the gRPC server would (`requested_by` without
+/// auth, the peer of a refusal).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, crate::security::TlsListener>,
+    > for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::security::TlsListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
 #[derive(Clone)]
 pub struct HttpState {
     pub runtime: Arc<dyn Runtime>,
