@@ -272,7 +272,14 @@ impl Run {
             format!("pulling image {image}"),
             Extra::default(),
         );
+        let started = Instant::now();
         let progress = self.download(&image).await?;
+        if progress.image_current_bytes > 0 {
+            self.rep.record_pull(super::eta::PullSample {
+                bytes: progress.image_current_bytes,
+                duration: started.elapsed(),
+            });
+        }
         let info = self.inspect_image(&image).await?.ok_or_else(|| {
             Failure::new(
                 Phase::Pulling,
@@ -324,6 +331,9 @@ impl Run {
             let Some(progress) = tracker.apply(&event) else {
                 continue;
             };
+            if let Some(eta) = self.rep.eta_live() {
+                eta.pull_remaining(tracker.bytes_remaining());
+            }
             if last_sent.is_some_and(|t| t.elapsed() < PULL_UPDATE_INTERVAL) {
                 continue;
             }
@@ -345,6 +355,9 @@ impl Run {
                     ..Default::default()
                 },
             );
+        }
+        if let Some(eta) = self.rep.eta_live() {
+            eta.pull_remaining(Some(0));
         }
         Ok(tracker.finish())
     }
