@@ -71,6 +71,7 @@ async fn fetch(
     let source = GitSource {
         url: url.to_owned(),
         reference: reference.map(str::to_owned),
+        allow_local: true,
     };
     let cancel = CancellationToken::new();
     let result = git::fetch(cache, &source, &cancel, &mut |e| log.events.push(e)).await;
@@ -475,6 +476,7 @@ async fn cancel_kills_a_hanging_fetch() {
     let source = GitSource {
         url: url.clone(),
         reference: None,
+        allow_local: false,
     };
     let task = {
         let cancel = cancel.clone();
@@ -586,6 +588,7 @@ async fn build_reports_steps_tags_skips_a_built_commit_and_counts_cached_steps()
         &GitSource {
             url: repo.file_url(),
             reference: Some("main".into()),
+            allow_local: true,
         },
         &CancellationToken::new(),
         &mut |_| {},
@@ -675,6 +678,7 @@ async fn build_reports_steps_tags_skips_a_built_commit_and_counts_cached_steps()
         &GitSource {
             url: repo.file_url(),
             reference: None,
+            allow_local: true,
         },
         &CancellationToken::new(),
         &mut |_| {},

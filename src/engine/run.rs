@@ -228,7 +228,8 @@ impl Run {
             .config
             .sources_dir
             .join(self.rep.deployment().spec.app.as_str());
-        let fetched = super::source::fetch(&mut self.rep, source, &cache).await?;
+        let allow_local = self.ctx.config.allow_local_git;
+        let fetched = super::source::fetch(&mut self.rep, source, &cache, allow_local).await?;
         self.commit = fetched.commit.clone();
         let runtime = self.ctx.runtime.clone();
         let outcome = super::source::build(&mut self.rep, &runtime, source, &fetched).await?;

@@ -40,16 +40,19 @@ impl Every {
     }
 }
 
-/// FETCHING: fetches `source` into `cache` and returns the commit and the worktree.
+/// FETCHING: fetches `source` into `cache` and returns the commit and the worktree
+/// (`file://` and local paths only with `allow_local`).
 pub(super) async fn fetch(
     rep: &mut Reporter,
     source: &SourceSpec,
     cache: &Path,
+    allow_local: bool,
 ) -> Result<git::Fetched, Failure> {
     rep.enter(Phase::Fetching, format!("fetching {}", source.describe()));
     let git_source = GitSource {
         url: source.url.clone(),
         reference: source.reference.clone(),
+        allow_local,
     };
     // Dropping this step (cancel, deadline, shutdown) kills git's process group.
     let never = CancellationToken::new();
