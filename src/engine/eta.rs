@@ -374,6 +374,10 @@ impl<P: PhaseKey> Estimator<'_, P> {
             },
             Model::Build => {
                 let Some(b) = now.build.as_ref().filter(|b| b.total > 0) else {
+                    // Done without steps: the commit was built before.
+                    if now.phase_progress.is_some_and(|p| p >= 1.0) {
+                        return Some(Range::default());
+                    }
                     return self.future(planned).map(|r| r.minus(spent));
                 };
                 let mut left = Range::default();
@@ -901,6 +905,14 @@ mod tests {
         assert!(breaks_chain("RUN make", false));
         assert!(!breaks_chain("from base AS b", false));
         assert!(!breaks_chain("RUN make", true));
+    }
+
+    #[test]
+    fn a_skipped_build_costs_nothing_more() {
+        let mut now = at(T::Building, 0.1, 0.1);
+        now.phase_progress = Some(1.0);
+        let eta = estimate(&build_plan(), &build_history(), &now).unwrap();
+        close(eta.remaining, 1.0);
     }
 
     #[test]
