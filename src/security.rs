@@ -54,6 +54,10 @@ pub struct SecurityConfig {
     /// Allow publishing host ports below 1024.
     #[arg(long, env = "STEVEDORE_ALLOW_PRIVILEGED_PORTS")]
     pub allow_privileged_ports: bool,
+    /// Allow deploys from `file://` URLs and local paths (git then reads this host's
+    /// disk as the server's user).
+    #[arg(long, env = "STEVEDORE_ALLOW_LOCAL_GIT")]
+    pub allow_local_git: bool,
 }
 
 impl SecurityConfig {
@@ -70,6 +74,7 @@ impl SecurityConfig {
 
     pub fn policy(&self) -> DeployPolicy {
         DeployPolicy::new(&self.allow_registries, self.allow_privileged_ports)
+            .with_local_git(self.allow_local_git)
     }
 
     /// Without tokens, only loopback addresses, unless `--insecure-no-auth`.

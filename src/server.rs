@@ -410,6 +410,7 @@ async fn start_engine(
         max_queued: config.limits.max_queued,
         publish_ip: config.publish_ip,
         sources_dir: config.data_dir.join("sources"),
+        allow_local_git: config.security.allow_local_git,
         retention: Retention {
             max_deployments: config.retention_max_deployments,
             max_age: config.retention_max_age,

@@ -699,6 +699,10 @@ mod tests {
         let bad_url = error_of(from_source(git("-uhttps://bob:s3cret@x/r")));
         assert!(bad_url.starts_with("source.url:"), "{bad_url}");
         assert!(!bad_url.contains("s3cret"), "{bad_url}");
+        for url in ["ext::sh", "ftp://h/r.git", "ssh://-oProxyCommand=x/r"] {
+            let e = error_of(from_source(git(url)));
+            assert!(e.starts_with("source.url:"), "{url}: {e}");
+        }
         let bad_ref = error_of(from_source(proto::GitSource {
             r#ref: "a..b".into(),
             ..git("file:///srv/r.git")

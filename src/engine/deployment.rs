@@ -218,6 +218,21 @@ impl Reporter {
         }
     }
 
+    /// The estimator, to feed it what the pull or build reports (`None` without one).
+    pub(crate) fn eta_live(&mut self) -> Option<&mut super::history::EtaTracker> {
+        self.eta.as_mut()
+    }
+
+    /// Keeps this deployment's image download for the estimates of later ones.
+    pub(crate) fn record_pull(&self, sample: super::eta::PullSample) {
+        self.store.record_pull(self.deployment.id, sample);
+    }
+
+    /// Keeps this deployment's build steps for the estimates of later ones.
+    pub(crate) fn record_build(&self, steps: Vec<super::eta::StepSample>) {
+        self.store.record_build(self.deployment.id, steps);
+    }
+
     pub(crate) fn deployment(&self) -> &Arc<Deployment> {
         &self.deployment
     }

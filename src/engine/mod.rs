@@ -95,6 +95,9 @@ pub struct EngineConfig {
     /// Deploys from source: one git cache per app under this directory
     /// (`DATA_DIR/sources` in the server).
     pub sources_dir: std::path::PathBuf,
+    /// Deploys from source may fetch `file://` URLs and local paths (the server's own
+    /// disk); off by default (`--allow-local-git`).
+    pub allow_local_git: bool,
 }
 
 impl Default for EngineConfig {
@@ -108,6 +111,7 @@ impl Default for EngineConfig {
             max_queued: crate::limits::DEFAULT_MAX_QUEUED,
             publish_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             sources_dir: std::env::temp_dir().join("stevedore-sources"),
+            allow_local_git: false,
         }
     }
 }

@@ -228,7 +228,8 @@ impl Run {
             .config
             .sources_dir
             .join(self.rep.deployment().spec.app.as_str());
-        let fetched = super::source::fetch(&mut self.rep, source, &cache).await?;
+        let allow_local = self.ctx.config.allow_local_git;
+        let fetched = super::source::fetch(&mut self.rep, source, &cache, allow_local).await?;
         self.commit = fetched.commit.clone();
         let runtime = self.ctx.runtime.clone();
         let outcome = super::source::build(&mut self.rep, &runtime, source, &fetched).await?;
@@ -272,7 +273,14 @@ impl Run {
             format!("pulling image {image}"),
             Extra::default(),
         );
+        let started = Instant::now();
         let progress = self.download(&image).await?;
+        if progress.image_current_bytes > 0 {
+            self.rep.record_pull(super::eta::PullSample {
+                bytes: progress.image_current_bytes,
+                duration: started.elapsed(),
+            });
+        }
         let info = self.inspect_image(&image).await?.ok_or_else(|| {
             Failure::new(
                 Phase::Pulling,
@@ -324,6 +332,9 @@ impl Run {
             let Some(progress) = tracker.apply(&event) else {
                 continue;
             };
+            if let Some(eta) = self.rep.eta_live() {
+                eta.pull_remaining(tracker.bytes_remaining());
+            }
             if last_sent.is_some_and(|t| t.elapsed() < PULL_UPDATE_INTERVAL) {
                 continue;
             }
@@ -345,6 +356,9 @@ impl Run {
                     ..Default::default()
                 },
             );
+        }
+        if let Some(eta) = self.rep.eta_live() {
+            eta.pull_remaining(Some(0));
         }
         Ok(tracker.finish())
     }

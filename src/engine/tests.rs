@@ -426,6 +426,70 @@ async fn a_local_image_without_a_repo_digest_is_named_by_its_id() {
     assert_eq!(result.image_digest, "sha256:local:1");
 }
 
+/// A pull's bytes and time are kept in the store; the next deployment of the app that
+/// pulls is estimated by the bytes it still has to download.
+#[tokio::test]
+async fn the_next_pull_is_estimated_by_its_bytes_from_the_last_one() {
+    const MIB: u64 = 1 << 20;
+    let pulling = |total: u64| Script {
+        pull: Some(vec![
+            layer("base", LayerStatus::AlreadyExists, None, None),
+            layer("a", LayerStatus::Pending, None, None),
+            layer("a", LayerStatus::Downloading, Some(MIB), Some(total)),
+            layer("a", LayerStatus::Downloaded, None, None),
+            layer("a", LayerStatus::Done, None, None),
+        ]),
+        ..Script::healthy()
+    };
+    let fake = FakeRuntime::with([
+        ("remote:1", pulling(4 * MIB)),
+        ("remote:2", pulling(8 * MIB)),
+    ]);
+    let engine = engine(&fake).await;
+    let first = deploy(&engine, spec("app", "remote:1")).await;
+    assert_eq!(first.last().unwrap().phase, Phase::Complete);
+    assert!(
+        first.iter().all(|u| u.eta.is_none()),
+        "no history, no estimate"
+    );
+    let id = first[0].deployment_id;
+    engine.0.store.flush().await;
+    let measured = engine.0.store.measured(&[id]).await.unwrap();
+    assert_eq!(measured[&id].pull.unwrap().bytes, 4 * MIB, "{measured:?}");
+    assert!(measured[&id].build.is_empty());
+
+    let second = deploy(&engine, spec("app", "remote:2")).await;
+    assert_eq!(second.last().unwrap().phase, Phase::Complete);
+    let by_bytes: Vec<&str> = second
+        .iter()
+        .filter(|u| u.phase == Phase::Pulling && u.pull.is_some())
+        .filter_map(|u| u.eta.as_ref())
+        .map(|e| e.basis.as_str())
+        .collect();
+    // (The fake pulls at once: the throttle lets through the first layer's update,
+    // no size known yet, and the last one.)
+    assert!(
+        by_bytes
+            .iter()
+            .any(|b| b.contains("pull: 0.0 MiB left at") && b.contains("measured over 1 pull")),
+        "{by_bytes:#?}"
+    );
+    let before = second
+        .iter()
+        .find(|u| u.phase == Phase::Validating)
+        .and_then(|u| u.eta.clone())
+        .expect("an estimate before the pull");
+    assert_eq!(before.samples, 1);
+    assert!(before.low <= before.remaining && before.remaining <= before.high);
+    // Retention removes the samples with the deployment.
+    let retention = crate::store::Retention {
+        max_deployments: Some(1),
+        ..Default::default()
+    };
+    engine.0.store.apply_retention(&retention).await.unwrap();
+    assert!(engine.0.store.measured(&[id]).await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn pull_progress_is_aggregated_throttled_and_ends_at_100_percent() {
     // Two layers downloaded in many small steps, interleaved, then extracted; plus a

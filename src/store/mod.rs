@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::engine::eta::{PullSample, StepSample};
 use crate::model::{
     AppName, DeploySpec, DeploymentId, DeploymentState, DeploymentStatus, Operation, Update,
 };
@@ -76,6 +77,14 @@ pub struct StoredLog {
     pub updates: Vec<Update>,
 }
 
+/// What the ETA measured of a deployment besides its phases: its image download (if it
+/// downloaded anything) and the steps of its build (if one ran).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Measured {
+    pub pull: Option<PullSample>,
+    pub build: Vec<StepSample>,
+}
+
 pub(crate) enum WriteOp {
     Insert {
         status: Box<DeploymentStatus>,
@@ -85,6 +94,14 @@ pub(crate) enum WriteOp {
     Append {
         update: Arc<Update>,
         status: Box<DeploymentStatus>,
+    },
+    Pull {
+        id: DeploymentId,
+        sample: PullSample,
+    },
+    Build {
+        id: DeploymentId,
+        steps: Vec<StepSample>,
     },
     Flush(oneshot::Sender<()>),
 }
@@ -131,6 +148,24 @@ impl Store {
             update,
             status: Box::new(status),
         });
+    }
+
+    /// Queues the measure of `id`'s image download (for the ETA).
+    pub fn record_pull(&self, id: DeploymentId, sample: PullSample) {
+        self.send(WriteOp::Pull { id, sample });
+    }
+
+    /// Queues the steps of `id`'s build, in order (for the ETA).
+    pub fn record_build(&self, id: DeploymentId, steps: Vec<StepSample>) {
+        self.send(WriteOp::Build { id, steps });
+    }
+
+    /// What was measured of each of `ids` (those with nothing measured are left out).
+    pub async fn measured(
+        &self,
+        ids: &[DeploymentId],
+    ) -> Result<std::collections::HashMap<DeploymentId, Measured>, StoreError> {
+        self.db.measured(ids).await
     }
 
     fn send(&self, op: WriteOp) {

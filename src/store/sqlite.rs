@@ -12,7 +12,10 @@ use sqlx::sqlite::{
 };
 use tokio::sync::mpsc;
 
-use super::{ListFilter, Retention, RetentionOutcome, StoreError, StoredLog, WriteOp, nanos};
+use super::{
+    ListFilter, Measured, Retention, RetentionOutcome, StoreError, StoredLog, WriteOp, nanos,
+};
+use crate::engine::eta::{PullSample, StepSample};
 use crate::model::{AppName, DeploymentId, DeploymentState, DeploymentStatus, Operation, Update};
 
 /// Most operations committed in one transaction by the writer.
@@ -268,6 +271,44 @@ impl SqliteStore {
         Ok(n as u64)
     }
 
+    /// The pull and build samples of `ids` (see migrations/0004_eta_samples.sql).
+    pub(crate) async fn measured(
+        &self,
+        ids: &[DeploymentId],
+    ) -> Result<HashMap<DeploymentId, Measured>, StoreError> {
+        let mut out: HashMap<DeploymentId, Measured> = HashMap::new();
+        for id in ids {
+            let key = id.to_string();
+            let pull =
+                sqlx::query("SELECT bytes, duration_us FROM pull_samples WHERE deployment_id = ?1")
+                    .bind(&key)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(|r| PullSample {
+                        bytes: r.get::<i64, _>(0).max(0) as u64,
+                        duration: micros(r.get(1)),
+                    });
+            let build: Vec<StepSample> = sqlx::query(
+                "SELECT instruction, cached, duration_us FROM build_steps
+                 WHERE deployment_id = ?1 ORDER BY number",
+            )
+            .bind(&key)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| StepSample {
+                instruction: r.get(0),
+                cached: r.get(1),
+                duration: micros(r.get(2)),
+            })
+            .collect();
+            if pull.is_some() || !build.is_empty() {
+                out.insert(*id, Measured { pull, build });
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) async fn apply_retention(
         &self,
         retention: &Retention,
@@ -300,6 +341,12 @@ impl SqliteStore {
         doomed.sort();
         doomed.dedup();
         for id in &doomed {
+            for delete in [
+                "DELETE FROM pull_samples WHERE deployment_id = ?1",
+                "DELETE FROM build_steps WHERE deployment_id = ?1",
+            ] {
+                sqlx::query(delete).bind(id).execute(&mut *tx).await?;
+            }
             out.updates_removed += sqlx::query("DELETE FROM updates WHERE deployment_id = ?1")
                 .bind(id)
                 .execute(&mut *tx)
@@ -373,6 +420,33 @@ impl SqliteStore {
                     .await?;
                     statuses.insert(status.id, status);
                 }
+                WriteOp::Pull { id, sample } => {
+                    sqlx::query(
+                        "INSERT OR REPLACE INTO pull_samples (deployment_id, bytes, duration_us)
+                         VALUES (?1, ?2, ?3)",
+                    )
+                    .bind(id.to_string())
+                    .bind(sample.bytes.min(i64::MAX as u64) as i64)
+                    .bind(as_micros(sample.duration))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                WriteOp::Build { id, steps } => {
+                    for (i, step) in steps.iter().enumerate() {
+                        sqlx::query(
+                            "INSERT OR REPLACE INTO build_steps
+                               (deployment_id, number, instruction, cached, duration_us)
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )
+                        .bind(id.to_string())
+                        .bind(i as i64 + 1)
+                        .bind(&step.instruction)
+                        .bind(step.cached)
+                        .bind(as_micros(step.duration))
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
                 WriteOp::Flush(_) => {}
             }
         }
@@ -423,6 +497,14 @@ pub(super) async fn writer(db: SqliteStore, mut rx: mpsc::UnboundedReceiver<Writ
             }
         }
     }
+}
+
+fn as_micros(d: Duration) -> i64 {
+    d.as_micros().min(i64::MAX as u128) as i64
+}
+
+fn micros(us: i64) -> Duration {
+    Duration::from_micros(us.max(0) as u64)
 }
 
 /// The deployment ID in a row's first column (rows of `SELECT id …`).
