@@ -19,7 +19,7 @@
 //!   CPU time per deploy (/proc/PID/stat) and the wall time against N copies of the
 //!   script run in parallel.
 //! * `watchers`: N tonic WatchDeployment streams of one deployment emitting a few
-//!   hundred updates (a log health check that never matches, 10 ms interval, 3 s
+//!   hundred updates (a log health check that never matches, 50 ms interval, 12 s
 //!   timeout): lost and duplicated updates, p50/p99 from the update's timestamp to its
 //!   receipt, deliveries per second, server RSS per open stream. The bare-tonic floor
 //!   server is not built (skipped).
@@ -78,6 +78,8 @@ struct Args {
     concurrent: usize,
     watchers: Vec<usize>,
     pull_mb: usize,
+    /// The watched deployment's health timeout (its attempts are the updates).
+    watch_secs: i64,
 }
 
 fn args() -> Args {
@@ -87,6 +89,7 @@ fn args() -> Args {
         concurrent: 100,
         watchers: vec![1_000, 10_000],
         pull_mb: 100,
+        watch_secs: 12,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -100,7 +103,7 @@ fn args() -> Args {
                 a.watchers = value().split(',').map(|n| n.parse().unwrap()).collect();
             }
             "--smoke" => {
-                (a.runs, a.concurrent, a.pull_mb) = (1, 5, 10);
+                (a.runs, a.concurrent, a.pull_mb, a.watch_secs) = (1, 5, 10, 2);
                 a.watchers = vec![50];
             }
             "deploy" | "pull" | "concurrent" | "watchers" => a.only.push(arg),
@@ -151,8 +154,13 @@ async fn main() {
     };
     let wants = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     println!(
-        "vs_docker: stevedore serve pid {} (release build), {} alternating runs, medians",
+        "vs_docker: stevedore serve pid {} ({} build), {} alternating runs, medians",
         bench.server.child.id(),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
         args.runs
     );
     if wants("deploy") {
@@ -166,7 +174,7 @@ async fn main() {
     }
     if wants("watchers") {
         for &n in &args.watchers {
-            bench.watchers(n).await;
+            bench.watchers(n, args.watch_secs).await;
         }
         rows::info(
             "watchers: bare tonic server (throughput floor)",
@@ -410,6 +418,16 @@ impl Bench {
         let (mut s_first, mut s_re, mut a_first, mut a_re) = (vec![], vec![], vec![], vec![]);
         let (mut f_first, mut f_re, mut f_engine) = (vec![], vec![], vec![]);
         let (mut p_first, mut p_re) = (vec![], vec![]);
+        // Warm-up, not counted: the first calls of a fresh server and CLI.
+        {
+            let app = unique("warm");
+            let _guard = common::AppGuard(app.clone());
+            deploy(&mut client, web_tcp(&app)).await;
+            self.script(None);
+            let f = self.floor().await;
+            self.stop_remove(&f.id).await;
+            remove_labelled(&self.label);
+        }
         for _ in 0..runs {
             let app = unique("deploy");
             let _guard = common::AppGuard(app.clone());
@@ -610,7 +628,7 @@ impl Bench {
         );
     }
 
-    async fn watchers(&self, n: usize) {
+    async fn watchers(&self, n: usize, watch_secs: i64) {
         let mut client = self.client.clone();
         let app = unique("watch");
         let _guard = common::AppGuard(app.clone());
@@ -636,7 +654,7 @@ impl Bench {
 
         let mut watched = common::web_request(&app, "stevedore-test/plain:1");
         watched.ports.clear();
-        watched.health_check = Some(never(3, 10));
+        watched.health_check = Some(never(watch_secs, 50));
         let mut deploying = client.deploy(watched).await.unwrap().into_inner();
         let id = deploying.message().await.unwrap().unwrap().deployment_id;
         let drain_watched =
@@ -721,7 +739,7 @@ impl Bench {
             " ms",
         );
         rows::info(
-            &format!("watchers: {n} streams, live deliveries"),
+            &format!("watchers: {n} streams, live deliveries (paced by the deployment)"),
             &format!(
                 "{deliveries} in {live_s:.2}s = {:.0}/s",
                 deliveries as f64 / live_s
