@@ -98,6 +98,9 @@ pub(super) struct Run {
     container: Option<String>,
     image: ImageInfo,
     ports: Vec<PublishedPort>,
+    /// The state STARTING read: HEALTH_CHECK's first attempt uses it instead of asking
+    /// the engine again a moment later.
+    started_state: Option<ContainerState>,
     health: Vec<HealthOutcome>,
     log_lines: Option<mpsc::Receiver<String>>,
     /// A healthy container may stay quiet for ever: following stops when the run ends.
@@ -124,6 +127,7 @@ impl Run {
             container: None,
             image: ImageInfo::default(),
             ports: Vec::new(),
+            started_state: None,
             health: Vec::new(),
             log_lines: None,
             log_follower: None,
@@ -425,7 +429,12 @@ impl Run {
             .start(id)
             .await
             .map_err(|e| Failure::runtime(Phase::Starting, "container start", e))?;
-        // Follow the output from the start: log health checks and milestones read it.
+        let state = self.inspect(id, Phase::Starting).await?;
+        self.ports = state.ports.clone();
+        self.started_state = Some(state);
+        // Follow the output from the start (the engine sends it from the first line,
+        // so attaching after the inspection misses none): log health checks and
+        // milestones read it.
         let (tx, rx) = mpsc::channel(1024);
         let mut lines = self.ctx.runtime.follow_logs(id);
         let follower = tokio::spawn(async move {
@@ -437,8 +446,6 @@ impl Run {
         });
         self.log_follower = Some(AbortOnDropHandle::new(follower));
         self.log_lines = Some(rx);
-        let state = self.inspect(id, Phase::Starting).await?;
-        self.ports = state.ports.clone();
         let mut extra = Extra::default();
         for (name, url) in self.endpoints() {
             extra.metadata.insert(format!("endpoint.{name}"), url);
@@ -594,8 +601,12 @@ impl Run {
         let result = loop {
             attempts += 1;
             output.drain(&mut self.rep, &probe);
+            let state = match self.started_state.take() {
+                Some(state) => state,
+                None => self.inspect(id, Phase::HealthCheck).await?,
+            };
             let target = health::Target {
-                state: self.inspect(id, Phase::HealthCheck).await?,
+                state,
                 ports: &self.ports,
                 public_host: self.ctx.runtime.public_host(),
                 http: &self.ctx.http,
@@ -633,7 +644,7 @@ impl Run {
                     elapsed.as_secs_f64()
                 ));
             }
-            let wake = Instant::now() + spec.interval;
+            let wake = Instant::now() + health::retry_delay(attempts, spec.interval);
             output.read_until(&mut self.rep, &probe, wake).await;
         };
         output.drain(&mut self.rep, &probe);

@@ -522,8 +522,17 @@ impl Runtime for DockerRuntime {
             .and_then(|l| l.last())
             .and_then(|r| r.output.clone())
             .map(|o| o.trim().to_owned());
+        let network = info.network_settings;
+        // Container addresses are reachable from the engine's own host only.
+        let address = (network.as_ref())
+            .filter(|_| self.endpoint.starts_with("unix://"))
+            .and_then(|n| n.networks.as_ref())
+            .and_then(|m| {
+                m.values()
+                    .find_map(|e| e.ip_address.as_deref()?.parse().ok())
+            });
         let mut ports = Vec::new();
-        if let Some(map) = info.network_settings.and_then(|n| n.ports) {
+        if let Some(map) = network.and_then(|n| n.ports) {
             for (key, bindings) in map {
                 let (port, proto) = key.split_once('/').unwrap_or((&key, "tcp"));
                 let Ok(container_port) = port.parse::<u16>() else {
@@ -571,6 +580,7 @@ impl Runtime for DockerRuntime {
                 .and_then(|c| c.stop_timeout)
                 .and_then(|t| u64::try_from(t).ok())
                 .map(Duration::from_secs),
+            address,
         })
     }
 

@@ -131,6 +131,9 @@ pub struct ContainerState {
     pub stop_signal: Option<String>,
     /// The container's StopTimeout, when set.
     pub stop_timeout: Option<Duration>,
+    /// The container's own address, when this host reaches it directly (a local
+    /// engine): a TCP health probe connects there first, see `engine::health`.
+    pub address: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
