@@ -141,7 +141,7 @@ impl ServeConfig {
     }
 
     /// The audit log's path: `--audit-log`, else `DATA_DIR/audit.log`.
-    pub fn audit_log_path(&self) -> PathBuf {
+    pub(crate) fn audit_log_path(&self) -> PathBuf {
         self.audit_log
             .clone()
             .unwrap_or_else(|| self.data_dir.join(AUDIT_LOG_FILE))
@@ -173,7 +173,7 @@ impl ServeConfig {
     }
 
     /// The Docker address to use: the flag, else `DOCKER_HOST`, else the local socket.
-    pub fn docker_endpoint(&self) -> String {
+    pub(crate) fn docker_endpoint(&self) -> String {
         self.docker_host
             .clone()
             .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()))
@@ -203,11 +203,20 @@ pub struct RunningServer {
     pub engine: Engine,
     /// The tokens in force, when `--tokens-file` was given ([`Authenticator::reload`]
     /// re-reads the file, as SIGHUP does for the binary).
-    pub authenticator: Option<Authenticator>,
+    pub(crate) authenticator: Option<Authenticator>,
     /// The audit log this server writes.
     pub audit_log: Arc<AuditLog>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<()>>,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RunningServer {
@@ -218,12 +227,12 @@ impl RunningServer {
     }
 
     /// A token that shuts the server down when cancelled.
-    pub fn shutdown_token(&self) -> CancellationToken {
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
 
     /// Waits until the server has stopped.
-    pub async fn wait(self) -> Result<()> {
+    pub(crate) async fn wait(self) -> Result<()> {
         self.task.await?
     }
 }

@@ -41,7 +41,7 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Scope::Read => "read",
             Scope::Deploy => "deploy",
@@ -52,7 +52,7 @@ impl Scope {
 
 /// The scope a Deployer method needs. Methods not listed need `admin`: a new RPC is
 /// closed until someone decides who may call it.
-pub fn required_scope(method: &str) -> Scope {
+pub(crate) fn required_scope(method: &str) -> Scope {
     match method {
         "GetStatus" | "ListDeployments" | "WatchDeployment" | "ListApps" => Scope::Read,
         "Deploy" | "CancelDeployment" | "RemoveApp" => Scope::Deploy,
@@ -61,7 +61,7 @@ pub fn required_scope(method: &str) -> Scope {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     #[error("cannot read tokens file {path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error("tokens file {path}: {reason}")]
@@ -97,7 +97,7 @@ impl Token {
 
 /// The tokens of one version of the file.
 #[derive(Default)]
-pub struct TokenSet {
+pub(crate) struct TokenSet {
     tokens: Vec<Token>,
 }
 
@@ -107,7 +107,7 @@ fn digest_of(secret: &str) -> [u8; 32] {
 
 impl TokenSet {
     /// Parses the TOML text of a tokens file; `path` names it in errors.
-    pub fn parse(text: &str, path: &Path) -> Result<Self, AuthError> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, AuthError> {
         let invalid = |reason: String| AuthError::Invalid {
             path: path.to_owned(),
             reason,
@@ -143,7 +143,7 @@ impl TokenSet {
         Ok(Self { tokens })
     }
 
-    pub fn load(path: &Path) -> Result<Self, AuthError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, AuthError> {
         let text = std::fs::read_to_string(path).map_err(|e| AuthError::Read {
             path: path.to_owned(),
             reason: e.to_string(),
@@ -151,12 +151,8 @@ impl TokenSet {
         Self::parse(&text, path)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.tokens.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
     }
 
     /// The token whose digest matches. Compares with every entry in constant time, so
@@ -176,7 +172,7 @@ impl TokenSet {
 #[derive(Clone)]
 pub struct Caller {
     /// The token's name (never its secret).
-    pub name: String,
+    pub(crate) name: String,
     digest: [u8; 32],
     tokens: watch::Receiver<Arc<TokenSet>>,
 }
@@ -190,7 +186,7 @@ impl fmt::Debug for Caller {
 impl Caller {
     /// Resolves once this caller's token is no longer in the tokens file (after a
     /// reload). Never resolves while it is.
-    pub async fn revoked(&mut self) {
+    pub(crate) async fn revoked(&mut self) {
         loop {
             if self.tokens.changed().await.is_err() {
                 // The authenticator is gone (server stopping): shutdown ends streams.
@@ -210,13 +206,13 @@ impl Caller {
 
 /// Checks bearer tokens against the current tokens file.
 #[derive(Clone)]
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     path: PathBuf,
     tokens: Arc<watch::Sender<Arc<TokenSet>>>,
 }
 
 impl Authenticator {
-    pub fn load(path: &Path) -> Result<Self, AuthError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, AuthError> {
         let set = TokenSet::load(path)?;
         Ok(Self {
             path: path.to_owned(),
@@ -226,19 +222,23 @@ impl Authenticator {
 
     /// Re-reads the file. On error the previous tokens stay in force. Returns the
     /// number of tokens now in force.
-    pub fn reload(&self) -> Result<usize, AuthError> {
+    pub(crate) fn reload(&self) -> Result<usize, AuthError> {
         let set = TokenSet::load(&self.path)?;
         let n = set.len();
         self.tokens.send_replace(Arc::new(set));
         Ok(n)
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Authenticates an `authorization` header value and checks it grants `needed`.
-    pub fn check(&self, authorization: Option<&str>, needed: Scope) -> Result<Caller, Denied> {
+    pub(crate) fn check(
+        &self,
+        authorization: Option<&str>,
+        needed: Scope,
+    ) -> Result<Caller, Denied> {
         let Some(value) = authorization else {
             return Err(Denied::unauthenticated(
                 "missing authorization: send `authorization: Bearer <token>`",
@@ -284,11 +284,11 @@ impl Authenticator {
 
 /// Why the authenticator turned a call away.
 #[derive(Debug, Clone)]
-pub struct Denied {
-    pub code: Code,
+pub(crate) struct Denied {
+    pub(crate) code: Code,
     /// The token's name when the token was known.
-    pub caller: Option<String>,
-    pub reason: String,
+    pub(crate) caller: Option<String>,
+    pub(crate) reason: String,
 }
 
 impl Denied {
@@ -300,7 +300,7 @@ impl Denied {
         }
     }
 
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         Status::new(self.code, self.reason.clone())
     }
 }
@@ -310,13 +310,13 @@ impl Denied {
 /// deploy policy the `stevedore::audit` tracing event and the observers (the audit
 /// log records them in its chain).
 #[derive(Clone, Default)]
-pub struct Refusals {
+pub(crate) struct Refusals {
     rejections: Arc<Rejections>,
     observers: ObserverRegistry,
 }
 
 impl Refusals {
-    pub fn new(rejections: Arc<Rejections>, observers: ObserverRegistry) -> Self {
+    pub(crate) fn new(rejections: Arc<Rejections>, observers: ObserverRegistry) -> Self {
         Self {
             rejections,
             observers,
@@ -364,7 +364,7 @@ pub(crate) fn refusal(
 }
 
 /// The peer address tonic records in a request's extensions (plain or TLS).
-pub fn peer_of(extensions: &http::Extensions) -> Option<SocketAddr> {
+pub(crate) fn peer_of(extensions: &http::Extensions) -> Option<SocketAddr> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     extensions
         .get::<TcpConnectInfo>()
@@ -384,7 +384,7 @@ fn deployer_prefix() -> String {
 /// Checks the bearer token in `headers` for a call of the Deployer method `method`:
 /// the caller, or the refusal (counted, audited and published) as a status. The gRPC
 /// layer and the HTTP API both call this.
-pub fn authorize(
+pub(crate) fn authorize(
     auth: &Authenticator,
     refusals: &Refusals,
     method: &str,
@@ -420,14 +420,14 @@ pub fn authorize(
 /// A tower layer that authenticates and authorizes every Deployer call. With no
 /// authenticator (no tokens file) it lets every call through.
 #[derive(Clone)]
-pub struct AuthLayer {
+pub(crate) struct AuthLayer {
     auth: Option<Authenticator>,
     refusals: Refusals,
     prefix: Arc<str>,
 }
 
 impl AuthLayer {
-    pub fn new(auth: Option<Authenticator>, refusals: Refusals) -> Self {
+    pub(crate) fn new(auth: Option<Authenticator>, refusals: Refusals) -> Self {
         Self {
             auth,
             refusals,
@@ -448,7 +448,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 }
 
 #[derive(Clone)]
-pub struct AuthService<S> {
+pub(crate) struct AuthService<S> {
     inner: S,
     layer: AuthLayer,
 }

@@ -13,11 +13,11 @@ use crate::model::{
 };
 use crate::proto;
 
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
-pub const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
-pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
-pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
+pub(crate) const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+pub(crate) const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_ENV_BYTES: usize = 128 * 1024;
 
 /// A Docker reference: optional registry host[:port], path components, then an
@@ -146,7 +146,10 @@ fn relative(field: &str, path: &str) -> Result<String, Status> {
 }
 
 /// Validates a DeployRequest into a [`DeploySpec`]. `requested_by` names the caller.
-pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<DeploySpec, Status> {
+pub(crate) fn deploy_spec(
+    req: proto::DeployRequest,
+    requested_by: String,
+) -> Result<DeploySpec, Status> {
     let app = AppName::parse(&req.app).map_err(|e| invalid("app", e))?;
 
     let (image, source) = match (req.image.trim(), req.source.as_ref()) {
@@ -442,7 +445,7 @@ fn proto_duration(d: Duration) -> pbjson_types::Duration {
     pbjson_types::Duration { seconds, nanos }
 }
 
-pub fn phase(p: model::Phase) -> proto::Phase {
+pub(crate) fn phase(p: model::Phase) -> proto::Phase {
     use model::Phase as P;
     match p {
         P::Queued => proto::Phase::Queued,
@@ -472,7 +475,7 @@ fn level(l: model::Level) -> proto::Level {
     }
 }
 
-pub fn state(s: model::DeploymentState) -> proto::DeploymentState {
+pub(crate) fn state(s: model::DeploymentState) -> proto::DeploymentState {
     use model::DeploymentState as S;
     match s {
         S::Pending => proto::DeploymentState::Pending,
@@ -484,7 +487,7 @@ pub fn state(s: model::DeploymentState) -> proto::DeploymentState {
 }
 
 /// The filter value of ListDeployments (`UNSPECIFIED`: any state).
-pub fn state_filter(s: i32) -> Result<Option<model::DeploymentState>, Status> {
+pub(crate) fn state_filter(s: i32) -> Result<Option<model::DeploymentState>, Status> {
     use model::DeploymentState as S;
     match proto::DeploymentState::try_from(s) {
         Ok(proto::DeploymentState::Unspecified) => Ok(None),
@@ -525,7 +528,7 @@ fn result(r: &model::DeploymentResult) -> proto::DeploymentResult {
     }
 }
 
-pub fn update(u: &model::Update) -> proto::ProgressUpdate {
+pub(crate) fn update(u: &model::Update) -> proto::ProgressUpdate {
     proto::ProgressUpdate {
         deployment_id: u.deployment_id.to_string(),
         sequence: u.sequence,
@@ -564,7 +567,7 @@ fn eta(e: &crate::engine::eta::Eta) -> proto::Eta {
     }
 }
 
-pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
+pub(crate) fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
     proto::DeploymentStatus {
         deployment_id: s.id.to_string(),
         app: s.app.to_string(),
@@ -589,7 +592,7 @@ pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
 
 /// An app of ListApps: what runs now (from its newest successful deployment) and its
 /// newest deployment.
-pub fn app(a: &crate::engine::AppView) -> proto::App {
+pub(crate) fn app(a: &crate::engine::AppView) -> proto::App {
     proto::App {
         app: a.app.to_string(),
         current: a.current.as_ref().map(|c| {

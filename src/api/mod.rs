@@ -2,11 +2,11 @@
 //! back. The only module that names tonic or generated types. No Docker here.
 
 pub mod auth;
-pub mod convert;
+pub(crate) mod convert;
 mod oversized;
-pub mod policy;
+pub(crate) mod policy;
 
-pub use oversized::count_oversized_requests;
+pub(crate) use oversized::count_oversized_requests;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -29,7 +29,7 @@ use crate::proto;
 use crate::proto::deployer_server::Deployer;
 
 /// The one mapping from engine errors to gRPC status codes.
-pub fn status_of(e: EngineError) -> Status {
+pub(crate) fn status_of(e: EngineError) -> Status {
     let message = e.to_string();
     match e {
         EngineError::Unavailable(_) | EngineError::ShuttingDown | EngineError::Refused(_) => {
@@ -47,7 +47,7 @@ pub fn status_of(e: EngineError) -> Status {
 
 /// Metadata key of an OUT_OF_RANGE status for a resume point removed by retention:
 /// the oldest sequence still held.
-pub const OLDEST_SEQUENCE: &str = "oldest-sequence";
+pub(crate) const OLDEST_SEQUENCE: &str = "oldest-sequence";
 
 fn out_of_range(message: String, e: &LogError) -> Status {
     let mut status = Status::out_of_range(message);
@@ -59,7 +59,7 @@ fn out_of_range(message: String, e: &LogError) -> Status {
     status
 }
 
-pub struct DeployerService {
+pub(crate) struct DeployerService {
     engine: Engine,
     shutdown: CancellationToken,
     streams: StreamConfig,
@@ -83,7 +83,7 @@ pub struct StreamConfig {
 }
 
 impl DeployerService {
-    pub fn with_streams(
+    pub(crate) fn with_streams(
         engine: Engine,
         shutdown: CancellationToken,
         streams: StreamConfig,
@@ -100,19 +100,19 @@ impl DeployerService {
     }
 
     /// Where refusals (policy, watch-stream limit) are counted and published.
-    pub fn with_refusals(mut self, refusals: auth::Refusals) -> Self {
+    pub(crate) fn with_refusals(mut self, refusals: auth::Refusals) -> Self {
         self.refusals = refusals;
         self
     }
 
     /// Applies `policy` to every Deploy.
-    pub fn with_policy(mut self, policy: policy::DeployPolicy) -> Self {
+    pub(crate) fn with_policy(mut self, policy: policy::DeployPolicy) -> Self {
         self.policy = policy;
         self
     }
 
     /// Caps the open WatchDeployment streams at `max`.
-    pub fn with_max_watch_streams(mut self, max: usize) -> Self {
+    pub(crate) fn with_max_watch_streams(mut self, max: usize) -> Self {
         self.watch_streams = Arc::new(Semaphore::new(max));
         self.max_watch_streams = max;
         self
@@ -271,7 +271,7 @@ fn heartbeat(id: &str, sequence: u64, last: &Progress) -> proto::ProgressUpdate 
     }
 }
 
-pub type UpdateResponseStream =
+pub(crate) type UpdateResponseStream =
     Pin<Box<dyn Stream<Item = Result<proto::ProgressUpdate, Status>> + Send>>;
 
 /// Who is calling: the token's name when auth is on, else the peer address.

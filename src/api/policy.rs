@@ -11,19 +11,19 @@ use crate::model::DeploySpec;
 const DOCKER_HUB: &str = "docker.io";
 
 #[derive(Clone, Debug, Default)]
-pub struct DeployPolicy {
+pub(crate) struct DeployPolicy {
     /// Allowed image prefixes, normalized (`docker.io/library/busybox`,
     /// `registry.example:5000/team`). Empty: any registry.
     allowed_registries: Vec<String>,
     /// Whether host ports 1–1023 may be published.
-    pub allow_privileged_ports: bool,
+    pub(crate) allow_privileged_ports: bool,
 }
 
 /// The fully qualified form of an image reference: `busybox` →
 /// `docker.io/library/busybox`, `team/app:1` → `docker.io/team/app:1`,
 /// `index.docker.io/x` → `docker.io/x`; references naming a registry are unchanged.
 /// A first component is a registry when it has a `.` or `:` or is `localhost`.
-pub fn normalize_image(image: &str) -> String {
+pub(crate) fn normalize_image(image: &str) -> String {
     let (first, rest) = match image.split_once('/') {
         Some((first, rest)) => (first, Some(rest)),
         None => (image, None),
@@ -61,7 +61,7 @@ fn under(image: &str, prefix: &str) -> bool {
 
 impl DeployPolicy {
     /// A policy allowing images under `registries` (none: any registry).
-    pub fn new(registries: &[String], allow_privileged_ports: bool) -> Self {
+    pub(crate) fn new(registries: &[String], allow_privileged_ports: bool) -> Self {
         Self {
             allowed_registries: registries
                 .iter()
@@ -73,13 +73,14 @@ impl DeployPolicy {
         }
     }
 
-    pub fn allowed_registries(&self) -> &[String] {
+    #[cfg(test)]
+    fn allowed_registries(&self) -> &[String] {
         &self.allowed_registries
     }
 
     /// `Ok` when the policy allows `spec`, else `PERMISSION_DENIED` naming the image or
     /// the port.
-    pub fn check(&self, spec: &DeploySpec) -> Result<(), Status> {
+    pub(crate) fn check(&self, spec: &DeploySpec) -> Result<(), Status> {
         // A deploy from source runs the image it builds (the FROM images are pulled by
         // the builder, outside this check).
         if !self.allowed_registries.is_empty() && spec.source.is_none() {

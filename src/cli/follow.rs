@@ -29,21 +29,21 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Where following starts.
-pub enum Start {
+pub(crate) enum Start {
     /// The stream of a `Deploy` call (the ID comes with its first update).
     Deploy(Streaming<ProgressUpdate>),
     /// `WatchDeployment(id, after)`.
     Watch { id: String, after: u64 },
 }
 
-pub struct Follower<'a> {
-    pub client: Client,
-    pub connect: &'a ConnectArgs,
-    pub opts: &'a FollowArgs,
-    pub render: Box<dyn Render>,
-    pub interrupts: Signal,
+pub(crate) struct Follower<'a> {
+    pub(crate) client: Client,
+    pub(crate) connect: &'a ConnectArgs,
+    pub(crate) opts: &'a FollowArgs,
+    pub(crate) render: Box<dyn Render>,
+    pub(crate) interrupts: Signal,
     /// When `--timeout` runs out (counted from the command's start).
-    pub deadline: Option<Instant>,
+    pub(crate) deadline: Option<Instant>,
 }
 
 enum Event {
@@ -55,7 +55,7 @@ enum Event {
 }
 
 /// The exit code a terminal update stands for.
-pub fn exit_of(u: &ProgressUpdate) -> Exit {
+pub(crate) fn exit_of(u: &ProgressUpdate) -> Exit {
     match u.phase() {
         Phase::Complete => Exit::Success,
         Phase::Cancelled => Exit::Cancelled,
@@ -99,7 +99,7 @@ impl Follower<'_> {
         failure.report()
     }
 
-    pub async fn run(mut self, start: Start) -> Exit {
+    pub(crate) async fn run(mut self, start: Start) -> Exit {
         let (mut stream, mut id, mut last) = match start {
             Start::Deploy(s) => (Some(s), None, 0),
             Start::Watch { id, after } => (None, Some(id), after),
@@ -331,7 +331,7 @@ impl Follower<'_> {
 }
 
 /// `DEPLOYMENT_STATE_SUCCEEDED` → `succeeded`.
-pub fn state_name(s: DeploymentState) -> String {
+pub(crate) fn state_name(s: DeploymentState) -> String {
     super::render::human(s.as_str_name(), "DEPLOYMENT_STATE_")
 }
 

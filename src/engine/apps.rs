@@ -8,17 +8,17 @@ use crate::model::{AppName, DeploymentId, DeploymentState, DeploymentStatus};
 
 /// One app in [`Engine::apps`].
 #[derive(Clone, Debug)]
-pub struct AppView {
-    pub app: AppName,
+pub(crate) struct AppView {
+    pub(crate) app: AppName,
     /// The newest SUCCEEDED deployment: what runs now. `None` when none succeeded.
-    pub current: Option<DeploymentStatus>,
+    pub(crate) current: Option<DeploymentStatus>,
     /// The newest deployment in any state.
-    pub latest: DeploymentStatus,
+    pub(crate) latest: DeploymentStatus,
 }
 
 impl Engine {
     /// Every app known to the store, sorted by name.
-    pub async fn apps(&self) -> Result<Vec<AppView>, EngineError> {
+    pub(crate) async fn apps(&self) -> Result<Vec<AppView>, EngineError> {
         self.0.store.flush().await;
         let latest = self.0.store.newest_per_app(false).await?;
         let mut current = self
@@ -80,16 +80,16 @@ impl Engine {
 
 /// What [`Engine::remove_app`] did.
 #[derive(Clone, Debug)]
-pub struct Removal {
-    pub containers_removed: u32,
-    pub removed_at: std::time::SystemTime,
+pub(crate) struct Removal {
+    pub(crate) containers_removed: u32,
+    pub(crate) removed_at: std::time::SystemTime,
 }
 
 impl Engine {
     /// Stops and removes every container of `app`, once the app's running and queued
     /// deployments are through (it takes the app's lock like a deployment). The history
     /// stays; the app leaves [`Engine::apps`] until it is deployed again.
-    pub async fn remove_app(&self, app: &AppName) -> Result<Removal, EngineError> {
+    pub(crate) async fn remove_app(&self, app: &AppName) -> Result<Removal, EngineError> {
         let mut ticket = self
             .0
             .queues

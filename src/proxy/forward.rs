@@ -40,15 +40,15 @@ const REBIND_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Settings of the forwarding core.
 #[derive(Clone, Debug)]
-pub struct ProxySettings {
-    pub state_file: PathBuf,
-    pub drain_timeout: Duration,
-    pub allow_privileged_ports: bool,
+pub(crate) struct ProxySettings {
+    pub(crate) state_file: PathBuf,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) allow_privileged_ports: bool,
 }
 
 /// The live routes. Cheap to clone.
 #[derive(Clone)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     inner: Arc<Inner>,
 }
 
@@ -158,7 +158,7 @@ impl AppShared {
 impl Proxy {
     /// Restores the routes of the state file and starts their listeners. A route whose
     /// port cannot be bound now is kept and retried every second.
-    pub async fn restore(
+    pub(crate) async fn restore(
         settings: ProxySettings,
         metrics: Arc<ProxyMetrics>,
     ) -> Result<Self, String> {
@@ -226,16 +226,16 @@ impl Proxy {
         })
     }
 
-    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
+    pub(crate) fn metrics(&self) -> &Arc<ProxyMetrics> {
         &self.inner.metrics
     }
 
-    pub async fn routes(&self) -> Vec<RouteStatus> {
+    pub(crate) async fn routes(&self) -> Vec<RouteStatus> {
         let apps = self.inner.apps.lock().await;
         apps.values().map(|e| e.shared.status(&e.route)).collect()
     }
 
-    pub async fn route(&self, app: &str) -> Result<RouteStatus, RouteError> {
+    pub(crate) async fn route(&self, app: &str) -> Result<RouteStatus, RouteError> {
         let apps = self.inner.apps.lock().await;
         apps.get(app)
             .map(|e| e.shared.status(&e.route))
@@ -244,7 +244,11 @@ impl Proxy {
 
     /// Sets or switches `app`'s route: new connections go to the new backend as soon as
     /// this returns; connections open to the previous one drain.
-    pub async fn set_route(&self, app: &str, set: SetRoute) -> Result<RouteStatus, RouteError> {
+    pub(crate) async fn set_route(
+        &self,
+        app: &str,
+        set: SetRoute,
+    ) -> Result<RouteStatus, RouteError> {
         let settings = &self.inner.settings;
         let mut route = set.route;
         validate(app, &route, settings.allow_privileged_ports)?;
@@ -398,7 +402,7 @@ impl Proxy {
     }
 
     /// Unbinds `app`'s public port; connections open to its backend drain.
-    pub async fn remove_route(&self, app: &str) -> Result<RouteStatus, RouteError> {
+    pub(crate) async fn remove_route(&self, app: &str) -> Result<RouteStatus, RouteError> {
         let mut apps = self.inner.apps.lock().await;
         if !apps.contains_key(app) {
             return Err(RouteError::NotFound(app.to_owned()));
@@ -510,7 +514,7 @@ impl Proxy {
 
     /// Stops every listener (the public ports are free for a new proxy at once), then
     /// waits up to `grace` for the open connections to close.
-    pub async fn shutdown(&self, grace: Duration) {
+    pub(crate) async fn shutdown(&self, grace: Duration) {
         self.inner.shutdown.cancel();
         self.inner.connections.close();
         let open = self.inner.connections.len();

@@ -57,7 +57,7 @@ impl GitStage {
     }
 
     /// The words git prints for this stage.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             Self::Enumerating => "Enumerating objects",
             Self::Counting => "Counting objects",
@@ -76,22 +76,22 @@ impl GitStage {
 pub struct GitProgress {
     pub stage: GitStage,
     /// The line came from the server (`remote: …`).
-    pub remote: bool,
+    pub(crate) remote: bool,
     /// Objects (or deltas, or files) done so far.
-    pub current: u64,
+    pub(crate) current: u64,
     /// Their total, when git knows it (it does once the pack header arrived).
     pub total: Option<u64>,
     /// Bytes received so far (receiving and unpacking only). Git never knows the total.
     pub bytes: Option<u64>,
     /// Transfer rate in bytes per second, as git measured it.
-    pub bytes_per_sec: Option<u64>,
+    pub(crate) bytes_per_sec: Option<u64>,
     /// git printed `done` for this stage.
-    pub done: bool,
+    pub(crate) done: bool,
 }
 
 impl GitProgress {
     /// current / total, when the total is known.
-    pub fn fraction(&self) -> Option<f64> {
+    pub(crate) fn fraction(&self) -> Option<f64> {
         match self.total {
             Some(0) => Some(1.0),
             Some(t) => Some((self.current as f64 / t as f64).clamp(0.0, 1.0)),
@@ -156,15 +156,15 @@ static CREDENTIALS: LazyLock<Regex> = LazyLock::new(|| {
 
 /// `url` (or any text containing URLs) with the user and password of every
 /// `scheme://user:password@host` removed: `https://***@host/…`.
-pub fn redact_url(text: &str) -> String {
+pub(crate) fn redact_url(text: &str) -> String {
     CREDENTIALS.replace_all(text, "${scheme}***@").into_owned()
 }
 
 /// A user and password taken out of a URL (percent-decoded).
 #[derive(Clone, PartialEq, Eq)]
-pub struct Credential {
-    pub username: String,
-    pub password: String,
+pub(crate) struct Credential {
+    pub(crate) username: String,
+    pub(crate) password: String,
 }
 
 impl std::fmt::Debug for Credential {
@@ -176,7 +176,7 @@ impl std::fmt::Debug for Credential {
 /// Splits `https://user:token@host/repo` into `https://host/repo` and the credential.
 /// URLs with no user info (and scp-like `git@host:repo`, whose user is no secret) are
 /// returned unchanged.
-pub fn split_credentials(url: &str) -> (String, Option<Credential>) {
+pub(crate) fn split_credentials(url: &str) -> (String, Option<Credential>) {
     let Some(caps) = CREDENTIALS.captures(url) else {
         return (url.to_owned(), None);
     };
@@ -248,7 +248,7 @@ fn unit_bytes(value: &str, unit: &str) -> Option<u64> {
 
 /// Parses one line of git's `--progress` output (a piece between `\r` or `\n`).
 /// Returns `None` for lines that are not progress (`remote: Total 5 (delta 0)…`, errors).
-pub fn parse_progress(line: &str) -> Option<GitProgress> {
+pub(crate) fn parse_progress(line: &str) -> Option<GitProgress> {
     let line = line.trim_end();
     let caps = PROGRESS.captures(line)?;
     let (current, total) = if let Some(cur) = caps.name("cur") {
@@ -281,13 +281,13 @@ pub fn parse_progress(line: &str) -> Option<GitProgress> {
 /// Splits a byte stream into lines at `\r` or `\n` (git rewrites progress lines in
 /// place with `\r`). Holds an unfinished line until its end arrives.
 #[derive(Default)]
-pub struct LineSplitter {
+pub(crate) struct LineSplitter {
     partial: Vec<u8>,
 }
 
 impl LineSplitter {
     /// Feeds bytes in; returns the complete, non-empty lines they finished.
-    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         let mut lines = Vec::new();
         for &b in bytes {
             if b == b'\r' || b == b'\n' {
@@ -303,7 +303,7 @@ impl LineSplitter {
     }
 
     /// The last line when the stream ended without a line break.
-    pub fn finish(&mut self) -> Option<String> {
+    pub(crate) fn finish(&mut self) -> Option<String> {
         if self.partial.is_empty() {
             None
         } else {
@@ -315,7 +315,7 @@ impl LineSplitter {
 }
 
 /// Checks a branch, tag or SHA before it reaches git's command line.
-pub fn validate_reference(reference: &str) -> Result<(), GitError> {
+pub(crate) fn validate_reference(reference: &str) -> Result<(), GitError> {
     let invalid = |reason: &str| GitError::Invalid {
         field: "ref",
         reason: reason.to_owned(),
@@ -341,7 +341,7 @@ pub fn validate_reference(reference: &str) -> Result<(), GitError> {
 }
 
 /// Checks a repository URL: a scheme git speaks, or an absolute local path.
-pub fn validate_url(url: &str) -> Result<(), GitError> {
+pub(crate) fn validate_url(url: &str) -> Result<(), GitError> {
     let invalid = |reason: &str| GitError::Invalid {
         field: "url",
         reason: reason.to_owned(),

@@ -37,39 +37,39 @@ pub enum StoreError {
 
 /// How much history is kept. `None` = no bound.
 #[derive(Clone, Debug, Default)]
-pub struct Retention {
+pub(crate) struct Retention {
     /// Keep at most this many finished deployments (the newest); older ones are
     /// deleted with their logs (then NOT_FOUND).
-    pub max_deployments: Option<usize>,
+    pub(crate) max_deployments: Option<usize>,
     /// Delete finished deployments created longer ago than this (then NOT_FOUND).
-    pub max_age: Option<Duration>,
+    pub(crate) max_age: Option<Duration>,
     /// Of a finished deployment's log keep only the last this many updates (the
     /// terminal one is always kept); earlier sequences are then OUT_OF_RANGE.
-    pub max_log_updates: Option<u64>,
+    pub(crate) max_log_updates: Option<u64>,
 }
 
 /// What [`Store::apply_retention`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RetentionOutcome {
-    pub deployments_removed: u64,
-    pub updates_removed: u64,
+pub(crate) struct RetentionOutcome {
+    pub(crate) deployments_removed: u64,
+    pub(crate) updates_removed: u64,
 }
 
 /// Filter and keyset position of a list query, newest first.
 #[derive(Clone, Debug, Default)]
-pub struct ListFilter {
-    pub app: Option<AppName>,
-    pub state: Option<DeploymentState>,
+pub(crate) struct ListFilter {
+    pub(crate) app: Option<AppName>,
+    pub(crate) state: Option<DeploymentState>,
     /// Only deployments strictly older than this `(created_at ns, id)`.
-    pub before: Option<(u128, uuid::Uuid)>,
-    pub limit: usize,
+    pub(crate) before: Option<(u128, uuid::Uuid)>,
+    pub(crate) limit: usize,
 }
 
 /// A deployment's stored log: the updates after the requested sequence, and the oldest
 /// sequence the store still holds (retention may have trimmed the start).
-pub struct StoredLog {
-    pub oldest: Option<u64>,
-    pub updates: Vec<Update>,
+pub(crate) struct StoredLog {
+    pub(crate) oldest: Option<u64>,
+    pub(crate) updates: Vec<Update>,
 }
 
 pub(crate) enum WriteOp {
@@ -90,6 +90,12 @@ pub(crate) enum WriteOp {
 pub struct Store {
     db: SqliteStore,
     writer: mpsc::UnboundedSender<WriteOp>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
 }
 
 impl Store {
@@ -142,17 +148,20 @@ impl Store {
         let _ = rx.await;
     }
 
-    pub async fn status(&self, id: DeploymentId) -> Result<Option<DeploymentStatus>, StoreError> {
+    pub(crate) async fn status(
+        &self,
+        id: DeploymentId,
+    ) -> Result<Option<DeploymentStatus>, StoreError> {
         self.db.status(id).await
     }
 
     /// Updates of `id` with a sequence above `after`.
-    pub async fn log(&self, id: DeploymentId, after: u64) -> Result<StoredLog, StoreError> {
+    pub(crate) async fn log(&self, id: DeploymentId, after: u64) -> Result<StoredLog, StoreError> {
         self.db.log(id, after, None).await
     }
 
     /// Up to `max` updates of `id` with a sequence above `after`.
-    pub async fn log_page(
+    pub(crate) async fn log_page(
         &self,
         id: DeploymentId,
         after: u64,
@@ -161,7 +170,7 @@ impl Store {
         Ok(self.db.log(id, after, Some(max)).await?.updates)
     }
 
-    pub async fn find_idempotent(
+    pub(crate) async fn find_idempotent(
         &self,
         app: &AppName,
         key: &str,
@@ -169,13 +178,16 @@ impl Store {
         self.db.find_idempotent(app, key).await
     }
 
-    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<DeploymentStatus>, StoreError> {
+    pub(crate) async fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<Vec<DeploymentStatus>, StoreError> {
         self.db.list(filter).await
     }
 
     /// Per app (sorted by name), its newest deployment, or with `succeeded_only` its
     /// newest SUCCEEDED one.
-    pub async fn newest_per_app(
+    pub(crate) async fn newest_per_app(
         &self,
         succeeded_only: bool,
     ) -> Result<Vec<DeploymentStatus>, StoreError> {
@@ -183,7 +195,7 @@ impl Store {
     }
 
     /// The SUCCEEDED deployment of `status.app` that directly followed `status`.
-    pub async fn next_succeeded(
+    pub(crate) async fn next_succeeded(
         &self,
         status: &DeploymentStatus,
     ) -> Result<Option<DeploymentId>, StoreError> {
@@ -193,23 +205,29 @@ impl Store {
     }
 
     /// Records that `app` was removed at `at` (RemoveApp).
-    pub async fn record_removal(&self, app: &AppName, at: SystemTime) -> Result<(), StoreError> {
+    pub(crate) async fn record_removal(
+        &self,
+        app: &AppName,
+        at: SystemTime,
+    ) -> Result<(), StoreError> {
         self.flush().await;
         self.db.record_removal(app, at).await
     }
 
     /// Per removed app, when it was last removed (Unix ns).
-    pub async fn removals(&self) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+    pub(crate) async fn removals(
+        &self,
+    ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
         self.db.removals().await
     }
 
     /// Deployments that were neither finished nor cancelled when the last process
     /// stopped writing.
-    pub async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
+    pub(crate) async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
         self.db.unfinished().await
     }
 
-    pub async fn apply_retention(
+    pub(crate) async fn apply_retention(
         &self,
         retention: &Retention,
     ) -> Result<RetentionOutcome, StoreError> {

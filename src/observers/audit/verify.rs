@@ -11,22 +11,22 @@ use super::{GENESIS, chain_hash};
 /// Where and why the chain breaks.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("line {line}: {reason}")]
-pub struct ChainError {
+pub(crate) struct ChainError {
     /// 1-based line number of the first bad line.
-    pub line: u64,
-    pub reason: String,
+    pub(crate) line: u64,
+    pub(crate) reason: String,
 }
 
 /// A verified log.
 #[derive(Debug, PartialEq, Eq)]
-pub struct VerifyReport {
-    pub records: u64,
+pub(crate) struct VerifyReport {
+    pub(crate) records: u64,
     /// The last record's hash (the genesis hash for an empty log).
-    pub head: String,
+    pub(crate) head: String,
 }
 
 /// Checks the whole chain of the log read from `input`.
-pub fn verify_reader(input: impl Read) -> Result<VerifyReport, ChainError> {
+pub(crate) fn verify_reader(input: impl Read) -> Result<VerifyReport, ChainError> {
     let mut reader = BufReader::new(input);
     let mut prev_hash = GENESIS.to_owned();
     let mut records = 0u64;
@@ -93,7 +93,7 @@ pub fn verify_reader(input: impl Read) -> Result<VerifyReport, ChainError> {
 }
 
 /// Checks the whole chain of the log at `path`.
-pub fn verify(path: &Path) -> Result<VerifyReport, String> {
+pub(crate) fn verify(path: &Path) -> Result<VerifyReport, String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     verify_reader(file).map_err(|e| format!("audit log {} is broken at {e}", path.display()))
 }
