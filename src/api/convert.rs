@@ -1,6 +1,7 @@
 //! Proto ⇄ domain conversions. Requests are validated here, at the edge: a bad field
 //! becomes `INVALID_ARGUMENT` naming it, before anything starts.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
@@ -146,29 +147,70 @@ fn relative(field: &str, path: &str) -> Result<String, Status> {
 }
 
 /// Validates a DeployRequest into a [`DeploySpec`]. `requested_by` names the caller.
+/// The fields are checked in this order; the first bad one is the answer.
 pub(crate) fn deploy_spec(
     req: proto::DeployRequest,
     requested_by: String,
 ) -> Result<DeploySpec, Status> {
     let app = AppName::parse(&req.app).map_err(|e| invalid("app", e))?;
+    let (image, source) = image_or_source(req.image.trim(), req.source.as_ref())?;
+    let ports = ports(&req.ports)?;
+    check_env(&req.env)?;
+    check_labels(&req.labels)?;
+    let health = health(req.health_check.as_ref(), &ports)?;
+    let deadline = duration(
+        "deadline",
+        req.deadline.as_ref(),
+        DEFAULT_DEADLINE,
+        Duration::from_secs(1),
+        MAX_DEADLINE,
+    )?;
+    let milestones = milestones(&req.milestones)?;
+    let hooks = hooks(&req.hooks)?;
+    let stop_timeout = stop_timeout(req.stop_timeout.as_ref())?;
+    let idempotency_key = idempotency_key(&req.idempotency_key)?;
+    Ok(DeploySpec {
+        app,
+        image,
+        source,
+        command: req.command,
+        env: req.env.into_iter().collect(),
+        ports,
+        labels: req.labels.into_iter().collect(),
+        health,
+        deadline,
+        idempotency_key,
+        registry_auth: req.registry_auth.map(|a| RegistryAuth {
+            username: a.username,
+            password: a.password,
+            identity_token: a.identity_token,
+        }),
+        milestones,
+        hooks,
+        stop_timeout,
+        requested_by,
+    })
+}
 
-    let (image, source) = match (req.image.trim(), req.source.as_ref()) {
-        ("", None) => {
-            return Err(invalid(
-                "image",
-                "empty reference (give an image or a source)",
-            ));
-        }
+/// The image to run: `image` as given, or the one built from `source` (named by
+/// [`model::SourceSpec::describe`]). Exactly one of them.
+fn image_or_source(
+    image: &str,
+    source: Option<&proto::GitSource>,
+) -> Result<(String, Option<model::SourceSpec>), Status> {
+    match (image, source) {
+        ("", None) => Err(invalid(
+            "image",
+            "empty reference (give an image or a source)",
+        )),
         ("", Some(src)) => {
-            let source = source(src)?;
-            (source.describe(), Some(source))
+            let source = self::source(src)?;
+            Ok((source.describe(), Some(source)))
         }
-        (_, Some(_)) => {
-            return Err(invalid(
-                "source",
-                "give either an image or a source, not both",
-            ));
-        }
+        (_, Some(_)) => Err(invalid(
+            "source",
+            "give either an image or a source, not both",
+        )),
         (image, None) => {
             if !IMAGE_REFERENCE.is_match(image) || image.len() > 512 {
                 return Err(invalid(
@@ -176,28 +218,17 @@ pub(crate) fn deploy_spec(
                     format!("{image:?} is not a valid image reference (name[:tag][@digest])"),
                 ));
             }
-            (image.to_owned(), None)
+            Ok((image.to_owned(), None))
         }
-    };
+    }
+}
 
-    let mut ports = Vec::with_capacity(req.ports.len());
-    for (i, p) in req.ports.iter().enumerate() {
-        let container_port = port(
-            format!("ports[{i}].container_port"),
-            p.container_port,
-            false,
-        )?;
-        let host_port = port(format!("ports[{i}].host_port"), p.host_port, true)?;
-        let protocol = match p.protocol.to_ascii_lowercase().as_str() {
-            "" | "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            other => {
-                return Err(invalid(
-                    format!("ports[{i}].protocol"),
-                    format!("{other:?} is not \"tcp\" or \"udp\""),
-                ));
-            }
-        };
+/// The published ports: each container port (per protocol) and each host port other
+/// than 0 at most once.
+fn ports(mappings: &[proto::PortMapping]) -> Result<Vec<PortSpec>, Status> {
+    let mut ports = Vec::with_capacity(mappings.len());
+    for (i, p) in mappings.iter().enumerate() {
+        let (container_port, host_port, protocol) = port_numbers(i, p)?;
         if ports
             .iter()
             .any(|q: &PortSpec| q.container_port == container_port && q.protocol == protocol)
@@ -220,25 +251,55 @@ pub(crate) fn deploy_spec(
                 format!("host port {host_port} is used twice"),
             ));
         }
-        let host_ip = match p.host_ip.trim() {
-            "" => None,
-            ip => Some(ip.parse().map_err(|_| {
-                invalid(
-                    format!("ports[{i}].host_ip"),
-                    format!("{ip:?} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)"),
-                )
-            })?),
-        };
         ports.push(PortSpec {
             container_port,
             host_port,
             protocol,
-            host_ip,
+            host_ip: host_ip(i, &p.host_ip)?,
         });
     }
+    Ok(ports)
+}
 
+/// `ports[i]`'s container port, host port and protocol, each on its own.
+fn port_numbers(i: usize, p: &proto::PortMapping) -> Result<(u16, u16, Protocol), Status> {
+    let container_port = port(
+        format!("ports[{i}].container_port"),
+        p.container_port,
+        false,
+    )?;
+    let host_port = port(format!("ports[{i}].host_port"), p.host_port, true)?;
+    let protocol = match p.protocol.to_ascii_lowercase().as_str() {
+        "" | "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        other => {
+            return Err(invalid(
+                format!("ports[{i}].protocol"),
+                format!("{other:?} is not \"tcp\" or \"udp\""),
+            ));
+        }
+    };
+    Ok((container_port, host_port, protocol))
+}
+
+/// `ports[i].host_ip`: empty (the server's default) or an IP address.
+fn host_ip(i: usize, ip: &str) -> Result<Option<std::net::IpAddr>, Status> {
+    match ip.trim() {
+        "" => Ok(None),
+        ip => ip.parse().map(Some).map_err(|_| {
+            invalid(
+                format!("ports[{i}].host_ip"),
+                format!("{ip:?} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)"),
+            )
+        }),
+    }
+}
+
+/// Names non-empty, without `=` or NUL; values without NUL; at most
+/// [`MAX_ENV_BYTES`] in all.
+fn check_env(env: &HashMap<String, String>) -> Result<(), Status> {
     let mut env_bytes = 0;
-    for (k, v) in &req.env {
+    for (k, v) in env {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(invalid(
                 format!("env[{k:?}]"),
@@ -256,7 +317,12 @@ pub(crate) fn deploy_spec(
             format!("{env_bytes} bytes in total; at most {MAX_ENV_BYTES} are allowed"),
         ));
     }
-    for k in req.labels.keys() {
+    Ok(())
+}
+
+/// Keys non-empty and outside [`RESERVED_LABEL_PREFIX`].
+fn check_labels(labels: &HashMap<String, String>) -> Result<(), Status> {
+    for k in labels.keys() {
         if k.is_empty() {
             return Err(invalid("labels", "empty label key"));
         }
@@ -267,18 +333,12 @@ pub(crate) fn deploy_spec(
             ));
         }
     }
+    Ok(())
+}
 
-    let health = health(req.health_check.as_ref(), &ports)?;
-    let deadline = duration(
-        "deadline",
-        req.deadline.as_ref(),
-        DEFAULT_DEADLINE,
-        Duration::from_secs(1),
-        MAX_DEADLINE,
-    )?;
-
-    let mut milestones = Vec::with_capacity(req.milestones.len());
-    for (i, m) in req.milestones.iter().enumerate() {
+fn milestones(milestones: &[proto::Milestone]) -> Result<Vec<MilestoneSpec>, Status> {
+    let mut specs = Vec::with_capacity(milestones.len());
+    for (i, m) in milestones.iter().enumerate() {
         let pattern = regex(format!("milestones[{i}].pattern"), &m.pattern)?;
         if m.progress.is_nan() || m.progress > 1.0 {
             return Err(invalid(
@@ -286,7 +346,7 @@ pub(crate) fn deploy_spec(
                 "must be at most 1.0 (negative: count matches)",
             ));
         }
-        milestones.push(MilestoneSpec {
+        specs.push(MilestoneSpec {
             pattern,
             progress: m.progress,
             description: if m.description.is_empty() {
@@ -296,13 +356,16 @@ pub(crate) fn deploy_spec(
             },
         });
     }
+    Ok(specs)
+}
 
-    let mut hooks = Vec::with_capacity(req.hooks.len());
-    for (i, h) in req.hooks.iter().enumerate() {
+fn hooks(hooks: &[proto::Hook]) -> Result<Vec<HookSpec>, Status> {
+    let mut specs = Vec::with_capacity(hooks.len());
+    for (i, h) in hooks.iter().enumerate() {
         if h.command.is_empty() || h.command[0].is_empty() {
             return Err(invalid(format!("hooks[{i}].command"), "empty command"));
         }
-        hooks.push(HookSpec {
+        specs.push(HookSpec {
             name: if h.name.is_empty() {
                 format!("hook-{}", i + 1)
             } else {
@@ -319,48 +382,30 @@ pub(crate) fn deploy_spec(
             )?,
         });
     }
+    Ok(specs)
+}
 
-    let stop_timeout = match req.stop_timeout.as_ref() {
-        None => None,
-        Some(d) => Some(duration(
+/// `None` (and 0) keep the engine's default.
+fn stop_timeout(d: Option<&pbjson_types::Duration>) -> Result<Option<Duration>, Status> {
+    match d {
+        None => Ok(None),
+        Some(d) => Ok(Some(duration(
             "stop_timeout",
             Some(d),
             Duration::ZERO,
             Duration::from_millis(1),
             MAX_STOP_TIMEOUT,
         )?)
-        .filter(|d| !d.is_zero()),
-    };
+        .filter(|d| !d.is_zero())),
+    }
+}
 
-    let idempotency_key = match req.idempotency_key.as_str() {
-        "" => None,
-        k if k.len() > 256 => {
-            return Err(invalid("idempotency_key", "longer than 256 bytes"));
-        }
-        k => Some(k.to_owned()),
-    };
-
-    Ok(DeploySpec {
-        app,
-        image,
-        source,
-        command: req.command,
-        env: req.env.into_iter().collect(),
-        ports,
-        labels: req.labels.into_iter().collect(),
-        health,
-        deadline,
-        idempotency_key,
-        registry_auth: req.registry_auth.map(|a| RegistryAuth {
-            username: a.username,
-            password: a.password,
-            identity_token: a.identity_token,
-        }),
-        milestones,
-        hooks,
-        stop_timeout,
-        requested_by,
-    })
+fn idempotency_key(key: &str) -> Result<Option<String>, Status> {
+    match key {
+        "" => Ok(None),
+        k if k.len() > 256 => Err(invalid("idempotency_key", "longer than 256 bytes")),
+        k => Ok(Some(k.to_owned())),
+    }
 }
 
 fn health(h: Option<&proto::HealthCheck>, ports: &[PortSpec]) -> Result<HealthSpec, Status> {
