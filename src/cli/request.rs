@@ -94,6 +94,39 @@ impl DeployRequestArgs {
                 .map(|p| parse_port(p).map_err(|e| format!("--port {p}: {e}")))
                 .collect::<Result<_, _>>()?;
         }
+        self.apply_env_and_labels(&mut req)?;
+        if !self.cmd.is_empty() {
+            req.command = self.cmd.clone();
+        }
+        self.apply_health(&mut req)?;
+        if let Some(d) = self.deadline {
+            req.deadline = Some(d.into());
+        }
+        if !self.milestones.is_empty() {
+            req.milestones = self
+                .milestones
+                .iter()
+                .map(|m| parse_milestone(m).map_err(|e| format!("--milestone {m}: {e}")))
+                .collect::<Result<_, _>>()?;
+        }
+        self.apply_hooks(&mut req)?;
+        if let Some(user) = &self.registry_user {
+            req.registry_auth = Some(self.registry_auth(user)?);
+        }
+        if let Some(key) = &self.idempotency_key {
+            req.idempotency_key = key.clone();
+        }
+        if req.app.is_empty() {
+            return Err("no app: give APP or `app` in the file".into());
+        }
+        if req.image.is_empty() {
+            return Err("no image: give IMAGE or `image` in the file".into());
+        }
+        Ok(req)
+    }
+
+    /// `--env-file`, then `--env`, then `--label`: each entry replaces the same key.
+    fn apply_env_and_labels(&self, req: &mut DeployRequest) -> Result<(), String> {
         for path in &self.env_files {
             for (k, v) in read_env_file(path)? {
                 req.env.insert(k, v);
@@ -114,9 +147,11 @@ impl DeployRequestArgs {
             let (k, v) = key_value(kv).ok_or_else(|| format!("--label {kv}: expected K=V"))?;
             req.labels.insert(k, v);
         }
-        if !self.cmd.is_empty() {
-            req.command = self.cmd.clone();
-        }
+        Ok(())
+    }
+
+    /// `--health` and `--health-timeout` over the file's health check.
+    fn apply_health(&self, req: &mut DeployRequest) -> Result<(), String> {
         if let Some(h) = &self.health {
             let check = parse_health(h).map_err(|e| format!("--health {h}: {e}"))?;
             req.health_check.get_or_insert_with(Default::default).check = check;
@@ -126,16 +161,11 @@ impl DeployRequestArgs {
                 .get_or_insert_with(HealthCheck::default)
                 .timeout = Some(t.into());
         }
-        if let Some(d) = self.deadline {
-            req.deadline = Some(d.into());
-        }
-        if !self.milestones.is_empty() {
-            req.milestones = self
-                .milestones
-                .iter()
-                .map(|m| parse_milestone(m).map_err(|e| format!("--milestone {m}: {e}")))
-                .collect::<Result<_, _>>()?;
-        }
+        Ok(())
+    }
+
+    /// `--hook` replaces the file's hooks; `--hook-tty` alone gives the file's a TTY.
+    fn apply_hooks(&self, req: &mut DeployRequest) -> Result<(), String> {
         if !self.hooks.is_empty() {
             req.hooks = self
                 .hooks
@@ -156,31 +186,24 @@ impl DeployRequestArgs {
                 hook.tty = true;
             }
         }
-        if let Some(user) = &self.registry_user {
-            let password = if self.registry_password_stdin {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                    .map_err(|e| format!("--registry-password-stdin: {e}"))?;
-                s.trim_end_matches(['\n', '\r']).to_owned()
-            } else {
-                String::new()
-            };
-            req.registry_auth = Some(RegistryAuth {
-                username: user.clone(),
-                password,
-                identity_token: String::new(),
-            });
-        }
-        if let Some(key) = &self.idempotency_key {
-            req.idempotency_key = key.clone();
-        }
-        if req.app.is_empty() {
-            return Err("no app: give APP or `app` in the file".into());
-        }
-        if req.image.is_empty() {
-            return Err("no image: give IMAGE or `image` in the file".into());
-        }
-        Ok(req)
+        Ok(())
+    }
+
+    /// `--registry-user`, with the password from stdin when `--registry-password-stdin`.
+    fn registry_auth(&self, user: &str) -> Result<RegistryAuth, String> {
+        let password = if self.registry_password_stdin {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .map_err(|e| format!("--registry-password-stdin: {e}"))?;
+            s.trim_end_matches(['\n', '\r']).to_owned()
+        } else {
+            String::new()
+        };
+        Ok(RegistryAuth {
+            username: user.to_owned(),
+            password,
+            identity_token: String::new(),
+        })
     }
 }
 
