@@ -544,17 +544,7 @@ pub async fn build(
         });
         return Ok(BuildOutcome::Skipped { tag, image_id });
     }
-    let options = PackOptions {
-        dockerfile: spec.dockerfile.clone(),
-        max_bytes: spec.max_context_bytes,
-        ..PackOptions::default()
-    };
-    let dir = spec.context_dir.clone();
-    let packing = tokio::task::spawn_blocking(move || pack(&dir, &options));
-    let packed = tokio::select! {
-        _ = cancel.cancelled() => return Err(BuildError::Cancelled),
-        packed = packing => packed.map_err(|e| ContextError::Io(std::io::Error::other(e)))??,
-    };
+    let packed = pack_context(spec, cancel).await?;
     on_event(BuildEvent::Context {
         files: packed.files,
         bytes: packed.bytes,
@@ -570,22 +560,79 @@ pub async fn build(
         .version(BuilderVersion::BuilderV1)
         .build();
     let stream = docker.build_image(options, None, Some(bollard::body_full(packed.tar.into())));
-    let mut stream = std::pin::pin!(stream);
+    let (parser, mut clock) = follow_build(stream, spec, cancel, on_event).await?;
+    if let Some(failure) = parser.failure() {
+        return Err(BuildError::Failed(failure.clone()));
+    }
+    clock.close(&parser);
+    let image_id = existing_image(docker, &tag, spec.call_timeout)
+        .await?
+        .ok_or_else(|| BuildError::NoImage(tag.clone()))?;
+    Ok(BuildOutcome::Built {
+        tag,
+        image_id,
+        total_steps: parser.step().map_or(0, |s| s.total),
+        cached_steps: parser.cached_steps(),
+        steps: clock.steps,
+    })
+}
 
-    let mut parser = BuildParser::default();
-    let mut gate = OutputGate::new(spec.output_lines_per_sec);
-    let mut steps: Vec<StepTiming> = Vec::new();
-    let mut step_started: Option<(BuildStep, Instant)> = None;
-    let mut close_step = |parser: &BuildParser, started: Option<(BuildStep, Instant)>| {
-        if let Some((step, at)) = started {
-            steps.push(StepTiming {
+/// The build context, packed on a blocking thread (unless cancelled first).
+async fn pack_context(
+    spec: &BuildSpec,
+    cancel: &CancellationToken,
+) -> Result<super::context::PackedContext, BuildError> {
+    let options = PackOptions {
+        dockerfile: spec.dockerfile.clone(),
+        max_bytes: spec.max_context_bytes,
+        ..PackOptions::default()
+    };
+    let dir = spec.context_dir.clone();
+    let packing = tokio::task::spawn_blocking(move || pack(&dir, &options));
+    let packed = tokio::select! {
+        _ = cancel.cancelled() => return Err(BuildError::Cancelled),
+        packed = packing => packed.map_err(|e| ContextError::Io(std::io::Error::other(e)))??,
+    };
+    Ok(packed)
+}
+
+/// Each step's duration, from its announcement to the next one's (or the build's end).
+#[derive(Default)]
+struct StepClock {
+    steps: Vec<StepTiming>,
+    started: Option<(BuildStep, Instant)>,
+}
+
+impl StepClock {
+    fn start(&mut self, parser: &BuildParser, step: &BuildStep) {
+        self.close(parser);
+        self.started = Some((step.clone(), Instant::now()));
+    }
+
+    fn close(&mut self, parser: &BuildParser) {
+        if let Some((step, at)) = self.started.take() {
+            self.steps.push(StepTiming {
                 number: step.number,
                 cached: parser.is_cached(step.number),
                 instruction: step.instruction,
                 duration: at.elapsed(),
             });
         }
-    };
+    }
+}
+
+/// Reads the build's stream until it ends or the build fails (events to `on_event`,
+/// output throttled); `Err` when it is cancelled, goes idle or the engine fails.
+async fn follow_build(
+    stream: impl futures_util::Stream<Item = Result<BuildInfo, bollard::errors::Error>>,
+    spec: &BuildSpec,
+    cancel: &CancellationToken,
+    on_event: &mut (dyn FnMut(BuildEvent) + Send),
+) -> Result<(BuildParser, StepClock), BuildError> {
+    let mut stream = std::pin::pin!(stream);
+    let mut parser = BuildParser::default();
+    let mut gate = OutputGate::new(spec.output_lines_per_sec);
+    let mut clock = StepClock::default();
     loop {
         let next = tokio::select! {
             _ = cancel.cancelled() => return Err(BuildError::Cancelled),
@@ -600,8 +647,7 @@ pub async fn build(
             Ok(info) => {
                 for event in parser.push(&info) {
                     if let BuildEvent::Step(step) = &event {
-                        close_step(&parser, step_started.take());
-                        step_started = Some((step.clone(), Instant::now()));
+                        clock.start(&parser, step);
                     }
                     gate.emit(event, on_event);
                 }
@@ -624,20 +670,7 @@ pub async fn build(
         gate.emit(event, on_event);
     }
     gate.flush(on_event);
-    if let Some(failure) = parser.failure() {
-        return Err(BuildError::Failed(failure.clone()));
-    }
-    close_step(&parser, step_started.take());
-    let image_id = existing_image(docker, &tag, spec.call_timeout)
-        .await?
-        .ok_or_else(|| BuildError::NoImage(tag.clone()))?;
-    Ok(BuildOutcome::Built {
-        tag,
-        image_id,
-        total_steps: parser.step().map_or(0, |s| s.total),
-        cached_steps: parser.cached_steps(),
-        steps,
-    })
+    Ok((parser, clock))
 }
 
 #[cfg(test)]
