@@ -575,28 +575,13 @@ pub async fn fetch(
     }
     let (url, credential) = split_credentials(&source.url);
     tokio::fs::create_dir_all(cache_dir).await?;
-    let git_dir = cache_dir.join(".git");
     let mut run = GitRun {
         dir: cache_dir,
         credential: None,
         cancel,
     };
     let mut silent = |_: FetchEvent| {};
-    let incremental = git_dir.is_dir()
-        && run
-            .run(&["rev-parse", "--git-dir"], &mut silent)
-            .await
-            .is_ok();
-    if !incremental {
-        // A missing or broken cache: start over.
-        if cache_dir.exists() {
-            tokio::fs::remove_dir_all(cache_dir).await?;
-            tokio::fs::create_dir_all(cache_dir).await?;
-        }
-        run.run(&["init", "--quiet"], &mut silent).await?;
-    } else {
-        remove_stale_locks(&git_dir);
-    }
+    let incremental = open_cache(&run, cache_dir).await?;
     on_event(FetchEvent::Started {
         url: redact_url(&url),
         incremental,
@@ -622,31 +607,7 @@ pub async fn fetch(
     let reference = source.reference.clone();
     let sha = match resolve(&run, reference.as_deref()).await? {
         Some(sha) => sha,
-        None => {
-            // A commit no branch or tag points to (yet): ask for it by name.
-            let r = reference.clone().unwrap_or_default();
-            let looks_like_sha =
-                (4..=40).contains(&r.len()) && r.chars().all(|c| c.is_ascii_hexdigit());
-            if !looks_like_sha {
-                return Err(GitError::UnknownReference(r));
-            }
-            let args = [
-                "-c",
-                "fetch.unpackLimit=1",
-                "fetch",
-                "--progress",
-                "--no-write-fetch-head",
-                "--end-of-options",
-                &url,
-                &r,
-            ];
-            if run.run(&args, on_event).await.is_err() {
-                return Err(GitError::UnknownReference(r));
-            }
-            resolve(&run, Some(&r))
-                .await?
-                .ok_or(GitError::UnknownReference(r))?
-        }
+        None => fetch_commit(&run, &url, reference.clone().unwrap_or_default(), on_event).await?,
     };
     run.credential = None;
     run.run(
@@ -664,6 +625,59 @@ pub async fn fetch(
         worktree: cache_dir.to_owned(),
         incremental,
     })
+}
+
+/// Whether `cache_dir` holds a usable repository (a fetch is then incremental). A
+/// missing or broken one is started over; a usable one loses the locks a killed git
+/// left.
+async fn open_cache(run: &GitRun<'_>, cache_dir: &Path) -> Result<bool, GitError> {
+    let git_dir = cache_dir.join(".git");
+    let mut silent = |_: FetchEvent| {};
+    let incremental = git_dir.is_dir()
+        && run
+            .run(&["rev-parse", "--git-dir"], &mut silent)
+            .await
+            .is_ok();
+    if !incremental {
+        // A missing or broken cache: start over.
+        if cache_dir.exists() {
+            tokio::fs::remove_dir_all(cache_dir).await?;
+            tokio::fs::create_dir_all(cache_dir).await?;
+        }
+        run.run(&["init", "--quiet"], &mut silent).await?;
+    } else {
+        remove_stale_locks(&git_dir);
+    }
+    Ok(incremental)
+}
+
+/// A commit no branch or tag points to (yet), asked for by name: its full SHA.
+async fn fetch_commit(
+    run: &GitRun<'_>,
+    url: &str,
+    r: String,
+    on_event: &mut (dyn FnMut(FetchEvent) + Send),
+) -> Result<String, GitError> {
+    let looks_like_sha = (4..=40).contains(&r.len()) && r.chars().all(|c| c.is_ascii_hexdigit());
+    if !looks_like_sha {
+        return Err(GitError::UnknownReference(r));
+    }
+    let args = [
+        "-c",
+        "fetch.unpackLimit=1",
+        "fetch",
+        "--progress",
+        "--no-write-fetch-head",
+        "--end-of-options",
+        url,
+        &r,
+    ];
+    if run.run(&args, on_event).await.is_err() {
+        return Err(GitError::UnknownReference(r));
+    }
+    resolve(run, Some(&r))
+        .await?
+        .ok_or(GitError::UnknownReference(r))
 }
 
 /// The commit `reference` names (remote branch, then tag, then SHA), or the remote HEAD.
