@@ -257,44 +257,11 @@ impl Proxy {
             .map(Duration::from_millis)
             .unwrap_or(settings.drain_timeout);
         let mut apps = self.inner.apps.lock().await;
-        if let Some((other, _)) = apps
-            .iter()
-            .find(|(other, e)| *other != app && overlaps(e.route.listen, route.listen))
-        {
-            return Err(RouteError::PortTaken {
-                port: route.listen.port(),
-                app: other.clone(),
-            });
-        }
-        let existing = apps.get(app);
-        // Port 0 asks for a free port once; setting the route again keeps the one it got
-        // (while it is served: a refused restored port is not kept).
-        if let Some(e) = existing
-            && route.listen.port() == 0
-            && route.listen.ip() == e.route.listen.ip()
-            && !e.listener.is_cancelled()
-        {
-            route.listen = e.route.listen;
-        }
-        let rebind =
-            existing.is_none_or(|e| e.route.listen != route.listen || e.listener.is_cancelled());
-        let listener = if rebind {
-            let l = TcpListener::bind(route.listen)
-                .await
-                .map_err(|source| RouteError::Bind {
-                    addr: route.listen,
-                    source,
-                })?;
-            route.listen = l.local_addr().map_err(|source| RouteError::Bind {
-                addr: route.listen,
-                source,
-            })?;
-            Some(l)
-        } else {
-            None
-        };
+        port_free(&apps, app, &route)?;
+        let listener = bind_public(apps.get(app), &mut route).await?;
         self.persist(&apps, Some((app, &route))).await?;
 
+        let rebind = listener.is_some();
         let entry = match apps.remove(app) {
             None => {
                 let shared = self.new_shared(app, &route);
@@ -305,21 +272,7 @@ impl Proxy {
                     listener: CancellationToken::new(),
                 }
             }
-            Some(mut entry) => {
-                if entry.route.backend != route.backend {
-                    self.switch(&entry, &route, drain_timeout);
-                } else {
-                    *entry.shared.current().label.lock().unwrap() =
-                        (route.deployment_id.clone(), route.version.clone());
-                }
-                if rebind {
-                    tracing::info!(app, from = %entry.route.listen, to = %route.listen, "public address moved");
-                    entry.listener.cancel();
-                    entry.listener = CancellationToken::new();
-                }
-                entry.route = route.clone();
-                entry
-            }
+            Some(entry) => self.update_entry(entry, app, &route, drain_timeout, rebind),
         };
         if let Some(l) = listener {
             *entry.shared.listen_error.lock().unwrap() = None;
@@ -334,6 +287,31 @@ impl Proxy {
         apps.insert(app.to_owned(), entry);
         self.inner.metrics.set_routes(apps.len());
         Ok(status)
+    }
+
+    /// `entry` set to `route`: switched when the backend changed, its listener replaced
+    /// when `rebind`.
+    fn update_entry(
+        &self,
+        mut entry: AppEntry,
+        app: &str,
+        route: &Route,
+        drain_timeout: Duration,
+        rebind: bool,
+    ) -> AppEntry {
+        if entry.route.backend != route.backend {
+            self.switch(&entry, route, drain_timeout);
+        } else {
+            *entry.shared.current().label.lock().unwrap() =
+                (route.deployment_id.clone(), route.version.clone());
+        }
+        if rebind {
+            tracing::info!(app, from = %entry.route.listen, to = %route.listen, "public address moved");
+            entry.listener.cancel();
+            entry.listener = CancellationToken::new();
+        }
+        entry.route = route.clone();
+        entry
     }
 
     /// Moves new connections to `route.backend`; the previous generation drains.
@@ -534,6 +512,57 @@ impl Proxy {
 }
 
 /// Counts a generation's open connection while alive.
+/// `Err` when another app's public address overlaps `route`'s.
+fn port_free(
+    apps: &BTreeMap<String, AppEntry>,
+    app: &str,
+    route: &Route,
+) -> Result<(), RouteError> {
+    match apps
+        .iter()
+        .find(|(other, e)| *other != app && overlaps(e.route.listen, route.listen))
+    {
+        Some((other, _)) => Err(RouteError::PortTaken {
+            port: route.listen.port(),
+            app: other.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A listener on `route.listen` when the app has none there yet (`route.listen` then
+/// gets the bound port), else `None`. Port 0 asks for a free port once; setting the
+/// route again keeps the one it got (while it is served: a refused restored port is
+/// not kept).
+async fn bind_public(
+    existing: Option<&AppEntry>,
+    route: &mut Route,
+) -> Result<Option<TcpListener>, RouteError> {
+    if let Some(e) = existing
+        && route.listen.port() == 0
+        && route.listen.ip() == e.route.listen.ip()
+        && !e.listener.is_cancelled()
+    {
+        route.listen = e.route.listen;
+    }
+    let rebind =
+        existing.is_none_or(|e| e.route.listen != route.listen || e.listener.is_cancelled());
+    if !rebind {
+        return Ok(None);
+    }
+    let l = TcpListener::bind(route.listen)
+        .await
+        .map_err(|source| RouteError::Bind {
+            addr: route.listen,
+            source,
+        })?;
+    route.listen = l.local_addr().map_err(|source| RouteError::Bind {
+        addr: route.listen,
+        source,
+    })?;
+    Ok(Some(l))
+}
+
 struct OpenGuard {
     generation: Arc<Generation>,
     metrics: AppMetrics,
