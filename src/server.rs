@@ -285,14 +285,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         authenticator: authenticator.clone(),
         refusals,
     });
-    let http = match tls {
-        None => tokio::spawn(serve_http(http, router, shutdown.clone())),
-        Some(tls) => {
-            let listener = TlsListener::new(http, tls, shutdown.clone())?;
-            tokio::spawn(serve_http(listener, router, shutdown.clone()))
-        }
-    };
-
+    let http = spawn_http(http, tls, router, &shutdown)?;
     Listening {
         grpc: grpc_addr,
         http: http_addr,
@@ -615,6 +608,22 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 }
 
 /// Serves the HTTP side on `listener` (plain or TLS) until `shutdown`.
+/// Serves `router` on `listener`, behind TLS when `tls` is given.
+fn spawn_http(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: axum::Router,
+    shutdown: &CancellationToken,
+) -> Result<JoinHandle<std::io::Result<()>>> {
+    Ok(match tls {
+        None => tokio::spawn(serve_http(listener, router, shutdown.clone())),
+        Some(tls) => {
+            let listener = TlsListener::new(listener, tls, shutdown.clone())?;
+            tokio::spawn(serve_http(listener, router, shutdown.clone()))
+        }
+    })
+}
+
 async fn serve_http<L>(
     listener: L,
     router: axum::Router,

@@ -765,33 +765,7 @@ impl Run {
             .await
             .ok()
             .and_then(|s| s.exit_code);
-        let code = exit
-            .map(|c| format!(" (exit code {c})"))
-            .unwrap_or_default();
-        let killed = exit == Some(137)
-            && signal != "SIGKILL"
-            && signal != "KILL"
-            && waited >= grace.mul_f64(0.9);
-        let (level, message) = match result {
-            Err(e) => (
-                Level::Warning,
-                format!("stopping previous container {name} failed: {e}; removing it by force"),
-            ),
-            Ok(()) if killed => (
-                Level::Warning,
-                format!(
-                    "previous container {name} did not stop within its {secs}s grace: killed (SIGKILL){code}"
-                ),
-            ),
-            Ok(()) => (
-                Level::Info,
-                format!(
-                    "previous container {name} stopped after {:.1}s{code}",
-                    waited.as_secs_f64()
-                ),
-            ),
-        };
-        let outcome = if killed { "killed" } else { "stopped" };
+        let (level, message, outcome) = stop_outcome(result, exit, &signal, waited, grace, &name);
         self.rep.progress(
             base + span * 0.9,
             level,
@@ -1007,6 +981,46 @@ impl Run {
 }
 
 /// The deadline counts from acceptance, queue wait included.
+/// How a previous container's stop ended: the update's level and message, and the
+/// `stop_outcome` (`killed` when the grace ran out and the engine sent SIGKILL).
+fn stop_outcome(
+    result: Result<(), impl std::fmt::Display>,
+    exit: Option<i64>,
+    signal: &str,
+    waited: Duration,
+    grace: Duration,
+    name: &str,
+) -> (Level, String, &'static str) {
+    let secs = grace.as_secs_f64();
+    let code = exit
+        .map(|c| format!(" (exit code {c})"))
+        .unwrap_or_default();
+    let killed = exit == Some(137)
+        && signal != "SIGKILL"
+        && signal != "KILL"
+        && waited >= grace.mul_f64(0.9);
+    let (level, message) = match result {
+        Err(e) => (
+            Level::Warning,
+            format!("stopping previous container {name} failed: {e}; removing it by force"),
+        ),
+        Ok(()) if killed => (
+            Level::Warning,
+            format!(
+                "previous container {name} did not stop within its {secs}s grace: killed (SIGKILL){code}"
+            ),
+        ),
+        Ok(()) => (
+            Level::Info,
+            format!(
+                "previous container {name} stopped after {:.1}s{code}",
+                waited.as_secs_f64()
+            ),
+        ),
+    };
+    (level, message, if killed { "killed" } else { "stopped" })
+}
+
 fn deployment_deadline(run: &Run) -> Instant {
     let deployment = run.rep.deployment();
     Instant::from_std(deployment.accepted) + deployment.spec.deadline
