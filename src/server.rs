@@ -607,7 +607,6 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// Serves the HTTP side on `listener` (plain or TLS) until `shutdown`.
 /// Serves `router` on `listener`, behind TLS when `tls` is given.
 fn spawn_http(
     listener: TcpListener,
@@ -624,6 +623,7 @@ fn spawn_http(
     })
 }
 
+/// Serves the HTTP side on `listener` (plain or TLS) until `shutdown`.
 async fn serve_http<L>(
     listener: L,
     router: axum::Router,
