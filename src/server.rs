@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{DeployerService, StreamConfig};
 
-use crate::api::auth::{AuthLayer, Authenticator, Refusals};
+use crate::api::auth::{Authenticator, Refusals, auth_layer};
 use crate::engine::{Engine, EngineConfig};
 use crate::events::{DEFAULT_QUEUE, ObserverRegistry, Subscription};
 use crate::http::MetricsExporter;
@@ -567,7 +567,7 @@ impl GrpcSide {
         let service = DeployerServer::from_arc(deployer.clone())
             .max_decoding_message_size(limits.max_request_bytes)
             .max_encoding_message_size(limits.max_response_bytes);
-        let auth = AuthLayer::new(self.authenticator, self.refusals);
+        let auth = auth_layer(self.authenticator, self.refusals);
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(limits.keepalive_interval))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))

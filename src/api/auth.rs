@@ -13,14 +13,13 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tonic::{Code, Status};
+use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
 use crate::events::ObserverRegistry;
 use crate::limits::{Rejection, Rejections};
@@ -417,78 +416,46 @@ pub(crate) fn authorize(
     }
 }
 
-/// A tower layer that authenticates and authorizes every Deployer call. With no
-/// authenticator (no tokens file) it lets every call through.
+/// The layer that authenticates and authorizes every Deployer call, as a
+/// `tower_http` request validator: a refused call is answered with its status (as a
+/// gRPC response) and never reaches the service; an allowed one carries its
+/// [`Caller`] in the request's extensions. With no authenticator (no tokens file) it
+/// lets every call through.
+pub(crate) fn auth_layer(
+    auth: Option<Authenticator>,
+    refusals: Refusals,
+) -> ValidateRequestHeaderLayer<AuthValidator> {
+    ValidateRequestHeaderLayer::custom(AuthValidator {
+        auth,
+        refusals,
+        prefix: deployer_prefix().into(),
+    })
+}
+
+/// See [`auth_layer`].
 #[derive(Clone)]
-pub(crate) struct AuthLayer {
+pub(crate) struct AuthValidator {
     auth: Option<Authenticator>,
     refusals: Refusals,
     prefix: Arc<str>,
 }
 
-impl AuthLayer {
-    pub(crate) fn new(auth: Option<Authenticator>, refusals: Refusals) -> Self {
-        Self {
-            auth,
-            refusals,
-            prefix: deployer_prefix().into(),
-        }
-    }
-}
+impl<B> ValidateRequest<B> for AuthValidator {
+    type ResponseBody = tonic::body::Body;
 
-impl<S> tower::Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct AuthService<S> {
-    inner: S,
-    layer: AuthLayer,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B, R> tower::Service<http::Request<B>> for AuthService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-    R: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        if let Some(auth) = &self.layer.auth
-            && let Some(method) = req.uri().path().strip_prefix(&*self.layer.prefix)
+    fn validate(
+        &mut self,
+        req: &mut http::Request<B>,
+    ) -> Result<(), http::Response<Self::ResponseBody>> {
+        if let Some(auth) = &self.auth
+            && let Some(method) = req.uri().path().strip_prefix(&*self.prefix)
         {
             let peer = peer_of(req.extensions());
-            match authorize(auth, &self.layer.refusals, method, req.headers(), peer) {
-                Ok(caller) => {
-                    req.extensions_mut().insert(caller);
-                }
-                Err(status) => {
-                    let response = status.into_http::<R>();
-                    return Box::pin(async move { Ok(response) });
-                }
-            }
+            let caller = authorize(auth, &self.refusals, method, req.headers(), peer)
+                .map_err(|status| status.into_http())?;
+            req.extensions_mut().insert(caller);
         }
-        // The clone is ready-polled next time; take the one that was polled ready.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(inner.call(req))
+        Ok(())
     }
 }
 
