@@ -24,6 +24,7 @@ use futures_util::StreamExt;
 use stevedore::api::{StreamConfig, forward};
 use stevedore::events::DeploymentLog;
 use stevedore::model::*;
+use stevedore::server::Listening;
 use stevedore::store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -246,9 +247,8 @@ fn serve_on(data_dir: &std::path::Path, grpc: &str) -> Server {
     };
     for _ in 0..4000 {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("stevedore listening")) {
-            let start = line.find("grpc=").unwrap() + 5;
-            server.grpc = line[start..].split_whitespace().next().unwrap().to_owned();
+        if let Some(listening) = text.lines().find_map(Listening::parse) {
+            server.grpc = listening.grpc.to_string();
             return server;
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -11,11 +11,11 @@ use regex::Regex;
 use uuid::Uuid;
 
 /// Label put on every container Stevedore creates: the app it belongs to.
-pub const LABEL_APP: &str = "io.stevedore.app";
+pub(crate) const LABEL_APP: &str = "io.stevedore.app";
 /// Label put on every container Stevedore creates: the deployment that created it.
-pub const LABEL_DEPLOYMENT: &str = "io.stevedore.deployment";
+pub(crate) const LABEL_DEPLOYMENT: &str = "io.stevedore.deployment";
 /// Prefix reserved for Stevedore's own labels.
-pub const RESERVED_LABEL_PREFIX: &str = "io.stevedore.";
+pub(crate) const RESERVED_LABEL_PREFIX: &str = "io.stevedore.";
 
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -64,7 +64,7 @@ impl AppName {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -76,13 +76,13 @@ impl fmt::Display for AppName {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     Tcp,
     Udp,
 }
 
 impl Protocol {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
@@ -92,12 +92,12 @@ impl Protocol {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortSpec {
-    pub container_port: u16,
+    pub(crate) container_port: u16,
     /// 0 = any free port.
-    pub host_port: u16,
-    pub protocol: Protocol,
+    pub(crate) host_port: u16,
+    pub(crate) protocol: Protocol,
     /// The host address to publish on; `None`: the server's `--publish-ip`.
-    pub host_ip: Option<std::net::IpAddr>,
+    pub(crate) host_ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -119,7 +119,7 @@ pub enum HealthProbe {
 }
 
 impl HealthProbe {
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             HealthProbe::Docker => "docker",
             HealthProbe::Tcp { .. } => "tcp",
@@ -142,9 +142,9 @@ pub struct HealthSpec {
 /// Credentials for a private registry. Never logged, stored or echoed.
 #[derive(Clone, Default)]
 pub struct RegistryAuth {
-    pub username: String,
-    pub password: String,
-    pub identity_token: String,
+    pub(crate) username: String,
+    pub(crate) password: String,
+    pub(crate) identity_token: String,
 }
 
 impl fmt::Debug for RegistryAuth {
@@ -155,18 +155,18 @@ impl fmt::Debug for RegistryAuth {
 
 #[derive(Clone, Debug)]
 pub struct MilestoneSpec {
-    pub pattern: Regex,
+    pub(crate) pattern: Regex,
     /// Phase progress reached on a match; negative: a counter.
-    pub progress: f64,
-    pub description: String,
+    pub(crate) progress: f64,
+    pub(crate) description: String,
 }
 
 #[derive(Clone, Debug)]
 pub struct HookSpec {
-    pub name: String,
-    pub command: Vec<String>,
-    pub tty: bool,
-    pub timeout: Duration,
+    pub(crate) name: String,
+    pub(crate) command: Vec<String>,
+    pub(crate) tty: bool,
+    pub(crate) timeout: Duration,
 }
 
 /// A git repository to build the app's image from (`DeployRequest.source`).
@@ -176,25 +176,25 @@ pub struct HookSpec {
 /// `Debug` prints that too.
 #[derive(Clone)]
 pub struct SourceSpec {
-    pub url: String,
+    pub(crate) url: String,
     /// Branch, tag or commit; `None`: the remote's HEAD.
-    pub reference: Option<String>,
+    pub(crate) reference: Option<String>,
     /// Relative to `context_dir`.
-    pub dockerfile: String,
+    pub(crate) dockerfile: String,
     /// Relative to the repository's root; empty: the root.
-    pub context_dir: String,
-    pub build_args: BTreeMap<String, String>,
+    pub(crate) context_dir: String,
+    pub(crate) build_args: BTreeMap<String, String>,
 }
 
 impl SourceSpec {
     /// The URL without its credential (`scheme://***@host/…`).
-    pub fn display_url(&self) -> String {
+    pub(crate) fn display_url(&self) -> String {
         crate::source::git::redact_url(&self.url)
     }
 
     /// `url` (or `url#ref`), credential removed: what the status' `image` shows until
     /// the commit is known.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match &self.reference {
             Some(r) => format!("{}#{r}", self.display_url()),
             None => self.display_url(),
@@ -263,7 +263,7 @@ pub enum Phase {
 
 impl Phase {
     /// The non-terminal phases, in order.
-    pub const WORK: [Phase; 11] = [
+    pub(crate) const WORK: [Phase; 11] = [
         Phase::Queued,
         Phase::Validating,
         Phase::Fetching,
@@ -281,7 +281,7 @@ impl Phase {
     /// building, pulling and health checking are where the time goes. A phase a
     /// deployment skips (FETCHING and BUILDING for an image, HOOKS without hooks) counts
     /// as done.
-    pub fn weight(self) -> f64 {
+    pub(crate) fn weight(self) -> f64 {
         match self {
             Phase::Queued => 0.0,
             Phase::Validating => 0.02,
@@ -299,7 +299,7 @@ impl Phase {
     }
 
     /// `total_progress` at the start of this phase.
-    pub fn start_offset(self) -> f64 {
+    pub(crate) fn start_offset(self) -> f64 {
         Phase::WORK
             .iter()
             .take_while(|p| **p != self)
@@ -307,18 +307,18 @@ impl Phase {
             .sum()
     }
 
-    pub fn is_terminal(self) -> bool {
+    pub(crate) fn is_terminal(self) -> bool {
         matches!(self, Phase::Complete | Phase::Failed | Phase::Cancelled)
     }
 
     /// The phase in human text (messages): the proto's enum name without `PHASE_`,
     /// e.g. `HEALTH_CHECK`, the one way messages name phases. [`Phase::as_str`] is the
     /// machine label (logs, metrics, audit records).
-    pub fn name(self) -> String {
+    pub(crate) fn name(self) -> String {
         self.as_str().to_ascii_uppercase()
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Phase::Queued => "queued",
             Phase::Validating => "validating",
@@ -402,7 +402,7 @@ impl DeploymentState {
         )
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DeploymentState::Pending => "pending",
             DeploymentState::Running => "running",
@@ -426,31 +426,31 @@ pub struct PullProgress {
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct HealthOutcome {
-    pub check: String,
-    pub healthy: bool,
-    pub attempts: u32,
-    pub message: String,
+pub(crate) struct HealthOutcome {
+    pub(crate) check: String,
+    pub(crate) healthy: bool,
+    pub(crate) attempts: u32,
+    pub(crate) message: String,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct FailureDiagnostics {
-    pub failed_phase: Option<Phase>,
+    pub(crate) failed_phase: Option<Phase>,
     pub step: String,
-    pub exit_code: Option<i64>,
-    pub oom_killed: bool,
-    pub log_tail: Vec<String>,
+    pub(crate) exit_code: Option<i64>,
+    pub(crate) oom_killed: bool,
+    pub(crate) log_tail: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct DeploymentResult {
-    pub success: bool,
-    pub message: String,
-    pub container_id: String,
-    pub image_digest: String,
-    pub endpoints: BTreeMap<String, String>,
-    pub health: Vec<HealthOutcome>,
-    pub diagnostics: Option<FailureDiagnostics>,
+    pub(crate) success: bool,
+    pub(crate) message: String,
+    pub(crate) container_id: String,
+    pub(crate) image_digest: String,
+    pub(crate) endpoints: BTreeMap<String, String>,
+    pub(crate) health: Vec<HealthOutcome>,
+    pub(crate) diagnostics: Option<FailureDiagnostics>,
     /// Deploys from source: the commit fetched (and built).
     #[serde(default)]
     pub commit: String,
@@ -520,7 +520,7 @@ impl<'de> serde::Deserialize<'de> for EventKind {
 
 /// A state change, as observers (audit log, webhooks) name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StateChange {
+pub(crate) enum StateChange {
     Accepted,
     PhaseStarted,
     Cancelling,
@@ -530,7 +530,7 @@ pub enum StateChange {
 impl EventKind {
     /// The state change this event is, if it is one (queue positions, progress and
     /// output are not).
-    pub fn state_change(&self) -> Option<StateChange> {
+    pub(crate) fn state_change(&self) -> Option<StateChange> {
         match self {
             EventKind::Accepted { .. } => Some(StateChange::Accepted),
             EventKind::PhaseStarted => Some(StateChange::PhaseStarted),
@@ -546,15 +546,15 @@ impl EventKind {
 /// audit log records it; nothing here names a secret (only the token's name).
 #[derive(Clone, Debug)]
 pub struct Refusal {
-    pub time: SystemTime,
+    pub(crate) time: SystemTime,
     /// The gRPC method (`Deploy`, `GetStatus` …).
-    pub method: String,
+    pub(crate) method: String,
     /// The token's name when the token was known.
-    pub caller: Option<String>,
-    pub peer: Option<std::net::SocketAddr>,
+    pub(crate) caller: Option<String>,
+    pub(crate) peer: Option<std::net::SocketAddr>,
     /// The name of the status code answered (`Unauthenticated`, `PermissionDenied` …).
-    pub code: String,
-    pub reason: String,
+    pub(crate) code: String,
+    pub(crate) reason: String,
 }
 
 /// One event of a deployment: the domain form of `ProgressUpdate`.
@@ -583,7 +583,7 @@ pub struct Update {
 }
 
 impl Update {
-    pub fn is_terminal(&self) -> bool {
+    pub(crate) fn is_terminal(&self) -> bool {
         matches!(self.kind, EventKind::Finished { .. })
     }
 }
@@ -604,7 +604,7 @@ impl EventKind {
 impl Update {
     /// A plain update for unit tests: app `app`, phase PULLING, kind `Progress`, or the
     /// terminal `Finished { Succeeded }` when `terminal`. Override fields as needed.
-    pub fn for_test(sequence: u64, terminal: bool) -> Self {
+    pub(crate) fn for_test(sequence: u64, terminal: bool) -> Self {
         Self {
             deployment_id: DeploymentId::new(),
             operation: Operation::Deploy,

@@ -1,6 +1,7 @@
 //! Proto ⇄ domain conversions. Requests are validated here, at the edge: a bad field
 //! becomes `INVALID_ARGUMENT` naming it, before anything starts.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
@@ -13,11 +14,11 @@ use crate::model::{
 };
 use crate::proto;
 
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
-pub const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
-pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
-pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
+pub(crate) const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+pub(crate) const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_ENV_BYTES: usize = 128 * 1024;
 
 /// A Docker reference: optional registry host[:port], path components, then an
@@ -146,125 +147,16 @@ fn relative(field: &str, path: &str) -> Result<String, Status> {
 }
 
 /// Validates a DeployRequest into a [`DeploySpec`]. `requested_by` names the caller.
-pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<DeploySpec, Status> {
+/// The fields are checked in this order; the first bad one is the answer.
+pub(crate) fn deploy_spec(
+    req: proto::DeployRequest,
+    requested_by: String,
+) -> Result<DeploySpec, Status> {
     let app = AppName::parse(&req.app).map_err(|e| invalid("app", e))?;
-
-    let (image, source) = match (req.image.trim(), req.source.as_ref()) {
-        ("", None) => {
-            return Err(invalid(
-                "image",
-                "empty reference (give an image or a source)",
-            ));
-        }
-        ("", Some(src)) => {
-            let source = source(src)?;
-            (source.describe(), Some(source))
-        }
-        (_, Some(_)) => {
-            return Err(invalid(
-                "source",
-                "give either an image or a source, not both",
-            ));
-        }
-        (image, None) => {
-            if !IMAGE_REFERENCE.is_match(image) || image.len() > 512 {
-                return Err(invalid(
-                    "image",
-                    format!("{image:?} is not a valid image reference (name[:tag][@digest])"),
-                ));
-            }
-            (image.to_owned(), None)
-        }
-    };
-
-    let mut ports = Vec::with_capacity(req.ports.len());
-    for (i, p) in req.ports.iter().enumerate() {
-        let container_port = port(
-            format!("ports[{i}].container_port"),
-            p.container_port,
-            false,
-        )?;
-        let host_port = port(format!("ports[{i}].host_port"), p.host_port, true)?;
-        let protocol = match p.protocol.to_ascii_lowercase().as_str() {
-            "" | "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            other => {
-                return Err(invalid(
-                    format!("ports[{i}].protocol"),
-                    format!("{other:?} is not \"tcp\" or \"udp\""),
-                ));
-            }
-        };
-        if ports
-            .iter()
-            .any(|q: &PortSpec| q.container_port == container_port && q.protocol == protocol)
-        {
-            return Err(invalid(
-                format!("ports[{i}]"),
-                format!(
-                    "container port {container_port}/{} is listed twice",
-                    protocol.as_str()
-                ),
-            ));
-        }
-        if host_port != 0
-            && ports
-                .iter()
-                .any(|q: &PortSpec| q.host_port == host_port && q.protocol == protocol)
-        {
-            return Err(invalid(
-                format!("ports[{i}].host_port"),
-                format!("host port {host_port} is used twice"),
-            ));
-        }
-        let host_ip = match p.host_ip.trim() {
-            "" => None,
-            ip => Some(ip.parse().map_err(|_| {
-                invalid(
-                    format!("ports[{i}].host_ip"),
-                    format!("{ip:?} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)"),
-                )
-            })?),
-        };
-        ports.push(PortSpec {
-            container_port,
-            host_port,
-            protocol,
-            host_ip,
-        });
-    }
-
-    let mut env_bytes = 0;
-    for (k, v) in &req.env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(invalid(
-                format!("env[{k:?}]"),
-                "a variable name must be non-empty, without '=' or NUL",
-            ));
-        }
-        if v.contains('\0') {
-            return Err(invalid(format!("env[{k:?}]"), "value contains NUL"));
-        }
-        env_bytes += k.len() + v.len() + 2;
-    }
-    if env_bytes > MAX_ENV_BYTES {
-        return Err(invalid(
-            "env",
-            format!("{env_bytes} bytes in total; at most {MAX_ENV_BYTES} are allowed"),
-        ));
-    }
-    for k in req.labels.keys() {
-        if k.is_empty() {
-            return Err(invalid("labels", "empty label key"));
-        }
-        if k.starts_with(RESERVED_LABEL_PREFIX) {
-            return Err(invalid(
-                format!("labels[{k:?}]"),
-                format!("keys under {RESERVED_LABEL_PREFIX} are reserved for Stevedore"),
-            ));
-        }
-    }
-
+    let (image, source) = image_or_source(req.image.trim(), req.source.as_ref())?;
+    let ports = ports(&req.ports)?;
+    check_env(&req.env)?;
+    check_labels(&req.labels)?;
     let health = health(req.health_check.as_ref(), &ports)?;
     let deadline = duration(
         "deadline",
@@ -273,70 +165,10 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
         Duration::from_secs(1),
         MAX_DEADLINE,
     )?;
-
-    let mut milestones = Vec::with_capacity(req.milestones.len());
-    for (i, m) in req.milestones.iter().enumerate() {
-        let pattern = regex(format!("milestones[{i}].pattern"), &m.pattern)?;
-        if m.progress.is_nan() || m.progress > 1.0 {
-            return Err(invalid(
-                format!("milestones[{i}].progress"),
-                "must be at most 1.0 (negative: count matches)",
-            ));
-        }
-        milestones.push(MilestoneSpec {
-            pattern,
-            progress: m.progress,
-            description: if m.description.is_empty() {
-                m.pattern.clone()
-            } else {
-                m.description.clone()
-            },
-        });
-    }
-
-    let mut hooks = Vec::with_capacity(req.hooks.len());
-    for (i, h) in req.hooks.iter().enumerate() {
-        if h.command.is_empty() || h.command[0].is_empty() {
-            return Err(invalid(format!("hooks[{i}].command"), "empty command"));
-        }
-        hooks.push(HookSpec {
-            name: if h.name.is_empty() {
-                format!("hook-{}", i + 1)
-            } else {
-                h.name.clone()
-            },
-            command: h.command.clone(),
-            tty: h.tty,
-            timeout: duration(
-                &format!("hooks[{i}].timeout"),
-                h.timeout.as_ref(),
-                DEFAULT_HOOK_TIMEOUT,
-                Duration::from_millis(100),
-                MAX_DEADLINE,
-            )?,
-        });
-    }
-
-    let stop_timeout = match req.stop_timeout.as_ref() {
-        None => None,
-        Some(d) => Some(duration(
-            "stop_timeout",
-            Some(d),
-            Duration::ZERO,
-            Duration::from_millis(1),
-            MAX_STOP_TIMEOUT,
-        )?)
-        .filter(|d| !d.is_zero()),
-    };
-
-    let idempotency_key = match req.idempotency_key.as_str() {
-        "" => None,
-        k if k.len() > 256 => {
-            return Err(invalid("idempotency_key", "longer than 256 bytes"));
-        }
-        k => Some(k.to_owned()),
-    };
-
+    let milestones = milestones(&req.milestones)?;
+    let hooks = hooks(&req.hooks)?;
+    let stop_timeout = stop_timeout(req.stop_timeout.as_ref())?;
+    let idempotency_key = idempotency_key(&req.idempotency_key)?;
     Ok(DeploySpec {
         app,
         image,
@@ -360,8 +192,226 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
     })
 }
 
+/// The image to run: `image` as given, or the one built from `source` (named by
+/// [`model::SourceSpec::describe`]). Exactly one of them.
+fn image_or_source(
+    image: &str,
+    source: Option<&proto::GitSource>,
+) -> Result<(String, Option<model::SourceSpec>), Status> {
+    match (image, source) {
+        ("", None) => Err(invalid(
+            "image",
+            "empty reference (give an image or a source)",
+        )),
+        ("", Some(src)) => {
+            let source = self::source(src)?;
+            Ok((source.describe(), Some(source)))
+        }
+        (_, Some(_)) => Err(invalid(
+            "source",
+            "give either an image or a source, not both",
+        )),
+        (image, None) => {
+            if !IMAGE_REFERENCE.is_match(image) || image.len() > 512 {
+                return Err(invalid(
+                    "image",
+                    format!("{image:?} is not a valid image reference (name[:tag][@digest])"),
+                ));
+            }
+            Ok((image.to_owned(), None))
+        }
+    }
+}
+
+/// The published ports: each container port (per protocol) and each host port other
+/// than 0 at most once.
+fn ports(mappings: &[proto::PortMapping]) -> Result<Vec<PortSpec>, Status> {
+    let mut ports = Vec::with_capacity(mappings.len());
+    for (i, p) in mappings.iter().enumerate() {
+        let (container_port, host_port, protocol) = port_numbers(i, p)?;
+        if ports
+            .iter()
+            .any(|q: &PortSpec| q.container_port == container_port && q.protocol == protocol)
+        {
+            return Err(invalid(
+                format!("ports[{i}]"),
+                format!(
+                    "container port {container_port}/{} is listed twice",
+                    protocol.as_str()
+                ),
+            ));
+        }
+        if host_port != 0
+            && ports
+                .iter()
+                .any(|q: &PortSpec| q.host_port == host_port && q.protocol == protocol)
+        {
+            return Err(invalid(
+                format!("ports[{i}].host_port"),
+                format!("host port {host_port} is used twice"),
+            ));
+        }
+        ports.push(PortSpec {
+            container_port,
+            host_port,
+            protocol,
+            host_ip: host_ip(i, &p.host_ip)?,
+        });
+    }
+    Ok(ports)
+}
+
+/// `ports[i]`'s container port, host port and protocol, each on its own.
+fn port_numbers(i: usize, p: &proto::PortMapping) -> Result<(u16, u16, Protocol), Status> {
+    let container_port = port(
+        format!("ports[{i}].container_port"),
+        p.container_port,
+        false,
+    )?;
+    let host_port = port(format!("ports[{i}].host_port"), p.host_port, true)?;
+    let protocol = match p.protocol.to_ascii_lowercase().as_str() {
+        "" | "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        other => {
+            return Err(invalid(
+                format!("ports[{i}].protocol"),
+                format!("{other:?} is not \"tcp\" or \"udp\""),
+            ));
+        }
+    };
+    Ok((container_port, host_port, protocol))
+}
+
+/// `ports[i].host_ip`: empty (the server's default) or an IP address.
+fn host_ip(i: usize, ip: &str) -> Result<Option<std::net::IpAddr>, Status> {
+    match ip.trim() {
+        "" => Ok(None),
+        ip => ip.parse().map(Some).map_err(|_| {
+            invalid(
+                format!("ports[{i}].host_ip"),
+                format!("{ip:?} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)"),
+            )
+        }),
+    }
+}
+
+/// Names non-empty, without `=` or NUL; values without NUL; at most
+/// [`MAX_ENV_BYTES`] in all.
+fn check_env(env: &HashMap<String, String>) -> Result<(), Status> {
+    let mut env_bytes = 0;
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(invalid(
+                format!("env[{k:?}]"),
+                "a variable name must be non-empty, without '=' or NUL",
+            ));
+        }
+        if v.contains('\0') {
+            return Err(invalid(format!("env[{k:?}]"), "value contains NUL"));
+        }
+        env_bytes += k.len() + v.len() + 2;
+    }
+    if env_bytes > MAX_ENV_BYTES {
+        return Err(invalid(
+            "env",
+            format!("{env_bytes} bytes in total; at most {MAX_ENV_BYTES} are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// Keys non-empty and outside [`RESERVED_LABEL_PREFIX`].
+fn check_labels(labels: &HashMap<String, String>) -> Result<(), Status> {
+    for k in labels.keys() {
+        if k.is_empty() {
+            return Err(invalid("labels", "empty label key"));
+        }
+        if k.starts_with(RESERVED_LABEL_PREFIX) {
+            return Err(invalid(
+                format!("labels[{k:?}]"),
+                format!("keys under {RESERVED_LABEL_PREFIX} are reserved for Stevedore"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn milestones(milestones: &[proto::Milestone]) -> Result<Vec<MilestoneSpec>, Status> {
+    let mut specs = Vec::with_capacity(milestones.len());
+    for (i, m) in milestones.iter().enumerate() {
+        let pattern = regex(format!("milestones[{i}].pattern"), &m.pattern)?;
+        if m.progress.is_nan() || m.progress > 1.0 {
+            return Err(invalid(
+                format!("milestones[{i}].progress"),
+                "must be at most 1.0 (negative: count matches)",
+            ));
+        }
+        specs.push(MilestoneSpec {
+            pattern,
+            progress: m.progress,
+            description: if m.description.is_empty() {
+                m.pattern.clone()
+            } else {
+                m.description.clone()
+            },
+        });
+    }
+    Ok(specs)
+}
+
+fn hooks(hooks: &[proto::Hook]) -> Result<Vec<HookSpec>, Status> {
+    let mut specs = Vec::with_capacity(hooks.len());
+    for (i, h) in hooks.iter().enumerate() {
+        if h.command.is_empty() || h.command[0].is_empty() {
+            return Err(invalid(format!("hooks[{i}].command"), "empty command"));
+        }
+        specs.push(HookSpec {
+            name: if h.name.is_empty() {
+                format!("hook-{}", i + 1)
+            } else {
+                h.name.clone()
+            },
+            command: h.command.clone(),
+            tty: h.tty,
+            timeout: duration(
+                &format!("hooks[{i}].timeout"),
+                h.timeout.as_ref(),
+                DEFAULT_HOOK_TIMEOUT,
+                Duration::from_millis(100),
+                MAX_DEADLINE,
+            )?,
+        });
+    }
+    Ok(specs)
+}
+
+/// `None` (and 0) keep the engine's default.
+fn stop_timeout(d: Option<&pbjson_types::Duration>) -> Result<Option<Duration>, Status> {
+    match d {
+        None => Ok(None),
+        Some(d) => Ok(Some(duration(
+            "stop_timeout",
+            Some(d),
+            Duration::ZERO,
+            Duration::from_millis(1),
+            MAX_STOP_TIMEOUT,
+        )?)
+        .filter(|d| !d.is_zero())),
+    }
+}
+
+fn idempotency_key(key: &str) -> Result<Option<String>, Status> {
+    match key {
+        "" => Ok(None),
+        k if k.len() > 256 => Err(invalid("idempotency_key", "longer than 256 bytes")),
+        k => Ok(Some(k.to_owned())),
+    }
+}
+
 /// A RemoveAppRequest: the app, and the stop grace (`None`: each container's own).
-pub fn removal(req: &proto::RemoveAppRequest) -> Result<(AppName, Option<Duration>), Status> {
+pub(crate) fn removal(
+    req: &proto::RemoveAppRequest,
+) -> Result<(AppName, Option<Duration>), Status> {
     let app = AppName::parse(&req.app).map_err(|e| invalid("app", e))?;
     let grace = req.stop_timeout.as_ref().map(|d| {
         let (zero, min) = (Duration::ZERO, Duration::from_millis(1));
@@ -452,7 +502,7 @@ fn proto_duration(d: Duration) -> pbjson_types::Duration {
     pbjson_types::Duration { seconds, nanos }
 }
 
-pub fn phase(p: model::Phase) -> proto::Phase {
+pub(crate) fn phase(p: model::Phase) -> proto::Phase {
     use model::Phase as P;
     match p {
         P::Queued => proto::Phase::Queued,
@@ -482,7 +532,7 @@ fn level(l: model::Level) -> proto::Level {
     }
 }
 
-pub fn state(s: model::DeploymentState) -> proto::DeploymentState {
+pub(crate) fn state(s: model::DeploymentState) -> proto::DeploymentState {
     use model::DeploymentState as S;
     match s {
         S::Pending => proto::DeploymentState::Pending,
@@ -494,7 +544,7 @@ pub fn state(s: model::DeploymentState) -> proto::DeploymentState {
 }
 
 /// The filter value of ListDeployments (`UNSPECIFIED`: any state).
-pub fn state_filter(s: i32) -> Result<Option<model::DeploymentState>, Status> {
+pub(crate) fn state_filter(s: i32) -> Result<Option<model::DeploymentState>, Status> {
     use model::DeploymentState as S;
     match proto::DeploymentState::try_from(s) {
         Ok(proto::DeploymentState::Unspecified) => Ok(None),
@@ -536,7 +586,7 @@ fn result(r: &model::DeploymentResult) -> proto::DeploymentResult {
     }
 }
 
-pub fn update(u: &model::Update) -> proto::ProgressUpdate {
+pub(crate) fn update(u: &model::Update) -> proto::ProgressUpdate {
     proto::ProgressUpdate {
         deployment_id: u.deployment_id.to_string(),
         operation: operation(u.operation) as i32,
@@ -583,7 +633,7 @@ fn operation(o: model::Operation) -> proto::Operation {
     }
 }
 
-pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
+pub(crate) fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
     proto::DeploymentStatus {
         deployment_id: s.id.to_string(),
         operation: operation(s.operation) as i32,
@@ -609,7 +659,7 @@ pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
 
 /// An app of ListApps: what runs now (from its newest successful deployment) and its
 /// newest deployment.
-pub fn app(a: &crate::engine::AppView) -> proto::App {
+pub(crate) fn app(a: &crate::engine::AppView) -> proto::App {
     proto::App {
         app: a.app.to_string(),
         current: a.current.as_ref().map(|c| {

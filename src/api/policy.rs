@@ -13,7 +13,7 @@ use crate::source::git;
 const DOCKER_HUB: &str = "docker.io";
 
 #[derive(Clone, Debug, Default)]
-pub struct DeployPolicy {
+pub(crate) struct DeployPolicy {
     /// Allowed image prefixes, normalized (`docker.io/library/busybox`,
     /// `registry.example:5000/team`). Empty: any registry.
     allowed_registries: Vec<String>,
@@ -27,7 +27,7 @@ pub struct DeployPolicy {
 /// `docker.io/library/busybox`, `team/app:1` → `docker.io/team/app:1`,
 /// `index.docker.io/x` → `docker.io/x`; references naming a registry are unchanged.
 /// A first component is a registry when it has a `.` or `:` or is `localhost`.
-pub fn normalize_image(image: &str) -> String {
+pub(crate) fn normalize_image(image: &str) -> String {
     let (first, rest) = match image.split_once('/') {
         Some((first, rest)) => (first, Some(rest)),
         None => (image, None),
@@ -65,7 +65,7 @@ fn under(image: &str, prefix: &str) -> bool {
 
 impl DeployPolicy {
     /// A policy allowing images under `registries` (none: any registry).
-    pub fn new(registries: &[String], allow_privileged_ports: bool) -> Self {
+    pub(crate) fn new(registries: &[String], allow_privileged_ports: bool) -> Self {
         Self {
             allowed_registries: registries
                 .iter()
@@ -79,18 +79,19 @@ impl DeployPolicy {
     }
 
     /// The policy with local repositories allowed (`--allow-local-git`) or not.
-    pub fn with_local_git(mut self, allow: bool) -> Self {
+    pub(crate) fn with_local_git(mut self, allow: bool) -> Self {
         self.allow_local_git = allow;
         self
     }
 
-    pub fn allowed_registries(&self) -> &[String] {
+    #[cfg(test)]
+    fn allowed_registries(&self) -> &[String] {
         &self.allowed_registries
     }
 
     /// `Ok` when the policy allows `spec`, else `PERMISSION_DENIED` naming the image,
     /// the port or the source URL.
-    pub fn check(&self, spec: &DeploySpec) -> Result<(), Status> {
+    pub(crate) fn check(&self, spec: &DeploySpec) -> Result<(), Status> {
         if let Some(source) = &spec.source
             && !self.allow_local_git
             && git::validate_url(&source.url).ok() == Some(git::UrlKind::Local)

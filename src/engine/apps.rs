@@ -9,8 +9,8 @@ use crate::model::{AppName, DeploymentState, DeploymentStatus};
 
 /// One app in [`Engine::apps`].
 #[derive(Clone, Debug)]
-pub struct AppView {
-    pub app: AppName,
+pub(crate) struct AppView {
+    pub(crate) app: AppName,
     /// The newest SUCCEEDED deployment: what runs now. `None` when none succeeded.
     pub current: Option<DeploymentStatus>,
     /// The newest deployment or removal, in any state.
@@ -19,7 +19,7 @@ pub struct AppView {
 
 impl Engine {
     /// Every app known to the store, sorted by name.
-    pub async fn apps(&self) -> Result<Vec<AppView>, EngineError> {
+    pub(crate) async fn apps(&self) -> Result<Vec<AppView>, EngineError> {
         self.0.store.flush().await;
         let latest = self.0.store.newest_per_app(false).await?;
         let mut current = self

@@ -22,7 +22,7 @@ use std::time::Duration;
 use crate::model::Phase;
 
 /// A phase as the estimator sees it: ordered (a map key) and named (for `basis`).
-pub trait PhaseKey: Ord + Copy {
+pub(crate) trait PhaseKey: Ord + Copy {
     fn name(self) -> &'static str;
 }
 
@@ -34,7 +34,7 @@ impl PhaseKey for Phase {
 
 /// How a phase's time is predicted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Model {
+pub(crate) enum Model {
     /// The median of past durations.
     Median,
     /// Bytes ÷ measured throughput. `expected_bytes`: what the pull will download when it
@@ -46,38 +46,38 @@ pub enum Model {
 
 /// One phase of this deployment's plan, in order.
 #[derive(Clone, Copy, Debug)]
-pub struct Planned<P> {
-    pub phase: P,
-    pub model: Model,
+pub(crate) struct Planned<P> {
+    pub(crate) phase: P,
+    pub(crate) model: Model,
 }
 
 /// A pull of an earlier deployment: bytes downloaded and the time the pull phase took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PullSample {
-    pub bytes: u64,
-    pub duration: Duration,
+pub(crate) struct PullSample {
+    pub(crate) bytes: u64,
+    pub(crate) duration: Duration,
 }
 
 /// One build step of an earlier deployment.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StepSample {
-    pub instruction: String,
-    pub cached: bool,
-    pub duration: Duration,
+pub(crate) struct StepSample {
+    pub(crate) instruction: String,
+    pub(crate) cached: bool,
+    pub(crate) duration: Duration,
 }
 
 /// An earlier succeeded deployment of the app.
 #[derive(Clone, Debug)]
-pub struct PastDeployment<P> {
-    pub phases: BTreeMap<P, Duration>,
-    pub pull: Option<PullSample>,
+pub(crate) struct PastDeployment<P> {
+    pub(crate) phases: BTreeMap<P, Duration>,
+    pub(crate) pull: Option<PullSample>,
     /// The build's steps in order (empty: no build, or it was skipped).
-    pub build: Vec<StepSample>,
+    pub(crate) build: Vec<StepSample>,
 }
 
 /// Where a running build is.
 #[derive(Clone, Debug, Default)]
-pub struct BuildNow {
+pub(crate) struct BuildNow {
     /// The step running (1-based); 0 before the first.
     pub step: u32,
     pub total: u32,
@@ -94,7 +94,7 @@ pub struct BuildNow {
 /// Whether a step that came (`cached`) or did not come from the cache means every later
 /// step of the stage will be rebuilt: any step built anew, except `FROM`, which the
 /// builder never reports as cached (the steps after it still hit the cache).
-pub fn breaks_chain(instruction: &str, cached: bool) -> bool {
+pub(crate) fn breaks_chain(instruction: &str, cached: bool) -> bool {
     !cached && !is_from(instruction)
 }
 
@@ -107,30 +107,30 @@ fn is_from(instruction: &str) -> bool {
 
 /// Where the deployment is now.
 #[derive(Clone, Debug)]
-pub struct Now<P> {
+pub(crate) struct Now<P> {
     pub phase: P,
     pub phase_elapsed: Duration,
     /// 0.0–1.0, when the phase measures its progress.
-    pub phase_progress: Option<f64>,
+    pub(crate) phase_progress: Option<f64>,
     /// Since the deployment was accepted.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
     /// While pulling: bytes still to download.
-    pub pull_bytes_remaining: Option<u64>,
-    pub build: Option<BuildNow>,
+    pub(crate) pull_bytes_remaining: Option<u64>,
+    pub(crate) build: Option<BuildNow>,
 }
 
 /// An estimate of the time left.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Eta {
-    pub remaining: Duration,
-    pub low: Duration,
-    pub high: Duration,
+    pub(crate) remaining: Duration,
+    pub(crate) low: Duration,
+    pub(crate) high: Duration,
     /// Earlier deployments it rests on.
-    pub samples: u32,
+    pub(crate) samples: u32,
     /// In words, what it rests on.
-    pub basis: String,
+    pub(crate) basis: String,
     /// Longer already than the history allows.
-    pub overdue: bool,
+    pub(crate) overdue: bool,
 }
 
 /// low ≤ mid ≤ high, in seconds.
@@ -424,7 +424,7 @@ impl<P: PhaseKey> Estimator<'_, P> {
 /// goes through, in order, including the current one), learned from `history` (the
 /// app's recent succeeded deployments, newest first). `None` when there is nothing to
 /// learn from.
-pub fn estimate<P: PhaseKey>(
+pub(crate) fn estimate<P: PhaseKey>(
     plan: &[Planned<P>],
     history: &[PastDeployment<P>],
     now: &Now<P>,

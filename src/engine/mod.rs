@@ -7,7 +7,7 @@
 
 mod apps;
 mod deployment;
-pub mod eta;
+pub(crate) mod eta;
 mod health;
 mod history;
 mod hooks;
@@ -33,7 +33,7 @@ use deployment::Deployment;
 use deployment::{Extra, Reporter};
 use queue::AppQueues;
 
-pub use apps::AppView;
+pub(crate) use apps::AppView;
 
 use crate::events::{DeploymentLog, LogError, ObserverRegistry, UpdateStream};
 use crate::limits::{Rejection, Rejections};
@@ -42,7 +42,7 @@ use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{ListFilter, Retention, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub(crate) enum EngineError {
     #[error("{0}")]
     Unavailable(RuntimeError),
     #[error(
@@ -76,22 +76,22 @@ pub enum EngineError {
 
 /// Tunables of the engine. Defaults suit a local engine.
 #[derive(Clone, Debug)]
-pub struct EngineConfig {
+pub(crate) struct EngineConfig {
     /// How long the engine ping before accepting a deployment may take.
-    pub ping_timeout: Duration,
+    pub(crate) ping_timeout: Duration,
     /// With no health check at all, how long the container must stay up.
-    pub settle_time: Duration,
+    pub(crate) settle_time: Duration,
     /// How long CancelDeployment waits for the deployment to wind down.
-    pub cancel_wait: Duration,
+    pub(crate) cancel_wait: Duration,
     /// How much history the store keeps (applied after each finished deployment).
-    pub retention: Retention,
+    pub(crate) retention: Retention,
     /// Apps deploying at the same time; more get [`EngineError::Exhausted`].
-    pub max_in_flight: usize,
+    pub(crate) max_in_flight: usize,
     /// Deployments waiting for their app's lock (all apps); more get
     /// [`EngineError::Exhausted`].
-    pub max_queued: usize,
+    pub(crate) max_queued: usize,
     /// The host address ports are published on when the request names none.
-    pub publish_ip: std::net::IpAddr,
+    pub(crate) publish_ip: std::net::IpAddr,
     /// Deploys from source: one git cache per app under this directory
     /// (`DATA_DIR/sources` in the server).
     pub sources_dir: std::path::PathBuf,
@@ -147,27 +147,33 @@ struct Live {
 #[derive(Clone)]
 pub struct Engine(Arc<Inner>);
 
-/// Filter and page of [`Engine::list`].
-#[derive(Clone, Debug, Default)]
-pub struct ListQuery {
-    pub app: Option<AppName>,
-    pub state: Option<DeploymentState>,
-    pub page_size: usize,
-    pub page_token: Option<String>,
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
 }
 
-pub struct ListPage {
-    pub deployments: Vec<DeploymentStatus>,
-    pub next_page_token: Option<String>,
+/// Filter and page of [`Engine::list`].
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ListQuery {
+    pub(crate) app: Option<AppName>,
+    pub(crate) state: Option<DeploymentState>,
+    pub(crate) page_size: usize,
+    pub(crate) page_token: Option<String>,
+}
+
+pub(crate) struct ListPage {
+    pub(crate) deployments: Vec<DeploymentStatus>,
+    pub(crate) next_page_token: Option<String>,
 }
 
 /// What [`Engine::recover`] found and did.
 #[derive(Clone, Debug, Default)]
-pub struct Recovery {
+pub(crate) struct Recovery {
     /// Deployments that were in flight when the previous process stopped, now FAILED.
-    pub interrupted: Vec<DeploymentId>,
+    pub(crate) interrupted: Vec<DeploymentId>,
     /// Containers of those deployments that were removed.
-    pub containers_removed: usize,
+    pub(crate) containers_removed: usize,
     /// Deployments that were past the point of no return (SWITCHING or CLEANUP) when
     /// the previous process stopped, completed by recovery: their container is kept as
     /// the app's current version, now SUCCEEDED.
@@ -201,7 +207,7 @@ where
 
 /// Updates of a live deployment held in memory (its most recent ones); a reader
 /// further behind reads the earlier ones from the store. ~300 B each.
-pub const LIVE_LOG_WINDOW: usize = 4096;
+pub(crate) const LIVE_LOG_WINDOW: usize = 4096;
 
 /// Reads a live log's trimmed start back from the store.
 struct StoreBackfill {
@@ -232,11 +238,11 @@ impl crate::events::Backfill for StoreBackfill {
 }
 
 /// Default and maximum page sizes of ListDeployments.
-pub const DEFAULT_PAGE_SIZE: usize = 50;
-pub const MAX_PAGE_SIZE: usize = 500;
+pub(crate) const DEFAULT_PAGE_SIZE: usize = 50;
+pub(crate) const MAX_PAGE_SIZE: usize = 500;
 
 impl Engine {
-    pub fn new(
+    pub(crate) fn new(
         runtime: Arc<dyn Runtime>,
         observers: ObserverRegistry,
         config: EngineConfig,
@@ -274,7 +280,7 @@ impl Engine {
     /// stream of its updates from the first one. With an idempotency key already seen
     /// for the app (by this process or, through the store, an earlier one), returns
     /// the existing deployment, its stream replayed from the start.
-    pub async fn deploy(
+    pub(crate) async fn deploy(
         &self,
         spec: DeploySpec,
     ) -> Result<(DeploymentId, UpdateStream), EngineError> {
@@ -482,7 +488,7 @@ impl Engine {
     }
 
     /// Applies the retention setting to the store; logs what it removed.
-    pub async fn apply_retention(&self) {
+    pub(crate) async fn apply_retention(&self) {
         let retention = &self.0.config.retention;
         if retention.max_deployments.is_none()
             && retention.max_age.is_none()
@@ -503,7 +509,7 @@ impl Engine {
 
     /// Applies retention every `interval` (age-based retention needs time to pass;
     /// count-based runs after every finished deployment too) until `shutdown`.
-    pub fn spawn_retention(
+    pub(crate) fn spawn_retention(
         &self,
         interval: Duration,
         shutdown: CancellationToken,
@@ -550,7 +556,7 @@ impl Engine {
             .map_err(|_| EngineError::NotFound(id.to_owned()))
     }
 
-    pub async fn status(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
+    pub(crate) async fn status(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
         let id = Self::parse_id(id)?;
         if let Some(deployment) = self.get(id) {
             return Ok(deployment.status());
@@ -566,7 +572,11 @@ impl Engine {
     }
 
     /// Replays updates after `after_sequence`, then follows live until the terminal one.
-    pub async fn watch(&self, id: &str, after_sequence: u64) -> Result<UpdateStream, EngineError> {
+    pub(crate) async fn watch(
+        &self,
+        id: &str,
+        after_sequence: u64,
+    ) -> Result<UpdateStream, EngineError> {
         self.watch_id(Self::parse_id(id)?, after_sequence).await
     }
 
@@ -603,7 +613,7 @@ impl Engine {
 
     /// Deployments, newest first, from the store (with the live status of those still
     /// running). The page token is opaque to clients.
-    pub async fn list(&self, query: &ListQuery) -> Result<ListPage, EngineError> {
+    pub(crate) async fn list(&self, query: &ListQuery) -> Result<ListPage, EngineError> {
         let before = match &query.page_token {
             None => None,
             Some(t) => Some(decode_token(t).ok_or(EngineError::InvalidPageToken)?),
@@ -649,7 +659,7 @@ impl Engine {
 
     /// Cancels a queued or running deployment and waits (a bounded time) for it to
     /// wind down; returns its status.
-    pub async fn cancel(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
+    pub(crate) async fn cancel(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
         let did = Self::parse_id(id)?;
         let Some(deployment) = self.get(did) else {
             let status = self.status(id).await?;
@@ -690,19 +700,19 @@ impl Engine {
     }
 
     /// Stops accepting deployments; running ones continue.
-    pub fn stop_accepting(&self) {
+    pub(crate) fn stop_accepting(&self) {
         self.0.accepting.store(false, Ordering::SeqCst);
     }
 
     /// Waits until every deployment task has ended (and its log is on disk).
-    pub async fn drain(&self) {
+    pub(crate) async fn drain(&self) {
         self.0.tasks.close();
         self.0.tasks.wait().await;
     }
 
     /// Interrupts every deployment still queued or running: each rolls back what it
     /// created and ends FAILED ("interrupted by server shutdown").
-    pub fn interrupt_all(&self) {
+    pub(crate) fn interrupt_all(&self) {
         for d in self.live().deployments.values() {
             d.interrupt.cancel();
         }

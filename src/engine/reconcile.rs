@@ -18,7 +18,7 @@ impl Engine {
     /// succeeded deployment's container). Containers of live deployments, of deployments
     /// not yet ended in the store and of deployments this store does not know (another
     /// server's) are left alone. Returns how many were removed.
-    pub async fn reconcile(&self) -> Result<usize, RuntimeError> {
+    pub(crate) async fn reconcile(&self) -> Result<usize, RuntimeError> {
         let containers = self.0.runtime.list_managed_containers().await?;
         // Snapshot after the listing: a container listed is either of a deployment live
         // now, or of one that ended (and is in the store) before.
@@ -63,13 +63,13 @@ impl Engine {
     }
 
     /// Containers the reconciler removed since start (`stevedore_reconciler_removed_total`).
-    pub fn reconciler_removed(&self) -> u64 {
+    pub(crate) fn reconciler_removed(&self) -> u64 {
         self.0.reconciled.load(Ordering::Relaxed)
     }
 
     /// Reconciles every `interval` while the engine answers, so also within one
     /// interval of it answering again after an outage, until `shutdown`.
-    pub fn spawn_reconciler(
+    pub(crate) fn spawn_reconciler(
         &self,
         interval: Duration,
         shutdown: CancellationToken,

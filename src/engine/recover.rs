@@ -30,7 +30,7 @@ impl Engine {
     /// if the interrupted deployment had stopped it to take over a fixed host port),
     /// and containers of deployments this store does not know (another server's) are
     /// left alone.
-    pub async fn recover(&self) -> Result<Recovery, EngineError> {
+    pub(crate) async fn recover(&self) -> Result<Recovery, EngineError> {
         let store = &self.0.store;
         let mut unfinished = store.unfinished().await?;
         let mut recovery = Recovery::default();

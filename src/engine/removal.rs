@@ -28,7 +28,7 @@ impl Engine {
     /// stays; once it succeeded the app leaves [`Engine::apps`] until it is deployed
     /// again. `stop_timeout` is each container's stop grace (else its StopTimeout,
     /// else 10 s).
-    pub async fn remove_app(
+    pub(crate) async fn remove_app(
         &self,
         app: AppName,
         requested_by: String,

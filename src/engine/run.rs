@@ -1009,6 +1009,27 @@ pub(super) async fn stop_gracefully(
         .await
         .ok()
         .and_then(|s| s.exit_code);
+    let (level, message, outcome) = stop_outcome(result, exit, &signal, waited, grace, what, &name);
+    rep.progress(
+        base + span * 0.9,
+        level,
+        message,
+        Extra::meta([("stop_outcome", outcome.into())]),
+    );
+}
+
+/// How a container's stop ended (`what`: "previous container", "container"): the update's level and message, and the
+/// `stop_outcome` (`killed` when the grace ran out and the engine sent SIGKILL).
+fn stop_outcome(
+    result: Result<(), impl std::fmt::Display>,
+    exit: Option<i64>,
+    signal: &str,
+    waited: Duration,
+    grace: Duration,
+    what: &str,
+    name: &str,
+) -> (Level, String, &'static str) {
+    let secs = grace.as_secs_f64();
     let code = exit
         .map(|c| format!(" (exit code {c})"))
         .unwrap_or_default();
@@ -1033,13 +1054,7 @@ pub(super) async fn stop_gracefully(
             ),
         ),
     };
-    let outcome = if killed { "killed" } else { "stopped" };
-    rep.progress(
-        base + span * 0.9,
-        level,
-        message,
-        Extra::meta([("stop_outcome", outcome.into())]),
-    );
+    (level, message, if killed { "killed" } else { "stopped" })
 }
 
 /// The deadline counts from acceptance, queue wait included.

@@ -34,10 +34,10 @@ use crate::proto::deployer_server::Deployer;
 /// What the API routes need: the shared Deployer service and the same auth the
 /// gRPC layer uses (`None`: auth off).
 #[derive(Clone)]
-pub struct ApiState {
-    pub deployer: Arc<DeployerService>,
-    pub auth: Option<Authenticator>,
-    pub refusals: Refusals,
+pub(crate) struct ApiState {
+    pub(crate) deployer: Arc<DeployerService>,
+    pub(crate) auth: Option<Authenticator>,
+    pub(crate) refusals: Refusals,
 }
 
 /// How long a browser's EventSource waits before reconnecting (`retry:`).
@@ -45,7 +45,7 @@ const RETRY: Duration = Duration::from_secs(2);
 /// Comment lines sent on a quiet stream so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-pub fn router<S: Clone + Send + Sync + 'static>(state: ApiState) -> Router<S> {
+pub(crate) fn router<S: Clone + Send + Sync + 'static>(state: ApiState) -> Router<S> {
     Router::new()
         .route("/v1/whoami", get(whoami))
         .route("/v1/apps", get(list_apps))
@@ -58,7 +58,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: ApiState) -> Router<S> {
 }
 
 /// A gRPC status as an HTTP answer.
-pub struct ApiError(pub Status);
+pub(crate) struct ApiError(pub Status);
 
 impl From<Status> for ApiError {
     fn from(s: Status) -> Self {
@@ -67,7 +67,7 @@ impl From<Status> for ApiError {
 }
 
 /// The canonical name of a gRPC code (`INVALID_ARGUMENT`).
-pub fn code_name(code: Code) -> &'static str {
+pub(crate) fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",
@@ -91,7 +91,7 @@ pub fn code_name(code: Code) -> &'static str {
 
 /// The HTTP status of a gRPC code. FAILED_PRECONDITION (e.g. cancelling a finished
 /// deployment) is a conflict with the resource's state: 409.
-pub fn http_status(code: Code) -> StatusCode {
+pub(crate) fn http_status(code: Code) -> StatusCode {
     match code {
         Code::Ok => StatusCode::OK,
         Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
@@ -128,7 +128,7 @@ type ApiResult = Result<Response, ApiError>;
 
 /// What a route knows of its caller: the request's headers (the bearer token,
 /// `Last-Event-ID`) and the client's address.
-pub struct Call {
+pub(crate) struct Call {
     headers: HeaderMap,
     peer: Option<SocketAddr>,
 }
@@ -403,7 +403,7 @@ fn sse(events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -
 
 /// One update: `id: <sequence>`, `event: update` (`result` for the terminal one),
 /// `data:` its JSON on one line.
-pub fn update_event(u: &proto::ProgressUpdate) -> Event {
+pub(crate) fn update_event(u: &proto::ProgressUpdate) -> Event {
     let kind = if u.result.is_some() {
         "result"
     } else {

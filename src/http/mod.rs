@@ -2,8 +2,8 @@
 //! Prometheus, the JSON API with its event streams (`api.rs`) and the dashboard page
 //! (`page.rs`).
 
-pub mod api;
-pub mod page;
+pub(crate) mod api;
+pub(crate) mod page;
 
 use std::sync::Arc;
 
@@ -46,15 +46,15 @@ impl
 }
 
 #[derive(Clone)]
-pub struct HttpState {
-    pub runtime: Arc<dyn Runtime>,
+pub(crate) struct HttpState {
+    pub(crate) runtime: Arc<dyn Runtime>,
     /// Renders `/metrics` (404 without it).
-    pub metrics: Option<Arc<MetricsExporter>>,
+    pub(crate) metrics: Option<Arc<MetricsExporter>>,
     /// The JSON API and the page (absent: not served).
-    pub api: Option<api::ApiState>,
+    pub(crate) api: Option<api::ApiState>,
 }
 
-pub fn router(state: HttpState) -> Router {
+pub(crate) fn router(state: HttpState) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics));
@@ -92,18 +92,18 @@ async fn metrics(State(state): State<HttpState>) -> axum::response::Response {
 
 /// Renders `/metrics`: samples what is better read than counted (gauges from the
 /// engine, observer counters from the registry), then the exposition.
-pub struct MetricsExporter {
-    pub metrics: Arc<Metrics>,
-    pub engine: Engine,
-    pub observers: ObserverRegistry,
+pub(crate) struct MetricsExporter {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) engine: Engine,
+    pub(crate) observers: ObserverRegistry,
     /// Calls turned away, per limit (`stevedore_rejections_total`).
-    pub rejections: Arc<Rejections>,
+    pub(crate) rejections: Arc<Rejections>,
     /// Whether the audit log can be written now, when there is one.
-    pub audit_writable: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    pub(crate) audit_writable: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl MetricsExporter {
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let m = &self.metrics;
         let counts = self.engine.state_counts();
         let count = |s| counts.get(&s).copied().unwrap_or(0) as f64;

@@ -145,7 +145,7 @@ static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 /// This server's metric registry. Cheap to share (`Arc`).
-pub struct Metrics {
+pub(crate) struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     app_label: bool,
@@ -153,7 +153,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// `app_label`: label deployment counters and durations with the app name.
-    pub fn new(app_label: bool) -> Self {
+    pub(crate) fn new(app_label: bool) -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets(BUCKETS)
             .expect("buckets are not empty")
@@ -204,33 +204,37 @@ impl Metrics {
         Key::from_parts(name, labels)
     }
 
-    pub fn counter(&self, name: &'static str, labels: &[(&'static str, String)]) -> Counter {
+    pub(crate) fn counter(&self, name: &'static str, labels: &[(&'static str, String)]) -> Counter {
         self.recorder
             .register_counter(&Self::key(name, labels), &METADATA)
     }
 
-    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, String)]) -> Gauge {
+    pub(crate) fn gauge(&self, name: &'static str, labels: &[(&'static str, String)]) -> Gauge {
         self.recorder
             .register_gauge(&Self::key(name, labels), &METADATA)
     }
 
-    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, String)]) -> Histogram {
+    pub(crate) fn histogram(
+        &self,
+        name: &'static str,
+        labels: &[(&'static str, String)],
+    ) -> Histogram {
         self.recorder
             .register_histogram(&Self::key(name, labels), &METADATA)
     }
 
     /// The text exposition of everything recorded so far.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         self.handle.render()
     }
 
     /// Drains histogram samples into their buckets; call periodically.
-    pub fn run_upkeep(&self) {
+    pub(crate) fn run_upkeep(&self) {
         self.handle.run_upkeep();
     }
 
     /// Calls [`Self::run_upkeep`] every `every` until `stop` is cancelled.
-    pub fn spawn_upkeep(
+    pub(crate) fn spawn_upkeep(
         self: &Arc<Self>,
         every: Duration,
         stop: tokio_util::sync::CancellationToken,
@@ -268,13 +272,13 @@ struct Track {
 }
 
 /// Turns updates into counters and histograms.
-pub struct MetricsObserver {
+pub(crate) struct MetricsObserver {
     metrics: Arc<Metrics>,
     live: Mutex<HashMap<DeploymentId, Track>>,
 }
 
 impl MetricsObserver {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             metrics,
             live: Mutex::new(HashMap::new()),

@@ -25,7 +25,7 @@
 //! # let _ = status; Ok(()) }
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -72,10 +72,6 @@ impl ProxyClient {
                 source,
             })?;
         Ok(Self { http, socket })
-    }
-
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 
     /// Every route.

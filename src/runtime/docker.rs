@@ -44,7 +44,7 @@ const EXEC_TTY_SIZE: (i32, i32) = (120, 40);
 /// Seconds a container gets to stop after SIGTERM before it is killed.
 const STOP_GRACE_SECS: i32 = 5;
 
-pub struct DockerRuntime {
+pub(crate) struct DockerRuntime {
     /// Connected on first use: see [`DockerRuntime::client`].
     docker: std::sync::OnceLock<Docker>,
     endpoint: String,
@@ -56,7 +56,7 @@ pub struct DockerRuntime {
 }
 
 /// The engine address used when neither `--docker-host` nor `DOCKER_HOST` is set.
-pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+pub(crate) const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
 /// A bollard client for `host`. bollard refuses a unix socket path that does not exist.
 fn connect(host: &str, call_timeout: Duration) -> Result<Docker, RuntimeError> {
@@ -81,7 +81,7 @@ fn connect(host: &str, call_timeout: Duration) -> Result<Docker, RuntimeError> {
 impl DockerRuntime {
     /// Prepares a client for `host` (`unix://…`, `tcp://…` or `http://…`). Does not
     /// connect: an engine that is down is reported by the calls that need it.
-    pub fn new(host: &str, call_timeout: Duration) -> Result<Self, RuntimeError> {
+    pub(crate) fn new(host: &str, call_timeout: Duration) -> Result<Self, RuntimeError> {
         let docker = std::sync::OnceLock::new();
         match connect(host, call_timeout) {
             Ok(client) => {
@@ -106,13 +106,14 @@ impl DockerRuntime {
     }
 
     /// Caps the Docker API calls in progress at once at `max` (at least 1).
-    pub fn with_max_concurrent_calls(mut self, max: usize) -> Self {
+    pub(crate) fn with_max_concurrent_calls(mut self, max: usize) -> Self {
         self.calls = std::sync::Arc::new(tokio::sync::Semaphore::new(max.max(1)));
         self
     }
 
     /// Docker API calls that may start now without waiting.
-    pub fn available_call_permits(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn available_call_permits(&self) -> usize {
         self.calls.available_permits()
     }
 

@@ -60,7 +60,7 @@ impl GitStage {
     }
 
     /// The words git prints for this stage.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             Self::Enumerating => "Enumerating objects",
             Self::Counting => "Counting objects",
@@ -79,22 +79,22 @@ impl GitStage {
 pub struct GitProgress {
     pub stage: GitStage,
     /// The line came from the server (`remote: …`).
-    pub remote: bool,
+    pub(crate) remote: bool,
     /// Objects (or deltas, or files) done so far.
-    pub current: u64,
+    pub(crate) current: u64,
     /// Their total, when git knows it (it does once the pack header arrived).
     pub total: Option<u64>,
     /// Bytes received so far (receiving and unpacking only). Git never knows the total.
     pub bytes: Option<u64>,
     /// Transfer rate in bytes per second, as git measured it.
-    pub bytes_per_sec: Option<u64>,
+    pub(crate) bytes_per_sec: Option<u64>,
     /// git printed `done` for this stage.
-    pub done: bool,
+    pub(crate) done: bool,
 }
 
 impl GitProgress {
     /// current / total, when the total is known.
-    pub fn fraction(&self) -> Option<f64> {
+    pub(crate) fn fraction(&self) -> Option<f64> {
         match self.total {
             Some(0) => Some(1.0),
             Some(t) => Some((self.current as f64 / t as f64).clamp(0.0, 1.0)),
@@ -159,15 +159,15 @@ static CREDENTIALS: LazyLock<Regex> = LazyLock::new(|| {
 
 /// `url` (or any text containing URLs) with the user and password of every
 /// `scheme://user:password@host` removed: `https://***@host/…`.
-pub fn redact_url(text: &str) -> String {
+pub(crate) fn redact_url(text: &str) -> String {
     CREDENTIALS.replace_all(text, "${scheme}***@").into_owned()
 }
 
 /// A user and password taken out of a URL (percent-decoded).
 #[derive(Clone, PartialEq, Eq)]
-pub struct Credential {
-    pub username: String,
-    pub password: String,
+pub(crate) struct Credential {
+    pub(crate) username: String,
+    pub(crate) password: String,
 }
 
 impl std::fmt::Debug for Credential {
@@ -179,7 +179,7 @@ impl std::fmt::Debug for Credential {
 /// Splits `https://user:token@host/repo` into `https://host/repo` and the credential.
 /// URLs with no user info (and scp-like `git@host:repo`, whose user is no secret) are
 /// returned unchanged.
-pub fn split_credentials(url: &str) -> (String, Option<Credential>) {
+pub(crate) fn split_credentials(url: &str) -> (String, Option<Credential>) {
     let Some(caps) = CREDENTIALS.captures(url) else {
         return (url.to_owned(), None);
     };
@@ -251,7 +251,7 @@ fn unit_bytes(value: &str, unit: &str) -> Option<u64> {
 
 /// Parses one line of git's `--progress` output (a piece between `\r` or `\n`).
 /// Returns `None` for lines that are not progress (`remote: Total 5 (delta 0)…`, errors).
-pub fn parse_progress(line: &str) -> Option<GitProgress> {
+pub(crate) fn parse_progress(line: &str) -> Option<GitProgress> {
     let line = line.trim_end();
     let caps = PROGRESS.captures(line)?;
     let (current, total) = if let Some(cur) = caps.name("cur") {
@@ -284,13 +284,13 @@ pub fn parse_progress(line: &str) -> Option<GitProgress> {
 /// Splits a byte stream into lines at `\r` or `\n` (git rewrites progress lines in
 /// place with `\r`). Holds an unfinished line until its end arrives.
 #[derive(Default)]
-pub struct LineSplitter {
+pub(crate) struct LineSplitter {
     partial: Vec<u8>,
 }
 
 impl LineSplitter {
     /// Feeds bytes in; returns the complete, non-empty lines they finished.
-    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         let mut lines = Vec::new();
         for &b in bytes {
             if b == b'\r' || b == b'\n' {
@@ -306,7 +306,7 @@ impl LineSplitter {
     }
 
     /// The last line when the stream ended without a line break.
-    pub fn finish(&mut self) -> Option<String> {
+    pub(crate) fn finish(&mut self) -> Option<String> {
         if self.partial.is_empty() {
             None
         } else {
@@ -318,7 +318,7 @@ impl LineSplitter {
 }
 
 /// Checks a branch, tag or SHA before it reaches git's command line.
-pub fn validate_reference(reference: &str) -> Result<(), GitError> {
+pub(crate) fn validate_reference(reference: &str) -> Result<(), GitError> {
     let invalid = |reason: &str| GitError::Invalid {
         field: "ref",
         reason: reason.to_owned(),
@@ -640,7 +640,6 @@ pub async fn fetch(
     }
     let (url, credential) = split_credentials(&source.url);
     tokio::fs::create_dir_all(cache_dir).await?;
-    let git_dir = cache_dir.join(".git");
     let mut run = GitRun {
         dir: cache_dir,
         credential: None,
@@ -648,21 +647,7 @@ pub async fn fetch(
         protocols: allowed_protocols(source.allow_local),
     };
     let mut silent = |_: FetchEvent| {};
-    let incremental = git_dir.is_dir()
-        && run
-            .run(&["rev-parse", "--git-dir"], &mut silent)
-            .await
-            .is_ok();
-    if !incremental {
-        // A missing or broken cache: start over.
-        if cache_dir.exists() {
-            tokio::fs::remove_dir_all(cache_dir).await?;
-            tokio::fs::create_dir_all(cache_dir).await?;
-        }
-        run.run(&["init", "--quiet"], &mut silent).await?;
-    } else {
-        remove_stale_locks(&git_dir);
-    }
+    let incremental = open_cache(&run, cache_dir).await?;
     on_event(FetchEvent::Started {
         url: redact_url(&url),
         incremental,
@@ -688,31 +673,7 @@ pub async fn fetch(
     let reference = source.reference.clone();
     let sha = match resolve(&run, reference.as_deref()).await? {
         Some(sha) => sha,
-        None => {
-            // A commit no branch or tag points to (yet): ask for it by name.
-            let r = reference.clone().unwrap_or_default();
-            let looks_like_sha =
-                (4..=40).contains(&r.len()) && r.chars().all(|c| c.is_ascii_hexdigit());
-            if !looks_like_sha {
-                return Err(GitError::UnknownReference(r));
-            }
-            let args = [
-                "-c",
-                "fetch.unpackLimit=1",
-                "fetch",
-                "--progress",
-                "--no-write-fetch-head",
-                "--end-of-options",
-                &url,
-                &r,
-            ];
-            if run.run(&args, on_event).await.is_err() {
-                return Err(GitError::UnknownReference(r));
-            }
-            resolve(&run, Some(&r))
-                .await?
-                .ok_or(GitError::UnknownReference(r))?
-        }
+        None => fetch_commit(&run, &url, reference.clone().unwrap_or_default(), on_event).await?,
     };
     run.credential = None;
     run.run(
@@ -730,6 +691,59 @@ pub async fn fetch(
         worktree: cache_dir.to_owned(),
         incremental,
     })
+}
+
+/// Whether `cache_dir` holds a usable repository (a fetch is then incremental). A
+/// missing or broken one is started over; a usable one loses the locks a killed git
+/// left.
+async fn open_cache(run: &GitRun<'_>, cache_dir: &Path) -> Result<bool, GitError> {
+    let git_dir = cache_dir.join(".git");
+    let mut silent = |_: FetchEvent| {};
+    let incremental = git_dir.is_dir()
+        && run
+            .run(&["rev-parse", "--git-dir"], &mut silent)
+            .await
+            .is_ok();
+    if !incremental {
+        // A missing or broken cache: start over.
+        if cache_dir.exists() {
+            tokio::fs::remove_dir_all(cache_dir).await?;
+            tokio::fs::create_dir_all(cache_dir).await?;
+        }
+        run.run(&["init", "--quiet"], &mut silent).await?;
+    } else {
+        remove_stale_locks(&git_dir);
+    }
+    Ok(incremental)
+}
+
+/// A commit no branch or tag points to (yet), asked for by name: its full SHA.
+async fn fetch_commit(
+    run: &GitRun<'_>,
+    url: &str,
+    r: String,
+    on_event: &mut (dyn FnMut(FetchEvent) + Send),
+) -> Result<String, GitError> {
+    let looks_like_sha = (4..=40).contains(&r.len()) && r.chars().all(|c| c.is_ascii_hexdigit());
+    if !looks_like_sha {
+        return Err(GitError::UnknownReference(r));
+    }
+    let args = [
+        "-c",
+        "fetch.unpackLimit=1",
+        "fetch",
+        "--progress",
+        "--no-write-fetch-head",
+        "--end-of-options",
+        url,
+        &r,
+    ];
+    if run.run(&args, on_event).await.is_err() {
+        return Err(GitError::UnknownReference(r));
+    }
+    resolve(run, Some(&r))
+        .await?
+        .ok_or(GitError::UnknownReference(r))
 }
 
 /// The commit `reference` names (remote branch, then tag, then SHA), or the remote HEAD.

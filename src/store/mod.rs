@@ -40,29 +40,29 @@ pub enum StoreError {
 
 /// How much history is kept. `None` = no bound.
 #[derive(Clone, Debug, Default)]
-pub struct Retention {
+pub(crate) struct Retention {
     /// Keep at most this many finished deployments (the newest); older ones are
     /// deleted with their logs (then NOT_FOUND).
-    pub max_deployments: Option<usize>,
+    pub(crate) max_deployments: Option<usize>,
     /// Delete finished deployments created longer ago than this (then NOT_FOUND).
-    pub max_age: Option<Duration>,
+    pub(crate) max_age: Option<Duration>,
     /// Of a finished deployment's log keep only the last this many updates (the
     /// terminal one is always kept); earlier sequences are then OUT_OF_RANGE.
-    pub max_log_updates: Option<u64>,
+    pub(crate) max_log_updates: Option<u64>,
 }
 
 /// What [`Store::apply_retention`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RetentionOutcome {
-    pub deployments_removed: u64,
-    pub updates_removed: u64,
+pub(crate) struct RetentionOutcome {
+    pub(crate) deployments_removed: u64,
+    pub(crate) updates_removed: u64,
 }
 
 /// Filter and keyset position of a list query, newest first.
 #[derive(Clone, Debug, Default)]
-pub struct ListFilter {
-    pub app: Option<AppName>,
-    pub state: Option<DeploymentState>,
+pub(crate) struct ListFilter {
+    pub(crate) app: Option<AppName>,
+    pub(crate) state: Option<DeploymentState>,
     /// Only deployments strictly older than this `(created_at ns, id)`.
     pub before: Option<(u128, uuid::Uuid)>,
     pub limit: usize,
@@ -72,17 +72,17 @@ pub struct ListFilter {
 
 /// A deployment's stored log: the updates after the requested sequence, and the oldest
 /// sequence the store still holds (retention may have trimmed the start).
-pub struct StoredLog {
-    pub oldest: Option<u64>,
-    pub updates: Vec<Update>,
+pub(crate) struct StoredLog {
+    pub(crate) oldest: Option<u64>,
+    pub(crate) updates: Vec<Update>,
 }
 
 /// What the ETA measured of a deployment besides its phases: its image download (if it
 /// downloaded anything) and the steps of its build (if one ran).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Measured {
-    pub pull: Option<PullSample>,
-    pub build: Vec<StepSample>,
+    pub(crate) pull: Option<PullSample>,
+    pub(crate) build: Vec<StepSample>,
 }
 
 pub(crate) enum WriteOp {
@@ -111,6 +111,12 @@ pub(crate) enum WriteOp {
 pub struct Store {
     db: SqliteStore,
     writer: mpsc::UnboundedSender<WriteOp>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
 }
 
 impl Store {
@@ -151,12 +157,12 @@ impl Store {
     }
 
     /// Queues the measure of `id`'s image download (for the ETA).
-    pub fn record_pull(&self, id: DeploymentId, sample: PullSample) {
+    pub(crate) fn record_pull(&self, id: DeploymentId, sample: PullSample) {
         self.send(WriteOp::Pull { id, sample });
     }
 
     /// Queues the steps of `id`'s build, in order (for the ETA).
-    pub fn record_build(&self, id: DeploymentId, steps: Vec<StepSample>) {
+    pub(crate) fn record_build(&self, id: DeploymentId, steps: Vec<StepSample>) {
         self.send(WriteOp::Build { id, steps });
     }
 
@@ -181,17 +187,20 @@ impl Store {
         let _ = rx.await;
     }
 
-    pub async fn status(&self, id: DeploymentId) -> Result<Option<DeploymentStatus>, StoreError> {
+    pub(crate) async fn status(
+        &self,
+        id: DeploymentId,
+    ) -> Result<Option<DeploymentStatus>, StoreError> {
         self.db.status(id).await
     }
 
     /// Updates of `id` with a sequence above `after`.
-    pub async fn log(&self, id: DeploymentId, after: u64) -> Result<StoredLog, StoreError> {
+    pub(crate) async fn log(&self, id: DeploymentId, after: u64) -> Result<StoredLog, StoreError> {
         self.db.log(id, after, None).await
     }
 
     /// Up to `max` updates of `id` with a sequence above `after`.
-    pub async fn log_page(
+    pub(crate) async fn log_page(
         &self,
         id: DeploymentId,
         after: u64,
@@ -200,7 +209,7 @@ impl Store {
         Ok(self.db.log(id, after, Some(max)).await?.updates)
     }
 
-    pub async fn find_idempotent(
+    pub(crate) async fn find_idempotent(
         &self,
         app: &AppName,
         key: &str,
@@ -208,7 +217,10 @@ impl Store {
         self.db.find_idempotent(app, key).await
     }
 
-    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<DeploymentStatus>, StoreError> {
+    pub(crate) async fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<Vec<DeploymentStatus>, StoreError> {
         self.db.list(filter).await
     }
 
@@ -222,7 +234,7 @@ impl Store {
     }
 
     /// The SUCCEEDED deployment of `status.app` that directly followed `status`.
-    pub async fn next_succeeded(
+    pub(crate) async fn next_succeeded(
         &self,
         status: &DeploymentStatus,
     ) -> Result<Option<DeploymentId>, StoreError> {
@@ -246,11 +258,11 @@ impl Store {
 
     /// Deployments that were neither finished nor cancelled when the last process
     /// stopped writing.
-    pub async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
+    pub(crate) async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
         self.db.unfinished().await
     }
 
-    pub async fn apply_retention(
+    pub(crate) async fn apply_retention(
         &self,
         retention: &Retention,
     ) -> Result<RetentionOutcome, StoreError> {

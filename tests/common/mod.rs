@@ -18,7 +18,7 @@ use stevedore::proto::{
     self, DeployRequest, DeploymentStatus, GetStatusRequest, PortMapping, ProgressUpdate,
     WatchRequest,
 };
-use stevedore::server::{RunningServer, ServeConfig};
+use stevedore::server::{Listening, RunningServer, ServeConfig};
 use tonic::Streaming;
 use tonic::transport::Channel;
 
@@ -715,19 +715,10 @@ impl BinaryServer {
         let deadline = std::time::Instant::now() + STATE_LIMIT;
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(line) = text.lines().find(|l| l.contains("stevedore listening")) {
-                let field = |name: &str| -> SocketAddr {
-                    let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-                    line[start..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap()
-                        .parse()
-                        .unwrap()
-                };
+            if let Some(listening) = text.lines().find_map(Listening::parse) {
                 return Self {
-                    grpc_addr: field("grpc"),
-                    http_addr: field("http"),
+                    grpc_addr: listening.grpc,
+                    http_addr: listening.http,
                     child,
                     log,
                 };

@@ -56,13 +56,13 @@ impl DeploymentFacts {
 
 /// The observer that writes the audit log. Subscribe it with
 /// `ObserverRegistry::subscribe_lossless`.
-pub struct AuditObserver {
+pub(crate) struct AuditObserver {
     log: Arc<AuditLog>,
     live: Mutex<HashMap<DeploymentId, DeploymentFacts>>,
 }
 
 impl AuditObserver {
-    pub fn new(log: Arc<AuditLog>) -> Self {
+    pub(crate) fn new(log: Arc<AuditLog>) -> Self {
         Self {
             log,
             live: Mutex::new(HashMap::new()),
