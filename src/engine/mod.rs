@@ -17,6 +17,7 @@ mod queue;
 mod reconcile;
 mod recover;
 mod removal;
+mod route;
 mod run;
 mod source;
 mod tty_progress;
@@ -34,6 +35,7 @@ use deployment::{Extra, Reporter};
 use queue::AppQueues;
 
 pub use apps::AppView;
+pub use route::RoutesReconciled;
 
 use crate::events::{DeploymentLog, LogError, ObserverRegistry, UpdateStream};
 use crate::limits::{Rejection, Rejections};
@@ -95,6 +97,9 @@ pub struct EngineConfig {
     /// Deploys from source: one git cache per app under this directory
     /// (`DATA_DIR/sources` in the server).
     pub sources_dir: std::path::PathBuf,
+    /// The proxy that serves fixed host ports (`--proxy-socket`); `None`: fixed host
+    /// ports are published by the engine directly.
+    pub proxy: Option<crate::proxy::client::ProxyClient>,
 }
 
 impl Default for EngineConfig {
@@ -108,6 +113,7 @@ impl Default for EngineConfig {
             max_queued: crate::limits::DEFAULT_MAX_QUEUED,
             publish_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             sources_dir: std::env::temp_dir().join("stevedore-sources"),
+            proxy: None,
         }
     }
 }

@@ -571,6 +571,9 @@ impl Runtime for DockerRuntime {
                 .and_then(|c| c.stop_timeout)
                 .and_then(|t| u64::try_from(t).ok())
                 .map(Duration::from_secs),
+            labels: (config.as_ref().and_then(|c| c.labels.clone()))
+                .map(|l| l.into_iter().collect())
+                .unwrap_or_default(),
         })
     }
 

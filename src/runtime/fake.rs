@@ -291,6 +291,7 @@ impl Runtime for FakeRuntime {
             health_log: None,
             stop_signal: None,
             stop_timeout: None,
+            labels: c.labels.clone(),
             ports: c
                 .ports
                 .iter()

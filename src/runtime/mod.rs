@@ -131,6 +131,8 @@ pub struct ContainerState {
     pub stop_signal: Option<String>,
     /// The container's StopTimeout, when set.
     pub stop_timeout: Option<Duration>,
+    /// The container's labels (Stevedore's own included).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
