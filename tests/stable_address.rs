@@ -316,7 +316,7 @@ async fn an_open_connection_drains_before_the_previous_version_stops() {
     let req = stack.request(WEB2, Some(120));
     let mut stream = deploy_stream(&mut stack.client, req).await;
     let seen = stream
-        .until(|u| metadata(u).get("drain_seconds_left").is_some() || u.result.is_some())
+        .until(|u| metadata(u).contains_key("drain_seconds_left") || u.result.is_some())
         .await;
     let draining = seen.last().unwrap();
     assert_eq!(
