@@ -8,7 +8,8 @@
 //! failure, a cancel or the deadline rolls back: every container labelled with this
 //! deployment is removed and the app's previous version keeps serving. SWITCHING is the
 //! point of no return: once the old version is being taken out, the deployment runs to
-//! its end.
+//! its end. With a proxy, SWITCHING first moves the app's route to the new container
+//! and waits for the previous version's connections to drain ([`super::route`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
