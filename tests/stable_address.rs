@@ -14,6 +14,7 @@ use std::time::Duration;
 use common::proxy::ProxyProcess;
 use common::*;
 use stevedore::proto::{self, ProgressUpdate};
+use stevedore::proxy::routes::{Route, SetRoute};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -447,4 +448,29 @@ async fn a_kill_at_switching_leaves_one_version_with_the_route_on_it() {
     }
     eprintln!("{rolled_forward} of 3 kills at SWITCHING rolled forward");
     assert!(rolled_forward >= 2, "kills while draining roll forward");
+
+    // At start the routes follow the store: a route moved behind the server's back is
+    // pointed at the current version again, and a route of an unknown app is removed.
+    let proxy = stack.proxy.client();
+    let current = stack.backend().await.unwrap();
+    let stray = |listen: SocketAddr| SetRoute {
+        route: Route {
+            listen,
+            backend: "127.0.0.1:1".parse().unwrap(),
+            deployment_id: None,
+            version: None,
+        },
+        drain_timeout_ms: None,
+    };
+    let ghost = unique_app("stable-ghost");
+    let ghost_listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    proxy.set_route(&ghost, &stray(ghost_listen)).await.unwrap();
+    proxy
+        .set_route(&stack.app, &stray(stack.public))
+        .await
+        .unwrap();
+    stack.restart_server(false).await;
+    assert_eq!(stack.backend().await, Some(current));
+    assert_eq!(proxy.get_route(&ghost).await.unwrap(), None);
+    assert_eq!(get_once(stack.public).await.unwrap(), body_of(serving));
 }
