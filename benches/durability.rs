@@ -102,6 +102,7 @@ fn status_of(
 fn spec(app: &AppName) -> DeploySpec {
     DeploySpec {
         stop_timeout: None,
+        drain_timeout: stevedore::model::DEFAULT_DRAIN_TIMEOUT,
         app: app.clone(),
         image: "127.0.0.1:5000/bench/app:1".into(),
         source: None,

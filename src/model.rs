@@ -14,6 +14,15 @@ use uuid::Uuid;
 pub(crate) const LABEL_APP: &str = "io.stevedore.app";
 /// Label put on every container Stevedore creates: the deployment that created it.
 pub(crate) const LABEL_DEPLOYMENT: &str = "io.stevedore.deployment";
+/// Label of a container whose port is served through the proxy: the app's public
+/// address (`host_ip:public_port`) the proxy binds for it.
+pub const LABEL_ROUTE_LISTEN: &str = "io.stevedore.route.listen";
+/// Label of a container whose port is served through the proxy: the container port
+/// the public address forwards to.
+pub const LABEL_ROUTE_PORT: &str = "io.stevedore.route.port";
+/// How long connections open to the previous version may stay open after the proxy
+/// switched the app's route, when the request sets no `drain_timeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Prefix reserved for Stevedore's own labels.
 pub(crate) const RESERVED_LABEL_PREFIX: &str = "io.stevedore.";
 
@@ -236,6 +245,9 @@ pub struct DeploySpec {
     pub hooks: Vec<HookSpec>,
     /// The previous version's stop grace; `None`: its StopTimeout, else 10 s.
     pub stop_timeout: Option<Duration>,
+    /// With the proxy: how long connections open to the previous version may stay
+    /// open after the switch before they are cut and it is stopped.
+    pub drain_timeout: Duration,
     /// Who asked (token name, or peer address without auth).
     pub requested_by: String,
 }

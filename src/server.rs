@@ -24,6 +24,7 @@ use crate::observers::audit::{AUDIT_LOG_FILE, AuditLog, AuditObserver};
 use crate::observers::metrics::{Metrics, MetricsObserver};
 use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
 use crate::proto::deployer_server::DeployerServer;
+use crate::proxy::client::ProxyClient;
 use crate::runtime::Runtime;
 use crate::runtime::docker::{DEFAULT_DOCKER_HOST, DockerRuntime};
 use crate::security::{SecurityConfig, TlsListener};
@@ -57,6 +58,12 @@ pub struct ServeConfig {
     /// current version nor part of a live deployment (while the engine answers).
     #[arg(long, env = "STEVEDORE_RECONCILE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub reconcile_interval: Duration,
+    /// The admin socket of `stevedore proxy`: with it, a fixed host port is the app's
+    /// stable address, served by the proxy, and a redeploy switches it without an
+    /// outage (see docs/PROXY.md). Without it, the engine publishes fixed host ports
+    /// itself and the previous version is stopped before the new one starts.
+    #[arg(long, env = "STEVEDORE_PROXY_SOCKET")]
+    pub proxy_socket: Option<PathBuf>,
     /// How long to wait on SIGTERM for running deployments to finish; those still
     /// running then are interrupted (rolled back, ended FAILED) before exiting.
     #[arg(long, env = "STEVEDORE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -492,6 +499,10 @@ async fn start_engine(
         publish_ip: config.publish_ip,
         sources_dir: config.data_dir.join("sources"),
         allow_local_git: config.security.allow_local_git,
+        proxy: (config.proxy_socket.as_ref())
+            .map(ProxyClient::new)
+            .transpose()
+            .context("--proxy-socket")?,
         retention: Retention {
             max_deployments: config.retention_max_deployments,
             max_age: config.retention_max_age,
@@ -513,6 +524,21 @@ async fn start_engine(
             deployments = recovery.completed.len(),
             "completed deployments interrupted past the point of no return"
         );
+    }
+    // After recovery decided which version each app keeps: the routes follow.
+    if let Some(proxy) = engine.proxy() {
+        match engine.reconcile_routes().await {
+            Ok(done) => tracing::info!(
+                proxy = %proxy.socket().display(),
+                set = done.set,
+                removed = done.removed,
+                "routes reconciled with the proxy"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "routes not reconciled: the proxy does not answer (the reconciler retries every --reconcile-interval)"
+            ),
+        }
     }
     engine.apply_retention().await;
     Ok(engine)

@@ -41,6 +41,8 @@ fn invalid(field: impl std::fmt::Display, message: impl std::fmt::Display) -> St
 
 /// The longest stop grace a request may ask for.
 const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bound of `drain_timeout`.
+const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
 
 fn duration(
     field: &str,
@@ -188,6 +190,13 @@ pub(crate) fn deploy_spec(
         milestones,
         hooks,
         stop_timeout,
+        drain_timeout: duration(
+            "drain_timeout",
+            req.drain_timeout.as_ref(),
+            crate::model::DEFAULT_DRAIN_TIMEOUT,
+            Duration::from_millis(1),
+            MAX_DRAIN_TIMEOUT,
+        )?,
         requested_by,
     })
 }
@@ -771,6 +780,27 @@ mod tests {
     }
 
     #[test]
+    fn drain_timeout_defaults_to_30s_and_is_bounded() {
+        let with = |seconds| proto::DeployRequest {
+            drain_timeout: Some(pbjson_types::Duration { seconds, nanos: 0 }),
+            ..request()
+        };
+        let default = crate::model::DEFAULT_DRAIN_TIMEOUT;
+        assert_eq!(
+            deploy_spec(request(), "t".into()).unwrap().drain_timeout,
+            default
+        );
+        assert_eq!(
+            deploy_spec(with(0), "t".into()).unwrap().drain_timeout,
+            default
+        );
+        let spec = deploy_spec(with(2), "t".into()).unwrap();
+        assert_eq!(spec.drain_timeout, Duration::from_secs(2));
+        assert!(error_of(with(3601)).starts_with("drain_timeout: "));
+        assert!(error_of(with(-1)).starts_with("drain_timeout: "));
+    }
+
+    #[test]
     fn stop_timeout_defaults_to_the_container_and_is_bounded() {
         assert_eq!(
             deploy_spec(request(), "t".into()).unwrap().stop_timeout,
@@ -1052,6 +1082,7 @@ mod tests {
                     milestones: milestones_of(milestones),
                     hooks: hooks_of(hooks),
                     stop_timeout: None,
+                    drain_timeout: None,
                     source: source.map(|(url, r#ref, dockerfile, context_dir)| proto::GitSource {
                         url,
                         r#ref,
@@ -1126,6 +1157,7 @@ mod tests {
                     milestones: milestones_of(milestones),
                     hooks: hooks_of(hooks),
                     stop_timeout: None,
+                    drain_timeout: None,
                     source: None,
                 }
             }

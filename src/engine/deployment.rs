@@ -119,6 +119,7 @@ impl Deployment {
 fn bare_spec(app: AppName, image: String, requested_by: String) -> DeploySpec {
     DeploySpec {
         stop_timeout: None,
+        drain_timeout: crate::model::DEFAULT_DRAIN_TIMEOUT,
         app,
         image,
         source: None,

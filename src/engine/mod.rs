@@ -17,6 +17,7 @@ mod queue;
 mod reconcile;
 mod recover;
 mod removal;
+mod route;
 mod run;
 mod source;
 mod tty_progress;
@@ -34,6 +35,7 @@ use deployment::{Extra, Reporter};
 use queue::AppQueues;
 
 pub(crate) use apps::AppView;
+pub use route::RoutesReconciled;
 
 use crate::events::{DeploymentLog, LogError, ObserverRegistry, UpdateStream};
 use crate::limits::{Rejection, Rejections};
@@ -98,6 +100,9 @@ pub(crate) struct EngineConfig {
     /// Deploys from source may fetch `file://` URLs and local paths (the server's own
     /// disk); off by default (`--allow-local-git`).
     pub allow_local_git: bool,
+    /// The proxy that serves fixed host ports (`--proxy-socket`); `None`: fixed host
+    /// ports are published by the engine directly.
+    pub proxy: Option<crate::proxy::client::ProxyClient>,
 }
 
 impl Default for EngineConfig {
@@ -112,6 +117,7 @@ impl Default for EngineConfig {
             publish_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             sources_dir: std::env::temp_dir().join("stevedore-sources"),
             allow_local_git: false,
+            proxy: None,
         }
     }
 }

@@ -68,7 +68,8 @@ impl Engine {
     }
 
     /// Reconciles every `interval` while the engine answers, so also within one
-    /// interval of it answering again after an outage, until `shutdown`.
+    /// interval of it answering again after an outage, until `shutdown`; with a proxy,
+    /// its routes too (see [`Engine::reconcile_routes`]).
     pub(crate) fn spawn_reconciler(
         &self,
         interval: Duration,
@@ -76,8 +77,10 @@ impl Engine {
     ) -> tokio::task::JoinHandle<()> {
         let engine = self.clone();
         let answering = Arc::new(AtomicBool::new(true));
+        let proxy_answering = Arc::new(AtomicBool::new(true));
         spawn_every(interval, shutdown, move || {
             let (engine, answering) = (engine.clone(), answering.clone());
+            let proxy_answering = proxy_answering.clone();
             async move {
                 if let Err(e) = engine.0.runtime.ping().await {
                     if answering.swap(false, Ordering::Relaxed) {
@@ -90,6 +93,13 @@ impl Engine {
                 }
                 if let Err(e) = engine.reconcile().await {
                     tracing::warn!(error = %e, "reconciler: incomplete");
+                }
+                match engine.reconcile_routes().await {
+                    Ok(_) => proxy_answering.store(true, Ordering::Relaxed),
+                    Err(e) if proxy_answering.swap(false, Ordering::Relaxed) => {
+                        tracing::warn!(error = %e, "reconciler: routes not reconciled")
+                    }
+                    Err(_) => {}
                 }
             }
         })

@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::deployment::{Deployment, Extra, Reporter};
+use super::route::RoutedPort;
 use super::run::{endpoints, short};
 use super::{Engine, EngineError, Recovery};
 use crate::model::{AppName, DeploymentResult, DeploymentState, DeploymentStatus, Phase};
@@ -188,11 +189,14 @@ impl Engine {
             Ok::<_, ()>(())
         })
         .await;
-        let ports = runtime
-            .inspect(&ours)
-            .await
-            .map(|s| s.ports)
-            .unwrap_or_default();
+        let state = runtime.inspect(&ours).await.unwrap_or_default();
+        // With a proxy, the routed port's endpoint is the app's stable address (the
+        // route itself is set by reconcile_routes, after recovery).
+        let ports = match RoutedPort::from_labels(&state.labels).filter(|_| self.proxy().is_some())
+        {
+            Some(r) => r.public_ports(&state.ports),
+            None => state.ports,
+        };
         let endpoints = endpoints(runtime.public_host(), &ports);
         let mut message = format!(
             "completed by recovery: the server restarted during {} after the new version had \

@@ -105,6 +105,37 @@ async fn run(mut rep: Reporter, ctx: Arc<Inner>, mut ticket: Ticket) {
     drop(ticket);
 }
 
+/// With a proxy: the app's public port is unbound first (connections open to it drain
+/// under the proxy's `--drain-timeout`, or end when the containers stop). A proxy that
+/// does not answer does not stop the removal: the reconciler removes the route once
+/// it answers.
+async fn remove_route(
+    rep: &mut Reporter,
+    proxy: &crate::proxy::client::ProxyClient,
+    app: &AppName,
+) {
+    match proxy.remove_route(app.as_str()).await {
+        Ok(Some(route)) => {
+            let listen = route.route.listen.to_string();
+            let message =
+                format!("removed the route of app {app}: {listen} no longer accepts connections");
+            rep.progress(
+                0.0,
+                Level::Info,
+                message,
+                Extra::meta([("route_listen", listen)]),
+            );
+        }
+        Ok(None) => {}
+        Err(e) => {
+            let message = format!(
+                "could not remove the route of app {app}: {e}; it is removed once the proxy answers"
+            );
+            rep.progress(0.0, Level::Warning, message, Extra::default());
+        }
+    }
+}
+
 /// SWITCHING: stops each running container of the app under the stop policy;
 /// CLEANUP: removes every container of the app and records the removal. Returns how
 /// many containers were removed.
@@ -118,6 +149,9 @@ async fn stop_and_remove(rep: &mut Reporter, ctx: &Inner) -> Result<u32, Failure
     );
     // Past here the removal is finished by recovery after a crash: on disk first.
     ctx.store.flush().await;
+    if let Some(proxy) = &ctx.config.proxy {
+        remove_route(rep, proxy, app).await;
+    }
     let list = |phase| async move {
         (runtime.list_app_containers(app.as_str()).await)
             .map_err(|e| Failure::runtime(phase, "listing the app's containers", e))

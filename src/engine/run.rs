@@ -8,7 +8,8 @@
 //! failure, a cancel or the deadline rolls back: every container labelled with this
 //! deployment is removed and the app's previous version keeps serving. SWITCHING is the
 //! point of no return: once the old version is being taken out, the deployment runs to
-//! its end.
+//! its end. With a proxy, SWITCHING first moves the app's route to the new container
+//! and waits for the previous version's connections to drain ([`super::route`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use super::hooks;
 use super::milestones::MilestoneTracker;
 use super::pull::PullTracker;
 use super::queue::Ticket;
+use super::route::{self, RoutedPort};
 use crate::model::{
     DeploymentResult, DeploymentState, FailureDiagnostics, HealthOutcome, HealthProbe, LABEL_APP,
     LABEL_DEPLOYMENT, Level, Phase, PortSpec, Protocol, PullProgress, SourceSpec,
@@ -117,6 +119,8 @@ pub(super) struct Run {
     commit: String,
     /// Deploys from source: the image built (`stevedore/<app>:<commit>`).
     built: Option<String>,
+    /// With a proxy: the port served at the app's stable address (see [`route`]).
+    routed: Option<RoutedPort>,
 }
 
 impl Run {
@@ -136,6 +140,7 @@ impl Run {
             waited: false,
             commit: String::new(),
             built: None,
+            routed: None,
         }
     }
 
@@ -378,6 +383,13 @@ impl Run {
         let mut labels = spec.labels.clone();
         labels.insert(LABEL_APP.into(), spec.app.to_string());
         labels.insert(LABEL_DEPLOYMENT.into(), id.clone());
+        let publish_ip = self.ctx.config.publish_ip;
+        // With a proxy, the fixed host port is the proxy's: the container is published
+        // on a loopback port beside the previous version (see route.rs).
+        self.routed =
+            (self.ctx.config.proxy.as_ref()).and_then(|_| RoutedPort::of_spec(spec, publish_ip));
+        labels.extend(self.routed.iter().flat_map(|r| r.labels()));
+        let routed = self.routed;
         let container = ContainerSpec {
             name: name.clone(),
             image: self.image_name(),
@@ -386,9 +398,12 @@ impl Run {
             ports: spec
                 .ports
                 .iter()
-                .map(|p| PortSpec {
-                    host_ip: p.host_ip.or(Some(self.ctx.config.publish_ip)),
-                    ..*p
+                .map(|p| match routed.filter(|r| r.is(p)) {
+                    Some(r) => r.backend_port(p),
+                    None => PortSpec {
+                        host_ip: p.host_ip.or(Some(publish_ip)),
+                        ..*p
+                    },
                 })
                 .collect(),
             labels,
@@ -474,7 +489,9 @@ impl Run {
     /// container is stopped (not removed) right before the start: the app is briefly
     /// down, and if this deployment does not complete the rollback starts the previous
     /// container again. With host port 0 (any free port) nothing changes: the previous
-    /// version serves until the switch.
+    /// version serves until the switch. With a proxy the routed port is the proxy's,
+    /// not the container's: the previous version holds it only if it was deployed
+    /// without the proxy (then it is stopped here, once, so the proxy can bind it).
     async fn hand_over_fixed_ports(&mut self, ours: &str) -> Result<(), Failure> {
         let fixed: Vec<u16> = (self.rep.deployment().spec.ports.iter())
             .filter(|p| p.host_port != 0)
@@ -699,6 +716,7 @@ impl Run {
         // The point of no return is on disk before the previous version is touched: a
         // recovery after a crash from here on keeps this version (see recover.rs).
         self.ctx.store.flush().await;
+        let (base, span) = self.switch_route().await?;
         let stopped = self.stopped_previous.clone();
         let previous = self
             .app_containers(|c| c.id != ours && (c.running || stopped.contains(&c.id)))
@@ -706,12 +724,13 @@ impl Run {
             .map_err(|e| Failure::runtime(Phase::Switching, "listing the app's containers", e))?;
         let total = previous.len().max(1) as f64;
         for (i, old) in previous.iter().enumerate() {
-            self.stop_previous(old, i as f64 / total, 1.0 / total).await;
+            let at = base + span * i as f64 / total;
+            self.stop_previous(old, at, span / total).await;
             self.ctx.runtime.remove(&old.id).await.map_err(|e| {
                 Failure::runtime(Phase::Switching, "removing the previous container", e)
             })?;
             self.rep.progress(
-                (i + 1) as f64 / total,
+                base + span * (i + 1) as f64 / total,
                 Level::Info,
                 format!(
                     "removed previous container {} (deployment {})",
@@ -730,6 +749,25 @@ impl Run {
             );
         }
         self.clean_up(ours).await
+    }
+
+    /// With a proxy: points the app's route at the new container, then waits for the
+    /// connections open to the previous version to drain (see [`route`]). Returns the
+    /// part of the phase left for stopping the previous version.
+    async fn switch_route(&mut self) -> Result<(f64, f64), Failure> {
+        let (Some(routed), Some(proxy)) = (self.routed, self.ctx.config.proxy.clone()) else {
+            return Ok((0.0, 1.0));
+        };
+        let backend = routed.backend(&self.ports).ok_or_else(|| {
+            let port = routed.container_port;
+            let message = format!("port {port}/tcp of the new container is not published");
+            Failure::new(Phase::Switching, "switching the route", message)
+        })?;
+        let version = self.image_name();
+        if let Some(old) = route::switch(&mut self.rep, &proxy, routed, backend, &version).await? {
+            route::drain(&mut self.rep, &proxy, old, (0.1, 0.4)).await;
+        }
+        Ok((0.5, 0.5))
     }
 
     /// Stops a previous version under the stop policy (see [`stop_gracefully`]).
@@ -769,7 +807,11 @@ impl Run {
     }
 
     fn succeed(mut self, container_id: String) {
-        let endpoints = self.endpoints();
+        // With a proxy, the routed port's endpoint is the app's stable address.
+        let endpoints = match self.routed {
+            Some(r) => endpoints(self.ctx.runtime.public_host(), &r.public_ports(&self.ports)),
+            None => self.endpoints(),
+        };
         let spec = &self.rep.deployment().spec;
         let mut message = format!(
             "deployed {} as app {} in container {}",

@@ -44,6 +44,7 @@ async fn engine_with(fake: &Arc<FakeRuntime>, config: EngineConfig) -> Engine {
 pub(super) fn spec(app: &str, image: &str) -> DeploySpec {
     DeploySpec {
         stop_timeout: None,
+        drain_timeout: crate::model::DEFAULT_DRAIN_TIMEOUT,
         app: AppName::parse(app).unwrap(),
         image: image.into(),
         source: None,

@@ -25,7 +25,7 @@
 //! # let _ = status; Ok(()) }
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -72,6 +72,11 @@ impl ProxyClient {
                 source,
             })?;
         Ok(Self { http, socket })
+    }
+
+    /// The admin socket this client talks to.
+    pub(crate) fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// Every route.

@@ -582,6 +582,9 @@ impl Runtime for DockerRuntime {
                 .and_then(|t| u64::try_from(t).ok())
                 .map(Duration::from_secs),
             address,
+            labels: (config.as_ref().and_then(|c| c.labels.clone()))
+                .map(|l| l.into_iter().collect())
+                .unwrap_or_default(),
         })
     }
 

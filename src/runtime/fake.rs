@@ -293,6 +293,7 @@ impl Runtime for FakeRuntime {
             stop_signal: None,
             stop_timeout: None,
             address: None,
+            labels: c.labels.clone(),
             ports: c
                 .ports
                 .iter()

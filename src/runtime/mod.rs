@@ -134,6 +134,8 @@ pub(crate) struct ContainerState {
     /// The container's own address, when this host reaches it directly (a local
     /// engine): a TCP health probe connects there first, see `engine::health`.
     pub address: Option<std::net::IpAddr>,
+    /// The container's labels (Stevedore's own included).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod git;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
