@@ -10,9 +10,12 @@
 //! 4. the same with real deployments (`stevedore-test/web:1` on the local Docker
 //!    engine, skipped without one): their durations with and without one watcher
 //!    that opened a WatchDeployment stream and reads nothing;
-//! 3. memory: resident set size of a real `stevedore serve` process with 10,000
-//!    finished deployments (20 updates each) in its history, idle and after listing
-//!    all of them, reading 100 statuses and replaying 100 logs.
+//! 3. restart: time until a real `stevedore serve` with 10,000 finished deployments
+//!    (20 updates each) in its history answers gRPC, and its resident set size, idle
+//!    and after listing all of them, reading 100 statuses and replaying 100 logs
+//!    (targets: ready ≤ 1 s, RSS ≤ 64 MB).
+//!
+//! `--smoke`: small counts (one run of each line, for scripts/test.sh).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -21,11 +24,15 @@ use futures_util::StreamExt;
 use stevedore::api::{StreamConfig, forward};
 use stevedore::events::DeploymentLog;
 use stevedore::model::*;
+use stevedore::server::Listening;
 use stevedore::store::Store;
 use tokio_util::sync::CancellationToken;
 
+mod rows;
+
 fn update(id: DeploymentId, app: &AppName, seq: u64, terminal: bool) -> Update {
     Update {
+        operation: Default::default(),
         deployment_id: id,
         sequence: seq,
         app: app.clone(),
@@ -70,6 +77,7 @@ fn status_of(
     now: SystemTime,
 ) -> DeploymentStatus {
     DeploymentStatus {
+        operation: Default::default(),
         id,
         app: app.clone(),
         image: "127.0.0.1:5000/bench/app:1".into(),
@@ -94,6 +102,7 @@ fn status_of(
 fn spec(app: &AppName) -> DeploySpec {
     DeploySpec {
         stop_timeout: None,
+        drain_timeout: stevedore::model::DEFAULT_DRAIN_TIMEOUT,
         app: app.clone(),
         image: "127.0.0.1:5000/bench/app:1".into(),
         source: None,
@@ -205,15 +214,6 @@ async fn fan_out(store: &Store, n: u64, watchers: usize, stalled: usize) -> FanO
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 struct Server {
     child: std::process::Child,
     grpc: String,
@@ -227,15 +227,15 @@ impl Drop for Server {
 }
 
 fn serve(data_dir: &std::path::Path) -> Server {
+    serve_on(data_dir, "127.0.0.1:0")
+}
+
+/// Starts a server listening on `grpc` (an address, port 0 for any) and waits for its
+/// "stevedore listening" line.
+fn serve_on(data_dir: &std::path::Path, grpc: &str) -> Server {
     let log = data_dir.join("server.log");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_stevedore"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
+        .args(["serve", "--listen", grpc, "--http-listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(data_dir)
         .env("NO_COLOR", "1")
@@ -246,36 +246,81 @@ fn serve(data_dir: &std::path::Path) -> Server {
         child,
         grpc: String::new(),
     };
-    for _ in 0..400 {
+    for _ in 0..4000 {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("stevedore listening")) {
-            let start = line.find("grpc=").unwrap() + 5;
-            server.grpc = line[start..].split_whitespace().next().unwrap().to_owned();
+        if let Some(listening) = text.lines().find_map(Listening::parse) {
+            server.grpc = listening.grpc.to_string();
             return server;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(5));
     }
     panic!("server did not start");
 }
 
+/// Starts a server on `data_dir` and measures the time from its spawn until it
+/// answers a ListDeployments call (polled every 5 ms).
+async fn serve_timed(data_dir: &std::path::Path) -> (Server, Duration) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let start = Instant::now();
+    let answered = tokio::spawn({
+        let url = format!("http://{addr}");
+        async move {
+            loop {
+                if let Ok(mut c) =
+                    stevedore::proto::deployer_client::DeployerClient::connect(url.clone()).await
+                {
+                    let page = stevedore::proto::ListDeploymentsRequest {
+                        page_size: 1,
+                        ..Default::default()
+                    };
+                    if c.list_deployments(page).await.is_ok() {
+                        return start.elapsed();
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let server = tokio::task::spawn_blocking({
+        let dir = data_dir.to_owned();
+        move || serve_on(&dir, &addr)
+    })
+    .await
+    .unwrap();
+    let ready = tokio::time::timeout(Duration::from_secs(60), answered)
+        .await
+        .expect("the server answers")
+        .unwrap();
+    (server, ready)
+}
+
 #[tokio::main]
 async fn main() {
+    let smoke = std::env::args().any(|a| a == "--smoke");
+    let (n, watchers, history_size) = if smoke {
+        (2_000, 100, 500)
+    } else {
+        (20_000, 1_000, 10_000)
+    };
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).await.unwrap();
 
     // 1. Fan-out to 1,000 watchers.
-    let n = 20_000;
-    let r = fan_out(&store, n, 1_000, 0).await;
+    let r = fan_out(&store, n, watchers, 0).await;
     println!(
-        "fan-out: {n} updates to 1000 watchers: appended in {:.2}s, all watchers done in {:.2}s => {:.0} updates/s sustained ({:.0} deliveries/s)",
+        "fan-out: {n} updates to {watchers} watchers: appended in {:.2}s, all watchers done in {:.2}s => {:.0} updates/s sustained ({:.0} deliveries/s)",
         r.append.as_secs_f64(),
         r.all_received.as_secs_f64(),
         n as f64 / r.all_received.as_secs_f64(),
-        (n * 1000) as f64 / r.all_received.as_secs_f64(),
+        (n * watchers as u64) as f64 / r.all_received.as_secs_f64(),
     );
 
     // 2. A stalled watcher.
-    let n = 20_000;
     for (label, stalled) in [("no stalled watcher", 0), ("one stalled watcher", 1)] {
         let r = fan_out(&store, n, 100, stalled).await;
         println!(
@@ -289,18 +334,18 @@ async fn main() {
     // 4. Real deployments, with and without a stalled watcher.
     real_deployments_with_a_stalled_watcher().await;
 
-    // 3. RSS with 10,000 finished deployments in history.
+    // 3. Restart with 10,000 finished deployments in history: ready time and RSS.
     let empty = tempfile::tempdir().unwrap();
     let baseline = {
         let s = serve(empty.path());
         tokio::time::sleep(Duration::from_millis(500)).await;
-        rss_kib(s.child.id())
+        rows::rss_kib(s.child.id())
     };
     let history = tempfile::tempdir().unwrap();
     let ids = {
         let store = Store::open(history.path()).await.unwrap();
         let mut ids = Vec::new();
-        for i in 0..10_000u64 {
+        for i in 0..history_size {
             let app = AppName::parse(&format!("app-{}", i % 50)).unwrap();
             let id = DeploymentId::new();
             let created = SystemTime::now();
@@ -330,12 +375,12 @@ async fn main() {
             }
         }
         store.flush().await;
-        assert_eq!(store.count().await.unwrap(), 10_000);
+        assert_eq!(store.count().await.unwrap(), history_size);
         ids
     };
-    let s = serve(history.path());
+    let (s, ready) = serve_timed(history.path()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = rss_kib(s.child.id());
+    let idle = rows::rss_kib(s.child.id());
     let mut client =
         stevedore::proto::deployer_client::DeployerClient::connect(format!("http://{}", s.grpc))
             .await
@@ -358,7 +403,7 @@ async fn main() {
         }
         token = page.next_page_token;
     }
-    assert_eq!(listed, 10_000);
+    assert_eq!(listed as u64, history_size);
     for id in ids.iter().step_by(100) {
         client
             .get_status(stevedore::proto::GetStatusRequest {
@@ -380,18 +425,35 @@ async fn main() {
         }
         assert_eq!(got, 20);
     }
-    let after = rss_kib(s.child.id());
+    let after = rows::rss_kib(s.child.id());
     let db: u64 = ["stevedore.db", "stevedore.db-wal"]
         .iter()
         .filter_map(|f| std::fs::metadata(history.path().join(f)).ok())
         .map(|m| m.len())
         .sum();
-    println!(
-        "memory: server RSS with empty history {} MiB; with 10000 finished deployments (200000 updates, db {} MiB): idle {} MiB, after listing all + 100 status + 100 replays {} MiB",
-        baseline / 1024,
-        db >> 20,
-        idle / 1024,
-        after / 1024
+    let updates = history_size * 20;
+    rows::limit(
+        &format!("restart with {history_size} finished deployments: time to ready"),
+        &format!(
+            "{:.0} ms from spawn to the first answered ListDeployments",
+            ready.as_secs_f64() * 1000.0
+        ),
+        ready.as_secs_f64(),
+        1.0,
+        " s",
+    );
+    rows::limit(
+        &format!("restart with {history_size} finished deployments: server RSS"),
+        &format!(
+            "{} MiB idle, {} MiB after listing all + 100 status + 100 replays (db {} MiB, {updates} updates; empty history {} MiB)",
+            idle / 1024,
+            after / 1024,
+            db >> 20,
+            baseline / 1024,
+        ),
+        (after.max(idle) * 1024) as f64 / 1e6,
+        64.0,
+        " MB",
     );
 }
 

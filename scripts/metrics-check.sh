@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Metrics and audit smoke test on the built binary: deploys once successfully and
-# once into a failure (stevedore-test/crash:1) with grpcurl, then
+# once into a failure (stevedore-test/crash:1) with grpcurl, removes the first app
+# (RemoveApp), then
 #   - pipes GET /metrics to `promtool check metrics` (format and naming lints),
 #   - checks the counters the two deployments must have moved,
 #   - runs `stevedore audit verify` on the server's audit log.
@@ -48,6 +49,9 @@ grep -q '"PHASE_COMPLETE"' <<<"$ok" || fail "the first deployment did not comple
 bad=$(deploy "$(printf '{"app":"%s","image":"stevedore-test/crash:1"}' "${apps[1]}")") ||
   fail "Deploy failed: $bad"
 grep -q '"PHASE_FAILED"' <<<"$bad" || fail "the crash deployment did not fail: $bad"
+removed=$(grpcurl -plaintext -max-time 120 -d "$(printf '{"app":"%s"}' "${apps[0]}")" "$grpc" \
+  stevedore.v1.Deployer/RemoveApp) || fail "RemoveApp failed: $removed"
+grep -q '"containersRemoved": 1' <<<"$removed" || fail "RemoveApp removed nothing: $removed"
 
 # The metrics observer runs behind the stream: poll (up to 60 s) until both deployments
 # are counted before checking the counters.
@@ -55,7 +59,8 @@ metrics=$work/metrics.txt
 for ((i = 0; i < 600; i++)); do
   curl -sf "http://$http/metrics" >"$metrics" || fail "GET /metrics failed"
   grep -qx 'stevedore_deployments_finished_total{outcome="failed"} 1' "$metrics" &&
-    grep -qx 'stevedore_deployments_finished_total{outcome="succeeded"} 1' "$metrics" && break
+    grep -qx 'stevedore_deployments_finished_total{outcome="succeeded"} 1' "$metrics" &&
+    grep -qx 'stevedore_app_removals_total{outcome="succeeded"} 1' "$metrics" && break
   sleep 0.1
 done
 promtool check metrics <"$metrics" || fail "promtool check metrics rejects /metrics"
@@ -67,6 +72,8 @@ expect() {
 expect stevedore_deployments_started_total 2
 expect 'stevedore_deployments_finished_total{outcome="succeeded"}' 1
 expect 'stevedore_deployments_finished_total{outcome="failed"}' 1
+# The removal counts apart, never as a deployment.
+expect 'stevedore_app_removals_total{outcome="succeeded"}' 1
 echo "counters: ok"
 
 kill -TERM "$SERVER_PID"

@@ -82,7 +82,9 @@ _step "cargo test" cargo test "$@"
 _step "grpcurl smoke" bash scripts/grpcurl-smoke.sh
 _step "promtool check metrics" bash scripts/metrics-check.sh
 _step "dashboard browser test" bash tests/browser/test.sh
-# (bench smoke goes here, as `_step NAME CMD...`)
+# The benches, once each with small counts in the debug build (figures printed, no
+# target asserted), so they never rot.
+_step "bench smoke" bash scripts/bench.sh smoke
 # Fuzzing of request validation (proptest, bounded: 5000 arbitrary DeployRequests).
 _step "fuzz request validation" _fuzz
 _step "python client end-to-end" bash clients/python/test.sh

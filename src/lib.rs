@@ -1,6 +1,7 @@
 //! Stevedore: a deployment control plane. Deploys container images as apps on a Docker
 //! engine and streams structured progress over gRPC. See `docs/ARCHITECTURE.md`.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub, missing_debug_implementations)]
 
 pub mod engine;
 pub mod events;

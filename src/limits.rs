@@ -6,18 +6,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Default cap on requests and responses of the gRPC service (bytes).
-pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
-pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 /// Default cap on apps deploying at the same time.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
+pub(crate) const DEFAULT_MAX_IN_FLIGHT: usize = 16;
 /// Default cap on deployments waiting for their app's lock, over all apps.
-pub const DEFAULT_MAX_QUEUED: usize = 64;
+pub(crate) const DEFAULT_MAX_QUEUED: usize = 64;
 /// Default cap on open WatchDeployment streams.
-pub const DEFAULT_MAX_WATCH_STREAMS: usize = 256;
+pub(crate) const DEFAULT_MAX_WATCH_STREAMS: usize = 256;
 /// Default cap on Docker API calls in progress at once.
-pub const DEFAULT_MAX_DOCKER_CALLS: usize = 32;
+pub(crate) const DEFAULT_MAX_DOCKER_CALLS: usize = 32;
 /// Default cap on concurrent HTTP/2 streams per gRPC connection.
-pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
+pub(crate) const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
 
 /// `stevedore serve` limit flags; each has a `STEVEDORE_…` environment fallback.
 #[derive(clap::Args, Clone, Debug)]
@@ -27,7 +27,7 @@ pub struct LimitsConfig {
     pub max_request_bytes: usize,
     /// Largest gRPC response sent (bytes).
     #[arg(long, env = "STEVEDORE_MAX_RESPONSE_BYTES", default_value_t = DEFAULT_MAX_RESPONSE_BYTES)]
-    pub max_response_bytes: usize,
+    pub(crate) max_response_bytes: usize,
     /// Apps deploying at the same time; beyond it Deploy gets RESOURCE_EXHAUSTED.
     #[arg(long, env = "STEVEDORE_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
@@ -40,16 +40,16 @@ pub struct LimitsConfig {
     pub max_watch_streams: usize,
     /// Docker API calls in progress at once (others wait their turn).
     #[arg(long, env = "STEVEDORE_MAX_DOCKER_CALLS", default_value_t = DEFAULT_MAX_DOCKER_CALLS)]
-    pub max_docker_calls: usize,
+    pub(crate) max_docker_calls: usize,
     /// Concurrent HTTP/2 streams per gRPC connection.
     #[arg(long, env = "STEVEDORE_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS)]
-    pub max_concurrent_streams: u32,
+    pub(crate) max_concurrent_streams: u32,
     /// HTTP/2 keepalive ping interval: a client that does not answer within the
     /// timeout is disconnected, so half-open connections are reclaimed.
     #[arg(long, env = "STEVEDORE_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub keepalive_interval: Duration,
+    pub(crate) keepalive_interval: Duration,
     #[arg(long, env = "STEVEDORE_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub keepalive_timeout: Duration,
+    pub(crate) keepalive_timeout: Duration,
 }
 
 /// Which limit or rule turned a call away.
@@ -72,7 +72,7 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 7] = [
+    pub(crate) const ALL: [Rejection; 7] = [
         Rejection::Unauthenticated,
         Rejection::PermissionDenied,
         Rejection::Policy,
@@ -83,7 +83,7 @@ impl Rejection {
     ];
 
     /// A stable, low-cardinality name (a metric label value).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Rejection::Unauthenticated => "unauthenticated",
             Rejection::PermissionDenied => "permission_denied",
@@ -103,7 +103,7 @@ pub struct Rejections {
 }
 
 impl Rejections {
-    pub fn record(&self, r: Rejection) {
+    pub(crate) fn record(&self, r: Rejection) {
         self.counts[Self::index(r)].fetch_add(1, Ordering::Relaxed);
     }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 /// Why a lock was not taken.
 #[derive(Debug, thiserror::Error)]
-pub enum LockError {
+pub(crate) enum LockError {
     /// Another process holds it.
     #[error("{0}")]
     Held(String),
@@ -20,21 +20,20 @@ pub enum LockError {
 type Result<T> = std::result::Result<T, LockError>;
 
 /// The lock file in the data dir.
-pub const DATA_DIR_LOCK_FILE: &str = "stevedore.lock";
+pub(crate) const DATA_DIR_LOCK_FILE: &str = "stevedore.lock";
 
 /// An exclusive lock held until dropped (the OS releases it when the process dies,
 /// so a crashed server never leaves a stale lock behind).
 #[derive(Debug)]
-pub struct HeldLock {
+pub(crate) struct HeldLock {
     _file: File,
-    path: PathBuf,
 }
 
 impl HeldLock {
     /// Takes the lock on `path` (created if missing) and writes this process's pid in
     /// it. Fails at once, naming the holder's pid, when another process holds it.
     /// `what` names what the lock protects, for the message.
-    pub fn acquire(path: &Path, what: &str) -> Result<Self> {
+    pub(crate) fn acquire(path: &Path, what: &str) -> Result<Self> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -71,20 +70,12 @@ impl HeldLock {
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         write!(file, "{}", std::process::id()).map_err(io)?;
         file.flush().map_err(io)?;
-        Ok(Self {
-            _file: file,
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// The lock file.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { _file: file })
     }
 }
 
 /// The lock file of an audit log: a file next to it, `<audit log>.lock`.
-pub fn audit_lock_path(audit_log: &Path) -> PathBuf {
+pub(crate) fn audit_lock_path(audit_log: &Path) -> PathBuf {
     let mut name = audit_log.as_os_str().to_owned();
     name.push(".lock");
     PathBuf::from(name)

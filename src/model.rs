@@ -11,11 +11,20 @@ use regex::Regex;
 use uuid::Uuid;
 
 /// Label put on every container Stevedore creates: the app it belongs to.
-pub const LABEL_APP: &str = "io.stevedore.app";
+pub(crate) const LABEL_APP: &str = "io.stevedore.app";
 /// Label put on every container Stevedore creates: the deployment that created it.
-pub const LABEL_DEPLOYMENT: &str = "io.stevedore.deployment";
+pub(crate) const LABEL_DEPLOYMENT: &str = "io.stevedore.deployment";
+/// Label of a container whose port is served through the proxy: the app's public
+/// address (`host_ip:public_port`) the proxy binds for it.
+pub const LABEL_ROUTE_LISTEN: &str = "io.stevedore.route.listen";
+/// Label of a container whose port is served through the proxy: the container port
+/// the public address forwards to.
+pub const LABEL_ROUTE_PORT: &str = "io.stevedore.route.port";
+/// How long connections open to the previous version may stay open after the proxy
+/// switched the app's route, when the request sets no `drain_timeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Prefix reserved for Stevedore's own labels.
-pub const RESERVED_LABEL_PREFIX: &str = "io.stevedore.";
+pub(crate) const RESERVED_LABEL_PREFIX: &str = "io.stevedore.";
 
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -64,7 +73,7 @@ impl AppName {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -76,13 +85,13 @@ impl fmt::Display for AppName {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     Tcp,
     Udp,
 }
 
 impl Protocol {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
@@ -92,12 +101,12 @@ impl Protocol {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortSpec {
-    pub container_port: u16,
+    pub(crate) container_port: u16,
     /// 0 = any free port.
-    pub host_port: u16,
-    pub protocol: Protocol,
+    pub(crate) host_port: u16,
+    pub(crate) protocol: Protocol,
     /// The host address to publish on; `None`: the server's `--publish-ip`.
-    pub host_ip: Option<std::net::IpAddr>,
+    pub(crate) host_ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -119,7 +128,7 @@ pub enum HealthProbe {
 }
 
 impl HealthProbe {
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             HealthProbe::Docker => "docker",
             HealthProbe::Tcp { .. } => "tcp",
@@ -142,9 +151,9 @@ pub struct HealthSpec {
 /// Credentials for a private registry. Never logged, stored or echoed.
 #[derive(Clone, Default)]
 pub struct RegistryAuth {
-    pub username: String,
-    pub password: String,
-    pub identity_token: String,
+    pub(crate) username: String,
+    pub(crate) password: String,
+    pub(crate) identity_token: String,
 }
 
 impl fmt::Debug for RegistryAuth {
@@ -155,18 +164,18 @@ impl fmt::Debug for RegistryAuth {
 
 #[derive(Clone, Debug)]
 pub struct MilestoneSpec {
-    pub pattern: Regex,
+    pub(crate) pattern: Regex,
     /// Phase progress reached on a match; negative: a counter.
-    pub progress: f64,
-    pub description: String,
+    pub(crate) progress: f64,
+    pub(crate) description: String,
 }
 
 #[derive(Clone, Debug)]
 pub struct HookSpec {
-    pub name: String,
-    pub command: Vec<String>,
-    pub tty: bool,
-    pub timeout: Duration,
+    pub(crate) name: String,
+    pub(crate) command: Vec<String>,
+    pub(crate) tty: bool,
+    pub(crate) timeout: Duration,
 }
 
 /// A git repository to build the app's image from (`DeployRequest.source`).
@@ -176,25 +185,25 @@ pub struct HookSpec {
 /// `Debug` prints that too.
 #[derive(Clone)]
 pub struct SourceSpec {
-    pub url: String,
+    pub(crate) url: String,
     /// Branch, tag or commit; `None`: the remote's HEAD.
-    pub reference: Option<String>,
+    pub(crate) reference: Option<String>,
     /// Relative to `context_dir`.
-    pub dockerfile: String,
+    pub(crate) dockerfile: String,
     /// Relative to the repository's root; empty: the root.
-    pub context_dir: String,
-    pub build_args: BTreeMap<String, String>,
+    pub(crate) context_dir: String,
+    pub(crate) build_args: BTreeMap<String, String>,
 }
 
 impl SourceSpec {
     /// The URL without its credential (`scheme://***@host/…`).
-    pub fn display_url(&self) -> String {
+    pub(crate) fn display_url(&self) -> String {
         crate::source::git::redact_url(&self.url)
     }
 
     /// `url` (or `url#ref`), credential removed: what the status' `image` shows until
     /// the commit is known.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match &self.reference {
             Some(r) => format!("{}#{r}", self.display_url()),
             None => self.display_url(),
@@ -236,6 +245,9 @@ pub struct DeploySpec {
     pub hooks: Vec<HookSpec>,
     /// The previous version's stop grace; `None`: its StopTimeout, else 10 s.
     pub stop_timeout: Option<Duration>,
+    /// With the proxy: how long connections open to the previous version may stay
+    /// open after the switch before they are cut and it is stopped.
+    pub drain_timeout: Duration,
     /// Who asked (token name, or peer address without auth).
     pub requested_by: String,
 }
@@ -263,7 +275,7 @@ pub enum Phase {
 
 impl Phase {
     /// The non-terminal phases, in order.
-    pub const WORK: [Phase; 11] = [
+    pub(crate) const WORK: [Phase; 11] = [
         Phase::Queued,
         Phase::Validating,
         Phase::Fetching,
@@ -281,7 +293,7 @@ impl Phase {
     /// building, pulling and health checking are where the time goes. A phase a
     /// deployment skips (FETCHING and BUILDING for an image, HOOKS without hooks) counts
     /// as done.
-    pub fn weight(self) -> f64 {
+    pub(crate) fn weight(self) -> f64 {
         match self {
             Phase::Queued => 0.0,
             Phase::Validating => 0.02,
@@ -299,7 +311,7 @@ impl Phase {
     }
 
     /// `total_progress` at the start of this phase.
-    pub fn start_offset(self) -> f64 {
+    pub(crate) fn start_offset(self) -> f64 {
         Phase::WORK
             .iter()
             .take_while(|p| **p != self)
@@ -307,18 +319,18 @@ impl Phase {
             .sum()
     }
 
-    pub fn is_terminal(self) -> bool {
+    pub(crate) fn is_terminal(self) -> bool {
         matches!(self, Phase::Complete | Phase::Failed | Phase::Cancelled)
     }
 
     /// The phase in human text (messages): the proto's enum name without `PHASE_`,
     /// e.g. `HEALTH_CHECK`, the one way messages name phases. [`Phase::as_str`] is the
     /// machine label (logs, metrics, audit records).
-    pub fn name(self) -> String {
+    pub(crate) fn name(self) -> String {
         self.as_str().to_ascii_uppercase()
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Phase::Queued => "queued",
             Phase::Validating => "validating",
@@ -334,6 +346,44 @@ impl Phase {
             Phase::Complete => "complete",
             Phase::Failed => "failed",
             Phase::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What a deployment-like operation does. A removal (RemoveApp) is an operation of
+/// its own with an ID, a log, a status and a place in its app's queue, like a deploy;
+/// it goes QUEUED → SWITCHING (stopping the app's containers) → CLEANUP (removing them)
+/// → COMPLETE.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum Operation {
+    #[default]
+    Deploy,
+    RemoveApp,
+}
+
+impl Operation {
+    pub fn is_deploy(&self) -> bool {
+        *self == Operation::Deploy
+    }
+
+    /// The machine label (audit records, webhooks, logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Deploy => "deploy",
+            Operation::RemoveApp => "remove_app",
+        }
+    }
+
+    /// `(start offset, weight)` of `phase` in this operation's `total_progress`. A
+    /// removal spends its time stopping (SWITCHING) and little removing (CLEANUP).
+    pub fn phase_span(self, phase: Phase) -> (f64, f64) {
+        match (self, phase) {
+            (Operation::Deploy, p) => (p.start_offset(), p.weight()),
+            (Operation::RemoveApp, Phase::Switching) => (0.0, 0.8),
+            (Operation::RemoveApp, Phase::Cleanup) => (0.8, 0.2),
+            (Operation::RemoveApp, _) => (0.0, 0.0),
         }
     }
 }
@@ -364,7 +414,7 @@ impl DeploymentState {
         )
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DeploymentState::Pending => "pending",
             DeploymentState::Running => "running",
@@ -388,34 +438,37 @@ pub struct PullProgress {
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct HealthOutcome {
-    pub check: String,
-    pub healthy: bool,
-    pub attempts: u32,
-    pub message: String,
+pub(crate) struct HealthOutcome {
+    pub(crate) check: String,
+    pub(crate) healthy: bool,
+    pub(crate) attempts: u32,
+    pub(crate) message: String,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct FailureDiagnostics {
-    pub failed_phase: Option<Phase>,
+    pub(crate) failed_phase: Option<Phase>,
     pub step: String,
-    pub exit_code: Option<i64>,
-    pub oom_killed: bool,
-    pub log_tail: Vec<String>,
+    pub(crate) exit_code: Option<i64>,
+    pub(crate) oom_killed: bool,
+    pub(crate) log_tail: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct DeploymentResult {
-    pub success: bool,
-    pub message: String,
-    pub container_id: String,
-    pub image_digest: String,
-    pub endpoints: BTreeMap<String, String>,
-    pub health: Vec<HealthOutcome>,
-    pub diagnostics: Option<FailureDiagnostics>,
+    pub(crate) success: bool,
+    pub(crate) message: String,
+    pub(crate) container_id: String,
+    pub(crate) image_digest: String,
+    pub(crate) endpoints: BTreeMap<String, String>,
+    pub(crate) health: Vec<HealthOutcome>,
+    pub(crate) diagnostics: Option<FailureDiagnostics>,
     /// Deploys from source: the commit fetched (and built).
     #[serde(default)]
     pub commit: String,
+    /// A removal: the app's containers stopped and removed.
+    #[serde(default)]
+    pub containers_removed: u32,
 }
 
 /// What an update is about, for observers that react to some kinds only. What an
@@ -479,7 +532,7 @@ impl<'de> serde::Deserialize<'de> for EventKind {
 
 /// A state change, as observers (audit log, webhooks) name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StateChange {
+pub(crate) enum StateChange {
     Accepted,
     PhaseStarted,
     Cancelling,
@@ -489,7 +542,7 @@ pub enum StateChange {
 impl EventKind {
     /// The state change this event is, if it is one (queue positions, progress and
     /// output are not).
-    pub fn state_change(&self) -> Option<StateChange> {
+    pub(crate) fn state_change(&self) -> Option<StateChange> {
         match self {
             EventKind::Accepted { .. } => Some(StateChange::Accepted),
             EventKind::PhaseStarted => Some(StateChange::PhaseStarted),
@@ -505,21 +558,24 @@ impl EventKind {
 /// audit log records it; nothing here names a secret (only the token's name).
 #[derive(Clone, Debug)]
 pub struct Refusal {
-    pub time: SystemTime,
+    pub(crate) time: SystemTime,
     /// The gRPC method (`Deploy`, `GetStatus` …).
-    pub method: String,
+    pub(crate) method: String,
     /// The token's name when the token was known.
-    pub caller: Option<String>,
-    pub peer: Option<std::net::SocketAddr>,
+    pub(crate) caller: Option<String>,
+    pub(crate) peer: Option<std::net::SocketAddr>,
     /// The name of the status code answered (`Unauthenticated`, `PermissionDenied` …).
-    pub code: String,
-    pub reason: String,
+    pub(crate) code: String,
+    pub(crate) reason: String,
 }
 
 /// One event of a deployment: the domain form of `ProgressUpdate`.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Update {
     pub deployment_id: DeploymentId,
+    /// A deploy, or a removal (RemoveApp). Stored only when not a deploy.
+    #[serde(default, skip_serializing_if = "Operation::is_deploy")]
+    pub operation: Operation,
     pub sequence: u64,
     pub app: AppName,
     pub kind: EventKind,
@@ -539,7 +595,7 @@ pub struct Update {
 }
 
 impl Update {
-    pub fn is_terminal(&self) -> bool {
+    pub(crate) fn is_terminal(&self) -> bool {
         matches!(self.kind, EventKind::Finished { .. })
     }
 }
@@ -560,9 +616,10 @@ impl EventKind {
 impl Update {
     /// A plain update for unit tests: app `app`, phase PULLING, kind `Progress`, or the
     /// terminal `Finished { Succeeded }` when `terminal`. Override fields as needed.
-    pub fn for_test(sequence: u64, terminal: bool) -> Self {
+    pub(crate) fn for_test(sequence: u64, terminal: bool) -> Self {
         Self {
             deployment_id: DeploymentId::new(),
+            operation: Operation::Deploy,
             sequence,
             app: AppName::parse("app").expect("valid app name"),
             kind: if terminal {
@@ -591,6 +648,9 @@ impl Update {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct DeploymentStatus {
     pub id: DeploymentId,
+    /// A deploy, or a removal (RemoveApp).
+    #[serde(default)]
+    pub operation: Operation,
     pub app: AppName,
     pub image: String,
     pub state: DeploymentState,

@@ -33,7 +33,7 @@ pub struct SecurityConfig {
     /// Allow listening on a non-loopback address without a tokens file (anyone who
     /// can connect can then run any image on the host).
     #[arg(long, env = "STEVEDORE_INSECURE_NO_AUTH")]
-    pub insecure_no_auth: bool,
+    pub(crate) insecure_no_auth: bool,
     /// PEM certificate chain: serve gRPC and HTTP over TLS.
     #[arg(long, env = "STEVEDORE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -54,11 +54,15 @@ pub struct SecurityConfig {
     /// Allow publishing host ports below 1024.
     #[arg(long, env = "STEVEDORE_ALLOW_PRIVILEGED_PORTS")]
     pub allow_privileged_ports: bool,
+    /// Allow deploys from `file://` URLs and local paths (git then reads this host's
+    /// disk as the server's user).
+    #[arg(long, env = "STEVEDORE_ALLOW_LOCAL_GIT")]
+    pub allow_local_git: bool,
 }
 
 impl SecurityConfig {
     /// The authenticator of `--tokens-file`, if given.
-    pub fn authenticator(&self) -> Result<Option<Authenticator>> {
+    pub(crate) fn authenticator(&self) -> Result<Option<Authenticator>> {
         match &self.tokens_file {
             None => Ok(None),
             Some(path) => {
@@ -68,12 +72,13 @@ impl SecurityConfig {
         }
     }
 
-    pub fn policy(&self) -> DeployPolicy {
+    pub(crate) fn policy(&self) -> DeployPolicy {
         DeployPolicy::new(&self.allow_registries, self.allow_privileged_ports)
+            .with_local_git(self.allow_local_git)
     }
 
     /// Without tokens, only loopback addresses, unless `--insecure-no-auth`.
-    pub fn check_listen(&self, addrs: &[(&str, SocketAddr)]) -> Result<()> {
+    pub(crate) fn check_listen(&self, addrs: &[(&str, SocketAddr)]) -> Result<()> {
         if self.tokens_file.is_some() {
             return Ok(());
         }
@@ -92,13 +97,13 @@ impl SecurityConfig {
         Ok(())
     }
 
-    pub fn tls_enabled(&self) -> bool {
+    pub(crate) fn tls_enabled(&self) -> bool {
         self.tls_cert.is_some()
     }
 
     /// rustls settings of both listeners, gRPC and HTTP (one certificate, one client
     /// CA). Both terminate TLS in [`TlsListener`], so every refused handshake is logged.
-    pub fn tls_config(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    pub(crate) fn tls_config(&self) -> Result<Option<Arc<rustls::ServerConfig>>> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
@@ -146,13 +151,13 @@ fn pem_error(path: &Path, e: rustls_pki_types::pem::Error) -> anyhow::Error {
 /// once), so a slow or failing client never holds up the others. A refused handshake
 /// is logged with the peer and rustls' reason (an X.509 v1 client certificate, an
 /// unknown CA, no client certificate, plain text to a TLS port …).
-pub struct TlsListener {
+pub(crate) struct TlsListener {
     connections: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local_addr: SocketAddr,
 }
 
 impl TlsListener {
-    pub fn new(
+    pub(crate) fn new(
         listener: TcpListener,
         config: Arc<rustls::ServerConfig>,
         shutdown: CancellationToken,
@@ -210,7 +215,7 @@ impl TlsListener {
 
 impl TlsListener {
     /// The accepted connections as a stream, for tonic's `serve_with_incoming`.
-    pub fn into_incoming(
+    pub(crate) fn into_incoming(
         self,
     ) -> impl futures_util::Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
         tokio_stream::wrappers::ReceiverStream::new(self.connections).map(|(tls, _)| Ok(tls))

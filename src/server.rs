@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{DeployerService, StreamConfig};
 
-use crate::api::auth::{AuthLayer, Authenticator, Refusals};
+use crate::api::auth::{Authenticator, Refusals, auth_layer};
 use crate::engine::{Engine, EngineConfig};
 use crate::events::{DEFAULT_QUEUE, ObserverRegistry, Subscription};
 use crate::http::MetricsExporter;
@@ -24,6 +24,7 @@ use crate::observers::audit::{AUDIT_LOG_FILE, AuditLog, AuditObserver};
 use crate::observers::metrics::{Metrics, MetricsObserver};
 use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
 use crate::proto::deployer_server::DeployerServer;
+use crate::proxy::client::ProxyClient;
 use crate::runtime::Runtime;
 use crate::runtime::docker::{DEFAULT_DOCKER_HOST, DockerRuntime};
 use crate::security::{SecurityConfig, TlsListener};
@@ -57,6 +58,12 @@ pub struct ServeConfig {
     /// current version nor part of a live deployment (while the engine answers).
     #[arg(long, env = "STEVEDORE_RECONCILE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub reconcile_interval: Duration,
+    /// The admin socket of `stevedore proxy`: with it, a fixed host port is the app's
+    /// stable address, served by the proxy, and a redeploy switches it without an
+    /// outage (see docs/PROXY.md). Without it, the engine publishes fixed host ports
+    /// itself and the previous version is stopped before the new one starts.
+    #[arg(long, env = "STEVEDORE_PROXY_SOCKET")]
+    pub proxy_socket: Option<PathBuf>,
     /// How long to wait on SIGTERM for running deployments to finish; those still
     /// running then are interrupted (rolled back, ended FAILED) before exiting.
     #[arg(long, env = "STEVEDORE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -141,7 +148,7 @@ impl ServeConfig {
     }
 
     /// The audit log's path: `--audit-log`, else `DATA_DIR/audit.log`.
-    pub fn audit_log_path(&self) -> PathBuf {
+    pub(crate) fn audit_log_path(&self) -> PathBuf {
         self.audit_log
             .clone()
             .unwrap_or_else(|| self.data_dir.join(AUDIT_LOG_FILE))
@@ -173,7 +180,7 @@ impl ServeConfig {
     }
 
     /// The Docker address to use: the flag, else `DOCKER_HOST`, else the local socket.
-    pub fn docker_endpoint(&self) -> String {
+    pub(crate) fn docker_endpoint(&self) -> String {
         self.docker_host
             .clone()
             .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty()))
@@ -203,11 +210,20 @@ pub struct RunningServer {
     pub engine: Engine,
     /// The tokens in force, when `--tokens-file` was given ([`Authenticator::reload`]
     /// re-reads the file, as SIGHUP does for the binary).
-    pub authenticator: Option<Authenticator>,
+    pub(crate) authenticator: Option<Authenticator>,
     /// The audit log this server writes.
     pub audit_log: Arc<AuditLog>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<()>>,
+}
+
+impl std::fmt::Debug for RunningServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningServer")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RunningServer {
@@ -218,12 +234,12 @@ impl RunningServer {
     }
 
     /// A token that shuts the server down when cancelled.
-    pub fn shutdown_token(&self) -> CancellationToken {
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
 
     /// Waits until the server has stopped.
-    pub async fn wait(self) -> Result<()> {
+    pub(crate) async fn wait(self) -> Result<()> {
         self.task.await?
     }
 }
@@ -239,24 +255,7 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     let tls = security.tls_config()?;
     let webhooks = config.webhook_config()?;
     let runtime = docker_runtime(&config).await?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| anyhow!("cannot create data dir {}: {e}", config.data_dir.display()))?;
-    // Before recovery touches anything: a second server on the same data dir (or audit
-    // log) would remove the first one's live containers and break its audit chain.
-    let mut locks = vec![HeldLock::acquire(
-        &config.data_dir.join(DATA_DIR_LOCK_FILE),
-        &format!("data dir {}", config.data_dir.display()),
-    )?];
-    match HeldLock::acquire(
-        &audit_lock_path(&config.audit_log_path()),
-        &format!("audit log {}", config.audit_log_path().display()),
-    ) {
-        Ok(lock) => locks.push(lock),
-        Err(e @ LockError::Held(_)) => return Err(e.into()),
-        // An audit log that cannot be written yet does not stop the start: deployments
-        // are refused until it can (see AuditLog), and nobody else writes it.
-        Err(e @ LockError::Io(_)) => tracing::warn!(error = %e, "audit log not locked"),
-    }
+    let locks = lock_data_dir(&config)?;
     let store = Store::open(&config.data_dir).await?;
     let shutdown = CancellationToken::new();
 
@@ -282,43 +281,23 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     }
     .spawn(&config, grpc, shutdown.clone())
     .await?;
-    let exporter = MetricsExporter {
-        metrics: subscribed.metrics.clone(),
+    let router = http_router(HttpSide {
+        runtime,
         engine: engine.clone(),
+        metrics: subscribed.metrics.clone(),
         observers,
         rejections,
-        audit_writable: Some({
-            let log = audit_log.clone();
-            Arc::new(move || log.is_writable())
-        }),
-    };
-    let router = crate::http::router(crate::http::HttpState {
-        runtime,
-        metrics: Some(Arc::new(exporter)),
-        // The HTTP API calls the same Deployer service (same auth, limits, refusals).
-        api: Some(crate::http::api::ApiState {
-            deployer: grpc.deployer.clone(),
-            auth: authenticator.clone(),
-            refusals,
-        }),
+        audit_log: audit_log.clone(),
+        deployer: grpc.deployer.clone(),
+        authenticator: authenticator.clone(),
+        refusals,
     });
-    let http = match tls {
-        None => tokio::spawn(serve_http(http, router, shutdown.clone())),
-        Some(tls) => {
-            let listener = TlsListener::new(http, tls, shutdown.clone())?;
-            tokio::spawn(serve_http(listener, router, shutdown.clone()))
-        }
-    };
-
-    tracing::info!(
-        grpc = %grpc_addr,
-        http = %http_addr,
-        docker = %config.docker_endpoint(),
-        tls = security.tls_enabled(),
-        mtls = security.tls_client_ca.is_some(),
-        auth = authenticator.is_some(),
-        "stevedore listening"
-    );
+    let http = spawn_http(http, tls, router, &shutdown)?;
+    Listening {
+        grpc: grpc_addr,
+        http: http_addr,
+    }
+    .log(&config, authenticator.is_some());
     let retention = engine.spawn_retention(RETENTION_EVERY, shutdown.clone());
     // Ends with `shutdown`.
     drop(engine.spawn_reconciler(config.reconcile_interval, shutdown.clone()));
@@ -340,6 +319,115 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
         audit_log,
         shutdown,
         task,
+    })
+}
+
+/// The line a started server logs once both listeners are bound, and the one reader
+/// of it (the integration tests and the benches; `scripts/lib/serve.sh` reads the same
+/// two fields with sed). In text logs:
+/// `… stevedore listening grpc=ADDR http=ADDR docker=… tls=… mtls=… auth=…`;
+/// in JSON logs (`--log-format json`) one object with `"message":"stevedore listening"`
+/// and the same fields as strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Listening {
+    /// Where the gRPC server accepts calls.
+    pub grpc: SocketAddr,
+    /// Where the HTTP side (page, HTTP API, `/metrics`) accepts requests.
+    pub http: SocketAddr,
+}
+
+impl Listening {
+    /// The line's message.
+    pub const MESSAGE: &str = "stevedore listening";
+
+    /// The addresses in `line` when it is the listening line (text or JSON), else `None`.
+    pub fn parse(line: &str) -> Option<Self> {
+        if !line.contains(Self::MESSAGE) {
+            return None;
+        }
+        let json = serde_json::from_str::<serde_json::Value>(line).ok();
+        let field = |name: &str| -> Option<SocketAddr> {
+            match &json {
+                Some(json) => json.get(name)?.as_str()?.parse().ok(),
+                None => {
+                    let (_, rest) = line.split_once(&format!(" {name}="))?;
+                    rest.split_whitespace().next()?.parse().ok()
+                }
+            }
+        };
+        Some(Self {
+            grpc: field("grpc")?,
+            http: field("http")?,
+        })
+    }
+
+    fn log(&self, config: &ServeConfig, auth: bool) {
+        tracing::info!(
+            grpc = %self.grpc,
+            http = %self.http,
+            docker = %config.docker_endpoint(),
+            tls = config.security.tls_enabled(),
+            mtls = config.security.tls_client_ca.is_some(),
+            auth,
+            "stevedore listening"
+        );
+    }
+}
+
+/// Creates the data dir and locks it and the audit log, before recovery touches
+/// anything: a second server on the same data dir (or audit log) would remove the
+/// first one's live containers and break its audit chain.
+fn lock_data_dir(config: &ServeConfig) -> Result<Vec<HeldLock>> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| anyhow!("cannot create data dir {}: {e}", config.data_dir.display()))?;
+    let mut locks = vec![HeldLock::acquire(
+        &config.data_dir.join(DATA_DIR_LOCK_FILE),
+        &format!("data dir {}", config.data_dir.display()),
+    )?];
+    match HeldLock::acquire(
+        &audit_lock_path(&config.audit_log_path()),
+        &format!("audit log {}", config.audit_log_path().display()),
+    ) {
+        Ok(lock) => locks.push(lock),
+        Err(e @ LockError::Held(_)) => return Err(e.into()),
+        // An audit log that cannot be written yet does not stop the start: deployments
+        // are refused until it can (see AuditLog), and nobody else writes it.
+        Err(e @ LockError::Io(_)) => tracing::warn!(error = %e, "audit log not locked"),
+    }
+    Ok(locks)
+}
+
+/// What the HTTP side serves: the page, `/metrics` and the HTTP API.
+struct HttpSide {
+    runtime: Arc<dyn Runtime>,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    observers: ObserverRegistry,
+    rejections: Arc<Rejections>,
+    audit_log: Arc<AuditLog>,
+    deployer: Arc<DeployerService>,
+    authenticator: Option<Authenticator>,
+    refusals: Refusals,
+}
+
+fn http_router(side: HttpSide) -> axum::Router {
+    let audit_log = side.audit_log;
+    let exporter = MetricsExporter {
+        metrics: side.metrics,
+        engine: side.engine,
+        observers: side.observers,
+        rejections: side.rejections,
+        audit_writable: Some(Arc::new(move || audit_log.is_writable())),
+    };
+    crate::http::router(crate::http::HttpState {
+        runtime: side.runtime,
+        metrics: Some(Arc::new(exporter)),
+        // The HTTP API calls the same Deployer service (same auth, limits, refusals).
+        api: Some(crate::http::api::ApiState {
+            deployer: side.deployer,
+            auth: side.authenticator,
+            refusals: side.refusals,
+        }),
     })
 }
 
@@ -410,6 +498,11 @@ async fn start_engine(
         max_queued: config.limits.max_queued,
         publish_ip: config.publish_ip,
         sources_dir: config.data_dir.join("sources"),
+        allow_local_git: config.security.allow_local_git,
+        proxy: (config.proxy_socket.as_ref())
+            .map(ProxyClient::new)
+            .transpose()
+            .context("--proxy-socket")?,
         retention: Retention {
             max_deployments: config.retention_max_deployments,
             max_age: config.retention_max_age,
@@ -431,6 +524,21 @@ async fn start_engine(
             deployments = recovery.completed.len(),
             "completed deployments interrupted past the point of no return"
         );
+    }
+    // After recovery decided which version each app keeps: the routes follow.
+    if let Some(proxy) = engine.proxy() {
+        match engine.reconcile_routes().await {
+            Ok(done) => tracing::info!(
+                proxy = %proxy.socket().display(),
+                set = done.set,
+                removed = done.removed,
+                "routes reconciled with the proxy"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "routes not reconciled: the proxy does not answer (the reconciler retries every --reconcile-interval)"
+            ),
+        }
     }
     engine.apply_retention().await;
     Ok(engine)
@@ -486,7 +594,7 @@ impl GrpcSide {
         let service = DeployerServer::from_arc(deployer.clone())
             .max_decoding_message_size(limits.max_request_bytes)
             .max_encoding_message_size(limits.max_response_bytes);
-        let auth = AuthLayer::new(self.authenticator, self.refusals);
+        let auth = auth_layer(self.authenticator, self.refusals);
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(limits.keepalive_interval))
             .http2_keepalive_timeout(Some(limits.keepalive_timeout))
@@ -526,6 +634,22 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
+/// Serves `router` on `listener`, behind TLS when `tls` is given.
+fn spawn_http(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    router: axum::Router,
+    shutdown: &CancellationToken,
+) -> Result<JoinHandle<std::io::Result<()>>> {
+    Ok(match tls {
+        None => tokio::spawn(serve_http(listener, router, shutdown.clone())),
+        Some(tls) => {
+            let listener = TlsListener::new(listener, tls, shutdown.clone())?;
+            tokio::spawn(serve_http(listener, router, shutdown.clone()))
+        }
+    })
+}
+
 /// Serves the HTTP side on `listener` (plain or TLS) until `shutdown`.
 async fn serve_http<L>(
     listener: L,
@@ -535,8 +659,11 @@ async fn serve_http<L>(
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
+    for<'a> crate::http::Peer:
+        axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
-    axum::serve(listener, router)
+    let service = router.into_make_service_with_connect_info::<crate::http::Peer>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }
@@ -670,5 +797,53 @@ mod tests {
         assert_eq!(d.limits.max_in_flight, crate::limits::DEFAULT_MAX_IN_FLIGHT);
         assert_eq!(d.limits.keepalive_timeout, Duration::from_secs(10));
         assert!(d.webhooks.is_empty() && d.security.tokens_file.is_none());
+    }
+
+    /// What `Listening::log` prints, in the given format, read back by `Listening::parse`.
+    fn logged(json: bool) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().write(bytes)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let builder = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false);
+        let listening = Listening {
+            grpc: "127.0.0.1:50051".parse().unwrap(),
+            http: "[::1]:8080".parse().unwrap(),
+        };
+        let config = ServeConfig::defaults();
+        if json {
+            let subscriber = builder.json().flatten_event(true).finish();
+            tracing::subscriber::with_default(subscriber, || listening.log(&config, true));
+        } else {
+            let subscriber = builder.finish();
+            tracing::subscriber::with_default(subscriber, || listening.log(&config, true));
+        }
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn the_listening_line_reads_back_in_text_and_json() {
+        let expected = Listening {
+            grpc: "127.0.0.1:50051".parse().unwrap(),
+            http: "[::1]:8080".parse().unwrap(),
+        };
+        for json in [false, true] {
+            let text = logged(json);
+            let line = text.lines().find(|l| l.contains(Listening::MESSAGE));
+            let line = line.unwrap_or_else(|| panic!("no listening line in {text:?}"));
+            assert_eq!(Listening::parse(line), Some(expected), "{line}");
+        }
+        assert_eq!(Listening::parse("stevedore listening grpc=nonsense"), None);
+        assert_eq!(Listening::parse("something else grpc=127.0.0.1:1"), None);
     }
 }

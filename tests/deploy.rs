@@ -547,47 +547,6 @@ async fn the_deadline_bounds_the_deployment() {
     t.stop().await;
 }
 
-/// A TCP proxy in front of the local registry that forwards its answers at about
-/// `bytes_per_sec`, so a pull of a few MB takes seconds. Docker treats any
-/// 127.0.0.0/8 registry as insecure (plain HTTP), so `127.0.0.1:PORT/...` pulls work.
-async fn throttled_registry(bytes_per_sec: usize) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let upstream = registry();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let upstream = upstream.clone();
-            tokio::spawn(async move {
-                let Ok(server) = tokio::net::TcpStream::connect(upstream.as_str()).await else {
-                    return;
-                };
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
-                    let _ = sw.shutdown().await;
-                });
-                let chunk = bytes_per_sec / 20;
-                let mut buf = vec![0u8; chunk];
-                loop {
-                    match sr.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if cw.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-                let _ = cw.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
 /// Issue 17: an image whose base layer is local (the usual redeploy of a new version)
 /// pulls with progress that follows the bytes still to come: the "Already exists"
 /// layer seen first does not send PULLING to 99%, and phase and total progress

@@ -132,6 +132,9 @@ async fn deploy_and_resume_the_event_stream_exactly_once() {
     let id = accepted["deploymentId"].as_str().unwrap().to_owned();
     assert_eq!(location, format!("/v1/deployments/{id}"));
     assert_eq!(accepted["app"], t.app.as_str());
+    // Without auth the caller is the HTTP client's address, as over gRPC.
+    let by = accepted["requestedBy"].as_str().unwrap();
+    assert!(by.starts_with("127.0.0.1:"), "requested_by: {by}");
 
     // Read a few events, drop the connection, resume by Last-Event-ID.
     let mut first = open_events(&base, &id, None).await;
@@ -249,7 +252,9 @@ async fn a_replaced_deployment_says_so_apps_survive_a_restart_and_remove() {
     assert_eq!(app["latest"]["deploymentId"], ids[1].as_str());
     assert!(app["current"]["image"].as_str().unwrap().ends_with("web:2"));
 
-    // RemoveApp: every container goes, the app leaves ListApps, history stays.
+    // RemoveApp: an operation of its own (202 + Location), followed on its event
+    // stream: stopping, removing, SUCCEEDED with the count. Every container goes, the
+    // app leaves ListApps, history stays.
     let base = format!("http://{}", again.http_addr);
     assert!(!app_containers(&t.app).is_empty());
     let resp = http()
@@ -257,23 +262,192 @@ async fn a_replaced_deployment_says_so_apps_survive_a_restart_and_remove() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let removed: Value = resp.json().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let accepted: Value = resp.json().await.unwrap();
+    let rid = accepted["deploymentId"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/v1/deployments/{rid}"));
+    assert_eq!(accepted["operation"], "OPERATION_REMOVE_APP", "{accepted}");
+    let mut events = open_events(&base, &rid, None).await;
+    let got = read_events(&mut events, |e| e.event == "result").await;
+    let updates: Vec<Value> = (got.iter())
+        .map(|e| serde_json::from_str(&e.data).unwrap())
+        .collect();
+    let phases: Vec<&str> = updates.iter().filter_map(|u| u["phase"].as_str()).collect();
+    for phase in ["PHASE_SWITCHING", "PHASE_CLEANUP", "PHASE_COMPLETE"] {
+        assert!(phases.contains(&phase), "{phase} in {phases:?}");
+    }
     assert!(
-        removed["containersRemoved"].as_u64().unwrap() >= 1,
-        "{removed}"
+        updates
+            .iter()
+            .any(|u| u["metadata"]["stop_outcome"].is_string())
+            && updates
+                .iter()
+                .any(|u| u["metadata"]["removed_container_id"].is_string()),
+        "the stop and each removal are reported: {updates:#?}"
+    );
+    assert!(
+        updates
+            .iter()
+            .all(|u| u["operation"] == "OPERATION_REMOVE_APP")
+    );
+    let end = updates.last().unwrap();
+    assert_eq!(got.last().unwrap().event, "result");
+    assert_eq!(end["result"]["success"], true, "{end}");
+    assert!(
+        end["result"]["containersRemoved"].as_u64().unwrap() >= 1,
+        "{end}"
     );
     assert!(app_containers(&t.app).is_empty());
     assert!(listed_app(&base, &t.app).await.is_none());
-    let (code, _) = get_json(&format!("{base}/v1/deployments/{}", ids[1]), None).await;
+    let (code, replaced) = get_json(&format!("{base}/v1/deployments/{}", ids[1]), None).await;
     assert_eq!(code, 200, "history stays");
+    assert_eq!(replaced["supersededBy"], rid.as_str(), "{replaced}");
     let resp = http()
         .delete(format!("{base}/v1/apps/Bad_Name"))
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 400);
+
+    // Counted apart from deployments, and audited with who asked.
+    let (_, metrics) = http_get(&format!("{base}/metrics")).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == r#"stevedore_app_removals_total{outcome="succeeded"} 1"#),
+        "{metrics}"
+    );
     again.stop().await.unwrap();
+    let audit = stevedore::observers::audit::verify(&data_dir.path().join("audit.log"))
+        .expect("the audit chain verifies");
+    assert!(audit.records > 0);
+    let records: Vec<Value> = std::fs::read_to_string(data_dir.path().join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &Value| r["deployment_id"] == rid.as_str())
+        .collect();
+    let done = records
+        .iter()
+        .find(|r| r["event"] == "succeeded")
+        .expect("the removal's outcome is audited");
+    assert_eq!(
+        (&done["operation"], &done["app"], &done["outcome"]),
+        (&json!("remove_app"), &json!(t.app), &json!("succeeded"))
+    );
+    let by = done["requested_by"].as_str().unwrap();
+    assert!(
+        by.starts_with("127.0.0.1:"),
+        "the HTTP client's address: {by}"
+    );
+
+    // After another restart the removal is still there to look up.
+    let mut config = serve_config(data_dir.path());
+    config.http_listen = "127.0.0.1:0".parse().unwrap();
+    let third = stevedore::server::start(config, Default::default())
+        .await
+        .unwrap();
+    let (code, status) = get_json(
+        &format!("http://{}/v1/deployments/{rid}", third.http_addr),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert_eq!(status["state"], "DEPLOYMENT_STATE_SUCCEEDED", "{status}");
+    assert_eq!(status["operation"], "OPERATION_REMOVE_APP");
+    assert!(status["result"]["containersRemoved"].as_u64().unwrap() >= 1);
+    assert_eq!(status["requestedBy"], by);
+    third.stop().await.unwrap();
+}
+
+/// A removal waits behind the app's running deployment (queued, then it runs), and a
+/// RemoveApp without `detach` answers once it has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removal_waits_for_the_deployment_in_progress() {
+    let mut t = Fixture::start("http-rm-queue").await;
+    let base = format!("http://{}", t.server.http_addr);
+    deploy(&mut t.client, web_request(&t.app, "stevedore-test/web:1")).await;
+    // A deployment that stays in HEALTH_CHECK (its health never settles).
+    let mut slow = web_request(&t.app, "stevedore-test/slowhealth:1");
+    slow.health_check = Some(stevedore::proto::HealthCheck {
+        check: Some(stevedore::proto::health_check::Check::Docker(
+            Default::default(),
+        )),
+        timeout: secs(300),
+        ..Default::default()
+    });
+    slow.deadline = secs(600);
+    let mut running = deploy_stream(&mut t.client, slow).await;
+    let first = running.next_update().await;
+    running
+        .until(|u| u.phase == stevedore::proto::Phase::HealthCheck as i32)
+        .await;
+
+    let mut client = t.server.client().await;
+    let app = t.app.clone();
+    let waiting = tokio::spawn(async move {
+        let request = stevedore::proto::RemoveAppRequest {
+            app,
+            ..Default::default()
+        };
+        client.remove_app(request).await
+    });
+    // The removal is listed, queued behind the deployment; the call has not returned.
+    let removal = eventually_async(STATE_LIMIT, "the removal to be listed", || {
+        let base = base.clone();
+        let app = t.app.clone();
+        async move {
+            let (_, list) = get_json(&format!("{base}/v1/deployments?app={app}"), None).await;
+            list["deployments"]
+                .as_array()?
+                .iter()
+                .find(|d| d["operation"] == "OPERATION_REMOVE_APP")
+                .cloned()
+        }
+    })
+    .await;
+    let rid = removal["deploymentId"].as_str().unwrap().to_owned();
+    assert_eq!(removal["state"], "DEPLOYMENT_STATE_PENDING", "{removal}");
+    let mut watch = watch_stream(&mut t.client, &rid, 0).await.unwrap();
+    let queued = watch
+        .until(|u| u.metadata.contains_key("queued_behind"))
+        .await;
+    assert_eq!(
+        queued.last().unwrap().metadata["queued_behind"],
+        first.deployment_id
+    );
+    assert!(
+        !waiting.is_finished(),
+        "RemoveApp waits for the removal's end"
+    );
+
+    // Once the deployment ends (cancelled here), the removal runs.
+    let resp = http()
+        .post(format!(
+            "{base}/v1/deployments/{}/cancel",
+            first.deployment_id
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    running.rest().await;
+    let rest = watch.rest().await;
+    let end = terminal(&rest);
+    assert_eq!(end.phase(), stevedore::proto::Phase::Complete);
+    assert_eq!(end.result.as_ref().unwrap().containers_removed, 1);
+    let answer = tokio::time::timeout(STATE_LIMIT, waiting)
+        .await
+        .expect("RemoveApp answers once the removal ended")
+        .unwrap()
+        .expect("RemoveApp succeeds")
+        .into_inner();
+    assert_eq!(answer.deployment_id, rid);
+    assert_eq!(answer.containers_removed, 1);
+    assert!(answer.removed_at.is_some());
+    assert!(app_containers(&t.app).is_empty());
+    t.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -387,6 +561,32 @@ async fn bad_input_unknown_ids_and_auth_by_scope() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 403);
+
+    // RemoveApp needs the deploy scope.
+    let resp = http()
+        .delete(format!("{base}/v1/apps/{}", t.app))
+        .bearer_auth(&read_secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["code"], "PERMISSION_DENIED");
+    assert!(!app_containers(&t.app).is_empty(), "nothing was removed");
+
+    // Who am I, per token (what the page shows Cancel and Remove by).
+    let (code, me) = get_json(&format!("{base}/v1/whoami"), Some(&read_secret)).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        me,
+        json!({"name": "viewer", "scopes": ["read"], "auth": true})
+    );
+    let (_, me) = get_json(&format!("{base}/v1/whoami"), Some(&deploy_secret)).await;
+    assert_eq!(
+        me,
+        json!({"name": "ci", "scopes": ["read", "deploy"], "auth": true})
+    );
+    assert_eq!(get_json(&format!("{base}/v1/whoami"), None).await.0, 401);
     t.stop().await;
 }
 

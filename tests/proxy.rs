@@ -5,138 +5,16 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::proxy::ProxyProcess;
 use stevedore::proxy::client::{ClientError, ProxyClient};
 use stevedore::proxy::routes::{Route, RouteStatus, SetRoute};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-
-/// A `stevedore proxy` child process; killed on drop.
-struct ProxyProcess {
-    child: Child,
-    socket: PathBuf,
-    state_file: PathBuf,
-    metrics: SocketAddr,
-    log: PathBuf,
-}
-
-impl ProxyProcess {
-    /// Starts the proxy with its files in `dir` and waits until it announces itself.
-    fn spawn(dir: &Path, args: &[&str]) -> Self {
-        Self::spawn_with_env(dir, args, &[])
-    }
-
-    // The child is waited for in `terminate` or `Drop`.
-    #[allow(clippy::zombie_processes)]
-    fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let socket = dir.join("proxy.sock");
-        let state_file = dir.join("routes.json");
-        let log = dir.join(format!("proxy-{}.log", uuid::Uuid::new_v4().simple()));
-        let mut command = Command::new(common::binary());
-        command.arg("proxy");
-        if env.is_empty() {
-            command
-                .arg("--admin-socket")
-                .arg(&socket)
-                .arg("--state-file")
-                .arg(&state_file)
-                .args(["--metrics-listen", "127.0.0.1:0"]);
-        }
-        let mut child = command
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn stevedore proxy");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(line) = text
-                .lines()
-                .find(|l| l.contains("stevedore proxy listening"))
-            {
-                let start = line.find("metrics=").unwrap() + "metrics=".len();
-                let metrics = line[start..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
-                return Self {
-                    child,
-                    socket,
-                    state_file,
-                    metrics,
-                    log,
-                };
-            }
-            let exited = child.try_wait().ok().flatten();
-            if exited.is_some() || Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("proxy did not start ({exited:?}); log:\n{text}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn client(&self) -> ProxyClient {
-        ProxyClient::new(&self.socket).unwrap()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    /// Waits for the process to exit (after [`Self::sigterm`]); panics after `limit`.
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "proxy still running after {limit:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    async fn metrics_text(&self) -> String {
-        common::http_get(&format!("http://{}/metrics", self.metrics))
-            .await
-            .1
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("proxy log:\n{}", self.log_text());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A TCP backend that answers each line with `"{tag} {line}"`.
 struct Backend {
@@ -655,7 +533,7 @@ impl Drop for Containers {
         if !self.0.is_empty() {
             let mut args = vec!["rm", "-f"];
             args.extend(self.0.iter().map(String::as_str));
-            let _ = Command::new("docker").args(&args).output();
+            let _ = std::process::Command::new("docker").args(&args).output();
         }
     }
 }

@@ -38,9 +38,11 @@ stevedore_serve() {
     --http-listen 127.0.0.1:0 --data-dir "$data" "$@" 2>"$SERVER_LOG" &
   SERVER_PID=$!
   local _
+  # The text form of the listening line (`server::Listening` in src/server.rs):
+  # `… stevedore listening grpc=ADDR http=ADDR …`, each value up to the next space.
   for _ in $(seq 200); do
-    GRPC_ADDR=$(sed -n 's/.*stevedore listening.*grpc=\([0-9.]*:[0-9]*\).*/\1/p' "$SERVER_LOG" | head -n 1)
-    HTTP_ADDR=$(sed -n 's/.*stevedore listening.*http=\([0-9.]*:[0-9]*\).*/\1/p' "$SERVER_LOG" | head -n 1)
+    GRPC_ADDR=$(sed -n 's/.*stevedore listening.* grpc=\([^ ]*\).*/\1/p' "$SERVER_LOG" | head -n 1)
+    HTTP_ADDR=$(sed -n 's/.*stevedore listening.* http=\([^ ]*\).*/\1/p' "$SERVER_LOG" | head -n 1)
     [[ -n $GRPC_ADDR && -n $HTTP_ADDR ]] && return 0
     kill -0 "$SERVER_PID" 2>/dev/null || { echo "the server exited before listening" >&2; return 1; }
     sleep 0.1

@@ -13,14 +13,13 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tonic::{Code, Status};
+use tower_http::validate_request::{ValidateRequest, ValidateRequestHeaderLayer};
 
 use crate::events::ObserverRegistry;
 use crate::limits::{Rejection, Rejections};
@@ -41,6 +40,9 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// Every scope, lowest first.
+    pub const ALL: [Scope; 3] = [Scope::Read, Scope::Deploy, Scope::Admin];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Scope::Read => "read",
@@ -52,16 +54,17 @@ impl Scope {
 
 /// The scope a Deployer method needs. Methods not listed need `admin`: a new RPC is
 /// closed until someone decides who may call it.
-pub fn required_scope(method: &str) -> Scope {
+pub(crate) fn required_scope(method: &str) -> Scope {
     match method {
-        "GetStatus" | "ListDeployments" | "WatchDeployment" | "ListApps" => Scope::Read,
+        // WhoAmI: the HTTP API's `GET /v1/whoami` (any valid token).
+        "GetStatus" | "ListDeployments" | "WatchDeployment" | "ListApps" | "WhoAmI" => Scope::Read,
         "Deploy" | "CancelDeployment" | "RemoveApp" => Scope::Deploy,
         _ => Scope::Admin,
     }
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     #[error("cannot read tokens file {path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error("tokens file {path}: {reason}")]
@@ -97,7 +100,7 @@ impl Token {
 
 /// The tokens of one version of the file.
 #[derive(Default)]
-pub struct TokenSet {
+pub(crate) struct TokenSet {
     tokens: Vec<Token>,
 }
 
@@ -107,7 +110,7 @@ fn digest_of(secret: &str) -> [u8; 32] {
 
 impl TokenSet {
     /// Parses the TOML text of a tokens file; `path` names it in errors.
-    pub fn parse(text: &str, path: &Path) -> Result<Self, AuthError> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, AuthError> {
         let invalid = |reason: String| AuthError::Invalid {
             path: path.to_owned(),
             reason,
@@ -143,7 +146,7 @@ impl TokenSet {
         Ok(Self { tokens })
     }
 
-    pub fn load(path: &Path) -> Result<Self, AuthError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, AuthError> {
         let text = std::fs::read_to_string(path).map_err(|e| AuthError::Read {
             path: path.to_owned(),
             reason: e.to_string(),
@@ -151,12 +154,8 @@ impl TokenSet {
         Self::parse(&text, path)
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.tokens.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
     }
 
     /// The token whose digest matches. Compares with every entry in constant time, so
@@ -177,6 +176,9 @@ impl TokenSet {
 pub struct Caller {
     /// The token's name (never its secret).
     pub name: String,
+    /// The scopes the token grants, the ones its scopes imply included (`deploy`
+    /// implies `read`), lowest first.
+    pub scopes: Vec<Scope>,
     digest: [u8; 32],
     tokens: watch::Receiver<Arc<TokenSet>>,
 }
@@ -190,7 +192,7 @@ impl fmt::Debug for Caller {
 impl Caller {
     /// Resolves once this caller's token is no longer in the tokens file (after a
     /// reload). Never resolves while it is.
-    pub async fn revoked(&mut self) {
+    pub(crate) async fn revoked(&mut self) {
         loop {
             if self.tokens.changed().await.is_err() {
                 // The authenticator is gone (server stopping): shutdown ends streams.
@@ -210,13 +212,13 @@ impl Caller {
 
 /// Checks bearer tokens against the current tokens file.
 #[derive(Clone)]
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     path: PathBuf,
     tokens: Arc<watch::Sender<Arc<TokenSet>>>,
 }
 
 impl Authenticator {
-    pub fn load(path: &Path) -> Result<Self, AuthError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, AuthError> {
         let set = TokenSet::load(path)?;
         Ok(Self {
             path: path.to_owned(),
@@ -226,19 +228,23 @@ impl Authenticator {
 
     /// Re-reads the file. On error the previous tokens stay in force. Returns the
     /// number of tokens now in force.
-    pub fn reload(&self) -> Result<usize, AuthError> {
+    pub(crate) fn reload(&self) -> Result<usize, AuthError> {
         let set = TokenSet::load(&self.path)?;
         let n = set.len();
         self.tokens.send_replace(Arc::new(set));
         Ok(n)
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Authenticates an `authorization` header value and checks it grants `needed`.
-    pub fn check(&self, authorization: Option<&str>, needed: Scope) -> Result<Caller, Denied> {
+    pub(crate) fn check(
+        &self,
+        authorization: Option<&str>,
+        needed: Scope,
+    ) -> Result<Caller, Denied> {
         let Some(value) = authorization else {
             return Err(Denied::unauthenticated(
                 "missing authorization: send `authorization: Bearer <token>`",
@@ -276,6 +282,9 @@ impl Authenticator {
         }
         Ok(Caller {
             name: token.name.clone(),
+            scopes: (Scope::ALL.into_iter())
+                .filter(|s| token.grants(*s))
+                .collect(),
             digest,
             tokens: self.tokens.subscribe(),
         })
@@ -284,11 +293,11 @@ impl Authenticator {
 
 /// Why the authenticator turned a call away.
 #[derive(Debug, Clone)]
-pub struct Denied {
-    pub code: Code,
+pub(crate) struct Denied {
+    pub(crate) code: Code,
     /// The token's name when the token was known.
-    pub caller: Option<String>,
-    pub reason: String,
+    pub(crate) caller: Option<String>,
+    pub(crate) reason: String,
 }
 
 impl Denied {
@@ -300,7 +309,7 @@ impl Denied {
         }
     }
 
-    pub fn status(&self) -> Status {
+    pub(crate) fn status(&self) -> Status {
         Status::new(self.code, self.reason.clone())
     }
 }
@@ -310,13 +319,13 @@ impl Denied {
 /// deploy policy the `stevedore::audit` tracing event and the observers (the audit
 /// log records them in its chain).
 #[derive(Clone, Default)]
-pub struct Refusals {
+pub(crate) struct Refusals {
     rejections: Arc<Rejections>,
     observers: ObserverRegistry,
 }
 
 impl Refusals {
-    pub fn new(rejections: Arc<Rejections>, observers: ObserverRegistry) -> Self {
+    pub(crate) fn new(rejections: Arc<Rejections>, observers: ObserverRegistry) -> Self {
         Self {
             rejections,
             observers,
@@ -364,7 +373,7 @@ pub(crate) fn refusal(
 }
 
 /// The peer address tonic records in a request's extensions (plain or TLS).
-pub fn peer_of(extensions: &http::Extensions) -> Option<SocketAddr> {
+pub(crate) fn peer_of(extensions: &http::Extensions) -> Option<SocketAddr> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     extensions
         .get::<TcpConnectInfo>()
@@ -384,7 +393,7 @@ fn deployer_prefix() -> String {
 /// Checks the bearer token in `headers` for a call of the Deployer method `method`:
 /// the caller, or the refusal (counted, audited and published) as a status. The gRPC
 /// layer and the HTTP API both call this.
-pub fn authorize(
+pub(crate) fn authorize(
     auth: &Authenticator,
     refusals: &Refusals,
     method: &str,
@@ -417,78 +426,46 @@ pub fn authorize(
     }
 }
 
-/// A tower layer that authenticates and authorizes every Deployer call. With no
-/// authenticator (no tokens file) it lets every call through.
+/// The layer that authenticates and authorizes every Deployer call, as a
+/// `tower_http` request validator: a refused call is answered with its status (as a
+/// gRPC response) and never reaches the service; an allowed one carries its
+/// [`Caller`] in the request's extensions. With no authenticator (no tokens file) it
+/// lets every call through.
+pub(crate) fn auth_layer(
+    auth: Option<Authenticator>,
+    refusals: Refusals,
+) -> ValidateRequestHeaderLayer<AuthValidator> {
+    ValidateRequestHeaderLayer::custom(AuthValidator {
+        auth,
+        refusals,
+        prefix: deployer_prefix().into(),
+    })
+}
+
+/// See [`auth_layer`].
 #[derive(Clone)]
-pub struct AuthLayer {
+pub(crate) struct AuthValidator {
     auth: Option<Authenticator>,
     refusals: Refusals,
     prefix: Arc<str>,
 }
 
-impl AuthLayer {
-    pub fn new(auth: Option<Authenticator>, refusals: Refusals) -> Self {
-        Self {
-            auth,
-            refusals,
-            prefix: deployer_prefix().into(),
-        }
-    }
-}
+impl<B> ValidateRequest<B> for AuthValidator {
+    type ResponseBody = tonic::body::Body;
 
-impl<S> tower::Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct AuthService<S> {
-    inner: S,
-    layer: AuthLayer,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, B, R> tower::Service<http::Request<B>> for AuthService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-    R: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        if let Some(auth) = &self.layer.auth
-            && let Some(method) = req.uri().path().strip_prefix(&*self.layer.prefix)
+    fn validate(
+        &mut self,
+        req: &mut http::Request<B>,
+    ) -> Result<(), http::Response<Self::ResponseBody>> {
+        if let Some(auth) = &self.auth
+            && let Some(method) = req.uri().path().strip_prefix(&*self.prefix)
         {
             let peer = peer_of(req.extensions());
-            match authorize(auth, &self.layer.refusals, method, req.headers(), peer) {
-                Ok(caller) => {
-                    req.extensions_mut().insert(caller);
-                }
-                Err(status) => {
-                    let response = status.into_http::<R>();
-                    return Box::pin(async move { Ok(response) });
-                }
-            }
+            let caller = authorize(auth, &self.refusals, method, req.headers(), peer)
+                .map_err(|status| status.into_http())?;
+            req.extensions_mut().insert(caller);
         }
-        // The clone is ready-polled next time; take the one that was polled ready.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(inner.call(req))
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! Proto ⇄ domain conversions. Requests are validated here, at the edge: a bad field
 //! becomes `INVALID_ARGUMENT` naming it, before anything starts.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime};
 
@@ -13,11 +14,11 @@ use crate::model::{
 };
 use crate::proto;
 
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
-pub const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
-pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
-pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_DEADLINE: Duration = Duration::from_secs(600);
+pub(crate) const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+pub(crate) const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_ENV_BYTES: usize = 128 * 1024;
 
 /// A Docker reference: optional registry host[:port], path components, then an
@@ -40,6 +41,8 @@ fn invalid(field: impl std::fmt::Display, message: impl std::fmt::Display) -> St
 
 /// The longest stop grace a request may ask for.
 const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bound of `drain_timeout`.
+const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
 
 fn duration(
     field: &str,
@@ -146,26 +149,77 @@ fn relative(field: &str, path: &str) -> Result<String, Status> {
 }
 
 /// Validates a DeployRequest into a [`DeploySpec`]. `requested_by` names the caller.
-pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<DeploySpec, Status> {
+/// The fields are checked in this order; the first bad one is the answer.
+pub(crate) fn deploy_spec(
+    req: proto::DeployRequest,
+    requested_by: String,
+) -> Result<DeploySpec, Status> {
     let app = AppName::parse(&req.app).map_err(|e| invalid("app", e))?;
+    let (image, source) = image_or_source(req.image.trim(), req.source.as_ref())?;
+    let ports = ports(&req.ports)?;
+    check_env(&req.env)?;
+    check_labels(&req.labels)?;
+    let health = health(req.health_check.as_ref(), &ports)?;
+    let deadline = duration(
+        "deadline",
+        req.deadline.as_ref(),
+        DEFAULT_DEADLINE,
+        Duration::from_secs(1),
+        MAX_DEADLINE,
+    )?;
+    let milestones = milestones(&req.milestones)?;
+    let hooks = hooks(&req.hooks)?;
+    let stop_timeout = stop_timeout(req.stop_timeout.as_ref())?;
+    let idempotency_key = idempotency_key(&req.idempotency_key)?;
+    Ok(DeploySpec {
+        app,
+        image,
+        source,
+        command: req.command,
+        env: req.env.into_iter().collect(),
+        ports,
+        labels: req.labels.into_iter().collect(),
+        health,
+        deadline,
+        idempotency_key,
+        registry_auth: req.registry_auth.map(|a| RegistryAuth {
+            username: a.username,
+            password: a.password,
+            identity_token: a.identity_token,
+        }),
+        milestones,
+        hooks,
+        stop_timeout,
+        drain_timeout: duration(
+            "drain_timeout",
+            req.drain_timeout.as_ref(),
+            crate::model::DEFAULT_DRAIN_TIMEOUT,
+            Duration::from_millis(1),
+            MAX_DRAIN_TIMEOUT,
+        )?,
+        requested_by,
+    })
+}
 
-    let (image, source) = match (req.image.trim(), req.source.as_ref()) {
-        ("", None) => {
-            return Err(invalid(
-                "image",
-                "empty reference (give an image or a source)",
-            ));
-        }
+/// The image to run: `image` as given, or the one built from `source` (named by
+/// [`model::SourceSpec::describe`]). Exactly one of them.
+fn image_or_source(
+    image: &str,
+    source: Option<&proto::GitSource>,
+) -> Result<(String, Option<model::SourceSpec>), Status> {
+    match (image, source) {
+        ("", None) => Err(invalid(
+            "image",
+            "empty reference (give an image or a source)",
+        )),
         ("", Some(src)) => {
-            let source = source(src)?;
-            (source.describe(), Some(source))
+            let source = self::source(src)?;
+            Ok((source.describe(), Some(source)))
         }
-        (_, Some(_)) => {
-            return Err(invalid(
-                "source",
-                "give either an image or a source, not both",
-            ));
-        }
+        (_, Some(_)) => Err(invalid(
+            "source",
+            "give either an image or a source, not both",
+        )),
         (image, None) => {
             if !IMAGE_REFERENCE.is_match(image) || image.len() > 512 {
                 return Err(invalid(
@@ -173,28 +227,17 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
                     format!("{image:?} is not a valid image reference (name[:tag][@digest])"),
                 ));
             }
-            (image.to_owned(), None)
+            Ok((image.to_owned(), None))
         }
-    };
+    }
+}
 
-    let mut ports = Vec::with_capacity(req.ports.len());
-    for (i, p) in req.ports.iter().enumerate() {
-        let container_port = port(
-            format!("ports[{i}].container_port"),
-            p.container_port,
-            false,
-        )?;
-        let host_port = port(format!("ports[{i}].host_port"), p.host_port, true)?;
-        let protocol = match p.protocol.to_ascii_lowercase().as_str() {
-            "" | "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            other => {
-                return Err(invalid(
-                    format!("ports[{i}].protocol"),
-                    format!("{other:?} is not \"tcp\" or \"udp\""),
-                ));
-            }
-        };
+/// The published ports: each container port (per protocol) and each host port other
+/// than 0 at most once.
+fn ports(mappings: &[proto::PortMapping]) -> Result<Vec<PortSpec>, Status> {
+    let mut ports = Vec::with_capacity(mappings.len());
+    for (i, p) in mappings.iter().enumerate() {
+        let (container_port, host_port, protocol) = port_numbers(i, p)?;
         if ports
             .iter()
             .any(|q: &PortSpec| q.container_port == container_port && q.protocol == protocol)
@@ -217,25 +260,55 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
                 format!("host port {host_port} is used twice"),
             ));
         }
-        let host_ip = match p.host_ip.trim() {
-            "" => None,
-            ip => Some(ip.parse().map_err(|_| {
-                invalid(
-                    format!("ports[{i}].host_ip"),
-                    format!("{ip:?} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)"),
-                )
-            })?),
-        };
         ports.push(PortSpec {
             container_port,
             host_port,
             protocol,
-            host_ip,
+            host_ip: host_ip(i, &p.host_ip)?,
         });
     }
+    Ok(ports)
+}
 
+/// `ports[i]`'s container port, host port and protocol, each on its own.
+fn port_numbers(i: usize, p: &proto::PortMapping) -> Result<(u16, u16, Protocol), Status> {
+    let container_port = port(
+        format!("ports[{i}].container_port"),
+        p.container_port,
+        false,
+    )?;
+    let host_port = port(format!("ports[{i}].host_port"), p.host_port, true)?;
+    let protocol = match p.protocol.to_ascii_lowercase().as_str() {
+        "" | "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        other => {
+            return Err(invalid(
+                format!("ports[{i}].protocol"),
+                format!("{other:?} is not \"tcp\" or \"udp\""),
+            ));
+        }
+    };
+    Ok((container_port, host_port, protocol))
+}
+
+/// `ports[i].host_ip`: empty (the server's default) or an IP address.
+fn host_ip(i: usize, ip: &str) -> Result<Option<std::net::IpAddr>, Status> {
+    match ip.trim() {
+        "" => Ok(None),
+        ip => ip.parse().map(Some).map_err(|_| {
+            invalid(
+                format!("ports[{i}].host_ip"),
+                format!("{ip:?} is not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1)"),
+            )
+        }),
+    }
+}
+
+/// Names non-empty, without `=` or NUL; values without NUL; at most
+/// [`MAX_ENV_BYTES`] in all.
+fn check_env(env: &HashMap<String, String>) -> Result<(), Status> {
     let mut env_bytes = 0;
-    for (k, v) in &req.env {
+    for (k, v) in env {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(invalid(
                 format!("env[{k:?}]"),
@@ -253,7 +326,12 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
             format!("{env_bytes} bytes in total; at most {MAX_ENV_BYTES} are allowed"),
         ));
     }
-    for k in req.labels.keys() {
+    Ok(())
+}
+
+/// Keys non-empty and outside [`RESERVED_LABEL_PREFIX`].
+fn check_labels(labels: &HashMap<String, String>) -> Result<(), Status> {
+    for k in labels.keys() {
         if k.is_empty() {
             return Err(invalid("labels", "empty label key"));
         }
@@ -264,18 +342,12 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
             ));
         }
     }
+    Ok(())
+}
 
-    let health = health(req.health_check.as_ref(), &ports)?;
-    let deadline = duration(
-        "deadline",
-        req.deadline.as_ref(),
-        DEFAULT_DEADLINE,
-        Duration::from_secs(1),
-        MAX_DEADLINE,
-    )?;
-
-    let mut milestones = Vec::with_capacity(req.milestones.len());
-    for (i, m) in req.milestones.iter().enumerate() {
+fn milestones(milestones: &[proto::Milestone]) -> Result<Vec<MilestoneSpec>, Status> {
+    let mut specs = Vec::with_capacity(milestones.len());
+    for (i, m) in milestones.iter().enumerate() {
         let pattern = regex(format!("milestones[{i}].pattern"), &m.pattern)?;
         if m.progress.is_nan() || m.progress > 1.0 {
             return Err(invalid(
@@ -283,7 +355,7 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
                 "must be at most 1.0 (negative: count matches)",
             ));
         }
-        milestones.push(MilestoneSpec {
+        specs.push(MilestoneSpec {
             pattern,
             progress: m.progress,
             description: if m.description.is_empty() {
@@ -293,13 +365,16 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
             },
         });
     }
+    Ok(specs)
+}
 
-    let mut hooks = Vec::with_capacity(req.hooks.len());
-    for (i, h) in req.hooks.iter().enumerate() {
+fn hooks(hooks: &[proto::Hook]) -> Result<Vec<HookSpec>, Status> {
+    let mut specs = Vec::with_capacity(hooks.len());
+    for (i, h) in hooks.iter().enumerate() {
         if h.command.is_empty() || h.command[0].is_empty() {
             return Err(invalid(format!("hooks[{i}].command"), "empty command"));
         }
-        hooks.push(HookSpec {
+        specs.push(HookSpec {
             name: if h.name.is_empty() {
                 format!("hook-{}", i + 1)
             } else {
@@ -316,48 +391,42 @@ pub fn deploy_spec(req: proto::DeployRequest, requested_by: String) -> Result<De
             )?,
         });
     }
+    Ok(specs)
+}
 
-    let stop_timeout = match req.stop_timeout.as_ref() {
-        None => None,
-        Some(d) => Some(duration(
+/// `None` (and 0) keep the engine's default.
+fn stop_timeout(d: Option<&pbjson_types::Duration>) -> Result<Option<Duration>, Status> {
+    match d {
+        None => Ok(None),
+        Some(d) => Ok(Some(duration(
             "stop_timeout",
             Some(d),
             Duration::ZERO,
             Duration::from_millis(1),
             MAX_STOP_TIMEOUT,
         )?)
-        .filter(|d| !d.is_zero()),
-    };
+        .filter(|d| !d.is_zero())),
+    }
+}
 
-    let idempotency_key = match req.idempotency_key.as_str() {
-        "" => None,
-        k if k.len() > 256 => {
-            return Err(invalid("idempotency_key", "longer than 256 bytes"));
-        }
-        k => Some(k.to_owned()),
-    };
+fn idempotency_key(key: &str) -> Result<Option<String>, Status> {
+    match key {
+        "" => Ok(None),
+        k if k.len() > 256 => Err(invalid("idempotency_key", "longer than 256 bytes")),
+        k => Ok(Some(k.to_owned())),
+    }
+}
 
-    Ok(DeploySpec {
-        app,
-        image,
-        source,
-        command: req.command,
-        env: req.env.into_iter().collect(),
-        ports,
-        labels: req.labels.into_iter().collect(),
-        health,
-        deadline,
-        idempotency_key,
-        registry_auth: req.registry_auth.map(|a| RegistryAuth {
-            username: a.username,
-            password: a.password,
-            identity_token: a.identity_token,
-        }),
-        milestones,
-        hooks,
-        stop_timeout,
-        requested_by,
-    })
+/// A RemoveAppRequest: the app, and the stop grace (`None`: each container's own).
+pub(crate) fn removal(
+    req: &proto::RemoveAppRequest,
+) -> Result<(AppName, Option<Duration>), Status> {
+    let app = AppName::parse(&req.app).map_err(|e| invalid("app", e))?;
+    let grace = req.stop_timeout.as_ref().map(|d| {
+        let (zero, min) = (Duration::ZERO, Duration::from_millis(1));
+        duration("stop_timeout", Some(d), zero, min, MAX_STOP_TIMEOUT)
+    });
+    Ok((app, grace.transpose()?.filter(|d| !d.is_zero())))
 }
 
 fn health(h: Option<&proto::HealthCheck>, ports: &[PortSpec]) -> Result<HealthSpec, Status> {
@@ -442,7 +511,7 @@ fn proto_duration(d: Duration) -> pbjson_types::Duration {
     pbjson_types::Duration { seconds, nanos }
 }
 
-pub fn phase(p: model::Phase) -> proto::Phase {
+pub(crate) fn phase(p: model::Phase) -> proto::Phase {
     use model::Phase as P;
     match p {
         P::Queued => proto::Phase::Queued,
@@ -472,7 +541,7 @@ fn level(l: model::Level) -> proto::Level {
     }
 }
 
-pub fn state(s: model::DeploymentState) -> proto::DeploymentState {
+pub(crate) fn state(s: model::DeploymentState) -> proto::DeploymentState {
     use model::DeploymentState as S;
     match s {
         S::Pending => proto::DeploymentState::Pending,
@@ -484,7 +553,7 @@ pub fn state(s: model::DeploymentState) -> proto::DeploymentState {
 }
 
 /// The filter value of ListDeployments (`UNSPECIFIED`: any state).
-pub fn state_filter(s: i32) -> Result<Option<model::DeploymentState>, Status> {
+pub(crate) fn state_filter(s: i32) -> Result<Option<model::DeploymentState>, Status> {
     use model::DeploymentState as S;
     match proto::DeploymentState::try_from(s) {
         Ok(proto::DeploymentState::Unspecified) => Ok(None),
@@ -522,12 +591,14 @@ fn result(r: &model::DeploymentResult) -> proto::DeploymentResult {
             log_tail: d.log_tail.clone(),
         }),
         commit: r.commit.clone(),
+        containers_removed: r.containers_removed,
     }
 }
 
-pub fn update(u: &model::Update) -> proto::ProgressUpdate {
+pub(crate) fn update(u: &model::Update) -> proto::ProgressUpdate {
     proto::ProgressUpdate {
         deployment_id: u.deployment_id.to_string(),
+        operation: operation(u.operation) as i32,
         sequence: u.sequence,
         app: u.app.to_string(),
         phase: phase(u.phase) as i32,
@@ -564,9 +635,17 @@ fn eta(e: &crate::engine::eta::Eta) -> proto::Eta {
     }
 }
 
-pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
+fn operation(o: model::Operation) -> proto::Operation {
+    match o {
+        model::Operation::Deploy => proto::Operation::Deploy,
+        model::Operation::RemoveApp => proto::Operation::RemoveApp,
+    }
+}
+
+pub(crate) fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
     proto::DeploymentStatus {
         deployment_id: s.id.to_string(),
+        operation: operation(s.operation) as i32,
         app: s.app.to_string(),
         image: s.image.clone(),
         state: state(s.state) as i32,
@@ -589,7 +668,7 @@ pub fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
 
 /// An app of ListApps: what runs now (from its newest successful deployment) and its
 /// newest deployment.
-pub fn app(a: &crate::engine::AppView) -> proto::App {
+pub(crate) fn app(a: &crate::engine::AppView) -> proto::App {
     proto::App {
         app: a.app.to_string(),
         current: a.current.as_ref().map(|c| {
@@ -679,6 +758,10 @@ mod tests {
         let bad_url = error_of(from_source(git("-uhttps://bob:s3cret@x/r")));
         assert!(bad_url.starts_with("source.url:"), "{bad_url}");
         assert!(!bad_url.contains("s3cret"), "{bad_url}");
+        for url in ["ext::sh", "ftp://h/r.git", "ssh://-oProxyCommand=x/r"] {
+            let e = error_of(from_source(git(url)));
+            assert!(e.starts_with("source.url:"), "{url}: {e}");
+        }
         let bad_ref = error_of(from_source(proto::GitSource {
             r#ref: "a..b".into(),
             ..git("file:///srv/r.git")
@@ -694,6 +777,27 @@ mod tests {
             ..git("file:///srv/r.git")
         }));
         assert!(df.starts_with("source.dockerfile:"), "{df}");
+    }
+
+    #[test]
+    fn drain_timeout_defaults_to_30s_and_is_bounded() {
+        let with = |seconds| proto::DeployRequest {
+            drain_timeout: Some(pbjson_types::Duration { seconds, nanos: 0 }),
+            ..request()
+        };
+        let default = crate::model::DEFAULT_DRAIN_TIMEOUT;
+        assert_eq!(
+            deploy_spec(request(), "t".into()).unwrap().drain_timeout,
+            default
+        );
+        assert_eq!(
+            deploy_spec(with(0), "t".into()).unwrap().drain_timeout,
+            default
+        );
+        let spec = deploy_spec(with(2), "t".into()).unwrap();
+        assert_eq!(spec.drain_timeout, Duration::from_secs(2));
+        assert!(error_of(with(3601)).starts_with("drain_timeout: "));
+        assert!(error_of(with(-1)).starts_with("drain_timeout: "));
     }
 
     #[test]
@@ -999,6 +1103,7 @@ mod tests {
                     milestones: milestones_of(milestones),
                     hooks: hooks_of(hooks),
                     stop_timeout: None,
+                    drain_timeout: None,
                     source: source.map(|(url, r#ref, dockerfile, context_dir)| proto::GitSource {
                         url,
                         r#ref,
@@ -1073,6 +1178,7 @@ mod tests {
                     milestones: milestones_of(milestones),
                     hooks: hooks_of(hooks),
                     stop_timeout: None,
+                    drain_timeout: None,
                     source: None,
                 }
             }

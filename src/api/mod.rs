@@ -2,12 +2,13 @@
 //! back. The only module that names tonic or generated types. No Docker here.
 
 pub mod auth;
-pub mod convert;
+pub(crate) mod convert;
 mod oversized;
-pub mod policy;
+pub(crate) mod policy;
 
-pub use oversized::count_oversized_requests;
+pub(crate) use oversized::count_oversized_requests;
 
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -24,12 +25,12 @@ use tonic::{Request, Response, Status};
 use crate::engine::{Engine, EngineError, ListQuery};
 use crate::events::{LogError, UpdateStream};
 use crate::limits::Rejection;
-use crate::model::AppName;
+use crate::model::{AppName, DeploymentState, EventKind, Update};
 use crate::proto;
 use crate::proto::deployer_server::Deployer;
 
 /// The one mapping from engine errors to gRPC status codes.
-pub fn status_of(e: EngineError) -> Status {
+pub(crate) fn status_of(e: EngineError) -> Status {
     let message = e.to_string();
     match e {
         EngineError::Unavailable(_) | EngineError::ShuttingDown | EngineError::Refused(_) => {
@@ -47,7 +48,7 @@ pub fn status_of(e: EngineError) -> Status {
 
 /// Metadata key of an OUT_OF_RANGE status for a resume point removed by retention:
 /// the oldest sequence still held.
-pub const OLDEST_SEQUENCE: &str = "oldest-sequence";
+pub(crate) const OLDEST_SEQUENCE: &str = "oldest-sequence";
 
 fn out_of_range(message: String, e: &LogError) -> Status {
     let mut status = Status::out_of_range(message);
@@ -59,7 +60,7 @@ fn out_of_range(message: String, e: &LogError) -> Status {
     status
 }
 
-pub struct DeployerService {
+pub(crate) struct DeployerService {
     engine: Engine,
     shutdown: CancellationToken,
     streams: StreamConfig,
@@ -83,7 +84,7 @@ pub struct StreamConfig {
 }
 
 impl DeployerService {
-    pub fn with_streams(
+    pub(crate) fn with_streams(
         engine: Engine,
         shutdown: CancellationToken,
         streams: StreamConfig,
@@ -100,19 +101,19 @@ impl DeployerService {
     }
 
     /// Where refusals (policy, watch-stream limit) are counted and published.
-    pub fn with_refusals(mut self, refusals: auth::Refusals) -> Self {
+    pub(crate) fn with_refusals(mut self, refusals: auth::Refusals) -> Self {
         self.refusals = refusals;
         self
     }
 
     /// Applies `policy` to every Deploy.
-    pub fn with_policy(mut self, policy: policy::DeployPolicy) -> Self {
+    pub(crate) fn with_policy(mut self, policy: policy::DeployPolicy) -> Self {
         self.policy = policy;
         self
     }
 
     /// Caps the open WatchDeployment streams at `max`.
-    pub fn with_max_watch_streams(mut self, max: usize) -> Self {
+    pub(crate) fn with_max_watch_streams(mut self, max: usize) -> Self {
         self.watch_streams = Arc::new(Semaphore::new(max));
         self.max_watch_streams = max;
         self
@@ -154,54 +155,63 @@ impl DeployerService {
 /// until the stream ends.
 pub fn forward(
     id: String,
-    mut updates: UpdateStream,
+    updates: UpdateStream,
     shutdown: CancellationToken,
     config: StreamConfig,
-    mut caller: Option<auth::Caller>,
+    caller: Option<auth::Caller>,
     permit: Option<OwnedSemaphorePermit>,
 ) -> UpdateResponseStream {
     let (tx, rx) = mpsc::channel(config.buffer.max(1));
     let (end_tx, end_rx) = oneshot::channel::<Status>();
+    let producer = Producer {
+        sent: updates.cursor(),
+        last: Progress::default(),
+        id,
+        updates,
+        shutdown,
+        config,
+        caller,
+        tx,
+    };
     tokio::spawn(async move {
         let _permit = permit;
-        // Sequence of the last update placed in the channel: where to resume from.
-        let mut sent = updates.cursor();
-        // What a heartbeat repeats: the last update's app, phase and progress, so a
-        // client that draws every message does not see its bar go back to zero.
-        let mut last = Progress::default();
-        let end = loop {
-            let revoked = async {
-                match caller.as_mut() {
-                    Some(c) => c.revoked().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break Some(Status::unavailable(format!(
-                    "server shutting down; resume with WatchDeployment deployment_id={id} after_sequence={sent}"
-                ))),
-                _ = revoked => {
-                    let name = caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
-                    tracing::info!(caller = %name, "token revoked: closing its stream");
-                    break Some(Status::unauthenticated(format!("token {name:?} was revoked")));
-                }
-                next = updates.next() => match next {
-                    None => break None,
-                    Some(Ok(u)) => Some(u),
-                    Some(Err(e @ LogError::OutOfRange { .. })) => break Some(out_of_range(
-                        format!("{e}; updates after sequence {sent} are no longer held"), &e
-                    )),
-                    Some(Err(e @ LogError::Beyond { .. })) => break Some(Status::out_of_range(e.to_string())),
-                },
-                _ = tokio::time::sleep(config.heartbeat_interval) => None,
-                // The client left: stop forwarding (the deployment goes on).
-                _ = tx.closed() => return,
+        // `run` drops the channel's sender before the closing status follows it.
+        if let Some(status) = producer.run().await {
+            let _ = end_tx.send(status);
+        }
+    });
+    let end = futures_util::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
+    Box::pin(ReceiverStream::new(rx).chain(end))
+}
+
+/// The task behind one [`forward`]ed stream. `Break(None)`: the stream ends without a
+/// status (after the terminal update, or the client left); `Break(Some(status))`: it
+/// ends with that status.
+struct Producer {
+    id: String,
+    updates: UpdateStream,
+    shutdown: CancellationToken,
+    config: StreamConfig,
+    caller: Option<auth::Caller>,
+    tx: mpsc::Sender<Result<proto::ProgressUpdate, Status>>,
+    /// Sequence of the last update placed in the channel: where to resume from.
+    sent: u64,
+    /// What a heartbeat repeats: the last update's app, phase and progress, so a
+    /// client that draws every message does not see its bar go back to zero.
+    last: Progress,
+}
+
+impl Producer {
+    async fn run(mut self) -> Option<Status> {
+        loop {
+            let next = match self.next().await {
+                ControlFlow::Continue(next) => next,
+                ControlFlow::Break(end) => return end,
             };
             let (message, update) = match next {
                 Some(u) => {
                     let m = convert::update(&u);
-                    last = Progress {
+                    self.last = Progress {
                         app: m.app.clone(),
                         phase: m.phase,
                         phase_progress: m.phase_progress,
@@ -209,39 +219,87 @@ pub fn forward(
                     };
                     (m, Some(u))
                 }
-                None => (heartbeat(&id, sent, &last), None),
+                None => (heartbeat(&self.id, self.sent, &self.last), None),
             };
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break Some(Status::unavailable(format!(
-                    "server shutting down; resume with WatchDeployment deployment_id={id} after_sequence={sent}"
-                ))),
-                r = tx.send_timeout(Ok(message), config.stall_timeout) => match r {
-                    Ok(()) => if let Some(u) = update {
-                        sent = u.sequence;
-                        if u.is_terminal() {
-                            break None;
-                        }
-                    },
-                    Err(SendTimeoutError::Timeout(_)) => {
-                        tracing::info!(deployment_id = %id, after_sequence = sent, "ending a stalled update stream");
-                        break Some(Status::resource_exhausted(format!(
-                            "this stream read nothing for {}s and fell behind; resume with WatchDeployment after_sequence={sent}",
-                            config.stall_timeout.as_secs_f64()
-                        )));
-                    }
-                    // The client left: stop forwarding (the deployment goes on).
-                    Err(SendTimeoutError::Closed(_)) => return,
-                },
+            if let ControlFlow::Break(end) = self.send(message, update).await {
+                return end;
+            }
+        }
+    }
+
+    /// The next update, or `None` when a heartbeat is due.
+    async fn next(&mut self) -> ControlFlow<Option<Status>, Option<Arc<Update>>> {
+        let caller = &mut self.caller;
+        let revoked = async {
+            match caller.as_mut() {
+                Some(c) => c.revoked().await,
+                None => std::future::pending().await,
             }
         };
-        drop(tx);
-        if let Some(status) = end {
-            let _ = end_tx.send(status);
+        let sent = self.sent;
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => ControlFlow::Break(Some(shutting_down(&self.id, sent))),
+            _ = revoked => {
+                let name = self.caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
+                tracing::info!(caller = %name, "token revoked: closing its stream");
+                ControlFlow::Break(Some(Status::unauthenticated(format!("token {name:?} was revoked"))))
+            }
+            next = self.updates.next() => match next {
+                None => ControlFlow::Break(None),
+                Some(Ok(u)) => ControlFlow::Continue(Some(u)),
+                Some(Err(e @ LogError::OutOfRange { .. })) => ControlFlow::Break(Some(out_of_range(
+                    format!("{e}; updates after sequence {sent} are no longer held"), &e
+                ))),
+                Some(Err(e @ LogError::Beyond { .. })) => ControlFlow::Break(Some(Status::out_of_range(e.to_string()))),
+            },
+            _ = tokio::time::sleep(self.config.heartbeat_interval) => ControlFlow::Continue(None),
+            // The client left: stop forwarding (the deployment goes on).
+            _ = self.tx.closed() => ControlFlow::Break(None),
         }
-    });
-    let end = futures_util::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
-    Box::pin(ReceiverStream::new(rx).chain(end))
+    }
+
+    /// Places `message` in the channel, waiting at most the stall timeout for room.
+    async fn send(
+        &mut self,
+        message: proto::ProgressUpdate,
+        update: Option<Arc<Update>>,
+    ) -> ControlFlow<Option<Status>> {
+        let sent = self.sent;
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => ControlFlow::Break(Some(shutting_down(&self.id, sent))),
+            r = self.tx.send_timeout(Ok(message), self.config.stall_timeout) => match r {
+                Ok(()) => match update {
+                    Some(u) => {
+                        self.sent = u.sequence;
+                        if u.is_terminal() {
+                            ControlFlow::Break(None)
+                        } else {
+                            ControlFlow::Continue(())
+                        }
+                    }
+                    None => ControlFlow::Continue(()),
+                },
+                Err(SendTimeoutError::Timeout(_)) => {
+                    tracing::info!(deployment_id = %self.id, after_sequence = sent, "ending a stalled update stream");
+                    ControlFlow::Break(Some(Status::resource_exhausted(format!(
+                        "this stream read nothing for {}s and fell behind; resume with WatchDeployment after_sequence={sent}",
+                        self.config.stall_timeout.as_secs_f64()
+                    ))))
+                }
+                // The client left: stop forwarding (the deployment goes on).
+                Err(SendTimeoutError::Closed(_)) => ControlFlow::Break(None),
+            },
+        }
+    }
+}
+
+/// The status a stream ends with when the server shuts down.
+fn shutting_down(id: &str, sent: u64) -> Status {
+    Status::unavailable(format!(
+        "server shutting down; resume with WatchDeployment deployment_id={id} after_sequence={sent}"
+    ))
 }
 
 /// The last delivered update's app, phase and progress (what a heartbeat repeats).
@@ -271,7 +329,7 @@ fn heartbeat(id: &str, sequence: u64, last: &Progress) -> proto::ProgressUpdate 
     }
 }
 
-pub type UpdateResponseStream =
+pub(crate) type UpdateResponseStream =
     Pin<Box<dyn Stream<Item = Result<proto::ProgressUpdate, Status>> + Send>>;
 
 /// Who is calling: the token's name when auth is on, else the peer address.
@@ -396,21 +454,45 @@ impl Deployer for DeployerService {
         &self,
         request: Request<proto::RemoveAppRequest>,
     ) -> Result<Response<proto::RemoveAppResponse>, Status> {
-        let app = AppName::parse(&request.get_ref().app)
-            .map_err(|e| Status::invalid_argument(format!("app: {e}")))?;
-        tracing::info!(
-            target: "stevedore::audit",
-            event = "remove_app",
-            app = %app,
-            caller = %caller(&request),
-            "app removal requested"
-        );
-        let removal = self.engine.remove_app(&app).await.map_err(status_of)?;
-        Ok(Response::new(proto::RemoveAppResponse {
+        let who = caller(&request);
+        let r = request.into_inner();
+        let (app, grace) = convert::removal(&r)?;
+        let (id, mut updates) =
+            (self.engine.remove_app(app.clone(), who, grace).await).map_err(status_of)?;
+        let mut response = proto::RemoveAppResponse {
             app: app.to_string(),
-            containers_removed: removal.containers_removed,
-            removed_at: Some(convert::timestamp(removal.removed_at)),
-        }))
+            deployment_id: id.to_string(),
+            ..Default::default()
+        };
+        if r.detach {
+            return Ok(Response::new(response));
+        }
+        // Waits for the end (the removal goes on if the caller leaves).
+        let end = loop {
+            match updates.next().await {
+                Some(Ok(u)) if u.is_terminal() => break u,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(status_of(EngineError::OutOfRange(e))),
+                None => return Err(Status::internal("the removal ended without its result")),
+            }
+        };
+        let result = end.result.clone().unwrap_or_default();
+        match end.kind {
+            EventKind::Finished {
+                state: DeploymentState::Succeeded,
+            } => {
+                response.containers_removed = result.containers_removed;
+                response.removed_at = Some(convert::timestamp(end.timestamp));
+                Ok(Response::new(response))
+            }
+            EventKind::Finished {
+                state: DeploymentState::Cancelled,
+            } => Err(Status::aborted(format!("removal {id}: {}", result.message))),
+            _ => Err(Status::unavailable(format!(
+                "removal {id} failed: {}",
+                result.message
+            ))),
+        }
     }
 
     async fn cancel_deployment(

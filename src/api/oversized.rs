@@ -10,7 +10,7 @@ use tower::util::MapResponseLayer;
 use crate::limits::{Rejection, Rejections};
 
 /// The layer in front of the gRPC routes that counts oversized requests.
-pub fn count_oversized_requests<B>(
+pub(crate) fn count_oversized_requests<B>(
     rejections: Arc<Rejections>,
 ) -> MapResponseLayer<impl Fn(http::Response<B>) -> http::Response<B> + Clone> {
     MapResponseLayer::new(move |response: http::Response<B>| {

@@ -1,29 +1,33 @@
-//! The deploy policy of this server: which registries images may come from and whether
-//! containers may publish privileged host ports. Checked on a validated
+//! The deploy policy of this server: which registries images may come from, whether
+//! containers may publish privileged host ports, and whether deploys from source may
+//! fetch local repositories. Checked on a validated
 //! [`DeploySpec`] before the engine sees it; a refusal is `PERMISSION_DENIED` naming
 //! what was refused (an operator can change the policy, the caller cannot).
 
 use tonic::Status;
 
 use crate::model::DeploySpec;
+use crate::source::git;
 
 /// Docker Hub, as image references name it when they name no registry.
 const DOCKER_HUB: &str = "docker.io";
 
 #[derive(Clone, Debug, Default)]
-pub struct DeployPolicy {
+pub(crate) struct DeployPolicy {
     /// Allowed image prefixes, normalized (`docker.io/library/busybox`,
     /// `registry.example:5000/team`). Empty: any registry.
     allowed_registries: Vec<String>,
     /// Whether host ports 1–1023 may be published.
     pub allow_privileged_ports: bool,
+    /// Whether `source.url` may be `file://` or a local path (the server's own disk).
+    pub allow_local_git: bool,
 }
 
 /// The fully qualified form of an image reference: `busybox` →
 /// `docker.io/library/busybox`, `team/app:1` → `docker.io/team/app:1`,
 /// `index.docker.io/x` → `docker.io/x`; references naming a registry are unchanged.
 /// A first component is a registry when it has a `.` or `:` or is `localhost`.
-pub fn normalize_image(image: &str) -> String {
+pub(crate) fn normalize_image(image: &str) -> String {
     let (first, rest) = match image.split_once('/') {
         Some((first, rest)) => (first, Some(rest)),
         None => (image, None),
@@ -61,7 +65,7 @@ fn under(image: &str, prefix: &str) -> bool {
 
 impl DeployPolicy {
     /// A policy allowing images under `registries` (none: any registry).
-    pub fn new(registries: &[String], allow_privileged_ports: bool) -> Self {
+    pub(crate) fn new(registries: &[String], allow_privileged_ports: bool) -> Self {
         Self {
             allowed_registries: registries
                 .iter()
@@ -70,16 +74,33 @@ impl DeployPolicy {
                 .map(normalize_prefix)
                 .collect(),
             allow_privileged_ports,
+            allow_local_git: false,
         }
     }
 
-    pub fn allowed_registries(&self) -> &[String] {
+    /// The policy with local repositories allowed (`--allow-local-git`) or not.
+    pub(crate) fn with_local_git(mut self, allow: bool) -> Self {
+        self.allow_local_git = allow;
+        self
+    }
+
+    #[cfg(test)]
+    fn allowed_registries(&self) -> &[String] {
         &self.allowed_registries
     }
 
-    /// `Ok` when the policy allows `spec`, else `PERMISSION_DENIED` naming the image or
-    /// the port.
-    pub fn check(&self, spec: &DeploySpec) -> Result<(), Status> {
+    /// `Ok` when the policy allows `spec`, else `PERMISSION_DENIED` naming the image,
+    /// the port or the source URL.
+    pub(crate) fn check(&self, spec: &DeploySpec) -> Result<(), Status> {
+        if let Some(source) = &spec.source
+            && !self.allow_local_git
+            && git::validate_url(&source.url).ok() == Some(git::UrlKind::Local)
+        {
+            return Err(Status::permission_denied(format!(
+                "source.url: {} is a local repository (file:// or a path on the server's own disk); the server allows those only with --allow-local-git",
+                source.display_url()
+            )));
+        }
         // A deploy from source runs the image it builds (the FROM images are pulled by
         // the builder, outside this check).
         if !self.allowed_registries.is_empty() && spec.source.is_none() {
@@ -198,5 +219,35 @@ mod tests {
         assert!(!ok("busyboxes"));
         assert!(!ok("evil.example/busybox"));
         assert!(!ok("alpine"));
+    }
+
+    #[test]
+    fn local_repositories_need_allow_local_git() {
+        let spec_of = |url: &str| {
+            let req = crate::proto::DeployRequest {
+                app: "app".into(),
+                source: Some(crate::proto::GitSource {
+                    url: url.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            crate::api::convert::deploy_spec(req, "test".into()).unwrap()
+        };
+        let strict = DeployPolicy::default();
+        let open = DeployPolicy::default().with_local_git(true);
+        for url in ["file:///srv/r.git", "/srv/r.git"] {
+            let spec = spec_of(url);
+            let e = strict.check(&spec).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::PermissionDenied);
+            assert!(e.message().starts_with("source.url: "), "{}", e.message());
+            assert!(e.message().contains("--allow-local-git"), "{}", e.message());
+            assert!(open.check(&spec).is_ok());
+        }
+        assert!(
+            strict
+                .check(&spec_of("https://git.example.invalid/r.git"))
+                .is_ok()
+        );
     }
 }

@@ -47,7 +47,7 @@ async fn connect(args: &ConnectArgs, interrupts: &mut Signal) -> Result<Client, 
     }
 }
 
-pub async fn deploy(args: DeployArgs) -> Exit {
+pub(crate) async fn deploy(args: DeployArgs) -> Exit {
     let started = Instant::now();
     let mut interrupts = interrupts();
     let req = match args.request.build() {
@@ -103,7 +103,7 @@ pub async fn deploy(args: DeployArgs) -> Exit {
         .await
 }
 
-pub async fn watch(args: WatchArgs) -> Exit {
+pub(crate) async fn watch(args: WatchArgs) -> Exit {
     let started = Instant::now();
     let mut interrupts = interrupts();
     let client = match connect(&args.common.connect, &mut interrupts).await {
@@ -118,7 +118,7 @@ pub async fn watch(args: WatchArgs) -> Exit {
         .await
 }
 
-pub async fn status(args: StatusArgs) -> Exit {
+pub(crate) async fn status(args: StatusArgs) -> Exit {
     let mut interrupts = interrupts();
     let mut client = match connect(&args.common.connect, &mut interrupts).await {
         Ok(c) => c,
@@ -141,7 +141,7 @@ pub async fn status(args: StatusArgs) -> Exit {
     }
 }
 
-pub async fn list(args: ListArgs) -> Exit {
+pub(crate) async fn list(args: ListArgs) -> Exit {
     let mut interrupts = interrupts();
     let mut client = match connect(&args.common.connect, &mut interrupts).await {
         Ok(c) => c,
@@ -184,7 +184,7 @@ pub async fn list(args: ListArgs) -> Exit {
     Exit::Success
 }
 
-pub async fn apps(args: AppsArgs) -> Exit {
+pub(crate) async fn apps(args: AppsArgs) -> Exit {
     let mut interrupts = interrupts();
     let mut client = match connect(&args.common.connect, &mut interrupts).await {
         Ok(c) => c,
@@ -241,7 +241,7 @@ fn print_apps(apps: &[App]) {
     }
 }
 
-pub async fn cancel(args: CancelArgs) -> Exit {
+pub(crate) async fn cancel(args: CancelArgs) -> Exit {
     let started = Instant::now();
     let mut interrupts = interrupts();
     let mut client = match connect(&args.common.connect, &mut interrupts).await {

@@ -17,34 +17,47 @@ use tonic::{Code, Request, Status};
 use super::Exit;
 use super::proto::deployer_client::DeployerClient;
 
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+pub(crate) const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 
 /// Where the server is and how to prove who we are.
-#[derive(Args, Clone, Debug)]
-pub struct ConnectArgs {
+#[derive(Args, Clone)]
+pub(crate) struct ConnectArgs {
     /// Server address (`http://HOST:PORT`, `https://…` for TLS; a bare `HOST:PORT` is
     /// `http://`, or `https://` with --ca/--cert).
     #[arg(long, env = "STEVEDORE_ADDR", default_value = DEFAULT_SERVER)]
-    pub server: String,
+    pub(crate) server: String,
     /// API token, sent as `authorization: Bearer …`.
     #[arg(long, env = "STEVEDORE_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
     /// PEM CA certificate(s) to verify the server with (TLS).
     #[arg(long, env = "STEVEDORE_CA", value_name = "PEM")]
-    pub ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
     /// PEM client certificate (mTLS); needs --key.
     #[arg(long, env = "STEVEDORE_CERT", requires = "key", value_name = "PEM")]
-    pub cert: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
     /// PEM private key of --cert.
     #[arg(long, env = "STEVEDORE_KEY", requires = "cert", value_name = "PEM")]
-    pub key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
 }
 
-pub type Client = DeployerClient<InterceptedService<Channel, Auth>>;
+/// Never shows the token.
+impl std::fmt::Debug for ConnectArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectArgs")
+            .field("server", &self.server)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+pub(crate) type Client = DeployerClient<InterceptedService<Channel, Auth>>;
 
 /// Adds the bearer token to every call.
 #[derive(Clone)]
-pub struct Auth(Option<MetadataValue<Ascii>>);
+pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
 
 impl Interceptor for Auth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
@@ -57,13 +70,13 @@ impl Interceptor for Auth {
 
 /// A command that cannot go on: what to print (one line) and the exit code.
 #[derive(Debug)]
-pub struct Failure {
-    pub exit: Exit,
-    pub message: String,
+pub(crate) struct Failure {
+    pub(crate) exit: Exit,
+    pub(crate) message: String,
 }
 
 impl Failure {
-    pub fn usage(message: impl Into<String>) -> Self {
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
         Failure {
             exit: Exit::Usage,
             message: message.into(),
@@ -71,7 +84,7 @@ impl Failure {
     }
 
     /// Prints the message on stderr and gives the exit code.
-    pub fn report(self) -> Exit {
+    pub(crate) fn report(self) -> Exit {
         eprintln!("stevedore: {}", self.message);
         self.exit
     }
@@ -84,7 +97,7 @@ impl ConnectArgs {
     }
 
     /// The address with its scheme.
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         if self.server.contains("://") {
             self.server.clone()
         } else if self.tls() {
@@ -95,7 +108,7 @@ impl ConnectArgs {
     }
 
     /// The connection flags to repeat in a printed command (empty for the defaults).
-    pub fn flags_for_hint(&self) -> String {
+    pub(crate) fn flags_for_hint(&self) -> String {
         if self.server == DEFAULT_SERVER {
             String::new()
         } else {
@@ -105,7 +118,7 @@ impl ConnectArgs {
 
     /// Connects now, so an unreachable server or a refused handshake is reported at
     /// once; the channel reconnects by itself later.
-    pub async fn connect(&self) -> Result<Client, Failure> {
+    pub(crate) async fn connect(&self) -> Result<Client, Failure> {
         let url = self.url();
         if url.starts_with("http://") && (self.ca.is_some() || self.cert.is_some()) {
             return Err(Failure::usage(format!(
@@ -242,7 +255,7 @@ impl ConnectArgs {
 
     /// An RPC error as an exit code and one line naming the address. `what` names
     /// the deployment when there is one (`deployment 6f0e…`).
-    pub fn failure(&self, status: &Status) -> Failure {
+    pub(crate) fn failure(&self, status: &Status) -> Failure {
         let url = self.url();
         let msg = status.message();
         let (exit, message) = match status.code() {
@@ -310,7 +323,7 @@ fn chain_of(status: &Status) -> String {
 }
 
 /// An error and its sources as one line, without repeats.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur = Some(e);
     while let Some(err) = cur {
@@ -325,7 +338,7 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// `Unavailable` → `UNAVAILABLE`, as the gRPC docs and grpcurl spell codes.
-pub fn code_name(code: Code) -> String {
+pub(crate) fn code_name(code: Code) -> String {
     let mut out = String::new();
     for (i, c) in format!("{code:?}").chars().enumerate() {
         if c.is_uppercase() && i > 0 {
@@ -342,7 +355,7 @@ fn read(path: &std::path::Path, flag: &str) -> Result<Vec<u8>, Failure> {
 
 /// True when the first certificate in the PEM file is X.509 v1 (its TBSCertificate
 /// has no `[0] EXPLICIT version`), which rustls does not accept.
-pub fn is_x509_v1(path: &std::path::Path) -> bool {
+pub(crate) fn is_x509_v1(path: &std::path::Path) -> bool {
     let Some(Ok(der)) = CertificateDer::pem_file_iter(path)
         .ok()
         .and_then(|mut it| it.next())

@@ -20,12 +20,12 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-pub use connect::ConnectArgs;
-pub use request::DeployRequestArgs;
+pub(crate) use connect::ConnectArgs;
+pub(crate) use request::DeployRequestArgs;
 
 /// Exit codes of the client commands (documented in `--help` and the README).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
+pub(crate) enum Exit {
     /// The deployment succeeded (or the command did what it was asked).
     Success = 0,
     /// The deployment failed.
@@ -52,7 +52,7 @@ impl From<Exit> for ExitCode {
 }
 
 /// Shown at the end of every client command's `--help`.
-pub const EXIT_CODES_HELP: &str = "\
+pub(crate) const EXIT_CODES_HELP: &str = "\
 Exit codes (from the deployment's terminal update, never from an earlier event):
   0    succeeded                 3    cancelled
   1    deployment failed         4    server unreachable, or an RPC error (auth included)
@@ -63,7 +63,7 @@ Exit codes (from the deployment's terminal update, never from an earlier event):
 /// The client commands, flattened into the binary's subcommands.
 // Parsed once at start: the size difference between variants does not matter.
 #[allow(clippy::large_enum_variant)]
-#[derive(Subcommand)]
+#[derive(Debug, Subcommand)]
 pub enum Command {
     /// Deploy IMAGE as APP and follow its progress until it ends.
     #[command(after_help = EXIT_CODES_HELP)]
@@ -87,7 +87,7 @@ pub enum Command {
 
 /// How to show what happens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Output {
+pub(crate) enum Output {
     /// `tty` when stderr is a terminal, else `plain`.
     Auto,
     /// Live bars and phase lines on stderr.
@@ -102,9 +102,9 @@ pub enum Output {
 
 /// Flags every client command takes.
 #[derive(Args, Clone, Debug)]
-pub struct CommonArgs {
+pub(crate) struct CommonArgs {
     #[command(flatten)]
-    pub connect: ConnectArgs,
+    pub(crate) connect: ConnectArgs,
     /// Output: auto, tty, plain, json or quiet. `NO_COLOR` turns colours off.
     #[arg(
         long,
@@ -113,77 +113,77 @@ pub struct CommonArgs {
         env = "STEVEDORE_OUTPUT",
         default_value = "auto"
     )]
-    pub output: Output,
+    pub(crate) output: Output,
 }
 
 /// How long to follow, and what Ctrl-C does.
 #[derive(Args, Clone, Debug)]
-pub struct FollowArgs {
+pub(crate) struct FollowArgs {
     /// Stop following after this long (e.g. `5m`) and exit 124; the deployment keeps
     /// running.
     #[arg(long, value_parser = humantime::parse_duration)]
-    pub timeout: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
     /// When the stream breaks, reconnect (with backoff) and resume for this long, then
     /// exit 4 with the command to resume by hand.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    pub reconnect_timeout: Duration,
+    pub(crate) reconnect_timeout: Duration,
     /// Ctrl-C cancels the deployment and waits for its end (a second Ctrl-C leaves at
     /// once), instead of detaching.
     #[arg(long)]
-    pub cancel_on_interrupt: bool,
+    pub(crate) cancel_on_interrupt: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct DeployArgs {
     #[command(flatten)]
-    pub request: DeployRequestArgs,
+    pub(crate) request: DeployRequestArgs,
     /// Print the deployment ID and exit 0 as soon as the server accepts it.
     #[arg(long, conflicts_with_all = ["timeout", "cancel_on_interrupt"])]
-    pub detach: bool,
+    pub(crate) detach: bool,
     #[command(flatten)]
-    pub follow: FollowArgs,
+    pub(crate) follow: FollowArgs,
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub(crate) common: CommonArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct WatchArgs {
     /// Deployment ID.
-    pub id: String,
+    pub(crate) id: String,
     /// Start after this sequence (the last one you saw); 0 replays everything.
     #[arg(long, default_value_t = 0)]
-    pub after: u64,
+    pub(crate) after: u64,
     #[command(flatten)]
-    pub follow: FollowArgs,
+    pub(crate) follow: FollowArgs,
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub(crate) common: CommonArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Deployment ID.
-    pub id: String,
+    pub(crate) id: String,
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub(crate) common: CommonArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
     /// Only this app's deployments.
     #[arg(long)]
-    pub app: Option<String>,
+    pub(crate) app: Option<String>,
     /// Only deployments in this state.
     #[arg(long, value_enum)]
-    pub state: Option<StateArg>,
+    pub(crate) state: Option<StateArg>,
     /// At most this many deployments.
     #[arg(long, default_value_t = 20)]
-    pub limit: u32,
+    pub(crate) limit: u32,
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub(crate) common: CommonArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum StateArg {
+pub(crate) enum StateArg {
     Pending,
     Running,
     Succeeded,
@@ -194,19 +194,19 @@ pub enum StateArg {
 #[derive(Args, Debug)]
 pub struct AppsArgs {
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub(crate) common: CommonArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct CancelArgs {
     /// Deployment ID.
-    pub id: String,
+    pub(crate) id: String,
     /// Follow the deployment until it has ended (exit code from its end: 3 when
     /// cancelled).
     #[arg(long)]
-    pub wait: bool,
+    pub(crate) wait: bool,
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub(crate) common: CommonArgs,
 }
 
 /// Runs a client command; the process exits with the returned code.

@@ -8,7 +8,7 @@ use super::Output;
 use super::proto::{DeploymentResult, Level, Phase, ProgressUpdate};
 
 /// What a command shows of a deployment's updates.
-pub trait Render {
+pub(crate) trait Render {
     /// An update of the log (never a heartbeat), in sequence order, the terminal one
     /// included.
     fn update(&mut self, u: &ProgressUpdate);
@@ -19,7 +19,7 @@ pub trait Render {
 }
 
 /// The renderer for `output` (`auto` resolved against stderr).
-pub fn renderer(output: Output) -> Box<dyn Render> {
+pub(crate) fn renderer(output: Output) -> Box<dyn Render> {
     match resolve(output) {
         Output::Tty => Box::new(super::tty::Tty::new(colors())),
         Output::Json => Box::new(Json),
@@ -30,7 +30,7 @@ pub fn renderer(output: Output) -> Box<dyn Render> {
 
 /// `auto` → `tty` when stderr is a terminal, else `plain`; a `tty` asked for without a
 /// terminal also falls back to `plain` (bars would be hidden).
-pub fn resolve(output: Output) -> Output {
+pub(crate) fn resolve(output: Output) -> Output {
     match output {
         Output::Auto | Output::Tty if std::io::stderr().is_terminal() => Output::Tty,
         Output::Auto | Output::Tty => Output::Plain,
@@ -39,24 +39,24 @@ pub fn resolve(output: Output) -> Output {
 }
 
 /// Colours unless `NO_COLOR` is set (to anything non-empty).
-pub fn colors() -> bool {
+pub(crate) fn colors() -> bool {
     std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// `PHASE_HEALTH_CHECK` → `health check`.
-pub fn phase_name(p: Phase) -> String {
+pub(crate) fn phase_name(p: Phase) -> String {
     human(p.as_str_name(), "PHASE_")
 }
 
 /// A proto enum value's name without its prefix, in lower case with spaces.
-pub fn human(name: &str, prefix: &str) -> String {
+pub(crate) fn human(name: &str, prefix: &str) -> String {
     name.trim_start_matches(prefix)
         .to_lowercase()
         .replace('_', " ")
 }
 
 /// Seconds since the deployment was accepted.
-pub fn elapsed(u: &ProgressUpdate) -> f64 {
+pub(crate) fn elapsed(u: &ProgressUpdate) -> f64 {
     u.elapsed
         .as_ref()
         .map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9)
@@ -64,7 +64,7 @@ pub fn elapsed(u: &ProgressUpdate) -> f64 {
 }
 
 /// `0.4s`, `12.3s`, `2m05s`.
-pub fn fmt_secs(s: f64) -> String {
+pub(crate) fn fmt_secs(s: f64) -> String {
     if s < 60.0 {
         format!("{s:.1}s")
     } else {
@@ -73,13 +73,13 @@ pub fn fmt_secs(s: f64) -> String {
     }
 }
 
-pub fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     indicatif::BinaryBytes(n).to_string()
 }
 
 /// The closing summary of a terminal update: outcome and duration, then endpoints and
 /// health, or the failure's diagnostics.
-pub fn summary(u: &ProgressUpdate) -> Vec<String> {
+pub(crate) fn summary(u: &ProgressUpdate) -> Vec<String> {
     let Some(r) = &u.result else {
         return Vec::new();
     };
@@ -103,7 +103,7 @@ pub fn summary(u: &ProgressUpdate) -> Vec<String> {
 }
 
 /// Endpoints, health, image and container of a result; diagnostics when it failed.
-pub fn result_lines(r: &DeploymentResult) -> Vec<String> {
+pub(crate) fn result_lines(r: &DeploymentResult) -> Vec<String> {
     let mut out = Vec::new();
     let mut endpoints: Vec<_> = r.endpoints.iter().collect();
     endpoints.sort();
@@ -152,7 +152,7 @@ pub fn result_lines(r: &DeploymentResult) -> Vec<String> {
 }
 
 /// Updates worth a line of their own whatever the throttle says.
-pub fn important(u: &ProgressUpdate) -> bool {
+pub(crate) fn important(u: &ProgressUpdate) -> bool {
     matches!(u.level(), Level::Warning | Level::Error | Level::Success)
         || u.result.is_some()
         || u.metadata.contains_key("milestone")
@@ -160,7 +160,7 @@ pub fn important(u: &ProgressUpdate) -> bool {
 }
 
 /// A line describing pull progress: `12.00 MiB of 40.00 MiB (30%), 2/3 layers`.
-pub fn pull_line(u: &ProgressUpdate) -> Option<String> {
+pub(crate) fn pull_line(u: &ProgressUpdate) -> Option<String> {
     let p = u.pull.as_ref()?;
     if p.image_total_bytes == 0 {
         return None;
@@ -178,7 +178,7 @@ pub fn pull_line(u: &ProgressUpdate) -> Option<String> {
 /// Lines without control codes on stdout: one per phase change and per important
 /// event; other updates (pull progress, health attempts, hook output) at most one
 /// every few seconds of the deployment's time.
-pub struct Plain<W: Write> {
+pub(crate) struct Plain<W: Write> {
     out: W,
     phase: Option<Phase>,
     phase_started: f64,
@@ -189,7 +189,7 @@ pub struct Plain<W: Write> {
 const PLAIN_EVERY: f64 = 3.0;
 
 impl<W: Write> Plain<W> {
-    pub fn new(out: W) -> Self {
+    pub(crate) fn new(out: W) -> Self {
         Plain {
             out,
             phase: None,
@@ -251,7 +251,7 @@ impl<W: Write> Render for Plain<W> {
 }
 
 /// One proto3-JSON object per update on stdout (heartbeats are never passed here).
-pub struct Json;
+pub(crate) struct Json;
 
 impl Render for Json {
     fn update(&mut self, u: &ProgressUpdate) {
@@ -270,7 +270,7 @@ impl Render for Json {
 }
 
 /// Nothing: the exit code tells (errors are still printed by the command).
-pub struct Quiet;
+pub(crate) struct Quiet;
 
 impl Render for Quiet {
     fn update(&mut self, _: &ProgressUpdate) {}

@@ -16,67 +16,67 @@ use super::proto::{
 };
 
 #[derive(Args, Debug, Default, Clone)]
-pub struct DeployRequestArgs {
+pub(crate) struct DeployRequestArgs {
     /// App name: `[a-z0-9][a-z0-9-]{0,62}`.
     #[arg(required_unless_present = "file")]
-    pub app: Option<String>,
+    pub(crate) app: Option<String>,
     /// Image reference, by tag or digest.
     #[arg(required_unless_present = "file")]
-    pub image: Option<String>,
+    pub(crate) image: Option<String>,
     /// A whole DeployRequest as proto JSON or TOML (same names); flags override it.
     #[arg(short = 'f', long = "file", value_name = "FILE")]
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     /// Publish a container port (repeatable): `8080` on any free host port,
     /// `9000:8080` on host port 9000; `/udp` for UDP.
     #[arg(short = 'p', long = "port", value_name = "[HOST:]CONTAINER[/udp]")]
-    pub ports: Vec<String>,
+    pub(crate) ports: Vec<String>,
     /// Environment variable for the container (repeatable).
     #[arg(short = 'e', long = "env", value_name = "K=V")]
-    pub env: Vec<String>,
+    pub(crate) env: Vec<String>,
     /// File of `K=V` lines (`#` comments; a bare `K` takes this shell's value).
     #[arg(long = "env-file", value_name = "FILE")]
-    pub env_files: Vec<PathBuf>,
+    pub(crate) env_files: Vec<PathBuf>,
     /// Container label (repeatable).
     #[arg(long = "label", value_name = "K=V")]
-    pub labels: Vec<String>,
+    pub(crate) labels: Vec<String>,
     /// Command overriding the image's CMD; takes the rest of the line, so put it last.
     #[arg(long = "cmd", num_args = 1.., allow_hyphen_values = true, value_name = "ARG")]
-    pub cmd: Vec<String>,
+    pub(crate) cmd: Vec<String>,
     /// Readiness check: `http:PORT[/PATH]`, `tcp:PORT`, `log:REGEX`, `docker` or `none`.
     #[arg(long, value_name = "CHECK")]
-    pub health: Option<String>,
+    pub(crate) health: Option<String>,
     /// How long the readiness check may take (e.g. `90s`).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub health_timeout: Option<Duration>,
+    pub(crate) health_timeout: Option<Duration>,
     /// Upper bound for the whole deployment on the server (e.g. `10m`).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
-    pub deadline: Option<Duration>,
+    pub(crate) deadline: Option<Duration>,
     /// Log milestone (repeatable): a regex on the container's output, the health
     /// check's progress it stands for (0–1; negative counts matches), and a message.
     #[arg(long = "milestone", value_name = "PATTERN=PROGRESS[:DESCRIPTION]")]
-    pub milestones: Vec<String>,
+    pub(crate) milestones: Vec<String>,
     /// Command run with `sh -c` inside the new container once it is healthy, before
     /// the switch (repeatable, in order).
     #[arg(long = "hook", value_name = "NAME=COMMAND")]
-    pub hooks: Vec<String>,
+    pub(crate) hooks: Vec<String>,
     /// Run the hooks with a TTY (progress bars draw as on a terminal).
     #[arg(long)]
-    pub hook_tty: bool,
+    pub(crate) hook_tty: bool,
     /// User name for a private registry.
     #[arg(long, value_name = "USER")]
-    pub registry_user: Option<String>,
+    pub(crate) registry_user: Option<String>,
     /// Read the registry password from stdin.
     #[arg(long, requires = "registry_user")]
-    pub registry_password_stdin: bool,
+    pub(crate) registry_password_stdin: bool,
     /// A retried deploy with the same key (and app) returns the same deployment.
     #[arg(long, value_name = "KEY")]
-    pub idempotency_key: Option<String>,
+    pub(crate) idempotency_key: Option<String>,
 }
 
 impl DeployRequestArgs {
     /// The request: the file (if any), then the flags over it. `Err` is a usage error
     /// that names the flag or file.
-    pub fn build(&self) -> Result<DeployRequest, String> {
+    pub(crate) fn build(&self) -> Result<DeployRequest, String> {
         let mut req = match &self.file {
             Some(path) => read_file(path)?,
             None => DeployRequest::default(),
@@ -94,6 +94,39 @@ impl DeployRequestArgs {
                 .map(|p| parse_port(p).map_err(|e| format!("--port {p}: {e}")))
                 .collect::<Result<_, _>>()?;
         }
+        self.apply_env_and_labels(&mut req)?;
+        if !self.cmd.is_empty() {
+            req.command = self.cmd.clone();
+        }
+        self.apply_health(&mut req)?;
+        if let Some(d) = self.deadline {
+            req.deadline = Some(d.into());
+        }
+        if !self.milestones.is_empty() {
+            req.milestones = self
+                .milestones
+                .iter()
+                .map(|m| parse_milestone(m).map_err(|e| format!("--milestone {m}: {e}")))
+                .collect::<Result<_, _>>()?;
+        }
+        self.apply_hooks(&mut req)?;
+        if let Some(user) = &self.registry_user {
+            req.registry_auth = Some(self.registry_auth(user)?);
+        }
+        if let Some(key) = &self.idempotency_key {
+            req.idempotency_key = key.clone();
+        }
+        if req.app.is_empty() {
+            return Err("no app: give APP or `app` in the file".into());
+        }
+        if req.image.is_empty() {
+            return Err("no image: give IMAGE or `image` in the file".into());
+        }
+        Ok(req)
+    }
+
+    /// `--env-file`, then `--env`, then `--label`: each entry replaces the same key.
+    fn apply_env_and_labels(&self, req: &mut DeployRequest) -> Result<(), String> {
         for path in &self.env_files {
             for (k, v) in read_env_file(path)? {
                 req.env.insert(k, v);
@@ -114,9 +147,11 @@ impl DeployRequestArgs {
             let (k, v) = key_value(kv).ok_or_else(|| format!("--label {kv}: expected K=V"))?;
             req.labels.insert(k, v);
         }
-        if !self.cmd.is_empty() {
-            req.command = self.cmd.clone();
-        }
+        Ok(())
+    }
+
+    /// `--health` and `--health-timeout` over the file's health check.
+    fn apply_health(&self, req: &mut DeployRequest) -> Result<(), String> {
         if let Some(h) = &self.health {
             let check = parse_health(h).map_err(|e| format!("--health {h}: {e}"))?;
             req.health_check.get_or_insert_with(Default::default).check = check;
@@ -126,16 +161,11 @@ impl DeployRequestArgs {
                 .get_or_insert_with(HealthCheck::default)
                 .timeout = Some(t.into());
         }
-        if let Some(d) = self.deadline {
-            req.deadline = Some(d.into());
-        }
-        if !self.milestones.is_empty() {
-            req.milestones = self
-                .milestones
-                .iter()
-                .map(|m| parse_milestone(m).map_err(|e| format!("--milestone {m}: {e}")))
-                .collect::<Result<_, _>>()?;
-        }
+        Ok(())
+    }
+
+    /// `--hook` replaces the file's hooks; `--hook-tty` alone gives the file's a TTY.
+    fn apply_hooks(&self, req: &mut DeployRequest) -> Result<(), String> {
         if !self.hooks.is_empty() {
             req.hooks = self
                 .hooks
@@ -156,37 +186,30 @@ impl DeployRequestArgs {
                 hook.tty = true;
             }
         }
-        if let Some(user) = &self.registry_user {
-            let password = if self.registry_password_stdin {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-                    .map_err(|e| format!("--registry-password-stdin: {e}"))?;
-                s.trim_end_matches(['\n', '\r']).to_owned()
-            } else {
-                String::new()
-            };
-            req.registry_auth = Some(RegistryAuth {
-                username: user.clone(),
-                password,
-                identity_token: String::new(),
-            });
-        }
-        if let Some(key) = &self.idempotency_key {
-            req.idempotency_key = key.clone();
-        }
-        if req.app.is_empty() {
-            return Err("no app: give APP or `app` in the file".into());
-        }
-        if req.image.is_empty() {
-            return Err("no image: give IMAGE or `image` in the file".into());
-        }
-        Ok(req)
+        Ok(())
+    }
+
+    /// `--registry-user`, with the password from stdin when `--registry-password-stdin`.
+    fn registry_auth(&self, user: &str) -> Result<RegistryAuth, String> {
+        let password = if self.registry_password_stdin {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .map_err(|e| format!("--registry-password-stdin: {e}"))?;
+            s.trim_end_matches(['\n', '\r']).to_owned()
+        } else {
+            String::new()
+        };
+        Ok(RegistryAuth {
+            username: user.to_owned(),
+            password,
+            identity_token: String::new(),
+        })
     }
 }
 
 /// A `DeployRequest` from a proto-JSON or TOML file (TOML when the name ends in
 /// `.toml`, or when the text is not a JSON object).
-pub fn read_file(path: &Path) -> Result<DeployRequest, String> {
+pub(crate) fn read_file(path: &Path) -> Result<DeployRequest, String> {
     let shown = path.display();
     let text = std::fs::read_to_string(path).map_err(|e| format!("-f {shown}: {e}"))?;
     let is_toml = path.extension().is_some_and(|e| e == "toml") || !text.trim().starts_with('{');

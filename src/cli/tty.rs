@@ -12,12 +12,12 @@ use super::proto::{Level, Phase, ProgressUpdate};
 use super::render::{Render, elapsed, fmt_secs, phase_name, summary};
 
 /// More layer bars flicker and crowd the screen; the rest count in the aggregate.
-pub const MAX_LAYER_BARS: usize = 6;
+pub(crate) const MAX_LAYER_BARS: usize = 6;
 
 /// Bars hold 0–1 progress values in thousandths.
 const SCALE: f64 = 1000.0;
 
-pub struct Tty {
+pub(crate) struct Tty {
     colors: bool,
     multi: MultiProgress,
     phase_bar: ProgressBar,
@@ -37,7 +37,7 @@ fn style(template: &str) -> ProgressStyle {
 }
 
 impl Tty {
-    pub fn new(colors: bool) -> Self {
+    pub(crate) fn new(colors: bool) -> Self {
         Self::with_target(colors, ProgressDrawTarget::stderr())
     }
 

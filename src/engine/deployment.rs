@@ -9,14 +9,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::{DeploymentLog, ObserverRegistry};
 use crate::model::{
-    DeploySpec, DeploymentId, DeploymentResult, DeploymentState, DeploymentStatus, EventKind,
-    FailureDiagnostics, HealthSpec, Level, Phase, PullProgress, Update,
+    AppName, DeploySpec, DeploymentId, DeploymentResult, DeploymentState, DeploymentStatus,
+    EventKind, FailureDiagnostics, HealthSpec, Level, Operation, Phase, PullProgress, Update,
 };
 use crate::store::Store;
 
 /// A deployment the server knows about, running or finished.
 pub(crate) struct Deployment {
     pub(crate) id: DeploymentId,
+    /// A deploy, or a removal (whose spec holds only the app, the caller and the stop
+    /// grace).
+    pub(crate) operation: Operation,
     pub(crate) spec: DeploySpec,
     pub(crate) log: Arc<DeploymentLog>,
     pub(crate) cancel: CancellationToken,
@@ -33,6 +36,7 @@ impl Deployment {
     pub(crate) fn with_log(id: DeploymentId, spec: DeploySpec, log: DeploymentLog) -> Self {
         let status = DeploymentStatus {
             id,
+            operation: Operation::Deploy,
             app: spec.app.clone(),
             image: spec.image.clone(),
             state: DeploymentState::Pending,
@@ -53,6 +57,7 @@ impl Deployment {
         };
         Self {
             id,
+            operation: Operation::Deploy,
             spec,
             log: Arc::new(log),
             cancel: CancellationToken::new(),
@@ -62,35 +67,39 @@ impl Deployment {
         }
     }
 
+    /// A removal of `app` (RemoveApp): stops its containers (each with `stop_timeout`,
+    /// else its own StopTimeout, else 10 s) and removes them.
+    pub(crate) fn removal(
+        id: DeploymentId,
+        app: AppName,
+        requested_by: String,
+        stop_timeout: Option<Duration>,
+        log: DeploymentLog,
+    ) -> Self {
+        let spec = DeploySpec {
+            stop_timeout,
+            ..bare_spec(app, String::new(), requested_by)
+        };
+        let mut removal = Self::with_log(id, spec, log);
+        removal.operation = Operation::RemoveApp;
+        removal.status.get_mut().expect("status lock").operation = Operation::RemoveApp;
+        removal
+    }
+
     /// A deployment known only from the store (after a restart), its log continuing
     /// after `status.last_sequence`: enough for a [`Reporter`] to end it.
     pub(super) fn recovered(status: DeploymentStatus) -> Self {
-        let spec = DeploySpec {
-            stop_timeout: None,
-            app: status.app.clone(),
-            image: status.image.clone(),
-            source: None,
-            command: Vec::new(),
-            env: BTreeMap::new(),
-            ports: Vec::new(),
-            labels: BTreeMap::new(),
-            health: HealthSpec {
-                probe: None,
-                timeout: Duration::ZERO,
-                interval: Duration::ZERO,
-            },
-            deadline: Duration::ZERO,
-            idempotency_key: None,
-            registry_auth: None,
-            milestones: Vec::new(),
-            hooks: Vec::new(),
-            requested_by: status.requested_by.clone(),
-        };
+        let spec = bare_spec(
+            status.app.clone(),
+            status.image.clone(),
+            status.requested_by.clone(),
+        );
         let age = SystemTime::now()
             .duration_since(status.created_at)
             .unwrap_or_default();
         Self {
             id: status.id,
+            operation: status.operation,
             spec,
             log: Arc::new(DeploymentLog::resumed(status.last_sequence)),
             cancel: CancellationToken::new(),
@@ -102,6 +111,33 @@ impl Deployment {
 
     pub(crate) fn status(&self) -> DeploymentStatus {
         self.status.lock().expect("status lock").clone()
+    }
+}
+
+/// A spec with nothing to run: what a removal, or a deployment known only from the
+/// store, needs (the app, the image shown, the caller).
+fn bare_spec(app: AppName, image: String, requested_by: String) -> DeploySpec {
+    DeploySpec {
+        stop_timeout: None,
+        drain_timeout: crate::model::DEFAULT_DRAIN_TIMEOUT,
+        app,
+        image,
+        source: None,
+        command: Vec::new(),
+        env: BTreeMap::new(),
+        ports: Vec::new(),
+        labels: BTreeMap::new(),
+        health: HealthSpec {
+            probe: None,
+            timeout: Duration::ZERO,
+            interval: Duration::ZERO,
+        },
+        deadline: Duration::ZERO,
+        idempotency_key: None,
+        registry_auth: None,
+        milestones: Vec::new(),
+        hooks: Vec::new(),
+        requested_by,
     }
 }
 
@@ -183,6 +219,21 @@ impl Reporter {
         }
     }
 
+    /// The estimator, to feed it what the pull or build reports (`None` without one).
+    pub(crate) fn eta_live(&mut self) -> Option<&mut super::history::EtaTracker> {
+        self.eta.as_mut()
+    }
+
+    /// Keeps this deployment's image download for the estimates of later ones.
+    pub(crate) fn record_pull(&self, sample: super::eta::PullSample) {
+        self.store.record_pull(self.deployment.id, sample);
+    }
+
+    /// Keeps this deployment's build steps for the estimates of later ones.
+    pub(crate) fn record_build(&self, steps: Vec<super::eta::StepSample>) {
+        self.store.record_build(self.deployment.id, steps);
+    }
+
     pub(crate) fn deployment(&self) -> &Arc<Deployment> {
         &self.deployment
     }
@@ -222,6 +273,7 @@ impl Reporter {
         };
         let update = Update {
             deployment_id: self.deployment.id,
+            operation: self.deployment.operation,
             sequence: self.sequence,
             app: self.deployment.spec.app.clone(),
             kind: kind.clone(),
@@ -277,14 +329,20 @@ impl Reporter {
     fn set_progress(&mut self, phase_progress: f64) {
         let p = round(phase_progress.clamp(0.0, 1.0)).max(self.phase_progress);
         self.phase_progress = p;
-        let total = round(self.phase.start_offset() + self.phase.weight() * p);
+        let (offset, weight) = self.deployment.operation.phase_span(self.phase);
+        let total = round(offset + weight * p);
         self.total_progress = self.total_progress.max(total.min(1.0));
     }
 
     /// The first update (sequence 1): the deployment exists.
     pub(crate) fn accepted(&mut self) {
         let spec = &self.deployment.spec;
-        let message = format!("deployment of {} as app {} accepted", spec.image, spec.app);
+        let message = match self.deployment.operation {
+            Operation::Deploy => {
+                format!("deployment of {} as app {} accepted", spec.image, spec.app)
+            }
+            Operation::RemoveApp => format!("removal of app {} accepted", spec.app),
+        };
         let kind = EventKind::Accepted {
             image: spec.image.clone(),
             requested_by: spec.requested_by.clone(),
@@ -423,9 +481,12 @@ impl Reporter {
                 .insert("container_id".into(), result.container_id.clone());
         }
         let message = result.message.clone();
+        let operation = self.deployment.operation.as_str();
         match state {
-            DeploymentState::Succeeded => tracing::info!(%message, "deployment succeeded"),
-            _ => tracing::warn!(state = state.as_str(), %message, "deployment ended"),
+            DeploymentState::Succeeded => {
+                tracing::info!(operation, %message, "deployment succeeded")
+            }
+            _ => tracing::warn!(operation, state = state.as_str(), %message, "deployment ended"),
         }
         self.emit(
             EventKind::Finished { state },

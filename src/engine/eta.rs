@@ -22,7 +22,7 @@ use std::time::Duration;
 use crate::model::Phase;
 
 /// A phase as the estimator sees it: ordered (a map key) and named (for `basis`).
-pub trait PhaseKey: Ord + Copy {
+pub(crate) trait PhaseKey: Ord + Copy {
     fn name(self) -> &'static str;
 }
 
@@ -34,7 +34,7 @@ impl PhaseKey for Phase {
 
 /// How a phase's time is predicted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Model {
+pub(crate) enum Model {
     /// The median of past durations.
     Median,
     /// Bytes ÷ measured throughput. `expected_bytes`: what the pull will download when it
@@ -46,74 +46,91 @@ pub enum Model {
 
 /// One phase of this deployment's plan, in order.
 #[derive(Clone, Copy, Debug)]
-pub struct Planned<P> {
-    pub phase: P,
-    pub model: Model,
+pub(crate) struct Planned<P> {
+    pub(crate) phase: P,
+    pub(crate) model: Model,
 }
 
 /// A pull of an earlier deployment: bytes downloaded and the time the pull phase took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PullSample {
-    pub bytes: u64,
-    pub duration: Duration,
+pub(crate) struct PullSample {
+    pub(crate) bytes: u64,
+    pub(crate) duration: Duration,
 }
 
 /// One build step of an earlier deployment.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StepSample {
-    pub instruction: String,
-    pub cached: bool,
-    pub duration: Duration,
+pub(crate) struct StepSample {
+    pub(crate) instruction: String,
+    pub(crate) cached: bool,
+    pub(crate) duration: Duration,
 }
 
 /// An earlier succeeded deployment of the app.
 #[derive(Clone, Debug)]
-pub struct PastDeployment<P> {
-    pub phases: BTreeMap<P, Duration>,
-    pub pull: Option<PullSample>,
+pub(crate) struct PastDeployment<P> {
+    pub(crate) phases: BTreeMap<P, Duration>,
+    pub(crate) pull: Option<PullSample>,
     /// The build's steps in order (empty: no build, or it was skipped).
-    pub build: Vec<StepSample>,
+    pub(crate) build: Vec<StepSample>,
 }
 
 /// Where a running build is.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct BuildNow {
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BuildNow {
     /// The step running (1-based); 0 before the first.
     pub step: u32,
     pub total: u32,
+    /// The running step's instruction (empty: not known).
+    pub instruction: String,
     pub step_elapsed: Duration,
-    /// The current step came from the cache.
-    pub step_cached: bool,
-    /// A step of this build already missed the cache.
+    /// Whether the current step came from the cache; `None` until the builder says
+    /// (then predicted from history like a future step).
+    pub step_cached: Option<bool>,
+    /// A step of this build already missed the cache (see [`breaks_chain`]).
     pub missed: bool,
 }
 
+/// Whether a step that came (`cached`) or did not come from the cache means every later
+/// step of the stage will be rebuilt: any step built anew, except `FROM`, which the
+/// builder never reports as cached (the steps after it still hit the cache).
+pub(crate) fn breaks_chain(instruction: &str, cached: bool) -> bool {
+    !cached && !is_from(instruction)
+}
+
+fn is_from(instruction: &str) -> bool {
+    instruction
+        .split_whitespace()
+        .next()
+        .is_some_and(|w| w.eq_ignore_ascii_case("FROM"))
+}
+
 /// Where the deployment is now.
-#[derive(Clone, Copy, Debug)]
-pub struct Now<P> {
+#[derive(Clone, Debug)]
+pub(crate) struct Now<P> {
     pub phase: P,
     pub phase_elapsed: Duration,
     /// 0.0–1.0, when the phase measures its progress.
-    pub phase_progress: Option<f64>,
+    pub(crate) phase_progress: Option<f64>,
     /// Since the deployment was accepted.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
     /// While pulling: bytes still to download.
-    pub pull_bytes_remaining: Option<u64>,
-    pub build: Option<BuildNow>,
+    pub(crate) pull_bytes_remaining: Option<u64>,
+    pub(crate) build: Option<BuildNow>,
 }
 
 /// An estimate of the time left.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Eta {
-    pub remaining: Duration,
-    pub low: Duration,
-    pub high: Duration,
+    pub(crate) remaining: Duration,
+    pub(crate) low: Duration,
+    pub(crate) high: Duration,
     /// Earlier deployments it rests on.
-    pub samples: u32,
+    pub(crate) samples: u32,
     /// In words, what it rests on.
-    pub basis: String,
+    pub(crate) basis: String,
     /// Longer already than the history allows.
-    pub overdue: bool,
+    pub(crate) overdue: bool,
 }
 
 /// low ≤ mid ≤ high, in seconds.
@@ -289,7 +306,7 @@ impl<P: PhaseKey> Estimator<'_, P> {
             let instruction = (last.build.len() as u32 == total)
                 .then(|| last.build[(n - 1) as usize].instruction.as_str());
             let cached = !missed && instruction.is_some_and(|i| self.was_cached(i));
-            missed |= !cached;
+            missed |= breaks_chain(instruction.unwrap_or_default(), cached);
             range = range.add(self.step_cost(instruction, cached)?);
             steps += 1;
             cached_steps += u32::from(cached);
@@ -356,18 +373,29 @@ impl<P: PhaseKey> Estimator<'_, P> {
                 None => by_time(self),
             },
             Model::Build => {
-                let Some(b) = now.build.filter(|b| b.total > 0) else {
+                let Some(b) = now.build.as_ref().filter(|b| b.total > 0) else {
+                    // Done without steps: the commit was built before.
+                    if now.phase_progress.is_some_and(|p| p >= 1.0) {
+                        return Some(Range::default());
+                    }
                     return self.future(planned).map(|r| r.minus(spent));
                 };
                 let mut left = Range::default();
                 let mut missed = b.missed;
                 if b.step > 0 {
+                    // The live instruction, else the one at that position last time.
                     let last = self.history.iter().find(|d| !d.build.is_empty());
-                    let instruction = last
-                        .filter(|l| l.build.len() as u32 == b.total)
-                        .map(|l| l.build[(b.step - 1) as usize].instruction.as_str());
-                    missed |= !b.step_cached;
-                    if let Some(cost) = self.step_cost(instruction, b.step_cached) {
+                    let instruction = Some(b.instruction.as_str())
+                        .filter(|i| !i.is_empty())
+                        .or_else(|| {
+                            last.filter(|l| l.build.len() as u32 == b.total)
+                                .map(|l| l.build[(b.step - 1) as usize].instruction.as_str())
+                        });
+                    let cached = b.step_cached.unwrap_or_else(|| {
+                        !missed && instruction.is_some_and(|i| self.was_cached(i))
+                    });
+                    missed |= breaks_chain(instruction.unwrap_or_default(), cached);
+                    if let Some(cost) = self.step_cost(instruction, cached) {
                         let spent_step = secs(b.step_elapsed);
                         if spent_step > cost.high {
                             self.overdue = true;
@@ -396,7 +424,7 @@ impl<P: PhaseKey> Estimator<'_, P> {
 /// goes through, in order, including the current one), learned from `history` (the
 /// app's recent succeeded deployments, newest first). `None` when there is nothing to
 /// learn from.
-pub fn estimate<P: PhaseKey>(
+pub(crate) fn estimate<P: PhaseKey>(
     plan: &[Planned<P>],
     history: &[PastDeployment<P>],
     now: &Now<P>,
@@ -778,8 +806,9 @@ mod tests {
             step: 2,
             total: 4,
             step_elapsed: s(1.0),
-            step_cached: false,
+            step_cached: Some(false),
             missed: true,
+            ..Default::default()
         });
         let eta = estimate(&build_plan(), &build_history(), &now).unwrap();
         // step 2 missed: its uncached cost 30 − 1 spent; then COPY 1 + make 12 (uncached,
@@ -801,8 +830,9 @@ mod tests {
             step: 2,
             total: 4,
             step_elapsed: s(0.0),
-            step_cached: true,
+            step_cached: Some(true),
             missed: false,
+            ..Default::default()
         });
         let eta = estimate(&build_plan(), &build_history(), &now).unwrap();
         close(eta.remaining, 0.2 + 1.0 + 12.0 + 1.0);
@@ -815,8 +845,9 @@ mod tests {
             step: 1,
             total: 2,
             step_elapsed: s(0.0),
-            step_cached: false,
+            step_cached: Some(false),
             missed: true,
+            ..Default::default()
         });
         let eta = estimate(&build_plan(), &build_history(), &now).unwrap();
         // uncached steps: 1, 10, 5, 30, 1, 14 → median 7.5, min 1, max 30
@@ -832,11 +863,55 @@ mod tests {
             step: 4,
             total: 4,
             step_elapsed: s(20.0),
-            step_cached: false,
+            step_cached: Some(false),
             missed: true,
+            ..Default::default()
         });
         let eta = estimate(&build_plan(), &build_history(), &now).unwrap();
         assert!(eta.overdue);
+        close(eta.remaining, 1.0);
+    }
+
+    /// The classic builder never reports FROM as cached: it must not break the chain.
+    #[test]
+    fn from_does_not_break_the_cache_chain_and_an_unsaid_step_is_predicted() {
+        let history = vec![build_past(vec![
+            step("FROM base", false, 0.5),
+            step("RUN apk add gcc", true, 0.2),
+            step("COPY . /src", false, 1.0),
+            step("RUN make", false, 10.0),
+        ])];
+        let eta = estimate(&build_plan(), &history, &at(T::Building, 0.0, 0.0)).unwrap();
+        close(eta.remaining, 0.5 + 0.2 + 1.0 + 10.0 + 1.0);
+        assert!(
+            eta.basis
+                .contains("4 steps from history, 1 expected cached"),
+            "{}",
+            eta.basis
+        );
+        // Step 2 running, the builder has not said yet whether it is cached: predicted
+        // cached (FROM before it did not break the chain).
+        let mut now = at(T::Building, 0.6, 0.6);
+        now.build = Some(BuildNow {
+            step: 2,
+            total: 4,
+            instruction: "RUN apk add gcc".into(),
+            step_elapsed: s(0.0),
+            step_cached: None,
+            missed: false,
+        });
+        let eta = estimate(&build_plan(), &history, &now).unwrap();
+        close(eta.remaining, 0.2 + 1.0 + 10.0 + 1.0);
+        assert!(breaks_chain("RUN make", false));
+        assert!(!breaks_chain("from base AS b", false));
+        assert!(!breaks_chain("RUN make", true));
+    }
+
+    #[test]
+    fn a_skipped_build_costs_nothing_more() {
+        let mut now = at(T::Building, 0.1, 0.1);
+        now.phase_progress = Some(1.0);
+        let eta = estimate(&build_plan(), &build_history(), &now).unwrap();
         close(eta.remaining, 1.0);
     }
 

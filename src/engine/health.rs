@@ -1,9 +1,11 @@
 //! HEALTH_CHECK's probes, one small function each: the image's HEALTHCHECK (`docker`),
 //! a TCP connection, an HTTP GET, a line of output (`log`), and a settle time when
 //! nothing else applies. [`super::run`] calls [`probe_once`] once per attempt and
-//! decides from its [`Verdict`] whether to stop, fail or try again. Between attempts
-//! it reads the new container's [`Output`] (the log check and the milestones).
+//! decides from its [`Verdict`] whether to stop, fail or try again; the first attempt
+//! comes at once, the next ones after [`retry_delay`]. Between attempts it reads the
+//! new container's [`Output`] (the log check and the milestones).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -13,6 +15,22 @@ use super::deployment::{Extra, Reporter};
 use super::milestones::MilestoneTracker;
 use crate::model::{HealthProbe, Level, Protocol};
 use crate::runtime::{ContainerState, DockerHealth, PublishedPort};
+
+/// The wait after the first failed attempt; it doubles after each failed attempt up
+/// to the check's interval. An app is often listening a few milliseconds after its
+/// start: a full interval after the first (too early) attempt is time lost.
+const FIRST_RETRY: Duration = Duration::from_millis(5);
+
+/// How long a TCP probe waits for the container's own address (a local bridge answers
+/// at once, refused or accepted; silence means it is not reachable from here).
+const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// How long to wait after failed attempt number `attempts` (1 for the first):
+/// 5 ms, 10 ms, 20 ms … up to `interval`.
+pub(super) fn retry_delay(attempts: u32, interval: Duration) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(20);
+    FIRST_RETRY.saturating_mul(1 << doublings).min(interval)
+}
 
 /// The result of one attempt.
 pub(super) enum Verdict {
@@ -153,10 +171,13 @@ pub(super) async fn probe_once(probe: &HealthProbe, target: &Target<'_>) -> Verd
         HealthProbe::Docker => docker(&target.state),
         HealthProbe::Tcp { port } => match target.published(*port) {
             None => not_published(*port),
-            Some((host, host_port)) => tcp(host.trim_matches(['[', ']']), host_port)
-                .await
-                .map(|()| format!("TCP port {port} accepts connections"))
-                .into(),
+            Some((host, host_port)) => {
+                let direct = (target.state.address).map(|ip| SocketAddr::new(ip, *port));
+                tcp(host.trim_matches(['[', ']']), host_port, direct)
+                    .await
+                    .map(|()| format!("TCP port {port} accepts connections"))
+                    .into()
+            }
         },
         HealthProbe::Http {
             port,
@@ -214,21 +235,40 @@ fn settle(started: Instant, settle: Duration) -> Verdict {
     }
 }
 
-async fn tcp(host: &str, port: u16) -> Result<(), String> {
+/// A TCP attempt on the published `host:port`. Docker's port proxy accepts
+/// connections even when nothing listens behind it, then closes them at once. So when
+/// the container's own address (`direct`) is reachable, it decides: refused there is
+/// not listening yet, accepted there is listening (and the published port must then
+/// accept too). Otherwise a published connection that stays open for 200 ms is the
+/// sign of life.
+async fn tcp(host: &str, port: u16, direct: Option<SocketAddr>) -> Result<(), String> {
     use tokio::io::AsyncReadExt;
-    let connect = tokio::net::TcpStream::connect((host, port));
-    let mut stream = match tokio::time::timeout(Duration::from_secs(2), connect).await {
-        Err(_) => return Err(format!("connecting to {host}:{port} timed out")),
-        Ok(Err(e)) => return Err(format!("connecting to {host}:{port}: {e}")),
-        Ok(Ok(s)) => s,
-    };
-    // Docker's port proxy accepts connections even when nothing listens behind it, then
-    // closes them at once: a connection that stays open is the real sign of life.
+    if let Some(addr) = direct {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(_)) => return connect_to(host, port).await.map(drop),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return Err(format!("connecting to {addr} (in the container): {e}"));
+            }
+            // Not reachable from here: the published port alone decides.
+            _ => {}
+        }
+    }
+    let mut stream = connect_to(host, port).await?;
     let mut buf = [0u8; 1];
     match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
         Err(_) | Ok(Ok(1..)) => Ok(()),
         Ok(Ok(0)) => Err(format!("{host}:{port} closed the connection")),
         Ok(Err(e)) => Err(format!("{host}:{port}: {e}")),
+    }
+}
+
+async fn connect_to(host: &str, port: u16) -> Result<tokio::net::TcpStream, String> {
+    let connect = tokio::net::TcpStream::connect((host, port));
+    match tokio::time::timeout(Duration::from_secs(2), connect).await {
+        Err(_) => Err(format!("connecting to {host}:{port} timed out")),
+        Ok(Err(e)) => Err(format!("connecting to {host}:{port}: {e}")),
+        Ok(Ok(s)) => Ok(s),
     }
 }
 
@@ -266,6 +306,47 @@ async fn http(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_back_off_from_5_ms_to_the_interval() {
+        let interval = Duration::from_millis(500);
+        let delays: Vec<u64> = (1..=9)
+            .map(|a| retry_delay(a, interval).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 320, 500, 500]);
+        assert_eq!(retry_delay(u32::MAX, interval), interval);
+        assert_eq!(
+            retry_delay(1, Duration::from_millis(2)),
+            Duration::from_millis(2)
+        );
+    }
+
+    /// A port proxy accepts and holds a connection whether or not the app listens:
+    /// the container's own address decides, refused there failing the attempt.
+    #[tokio::test]
+    async fn a_tcp_attempt_asks_the_container_address_first() {
+        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = proxy.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = proxy.accept().await {
+                open.push(s);
+            }
+        });
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let nothing = closed.local_addr().unwrap();
+        drop(closed);
+        let err = tcp("127.0.0.1", port, Some(nothing)).await.unwrap_err();
+        assert!(err.contains("in the container"), "{err}");
+        assert!(err.contains("refused"), "{err}");
+
+        let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listening = app.local_addr().unwrap();
+        tcp("127.0.0.1", port, Some(listening)).await.unwrap();
+        // Without a reachable container address, the open published connection passes.
+        tcp("127.0.0.1", port, None).await.unwrap();
+        held.abort();
+    }
 
     /// Issue 17: a failed attempt says why (here: nothing listens on the port).
     #[tokio::test]

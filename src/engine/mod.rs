@@ -7,7 +7,7 @@
 
 mod apps;
 mod deployment;
-pub mod eta;
+pub(crate) mod eta;
 mod health;
 mod history;
 mod hooks;
@@ -16,6 +16,8 @@ mod pull;
 mod queue;
 mod reconcile;
 mod recover;
+mod removal;
+mod route;
 mod run;
 mod source;
 mod tty_progress;
@@ -32,7 +34,8 @@ use deployment::Deployment;
 use deployment::{Extra, Reporter};
 use queue::AppQueues;
 
-pub use apps::{AppView, Removal};
+pub(crate) use apps::AppView;
+pub use route::RoutesReconciled;
 
 use crate::events::{DeploymentLog, LogError, ObserverRegistry, UpdateStream};
 use crate::limits::{Rejection, Rejections};
@@ -41,7 +44,7 @@ use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{ListFilter, Retention, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum EngineError {
+pub(crate) enum EngineError {
     #[error("{0}")]
     Unavailable(RuntimeError),
     #[error(
@@ -75,25 +78,31 @@ pub enum EngineError {
 
 /// Tunables of the engine. Defaults suit a local engine.
 #[derive(Clone, Debug)]
-pub struct EngineConfig {
+pub(crate) struct EngineConfig {
     /// How long the engine ping before accepting a deployment may take.
-    pub ping_timeout: Duration,
+    pub(crate) ping_timeout: Duration,
     /// With no health check at all, how long the container must stay up.
-    pub settle_time: Duration,
+    pub(crate) settle_time: Duration,
     /// How long CancelDeployment waits for the deployment to wind down.
-    pub cancel_wait: Duration,
+    pub(crate) cancel_wait: Duration,
     /// How much history the store keeps (applied after each finished deployment).
-    pub retention: Retention,
+    pub(crate) retention: Retention,
     /// Apps deploying at the same time; more get [`EngineError::Exhausted`].
-    pub max_in_flight: usize,
+    pub(crate) max_in_flight: usize,
     /// Deployments waiting for their app's lock (all apps); more get
     /// [`EngineError::Exhausted`].
-    pub max_queued: usize,
+    pub(crate) max_queued: usize,
     /// The host address ports are published on when the request names none.
-    pub publish_ip: std::net::IpAddr,
+    pub(crate) publish_ip: std::net::IpAddr,
     /// Deploys from source: one git cache per app under this directory
     /// (`DATA_DIR/sources` in the server).
     pub sources_dir: std::path::PathBuf,
+    /// Deploys from source may fetch `file://` URLs and local paths (the server's own
+    /// disk); off by default (`--allow-local-git`).
+    pub allow_local_git: bool,
+    /// The proxy that serves fixed host ports (`--proxy-socket`); `None`: fixed host
+    /// ports are published by the engine directly.
+    pub proxy: Option<crate::proxy::client::ProxyClient>,
 }
 
 impl Default for EngineConfig {
@@ -107,6 +116,8 @@ impl Default for EngineConfig {
             max_queued: crate::limits::DEFAULT_MAX_QUEUED,
             publish_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             sources_dir: std::env::temp_dir().join("stevedore-sources"),
+            allow_local_git: false,
+            proxy: None,
         }
     }
 }
@@ -142,31 +153,40 @@ struct Live {
 #[derive(Clone)]
 pub struct Engine(Arc<Inner>);
 
-/// Filter and page of [`Engine::list`].
-#[derive(Clone, Debug, Default)]
-pub struct ListQuery {
-    pub app: Option<AppName>,
-    pub state: Option<DeploymentState>,
-    pub page_size: usize,
-    pub page_token: Option<String>,
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
 }
 
-pub struct ListPage {
-    pub deployments: Vec<DeploymentStatus>,
-    pub next_page_token: Option<String>,
+/// Filter and page of [`Engine::list`].
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ListQuery {
+    pub(crate) app: Option<AppName>,
+    pub(crate) state: Option<DeploymentState>,
+    pub(crate) page_size: usize,
+    pub(crate) page_token: Option<String>,
+}
+
+pub(crate) struct ListPage {
+    pub(crate) deployments: Vec<DeploymentStatus>,
+    pub(crate) next_page_token: Option<String>,
 }
 
 /// What [`Engine::recover`] found and did.
 #[derive(Clone, Debug, Default)]
-pub struct Recovery {
+pub(crate) struct Recovery {
     /// Deployments that were in flight when the previous process stopped, now FAILED.
-    pub interrupted: Vec<DeploymentId>,
+    pub(crate) interrupted: Vec<DeploymentId>,
     /// Containers of those deployments that were removed.
-    pub containers_removed: usize,
+    pub(crate) containers_removed: usize,
     /// Deployments that were past the point of no return (SWITCHING or CLEANUP) when
     /// the previous process stopped, completed by recovery: their container is kept as
     /// the app's current version, now SUCCEEDED.
     pub completed: Vec<DeploymentId>,
+    /// Removals (RemoveApp) that were queued or running, finished by recovery: every
+    /// container of their app removed, now SUCCEEDED (FAILED if the engine refused).
+    pub removals: Vec<DeploymentId>,
 }
 
 /// Runs `each` every `interval` (the first at once) until `shutdown`.
@@ -193,7 +213,7 @@ where
 
 /// Updates of a live deployment held in memory (its most recent ones); a reader
 /// further behind reads the earlier ones from the store. ~300 B each.
-pub const LIVE_LOG_WINDOW: usize = 4096;
+pub(crate) const LIVE_LOG_WINDOW: usize = 4096;
 
 /// Reads a live log's trimmed start back from the store.
 struct StoreBackfill {
@@ -224,11 +244,11 @@ impl crate::events::Backfill for StoreBackfill {
 }
 
 /// Default and maximum page sizes of ListDeployments.
-pub const DEFAULT_PAGE_SIZE: usize = 50;
-pub const MAX_PAGE_SIZE: usize = 500;
+pub(crate) const DEFAULT_PAGE_SIZE: usize = 50;
+pub(crate) const MAX_PAGE_SIZE: usize = 500;
 
 impl Engine {
-    pub fn new(
+    pub(crate) fn new(
         runtime: Arc<dyn Runtime>,
         observers: ObserverRegistry,
         config: EngineConfig,
@@ -266,22 +286,52 @@ impl Engine {
     /// stream of its updates from the first one. With an idempotency key already seen
     /// for the app (by this process or, through the store, an earlier one), returns
     /// the existing deployment, its stream replayed from the start.
-    pub async fn deploy(
+    pub(crate) async fn deploy(
         &self,
         spec: DeploySpec,
     ) -> Result<(DeploymentId, UpdateStream), EngineError> {
-        if !self.0.accepting.load(Ordering::SeqCst) {
-            return Err(EngineError::ShuttingDown);
-        }
+        self.check_accepting()?;
         if let Some(found) = self.find_idempotent(&spec).await? {
             return Ok(found);
         }
-        // An observer that cannot record (the audit log) refuses new deployments
-        // rather than let them run unrecorded.
-        self.0.observers.admit().map_err(EngineError::Refused)?;
         self.ping().await?;
         let id = DeploymentId::new();
-        let ticket = self.0.queues.admit(&spec.app, id).map_err(|refused| {
+        let ticket = self.admit(&spec.app, id)?;
+        let log = self.live_log(id);
+        let eta = history::EtaTracker::new(&spec, history::load(&self.0.store, &spec.app).await);
+        let deployment = Arc::new(Deployment::with_log(id, spec, log));
+        if let Some(existing) = self.register(&deployment) {
+            let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
+            return Ok((existing.id, stream));
+        }
+        let mut reporter = self.reporter(&deployment).with_eta(eta);
+        reporter.accepted();
+        if ticket.position() > 0 {
+            reporter.queued(ticket.position(), ticket.ahead());
+        }
+        let stream = deployment
+            .log
+            .subscribe(0)
+            .expect("a new log holds everything");
+        let run = run::Run::new(reporter, self.0.clone()).run(ticket);
+        self.spawn_task(&deployment, run);
+        Ok((id, stream))
+    }
+
+    /// New work is accepted: the server is not shutting down, and an observer that
+    /// cannot record (the audit log) refuses new work rather than let it run
+    /// unrecorded.
+    fn check_accepting(&self) -> Result<(), EngineError> {
+        if !self.0.accepting.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
+        self.0.observers.admit().map_err(EngineError::Refused)
+    }
+
+    /// Admission of `id` into `app`'s queue (a deployment or a removal), or the limit
+    /// it ran into (counted).
+    fn admit(&self, app: &AppName, id: DeploymentId) -> Result<queue::Ticket, EngineError> {
+        self.0.queues.admit(app, id).map_err(|refused| {
             self.0.rejections.record(refused.limit);
             let message = match refused.limit {
                 Rejection::Queued => format!(
@@ -293,41 +343,33 @@ impl Engine {
                     refused.max
                 ),
             };
-            tracing::warn!(app = %spec.app, limit = refused.limit.as_str(), "deployment refused: {message}");
+            tracing::warn!(app = %app, limit = refused.limit.as_str(), "deployment refused: {message}");
             EngineError::Exhausted {
                 limit: refused.limit,
                 message,
             }
-        })?;
-        let log = DeploymentLog::bounded(
+        })
+    }
+
+    /// The log of a new deployment: its recent updates in memory, the rest read back
+    /// from the store.
+    fn live_log(&self, id: DeploymentId) -> DeploymentLog {
+        DeploymentLog::bounded(
             LIVE_LOG_WINDOW,
             Arc::new(StoreBackfill {
                 store: self.0.store.clone(),
                 id,
             }),
-        );
-        let eta = history::EtaTracker::new(&spec, history::load(&self.0.store, &spec.app).await);
-        let deployment = Arc::new(Deployment::with_log(id, spec, log));
-        if let Some(existing) = self.register(&deployment) {
-            let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
-            return Ok((existing.id, stream));
-        }
-        let mut reporter = Reporter::new(
+        )
+    }
+
+    /// The writer of `deployment`'s log from its first update.
+    fn reporter(&self, deployment: &Arc<Deployment>) -> Reporter {
+        Reporter::new(
             deployment.clone(),
             self.0.observers.clone(),
             self.0.store.clone(),
         )
-        .with_eta(eta);
-        reporter.accepted();
-        if ticket.position() > 0 {
-            reporter.queued(ticket.position(), ticket.ahead());
-        }
-        let stream = deployment
-            .log
-            .subscribe(0)
-            .expect("a new log holds everything");
-        self.spawn_run(reporter, ticket);
-        Ok((id, stream))
     }
 
     /// The engine answers within the ping timeout.
@@ -367,24 +409,29 @@ impl Engine {
         None
     }
 
-    /// Runs the deployment's task. A panic in it is caught: the deployment ends FAILED
-    /// ("internal error"), so its log closes and its streams end.
-    fn spawn_run(&self, reporter: Reporter, ticket: queue::Ticket) {
-        let deployment = reporter.deployment().clone();
+    /// Runs `task`, the task of `deployment` (a deploy's [`run::Run`], or a removal).
+    /// A panic in it is caught: the deployment ends FAILED ("internal error"), so its
+    /// log closes and its streams end.
+    fn spawn_task(
+        &self,
+        deployment: &Arc<Deployment>,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let deployment = deployment.clone();
         let span = tracing::info_span!(
             "deployment",
             deployment_id = %deployment.id,
+            operation = deployment.operation.as_str(),
             app = %deployment.spec.app,
             image = %deployment.spec.image,
         );
         tracing::info!(parent: &span, requested_by = %deployment.spec.requested_by, "deployment accepted");
         let engine = self.clone();
-        let run = run::Run::new(reporter, self.0.clone()).run(ticket);
         self.0.tasks.spawn(
             async move {
                 // The queue and admission place (the ticket) is held until the
                 // deployment has ended.
-                if let Err(e) = tokio::spawn(run.in_current_span()).await {
+                if let Err(e) = tokio::spawn(task.in_current_span()).await {
                     engine.end_after_panic(&deployment, e).await;
                 }
                 engine.retire(&deployment).await;
@@ -447,7 +494,7 @@ impl Engine {
     }
 
     /// Applies the retention setting to the store; logs what it removed.
-    pub async fn apply_retention(&self) {
+    pub(crate) async fn apply_retention(&self) {
         let retention = &self.0.config.retention;
         if retention.max_deployments.is_none()
             && retention.max_age.is_none()
@@ -468,7 +515,7 @@ impl Engine {
 
     /// Applies retention every `interval` (age-based retention needs time to pass;
     /// count-based runs after every finished deployment too) until `shutdown`.
-    pub fn spawn_retention(
+    pub(crate) fn spawn_retention(
         &self,
         interval: Duration,
         shutdown: CancellationToken,
@@ -515,7 +562,7 @@ impl Engine {
             .map_err(|_| EngineError::NotFound(id.to_owned()))
     }
 
-    pub async fn status(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
+    pub(crate) async fn status(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
         let id = Self::parse_id(id)?;
         if let Some(deployment) = self.get(id) {
             return Ok(deployment.status());
@@ -531,7 +578,11 @@ impl Engine {
     }
 
     /// Replays updates after `after_sequence`, then follows live until the terminal one.
-    pub async fn watch(&self, id: &str, after_sequence: u64) -> Result<UpdateStream, EngineError> {
+    pub(crate) async fn watch(
+        &self,
+        id: &str,
+        after_sequence: u64,
+    ) -> Result<UpdateStream, EngineError> {
         self.watch_id(Self::parse_id(id)?, after_sequence).await
     }
 
@@ -568,7 +619,7 @@ impl Engine {
 
     /// Deployments, newest first, from the store (with the live status of those still
     /// running). The page token is opaque to clients.
-    pub async fn list(&self, query: &ListQuery) -> Result<ListPage, EngineError> {
+    pub(crate) async fn list(&self, query: &ListQuery) -> Result<ListPage, EngineError> {
         let before = match &query.page_token {
             None => None,
             Some(t) => Some(decode_token(t).ok_or(EngineError::InvalidPageToken)?),
@@ -587,6 +638,7 @@ impl Engine {
                 state: query.state,
                 before,
                 limit: size + 1,
+                operation: None,
             })
             .await?;
         let more = rows.len() > size;
@@ -613,7 +665,7 @@ impl Engine {
 
     /// Cancels a queued or running deployment and waits (a bounded time) for it to
     /// wind down; returns its status.
-    pub async fn cancel(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
+    pub(crate) async fn cancel(&self, id: &str) -> Result<DeploymentStatus, EngineError> {
         let did = Self::parse_id(id)?;
         let Some(deployment) = self.get(did) else {
             let status = self.status(id).await?;
@@ -643,29 +695,30 @@ impl Engine {
         Ok(deployment.status())
     }
 
-    /// How many known deployments are in each state (for gauges).
+    /// How many known deployments are in each state (for gauges); removals are not
+    /// counted.
     pub fn state_counts(&self) -> HashMap<DeploymentState, usize> {
         let mut counts = HashMap::new();
-        for d in self.live().deployments.values() {
+        for d in (self.live().deployments.values()).filter(|d| d.operation.is_deploy()) {
             *counts.entry(d.status().state).or_default() += 1;
         }
         counts
     }
 
     /// Stops accepting deployments; running ones continue.
-    pub fn stop_accepting(&self) {
+    pub(crate) fn stop_accepting(&self) {
         self.0.accepting.store(false, Ordering::SeqCst);
     }
 
     /// Waits until every deployment task has ended (and its log is on disk).
-    pub async fn drain(&self) {
+    pub(crate) async fn drain(&self) {
         self.0.tasks.close();
         self.0.tasks.wait().await;
     }
 
     /// Interrupts every deployment still queued or running: each rolls back what it
     /// created and ends FAILED ("interrupted by server shutdown").
-    pub fn interrupt_all(&self) {
+    pub(crate) fn interrupt_all(&self) {
         for d in self.live().deployments.values() {
             d.interrupt.cancel();
         }

@@ -94,13 +94,10 @@ impl PullTracker {
         }
     }
 
-    /// Fraction of the download done, following the bytes still to come. Layers
-    /// already present count for nothing either way (an image whose first known layer
-    /// is a local base layer is not nearly pulled). A layer still to download whose
-    /// size is not known yet counts as the average of the known sizes; a layer done
-    /// without a size ever reported (a tiny one) counts for nothing. With no size known
-    /// at all, the share of the layers to download that are done.
-    pub(crate) fn fraction(&self) -> f64 {
+    /// The layers to download (not present before the pull): the bytes known and done,
+    /// and the expected size of all of them, a layer whose size is not known yet
+    /// counting as the average known size (`None` when no size is known).
+    fn download(&self) -> Download {
         let to_fetch: Vec<&Layer> = self.layers.values().filter(|l| !l.present).collect();
         let sized: Vec<&Layer> = to_fetch
             .iter()
@@ -112,17 +109,51 @@ impl PullTracker {
             .filter(|l| l.total.is_none() && !l.downloaded)
             .count();
         let known_total: u64 = sized.iter().filter_map(|l| l.total).sum();
-        if known_total > 0 {
+        let expected = (known_total > 0).then(|| {
             let average = known_total as f64 / sized.len() as f64;
-            let current: u64 = sized.iter().map(|l| l.current).sum();
-            current as f64 / (known_total as f64 + unknown as f64 * average)
-        } else if to_fetch.is_empty() {
-            0.0
-        } else {
-            let done = to_fetch.iter().filter(|l| l.downloaded).count();
-            done as f64 / to_fetch.len() as f64
+            known_total as f64 + unknown as f64 * average
+        });
+        Download {
+            current: sized.iter().map(|l| l.current).sum(),
+            expected,
+            layers: to_fetch.len(),
+            layers_done: to_fetch.iter().filter(|l| l.downloaded).count(),
         }
     }
+
+    /// Fraction of the download done, following the bytes still to come. Layers
+    /// already present count for nothing either way (an image whose first known layer
+    /// is a local base layer is not nearly pulled). A layer still to download whose
+    /// size is not known yet counts as the average of the known sizes; a layer done
+    /// without a size ever reported (a tiny one) counts for nothing. With no size known
+    /// at all, the share of the layers to download that are done.
+    pub(crate) fn fraction(&self) -> f64 {
+        let d = self.download();
+        match d.expected {
+            Some(expected) => d.current as f64 / expected,
+            None if d.layers == 0 => 0.0,
+            None => d.layers_done as f64 / d.layers as f64,
+        }
+    }
+
+    /// Bytes still to download, counted like [`Self::fraction`]: `Some(0)` when every
+    /// layer to download is done, `None` while no size is known.
+    pub(crate) fn bytes_remaining(&self) -> Option<u64> {
+        let d = self.download();
+        match d.expected {
+            Some(expected) => Some((expected - d.current as f64).max(0.0).round() as u64),
+            None if d.layers_done == d.layers && d.layers > 0 => Some(0),
+            None => None,
+        }
+    }
+}
+
+/// See [`PullTracker::download`].
+struct Download {
+    current: u64,
+    expected: Option<f64>,
+    layers: usize,
+    layers_done: usize,
 }
 
 #[cfg(test)]
@@ -164,6 +195,7 @@ mod tests {
             .apply(&ev("c", LayerStatus::Extracting, Some(10), Some(500)))
             .unwrap();
         assert_eq!(p.image_current_bytes, 1500);
+        assert_eq!(t.bytes_remaining(), Some(0));
         let p = t.finish();
         assert_eq!((p.image_current_bytes, p.image_total_bytes), (1500, 1500));
         assert_eq!((p.layers_done, p.layers_total), (3, 3));
@@ -260,6 +292,14 @@ mod tests {
             })
             .collect();
         assert!(fractions[..4].iter().all(|f| *f == 0.0), "{fractions:?}");
+        let mut t2 = PullTracker::default();
+        for e in &events[..4] {
+            t2.apply(e);
+        }
+        assert_eq!(t2.bytes_remaining(), None, "no size known yet");
+        t2.apply(&events[4]);
+        // 7 MiB of "big" left, "small" and "tiny" at the average known size (8 MiB).
+        assert_eq!(t2.bytes_remaining(), Some(7 * mb + 2 * 8 * mb));
         let downloading = &fractions[4..12];
         assert!(
             downloading.windows(2).all(|w| w[0] < w[1]),

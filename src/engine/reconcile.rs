@@ -18,7 +18,7 @@ impl Engine {
     /// succeeded deployment's container). Containers of live deployments, of deployments
     /// not yet ended in the store and of deployments this store does not know (another
     /// server's) are left alone. Returns how many were removed.
-    pub async fn reconcile(&self) -> Result<usize, RuntimeError> {
+    pub(crate) async fn reconcile(&self) -> Result<usize, RuntimeError> {
         let containers = self.0.runtime.list_managed_containers().await?;
         // Snapshot after the listing: a container listed is either of a deployment live
         // now, or of one that ended (and is in the store) before.
@@ -63,21 +63,24 @@ impl Engine {
     }
 
     /// Containers the reconciler removed since start (`stevedore_reconciler_removed_total`).
-    pub fn reconciler_removed(&self) -> u64 {
+    pub(crate) fn reconciler_removed(&self) -> u64 {
         self.0.reconciled.load(Ordering::Relaxed)
     }
 
     /// Reconciles every `interval` while the engine answers, so also within one
-    /// interval of it answering again after an outage, until `shutdown`.
-    pub fn spawn_reconciler(
+    /// interval of it answering again after an outage, until `shutdown`; with a proxy,
+    /// its routes too (see [`Engine::reconcile_routes`]).
+    pub(crate) fn spawn_reconciler(
         &self,
         interval: Duration,
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         let engine = self.clone();
         let answering = Arc::new(AtomicBool::new(true));
+        let proxy_answering = Arc::new(AtomicBool::new(true));
         spawn_every(interval, shutdown, move || {
             let (engine, answering) = (engine.clone(), answering.clone());
+            let proxy_answering = proxy_answering.clone();
             async move {
                 if let Err(e) = engine.0.runtime.ping().await {
                     if answering.swap(false, Ordering::Relaxed) {
@@ -90,6 +93,13 @@ impl Engine {
                 }
                 if let Err(e) = engine.reconcile().await {
                     tracing::warn!(error = %e, "reconciler: incomplete");
+                }
+                match engine.reconcile_routes().await {
+                    Ok(_) => proxy_answering.store(true, Ordering::Relaxed),
+                    Err(e) if proxy_answering.swap(false, Ordering::Relaxed) => {
+                        tracing::warn!(error = %e, "reconciler: routes not reconciled")
+                    }
+                    Err(_) => {}
                 }
             }
         })

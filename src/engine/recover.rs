@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::deployment::{Deployment, Extra, Reporter};
+use super::route::RoutedPort;
 use super::run::{endpoints, short};
 use super::{Engine, EngineError, Recovery};
 use crate::model::{AppName, DeploymentResult, DeploymentState, DeploymentStatus, Phase};
@@ -30,7 +31,7 @@ impl Engine {
     /// if the interrupted deployment had stopped it to take over a fixed host port),
     /// and containers of deployments this store does not know (another server's) are
     /// left alone.
-    pub async fn recover(&self) -> Result<Recovery, EngineError> {
+    pub(crate) async fn recover(&self) -> Result<Recovery, EngineError> {
         let store = &self.0.store;
         let mut unfinished = store.unfinished().await?;
         let mut recovery = Recovery::default();
@@ -40,6 +41,10 @@ impl Engine {
         for status in &mut unfinished {
             self.settle_tail(status).await?;
         }
+        // Removals are finished last, after what was ahead of them in their app's queue.
+        let (removals, unfinished): (Vec<_>, Vec<_>) = unfinished
+            .into_iter()
+            .partition(|s| !s.operation.is_deploy());
         // Past the point of no return, the new version is kept (rolled forward).
         let mut back = Vec::new();
         for status in unfinished {
@@ -72,6 +77,10 @@ impl Engine {
             let id = status.id;
             self.end_interrupted(status, &removal).await?;
             recovery.interrupted.push(id);
+        }
+        for status in removals {
+            recovery.removals.push(status.id);
+            self.complete_removal(status).await?;
         }
         store.flush().await;
         Ok(recovery)
@@ -148,6 +157,7 @@ impl Engine {
             state: Some(DeploymentState::Succeeded),
             before: None,
             limit: 1,
+            operation: None,
         };
         let last = self.0.store.list(&filter).await?.into_iter().next();
         let container = last.and_then(|l| l.result).map(|r| r.container_id);
@@ -179,11 +189,14 @@ impl Engine {
             Ok::<_, ()>(())
         })
         .await;
-        let ports = runtime
-            .inspect(&ours)
-            .await
-            .map(|s| s.ports)
-            .unwrap_or_default();
+        let state = runtime.inspect(&ours).await.unwrap_or_default();
+        // With a proxy, the routed port's endpoint is the app's stable address (the
+        // route itself is set by reconcile_routes, after recovery).
+        let ports = match RoutedPort::from_labels(&state.labels).filter(|_| self.proxy().is_some())
+        {
+            Some(r) => r.public_ports(&state.ports),
+            None => state.ports,
+        };
         let endpoints = endpoints(runtime.public_host(), &ports);
         let mut message = format!(
             "completed by recovery: the server restarted during {} after the new version had \
@@ -209,11 +222,58 @@ impl Engine {
             health: Vec::new(),
             diagnostics: None,
             commit: status.commit.clone(),
+            containers_removed: 0,
         };
         let deployment = Arc::new(Deployment::recovered(status));
         let mut reporter =
             Reporter::resume(deployment, self.0.observers.clone(), self.0.store.clone());
         reporter.finish(DeploymentState::Succeeded, result);
+    }
+
+    /// Rolls an interrupted removal forward (the caller asked for the app to go, and
+    /// it may have begun stopping): every container of the app is removed, the removal
+    /// is recorded, and it ends SUCCEEDED, "completed by recovery"; FAILED if the engine
+    /// refuses.
+    async fn complete_removal(&self, status: DeploymentStatus) -> Result<(), EngineError> {
+        let runtime = &*self.0.runtime;
+        let (app, accepted_at, phase) = (status.app.clone(), status.created_at, status.phase);
+        let removed = async {
+            let containers = runtime.list_app_containers(app.as_str()).await?;
+            remove_each(runtime, &containers, |_, r| r).await?;
+            Ok::<_, RuntimeError>(containers.len() as u32)
+        }
+        .await;
+        if removed.is_ok() {
+            self.0.store.record_removal(&app, accepted_at).await?;
+        }
+        tracing::warn!(deployment_id = %status.id, %app, phase = phase.as_str(), ok = removed.is_ok(), "removal interrupted by a restart finished by recovery");
+        let removal = Arc::new(Deployment::recovered(status));
+        let mut reporter =
+            Reporter::resume(removal, self.0.observers.clone(), self.0.store.clone());
+        match removed {
+            Ok(n) => reporter.finish(
+                DeploymentState::Succeeded,
+                DeploymentResult {
+                    success: true,
+                    message: format!(
+                        "completed by recovery: the server restarted during {}; {n} container(s) of app {app} removed; its history stays",
+                        phase.name()
+                    ),
+                    containers_removed: n,
+                    ..Default::default()
+                },
+            ),
+            Err(e) => reporter.fail(
+                phase,
+                "server restart",
+                format!(
+                    "interrupted by a restart of the server during {}, and finishing the removal failed: {e}",
+                    phase.name()
+                ),
+                Extra::meta([("interrupted", "restart".into())]),
+            ),
+        }
+        Ok(())
     }
 
     /// Removes the containers labelled with an unfinished deployment's ID.

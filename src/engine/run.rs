@@ -8,7 +8,8 @@
 //! failure, a cancel or the deadline rolls back: every container labelled with this
 //! deployment is removed and the app's previous version keeps serving. SWITCHING is the
 //! point of no return: once the old version is being taken out, the deployment runs to
-//! its end.
+//! its end. With a proxy, SWITCHING first moves the app's route to the new container
+//! and waits for the previous version's connections to drain ([`super::route`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use super::hooks;
 use super::milestones::MilestoneTracker;
 use super::pull::PullTracker;
 use super::queue::Ticket;
+use super::route::{self, RoutedPort};
 use crate::model::{
     DeploymentResult, DeploymentState, FailureDiagnostics, HealthOutcome, HealthProbe, LABEL_APP,
     LABEL_DEPLOYMENT, Level, Phase, PortSpec, Protocol, PullProgress, SourceSpec,
@@ -79,7 +81,7 @@ impl Failure {
         }
     }
 
-    fn runtime(phase: Phase, step: &'static str, e: RuntimeError) -> Self {
+    pub(super) fn runtime(phase: Phase, step: &'static str, e: RuntimeError) -> Self {
         Self::new(phase, step, format!("{step}: {e}"))
     }
 }
@@ -98,6 +100,9 @@ pub(super) struct Run {
     container: Option<String>,
     image: ImageInfo,
     ports: Vec<PublishedPort>,
+    /// The state STARTING read: HEALTH_CHECK's first attempt uses it instead of asking
+    /// the engine again a moment later.
+    started_state: Option<ContainerState>,
     health: Vec<HealthOutcome>,
     log_lines: Option<mpsc::Receiver<String>>,
     /// A healthy container may stay quiet for ever: following stops when the run ends.
@@ -114,6 +119,8 @@ pub(super) struct Run {
     commit: String,
     /// Deploys from source: the image built (`stevedore/<app>:<commit>`).
     built: Option<String>,
+    /// With a proxy: the port served at the app's stable address (see [`route`]).
+    routed: Option<RoutedPort>,
 }
 
 impl Run {
@@ -124,6 +131,7 @@ impl Run {
             container: None,
             image: ImageInfo::default(),
             ports: Vec::new(),
+            started_state: None,
             health: Vec::new(),
             log_lines: None,
             log_follower: None,
@@ -132,6 +140,7 @@ impl Run {
             waited: false,
             commit: String::new(),
             built: None,
+            routed: None,
         }
     }
 
@@ -228,7 +237,8 @@ impl Run {
             .config
             .sources_dir
             .join(self.rep.deployment().spec.app.as_str());
-        let fetched = super::source::fetch(&mut self.rep, source, &cache).await?;
+        let allow_local = self.ctx.config.allow_local_git;
+        let fetched = super::source::fetch(&mut self.rep, source, &cache, allow_local).await?;
         self.commit = fetched.commit.clone();
         let runtime = self.ctx.runtime.clone();
         let outcome = super::source::build(&mut self.rep, &runtime, source, &fetched).await?;
@@ -272,7 +282,14 @@ impl Run {
             format!("pulling image {image}"),
             Extra::default(),
         );
+        let started = Instant::now();
         let progress = self.download(&image).await?;
+        if progress.image_current_bytes > 0 {
+            self.rep.record_pull(super::eta::PullSample {
+                bytes: progress.image_current_bytes,
+                duration: started.elapsed(),
+            });
+        }
         let info = self.inspect_image(&image).await?.ok_or_else(|| {
             Failure::new(
                 Phase::Pulling,
@@ -324,6 +341,9 @@ impl Run {
             let Some(progress) = tracker.apply(&event) else {
                 continue;
             };
+            if let Some(eta) = self.rep.eta_live() {
+                eta.pull_remaining(tracker.bytes_remaining());
+            }
             if last_sent.is_some_and(|t| t.elapsed() < PULL_UPDATE_INTERVAL) {
                 continue;
             }
@@ -346,6 +366,9 @@ impl Run {
                 },
             );
         }
+        if let Some(eta) = self.rep.eta_live() {
+            eta.pull_remaining(Some(0));
+        }
         Ok(tracker.finish())
     }
 
@@ -360,6 +383,13 @@ impl Run {
         let mut labels = spec.labels.clone();
         labels.insert(LABEL_APP.into(), spec.app.to_string());
         labels.insert(LABEL_DEPLOYMENT.into(), id.clone());
+        let publish_ip = self.ctx.config.publish_ip;
+        // With a proxy, the fixed host port is the proxy's: the container is published
+        // on a loopback port beside the previous version (see route.rs).
+        self.routed =
+            (self.ctx.config.proxy.as_ref()).and_then(|_| RoutedPort::of_spec(spec, publish_ip));
+        labels.extend(self.routed.iter().flat_map(|r| r.labels()));
+        let routed = self.routed;
         let container = ContainerSpec {
             name: name.clone(),
             image: self.image_name(),
@@ -368,9 +398,12 @@ impl Run {
             ports: spec
                 .ports
                 .iter()
-                .map(|p| PortSpec {
-                    host_ip: p.host_ip.or(Some(self.ctx.config.publish_ip)),
-                    ..*p
+                .map(|p| match routed.filter(|r| r.is(p)) {
+                    Some(r) => r.backend_port(p),
+                    None => PortSpec {
+                        host_ip: p.host_ip.or(Some(publish_ip)),
+                        ..*p
+                    },
                 })
                 .collect(),
             labels,
@@ -411,7 +444,12 @@ impl Run {
             .start(id)
             .await
             .map_err(|e| Failure::runtime(Phase::Starting, "container start", e))?;
-        // Follow the output from the start: log health checks and milestones read it.
+        let state = self.inspect(id, Phase::Starting).await?;
+        self.ports = state.ports.clone();
+        self.started_state = Some(state);
+        // Follow the output from the start (the engine sends it from the first line,
+        // so attaching after the inspection misses none): log health checks and
+        // milestones read it.
         let (tx, rx) = mpsc::channel(1024);
         let mut lines = self.ctx.runtime.follow_logs(id);
         let follower = tokio::spawn(async move {
@@ -423,8 +461,6 @@ impl Run {
         });
         self.log_follower = Some(AbortOnDropHandle::new(follower));
         self.log_lines = Some(rx);
-        let state = self.inspect(id, Phase::Starting).await?;
-        self.ports = state.ports.clone();
         let mut extra = Extra::default();
         for (name, url) in self.endpoints() {
             extra.metadata.insert(format!("endpoint.{name}"), url);
@@ -453,7 +489,9 @@ impl Run {
     /// container is stopped (not removed) right before the start: the app is briefly
     /// down, and if this deployment does not complete the rollback starts the previous
     /// container again. With host port 0 (any free port) nothing changes: the previous
-    /// version serves until the switch.
+    /// version serves until the switch. With a proxy the routed port is the proxy's,
+    /// not the container's: the previous version holds it only if it was deployed
+    /// without the proxy (then it is stopped here, once, so the proxy can bind it).
     async fn hand_over_fixed_ports(&mut self, ours: &str) -> Result<(), Failure> {
         let fixed: Vec<u16> = (self.rep.deployment().spec.ports.iter())
             .filter(|p| p.host_port != 0)
@@ -580,8 +618,12 @@ impl Run {
         let result = loop {
             attempts += 1;
             output.drain(&mut self.rep, &probe);
+            let state = match self.started_state.take() {
+                Some(state) => state,
+                None => self.inspect(id, Phase::HealthCheck).await?,
+            };
             let target = health::Target {
-                state: self.inspect(id, Phase::HealthCheck).await?,
+                state,
                 ports: &self.ports,
                 public_host: self.ctx.runtime.public_host(),
                 http: &self.ctx.http,
@@ -619,7 +661,7 @@ impl Run {
                     elapsed.as_secs_f64()
                 ));
             }
-            let wake = Instant::now() + spec.interval;
+            let wake = Instant::now() + health::retry_delay(attempts, spec.interval);
             output.read_until(&mut self.rep, &probe, wake).await;
         };
         output.drain(&mut self.rep, &probe);
@@ -674,6 +716,7 @@ impl Run {
         // The point of no return is on disk before the previous version is touched: a
         // recovery after a crash from here on keeps this version (see recover.rs).
         self.ctx.store.flush().await;
+        let (base, span) = self.switch_route().await?;
         let stopped = self.stopped_previous.clone();
         let previous = self
             .app_containers(|c| c.id != ours && (c.running || stopped.contains(&c.id)))
@@ -681,12 +724,13 @@ impl Run {
             .map_err(|e| Failure::runtime(Phase::Switching, "listing the app's containers", e))?;
         let total = previous.len().max(1) as f64;
         for (i, old) in previous.iter().enumerate() {
-            self.stop_previous(old, i as f64 / total, 1.0 / total).await;
+            let at = base + span * i as f64 / total;
+            self.stop_previous(old, at, span / total).await;
             self.ctx.runtime.remove(&old.id).await.map_err(|e| {
                 Failure::runtime(Phase::Switching, "removing the previous container", e)
             })?;
             self.rep.progress(
-                (i + 1) as f64 / total,
+                base + span * (i + 1) as f64 / total,
                 Level::Info,
                 format!(
                     "removed previous container {} (deployment {})",
@@ -707,97 +751,31 @@ impl Run {
         self.clean_up(ours).await
     }
 
-    /// Stops a previous version under the stop policy: its stop signal, then up to the
-    /// grace (the request's `stop_timeout`, else the container's StopTimeout, else
-    /// [`DEFAULT_STOP_TIMEOUT`]), reported about each second over `[base, base + span]`
-    /// of the phase, then killed. How it exits does not fail the deployment.
+    /// With a proxy: points the app's route at the new container, then waits for the
+    /// connections open to the previous version to drain (see [`route`]). Returns the
+    /// part of the phase left for stopping the previous version.
+    async fn switch_route(&mut self) -> Result<(f64, f64), Failure> {
+        let (Some(routed), Some(proxy)) = (self.routed, self.ctx.config.proxy.clone()) else {
+            return Ok((0.0, 1.0));
+        };
+        let backend = routed.backend(&self.ports).ok_or_else(|| {
+            let port = routed.container_port;
+            let message = format!("port {port}/tcp of the new container is not published");
+            Failure::new(Phase::Switching, "switching the route", message)
+        })?;
+        let version = self.image_name();
+        if let Some(old) = route::switch(&mut self.rep, &proxy, routed, backend, &version).await? {
+            route::drain(&mut self.rep, &proxy, old, (0.1, 0.4)).await;
+        }
+        Ok((0.5, 0.5))
+    }
+
+    /// Stops a previous version under the stop policy (see [`stop_gracefully`]).
     async fn stop_previous(&mut self, old: &ContainerSummary, base: f64, span: f64) {
         let runtime = self.ctx.runtime.clone();
-        let Ok(state) = runtime.inspect(&old.id).await else {
-            return; // Gone already, or the removal reports the engine's trouble.
-        };
-        if !state.running {
-            return;
-        }
-        let grace = (self.rep.deployment().spec.stop_timeout)
-            .or(state.stop_timeout)
-            .unwrap_or(DEFAULT_STOP_TIMEOUT);
-        let signal = state
-            .stop_signal
-            .clone()
-            .unwrap_or_else(|| "SIGTERM".into());
-        let name = short(&old.id).to_owned();
-        let secs = grace.as_secs_f64();
-        self.rep.progress(
-            base,
-            Level::Info,
-            format!(
-                "sent {signal} to previous container {name}; waiting up to {secs}s for it to stop"
-            ),
-            Extra::meta([
-                ("stop_signal", signal.clone()),
-                ("stop_timeout_ms", grace.as_millis().to_string()),
-                ("stopping_container_id", old.id.clone()),
-            ]),
-        );
-        let started = Instant::now();
-        let stop = runtime.stop_with(&old.id, Some(&signal), grace);
-        tokio::pin!(stop);
-        let mut tick =
-            tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
-        let result = loop {
-            tokio::select! {
-                r = &mut stop => break r,
-                _ = tick.tick() => {
-                    let waited = started.elapsed().as_secs_f64();
-                    self.rep.progress(
-                        base + span * 0.9 * (waited / secs.max(0.001)).min(1.0),
-                        Level::Info,
-                        format!("waiting for previous container {name} to stop: {:.0}s of its {secs}s grace", waited.floor()),
-                        Extra::meta([("waited_seconds", format!("{:.0}", waited.floor()))]),
-                    );
-                }
-            }
-        };
-        let waited = started.elapsed();
-        let exit = runtime
-            .inspect(&old.id)
-            .await
-            .ok()
-            .and_then(|s| s.exit_code);
-        let code = exit
-            .map(|c| format!(" (exit code {c})"))
-            .unwrap_or_default();
-        let killed = exit == Some(137)
-            && signal != "SIGKILL"
-            && signal != "KILL"
-            && waited >= grace.mul_f64(0.9);
-        let (level, message) = match result {
-            Err(e) => (
-                Level::Warning,
-                format!("stopping previous container {name} failed: {e}; removing it by force"),
-            ),
-            Ok(()) if killed => (
-                Level::Warning,
-                format!(
-                    "previous container {name} did not stop within its {secs}s grace: killed (SIGKILL){code}"
-                ),
-            ),
-            Ok(()) => (
-                Level::Info,
-                format!(
-                    "previous container {name} stopped after {:.1}s{code}",
-                    waited.as_secs_f64()
-                ),
-            ),
-        };
-        let outcome = if killed { "killed" } else { "stopped" };
-        self.rep.progress(
-            base + span * 0.9,
-            level,
-            message,
-            Extra::meta([("stop_outcome", outcome.into())]),
-        );
+        let grace = self.rep.deployment().spec.stop_timeout;
+        let what = "previous container";
+        stop_gracefully(&mut self.rep, &*runtime, grace, old, what, (base, span)).await;
     }
 
     /// CLEANUP: stopped containers of earlier deployments go.
@@ -829,7 +807,11 @@ impl Run {
     }
 
     fn succeed(mut self, container_id: String) {
-        let endpoints = self.endpoints();
+        // With a proxy, the routed port's endpoint is the app's stable address.
+        let endpoints = match self.routed {
+            Some(r) => endpoints(self.ctx.runtime.public_host(), &r.public_ports(&self.ports)),
+            None => self.endpoints(),
+        };
         let spec = &self.rep.deployment().spec;
         let mut message = format!(
             "deployed {} as app {} in container {}",
@@ -849,6 +831,7 @@ impl Run {
             health: std::mem::take(&mut self.health),
             diagnostics: None,
             commit: self.commit.clone(),
+            containers_removed: 0,
         };
         self.rep.finish(DeploymentState::Succeeded, result);
     }
@@ -885,6 +868,7 @@ impl Run {
             health: std::mem::take(&mut self.health),
             diagnostics,
             commit: self.commit.clone(),
+            containers_removed: 0,
         };
         self.rep.finish(state, result);
     }
@@ -1004,6 +988,115 @@ impl Run {
         }
         Ok(())
     }
+}
+
+/// Stops a container under the stop policy: its stop signal, then up to the grace
+/// (`grace`: the request's `stop_timeout`, else the container's StopTimeout, else
+/// [`DEFAULT_STOP_TIMEOUT`]), reported about each second over `[base, base + span]` of
+/// the phase, then killed. `what` names it in messages ("previous container"). How it
+/// exits does not fail the deployment or the removal.
+pub(super) async fn stop_gracefully(
+    rep: &mut Reporter,
+    runtime: &dyn crate::runtime::Runtime,
+    grace: Option<Duration>,
+    old: &ContainerSummary,
+    what: &str,
+    (base, span): (f64, f64),
+) {
+    let Ok(state) = runtime.inspect(&old.id).await else {
+        return; // Gone already, or the removal reports the engine's trouble.
+    };
+    if !state.running {
+        return;
+    }
+    let grace = grace.or(state.stop_timeout).unwrap_or(DEFAULT_STOP_TIMEOUT);
+    let signal = state
+        .stop_signal
+        .clone()
+        .unwrap_or_else(|| "SIGTERM".into());
+    let name = short(&old.id).to_owned();
+    let secs = grace.as_secs_f64();
+    rep.progress(
+        base,
+        Level::Info,
+        format!("sent {signal} to {what} {name}; waiting up to {secs}s for it to stop"),
+        Extra::meta([
+            ("stop_signal", signal.clone()),
+            ("stop_timeout_ms", grace.as_millis().to_string()),
+            ("stopping_container_id", old.id.clone()),
+        ]),
+    );
+    let started = Instant::now();
+    let stop = runtime.stop_with(&old.id, Some(&signal), grace);
+    tokio::pin!(stop);
+    let mut tick =
+        tokio::time::interval_at(started + Duration::from_secs(1), Duration::from_secs(1));
+    let result = loop {
+        tokio::select! {
+            r = &mut stop => break r,
+            _ = tick.tick() => {
+                let waited = started.elapsed().as_secs_f64();
+                rep.progress(
+                    base + span * 0.9 * (waited / secs.max(0.001)).min(1.0),
+                    Level::Info,
+                    format!("waiting for {what} {name} to stop: {:.0}s of its {secs}s grace", waited.floor()),
+                    Extra::meta([("waited_seconds", format!("{:.0}", waited.floor()))]),
+                );
+            }
+        }
+    };
+    let waited = started.elapsed();
+    let exit = runtime
+        .inspect(&old.id)
+        .await
+        .ok()
+        .and_then(|s| s.exit_code);
+    let (level, message, outcome) = stop_outcome(result, exit, &signal, waited, grace, what, &name);
+    rep.progress(
+        base + span * 0.9,
+        level,
+        message,
+        Extra::meta([("stop_outcome", outcome.into())]),
+    );
+}
+
+/// How a container's stop ended (`what`: "previous container", "container"): the update's level and message, and the
+/// `stop_outcome` (`killed` when the grace ran out and the engine sent SIGKILL).
+fn stop_outcome(
+    result: Result<(), impl std::fmt::Display>,
+    exit: Option<i64>,
+    signal: &str,
+    waited: Duration,
+    grace: Duration,
+    what: &str,
+    name: &str,
+) -> (Level, String, &'static str) {
+    let secs = grace.as_secs_f64();
+    let code = exit
+        .map(|c| format!(" (exit code {c})"))
+        .unwrap_or_default();
+    let killed = exit == Some(137)
+        && signal != "SIGKILL"
+        && signal != "KILL"
+        && waited >= grace.mul_f64(0.9);
+    let (level, message) = match result {
+        Err(e) => (
+            Level::Warning,
+            format!("stopping {what} {name} failed: {e}; removing it by force"),
+        ),
+        Ok(()) if killed => (
+            Level::Warning,
+            format!("{what} {name} did not stop within its {secs}s grace: killed (SIGKILL){code}"),
+        ),
+        Ok(()) => (
+            Level::Info,
+            format!(
+                "{what} {name} stopped after {:.1}s{code}",
+                waited.as_secs_f64()
+            ),
+        ),
+    };
+    (level, message, if killed { "killed" } else { "stopped" })
 }
 
 /// The deadline counts from acceptance, queue wait included.

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::deployment::{Extra, Reporter};
+use super::eta::StepSample;
 use super::pull::PullTracker;
 use super::run::Failure;
 use super::run::StepOutput;
@@ -39,16 +40,19 @@ impl Every {
     }
 }
 
-/// FETCHING: fetches `source` into `cache` and returns the commit and the worktree.
+/// FETCHING: fetches `source` into `cache` and returns the commit and the worktree
+/// (`file://` and local paths only with `allow_local`).
 pub(super) async fn fetch(
     rep: &mut Reporter,
     source: &SourceSpec,
     cache: &Path,
+    allow_local: bool,
 ) -> Result<git::Fetched, Failure> {
     rep.enter(Phase::Fetching, format!("fetching {}", source.describe()));
     let git_source = GitSource {
         url: source.url.clone(),
         reference: source.reference.clone(),
+        allow_local,
     };
     // Dropping this step (cancel, deadline, shutdown) kills git's process group.
     let never = CancellationToken::new();
@@ -187,6 +191,9 @@ pub(super) async fn build(
         ),
         BuildEvent::Step(s) => {
             current = Some((s.number, s.total));
+            if let Some(eta) = rep.eta_live() {
+                eta.build_step(s.number, s.total, &s.instruction);
+            }
             rep.progress(
                 f64::from(s.number - 1) / f64::from(s.total.max(1)),
                 Level::Info,
@@ -200,6 +207,9 @@ pub(super) async fn build(
         }
         BuildEvent::Cached { number } => {
             cached += 1;
+            if let Some(eta) = rep.eta_live() {
+                eta.build_cached(true);
+            }
             let (_, total) = current.unwrap_or((number, number));
             rep.progress(
                 0.0,
@@ -212,7 +222,12 @@ pub(super) async fn build(
                 ]),
             );
         }
-        BuildEvent::Running { .. } | BuildEvent::Image { .. } => {}
+        BuildEvent::Running { .. } => {
+            if let Some(eta) = rep.eta_live() {
+                eta.build_cached(false);
+            }
+        }
+        BuildEvent::Image { .. } => {}
         BuildEvent::Output { line, skipped, step } => {
             let mut extra = Extra::default();
             if skipped > 0 {
@@ -279,9 +294,20 @@ pub(super) async fn build(
         tag,
         total_steps,
         cached_steps,
+        steps,
         ..
     } = &outcome
     {
+        rep.record_build(
+            steps
+                .iter()
+                .map(|s| StepSample {
+                    instruction: s.instruction.clone(),
+                    cached: s.cached,
+                    duration: s.duration,
+                })
+                .collect(),
+        );
         rep.progress(
             1.0,
             Level::Info,

@@ -10,8 +10,8 @@ use tokio::sync::Semaphore;
 use super::{Engine, EngineConfig};
 use crate::events::{ObserverRegistry, UpdateStream};
 use crate::model::{
-    AppName, DeploySpec, DeploymentState, EventKind, HealthSpec, LABEL_APP, Phase, PortSpec,
-    Protocol, Update,
+    AppName, DeploySpec, DeploymentState, EventKind, HealthSpec, LABEL_APP, Operation, Phase,
+    PortSpec, Protocol, Update,
 };
 use crate::runtime::fake::{FakeRuntime, Health, Script};
 use crate::runtime::{LayerStatus, PullEvent};
@@ -44,6 +44,7 @@ async fn engine_with(fake: &Arc<FakeRuntime>, config: EngineConfig) -> Engine {
 pub(super) fn spec(app: &str, image: &str) -> DeploySpec {
     DeploySpec {
         stop_timeout: None,
+        drain_timeout: crate::model::DEFAULT_DRAIN_TIMEOUT,
         app: AppName::parse(app).unwrap(),
         image: image.into(),
         source: None,
@@ -424,6 +425,70 @@ async fn a_local_image_without_a_repo_digest_is_named_by_its_id() {
     assert_eq!(present.metadata["image_digest"], "sha256:local:1");
     let result = updates.last().unwrap().result.as_ref().unwrap();
     assert_eq!(result.image_digest, "sha256:local:1");
+}
+
+/// A pull's bytes and time are kept in the store; the next deployment of the app that
+/// pulls is estimated by the bytes it still has to download.
+#[tokio::test]
+async fn the_next_pull_is_estimated_by_its_bytes_from_the_last_one() {
+    const MIB: u64 = 1 << 20;
+    let pulling = |total: u64| Script {
+        pull: Some(vec![
+            layer("base", LayerStatus::AlreadyExists, None, None),
+            layer("a", LayerStatus::Pending, None, None),
+            layer("a", LayerStatus::Downloading, Some(MIB), Some(total)),
+            layer("a", LayerStatus::Downloaded, None, None),
+            layer("a", LayerStatus::Done, None, None),
+        ]),
+        ..Script::healthy()
+    };
+    let fake = FakeRuntime::with([
+        ("remote:1", pulling(4 * MIB)),
+        ("remote:2", pulling(8 * MIB)),
+    ]);
+    let engine = engine(&fake).await;
+    let first = deploy(&engine, spec("app", "remote:1")).await;
+    assert_eq!(first.last().unwrap().phase, Phase::Complete);
+    assert!(
+        first.iter().all(|u| u.eta.is_none()),
+        "no history, no estimate"
+    );
+    let id = first[0].deployment_id;
+    engine.0.store.flush().await;
+    let measured = engine.0.store.measured(&[id]).await.unwrap();
+    assert_eq!(measured[&id].pull.unwrap().bytes, 4 * MIB, "{measured:?}");
+    assert!(measured[&id].build.is_empty());
+
+    let second = deploy(&engine, spec("app", "remote:2")).await;
+    assert_eq!(second.last().unwrap().phase, Phase::Complete);
+    let by_bytes: Vec<&str> = second
+        .iter()
+        .filter(|u| u.phase == Phase::Pulling && u.pull.is_some())
+        .filter_map(|u| u.eta.as_ref())
+        .map(|e| e.basis.as_str())
+        .collect();
+    // (The fake pulls at once: the throttle lets through the first layer's update,
+    // no size known yet, and the last one.)
+    assert!(
+        by_bytes
+            .iter()
+            .any(|b| b.contains("pull: 0.0 MiB left at") && b.contains("measured over 1 pull")),
+        "{by_bytes:#?}"
+    );
+    let before = second
+        .iter()
+        .find(|u| u.phase == Phase::Validating)
+        .and_then(|u| u.eta.clone())
+        .expect("an estimate before the pull");
+    assert_eq!(before.samples, 1);
+    assert!(before.low <= before.remaining && before.remaining <= before.high);
+    // Retention removes the samples with the deployment.
+    let retention = crate::store::Retention {
+        max_deployments: Some(1),
+        ..Default::default()
+    };
+    engine.0.store.apply_retention(&retention).await.unwrap();
+    assert!(engine.0.store.measured(&[id]).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -1187,4 +1252,114 @@ async fn the_attempts_in_the_final_message_are_the_attempts_reported() {
         "{reported} reported: {}",
         end.message
     );
+}
+
+// ---------------------------------------------------------------------------
+// RemoveApp
+// ---------------------------------------------------------------------------
+
+fn app_name(app: &str) -> AppName {
+    AppName::parse(app).unwrap()
+}
+
+#[tokio::test]
+async fn a_removal_queues_behind_a_deployment_stops_removes_and_the_app_leaves_the_list() {
+    let (gate, fake) = gated_and_web();
+    let engine = engine(&fake).await;
+    deploy(&engine, spec("app", "web:1")).await;
+    // A deployment holds the app's lock; the removal waits behind it.
+    let (deploying, mut a) = engine.deploy(spec("app", "gated:1")).await.unwrap();
+    until(&mut a, |u| u.phase == Phase::Starting).await;
+    let (rid, mut r) = (engine.remove_app(app_name("app"), "unit test".into(), None))
+        .await
+        .unwrap();
+    let mut updates = until(&mut r, |u| matches!(u.kind, EventKind::Queued { .. })).await;
+    let queued = updates.last().unwrap().clone();
+    assert_eq!(queued.metadata["queued_behind"], deploying.to_string());
+    let status = engine.status(&rid.to_string()).await.unwrap();
+    assert_eq!(
+        (status.operation, status.state),
+        (Operation::RemoveApp, DeploymentState::Pending)
+    );
+    assert_eq!(
+        engine.state_counts().values().sum::<usize>(),
+        1,
+        "a removal is not counted as a deployment"
+    );
+    gate.add_permits(1);
+    let a_end = rest(a).await;
+    assert!(a_end.last().unwrap().result.as_ref().unwrap().success);
+    updates.extend(rest(r).await);
+    assert_well_formed(&updates);
+    assert!(updates.iter().all(|u| u.operation == Operation::RemoveApp));
+    let entered: Vec<Phase> = (updates.iter())
+        .filter(|u| u.kind == EventKind::PhaseStarted)
+        .map(|u| u.phase)
+        .collect();
+    assert_eq!(entered, vec![Phase::Switching, Phase::Cleanup]);
+    assert!(
+        updates
+            .iter()
+            .any(|u| u.metadata.contains_key("stop_outcome")),
+        "the stop is reported under the stop policy"
+    );
+    let end = updates.last().unwrap();
+    let result = end.result.as_ref().unwrap();
+    assert_eq!(
+        end.kind,
+        EventKind::Finished {
+            state: DeploymentState::Succeeded
+        }
+    );
+    assert_eq!(result.containers_removed, 1, "{}", result.message);
+    assert!(fake.existing().is_empty());
+    assert!(engine.apps().await.unwrap().is_empty(), "the app is gone");
+    // The replaced deployment is no longer presented as live.
+    let replaced = engine.status(&deploying.to_string()).await.unwrap();
+    assert_eq!(replaced.superseded_by, Some(rid));
+    assert!(replaced.result.unwrap().endpoints.is_empty());
+    // A later deploy brings the app back, with only that one running.
+    deploy(&engine, spec("app", "web:1")).await;
+    let apps = engine.apps().await.unwrap();
+    assert_eq!(apps.len(), 1);
+    assert!(apps[0].current.is_some());
+}
+
+#[tokio::test]
+async fn a_removal_interrupted_by_a_restart_is_finished_by_recovery() {
+    let fake = FakeRuntime::with([("web:1", Script::healthy())]);
+    let first = engine(&fake).await;
+    deploy(&first, spec("app", "web:1")).await;
+    assert_eq!(fake.existing().len(), 1);
+    // A removal that had begun stopping when the process died: on disk in SWITCHING.
+    let store = first.store().clone();
+    let id = crate::model::DeploymentId::new();
+    let log = crate::events::DeploymentLog::new();
+    let removal = Arc::new(super::Deployment::removal(
+        id,
+        app_name("app"),
+        "unit test".into(),
+        None,
+        log,
+    ));
+    store.insert(&removal.status(), &removal.spec);
+    let mut reporter = super::Reporter::new(removal, ObserverRegistry::new(), store.clone());
+    reporter.accepted();
+    reporter.enter(Phase::Switching, "stopping");
+    store.flush().await;
+
+    let second = Engine::new(
+        fake.clone(),
+        ObserverRegistry::new(),
+        EngineConfig::default(),
+        store,
+    );
+    let recovery = second.recover().await.unwrap();
+    assert_eq!(recovery.removals, vec![id]);
+    assert!(recovery.interrupted.is_empty());
+    let status = second.status(&id.to_string()).await.unwrap();
+    assert_eq!(status.state, DeploymentState::Succeeded);
+    assert_eq!(status.result.unwrap().containers_removed, 1);
+    assert!(fake.existing().is_empty());
+    assert!(second.apps().await.unwrap().is_empty());
 }

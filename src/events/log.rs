@@ -26,7 +26,7 @@ pub enum LogError {
 
 /// Where the start of a bounded log can be read back from once it has left memory
 /// (the store). Everything appended was handed to it before it was appended here.
-pub trait Backfill: Send + Sync + 'static {
+pub(crate) trait Backfill: Send + Sync + 'static {
     /// Up to `max` updates with a sequence above `after`, in order.
     fn read(
         &self,
@@ -44,6 +44,15 @@ pub struct DeploymentLog {
     last: watch::Sender<u64>,
     max_held: usize,
     backfill: Option<Arc<dyn Backfill>>,
+}
+
+impl std::fmt::Debug for DeploymentLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeploymentLog")
+            .field("last_sequence", &*self.last.borrow())
+            .field("max_held", &self.max_held)
+            .finish_non_exhaustive()
+    }
 }
 
 struct Inner {
@@ -75,7 +84,7 @@ impl DeploymentLog {
 
     /// A log that keeps at most `max_held` updates in memory; earlier ones are read
     /// from `backfill`.
-    pub fn bounded(max_held: usize, backfill: Arc<dyn Backfill>) -> Self {
+    pub(crate) fn bounded(max_held: usize, backfill: Arc<dyn Backfill>) -> Self {
         Self {
             max_held: max_held.max(1),
             backfill: Some(backfill),
@@ -84,7 +93,7 @@ impl DeploymentLog {
     }
 
     /// Builds a log from updates loaded from the store (a finished deployment).
-    pub fn from_updates(updates: Vec<Update>, closed: bool) -> Self {
+    pub(crate) fn from_updates(updates: Vec<Update>, closed: bool) -> Self {
         let first_seq = updates.first().map_or(1, |u| u.sequence);
         let last = updates.last().map_or(0, |u| u.sequence);
         Self {
@@ -108,19 +117,21 @@ impl DeploymentLog {
     }
 
     /// Sequence of the last update appended (0 when empty).
-    pub fn last_sequence(&self) -> u64 {
+    pub(crate) fn last_sequence(&self) -> u64 {
         *self.last.borrow()
     }
 
     /// Appends the next update. Its `sequence` must follow the last one; an update
     /// that ends the deployment closes the log. Never waits on readers.
-    pub fn append(&self, update: Update) -> Arc<Update> {
+    #[cfg(test)]
+    pub(crate) fn append(&self, update: Update) -> Arc<Update> {
         let update = Arc::new(update);
         self.append_shared(update.clone());
         update
     }
 
-    /// [`DeploymentLog::append`] of an update already shared (e.g. with the store).
+    /// Appends the next update, already shared (e.g. with the store). Its `sequence`
+    /// must follow the last one; an update that ends the deployment closes the log.
     pub fn append_shared(&self, update: Arc<Update>) {
         {
             let mut inner = self.inner.lock().expect("log lock");
@@ -201,9 +212,17 @@ pub struct UpdateStream {
 
 const BATCH: usize = 256;
 
+impl std::fmt::Debug for UpdateStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpdateStream")
+            .field("cursor", &self.cursor)
+            .finish_non_exhaustive()
+    }
+}
+
 impl UpdateStream {
     /// Sequence of the last update this stream yielded (where to resume from).
-    pub fn cursor(&self) -> u64 {
+    pub(crate) fn cursor(&self) -> u64 {
         self.cursor
     }
 }

@@ -8,7 +8,7 @@
 mod log;
 mod registry;
 
-pub use log::{Backfill, DeploymentLog, LogError, UpdateStream};
-pub use registry::{
-    DEFAULT_QUEUE, Observer, ObserverError, ObserverRegistry, ObserverStats, Subscription,
-};
+pub(crate) use log::Backfill;
+pub use log::{DeploymentLog, LogError, UpdateStream};
+pub(crate) use registry::DEFAULT_QUEUE;
+pub use registry::{Observer, ObserverError, ObserverRegistry, ObserverStats, Subscription};

@@ -61,7 +61,7 @@ pub trait Observer: Send + Sync + 'static {
 /// Counters of one observer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ObserverStats {
-    pub delivered: u64,
+    pub(crate) delivered: u64,
     pub dropped: u64,
     pub failed: u64,
 }
@@ -126,10 +126,24 @@ pub struct Subscription {
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for ObserverRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObserverRegistry").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Subscription {
     /// Unsubscribes, then waits until the observer has handled every update already
     /// queued and its [`Observer::on_close`] has returned.
-    pub async fn drain(mut self) {
+    pub(crate) async fn drain(mut self) {
         self.unsubscribe();
         if let Some(task) = self.task.take() {
             let _ = task.await;
@@ -156,7 +170,7 @@ impl Drop for Subscription {
 }
 
 /// Default queue length per observer.
-pub const DEFAULT_QUEUE: usize = 1024;
+pub(crate) const DEFAULT_QUEUE: usize = 1024;
 
 enum Receiver {
     Bounded(mpsc::Receiver<Event>),
@@ -189,7 +203,7 @@ impl ObserverRegistry {
     /// slow it is, and publishing still never waits. Memory is the price of a stuck
     /// observer, so a lossless observer should refuse new deployments through
     /// [`Observer::admit`] while it cannot make progress.
-    pub fn subscribe_lossless(&self, observer: Arc<dyn Observer>) -> Subscription {
+    pub(crate) fn subscribe_lossless(&self, observer: Arc<dyn Observer>) -> Subscription {
         let (tx, rx) = mpsc::unbounded_channel::<Event>();
         self.add(observer, Queue::Lossless(tx), Receiver::Lossless(rx))
     }
@@ -249,13 +263,13 @@ impl ObserverRegistry {
 
     /// Hands `update` to every observer without waiting: an observer whose bounded
     /// queue is full loses this update, and the loss is counted.
-    pub fn publish(&self, update: &Arc<Update>) {
+    pub(crate) fn publish(&self, update: &Arc<Update>) {
         self.offer(&Event::Update(update.clone()));
     }
 
     /// Hands a refused call to every observer, like [`ObserverRegistry::publish`]
     /// (same queues, same counters).
-    pub fn publish_refusal(&self, refusal: Refusal) {
+    pub(crate) fn publish_refusal(&self, refusal: Refusal) {
         self.offer(&Event::Refusal(Arc::new(refusal)));
     }
 
@@ -273,7 +287,7 @@ impl ObserverRegistry {
 
     /// Asks every subscribed observer whether a new deployment may start; the first
     /// refusal wins. Never waits.
-    pub fn admit(&self) -> Result<(), ObserverError> {
+    pub(crate) fn admit(&self) -> Result<(), ObserverError> {
         let observers: Vec<Arc<dyn Observer>> = {
             let inner = self.inner.lock().expect("registry lock");
             inner.entries.values().map(|e| e.observer.clone()).collect()

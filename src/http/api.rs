@@ -13,7 +13,8 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +22,11 @@ use axum::routing::{get, post};
 use futures_util::{Stream, StreamExt};
 use tonic::{Code, Status};
 
-use crate::api::auth::{self, Authenticator, Refusals};
+use std::net::SocketAddr;
+use tonic::transport::server::TcpConnectInfo;
+
+use super::Peer;
+use crate::api::auth::{self, Authenticator, Refusals, Scope};
 use crate::api::{DeployerService, OLDEST_SEQUENCE};
 use crate::proto;
 use crate::proto::deployer_server::Deployer;
@@ -29,10 +34,10 @@ use crate::proto::deployer_server::Deployer;
 /// What the API routes need: the shared Deployer service and the same auth the
 /// gRPC layer uses (`None`: auth off).
 #[derive(Clone)]
-pub struct ApiState {
-    pub deployer: Arc<DeployerService>,
-    pub auth: Option<Authenticator>,
-    pub refusals: Refusals,
+pub(crate) struct ApiState {
+    pub(crate) deployer: Arc<DeployerService>,
+    pub(crate) auth: Option<Authenticator>,
+    pub(crate) refusals: Refusals,
 }
 
 /// How long a browser's EventSource waits before reconnecting (`retry:`).
@@ -40,8 +45,9 @@ const RETRY: Duration = Duration::from_secs(2);
 /// Comment lines sent on a quiet stream so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-pub fn router<S: Clone + Send + Sync + 'static>(state: ApiState) -> Router<S> {
+pub(crate) fn router<S: Clone + Send + Sync + 'static>(state: ApiState) -> Router<S> {
     Router::new()
+        .route("/v1/whoami", get(whoami))
         .route("/v1/apps", get(list_apps))
         .route("/v1/apps/{app}", axum::routing::delete(remove_app))
         .route("/v1/deployments", get(list_deployments).post(deploy))
@@ -52,7 +58,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(state: ApiState) -> Router<S> {
 }
 
 /// A gRPC status as an HTTP answer.
-pub struct ApiError(pub Status);
+pub(crate) struct ApiError(pub Status);
 
 impl From<Status> for ApiError {
     fn from(s: Status) -> Self {
@@ -61,7 +67,7 @@ impl From<Status> for ApiError {
 }
 
 /// The canonical name of a gRPC code (`INVALID_ARGUMENT`).
-pub fn code_name(code: Code) -> &'static str {
+pub(crate) fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
         Code::Cancelled => "CANCELLED",
@@ -85,7 +91,7 @@ pub fn code_name(code: Code) -> &'static str {
 
 /// The HTTP status of a gRPC code. FAILED_PRECONDITION (e.g. cancelling a finished
 /// deployment) is a conflict with the resource's state: 409.
-pub fn http_status(code: Code) -> StatusCode {
+pub(crate) fn http_status(code: Code) -> StatusCode {
     match code {
         Code::Ok => StatusCode::OK,
         Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
@@ -120,31 +126,51 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// What a route knows of its caller: the request's headers (the bearer token,
+/// `Last-Event-ID`) and the client's address.
+pub(crate) struct Call {
+    headers: HeaderMap,
+    peer: Option<SocketAddr>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Call {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        let peer = (parts.extensions.get::<ConnectInfo<Peer>>()).map(|c| c.0.0);
+        Ok(Self {
+            headers: parts.headers.clone(),
+            peer,
+        })
+    }
+}
+
 impl ApiState {
     /// A request to the Deployer `method` with the caller's credentials checked as
-    /// the gRPC layer checks them.
+    /// the gRPC layer checks them, and the client's address where tonic puts a peer's
+    /// (so `requested_by` without auth is that address, as over gRPC).
     fn request<T>(
         &self,
         method: &str,
-        headers: &HeaderMap,
+        call: &Call,
         message: T,
     ) -> Result<tonic::Request<T>, ApiError> {
         let mut request = tonic::Request::new(message);
+        request.extensions_mut().insert(TcpConnectInfo {
+            local_addr: None,
+            remote_addr: call.peer,
+        });
         if let Some(auth) = &self.auth {
-            let caller = auth::authorize(auth, &self.refusals, method, headers, None)?;
+            let caller = auth::authorize(auth, &self.refusals, method, &call.headers, call.peer)?;
             request.extensions_mut().insert(caller);
         }
         Ok(request)
     }
 
     /// GetStatus of `id` for this caller.
-    async fn status(
-        &self,
-        headers: &HeaderMap,
-        id: String,
-    ) -> Result<proto::DeploymentStatus, ApiError> {
+    async fn status(&self, call: &Call, id: String) -> Result<proto::DeploymentStatus, ApiError> {
         let message = proto::GetStatusRequest { deployment_id: id };
-        let request = self.request("GetStatus", headers, message)?;
+        let request = self.request("GetStatus", call, message)?;
         Ok(self.deployer.get_status(request).await?.into_inner())
     }
 }
@@ -153,19 +179,75 @@ fn json<T: serde::Serialize>(value: &T) -> Response {
     Json(value).into_response()
 }
 
-async fn list_apps(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
-    let request = s.request("ListApps", &headers, proto::ListAppsRequest {})?;
+/// `GET /v1/whoami`: the caller's token name and the scopes it grants (the implied
+/// ones included), so a page shows only what the caller may do. With auth off:
+/// `auth: false`, every scope, and the client's address as the name (what
+/// `requested_by` records).
+async fn whoami(State(s): State<ApiState>, call: Call) -> ApiResult {
+    let peer = call.peer.map(|p| p.to_string()).unwrap_or_default();
+    let (name, scopes, auth) = match &s.auth {
+        None => (peer, Scope::ALL.to_vec(), false),
+        Some(auth) => {
+            let caller = auth::authorize(auth, &s.refusals, "WhoAmI", &call.headers, call.peer)?;
+            (caller.name, caller.scopes, true)
+        }
+    };
+    let scopes: Vec<&str> = scopes.into_iter().map(Scope::as_str).collect();
+    Ok(json(
+        &serde_json::json!({ "name": name, "scopes": scopes, "auth": auth }),
+    ))
+}
+
+async fn list_apps(State(s): State<ApiState>, call: Call) -> ApiResult {
+    let request = s.request("ListApps", &call, proto::ListAppsRequest {})?;
     Ok(json(s.deployer.list_apps(request).await?.get_ref()))
 }
 
-/// `DELETE /v1/apps/{app}`: RemoveApp.
+#[derive(serde::Deserialize)]
+struct RemoveParams {
+    #[serde(default)]
+    wait: Option<String>,
+}
+
+/// `DELETE /v1/apps/{app}`: RemoveApp. By default `202` with the removal's status (an
+/// operation like a deployment) and its `Location`, to follow like a deployment (its
+/// events, its status); with `?wait=true`, `200` with the RemoveAppResponse once it
+/// has ended.
 async fn remove_app(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    call: Call,
     Path(app): Path<String>,
+    Query(p): Query<RemoveParams>,
 ) -> ApiResult {
-    let request = s.request("RemoveApp", &headers, proto::RemoveAppRequest { app })?;
-    Ok(json(s.deployer.remove_app(request).await?.get_ref()))
+    let wait = match p.wait.as_deref() {
+        None | Some("") | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(w) => {
+            let message = format!("wait: not a boolean: {w:?}");
+            return Err(Status::invalid_argument(message).into());
+        }
+    };
+    let message = proto::RemoveAppRequest {
+        app,
+        detach: !wait,
+        ..Default::default()
+    };
+    let request = s.request("RemoveApp", &call, message)?;
+    let removal = s.deployer.remove_app(request).await?.into_inner();
+    if wait {
+        return Ok(json(&removal));
+    }
+    accepted(&s, &call, removal.deployment_id).await
+}
+
+/// `202` with the status of the operation `id` just accepted and its `Location`.
+async fn accepted(s: &ApiState, call: &Call, id: String) -> ApiResult {
+    let status = s.status(call, id.clone()).await?;
+    let mut response = (StatusCode::ACCEPTED, Json(status)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/deployments/{id}")) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
 }
 
 #[derive(serde::Deserialize)]
@@ -199,7 +281,7 @@ fn parse_state(s: &str) -> Result<i32, Status> {
 
 async fn list_deployments(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    call: Call,
     Query(p): Query<ListParams>,
 ) -> ApiResult {
     let page_size = match p.page_size.as_deref() {
@@ -214,22 +296,18 @@ async fn list_deployments(
         page_size,
         page_token: p.page_token,
     };
-    let request = s.request("ListDeployments", &headers, message)?;
+    let request = s.request("ListDeployments", &call, message)?;
     Ok(json(s.deployer.list_deployments(request).await?.get_ref()))
 }
 
-async fn get_status(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
-    Ok(json(&s.status(&headers, id).await?))
+async fn get_status(State(s): State<ApiState>, call: Call, Path(id): Path<String>) -> ApiResult {
+    Ok(json(&s.status(&call, id).await?))
 }
 
 /// `POST /v1/deployments`: starts a deployment; 202 with its status and a Location.
-async fn deploy(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+async fn deploy(State(s): State<ApiState>, call: Call, body: Bytes) -> ApiResult {
     // Credentials first: an anonymous caller learns nothing about the body's shape.
-    let request = s.request("Deploy", &headers, ())?;
+    let request = s.request("Deploy", &call, ())?;
     let message: proto::DeployRequest = serde_json::from_slice(&body)
         .map_err(|e| Status::invalid_argument(format!("request body: {e}")))?;
     let (metadata, extensions, ()) = request.into_parts();
@@ -242,22 +320,12 @@ async fn deploy(State(s): State<ApiState>, headers: HeaderMap, body: Bytes) -> A
         None => return Err(Status::internal("the deployment sent no update").into()),
     };
     drop(updates);
-    let id = first.deployment_id;
-    let status = s.status(&headers, id.clone()).await?;
-    let mut response = (StatusCode::ACCEPTED, Json(status)).into_response();
-    if let Ok(location) = HeaderValue::from_str(&format!("/v1/deployments/{id}")) {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    Ok(response)
+    accepted(&s, &call, first.deployment_id).await
 }
 
-async fn cancel(
-    State(s): State<ApiState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult {
+async fn cancel(State(s): State<ApiState>, call: Call, Path(id): Path<String>) -> ApiResult {
     let message = proto::CancelRequest { deployment_id: id };
-    let request = s.request("CancelDeployment", &headers, message)?;
+    let request = s.request("CancelDeployment", &call, message)?;
     Ok(json(s.deployer.cancel_deployment(request).await?.get_ref()))
 }
 
@@ -286,19 +354,19 @@ fn resume_point(headers: &HeaderMap, after: Option<&str>) -> Result<u64, Status>
 /// `GET /v1/deployments/{id}/events`: WatchDeployment as Server-Sent Events.
 async fn events(
     State(s): State<ApiState>,
-    headers: HeaderMap,
+    call: Call,
     Path(id): Path<String>,
     Query(p): Query<EventsParams>,
 ) -> ApiResult {
-    let after = resume_point(&headers, p.after.as_deref())?;
+    let after = resume_point(&call.headers, p.after.as_deref())?;
     // A deployment that ended and was read to its end: 204, so an EventSource stops.
-    let status = s.status(&headers, id.clone()).await?;
+    let status = s.status(&call, id.clone()).await?;
     if status.result.is_some() && after >= status.last_sequence {
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let watch = s.request(
         "WatchDeployment",
-        &headers,
+        &call,
         proto::WatchRequest {
             deployment_id: id,
             after_sequence: after,
@@ -335,7 +403,7 @@ fn sse(events: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -
 
 /// One update: `id: <sequence>`, `event: update` (`result` for the terminal one),
 /// `data:` its JSON on one line.
-pub fn update_event(u: &proto::ProgressUpdate) -> Event {
+pub(crate) fn update_event(u: &proto::ProgressUpdate) -> Event {
     let kind = if u.result.is_some() {
         "result"
     } else {

@@ -2,8 +2,8 @@
 //! Prometheus, the JSON API with its event streams (`api.rs`) and the dashboard page
 //! (`page.rs`).
 
-pub mod api;
-pub mod page;
+pub(crate) mod api;
+pub(crate) mod page;
 
 use std::sync::Arc;
 
@@ -19,16 +19,42 @@ use crate::model::DeploymentState;
 use crate::observers::metrics::Metrics;
 use crate::runtime::Runtime;
 
-#[derive(Clone)]
-pub struct HttpState {
-    pub runtime: Arc<dyn Runtime>,
-    /// Renders `/metrics` (404 without it).
-    pub metrics: Option<Arc<MetricsExporter>>,
-    /// The JSON API and the page (absent: not served).
-    pub api: Option<api::ApiState>,
+/// The address of an HTTP client, as the listener (plain or TLS) accepted it: the
+/// connect info of the router (`into_make_service_with_connect_info::<Peer>`), which the
+/// API hands to the Deployer service as the gRPC server would (`requested_by` without
+/// auth, the peer of a refusal).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
 }
 
-pub fn router(state: HttpState) -> Router {
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, crate::security::TlsListener>,
+    > for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::security::TlsListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct HttpState {
+    pub(crate) runtime: Arc<dyn Runtime>,
+    /// Renders `/metrics` (404 without it).
+    pub(crate) metrics: Option<Arc<MetricsExporter>>,
+    /// The JSON API and the page (absent: not served).
+    pub(crate) api: Option<api::ApiState>,
+}
+
+pub(crate) fn router(state: HttpState) -> Router {
     let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics));
@@ -66,18 +92,18 @@ async fn metrics(State(state): State<HttpState>) -> axum::response::Response {
 
 /// Renders `/metrics`: samples what is better read than counted (gauges from the
 /// engine, observer counters from the registry), then the exposition.
-pub struct MetricsExporter {
-    pub metrics: Arc<Metrics>,
-    pub engine: Engine,
-    pub observers: ObserverRegistry,
+pub(crate) struct MetricsExporter {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) engine: Engine,
+    pub(crate) observers: ObserverRegistry,
     /// Calls turned away, per limit (`stevedore_rejections_total`).
-    pub rejections: Arc<Rejections>,
+    pub(crate) rejections: Arc<Rejections>,
     /// Whether the audit log can be written now, when there is one.
-    pub audit_writable: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    pub(crate) audit_writable: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl MetricsExporter {
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let m = &self.metrics;
         let counts = self.engine.state_counts();
         let count = |s| counts.get(&s).copied().unwrap_or(0) as f64;

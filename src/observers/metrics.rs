@@ -12,6 +12,7 @@
 //! | `stevedore_deployments_running` / `_queued` | gauge | |
 //! | `stevedore_deployment_duration_seconds` | histogram | `outcome` (`app`) |
 //! | `stevedore_phase_duration_seconds` | histogram | `phase`, `outcome` = completed, failed, cancelled |
+//! | `stevedore_app_removals_total` | counter | `outcome` = succeeded, failed, cancelled (`app`) |
 //! | `stevedore_pull_bytes_total` | counter | |
 //! | `stevedore_health_check_attempts_total` | counter | `check` |
 //! | `stevedore_health_checks_total` | counter | `check`, `result` = healthy, unhealthy |
@@ -21,7 +22,8 @@
 //! | `stevedore_audit_log_writable` | gauge | |
 //!
 //! `app` is there only with `--metrics-app-label`: app names are unbounded. No label
-//! ever carries a deployment ID.
+//! ever carries a deployment ID. Removals (RemoveApp) count only in
+//! `stevedore_app_removals_total`, never as deployments.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -59,6 +61,11 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "stevedore_deployments_queued",
         Kind::Gauge,
         "Deployments waiting for their app's current deployment to end.",
+    ),
+    (
+        "stevedore_app_removals_total",
+        Kind::Counter,
+        "App removals (RemoveApp) that ended, by outcome.",
     ),
     (
         "stevedore_deployment_duration_seconds",
@@ -138,7 +145,7 @@ static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 /// This server's metric registry. Cheap to share (`Arc`).
-pub struct Metrics {
+pub(crate) struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     app_label: bool,
@@ -146,7 +153,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// `app_label`: label deployment counters and durations with the app name.
-    pub fn new(app_label: bool) -> Self {
+    pub(crate) fn new(app_label: bool) -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets(BUCKETS)
             .expect("buckets are not empty")
@@ -173,12 +180,14 @@ impl Metrics {
                 .counter("stevedore_deployments_started_total", &[])
                 .absolute(0);
             for outcome in ["succeeded", "failed", "cancelled"] {
-                metrics
-                    .counter(
-                        "stevedore_deployments_finished_total",
-                        &[("outcome", outcome.into())],
-                    )
-                    .absolute(0);
+                for name in [
+                    "stevedore_deployments_finished_total",
+                    "stevedore_app_removals_total",
+                ] {
+                    metrics
+                        .counter(name, &[("outcome", outcome.into())])
+                        .absolute(0);
+                }
             }
         }
         metrics
@@ -195,33 +204,37 @@ impl Metrics {
         Key::from_parts(name, labels)
     }
 
-    pub fn counter(&self, name: &'static str, labels: &[(&'static str, String)]) -> Counter {
+    pub(crate) fn counter(&self, name: &'static str, labels: &[(&'static str, String)]) -> Counter {
         self.recorder
             .register_counter(&Self::key(name, labels), &METADATA)
     }
 
-    pub fn gauge(&self, name: &'static str, labels: &[(&'static str, String)]) -> Gauge {
+    pub(crate) fn gauge(&self, name: &'static str, labels: &[(&'static str, String)]) -> Gauge {
         self.recorder
             .register_gauge(&Self::key(name, labels), &METADATA)
     }
 
-    pub fn histogram(&self, name: &'static str, labels: &[(&'static str, String)]) -> Histogram {
+    pub(crate) fn histogram(
+        &self,
+        name: &'static str,
+        labels: &[(&'static str, String)],
+    ) -> Histogram {
         self.recorder
             .register_histogram(&Self::key(name, labels), &METADATA)
     }
 
     /// The text exposition of everything recorded so far.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         self.handle.render()
     }
 
     /// Drains histogram samples into their buckets; call periodically.
-    pub fn run_upkeep(&self) {
+    pub(crate) fn run_upkeep(&self) {
         self.handle.run_upkeep();
     }
 
     /// Calls [`Self::run_upkeep`] every `every` until `stop` is cancelled.
-    pub fn spawn_upkeep(
+    pub(crate) fn spawn_upkeep(
         self: &Arc<Self>,
         every: Duration,
         stop: tokio_util::sync::CancellationToken,
@@ -259,13 +272,13 @@ struct Track {
 }
 
 /// Turns updates into counters and histograms.
-pub struct MetricsObserver {
+pub(crate) struct MetricsObserver {
     metrics: Arc<Metrics>,
     live: Mutex<HashMap<DeploymentId, Track>>,
 }
 
 impl MetricsObserver {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             metrics,
             live: Mutex::new(HashMap::new()),
@@ -274,6 +287,14 @@ impl MetricsObserver {
 
     fn record(&self, u: &Update) {
         let m = &self.metrics;
+        if !u.operation.is_deploy() {
+            if let EventKind::Finished { state } = &u.kind {
+                let labels = m.app_labels(u.app.as_str(), vec![("outcome", state.as_str().into())]);
+                m.counter("stevedore_app_removals_total", &labels)
+                    .increment(1);
+            }
+            return;
+        }
         let mut live = self.live.lock().expect("metrics lock");
         match &u.kind {
             EventKind::Accepted { .. } => {

@@ -11,5 +11,5 @@
 //! deployment waits on.
 
 pub mod audit;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod webhook;

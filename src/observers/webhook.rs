@@ -33,20 +33,20 @@ use crate::model::{DeploymentId, StateChange, Update};
 
 pub const SIGNATURE_HEADER: &str = "X-Stevedore-Signature";
 pub const EVENT_ID_HEADER: &str = "X-Stevedore-Event-Id";
-pub const EVENT_HEADER: &str = "X-Stevedore-Event";
+pub(crate) const EVENT_HEADER: &str = "X-Stevedore-Event";
 
 /// Webhook settings.
 #[derive(Clone)]
-pub struct WebhookConfig {
-    pub urls: Vec<String>,
-    pub secret: String,
-    pub max_attempts: u32,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
+pub(crate) struct WebhookConfig {
+    pub(crate) urls: Vec<String>,
+    pub(crate) secret: String,
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff_initial: Duration,
+    pub(crate) backoff_max: Duration,
     /// Time limit of one POST.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// On shutdown, how long queued deliveries may still take.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
 }
 
 impl std::fmt::Debug for WebhookConfig {
@@ -83,7 +83,7 @@ impl From<&str> for WebhookSecret {
 }
 
 /// `sha256=<hex HMAC-SHA256 of body>`: the value of [`SIGNATURE_HEADER`].
-pub fn sign(secret: &[u8], body: &[u8]) -> String {
+pub(crate) fn sign(secret: &[u8], body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
     mac.update(body);
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
@@ -122,7 +122,7 @@ struct Shared {
 type WorkerKey = (usize, DeploymentId);
 
 /// Posts deployment state changes to the configured URLs.
-pub struct WebhookObserver {
+pub(crate) struct WebhookObserver {
     shared: Arc<Shared>,
     /// Queue of each (URL index, deployment) worker.
     workers: Mutex<HashMap<WorkerKey, mpsc::UnboundedSender<Arc<Delivery>>>>,
@@ -130,7 +130,7 @@ pub struct WebhookObserver {
 }
 
 impl WebhookObserver {
-    pub fn new(config: WebhookConfig, metrics: Option<Arc<Metrics>>) -> Self {
+    pub(crate) fn new(config: WebhookConfig, metrics: Option<Arc<Metrics>>) -> Self {
         let client = reqwest::Client::builder()
             .user_agent(concat!("stevedore/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -167,6 +167,7 @@ impl WebhookObserver {
         let body = json!({
             "event_id": event_id,
             "event": event,
+            "operation": u.operation.as_str(),
             "deployment_id": u.deployment_id.to_string(),
             "sequence": u.sequence,
             "app": u.app.as_str(),

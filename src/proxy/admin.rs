@@ -22,7 +22,7 @@ use axum::routing::get;
 use super::forward::Proxy;
 use super::routes::{ErrorBody, RouteError, SetRoute};
 
-pub fn admin_router(proxy: Proxy) -> Router {
+pub(crate) fn admin_router(proxy: Proxy) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/routes", get(list))
@@ -33,7 +33,7 @@ pub fn admin_router(proxy: Proxy) -> Router {
         .with_state(proxy)
 }
 
-pub fn metrics_router(proxy: Proxy) -> Router {
+pub(crate) fn metrics_router(proxy: Proxy) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))

@@ -74,7 +74,8 @@ impl ProxyClient {
         Ok(Self { http, socket })
     }
 
-    pub fn socket(&self) -> &Path {
+    /// The admin socket this client talks to.
+    pub(crate) fn socket(&self) -> &Path {
         &self.socket
     }
 

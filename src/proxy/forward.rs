@@ -40,15 +40,15 @@ const REBIND_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Settings of the forwarding core.
 #[derive(Clone, Debug)]
-pub struct ProxySettings {
-    pub state_file: PathBuf,
-    pub drain_timeout: Duration,
-    pub allow_privileged_ports: bool,
+pub(crate) struct ProxySettings {
+    pub(crate) state_file: PathBuf,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) allow_privileged_ports: bool,
 }
 
 /// The live routes. Cheap to clone.
 #[derive(Clone)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     inner: Arc<Inner>,
 }
 
@@ -158,7 +158,7 @@ impl AppShared {
 impl Proxy {
     /// Restores the routes of the state file and starts their listeners. A route whose
     /// port cannot be bound now is kept and retried every second.
-    pub async fn restore(
+    pub(crate) async fn restore(
         settings: ProxySettings,
         metrics: Arc<ProxyMetrics>,
     ) -> Result<Self, String> {
@@ -226,16 +226,16 @@ impl Proxy {
         })
     }
 
-    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
+    pub(crate) fn metrics(&self) -> &Arc<ProxyMetrics> {
         &self.inner.metrics
     }
 
-    pub async fn routes(&self) -> Vec<RouteStatus> {
+    pub(crate) async fn routes(&self) -> Vec<RouteStatus> {
         let apps = self.inner.apps.lock().await;
         apps.values().map(|e| e.shared.status(&e.route)).collect()
     }
 
-    pub async fn route(&self, app: &str) -> Result<RouteStatus, RouteError> {
+    pub(crate) async fn route(&self, app: &str) -> Result<RouteStatus, RouteError> {
         let apps = self.inner.apps.lock().await;
         apps.get(app)
             .map(|e| e.shared.status(&e.route))
@@ -244,7 +244,11 @@ impl Proxy {
 
     /// Sets or switches `app`'s route: new connections go to the new backend as soon as
     /// this returns; connections open to the previous one drain.
-    pub async fn set_route(&self, app: &str, set: SetRoute) -> Result<RouteStatus, RouteError> {
+    pub(crate) async fn set_route(
+        &self,
+        app: &str,
+        set: SetRoute,
+    ) -> Result<RouteStatus, RouteError> {
         let settings = &self.inner.settings;
         let mut route = set.route;
         validate(app, &route, settings.allow_privileged_ports)?;
@@ -253,44 +257,11 @@ impl Proxy {
             .map(Duration::from_millis)
             .unwrap_or(settings.drain_timeout);
         let mut apps = self.inner.apps.lock().await;
-        if let Some((other, _)) = apps
-            .iter()
-            .find(|(other, e)| *other != app && overlaps(e.route.listen, route.listen))
-        {
-            return Err(RouteError::PortTaken {
-                port: route.listen.port(),
-                app: other.clone(),
-            });
-        }
-        let existing = apps.get(app);
-        // Port 0 asks for a free port once; setting the route again keeps the one it got
-        // (while it is served: a refused restored port is not kept).
-        if let Some(e) = existing
-            && route.listen.port() == 0
-            && route.listen.ip() == e.route.listen.ip()
-            && !e.listener.is_cancelled()
-        {
-            route.listen = e.route.listen;
-        }
-        let rebind =
-            existing.is_none_or(|e| e.route.listen != route.listen || e.listener.is_cancelled());
-        let listener = if rebind {
-            let l = TcpListener::bind(route.listen)
-                .await
-                .map_err(|source| RouteError::Bind {
-                    addr: route.listen,
-                    source,
-                })?;
-            route.listen = l.local_addr().map_err(|source| RouteError::Bind {
-                addr: route.listen,
-                source,
-            })?;
-            Some(l)
-        } else {
-            None
-        };
+        port_free(&apps, app, &route)?;
+        let listener = bind_public(apps.get(app), &mut route).await?;
         self.persist(&apps, Some((app, &route))).await?;
 
+        let rebind = listener.is_some();
         let entry = match apps.remove(app) {
             None => {
                 let shared = self.new_shared(app, &route);
@@ -301,21 +272,7 @@ impl Proxy {
                     listener: CancellationToken::new(),
                 }
             }
-            Some(mut entry) => {
-                if entry.route.backend != route.backend {
-                    self.switch(&entry, &route, drain_timeout);
-                } else {
-                    *entry.shared.current().label.lock().unwrap() =
-                        (route.deployment_id.clone(), route.version.clone());
-                }
-                if rebind {
-                    tracing::info!(app, from = %entry.route.listen, to = %route.listen, "public address moved");
-                    entry.listener.cancel();
-                    entry.listener = CancellationToken::new();
-                }
-                entry.route = route.clone();
-                entry
-            }
+            Some(entry) => self.update_entry(entry, app, &route, drain_timeout, rebind),
         };
         if let Some(l) = listener {
             *entry.shared.listen_error.lock().unwrap() = None;
@@ -330,6 +287,31 @@ impl Proxy {
         apps.insert(app.to_owned(), entry);
         self.inner.metrics.set_routes(apps.len());
         Ok(status)
+    }
+
+    /// `entry` set to `route`: switched when the backend changed, its listener replaced
+    /// when `rebind`.
+    fn update_entry(
+        &self,
+        mut entry: AppEntry,
+        app: &str,
+        route: &Route,
+        drain_timeout: Duration,
+        rebind: bool,
+    ) -> AppEntry {
+        if entry.route.backend != route.backend {
+            self.switch(&entry, route, drain_timeout);
+        } else {
+            *entry.shared.current().label.lock().unwrap() =
+                (route.deployment_id.clone(), route.version.clone());
+        }
+        if rebind {
+            tracing::info!(app, from = %entry.route.listen, to = %route.listen, "public address moved");
+            entry.listener.cancel();
+            entry.listener = CancellationToken::new();
+        }
+        entry.route = route.clone();
+        entry
     }
 
     /// Moves new connections to `route.backend`; the previous generation drains.
@@ -398,7 +380,7 @@ impl Proxy {
     }
 
     /// Unbinds `app`'s public port; connections open to its backend drain.
-    pub async fn remove_route(&self, app: &str) -> Result<RouteStatus, RouteError> {
+    pub(crate) async fn remove_route(&self, app: &str) -> Result<RouteStatus, RouteError> {
         let mut apps = self.inner.apps.lock().await;
         if !apps.contains_key(app) {
             return Err(RouteError::NotFound(app.to_owned()));
@@ -510,7 +492,7 @@ impl Proxy {
 
     /// Stops every listener (the public ports are free for a new proxy at once), then
     /// waits up to `grace` for the open connections to close.
-    pub async fn shutdown(&self, grace: Duration) {
+    pub(crate) async fn shutdown(&self, grace: Duration) {
         self.inner.shutdown.cancel();
         self.inner.connections.close();
         let open = self.inner.connections.len();
@@ -530,6 +512,57 @@ impl Proxy {
 }
 
 /// Counts a generation's open connection while alive.
+/// `Err` when another app's public address overlaps `route`'s.
+fn port_free(
+    apps: &BTreeMap<String, AppEntry>,
+    app: &str,
+    route: &Route,
+) -> Result<(), RouteError> {
+    match apps
+        .iter()
+        .find(|(other, e)| *other != app && overlaps(e.route.listen, route.listen))
+    {
+        Some((other, _)) => Err(RouteError::PortTaken {
+            port: route.listen.port(),
+            app: other.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A listener on `route.listen` when the app has none there yet (`route.listen` then
+/// gets the bound port), else `None`. Port 0 asks for a free port once; setting the
+/// route again keeps the one it got (while it is served: a refused restored port is
+/// not kept).
+async fn bind_public(
+    existing: Option<&AppEntry>,
+    route: &mut Route,
+) -> Result<Option<TcpListener>, RouteError> {
+    if let Some(e) = existing
+        && route.listen.port() == 0
+        && route.listen.ip() == e.route.listen.ip()
+        && !e.listener.is_cancelled()
+    {
+        route.listen = e.route.listen;
+    }
+    let rebind =
+        existing.is_none_or(|e| e.route.listen != route.listen || e.listener.is_cancelled());
+    if !rebind {
+        return Ok(None);
+    }
+    let l = TcpListener::bind(route.listen)
+        .await
+        .map_err(|source| RouteError::Bind {
+            addr: route.listen,
+            source,
+        })?;
+    route.listen = l.local_addr().map_err(|source| RouteError::Bind {
+        addr: route.listen,
+        source,
+    })?;
+    Ok(Some(l))
+}
+
 struct OpenGuard {
     generation: Arc<Generation>,
     metrics: AppMetrics,

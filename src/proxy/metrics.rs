@@ -46,21 +46,21 @@ static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 /// The proxy's metric registry.
-pub struct ProxyMetrics {
+pub(crate) struct ProxyMetrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
 }
 
 /// One app's series, registered once per route.
 #[derive(Clone)]
-pub struct AppMetrics {
-    pub connections: Counter,
-    pub open: Gauge,
-    pub bytes_in: Counter,
-    pub bytes_out: Counter,
-    pub switches: Counter,
-    pub connect_failures: Counter,
-    pub cut: Counter,
+pub(crate) struct AppMetrics {
+    pub(crate) connections: Counter,
+    pub(crate) open: Gauge,
+    pub(crate) bytes_in: Counter,
+    pub(crate) bytes_out: Counter,
+    pub(crate) switches: Counter,
+    pub(crate) connect_failures: Counter,
+    pub(crate) cut: Counter,
 }
 
 impl Default for ProxyMetrics {
@@ -70,7 +70,7 @@ impl Default for ProxyMetrics {
 }
 
 impl ProxyMetrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         for (name, help) in DESCRIPTIONS {
@@ -102,7 +102,7 @@ impl ProxyMetrics {
     }
 
     /// The series of `app` (the same handles each time it is asked).
-    pub fn app(&self, app: &str) -> AppMetrics {
+    pub(crate) fn app(&self, app: &str) -> AppMetrics {
         let l = [("app", app)];
         AppMetrics {
             connections: self.counter("stevedore_proxy_connections_total", &l),
@@ -124,14 +124,14 @@ impl ProxyMetrics {
         }
     }
 
-    pub fn set_routes(&self, n: usize) {
+    pub(crate) fn set_routes(&self, n: usize) {
         self.recorder
             .register_gauge(&Self::key("stevedore_proxy_routes", &[]), &METADATA)
             .set(n as f64);
     }
 
     /// The text exposition (format 0.0.4).
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         self.handle.render()
     }
 }

@@ -13,12 +13,12 @@
 //!
 //! Nothing here knows the engine, the store or Docker.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod client;
-pub mod forward;
-pub mod metrics;
+pub(crate) mod forward;
+pub(crate) mod metrics;
 pub mod routes;
-pub mod state;
+pub(crate) mod state;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use forward::{Proxy, ProxySettings};
 
-pub type Error = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// `stevedore proxy` flags; each has a `STEVEDORE_PROXY_…` environment fallback.
 #[derive(clap::Args, Clone, Debug)]
@@ -42,58 +42,49 @@ pub struct ProxyConfig {
         env = "STEVEDORE_PROXY_ADMIN_SOCKET",
         default_value = "./stevedore-data/proxy.sock"
     )]
-    pub admin_socket: PathBuf,
+    pub(crate) admin_socket: PathBuf,
     /// Where the routes are kept, so a restart restores them.
     #[arg(
         long,
         env = "STEVEDORE_PROXY_STATE_FILE",
         default_value = "./stevedore-data/proxy-routes.json"
     )]
-    pub state_file: PathBuf,
+    pub(crate) state_file: PathBuf,
     /// HTTP listen address of `/metrics` (Prometheus) and `/healthz`.
     #[arg(
         long,
         env = "STEVEDORE_PROXY_METRICS_LISTEN",
         default_value = "127.0.0.1:50053"
     )]
-    pub metrics_listen: SocketAddr,
+    pub(crate) metrics_listen: SocketAddr,
     /// Allow routes whose public port is below 1024.
     #[arg(long, env = "STEVEDORE_PROXY_ALLOW_PRIVILEGED_PORTS")]
-    pub allow_privileged_ports: bool,
+    pub(crate) allow_privileged_ports: bool,
     /// How long connections open to a previous backend may stay open after a switch
     /// (a route change may give its own); also how long a stopping proxy waits for
     /// open connections.
     #[arg(long, env = "STEVEDORE_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
 }
 
 /// A proxy that is up.
-pub struct RunningProxy {
-    pub admin_socket: PathBuf,
-    pub metrics_addr: SocketAddr,
-    pub proxy: Proxy,
+pub(crate) struct RunningProxy {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), Error>>,
 }
 
 impl RunningProxy {
-    pub fn shutdown_token(&self) -> CancellationToken {
+    pub(crate) fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
 
-    /// Stops it (listeners at once, open connections within the drain timeout).
-    pub async fn stop(self) -> Result<(), Error> {
-        self.shutdown.cancel();
-        self.task.await?
-    }
-
-    pub async fn wait(self) -> Result<(), Error> {
+    pub(crate) async fn wait(self) -> Result<(), Error> {
         self.task.await?
     }
 }
 
 /// Restores the routes, binds the admin socket and the metrics listener.
-pub async fn start(config: ProxyConfig) -> Result<RunningProxy, Error> {
+pub(crate) async fn start(config: ProxyConfig) -> Result<RunningProxy, Error> {
     let metrics = Arc::new(metrics::ProxyMetrics::new());
     let settings = ProxySettings {
         state_file: config.state_file.clone(),
@@ -144,13 +135,7 @@ pub async fn start(config: ProxyConfig) -> Result<RunningProxy, Error> {
         tracing::info!("proxy stopped");
         Ok(())
     });
-    Ok(RunningProxy {
-        admin_socket: config.admin_socket,
-        metrics_addr,
-        proxy,
-        shutdown,
-        task,
-    })
+    Ok(RunningProxy { shutdown, task })
 }
 
 /// Binds the admin socket with mode 0600. A socket file nobody answers on is left over

@@ -67,7 +67,7 @@ impl RouteStatus {
 pub struct DrainStatus {
     pub backend: SocketAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deployment_id: Option<String>,
+    pub(crate) deployment_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
     pub open_connections: u64,
@@ -76,19 +76,19 @@ pub struct DrainStatus {
 
 /// Every error answer of the admin API: `{"error": "..."}`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: String,
+pub(crate) struct ErrorBody {
+    pub(crate) error: String,
 }
 
 /// The state file: every route, by app.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RouteTable {
-    pub routes: BTreeMap<String, Route>,
+pub(crate) struct RouteTable {
+    pub(crate) routes: BTreeMap<String, Route>,
 }
 
 /// Why a route was refused (or could not be served).
 #[derive(Debug, thiserror::Error)]
-pub enum RouteError {
+pub(crate) enum RouteError {
     #[error("{0}")]
     InvalidArgument(String),
     #[error(
@@ -113,7 +113,11 @@ pub enum RouteError {
 
 /// The checks of a route that need nothing but the route: a valid app name, a backend
 /// with a port, a listen port that is not privileged unless allowed.
-pub fn validate(app: &str, route: &Route, allow_privileged_ports: bool) -> Result<(), RouteError> {
+pub(crate) fn validate(
+    app: &str,
+    route: &Route,
+    allow_privileged_ports: bool,
+) -> Result<(), RouteError> {
     AppName::parse(app).map_err(|e| RouteError::InvalidArgument(format!("app: {e}")))?;
     if route.backend.port() == 0 {
         return Err(RouteError::InvalidArgument(
@@ -135,7 +139,7 @@ pub fn validate(app: &str, route: &Route, allow_privileged_ports: bool) -> Resul
 
 /// Whether two listen addresses would fight over the same port: same port, and the same
 /// IP or either one the wildcard.
-pub fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+pub(crate) fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0
         && a.port() == b.port()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())

@@ -9,7 +9,7 @@ use super::routes::RouteTable;
 
 /// Reads the routes; a missing file is an empty table. A file that does not parse is
 /// an error (the proxy refuses to start rather than forget routes).
-pub fn load(path: &Path) -> Result<RouteTable, String> {
+pub(crate) fn load(path: &Path) -> Result<RouteTable, String> {
     match std::fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map_err(|e| format!("state file {} does not parse: {e}", path.display())),
@@ -19,7 +19,7 @@ pub fn load(path: &Path) -> Result<RouteTable, String> {
 }
 
 /// Replaces the file with `table`, atomically.
-pub fn save(path: &Path, table: &RouteTable) -> std::io::Result<()> {
+pub(crate) fn save(path: &Path, table: &RouteTable) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),

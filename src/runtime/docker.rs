@@ -44,7 +44,7 @@ const EXEC_TTY_SIZE: (i32, i32) = (120, 40);
 /// Seconds a container gets to stop after SIGTERM before it is killed.
 const STOP_GRACE_SECS: i32 = 5;
 
-pub struct DockerRuntime {
+pub(crate) struct DockerRuntime {
     /// Connected on first use: see [`DockerRuntime::client`].
     docker: std::sync::OnceLock<Docker>,
     endpoint: String,
@@ -57,7 +57,7 @@ pub struct DockerRuntime {
 }
 
 /// The engine address used when neither `--docker-host` nor `DOCKER_HOST` is set.
-pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+pub(crate) const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
 /// A bollard client for `host`. bollard refuses a unix socket path that does not exist.
 fn connect(host: &str, call_timeout: Duration) -> Result<Docker, RuntimeError> {
@@ -82,7 +82,7 @@ fn connect(host: &str, call_timeout: Duration) -> Result<Docker, RuntimeError> {
 impl DockerRuntime {
     /// Prepares a client for `host` (`unix://…`, `tcp://…` or `http://…`). Does not
     /// connect: an engine that is down is reported by the calls that need it.
-    pub fn new(host: &str, call_timeout: Duration) -> Result<Self, RuntimeError> {
+    pub(crate) fn new(host: &str, call_timeout: Duration) -> Result<Self, RuntimeError> {
         let docker = std::sync::OnceLock::new();
         match connect(host, call_timeout) {
             Ok(client) => {
@@ -107,13 +107,14 @@ impl DockerRuntime {
     }
 
     /// Caps the Docker API calls in progress at once at `max` (at least 1).
-    pub fn with_max_concurrent_calls(mut self, max: usize) -> Self {
+    pub(crate) fn with_max_concurrent_calls(mut self, max: usize) -> Self {
         self.calls = std::sync::Arc::new(tokio::sync::Semaphore::new(max.max(1)));
         self
     }
 
     /// Docker API calls that may start now without waiting.
-    pub fn available_call_permits(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn available_call_permits(&self) -> usize {
         self.calls.available_permits()
     }
 
@@ -523,8 +524,17 @@ impl Runtime for DockerRuntime {
             .and_then(|l| l.last())
             .and_then(|r| r.output.clone())
             .map(|o| o.trim().to_owned());
+        let network = info.network_settings;
+        // Container addresses are reachable from the engine's own host only.
+        let address = (network.as_ref())
+            .filter(|_| self.endpoint.starts_with("unix://"))
+            .and_then(|n| n.networks.as_ref())
+            .and_then(|m| {
+                m.values()
+                    .find_map(|e| e.ip_address.as_deref()?.parse().ok())
+            });
         let mut ports = Vec::new();
-        if let Some(map) = info.network_settings.and_then(|n| n.ports) {
+        if let Some(map) = network.and_then(|n| n.ports) {
             for (key, bindings) in map {
                 let (port, proto) = key.split_once('/').unwrap_or((&key, "tcp"));
                 let Ok(container_port) = port.parse::<u16>() else {
@@ -572,6 +582,10 @@ impl Runtime for DockerRuntime {
                 .and_then(|c| c.stop_timeout)
                 .and_then(|t| u64::try_from(t).ok())
                 .map(Duration::from_secs),
+            address,
+            labels: (config.as_ref().and_then(|c| c.labels.clone()))
+                .map(|l| l.into_iter().collect())
+                .unwrap_or_default(),
         })
     }
 

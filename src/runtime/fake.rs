@@ -34,7 +34,7 @@ pub enum Health {
 }
 
 /// How the fake behaves for one image.
-#[derive(Clone, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Script {
     pub healthcheck: bool,
     pub health: Health,
@@ -69,6 +69,7 @@ impl Script {
     }
 }
 
+#[derive(Debug)]
 pub struct FakeContainer {
     pub image: String,
     pub labels: BTreeMap<String, String>,
@@ -77,7 +78,7 @@ pub struct FakeContainer {
     pub inspections: u32,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct FakeState {
     pub scripts: HashMap<String, Script>,
     pub pulled: HashSet<String>,
@@ -87,7 +88,7 @@ pub struct FakeState {
     pub next_id: u32,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct FakeRuntime {
     pub state: Arc<Mutex<FakeState>>,
 }
@@ -291,6 +292,8 @@ impl Runtime for FakeRuntime {
             health_log: None,
             stop_signal: None,
             stop_timeout: None,
+            address: None,
+            labels: c.labels.clone(),
             ports: c
                 .ports
                 .iter()

@@ -2,7 +2,7 @@
 //! real one (bollard), and tests use [`fake`] (with the `test-util` feature). Nothing above this
 //! module names bollard or Docker's API types.
 
-pub mod docker;
+pub(crate) mod docker;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
 
@@ -18,7 +18,7 @@ use crate::model::{PortSpec, Protocol, RegistryAuth};
 use crate::source::build::{BuildError, BuildEvent, BuildOutcome, BuildSpec};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum RuntimeError {
+pub(crate) enum RuntimeError {
     #[error("docker engine at {endpoint} is unavailable: {reason}")]
     Unavailable { endpoint: String, reason: String },
     #[error("{op} timed out after {}s (docker engine at {endpoint})", after.as_secs_f64())]
@@ -38,11 +38,11 @@ pub enum RuntimeError {
 
 /// What the engine needs to know about a local image.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ImageInfo {
-    pub id: String,
+pub(crate) struct ImageInfo {
+    pub(crate) id: String,
     /// `repo@sha256:…` when the image came from a registry.
-    pub digest: Option<String>,
-    pub has_healthcheck: bool,
+    pub(crate) digest: Option<String>,
+    pub(crate) has_healthcheck: bool,
 }
 
 /// One message of an image pull, as the engine reports it.
@@ -74,37 +74,37 @@ pub enum LayerStatus {
 
 /// A container to create.
 #[derive(Debug, Clone)]
-pub struct ContainerSpec {
-    pub name: String,
-    pub image: String,
-    pub command: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    pub ports: Vec<PortSpec>,
+pub(crate) struct ContainerSpec {
+    pub(crate) name: String,
+    pub(crate) image: String,
+    pub(crate) command: Vec<String>,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) ports: Vec<PortSpec>,
     /// All labels, Stevedore's own included.
-    pub labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DockerHealth {
+pub(crate) enum DockerHealth {
     Starting,
     Healthy,
     Unhealthy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublishedPort {
-    pub container_port: u16,
-    pub protocol: Protocol,
-    pub host_port: u16,
+pub(crate) struct PublishedPort {
+    pub(crate) container_port: u16,
+    pub(crate) protocol: Protocol,
+    pub(crate) host_port: u16,
     /// The host address bound, as the engine reports it ("0.0.0.0" or "::" for every
     /// interface; empty if the engine did not say).
-    pub host_ip: String,
+    pub(crate) host_ip: String,
 }
 
 impl PublishedPort {
     /// The host to reach the port at: the bound address, or `public_host` when the
     /// port is bound on every interface (IPv6 in brackets, for URLs).
-    pub fn reach_host(&self, public_host: &str) -> String {
+    pub(crate) fn reach_host(&self, public_host: &str) -> String {
         match self.host_ip.parse::<std::net::IpAddr>() {
             Ok(ip) if !ip.is_unspecified() => match ip {
                 std::net::IpAddr::V4(v4) => v4.to_string(),
@@ -116,40 +116,45 @@ impl PublishedPort {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ContainerState {
-    pub running: bool,
+pub(crate) struct ContainerState {
+    pub(crate) running: bool,
     /// Set once the container has exited.
-    pub exit_code: Option<i64>,
-    pub oom_killed: bool,
+    pub(crate) exit_code: Option<i64>,
+    pub(crate) oom_killed: bool,
     /// The image HEALTHCHECK's verdict, when it has one.
-    pub health: Option<DockerHealth>,
+    pub(crate) health: Option<DockerHealth>,
     /// Last output of the HEALTHCHECK command.
-    pub health_log: Option<String>,
-    pub ports: Vec<PublishedPort>,
-    pub status: String,
+    pub(crate) health_log: Option<String>,
+    pub(crate) ports: Vec<PublishedPort>,
+    pub(crate) status: String,
     /// The container's stop signal (the image's STOPSIGNAL), when set.
-    pub stop_signal: Option<String>,
+    pub(crate) stop_signal: Option<String>,
     /// The container's StopTimeout, when set.
     pub stop_timeout: Option<Duration>,
+    /// The container's own address, when this host reaches it directly (a local
+    /// engine): a TCP health probe connects there first, see `engine::health`.
+    pub address: Option<std::net::IpAddr>,
+    /// The container's labels (Stevedore's own included).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerSummary {
-    pub id: String,
-    pub app: String,
-    pub deployment: String,
-    pub running: bool,
+pub(crate) struct ContainerSummary {
+    pub(crate) id: String,
+    pub(crate) app: String,
+    pub(crate) deployment: String,
+    pub(crate) running: bool,
 }
 
 /// Output of a command run inside a container.
-pub struct ExecRun {
-    pub exec_id: String,
+pub(crate) struct ExecRun {
+    pub(crate) exec_id: String,
     /// Raw output chunks (stdout and stderr merged; with a TTY, exactly as drawn).
-    pub output: BoxStream<'static, Result<Vec<u8>, RuntimeError>>,
+    pub(crate) output: BoxStream<'static, Result<Vec<u8>, RuntimeError>>,
 }
 
 #[async_trait]
-pub trait Runtime: Send + Sync + 'static {
+pub(crate) trait Runtime: Send + Sync + 'static {
     /// The engine address, for error messages.
     fn endpoint(&self) -> &str;
     /// Host name or IP where published ports can be reached.

@@ -24,7 +24,7 @@ use super::context::{ContextError, PackOptions, pack};
 use crate::model::FailureDiagnostics;
 
 /// Output lines kept per step for a failure's diagnostics.
-pub const LOG_TAIL_LINES: usize = 20;
+pub(crate) const LOG_TAIL_LINES: usize = 20;
 
 /// A step as the builder announced it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,7 +76,7 @@ pub struct BuildFailure {
     /// The step that failed, when one had started.
     pub step: Option<BuildStep>,
     /// The builder's message (`The command '/bin/sh -c make' returned a non-zero code: 2`).
-    pub message: String,
+    pub(crate) message: String,
     /// The exit code of a failing `RUN`.
     pub exit_code: Option<i64>,
     /// The step's last output lines (at most [`LOG_TAIL_LINES`]).
@@ -85,7 +85,7 @@ pub struct BuildFailure {
 
 impl BuildFailure {
     /// One line naming the step: `step 3/3 (RUN make) failed: …`.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         match &self.step {
             Some(s) => format!(
                 "step {}/{} ({}) failed: {}",
@@ -124,7 +124,7 @@ static LAYER: LazyLock<Regex> =
 
 /// Reads the classic builder's stream into [`BuildEvent`]s. Pure: no IO, no clock.
 #[derive(Debug, Default)]
-pub struct BuildParser {
+pub(crate) struct BuildParser {
     step: Option<BuildStep>,
     cached: Vec<u32>,
     partial: String,
@@ -135,7 +135,7 @@ pub struct BuildParser {
 
 impl BuildParser {
     /// Folds one message in and returns what it meant.
-    pub fn push(&mut self, info: &BuildInfo) -> Vec<BuildEvent> {
+    pub(crate) fn push(&mut self, info: &BuildInfo) -> Vec<BuildEvent> {
         let mut events = Vec::new();
         if let Some(text) = &info.stream {
             self.partial.push_str(text);
@@ -230,7 +230,7 @@ impl BuildParser {
     }
 
     /// The stream ended: flushes an unfinished output line.
-    pub fn finish(&mut self) -> Vec<BuildEvent> {
+    pub(crate) fn finish(&mut self) -> Vec<BuildEvent> {
         let mut events = Vec::new();
         if !self.partial.is_empty() {
             let rest = std::mem::take(&mut self.partial);
@@ -240,7 +240,7 @@ impl BuildParser {
     }
 
     /// Records the build's error (from `errorDetail`) and returns the failure it makes.
-    pub fn fail(&mut self, message: &str) -> BuildFailure {
+    pub(crate) fn fail(&mut self, message: &str) -> BuildFailure {
         let message = message.trim().to_owned();
         let failure = BuildFailure {
             step: self.step.clone(),
@@ -252,42 +252,43 @@ impl BuildParser {
         failure
     }
 
-    pub fn failure(&self) -> Option<&BuildFailure> {
+    pub(crate) fn failure(&self) -> Option<&BuildFailure> {
         self.failure.as_ref()
     }
 
     /// The step running now (or last).
-    pub fn step(&self) -> Option<&BuildStep> {
+    pub(crate) fn step(&self) -> Option<&BuildStep> {
         self.step.as_ref()
     }
 
     /// Whether step `number` came from the cache.
-    pub fn is_cached(&self, number: u32) -> bool {
+    pub(crate) fn is_cached(&self, number: u32) -> bool {
         self.cached.contains(&number)
     }
 
-    pub fn cached_steps(&self) -> u32 {
+    pub(crate) fn cached_steps(&self) -> u32 {
         self.cached.len() as u32
     }
 
     /// The image of the last stage that ended.
-    pub fn image_id(&self) -> Option<&str> {
+    #[cfg(test)]
+    pub(crate) fn image_id(&self) -> Option<&str> {
         self.image_id.as_deref()
     }
 }
 
 /// A line that the throttle lets through, with how many were left out just before it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Throttled {
-    pub line: String,
-    pub skipped: u64,
+pub(crate) struct Throttled {
+    pub(crate) line: String,
+    pub(crate) skipped: u64,
 }
 
 /// At most `max` lines per `window`; lines over the budget are dropped except the latest,
 /// which is held and let through when the next window starts or at [`LineThrottle::flush`]
 /// — so the last line of a burst is never lost, and the count of dropped lines is told.
 #[derive(Debug)]
-pub struct LineThrottle {
+pub(crate) struct LineThrottle {
     max: u32,
     window: Duration,
     window_start: Option<Instant>,
@@ -297,7 +298,7 @@ pub struct LineThrottle {
 }
 
 impl LineThrottle {
-    pub fn new(max: u32, window: Duration) -> Self {
+    pub(crate) fn new(max: u32, window: Duration) -> Self {
         Self {
             max: max.max(1),
             window,
@@ -327,7 +328,7 @@ impl LineThrottle {
 
     /// Offers a line at `now`; returns the lines to emit now (none, it, or a held one
     /// first).
-    pub fn offer(&mut self, now: Instant, line: String) -> Vec<Throttled> {
+    pub(crate) fn offer(&mut self, now: Instant, line: String) -> Vec<Throttled> {
         let mut out = Vec::new();
         self.roll(now, &mut out);
         if self.sent < self.max {
@@ -344,7 +345,7 @@ impl LineThrottle {
 
     /// Lets a held line through once its window is over (call it on a timer or on any
     /// other event).
-    pub fn tick(&mut self, now: Instant) -> Vec<Throttled> {
+    pub(crate) fn tick(&mut self, now: Instant) -> Vec<Throttled> {
         let mut out = Vec::new();
         if self.held.is_some() {
             self.roll(now, &mut out);
@@ -353,7 +354,7 @@ impl LineThrottle {
     }
 
     /// Lets the held line through now (a step ended, or the build did).
-    pub fn flush(&mut self) -> Option<Throttled> {
+    pub(crate) fn flush(&mut self) -> Option<Throttled> {
         self.held.take().map(|line| Throttled {
             line,
             skipped: std::mem::take(&mut self.skipped),
@@ -416,29 +417,29 @@ impl OutputGate {
 }
 
 /// The tag of an app's image built from `commit`.
-pub fn image_tag(app: &str, commit: &str) -> String {
+pub(crate) fn image_tag(app: &str, commit: &str) -> String {
     format!("stevedore/{app}:{commit}")
 }
 
 /// What to build.
 #[derive(Clone, Debug)]
 pub struct BuildSpec {
-    pub app: String,
+    pub(crate) app: String,
     /// The full commit SHA the context was checked out at (the image's tag).
-    pub commit: String,
+    pub(crate) commit: String,
     /// The context directory (the checkout, or a directory inside it).
-    pub context_dir: PathBuf,
+    pub(crate) context_dir: PathBuf,
     /// Relative to `context_dir`.
-    pub dockerfile: String,
-    pub build_args: HashMap<String, String>,
+    pub(crate) dockerfile: String,
+    pub(crate) build_args: HashMap<String, String>,
     /// VERBOSE output budget: at most this many lines per second (the last always comes).
-    pub output_lines_per_sec: u32,
+    pub(crate) output_lines_per_sec: u32,
     /// Give up when the builder says nothing for this long.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Timeout of each single Docker call (inspect).
-    pub call_timeout: Duration,
+    pub(crate) call_timeout: Duration,
     /// Refuse a larger context.
-    pub max_context_bytes: u64,
+    pub(crate) max_context_bytes: u64,
 }
 
 impl BuildSpec {
@@ -456,7 +457,7 @@ impl BuildSpec {
         }
     }
 
-    pub fn tag(&self) -> String {
+    pub(crate) fn tag(&self) -> String {
         image_tag(&self.app, &self.commit)
     }
 }
@@ -464,10 +465,10 @@ impl BuildSpec {
 /// How long one step took, for the ETA's per-step history.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepTiming {
-    pub number: u32,
-    pub instruction: String,
+    pub(crate) number: u32,
+    pub(crate) instruction: String,
     pub cached: bool,
-    pub duration: Duration,
+    pub(crate) duration: Duration,
 }
 
 /// The result of [`build`].
@@ -485,14 +486,9 @@ pub enum BuildOutcome {
 }
 
 impl BuildOutcome {
-    pub fn tag(&self) -> &str {
+    pub(crate) fn tag(&self) -> &str {
         match self {
             Self::Built { tag, .. } | Self::Skipped { tag, .. } => tag,
-        }
-    }
-    pub fn image_id(&self) -> &str {
-        match self {
-            Self::Built { image_id, .. } | Self::Skipped { image_id, .. } => image_id,
         }
     }
 }
@@ -516,7 +512,7 @@ pub enum BuildError {
 }
 
 /// The image ID of `tag`, or `None` when there is no such image.
-pub async fn existing_image(
+pub(crate) async fn existing_image(
     docker: &Docker,
     tag: &str,
     timeout: Duration,
@@ -548,17 +544,7 @@ pub async fn build(
         });
         return Ok(BuildOutcome::Skipped { tag, image_id });
     }
-    let options = PackOptions {
-        dockerfile: spec.dockerfile.clone(),
-        max_bytes: spec.max_context_bytes,
-        ..PackOptions::default()
-    };
-    let dir = spec.context_dir.clone();
-    let packing = tokio::task::spawn_blocking(move || pack(&dir, &options));
-    let packed = tokio::select! {
-        _ = cancel.cancelled() => return Err(BuildError::Cancelled),
-        packed = packing => packed.map_err(|e| ContextError::Io(std::io::Error::other(e)))??,
-    };
+    let packed = pack_context(spec, cancel).await?;
     on_event(BuildEvent::Context {
         files: packed.files,
         bytes: packed.bytes,
@@ -574,22 +560,79 @@ pub async fn build(
         .version(BuilderVersion::BuilderV1)
         .build();
     let stream = docker.build_image(options, None, Some(bollard::body_full(packed.tar.into())));
-    let mut stream = std::pin::pin!(stream);
+    let (parser, mut clock) = follow_build(stream, spec, cancel, on_event).await?;
+    if let Some(failure) = parser.failure() {
+        return Err(BuildError::Failed(failure.clone()));
+    }
+    clock.close(&parser);
+    let image_id = existing_image(docker, &tag, spec.call_timeout)
+        .await?
+        .ok_or_else(|| BuildError::NoImage(tag.clone()))?;
+    Ok(BuildOutcome::Built {
+        tag,
+        image_id,
+        total_steps: parser.step().map_or(0, |s| s.total),
+        cached_steps: parser.cached_steps(),
+        steps: clock.steps,
+    })
+}
 
-    let mut parser = BuildParser::default();
-    let mut gate = OutputGate::new(spec.output_lines_per_sec);
-    let mut steps: Vec<StepTiming> = Vec::new();
-    let mut step_started: Option<(BuildStep, Instant)> = None;
-    let mut close_step = |parser: &BuildParser, started: Option<(BuildStep, Instant)>| {
-        if let Some((step, at)) = started {
-            steps.push(StepTiming {
+/// The build context, packed on a blocking thread (unless cancelled first).
+async fn pack_context(
+    spec: &BuildSpec,
+    cancel: &CancellationToken,
+) -> Result<super::context::PackedContext, BuildError> {
+    let options = PackOptions {
+        dockerfile: spec.dockerfile.clone(),
+        max_bytes: spec.max_context_bytes,
+        ..PackOptions::default()
+    };
+    let dir = spec.context_dir.clone();
+    let packing = tokio::task::spawn_blocking(move || pack(&dir, &options));
+    let packed = tokio::select! {
+        _ = cancel.cancelled() => return Err(BuildError::Cancelled),
+        packed = packing => packed.map_err(|e| ContextError::Io(std::io::Error::other(e)))??,
+    };
+    Ok(packed)
+}
+
+/// Each step's duration, from its announcement to the next one's (or the build's end).
+#[derive(Default)]
+struct StepClock {
+    steps: Vec<StepTiming>,
+    started: Option<(BuildStep, Instant)>,
+}
+
+impl StepClock {
+    fn start(&mut self, parser: &BuildParser, step: &BuildStep) {
+        self.close(parser);
+        self.started = Some((step.clone(), Instant::now()));
+    }
+
+    fn close(&mut self, parser: &BuildParser) {
+        if let Some((step, at)) = self.started.take() {
+            self.steps.push(StepTiming {
                 number: step.number,
                 cached: parser.is_cached(step.number),
                 instruction: step.instruction,
                 duration: at.elapsed(),
             });
         }
-    };
+    }
+}
+
+/// Reads the build's stream until it ends or the build fails (events to `on_event`,
+/// output throttled); `Err` when it is cancelled, goes idle or the engine fails.
+async fn follow_build(
+    stream: impl futures_util::Stream<Item = Result<BuildInfo, bollard::errors::Error>>,
+    spec: &BuildSpec,
+    cancel: &CancellationToken,
+    on_event: &mut (dyn FnMut(BuildEvent) + Send),
+) -> Result<(BuildParser, StepClock), BuildError> {
+    let mut stream = std::pin::pin!(stream);
+    let mut parser = BuildParser::default();
+    let mut gate = OutputGate::new(spec.output_lines_per_sec);
+    let mut clock = StepClock::default();
     loop {
         let next = tokio::select! {
             _ = cancel.cancelled() => return Err(BuildError::Cancelled),
@@ -604,8 +647,7 @@ pub async fn build(
             Ok(info) => {
                 for event in parser.push(&info) {
                     if let BuildEvent::Step(step) = &event {
-                        close_step(&parser, step_started.take());
-                        step_started = Some((step.clone(), Instant::now()));
+                        clock.start(&parser, step);
                     }
                     gate.emit(event, on_event);
                 }
@@ -628,20 +670,7 @@ pub async fn build(
         gate.emit(event, on_event);
     }
     gate.flush(on_event);
-    if let Some(failure) = parser.failure() {
-        return Err(BuildError::Failed(failure.clone()));
-    }
-    close_step(&parser, step_started.take());
-    let image_id = existing_image(docker, &tag, spec.call_timeout)
-        .await?
-        .ok_or_else(|| BuildError::NoImage(tag.clone()))?;
-    Ok(BuildOutcome::Built {
-        tag,
-        image_id,
-        total_steps: parser.step().map_or(0, |s| s.total),
-        cached_steps: parser.cached_steps(),
-        steps,
-    })
+    Ok((parser, clock))
 }
 
 #[cfg(test)]

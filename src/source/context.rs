@@ -9,14 +9,14 @@ use super::dockerignore::{DockerIgnore, PatternError};
 
 /// A packed context.
 #[derive(Debug)]
-pub struct PackedContext {
-    pub tar: Vec<u8>,
+pub(crate) struct PackedContext {
+    pub(crate) tar: Vec<u8>,
     /// Regular files and symlinks in the tar.
-    pub files: u64,
+    pub(crate) files: u64,
     /// Their content bytes.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Paths left out by `.dockerignore` (a skipped directory counts once).
-    pub excluded: u64,
+    pub(crate) excluded: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ pub enum ContextError {
 
 /// Checks a path inside the repository (`context_dir`, `dockerfile`): relative, no `..`,
 /// and returns it cleaned (`"."` for the root).
-pub fn relative_path(field: &'static str, path: &str) -> Result<String, ContextError> {
+pub(crate) fn relative_path(field: &'static str, path: &str) -> Result<String, ContextError> {
     let invalid = |reason: &str| ContextError::Invalid {
         field,
         reason: reason.to_owned(),
@@ -66,14 +66,14 @@ pub fn relative_path(field: &'static str, path: &str) -> Result<String, ContextE
 
 /// Options of [`pack`].
 #[derive(Clone, Debug)]
-pub struct PackOptions {
+pub(crate) struct PackOptions {
     /// The Dockerfile, relative to the context directory.
-    pub dockerfile: String,
+    pub(crate) dockerfile: String,
     /// Paths (relative to the context root) never sent, whatever `.dockerignore` says:
     /// the cache's own `.git`.
-    pub always_exclude: Vec<String>,
+    pub(crate) always_exclude: Vec<String>,
     /// Refuse a context larger than this many bytes of file content.
-    pub max_bytes: u64,
+    pub(crate) max_bytes: u64,
 }
 
 impl Default for PackOptions {
@@ -87,7 +87,10 @@ impl Default for PackOptions {
 }
 
 /// Packs `context_dir` into a tar for `POST /build`. Blocking: run it on a blocking thread.
-pub fn pack(context_dir: &Path, options: &PackOptions) -> Result<PackedContext, ContextError> {
+pub(crate) fn pack(
+    context_dir: &Path,
+    options: &PackOptions,
+) -> Result<PackedContext, ContextError> {
     let dockerfile = relative_path("dockerfile", &options.dockerfile)?;
     let df_path = context_dir.join(&dockerfile);
     if dockerfile == "." || !df_path.is_file() {

@@ -27,21 +27,21 @@ struct Pattern {
 
 /// A parsed `.dockerignore`.
 #[derive(Debug, Default)]
-pub struct DockerIgnore {
+pub(crate) struct DockerIgnore {
     patterns: Vec<Pattern>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error(".dockerignore line {line}: invalid pattern {pattern:?}: {reason}")]
 pub struct PatternError {
-    pub line: usize,
-    pub pattern: String,
-    pub reason: String,
+    pub(crate) line: usize,
+    pub(crate) pattern: String,
+    pub(crate) reason: String,
 }
 
 impl DockerIgnore {
     /// Parses the content of a `.dockerignore` file.
-    pub fn parse(content: &str) -> Result<Self, PatternError> {
+    pub(crate) fn parse(content: &str) -> Result<Self, PatternError> {
         let mut lines = Vec::new();
         for (i, raw) in content.lines().enumerate() {
             let raw = if i == 0 {
@@ -62,7 +62,8 @@ impl DockerIgnore {
     }
 
     /// Builds a matcher from patterns in the `.dockerignore` syntax (with `!`).
-    pub fn from_patterns<S: AsRef<str>>(patterns: &[S]) -> Result<Self, PatternError> {
+    #[cfg(test)]
+    pub(crate) fn from_patterns<S: AsRef<str>>(patterns: &[S]) -> Result<Self, PatternError> {
         Self::from_lines(
             patterns
                 .iter()
@@ -111,7 +112,7 @@ impl DockerIgnore {
     }
 
     /// Adds an exception (`!pattern`) at the end, so it wins over everything before it.
-    pub fn keep(&mut self, path: &str) {
+    pub(crate) fn keep(&mut self, path: &str) {
         let cleaned = clean(path);
         let regex = Regex::new(&to_regex(&cleaned)).expect("an escaped literal is a valid regex");
         self.patterns.push(Pattern {
@@ -121,33 +122,15 @@ impl DockerIgnore {
         });
     }
 
-    /// Adds an exclusion at the front, so a later exception in the file can still undo it.
-    pub fn exclude_first(&mut self, path: &str) {
-        let cleaned = clean(path);
-        let regex = Regex::new(&to_regex(&cleaned)).expect("valid regex");
-        self.patterns.insert(
-            0,
-            Pattern {
-                text: cleaned,
-                exception: false,
-                regex,
-            },
-        );
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.patterns.is_empty()
-    }
-
     /// Whether any `!` pattern exists (then an excluded directory may still hold files to
     /// send).
-    pub fn has_exceptions(&self) -> bool {
+    pub(crate) fn has_exceptions(&self) -> bool {
         self.patterns.iter().any(|p| p.exception)
     }
 
     /// Whether `path` (relative to the context root, `/`-separated, no trailing `/`) is
     /// excluded from the context.
-    pub fn is_excluded(&self, path: &str) -> bool {
+    pub(crate) fn is_excluded(&self, path: &str) -> bool {
         let parents: Vec<&str> = {
             let mut v = Vec::new();
             let mut idx = 0;
@@ -176,7 +159,7 @@ impl DockerIgnore {
     /// For an excluded directory: whether the walk must still enter it because an
     /// exception could bring back something inside (the docker CLI's rule: an exception
     /// pattern that starts with the directory's path).
-    pub fn must_descend(&self, dir: &str) -> bool {
+    pub(crate) fn must_descend(&self, dir: &str) -> bool {
         let prefix = format!("{dir}/");
         self.patterns
             .iter()
@@ -186,7 +169,7 @@ impl DockerIgnore {
 }
 
 /// Go's `filepath.Clean` on a `/`-separated path.
-pub fn clean(path: &str) -> String {
+pub(crate) fn clean(path: &str) -> String {
     if path.is_empty() {
         return ".".into();
     }

@@ -27,6 +27,9 @@ pub struct GitSource {
     pub url: String,
     /// A branch, a tag or a commit SHA (full or abbreviated); `None` is the remote's HEAD.
     pub reference: Option<String>,
+    /// Whether `file://` and local paths may be fetched (they read the server's own
+    /// disk: `--allow-local-git`).
+    pub allow_local: bool,
 }
 
 /// What a fetch stage is doing, from the words git prints.
@@ -57,7 +60,7 @@ impl GitStage {
     }
 
     /// The words git prints for this stage.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             Self::Enumerating => "Enumerating objects",
             Self::Counting => "Counting objects",
@@ -76,22 +79,22 @@ impl GitStage {
 pub struct GitProgress {
     pub stage: GitStage,
     /// The line came from the server (`remote: …`).
-    pub remote: bool,
+    pub(crate) remote: bool,
     /// Objects (or deltas, or files) done so far.
-    pub current: u64,
+    pub(crate) current: u64,
     /// Their total, when git knows it (it does once the pack header arrived).
     pub total: Option<u64>,
     /// Bytes received so far (receiving and unpacking only). Git never knows the total.
     pub bytes: Option<u64>,
     /// Transfer rate in bytes per second, as git measured it.
-    pub bytes_per_sec: Option<u64>,
+    pub(crate) bytes_per_sec: Option<u64>,
     /// git printed `done` for this stage.
-    pub done: bool,
+    pub(crate) done: bool,
 }
 
 impl GitProgress {
     /// current / total, when the total is known.
-    pub fn fraction(&self) -> Option<f64> {
+    pub(crate) fn fraction(&self) -> Option<f64> {
         match self.total {
             Some(0) => Some(1.0),
             Some(t) => Some((self.current as f64 / t as f64).clamp(0.0, 1.0)),
@@ -156,15 +159,15 @@ static CREDENTIALS: LazyLock<Regex> = LazyLock::new(|| {
 
 /// `url` (or any text containing URLs) with the user and password of every
 /// `scheme://user:password@host` removed: `https://***@host/…`.
-pub fn redact_url(text: &str) -> String {
+pub(crate) fn redact_url(text: &str) -> String {
     CREDENTIALS.replace_all(text, "${scheme}***@").into_owned()
 }
 
 /// A user and password taken out of a URL (percent-decoded).
 #[derive(Clone, PartialEq, Eq)]
-pub struct Credential {
-    pub username: String,
-    pub password: String,
+pub(crate) struct Credential {
+    pub(crate) username: String,
+    pub(crate) password: String,
 }
 
 impl std::fmt::Debug for Credential {
@@ -176,7 +179,7 @@ impl std::fmt::Debug for Credential {
 /// Splits `https://user:token@host/repo` into `https://host/repo` and the credential.
 /// URLs with no user info (and scp-like `git@host:repo`, whose user is no secret) are
 /// returned unchanged.
-pub fn split_credentials(url: &str) -> (String, Option<Credential>) {
+pub(crate) fn split_credentials(url: &str) -> (String, Option<Credential>) {
     let Some(caps) = CREDENTIALS.captures(url) else {
         return (url.to_owned(), None);
     };
@@ -248,7 +251,7 @@ fn unit_bytes(value: &str, unit: &str) -> Option<u64> {
 
 /// Parses one line of git's `--progress` output (a piece between `\r` or `\n`).
 /// Returns `None` for lines that are not progress (`remote: Total 5 (delta 0)…`, errors).
-pub fn parse_progress(line: &str) -> Option<GitProgress> {
+pub(crate) fn parse_progress(line: &str) -> Option<GitProgress> {
     let line = line.trim_end();
     let caps = PROGRESS.captures(line)?;
     let (current, total) = if let Some(cur) = caps.name("cur") {
@@ -281,13 +284,13 @@ pub fn parse_progress(line: &str) -> Option<GitProgress> {
 /// Splits a byte stream into lines at `\r` or `\n` (git rewrites progress lines in
 /// place with `\r`). Holds an unfinished line until its end arrives.
 #[derive(Default)]
-pub struct LineSplitter {
+pub(crate) struct LineSplitter {
     partial: Vec<u8>,
 }
 
 impl LineSplitter {
     /// Feeds bytes in; returns the complete, non-empty lines they finished.
-    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> Vec<String> {
         let mut lines = Vec::new();
         for &b in bytes {
             if b == b'\r' || b == b'\n' {
@@ -303,7 +306,7 @@ impl LineSplitter {
     }
 
     /// The last line when the stream ended without a line break.
-    pub fn finish(&mut self) -> Option<String> {
+    pub(crate) fn finish(&mut self) -> Option<String> {
         if self.partial.is_empty() {
             None
         } else {
@@ -315,7 +318,7 @@ impl LineSplitter {
 }
 
 /// Checks a branch, tag or SHA before it reaches git's command line.
-pub fn validate_reference(reference: &str) -> Result<(), GitError> {
+pub(crate) fn validate_reference(reference: &str) -> Result<(), GitError> {
     let invalid = |reason: &str| GitError::Invalid {
         field: "ref",
         reason: reason.to_owned(),
@@ -340,33 +343,87 @@ pub fn validate_reference(reference: &str) -> Result<(), GitError> {
     Ok(())
 }
 
-/// Checks a repository URL: a scheme git speaks, or an absolute local path.
-pub fn validate_url(url: &str) -> Result<(), GitError> {
-    let invalid = |reason: &str| GitError::Invalid {
+/// Where a repository URL points (see [`validate_url`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UrlKind {
+    /// `https://`, `http://`, `ssh://`, `git://` or scp-like `user@host:path`.
+    Remote,
+    /// `file://` or an absolute path: the server's own disk (only with
+    /// [`GitSource::allow_local`]).
+    Local,
+}
+
+/// The transports git may use (`GIT_ALLOW_PROTOCOL`): the remote ones, and `file` for
+/// local repositories when they are allowed. Never `ext` (runs a command), `fd` or a
+/// remote helper.
+fn allowed_protocols(allow_local: bool) -> &'static str {
+    if allow_local {
+        "https:http:ssh:git:file"
+    } else {
+        "https:http:ssh:git"
+    }
+}
+
+/// Checks a repository URL before it reaches git: `https://`, `http://`, `ssh://`,
+/// `git://` and scp-like `user@host:path` are remote; `file://` and absolute paths are
+/// local. Refused: anything else, git's `<transport>::<address>` form (`ext::…` runs a
+/// command), and anything git could read as an option (a leading `-`, also as the host).
+pub fn validate_url(url: &str) -> Result<UrlKind, GitError> {
+    const ALLOWED: &str = "use https://, http://, ssh://, git://, user@host:path, or (when the server allows local repositories) file:// or an absolute path";
+    let invalid = |reason: String| GitError::Invalid {
         field: "url",
-        reason: reason.to_owned(),
+        reason,
     };
     if url.is_empty() {
-        return Err(invalid("empty"));
+        return Err(invalid("empty".into()));
     }
     if url.starts_with('-') || url.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(invalid("not a repository URL"));
+        return Err(invalid("not a repository URL".into()));
     }
-    let lower = url.to_ascii_lowercase();
-    let known = ["https://", "http://", "git://", "ssh://", "file://"];
-    if known.iter().any(|s| lower.starts_with(s)) || url.starts_with('/') {
-        return Ok(());
+    let scheme_len = url
+        .char_indices()
+        .take_while(|(i, c)| {
+            c.is_ascii_alphabetic() || (*i > 0 && (c.is_ascii_digit() || "+.-".contains(*c)))
+        })
+        .count();
+    let (scheme, rest) = url.split_at(scheme_len);
+    if scheme_len > 0 && rest.starts_with("::") {
+        return Err(invalid(format!(
+            "git transport helpers ({scheme}::…) are not allowed; {ALLOWED}"
+        )));
     }
-    // scp-like ssh: user@host:path
-    if let Some((host, _)) = url.split_once(':')
-        && !host.contains('/')
-        && host.contains('@')
+    if let Some(after) = rest.strip_prefix("://") {
+        let host = after.split('/').next().unwrap_or("");
+        let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+        return match scheme.to_ascii_lowercase().as_str() {
+            "file" => Ok(UrlKind::Local),
+            "https" | "http" | "ssh" | "git" if host.is_empty() => Err(invalid("no host".into())),
+            "https" | "http" | "ssh" | "git" if host.starts_with('-') => {
+                Err(invalid("a host must not start with '-'".into()))
+            }
+            "https" | "http" | "ssh" | "git" => Ok(UrlKind::Remote),
+            other => Err(invalid(format!(
+                "scheme {other}:// is not allowed; {ALLOWED}"
+            ))),
+        };
+    }
+    if url.starts_with('/') {
+        return Ok(UrlKind::Local);
+    }
+    // scp-like ssh: user@host:path (a colon before any slash).
+    if let Some((user_host, _)) = url.split_once(':')
+        && !user_host.contains('/')
+        && let Some((user, host)) = user_host.rsplit_once('@')
     {
-        return Ok(());
+        if user.is_empty() || host.is_empty() {
+            return Err(invalid("user@host:path needs a user and a host".into()));
+        }
+        if host.starts_with('-') {
+            return Err(invalid("a host must not start with '-'".into()));
+        }
+        return Ok(UrlKind::Remote);
     }
-    Err(invalid(
-        "use https://, http://, git://, ssh://, file:// or an absolute path",
-    ))
+    Err(invalid(format!("not a repository URL; {ALLOWED}")))
 }
 
 /// The shell credential helper git runs; it reads the credential from the environment git
@@ -391,6 +448,8 @@ struct GitRun<'a> {
     /// The credential and the host it is for.
     credential: Option<(&'a Credential, &'a str)>,
     cancel: &'a CancellationToken,
+    /// `GIT_ALLOW_PROTOCOL`: the only transports git may use, redirects included.
+    protocols: &'static str,
 }
 
 /// Kills the process group of a git child when dropped (cancel, or the future dropped).
@@ -429,6 +488,7 @@ impl GitRun<'_> {
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_ASKPASS", "/bin/false")
             .env("SSH_ASKPASS", "/bin/false")
+            .env("GIT_ALLOW_PROTOCOL", self.protocols)
             .env_remove("GIT_DIR")
             .env_remove("GIT_WORK_TREE")
             .stdin(Stdio::null())
@@ -569,34 +629,25 @@ pub async fn fetch(
     cancel: &CancellationToken,
     on_event: &mut (dyn FnMut(FetchEvent) + Send),
 ) -> Result<Fetched, GitError> {
-    validate_url(&source.url)?;
+    if validate_url(&source.url)? == UrlKind::Local && !source.allow_local {
+        return Err(GitError::Invalid {
+            field: "url",
+            reason: "local repositories (file:// or a path) are not allowed on this server (--allow-local-git)".into(),
+        });
+    }
     if let Some(r) = &source.reference {
         validate_reference(r)?;
     }
     let (url, credential) = split_credentials(&source.url);
     tokio::fs::create_dir_all(cache_dir).await?;
-    let git_dir = cache_dir.join(".git");
     let mut run = GitRun {
         dir: cache_dir,
         credential: None,
         cancel,
+        protocols: allowed_protocols(source.allow_local),
     };
     let mut silent = |_: FetchEvent| {};
-    let incremental = git_dir.is_dir()
-        && run
-            .run(&["rev-parse", "--git-dir"], &mut silent)
-            .await
-            .is_ok();
-    if !incremental {
-        // A missing or broken cache: start over.
-        if cache_dir.exists() {
-            tokio::fs::remove_dir_all(cache_dir).await?;
-            tokio::fs::create_dir_all(cache_dir).await?;
-        }
-        run.run(&["init", "--quiet"], &mut silent).await?;
-    } else {
-        remove_stale_locks(&git_dir);
-    }
+    let incremental = open_cache(&run, cache_dir).await?;
     on_event(FetchEvent::Started {
         url: redact_url(&url),
         incremental,
@@ -622,31 +673,7 @@ pub async fn fetch(
     let reference = source.reference.clone();
     let sha = match resolve(&run, reference.as_deref()).await? {
         Some(sha) => sha,
-        None => {
-            // A commit no branch or tag points to (yet): ask for it by name.
-            let r = reference.clone().unwrap_or_default();
-            let looks_like_sha =
-                (4..=40).contains(&r.len()) && r.chars().all(|c| c.is_ascii_hexdigit());
-            if !looks_like_sha {
-                return Err(GitError::UnknownReference(r));
-            }
-            let args = [
-                "-c",
-                "fetch.unpackLimit=1",
-                "fetch",
-                "--progress",
-                "--no-write-fetch-head",
-                "--end-of-options",
-                &url,
-                &r,
-            ];
-            if run.run(&args, on_event).await.is_err() {
-                return Err(GitError::UnknownReference(r));
-            }
-            resolve(&run, Some(&r))
-                .await?
-                .ok_or(GitError::UnknownReference(r))?
-        }
+        None => fetch_commit(&run, &url, reference.clone().unwrap_or_default(), on_event).await?,
     };
     run.credential = None;
     run.run(
@@ -664,6 +691,59 @@ pub async fn fetch(
         worktree: cache_dir.to_owned(),
         incremental,
     })
+}
+
+/// Whether `cache_dir` holds a usable repository (a fetch is then incremental). A
+/// missing or broken one is started over; a usable one loses the locks a killed git
+/// left.
+async fn open_cache(run: &GitRun<'_>, cache_dir: &Path) -> Result<bool, GitError> {
+    let git_dir = cache_dir.join(".git");
+    let mut silent = |_: FetchEvent| {};
+    let incremental = git_dir.is_dir()
+        && run
+            .run(&["rev-parse", "--git-dir"], &mut silent)
+            .await
+            .is_ok();
+    if !incremental {
+        // A missing or broken cache: start over.
+        if cache_dir.exists() {
+            tokio::fs::remove_dir_all(cache_dir).await?;
+            tokio::fs::create_dir_all(cache_dir).await?;
+        }
+        run.run(&["init", "--quiet"], &mut silent).await?;
+    } else {
+        remove_stale_locks(&git_dir);
+    }
+    Ok(incremental)
+}
+
+/// A commit no branch or tag points to (yet), asked for by name: its full SHA.
+async fn fetch_commit(
+    run: &GitRun<'_>,
+    url: &str,
+    r: String,
+    on_event: &mut (dyn FnMut(FetchEvent) + Send),
+) -> Result<String, GitError> {
+    let looks_like_sha = (4..=40).contains(&r.len()) && r.chars().all(|c| c.is_ascii_hexdigit());
+    if !looks_like_sha {
+        return Err(GitError::UnknownReference(r));
+    }
+    let args = [
+        "-c",
+        "fetch.unpackLimit=1",
+        "fetch",
+        "--progress",
+        "--no-write-fetch-head",
+        "--end-of-options",
+        url,
+        &r,
+    ];
+    if run.run(&args, on_event).await.is_err() {
+        return Err(GitError::UnknownReference(r));
+    }
+    resolve(run, Some(&r))
+        .await?
+        .ok_or(GitError::UnknownReference(r))
 }
 
 /// The commit `reference` names (remote branch, then tag, then SHA), or the remote HEAD.
@@ -847,25 +927,92 @@ mod tests {
 
     #[test]
     fn urls_are_checked() {
-        for ok in [
-            "https://h/r.git",
-            "file:///srv/r.git",
-            "/srv/r.git",
-            "git@h:r.git",
-            "ssh://h/r",
-            "git://127.0.0.1/r",
+        use UrlKind::{Local, Remote};
+        for (ok, kind) in [
+            ("https://h/r.git", Remote),
+            ("HTTPS://h/r.git", Remote),
+            ("http://user:tok@127.0.0.1:8080/r.git", Remote),
+            ("http://[::1]:8080/r.git", Remote),
+            ("git@h:r.git", Remote),
+            ("git@h:/srv/r.git", Remote),
+            ("ssh://git@h:22/r", Remote),
+            ("git://127.0.0.1/r", Remote),
+            ("file:///srv/r.git", Local),
+            ("/srv/r.git", Local),
         ] {
-            assert!(validate_url(ok).is_ok(), "{ok}");
+            assert_eq!(validate_url(ok).ok(), Some(kind), "{ok}");
         }
-        for bad in [
-            "",
-            "-u",
-            "--upload-pack=x",
-            "ftp://h/r",
-            "relative/path",
-            "h:r",
+        for (bad, why) in [
+            ("", "empty"),
+            ("-u", "not a repository URL"),
+            ("--upload-pack=x", "not a repository URL"),
+            ("ftp://h/r", "scheme ftp:// is not allowed"),
+            ("ext::sh -c touch% /tmp/pwned", "not a repository URL"),
+            ("ext::sh", "transport helpers (ext::…)"),
+            ("fd::3", "transport helpers (fd::…)"),
+            ("ext://h/r", "scheme ext:// is not allowed"),
+            ("relative/path", "not a repository URL"),
+            ("./repo", "not a repository URL"),
+            ("h:r", "not a repository URL"),
+            ("ssh://-oProxyCommand=x/r", "must not start with '-'"),
+            ("ssh://u@-oProxyCommand=x/r", "must not start with '-'"),
+            ("u@-oProxyCommand=x:r", "must not start with '-'"),
+            ("@h:r", "needs a user and a host"),
+            ("https:///r", "no host"),
         ] {
-            assert!(validate_url(bad).is_err(), "{bad}");
+            let err = validate_url(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_local_repository_needs_allow_local_and_git_gets_only_the_allowed_transports() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = |url: &str, allow_local| GitSource {
+            url: url.into(),
+            reference: None,
+            allow_local,
+        };
+        let cancel = CancellationToken::new();
+        for url in ["file:///nonexistent/r.git", "/nonexistent/r.git"] {
+            let err = fetch(dir.path(), &source(url, false), &cancel, &mut |_| {})
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--allow-local-git"), "{err}");
+        }
+        // Allowed, it reaches git (and fails there: no such repository).
+        let err = fetch(
+            &dir.path().join("c"),
+            &source("/nonexistent/r.git", true),
+            &cancel,
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("fetch failed"), "{err}");
+        // Were a URL to get past the checks, git itself refuses its transport.
+        let work = dir.path().join("w");
+        std::fs::create_dir_all(&work).unwrap();
+        let run = GitRun {
+            dir: &work,
+            credential: None,
+            cancel: &cancel,
+            protocols: allowed_protocols(false),
+        };
+        run.run(&["init", "--quiet"], &mut |_| {}).await.unwrap();
+        let other = format!("file://{}", work.display());
+        for (url, transport) in [(other.as_str(), "file"), ("ext::sh -c true", "ext")] {
+            let err = run
+                .run(&["fetch", "--end-of-options", url], &mut |_| {})
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("transport '{transport}' not allowed")),
+                "{err}"
+            );
         }
     }
 }

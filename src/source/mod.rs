@@ -9,6 +9,6 @@
 //! credentials only travel to git through its environment (see [`git::redact_url`]).
 
 pub mod build;
-pub mod context;
-pub mod dockerignore;
+pub(crate) mod context;
+pub(crate) mod dockerignore;
 pub mod git;

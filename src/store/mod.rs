@@ -19,7 +19,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::model::{AppName, DeploySpec, DeploymentId, DeploymentState, DeploymentStatus, Update};
+use crate::engine::eta::{PullSample, StepSample};
+use crate::model::{
+    AppName, DeploySpec, DeploymentId, DeploymentState, DeploymentStatus, Operation, Update,
+};
 
 use sqlite::SqliteStore;
 
@@ -37,39 +40,49 @@ pub enum StoreError {
 
 /// How much history is kept. `None` = no bound.
 #[derive(Clone, Debug, Default)]
-pub struct Retention {
+pub(crate) struct Retention {
     /// Keep at most this many finished deployments (the newest); older ones are
     /// deleted with their logs (then NOT_FOUND).
-    pub max_deployments: Option<usize>,
+    pub(crate) max_deployments: Option<usize>,
     /// Delete finished deployments created longer ago than this (then NOT_FOUND).
-    pub max_age: Option<Duration>,
+    pub(crate) max_age: Option<Duration>,
     /// Of a finished deployment's log keep only the last this many updates (the
     /// terminal one is always kept); earlier sequences are then OUT_OF_RANGE.
-    pub max_log_updates: Option<u64>,
+    pub(crate) max_log_updates: Option<u64>,
 }
 
 /// What [`Store::apply_retention`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RetentionOutcome {
-    pub deployments_removed: u64,
-    pub updates_removed: u64,
+pub(crate) struct RetentionOutcome {
+    pub(crate) deployments_removed: u64,
+    pub(crate) updates_removed: u64,
 }
 
 /// Filter and keyset position of a list query, newest first.
 #[derive(Clone, Debug, Default)]
-pub struct ListFilter {
-    pub app: Option<AppName>,
-    pub state: Option<DeploymentState>,
+pub(crate) struct ListFilter {
+    pub(crate) app: Option<AppName>,
+    pub(crate) state: Option<DeploymentState>,
     /// Only deployments strictly older than this `(created_at ns, id)`.
     pub before: Option<(u128, uuid::Uuid)>,
     pub limit: usize,
+    /// Only deploys, or only removals; `None`: both.
+    pub operation: Option<Operation>,
 }
 
 /// A deployment's stored log: the updates after the requested sequence, and the oldest
 /// sequence the store still holds (retention may have trimmed the start).
-pub struct StoredLog {
-    pub oldest: Option<u64>,
-    pub updates: Vec<Update>,
+pub(crate) struct StoredLog {
+    pub(crate) oldest: Option<u64>,
+    pub(crate) updates: Vec<Update>,
+}
+
+/// What the ETA measured of a deployment besides its phases: its image download (if it
+/// downloaded anything) and the steps of its build (if one ran).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Measured {
+    pub(crate) pull: Option<PullSample>,
+    pub(crate) build: Vec<StepSample>,
 }
 
 pub(crate) enum WriteOp {
@@ -82,6 +95,14 @@ pub(crate) enum WriteOp {
         update: Arc<Update>,
         status: Box<DeploymentStatus>,
     },
+    Pull {
+        id: DeploymentId,
+        sample: PullSample,
+    },
+    Build {
+        id: DeploymentId,
+        steps: Vec<StepSample>,
+    },
     Flush(oneshot::Sender<()>),
 }
 
@@ -90,6 +111,12 @@ pub(crate) enum WriteOp {
 pub struct Store {
     db: SqliteStore,
     writer: mpsc::UnboundedSender<WriteOp>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
 }
 
 impl Store {
@@ -129,6 +156,24 @@ impl Store {
         });
     }
 
+    /// Queues the measure of `id`'s image download (for the ETA).
+    pub(crate) fn record_pull(&self, id: DeploymentId, sample: PullSample) {
+        self.send(WriteOp::Pull { id, sample });
+    }
+
+    /// Queues the steps of `id`'s build, in order (for the ETA).
+    pub(crate) fn record_build(&self, id: DeploymentId, steps: Vec<StepSample>) {
+        self.send(WriteOp::Build { id, steps });
+    }
+
+    /// What was measured of each of `ids` (those with nothing measured are left out).
+    pub async fn measured(
+        &self,
+        ids: &[DeploymentId],
+    ) -> Result<std::collections::HashMap<DeploymentId, Measured>, StoreError> {
+        self.db.measured(ids).await
+    }
+
     fn send(&self, op: WriteOp) {
         if self.writer.send(op).is_err() {
             tracing::error!("store writer is gone; an update was not persisted");
@@ -142,17 +187,20 @@ impl Store {
         let _ = rx.await;
     }
 
-    pub async fn status(&self, id: DeploymentId) -> Result<Option<DeploymentStatus>, StoreError> {
+    pub(crate) async fn status(
+        &self,
+        id: DeploymentId,
+    ) -> Result<Option<DeploymentStatus>, StoreError> {
         self.db.status(id).await
     }
 
     /// Updates of `id` with a sequence above `after`.
-    pub async fn log(&self, id: DeploymentId, after: u64) -> Result<StoredLog, StoreError> {
+    pub(crate) async fn log(&self, id: DeploymentId, after: u64) -> Result<StoredLog, StoreError> {
         self.db.log(id, after, None).await
     }
 
     /// Up to `max` updates of `id` with a sequence above `after`.
-    pub async fn log_page(
+    pub(crate) async fn log_page(
         &self,
         id: DeploymentId,
         after: u64,
@@ -161,7 +209,7 @@ impl Store {
         Ok(self.db.log(id, after, Some(max)).await?.updates)
     }
 
-    pub async fn find_idempotent(
+    pub(crate) async fn find_idempotent(
         &self,
         app: &AppName,
         key: &str,
@@ -169,12 +217,15 @@ impl Store {
         self.db.find_idempotent(app, key).await
     }
 
-    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<DeploymentStatus>, StoreError> {
+    pub(crate) async fn list(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<Vec<DeploymentStatus>, StoreError> {
         self.db.list(filter).await
     }
 
-    /// Per app (sorted by name), its newest deployment, or with `succeeded_only` its
-    /// newest SUCCEEDED one.
+    /// Per app (sorted by name), its newest deployment or removal, or with
+    /// `succeeded_only` its newest SUCCEEDED deployment (removals left out).
     pub async fn newest_per_app(
         &self,
         succeeded_only: bool,
@@ -183,7 +234,7 @@ impl Store {
     }
 
     /// The SUCCEEDED deployment of `status.app` that directly followed `status`.
-    pub async fn next_succeeded(
+    pub(crate) async fn next_succeeded(
         &self,
         status: &DeploymentStatus,
     ) -> Result<Option<DeploymentId>, StoreError> {
@@ -192,24 +243,26 @@ impl Store {
             .await
     }
 
-    /// Records that `app` was removed at `at` (RemoveApp).
+    /// Records that `app` was removed by a removal accepted at `at` (RemoveApp): what
+    /// was accepted for the app before `at` ran before the removal (the app's queue is
+    /// FIFO), so it is gone; what came after runs after it.
     pub async fn record_removal(&self, app: &AppName, at: SystemTime) -> Result<(), StoreError> {
         self.flush().await;
         self.db.record_removal(app, at).await
     }
 
-    /// Per removed app, when it was last removed (Unix ns).
+    /// Per removed app, when its last successful removal was accepted (Unix ns).
     pub async fn removals(&self) -> Result<std::collections::HashMap<String, i64>, StoreError> {
         self.db.removals().await
     }
 
     /// Deployments that were neither finished nor cancelled when the last process
     /// stopped writing.
-    pub async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
+    pub(crate) async fn unfinished(&self) -> Result<Vec<DeploymentStatus>, StoreError> {
         self.db.unfinished().await
     }
 
-    pub async fn apply_retention(
+    pub(crate) async fn apply_retention(
         &self,
         retention: &Retention,
     ) -> Result<RetentionOutcome, StoreError> {

@@ -12,8 +12,11 @@ use sqlx::sqlite::{
 };
 use tokio::sync::mpsc;
 
-use super::{ListFilter, Retention, RetentionOutcome, StoreError, StoredLog, WriteOp, nanos};
-use crate::model::{AppName, DeploymentId, DeploymentState, DeploymentStatus, Update};
+use super::{
+    ListFilter, Measured, Retention, RetentionOutcome, StoreError, StoredLog, WriteOp, nanos,
+};
+use crate::engine::eta::{PullSample, StepSample};
+use crate::model::{AppName, DeploymentId, DeploymentState, DeploymentStatus, Operation, Update};
 
 /// Most operations committed in one transaction by the writer.
 const MAX_BATCH: usize = 1024;
@@ -159,6 +162,7 @@ impl SqliteStore {
              WHERE (?1 IS NULL OR app = ?1)
                AND (?2 IS NULL OR state = ?2)
                AND (?3 IS NULL OR created_ns < ?3 OR (created_ns = ?3 AND id < ?4))
+               AND (?6 IS NULL OR operation = ?6)
              ORDER BY created_ns DESC, id DESC
              LIMIT ?5",
         )
@@ -167,6 +171,7 @@ impl SqliteStore {
         .bind(before_ns)
         .bind(before_id)
         .bind(filter.limit as i64)
+        .bind(filter.operation.map(Operation::as_str))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -174,8 +179,8 @@ impl SqliteStore {
             .collect()
     }
 
-    /// Per app, the newest deployment (`succeeded_only`: the newest SUCCEEDED one),
-    /// sorted by app.
+    /// Per app, the newest deployment or removal (`succeeded_only`: the newest
+    /// SUCCEEDED deployment, removals left out), sorted by app.
     pub(crate) async fn newest_per_app(
         &self,
         succeeded_only: bool,
@@ -184,11 +189,12 @@ impl SqliteStore {
             "SELECT id, status FROM (
                 SELECT id, status, app, ROW_NUMBER() OVER (
                     PARTITION BY app ORDER BY created_ns DESC, id DESC) AS rn
-                FROM deployments WHERE (?1 = 0 OR state = ?2))
+                FROM deployments WHERE (?1 = 0 OR (state = ?2 AND operation = ?3)))
              WHERE rn = 1 ORDER BY app",
         )
         .bind(succeeded_only)
         .bind(state_str(DeploymentState::Succeeded))
+        .bind(Operation::Deploy.as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -225,7 +231,7 @@ impl SqliteStore {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO app_removals (app, removed_ns) VALUES (?1, ?2)
-             ON CONFLICT (app) DO UPDATE SET removed_ns = excluded.removed_ns",
+             ON CONFLICT (app) DO UPDATE SET removed_ns = MAX(removed_ns, excluded.removed_ns)",
         )
         .bind(app.as_str())
         .bind(nanos(at))
@@ -265,6 +271,44 @@ impl SqliteStore {
         Ok(n as u64)
     }
 
+    /// The pull and build samples of `ids` (see migrations/0004_eta_samples.sql).
+    pub(crate) async fn measured(
+        &self,
+        ids: &[DeploymentId],
+    ) -> Result<HashMap<DeploymentId, Measured>, StoreError> {
+        let mut out: HashMap<DeploymentId, Measured> = HashMap::new();
+        for id in ids {
+            let key = id.to_string();
+            let pull =
+                sqlx::query("SELECT bytes, duration_us FROM pull_samples WHERE deployment_id = ?1")
+                    .bind(&key)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(|r| PullSample {
+                        bytes: r.get::<i64, _>(0).max(0) as u64,
+                        duration: micros(r.get(1)),
+                    });
+            let build: Vec<StepSample> = sqlx::query(
+                "SELECT instruction, cached, duration_us FROM build_steps
+                 WHERE deployment_id = ?1 ORDER BY number",
+            )
+            .bind(&key)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| StepSample {
+                instruction: r.get(0),
+                cached: r.get(1),
+                duration: micros(r.get(2)),
+            })
+            .collect();
+            if pull.is_some() || !build.is_empty() {
+                out.insert(*id, Measured { pull, build });
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) async fn apply_retention(
         &self,
         retention: &Retention,
@@ -297,6 +341,12 @@ impl SqliteStore {
         doomed.sort();
         doomed.dedup();
         for id in &doomed {
+            for delete in [
+                "DELETE FROM pull_samples WHERE deployment_id = ?1",
+                "DELETE FROM build_steps WHERE deployment_id = ?1",
+            ] {
+                sqlx::query(delete).bind(id).execute(&mut *tx).await?;
+            }
             out.updates_removed += sqlx::query("DELETE FROM updates WHERE deployment_id = ?1")
                 .bind(id)
                 .execute(&mut *tx)
@@ -341,8 +391,8 @@ impl SqliteStore {
                     sqlx::query(
                         "INSERT INTO deployments
                            (id, app, state, created_ns, finished_ns, last_sequence,
-                            idempotency_key, request, status)
-                         VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8)
+                            idempotency_key, request, status, operation)
+                         VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8, ?9)
                          ON CONFLICT (id) DO NOTHING",
                     )
                     .bind(status.id.to_string())
@@ -353,6 +403,7 @@ impl SqliteStore {
                     .bind(idempotency_key.clone())
                     .bind(request.clone())
                     .bind(json)
+                    .bind(status.operation.as_str())
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -368,6 +419,33 @@ impl SqliteStore {
                     .execute(&mut *tx)
                     .await?;
                     statuses.insert(status.id, status);
+                }
+                WriteOp::Pull { id, sample } => {
+                    sqlx::query(
+                        "INSERT OR REPLACE INTO pull_samples (deployment_id, bytes, duration_us)
+                         VALUES (?1, ?2, ?3)",
+                    )
+                    .bind(id.to_string())
+                    .bind(sample.bytes.min(i64::MAX as u64) as i64)
+                    .bind(as_micros(sample.duration))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                WriteOp::Build { id, steps } => {
+                    for (i, step) in steps.iter().enumerate() {
+                        sqlx::query(
+                            "INSERT OR REPLACE INTO build_steps
+                               (deployment_id, number, instruction, cached, duration_us)
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )
+                        .bind(id.to_string())
+                        .bind(i as i64 + 1)
+                        .bind(&step.instruction)
+                        .bind(step.cached)
+                        .bind(as_micros(step.duration))
+                        .execute(&mut *tx)
+                        .await?;
+                    }
                 }
                 WriteOp::Flush(_) => {}
             }
@@ -419,6 +497,14 @@ pub(super) async fn writer(db: SqliteStore, mut rx: mpsc::UnboundedReceiver<Writ
             }
         }
     }
+}
+
+fn as_micros(d: Duration) -> i64 {
+    d.as_micros().min(i64::MAX as u128) as i64
+}
+
+fn micros(us: i64) -> Duration {
+    Duration::from_micros(us.max(0) as u64)
 }
 
 /// The deployment ID in a row's first column (rows of `SELECT id …`).

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod git;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use stevedore::proto::{
     self, DeployRequest, DeploymentStatus, GetStatusRequest, PortMapping, ProgressUpdate,
     WatchRequest,
 };
-use stevedore::server::{RunningServer, ServeConfig};
+use stevedore::server::{Listening, RunningServer, ServeConfig};
 use tonic::Streaming;
 use tonic::transport::Channel;
 
@@ -146,6 +147,47 @@ pub fn push_random_image(size_mb: usize) -> (String, Vec<u64>) {
     docker(&["rmi", &name]);
     let sizes = manifest_layer_sizes(&name);
     (name, sizes)
+}
+
+/// A TCP proxy in front of the local registry that forwards its answers at about
+/// `bytes_per_sec`, so a pull of a few MB takes seconds. Docker treats any
+/// 127.0.0.0/8 registry as insecure (plain HTTP), so `127.0.0.1:PORT/...` pulls work.
+pub async fn throttled_registry(bytes_per_sec: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = registry();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream.as_str()).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    let _ = sw.shutdown().await;
+                });
+                let chunk = bytes_per_sec / 20;
+                let mut buf = vec![0u8; chunk];
+                loop {
+                    match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                let _ = cw.shutdown().await;
+            });
+        }
+    });
+    addr
 }
 
 fn rand_seed() -> u64 {
@@ -674,19 +716,10 @@ impl BinaryServer {
         let deadline = std::time::Instant::now() + STATE_LIMIT;
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(line) = text.lines().find(|l| l.contains("stevedore listening")) {
-                let field = |name: &str| -> SocketAddr {
-                    let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-                    line[start..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap()
-                        .parse()
-                        .unwrap()
-                };
+            if let Some(listening) = text.lines().find_map(Listening::parse) {
                 return Self {
-                    grpc_addr: field("grpc"),
-                    http_addr: field("http"),
+                    grpc_addr: listening.grpc,
+                    http_addr: listening.http,
                     child,
                     log,
                 };

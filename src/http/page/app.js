@@ -4,11 +4,26 @@
 // resumed with Last-Event-ID after the last event shown, so no line repeats.
 
 const PHASES = ["QUEUED", "VALIDATING", "PULLING", "CREATING", "STARTING", "HEALTH_CHECK", "HOOKS", "SWITCHING", "CLEANUP", "COMPLETE"];
+// A removal (RemoveApp) goes through these, SWITCHING stopping and CLEANUP removing.
+const REMOVAL_PHASES = [["QUEUED", "queued"], ["SWITCHING", "stopping"], ["CLEANUP", "removing"], ["COMPLETE", "complete"]];
+const REMOVAL = "OPERATION_REMOVE_APP";
 const TERMINAL = new Set(["PHASE_COMPLETE", "PHASE_FAILED", "PHASE_CANCELLED"]);
 const main = document.getElementById("main");
 
 const token = () => sessionStorage.getItem("stevedore.token") || "";
 const headers = (extra = {}) => (token() ? { ...extra, Authorization: `Bearer ${token()}` } : extra);
+
+// Who the token is (GET /v1/whoami), asked once per token: Deploy, Cancel and Remove
+// are shown only to a caller with the deploy scope.
+let identity = null;
+async function whoami() {
+  if (!identity || identity.token !== token()) {
+    const me = await api("GET", "/v1/whoami").catch((e) => { showError(e.message); return { scopes: [] }; });
+    identity = { token: token(), scopes: me.scopes || [] };
+  }
+  return identity;
+}
+const mayDeploy = async () => (await whoami()).scopes.includes("deploy");
 
 function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
@@ -52,15 +67,15 @@ function setConn(state) {
 
 async function overview() {
   setConn("idle");
+  const canDeploy = await mayDeploy();
   const apps = h("section", { id: "apps" }, h("h2", {}, "Apps"), h("p", { class: "muted" }, "loading…"));
-  const deploy = deployForm();
   const recent = h("section", { id: "deployments" }, h("h2", {}, "Recent deployments"));
-  main.replaceChildren(apps, deploy, recent);
-  loadApps(apps);
+  main.replaceChildren(...[apps, canDeploy ? deployForm() : null, recent].filter((c) => c));
+  loadApps(apps, canDeploy);
   loadDeployments(recent);
 }
 
-async function loadApps(section) {
+async function loadApps(section, canDeploy) {
   try {
     const { apps = [] } = await api("GET", "/v1/apps");
     const rows = apps.map((a) => h("tr", {},
@@ -68,16 +83,20 @@ async function loadApps(section) {
       h("td", {}, a.current ? [a.current.image, h("br"), h("span", { class: "muted" }, `since ${when(a.current.since)}`)] : h("span", { class: "muted" }, "nothing running")),
       h("td", {}, a.current ? links(a.current.endpoints) : ""),
       h("td", {}, a.latest ? h("a", { href: `/deployments/${a.latest.deploymentId}`, class: `state-${a.latest.state}` }, short(a.latest.state)) : ""),
-      h("td", {}, h("button", { onclick: () => removeApp(a.app) }, "Remove"))));
+      h("td", {}, canDeploy ? h("button", { class: "remove", "data-app": a.app, onclick: () => removeApp(a.app) }, "Remove") : "")));
     section.replaceChildren(h("h2", {}, "Apps"), apps.length
       ? h("table", {}, h("tr", {}, h("th", {}, "App"), h("th", {}, "Running"), h("th", {}, "Endpoints"), h("th", {}, "Latest"), h("th", {})), rows)
       : h("p", { class: "muted" }, "No apps yet."));
   } catch (e) { showError(e.message); }
 }
 
+// The removal is an operation like a deployment (202 with its status): follow it.
 async function removeApp(app) {
   if (!confirm(`Remove every container of ${app}? The history stays.`)) return;
-  try { await api("DELETE", `/v1/apps/${encodeURIComponent(app)}`); overview(); } catch (e) { showError(e.message); }
+  try {
+    const removal = await api("DELETE", `/v1/apps/${encodeURIComponent(app)}`);
+    navigate(`/deployments/${removal.deploymentId}`);
+  } catch (e) { showError(e.message); }
 }
 
 function deployForm() {
@@ -108,7 +127,7 @@ async function loadDeployments(section) {
       table.replaceChildren(h("tr", {}, h("th", {}, "Deployment"), h("th", {}, "App"), h("th", {}, "Image"), h("th", {}, "State"), h("th", {}, "Created")),
         deployments.map((d) => h("tr", {},
           h("td", {}, h("a", { href: `/deployments/${d.deploymentId}` }, d.deploymentId.slice(0, 8))),
-          h("td", {}, d.app), h("td", {}, d.image),
+          h("td", {}, d.app), h("td", {}, d.operation === REMOVAL ? h("em", {}, "removal") : d.image),
           h("td", { class: `state-${d.state}` }, short(d.state), d.supersededBy ? h("span", { class: "muted" }, " (replaced)") : ""),
           h("td", {}, when(d.createdAt)))));
     } catch (e) { showError(e.message); }
@@ -131,25 +150,30 @@ async function deploymentView(id) {
   };
   current = view;
   const el = (id) => document.getElementById(id);
+  let s;
+  try { s = await api("GET", `/v1/deployments/${id}`); } catch (e) { showError(e.message); return; }
+  const canDeploy = await mayDeploy();
+  if (view !== current) return;
+  const removal = s.operation === REMOVAL;
+  view.removal = removal;
+  const phases = removal ? REMOVAL_PHASES : PHASES.map((p) => [p, p.replace("_", " ").toLowerCase()]);
   main.replaceChildren(
     h("section", {},
-      h("h2", {}, "Deployment ", h("code", {}, id)),
+      h("h2", {}, removal ? `Removal of app ${s.app} ` : "Deployment ", h("code", {}, id)),
       h("div", {}, h("strong", { id: "state" }, "…"), " ", h("span", { id: "elapsed", class: "muted" }), " ",
-        h("button", { id: "cancel", hidden: true, onclick: () => cancel(id) }, "Cancel")),
-      h("ol", { class: "stepper", id: "stepper" }, PHASES.map((p) => h("li", { "data-phase": `PHASE_${p}` }, p.replace("_", " ").toLowerCase(), h("span", { class: "dur" })))),
+        canDeploy ? h("button", { id: "cancel", hidden: true, onclick: () => cancel(id) }, "Cancel") : null),
+      h("ol", { class: "stepper", id: "stepper" }, phases.map(([p, label]) => h("li", { "data-phase": `PHASE_${p}` }, label, h("span", { class: "dur" })))),
       h("div", {}, "Total ", h("span", { id: "total-pct" }, "0%")), h("div", { class: "bar" }, h("div", { id: "total-bar" })),
       h("div", { id: "phase-line", class: "muted" }),
       h("div", { id: "pull", hidden: true }, h("div", { id: "pull-line" }), h("div", { class: "bar" }, h("div", { id: "pull-bar" })), h("table", { class: "layers", id: "layers" }))),
     h("section", {}, h("h2", {}, "Log"), h("div", { class: "log", id: "log" })),
     h("section", { id: "result", hidden: true }),
   );
-  try {
-    const s = await api("GET", `/v1/deployments/${id}`);
-    view.started = s.createdAt ? new Date(s.createdAt) : new Date();
-    el("state").textContent = short(s.state);
-    el("state").className = `state-${s.state}`;
-    el("cancel").hidden = !!s.finishedAt;
-  } catch (e) { showError(e.message); return; }
+  view.started = s.createdAt ? new Date(s.createdAt) : new Date();
+  el("state").textContent = short(s.state);
+  el("state").className = `state-${s.state}`;
+  // A removal can be cancelled only while it waits in the queue.
+  if (el("cancel")) el("cancel").hidden = !!s.finishedAt || (removal && s.state !== "DEPLOYMENT_STATE_PENDING");
   const tick = setInterval(() => {
     if (view !== current || view.ended) return clearInterval(tick);
     el("elapsed").textContent = fmtSecs((Date.now() - view.started) / 1000);
@@ -158,7 +182,7 @@ async function deploymentView(id) {
 }
 
 async function cancel(id) {
-  if (!confirm("Cancel this deployment? What it created is removed and the previous version keeps running.")) return;
+  if (!confirm("Cancel this? What a deployment created is removed and the previous version keeps running; a queued removal removes nothing.")) return;
   try { await api("POST", `/v1/deployments/${id}/cancel`); } catch (e) { showError(e.message); }
 }
 
@@ -255,6 +279,7 @@ function apply(view, u) {
   el("total-pct").textContent = `${pct}%`;
   el("total-bar").style.width = `${pct}%`;
   el("phase-line").textContent = `${short(u.phase)} ${Math.round((u.phaseProgress || 0) * 100)}%` + (u.metadata && u.metadata.milestone ? ` · milestone ${u.metadata.milestone}` : "") + (u.metadata && u.metadata.hook ? ` · hook ${u.metadata.hook}` : "");
+  if (view.removal && u.phase !== "PHASE_QUEUED" && el("cancel")) el("cancel").hidden = true;
   if (u.pull) pull(view, u.pull, t);
   logLine(u.level || "LEVEL_INFO", u.message, u.timestamp);
   if (u.result) result(view, u);
@@ -283,7 +308,7 @@ function result(view, u) {
   view.ended = true;
   el("state").textContent = short(u.phase);
   el("state").className = r.success ? "state-DEPLOYMENT_STATE_SUCCEEDED" : "state-DEPLOYMENT_STATE_FAILED";
-  el("cancel").hidden = true;
+  if (el("cancel")) el("cancel").hidden = true;
   el("elapsed").textContent = fmtSecs(secs(u.elapsed));
   const d = r.diagnostics;
   el("result").hidden = false;
@@ -291,6 +316,7 @@ function result(view, u) {
     h("h2", {}, r.success ? "Succeeded" : "Did not succeed"),
     h("p", {}, r.message),
     h("div", { id: "endpoints" }, links(r.endpoints)),
+    r.containersRemoved ? h("p", { id: "removed" }, `${r.containersRemoved} container(s) removed`) : null,
     r.imageDigest ? h("p", { class: "muted" }, r.imageDigest) : null,
     (r.health || []).length ? h("ul", {}, r.health.map((c) => h("li", { class: c.healthy ? "healthy" : "unhealthy" }, `${c.check}: ${c.healthy ? "healthy" : "unhealthy"} after ${c.attempts || 0} attempt(s) ${c.message || ""}`))) : null,
     d ? h("div", {}, h("p", {}, `Failed in ${short(d.failedPhase)} at ${d.step}` + (d.exitCode !== undefined ? `, exit code ${d.exitCode}` : "") + (d.oomKilled ? ", killed: out of memory" : "")),

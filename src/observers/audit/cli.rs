@@ -15,14 +15,14 @@ pub enum AuditCommand {
 #[derive(clap::Args, Clone, Debug)]
 pub struct VerifyArgs {
     /// The audit log (default: DATA_DIR/audit.log).
-    pub path: Option<PathBuf>,
+    pub(crate) path: Option<PathBuf>,
     /// Directory for Stevedore's state (where the default audit log is).
     #[arg(long, env = "STEVEDORE_DATA_DIR", default_value = "./stevedore-data")]
-    pub data_dir: PathBuf,
+    pub(crate) data_dir: PathBuf,
     /// Also fail unless the last record's hash is this one (detects lines cut off the
     /// end, given a head exported earlier).
     #[arg(long)]
-    pub expect_head: Option<String>,
+    pub(crate) expect_head: Option<String>,
 }
 
 /// Runs an `audit` subcommand: prints the outcome; an error means a non-zero exit.

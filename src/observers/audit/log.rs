@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -14,16 +14,16 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 /// `prev_hash` of the first record.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// File name of the audit log in the data directory (the default of `--audit-log`).
-pub const AUDIT_LOG_FILE: &str = "audit.log";
+pub(crate) const AUDIT_LOG_FILE: &str = "audit.log";
 
 /// How often a log that cannot be written is retried.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 /// The chain hash of a record whose canonical bytes (without `hash`) are `canonical`.
-pub fn chain_hash(prev_hash: &str, canonical: &[u8]) -> String {
+pub(crate) fn chain_hash(prev_hash: &str, canonical: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(prev_hash.as_bytes());
     h.update(b"\n");
@@ -153,11 +153,20 @@ pub struct AuditLog {
     path: PathBuf,
 }
 
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .field("writable", &self.writable)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AuditLog {
     /// Opens (or creates) the log at `path`. Never fails: a log that cannot be opened
     /// is not writable (see [`AuditLog::check`]) and is retried in the background.
     /// Must be called inside a tokio runtime.
-    pub fn open(path: impl Into<PathBuf>) -> Arc<Self> {
+    pub(crate) fn open(path: impl Into<PathBuf>) -> Arc<Self> {
         let path = path.into();
         let mut writer = Writer {
             path: path.clone(),
@@ -184,17 +193,13 @@ impl AuditLog {
         log
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Whether the last write (or open) succeeded.
     pub fn is_writable(&self) -> bool {
         self.writable.load(Ordering::SeqCst)
     }
 
     /// Ok while the log can be written; else why not.
-    pub fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         if self.is_writable() {
             return Ok(());
         }

@@ -42,9 +42,11 @@ mod observer;
 mod verify;
 
 pub use cli::{AuditCommand, VerifyArgs, run_command};
-pub use log::{AUDIT_LOG_FILE, AuditLog, GENESIS, chain_hash};
-pub use observer::AuditObserver;
-pub use verify::{ChainError, VerifyReport, verify, verify_reader};
+pub(crate) use log::{AUDIT_LOG_FILE, AuditLog, GENESIS, chain_hash};
+pub(crate) use observer::AuditObserver;
+#[cfg(test)]
+use verify::verify_reader;
+pub use verify::{VerifyReport, verify};
 
 #[cfg(test)]
 mod tests {

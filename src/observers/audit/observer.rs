@@ -56,13 +56,13 @@ impl DeploymentFacts {
 
 /// The observer that writes the audit log. Subscribe it with
 /// `ObserverRegistry::subscribe_lossless`.
-pub struct AuditObserver {
+pub(crate) struct AuditObserver {
     log: Arc<AuditLog>,
     live: Mutex<HashMap<DeploymentId, DeploymentFacts>>,
 }
 
 impl AuditObserver {
-    pub fn new(log: Arc<AuditLog>) -> Self {
+    pub(crate) fn new(log: Arc<AuditLog>) -> Self {
         Self {
             log,
             live: Mutex::new(HashMap::new()),
@@ -91,6 +91,7 @@ impl AuditObserver {
         let record = json!({
             "time": humantime::format_rfc3339_millis(u.timestamp).to_string(),
             "event": event,
+            "operation": u.operation.as_str(),
             "deployment_id": u.deployment_id.to_string(),
             "sequence": u.sequence,
             "app": u.app.as_str(),

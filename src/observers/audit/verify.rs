@@ -11,10 +11,10 @@ use super::{GENESIS, chain_hash};
 /// Where and why the chain breaks.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("line {line}: {reason}")]
-pub struct ChainError {
+pub(crate) struct ChainError {
     /// 1-based line number of the first bad line.
-    pub line: u64,
-    pub reason: String,
+    pub(crate) line: u64,
+    pub(crate) reason: String,
 }
 
 /// A verified log.
@@ -26,7 +26,7 @@ pub struct VerifyReport {
 }
 
 /// Checks the whole chain of the log read from `input`.
-pub fn verify_reader(input: impl Read) -> Result<VerifyReport, ChainError> {
+pub(crate) fn verify_reader(input: impl Read) -> Result<VerifyReport, ChainError> {
     let mut reader = BufReader::new(input);
     let mut prev_hash = GENESIS.to_owned();
     let mut records = 0u64;

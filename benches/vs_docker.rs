@@ -1,0 +1,818 @@
+//! Stevedore next to the docker CLI (run by `bash scripts/bench.sh vs_docker`; plain
+//! `main`, no harness). A real `stevedore serve` (the binary cargo built for this
+//! bench), one tonic client connection held for the whole run, the local Docker engine
+//! and registry. Each line prints the figure, its anchor measured in the same run, the
+//! ratio, the target and whether it is met; nothing is asserted about speed.
+//!
+//! * `deploy`: a first deploy and a redeploy of `stevedore-test/web:1` (present
+//!   locally) with a TCP health check, against a bash script doing the same with the
+//!   docker CLI (`docker run -d -p 127.0.0.1::8080`, `docker port`, poll the port every
+//!   50 ms with bash's `/dev/tcp`; for the redeploy `docker stop -t 10` + `docker rm`
+//!   of the old one, 10 s being the grace Stevedore is given). Runs alternate
+//!   (Stevedore, script, Stevedore, script, floor); medians. The floor: the engine's
+//!   own create + start measured with bollard, plus the app's own start (until its
+//!   port accepts on the container's address); Stevedore's time outside it is printed.
+//! * `pull`: a ~100 MB image (a random-data layer on web:1, pushed to the local
+//!   registry, removed locally before each run) pulled by a Stevedore deploy (until
+//!   the first CREATING update) against `docker pull`.
+//! * `concurrent`: N deploys of distinct apps at once: all must succeed; the server's
+//!   CPU time per deploy (/proc/PID/stat) and the wall time against N copies of the
+//!   script run in parallel.
+//! * `watchers`: N tonic WatchDeployment streams of one deployment emitting a few
+//!   hundred updates (a log health check that never matches, 50 ms interval, 12 s
+//!   timeout): lost and duplicated updates, p50/p99 from the update's timestamp to its
+//!   receipt, deliveries per second, server RSS per open stream. The bare-tonic floor
+//!   server is not built (skipped).
+//!
+//! Restart with 10,000 finished deployments (ready time, RSS) is in `durability`.
+//!
+//! Arguments: `[deploy] [pull] [concurrent] [watchers]` (default all), `--runs N`
+//! (default 7), `--concurrent N` (100), `--watchers N,N` (1000,10000), `--pull-mb N`
+//! (100), `--smoke` (1 run, 5 concurrent, 50 watchers, a 10 MB image).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod rows;
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, InspectContainerOptions, RemoveContainerOptionsBuilder,
+    StartContainerOptions, StopContainerOptionsBuilder,
+};
+use common::{BinaryServer, Client};
+use stevedore::proto::health_check::Check;
+use stevedore::proto::{
+    self, CancelRequest, DeployRequest, HealthCheck, LogHealthCheck, ProgressUpdate,
+    TcpHealthCheck, WatchRequest,
+};
+
+/// The previous version's stop grace, the same for Stevedore and the script.
+const GRACE_SECS: i64 = 10;
+const WEB: &str = "stevedore-test/web:1";
+
+/// The docker-CLI anchor: `anchor.sh LABEL [OLD]` runs web:1 on a free port, waits
+/// until the port accepts, then stops and removes OLD; prints the new container's ID.
+const SCRIPT: &str = r#"#!/usr/bin/env bash
+set -euo pipefail
+cid=$(docker run -d --label "$1" -p 127.0.0.1::8080 stevedore-test/web:1)
+port=$(docker port "$cid" 8080/tcp | head -n 1)
+port=${port##*:}
+until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.05; done
+if [[ -n ${2:-} ]]; then
+  docker stop -t GRACE "$2" >/dev/null
+  docker rm "$2" >/dev/null
+fi
+echo "$cid"
+"#;
+
+struct Args {
+    only: Vec<String>,
+    runs: usize,
+    concurrent: usize,
+    watchers: Vec<usize>,
+    pull_mb: usize,
+    /// The watched deployment's health timeout (its attempts are the updates).
+    watch_secs: i64,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        only: Vec::new(),
+        runs: 7,
+        concurrent: 100,
+        watchers: vec![1_000, 10_000],
+        pull_mb: 100,
+        watch_secs: 12,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().expect("a value after the flag");
+        match arg.as_str() {
+            "--bench" => {}
+            "--runs" => a.runs = value().parse().unwrap(),
+            "--concurrent" => a.concurrent = value().parse().unwrap(),
+            "--pull-mb" => a.pull_mb = value().parse().unwrap(),
+            "--watchers" => {
+                a.watchers = value().split(',').map(|n| n.parse().unwrap()).collect();
+            }
+            "--smoke" => {
+                (a.runs, a.concurrent, a.pull_mb, a.watch_secs) = (1, 5, 10, 2);
+                a.watchers = vec![50];
+            }
+            "deploy" | "pull" | "concurrent" | "watchers" => a.only.push(arg),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    a
+}
+
+struct Bench {
+    server: BinaryServer,
+    client: Client,
+    docker: Docker,
+    script: tempfile::TempPath,
+    /// Labels the script's containers (removed at the end).
+    label: String,
+    _data: tempfile::TempDir,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = args();
+    common::require_docker();
+    common::docker(&["image", "inspect", "-f", "{{.Id}}", WEB]);
+    let data = tempfile::tempdir().unwrap();
+    let server = BinaryServer::spawn(
+        data.path(),
+        &[
+            "--max-in-flight",
+            "1000",
+            "--max-queued",
+            "1000",
+            "--max-watch-streams",
+            "20000",
+        ],
+    );
+    let client = common::connect(server.grpc_addr).await;
+    let script = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+    std::fs::write(&script, SCRIPT.replace("GRACE", &GRACE_SECS.to_string())).unwrap();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let bench = Bench {
+        server,
+        client,
+        docker: Docker::connect_with_local_defaults().unwrap(),
+        script,
+        label: format!("bench.vsdocker={}", &run[..10]),
+        _data: data,
+    };
+    let wants = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    println!(
+        "vs_docker: stevedore serve pid {} ({} build), {} alternating runs, medians",
+        bench.server.child.id(),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        args.runs
+    );
+    if wants("deploy") {
+        bench.deploys(args.runs).await;
+    }
+    if wants("pull") {
+        bench.pulls(args.runs, args.pull_mb).await;
+    }
+    if wants("concurrent") {
+        bench.concurrent(args.concurrent).await;
+    }
+    if wants("watchers") {
+        for &n in &args.watchers {
+            bench.watchers(n, args.watch_secs).await;
+        }
+        rows::info(
+            "watchers: bare tonic server (throughput floor)",
+            "skipped (not built)",
+        );
+    }
+    remove_labelled(&bench.label);
+}
+
+/// A deploy of web:1 on a free host port with a TCP check of 8080.
+fn web_tcp(app: &str) -> DeployRequest {
+    let mut req = common::web_request(app, WEB);
+    req.health_check = Some(HealthCheck {
+        check: Some(Check::Tcp(TcpHealthCheck { port: 8080 })),
+        ..Default::default()
+    });
+    req.stop_timeout = common::secs(GRACE_SECS);
+    req
+}
+
+fn ms(d: f64) -> String {
+    format!("{:.0} ms", d * 1000.0)
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "bench-{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Removes every container labelled `label` (`key=value`).
+fn remove_labelled(label: &str) {
+    let ids = common::docker(&["ps", "-aq", "--filter", &format!("label={label}")]);
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    if !ids.is_empty() {
+        let mut args = vec!["rm", "-f"];
+        args.extend(ids);
+        let _ = Command::new("docker").args(&args).output();
+    }
+}
+
+fn to_system(ts: &pbjson_types::Timestamp) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::new(ts.seconds as u64, ts.nanos as u32)
+}
+
+/// A Deploy call read to its end: the time from the call to the terminal update, and
+/// the updates.
+struct Deployed {
+    took: Duration,
+    updates: Vec<ProgressUpdate>,
+}
+
+impl Deployed {
+    fn terminal(&self) -> &ProgressUpdate {
+        self.updates.last().expect("a terminal update")
+    }
+
+    fn succeeded(&self) -> bool {
+        self.terminal().result.as_ref().is_some_and(|r| r.success)
+    }
+
+    /// Time from the call to each phase's first update, then between phases' first
+    /// updates: `[("accept", s), ("VALIDATING", s), …]`.
+    fn phases(&self, sent: SystemTime) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        let mut last: Option<(String, SystemTime)> = None;
+        for u in &self.updates {
+            let name = u
+                .phase()
+                .as_str_name()
+                .trim_start_matches("PHASE_")
+                .to_owned();
+            let at = u.timestamp.as_ref().map(to_system).unwrap_or(sent);
+            match &last {
+                None => {
+                    out.push(("accept".into(), secs_between(sent, at)));
+                    last = Some((name, at));
+                }
+                Some((prev, since)) if *prev != name => {
+                    out.push((prev.clone(), secs_between(*since, at)));
+                    last = Some((name, at));
+                }
+                _ => {}
+            }
+        }
+        if let (Some((prev, since)), Some(end)) = (&last, self.updates.last()) {
+            let at = end.timestamp.as_ref().map(to_system).unwrap_or(*since);
+            out.push((prev.clone(), secs_between(*since, at)));
+        }
+        out
+    }
+}
+
+fn secs_between(a: SystemTime, b: SystemTime) -> f64 {
+    b.duration_since(a).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+async fn deploy(client: &mut Client, req: DeployRequest) -> (Deployed, SystemTime) {
+    let sent = SystemTime::now();
+    let t = Instant::now();
+    let mut stream = client.deploy(req).await.expect("deploy").into_inner();
+    let mut updates = Vec::new();
+    while let Some(u) = stream.message().await.expect("deploy stream") {
+        if u.heartbeat {
+            continue;
+        }
+        let done = u.result.is_some();
+        updates.push(u);
+        if done {
+            break;
+        }
+    }
+    let took = t.elapsed();
+    (Deployed { took, updates }, sent)
+}
+
+/// Median time per phase over several deploys.
+fn phase_medians(runs: &[Vec<(String, f64)>]) -> String {
+    let mut by: Vec<(String, Vec<f64>)> = Vec::new();
+    for run in runs {
+        for (name, s) in run {
+            match by.iter_mut().find(|(n, _)| n == name) {
+                Some((_, v)) => v.push(*s),
+                None => by.push((name.clone(), vec![*s])),
+            }
+        }
+    }
+    by.iter()
+        .map(|(n, v)| format!("{n} {}", ms(rows::median(v))))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The engine alone: create + start, and the app's own start until its port accepts
+/// on the container's address (1 ms polls).
+struct Floor {
+    create_start: f64,
+    app_start: f64,
+    id: String,
+}
+
+impl Bench {
+    fn script(&self, old: Option<&str>) -> (f64, String) {
+        let t = Instant::now();
+        let mut cmd = Command::new("bash");
+        cmd.arg(&self.script).arg(&self.label);
+        if let Some(old) = old {
+            cmd.arg(old);
+        }
+        let out = cmd.output().expect("bash runs");
+        assert!(
+            out.status.success(),
+            "anchor script failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            t.elapsed().as_secs_f64(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        )
+    }
+
+    async fn floor(&self) -> Floor {
+        let mut bindings = HashMap::new();
+        bindings.insert(
+            "8080/tcp".to_owned(),
+            Some(vec![PortBinding {
+                host_ip: Some("127.0.0.1".into()),
+                host_port: Some(String::new()),
+            }]),
+        );
+        let (key, value) = self.label.split_once('=').unwrap();
+        let body = ContainerCreateBody {
+            image: Some(WEB.into()),
+            labels: Some([(key.to_owned(), value.to_owned())].into()),
+            exposed_ports: Some(vec!["8080/tcp".into()]),
+            host_config: Some(HostConfig {
+                port_bindings: Some(bindings),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let name = unique("floor");
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let t = Instant::now();
+        let id = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .unwrap()
+            .id;
+        self.docker
+            .start_container(&id, None::<StartContainerOptions>)
+            .await
+            .unwrap();
+        let create_start = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let info = self
+            .docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+            .unwrap();
+        let inspect = t.elapsed();
+        let ip = info
+            .network_settings
+            .and_then(|n| n.networks)
+            .and_then(|m| m.into_values().find_map(|e| e.ip_address))
+            .filter(|ip| !ip.is_empty())
+            .expect("the container has an address");
+        while tokio::net::TcpStream::connect((ip.as_str(), 8080))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let app_start = (t.elapsed() - inspect).as_secs_f64();
+        Floor {
+            create_start,
+            app_start,
+            id,
+        }
+    }
+
+    /// Stop (grace 10 s) and remove, as the redeploy does with the old version.
+    async fn stop_remove(&self, id: &str) -> f64 {
+        let t = Instant::now();
+        let stop = StopContainerOptionsBuilder::default()
+            .t(GRACE_SECS as i32)
+            .build();
+        self.docker.stop_container(id, Some(stop)).await.unwrap();
+        let remove = RemoveContainerOptionsBuilder::default().force(true).build();
+        self.docker
+            .remove_container(id, Some(remove))
+            .await
+            .unwrap();
+        t.elapsed().as_secs_f64()
+    }
+
+    async fn deploys(&self, runs: usize) {
+        let mut client = self.client.clone();
+        let (mut s_first, mut s_re, mut a_first, mut a_re) = (vec![], vec![], vec![], vec![]);
+        let (mut f_first, mut f_re, mut f_engine) = (vec![], vec![], vec![]);
+        let (mut p_first, mut p_re) = (vec![], vec![]);
+        // Warm-up, not counted: the first calls of a fresh server and CLI.
+        {
+            let app = unique("warm");
+            let _guard = common::AppGuard(app.clone());
+            deploy(&mut client, web_tcp(&app)).await;
+            self.script(None);
+            let f = self.floor().await;
+            self.stop_remove(&f.id).await;
+            remove_labelled(&self.label);
+        }
+        for _ in 0..runs {
+            let app = unique("deploy");
+            let _guard = common::AppGuard(app.clone());
+            let (first, sent) = deploy(&mut client, web_tcp(&app)).await;
+            assert!(first.succeeded(), "{}", first.terminal().message);
+            s_first.push(first.took.as_secs_f64());
+            p_first.push(first.phases(sent));
+
+            let (t, old) = self.script(None);
+            a_first.push(t);
+
+            let (again, sent) = deploy(&mut client, web_tcp(&app)).await;
+            assert!(again.succeeded(), "{}", again.terminal().message);
+            s_re.push(again.took.as_secs_f64());
+            p_re.push(again.phases(sent));
+
+            let (t, _) = self.script(Some(&old));
+            a_re.push(t);
+
+            let a = self.floor().await;
+            let b = self.floor().await;
+            let swap = self.stop_remove(&a.id).await;
+            f_engine.push(a.create_start);
+            f_first.push(a.create_start + a.app_start);
+            f_re.push(b.create_start + b.app_start + swap);
+            remove_labelled(&self.label);
+        }
+        let med = rows::median;
+        rows::ratio(
+            "deploy first (present image, TCP check)",
+            med(&s_first),
+            "docker-CLI script",
+            med(&a_first),
+            Some(0.95),
+        );
+        rows::info(
+            "deploy first: Stevedore phases (median)",
+            &phase_medians(&p_first),
+        );
+        rows::ratio(
+            "deploy redeploy (old one stopped, grace 10s)",
+            med(&s_re),
+            "docker-CLI script",
+            med(&a_re),
+            Some(0.95),
+        );
+        rows::info(
+            "deploy redeploy: Stevedore phases (median)",
+            &phase_medians(&p_re),
+        );
+        for (what, ours, floor) in [("first", &s_first, &f_first), ("redeploy", &s_re, &f_re)] {
+            let outside = med(ours) - med(floor);
+            rows::limit(
+                &format!(
+                    "deploy {what}: Stevedore outside the engine's create+start and the app's start"
+                ),
+                &format!(
+                    "{} (Stevedore {} - floor {}; engine create+start alone {})",
+                    ms(outside),
+                    ms(med(ours)),
+                    ms(med(floor)),
+                    ms(med(&f_engine)),
+                ),
+                outside * 1000.0,
+                20.0,
+                " ms",
+            );
+        }
+    }
+
+    async fn pulls(&self, runs: usize, mb: usize) {
+        let (image, sizes) = common::push_random_image(mb);
+        let total: u64 = sizes.iter().sum();
+        let mut client = self.client.clone();
+        let (mut ours, mut anchor) = (vec![], vec![]);
+        for _ in 0..runs {
+            let app = unique("pull");
+            let guard = common::AppGuard(app.clone());
+            let _ = Command::new("docker").args(["rmi", &image]).output();
+            let mut req = common::web_request(&app, &image);
+            req.health_check = Some(HealthCheck {
+                check: Some(Check::Tcp(TcpHealthCheck { port: 8080 })),
+                ..Default::default()
+            });
+            let t = Instant::now();
+            let mut stream = client.deploy(req).await.expect("deploy").into_inner();
+            let mut pulled = None;
+            let mut last = None;
+            while let Some(u) = stream.message().await.expect("deploy stream") {
+                if pulled.is_none() && u.phase() == proto::Phase::Creating {
+                    pulled = Some(t.elapsed().as_secs_f64());
+                }
+                if u.result.is_some() {
+                    last = Some(u);
+                    break;
+                }
+            }
+            let last = last.expect("a terminal update");
+            assert!(last.result.unwrap().success, "{}", last.message);
+            ours.push(pulled.expect("a CREATING update"));
+            drop(guard);
+            let _ = Command::new("docker").args(["rmi", &image]).output();
+            let t = Instant::now();
+            common::docker(&["pull", "-q", &image]);
+            anchor.push(t.elapsed().as_secs_f64());
+        }
+        let _ = Command::new("docker").args(["rmi", &image]).output();
+        rows::ratio(
+            &format!(
+                "pull of a {} MB image from the local registry (deploy until CREATING)",
+                total >> 20
+            ),
+            rows::median(&ours),
+            "docker pull",
+            rows::median(&anchor),
+            Some(1.05),
+        );
+    }
+
+    async fn concurrent(&self, n: usize) {
+        let clk_tck: f64 = String::from_utf8(
+            Command::new("getconf")
+                .arg("CLK_TCK")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+        let pid = self.server.child.id();
+        let apps: Vec<String> = (0..n).map(|_| unique("many")).collect();
+        let guards: Vec<_> = apps.iter().map(|a| common::AppGuard(a.clone())).collect();
+        let cpu0 = cpu_ticks(pid);
+        let t = Instant::now();
+        let deploys = apps.iter().map(|app| {
+            let mut client = self.client.clone();
+            let req = web_tcp(app);
+            async move { deploy(&mut client, req).await.0 }
+        });
+        let done = futures_util::future::join_all(deploys).await;
+        let wall = t.elapsed().as_secs_f64();
+        let cpu_ms = (cpu_ticks(pid) - cpu0) as f64 * 1000.0 / clk_tck / n as f64;
+        let ok = done.iter().filter(|d| d.succeeded()).count();
+        let ids: Vec<String> = done
+            .iter()
+            .filter_map(|d| d.terminal().result.as_ref())
+            .map(|r| r.container_id.clone())
+            .filter(|id| !id.is_empty())
+            .collect();
+        if !ids.is_empty() {
+            let mut args = vec!["rm".to_owned(), "-f".to_owned()];
+            args.extend(ids);
+            let _ = Command::new("docker").args(&args).output();
+        }
+        drop(guards);
+
+        let t = Instant::now();
+        let scripts: Vec<_> = (0..n)
+            .map(|_| {
+                Command::new("bash")
+                    .arg(&self.script)
+                    .arg(&self.label)
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let script_ok = scripts
+            .into_iter()
+            .filter_map(|mut c| c.wait().ok())
+            .filter(|s| s.success())
+            .count();
+        let script_wall = t.elapsed().as_secs_f64();
+        remove_labelled(&self.label);
+
+        rows::limit(
+            &format!("concurrent: {n} deploys of distinct apps, all succeed"),
+            &format!("{ok} of {n} succeeded"),
+            (n - ok) as f64,
+            0.0,
+            " failed",
+        );
+        rows::ratio(
+            &format!("concurrent: {n} deploys, wall time"),
+            wall,
+            &format!("{n} docker-CLI scripts in parallel ({script_ok} ok)"),
+            script_wall,
+            None,
+        );
+        rows::limit(
+            &format!("concurrent: server CPU per deploy ({n} deploys)"),
+            &format!("{cpu_ms:.1} ms"),
+            cpu_ms,
+            5.0,
+            " ms",
+        );
+    }
+
+    async fn watchers(&self, n: usize, watch_secs: i64) {
+        let mut client = self.client.clone();
+        let app = unique("watch");
+        let _guard = common::AppGuard(app.clone());
+        let never = |timeout: i64, interval_ms: i32| HealthCheck {
+            check: Some(Check::Log(LogHealthCheck {
+                pattern: "^never printed$".into(),
+            })),
+            timeout: common::secs(timeout),
+            interval: Some(pbjson_types::Duration {
+                seconds: 0,
+                nanos: interval_ms * 1_000_000,
+            }),
+        };
+        // A deployment that holds the app's lock until cancelled, so the watched one waits
+        // in the queue while the watchers connect.
+        let mut blocker = common::web_request(&app, "stevedore-test/plain:1");
+        blocker.ports.clear();
+        blocker.health_check = Some(never(600, 500));
+        let mut blocking = client.deploy(blocker).await.unwrap().into_inner();
+        let blocker_id = blocking.message().await.unwrap().unwrap().deployment_id;
+        let drain_blocker =
+            tokio::spawn(async move { while let Ok(Some(_)) = blocking.message().await {} });
+
+        let mut watched = common::web_request(&app, "stevedore-test/plain:1");
+        watched.ports.clear();
+        watched.health_check = Some(never(watch_secs, 50));
+        let mut deploying = client.deploy(watched).await.unwrap().into_inner();
+        let id = deploying.message().await.unwrap().unwrap().deployment_id;
+        let drain_watched =
+            tokio::spawn(async move { while let Ok(Some(_)) = deploying.message().await {} });
+
+        let pid = self.server.child.id();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rss0 = rows::rss_kib(pid);
+        let connected = Arc::new(AtomicUsize::new(0));
+        let live_from: Arc<OnceLock<SystemTime>> = Arc::new(OnceLock::new());
+        let mut channels = Vec::new();
+        let mut tasks = Vec::with_capacity(n);
+        let t_connect = Instant::now();
+        for i in 0..n {
+            if i % 100 == 0 {
+                channels.push(common::connect(self.server.grpc_addr).await);
+            }
+            let client = channels.last().unwrap().clone();
+            tasks.push(tokio::spawn(watch(
+                client,
+                id.clone(),
+                connected.clone(),
+                live_from.clone(),
+            )));
+        }
+        while connected.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let connect_s = t_connect.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rss1 = rows::rss_kib(pid);
+        let start = SystemTime::now();
+        let _ = live_from.set(start);
+        client
+            .cancel_deployment(CancelRequest {
+                deployment_id: blocker_id,
+            })
+            .await
+            .unwrap();
+        let mut results = Vec::with_capacity(n);
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        drain_blocker.await.unwrap();
+        drain_watched.await.unwrap();
+        let status = common::get_status(&mut client, &id).await;
+        let expected = status.last_sequence;
+        let lost: u64 = results
+            .iter()
+            .map(|r| expected.saturating_sub(r.unique))
+            .sum();
+        let dups: u64 = results.iter().map(|r| r.dups).sum();
+        let mut lat: Vec<f64> = results
+            .iter()
+            .flat_map(|r| r.latencies.iter().copied())
+            .collect();
+        let deliveries = lat.len();
+        let end = results
+            .iter()
+            .filter_map(|r| r.last_at)
+            .max()
+            .unwrap_or(start);
+        let live_s = secs_between(start, end).max(1e-6);
+        let p50 = rows::percentile(&lat, 0.5);
+        let p99 = rows::percentile(&lat, 0.99);
+        lat.clear();
+        let per_stream = (rss1.saturating_sub(rss0)) as f64 * 1024.0 / n as f64;
+        rows::limit(
+            &format!(
+                "watchers: {n} streams of one deployment ({expected} updates), lost or duplicated"
+            ),
+            &format!("{lost} lost, {dups} duplicated (all connected in {connect_s:.1}s)"),
+            (lost + dups) as f64,
+            0.0,
+            "",
+        );
+        rows::limit(
+            &format!("watchers: {n} streams, emit→receive p99"),
+            &format!("p50 {}, p99 {}", ms(p50), ms(p99)),
+            p99 * 1000.0,
+            50.0,
+            " ms",
+        );
+        rows::info(
+            &format!("watchers: {n} streams, live deliveries (paced by the deployment)"),
+            &format!(
+                "{deliveries} in {live_s:.2}s = {:.0}/s",
+                deliveries as f64 / live_s
+            ),
+        );
+        rows::limit(
+            &format!("watchers: {n} streams, server RSS per open stream"),
+            &format!(
+                "{:.1} KB ({} MiB before, {} MiB with the streams open)",
+                per_stream / 1000.0,
+                rss0 / 1024,
+                rss1 / 1024
+            ),
+            per_stream / 1000.0,
+            10.0,
+            " KB",
+        );
+    }
+}
+
+#[derive(Default)]
+struct Watched {
+    unique: u64,
+    dups: u64,
+    latencies: Vec<f64>,
+    last_at: Option<SystemTime>,
+}
+
+/// One watcher: counts each sequence once, duplicates apart, and the latency of the
+/// updates emitted after `live_from` was set.
+async fn watch(
+    mut client: Client,
+    id: String,
+    connected: Arc<AtomicUsize>,
+    live_from: Arc<OnceLock<SystemTime>>,
+) -> Watched {
+    let mut stream = client
+        .watch_deployment(WatchRequest {
+            deployment_id: id,
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut seen = BTreeSet::new();
+    let mut w = Watched::default();
+    while let Some(u) = stream.message().await.expect("watch stream") {
+        if u.heartbeat {
+            continue;
+        }
+        let now = SystemTime::now();
+        if seen.is_empty() {
+            connected.fetch_add(1, Ordering::Relaxed);
+        }
+        if !seen.insert(u.sequence) {
+            w.dups += 1;
+        }
+        if let (Some(from), Some(ts)) = (live_from.get(), u.timestamp.as_ref()) {
+            let at = to_system(ts);
+            if at >= *from {
+                w.latencies.push(secs_between(at, now));
+            }
+        }
+        w.last_at = Some(now);
+    }
+    w.unique = seen.len() as u64;
+    w
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
