@@ -17,8 +17,8 @@ use super::run::StepOutput;
 use crate::model::{Level, Phase, SourceSpec};
 use crate::runtime::docker::layer_status;
 use crate::runtime::{PullEvent, Runtime};
-use crate::source::build::{BuildError, BuildEvent, BuildOutcome, BuildSpec};
-use crate::source::git::{self, FetchEvent, GitSource, GitStage};
+use crate::source::build::{BuildError, BuildEvent, BuildOutcome, BuildSpec, BuildStep};
+use crate::source::git::{self, FetchEvent, GitProgress, GitSource, GitStage};
 
 /// At most this many progress updates per second for git's and the base pull's
 /// progress (a stage's last one always goes out).
@@ -57,7 +57,24 @@ pub(super) async fn fetch(
     // Dropping this step (cancel, deadline, shutdown) kills git's process group.
     let never = CancellationToken::new();
     let mut every = Every::default();
-    let mut on_event = |event: FetchEvent| match event {
+    let mut on_event = |event: FetchEvent| report_fetch_event(rep, &mut every, event);
+    let fetched = git::fetch(cache, &git_source, &never, &mut on_event)
+        .await
+        .map_err(|e| {
+            Failure::new(
+                Phase::Fetching,
+                "git fetch",
+                git::redact_url(&e.to_string()),
+            )
+        })?;
+    rep.set_commit(&fetched.commit, None);
+    report_fetched(rep, &fetched);
+    Ok(fetched)
+}
+
+/// One of git's events as an update (its progress throttled by `every`).
+fn report_fetch_event(rep: &mut Reporter, every: &mut Every, event: FetchEvent) {
+    match event {
         FetchEvent::Started { url, incremental } => rep.progress(
             0.0,
             Level::Info,
@@ -71,36 +88,7 @@ pub(super) async fn fetch(
             },
             Extra::meta([("incremental", incremental.to_string())]),
         ),
-        FetchEvent::Progress(p) => {
-            if !every.due(p.done) {
-                return;
-            }
-            let fraction = match (&p.stage, p.fraction()) {
-                (GitStage::Receiving, Some(f)) => f * 0.9,
-                (GitStage::Resolving | GitStage::Updating, _) => 0.9,
-                _ => 0.0,
-            };
-            let mut extra = Extra::meta([
-                ("stage", p.stage.as_str().to_owned()),
-                ("objects", p.current.to_string()),
-            ]);
-            if let Some(t) = p.total {
-                extra.metadata.insert("objects_total".into(), t.to_string());
-            }
-            if let Some(b) = p.bytes {
-                extra.metadata.insert("bytes".into(), b.to_string());
-            }
-            if let Some(r) = p.bytes_per_sec {
-                extra.metadata.insert("bytes_per_sec".into(), r.to_string());
-            }
-            let total = p.total.map(|t| format!("/{t}")).unwrap_or_default();
-            rep.progress(
-                fraction,
-                Level::Verbose,
-                format!("{}: {}{total}", p.stage.as_str(), p.current),
-                extra,
-            );
-        }
+        FetchEvent::Progress(p) => report_git_progress(rep, every, &p),
         FetchEvent::Output(line) => rep.output(git::redact_url(&line), Extra::default()),
         FetchEvent::Commit { reference, sha } => rep.progress(
             0.95,
@@ -108,17 +96,46 @@ pub(super) async fn fetch(
             format!("{reference} is commit {sha}"),
             Extra::meta([("commit", sha)]),
         ),
+    }
+}
+
+/// One of git's progress lines as an update: receiving the objects is the first 90% of
+/// the step, resolving and updating the files end at 90%. A stage's last line always
+/// goes out, others at most every [`PROGRESS_INTERVAL`].
+fn report_git_progress(rep: &mut Reporter, every: &mut Every, p: &GitProgress) {
+    if !every.due(p.done) {
+        return;
+    }
+    let fraction = match (&p.stage, p.fraction()) {
+        (GitStage::Receiving, Some(f)) => f * 0.9,
+        (GitStage::Resolving | GitStage::Updating, _) => 0.9,
+        _ => 0.0,
     };
-    let fetched = git::fetch(cache, &git_source, &never, &mut on_event)
-        .await
-        .map_err(|e| {
-            Failure::new(
-                Phase::Fetching,
-                "git fetch",
-                git::redact_url(&e.to_string()),
-            )
-        })?;
-    rep.set_commit(&fetched.commit, None);
+    let mut extra = Extra::meta([
+        ("stage", p.stage.as_str().to_owned()),
+        ("objects", p.current.to_string()),
+    ]);
+    if let Some(t) = p.total {
+        extra.metadata.insert("objects_total".into(), t.to_string());
+    }
+    if let Some(b) = p.bytes {
+        extra.metadata.insert("bytes".into(), b.to_string());
+    }
+    if let Some(r) = p.bytes_per_sec {
+        extra.metadata.insert("bytes_per_sec".into(), r.to_string());
+    }
+    let total = p.total.map(|t| format!("/{t}")).unwrap_or_default();
+    rep.progress(
+        fraction,
+        Level::Verbose,
+        format!("{}: {}{total}", p.stage.as_str(), p.current),
+        extra,
+    );
+}
+
+/// The step's last update: the commit fetched, and whether the cache already held
+/// most of it.
+fn report_fetched(rep: &mut Reporter, fetched: &git::Fetched) {
     rep.progress(
         1.0,
         Level::Info,
@@ -136,7 +153,6 @@ pub(super) async fn fetch(
             ("incremental", fetched.incremental.to_string()),
         ]),
     );
-    Ok(fetched)
 }
 
 /// BUILDING: builds (or finds) `stevedore/<app>:<commit>`; returns the outcome.
@@ -147,178 +163,233 @@ pub(super) async fn build(
     fetched: &git::Fetched,
 ) -> Result<BuildOutcome, Failure> {
     let app = rep.deployment().spec.app.to_string();
+    let spec = build_spec(&app, source, fetched);
+    let tag = spec.tag();
+    rep.enter(Phase::Building, format!("building {tag}"));
+    let never = CancellationToken::new();
+    let mut progress = BuildProgress::default();
+    let mut on_event = |event: BuildEvent| progress.report(rep, event);
+    let outcome = runtime
+        .build_image(&spec, &never, &mut on_event)
+        .await
+        .map_err(build_failure)?;
+    record_built(rep, &outcome);
+    rep.set_commit(&fetched.commit, Some(outcome.tag()));
+    Ok(outcome)
+}
+
+/// What to build: the fetched commit's worktree (or its `context_dir`), with the
+/// source's Dockerfile and build arguments.
+fn build_spec(app: &str, source: &SourceSpec, fetched: &git::Fetched) -> BuildSpec {
     let context = if source.context_dir.is_empty() {
         fetched.worktree.clone()
     } else {
         fetched.worktree.join(&source.context_dir)
     };
-    let spec = BuildSpec {
+    BuildSpec {
         dockerfile: source.dockerfile.clone(),
         build_args: source.build_args.clone().into_iter().collect(),
-        ..BuildSpec::new(&app, &fetched.commit, context)
-    };
-    let tag = spec.tag();
-    rep.enter(Phase::Building, format!("building {tag}"));
-    let never = CancellationToken::new();
-    let mut cached = 0u32;
-    let mut current: Option<(u32, u32)> = None;
-    let mut pull = PullTracker::default();
-    let mut every = Every::default();
-    let mut on_event = |event: BuildEvent| {
+        ..BuildSpec::new(app, &fetched.commit, context)
+    }
+}
+
+/// What a build's updates carry from one event to the next.
+#[derive(Default)]
+struct BuildProgress {
+    /// Steps taken from the cache so far.
+    cached: u32,
+    /// The step running and the number of steps.
+    current: Option<(u32, u32)>,
+    /// The base image's pull, when the build pulls it.
+    pull: PullTracker,
+    every: Every,
+}
+
+impl BuildProgress {
+    /// One of the build's events as an update (or none), and as a sample for the ETA.
+    fn report(&mut self, rep: &mut Reporter, event: BuildEvent) {
         match event {
-        BuildEvent::Skipped { tag, image_id } => rep.progress(
-            1.0,
-            Level::Info,
-            format!("commit already built as {tag}: build skipped"),
-            Extra::meta([
-                ("build_skipped", "true".into()),
-                ("image", tag),
-                ("image_id", image_id),
-            ]),
-        ),
-        BuildEvent::Context {
-            files,
-            bytes,
-            excluded,
-        } => rep.progress(
-            0.0,
-            Level::Info,
-            format!("sending the build context: {files} files, {bytes} bytes ({excluded} excluded by .dockerignore)"),
-            Extra::meta([
-                ("context_files", files.to_string()),
-                ("context_bytes", bytes.to_string()),
-            ]),
-        ),
-        BuildEvent::Step(s) => {
-            current = Some((s.number, s.total));
-            if let Some(eta) = rep.eta_live() {
-                eta.build_step(s.number, s.total, &s.instruction);
-            }
-            rep.progress(
-                f64::from(s.number - 1) / f64::from(s.total.max(1)),
+            BuildEvent::Skipped { tag, image_id } => rep.progress(
+                1.0,
                 Level::Info,
-                format!("step {}/{}: {}", s.number, s.total, s.instruction),
+                format!("commit already built as {tag}: build skipped"),
                 Extra::meta([
-                    ("step", s.number.to_string()),
-                    ("steps", s.total.to_string()),
-                    ("cached_steps", cached.to_string()),
+                    ("build_skipped", "true".into()),
+                    ("image", tag),
+                    ("image_id", image_id),
                 ]),
-            );
-        }
-        BuildEvent::Cached { number } => {
-            cached += 1;
-            if let Some(eta) = rep.eta_live() {
-                eta.build_cached(true);
+            ),
+            BuildEvent::Context {
+                files,
+                bytes,
+                excluded,
+            } => rep.progress(
+                0.0,
+                Level::Info,
+                format!(
+                    "sending the build context: {files} files, {bytes} bytes \
+                     ({excluded} excluded by .dockerignore)"
+                ),
+                Extra::meta([
+                    ("context_files", files.to_string()),
+                    ("context_bytes", bytes.to_string()),
+                ]),
+            ),
+            BuildEvent::Step(s) => self.step(rep, &s),
+            BuildEvent::Cached { number } => self.cache_hit(rep, number),
+            BuildEvent::Running { .. } => {
+                if let Some(eta) = rep.eta_live() {
+                    eta.build_cached(false);
+                }
             }
-            let (_, total) = current.unwrap_or((number, number));
+            BuildEvent::Image { .. } => {}
+            BuildEvent::Output {
+                line,
+                skipped,
+                step,
+            } => report_build_output(rep, line, skipped, step),
+            BuildEvent::Pull {
+                layer_id,
+                status,
+                current,
+                total,
+            } => self.base_pull(
+                rep,
+                &PullEvent::Layer {
+                    id: layer_id,
+                    status: layer_status(&status),
+                    current,
+                    total,
+                },
+            ),
+        }
+    }
+
+    /// A step starts: "step N/M: INSTRUCTION".
+    fn step(&mut self, rep: &mut Reporter, s: &BuildStep) {
+        self.current = Some((s.number, s.total));
+        if let Some(eta) = rep.eta_live() {
+            eta.build_step(s.number, s.total, &s.instruction);
+        }
+        rep.progress(
+            f64::from(s.number - 1) / f64::from(s.total.max(1)),
+            Level::Info,
+            format!("step {}/{}: {}", s.number, s.total, s.instruction),
+            Extra::meta([
+                ("step", s.number.to_string()),
+                ("steps", s.total.to_string()),
+                ("cached_steps", self.cached.to_string()),
+            ]),
+        );
+    }
+
+    /// Step `number` was taken from the cache.
+    fn cache_hit(&mut self, rep: &mut Reporter, number: u32) {
+        self.cached += 1;
+        if let Some(eta) = rep.eta_live() {
+            eta.build_cached(true);
+        }
+        let (_, total) = self.current.unwrap_or((number, number));
+        rep.progress(
+            0.0,
+            Level::Verbose,
+            format!("step {number}/{total}: using cache"),
+            Extra::meta([
+                ("step", number.to_string()),
+                ("cached", "true".into()),
+                ("cached_steps", self.cached.to_string()),
+            ]),
+        );
+    }
+
+    /// A layer of the base image moved: the whole pull's bytes, at most every
+    /// [`PROGRESS_INTERVAL`].
+    fn base_pull(&mut self, rep: &mut Reporter, event: &PullEvent) {
+        let Some(progress) = self.pull.apply(event) else {
+            return;
+        };
+        if self.every.due(false) {
             rep.progress(
                 0.0,
                 Level::Verbose,
-                format!("step {number}/{total}: using cache"),
-                Extra::meta([
-                    ("step", number.to_string()),
-                    ("cached", "true".into()),
-                    ("cached_steps", cached.to_string()),
-                ]),
+                format!(
+                    "pulling the base image: {} of {} bytes",
+                    progress.image_current_bytes, progress.image_total_bytes
+                ),
+                Extra {
+                    pull: Some(progress),
+                    ..Default::default()
+                },
             );
         }
-        BuildEvent::Running { .. } => {
-            if let Some(eta) = rep.eta_live() {
-                eta.build_cached(false);
-            }
-        }
-        BuildEvent::Image { .. } => {}
-        BuildEvent::Output { line, skipped, step } => {
-            let mut extra = Extra::default();
-            if skipped > 0 {
-                extra
-                    .metadata
-                    .insert("dropped_lines".into(), skipped.to_string());
-            }
-            if let Some(n) = step {
-                extra.metadata.insert("step".into(), n.to_string());
-            }
-            rep.output(line, extra);
-        }
-        BuildEvent::Pull {
-            layer_id,
-            status,
-            current,
-            total,
-        } => {
-            let event = PullEvent::Layer {
-                id: layer_id,
-                status: layer_status(&status),
-                current,
-                total,
-            };
-            let Some(progress) = pull.apply(&event) else {
-                return;
-            };
-            if every.due(false) {
-                rep.progress(
-                    0.0,
-                    Level::Verbose,
-                    format!(
-                        "pulling the base image: {} of {} bytes",
-                        progress.image_current_bytes, progress.image_total_bytes
-                    ),
-                    Extra {
-                        pull: Some(progress),
-                        ..Default::default()
-                    },
-                );
-            }
-        }
     }
-    };
-    let outcome = runtime
-        .build_image(&spec, &never, &mut on_event)
-        .await
-        .map_err(|e| match e {
-            BuildError::Failed(f) => {
-                let d = f.diagnostics();
-                Failure {
-                    phase: Phase::Building,
-                    step: d.step,
-                    message: f.summary(),
-                    output: Some(StepOutput {
-                        exit_code: d.exit_code,
-                        log_tail: d.log_tail,
-                    }),
-                }
+}
+
+/// A line the build printed, with its step and the lines the throttle dropped before it.
+fn report_build_output(rep: &mut Reporter, line: String, skipped: u64, step: Option<u32>) {
+    let mut extra = Extra::default();
+    if skipped > 0 {
+        extra
+            .metadata
+            .insert("dropped_lines".into(), skipped.to_string());
+    }
+    if let Some(n) = step {
+        extra.metadata.insert("step".into(), n.to_string());
+    }
+    rep.output(line, extra);
+}
+
+/// A failed build as the step's failure: a failing instruction names its step, exit
+/// code and log tail.
+fn build_failure(e: BuildError) -> Failure {
+    match e {
+        BuildError::Failed(f) => {
+            let d = f.diagnostics();
+            Failure {
+                phase: Phase::Building,
+                step: d.step,
+                message: f.summary(),
+                output: Some(StepOutput {
+                    exit_code: d.exit_code,
+                    log_tail: d.log_tail,
+                }),
             }
-            other => Failure::new(Phase::Building, "image build", other.to_string()),
-        })?;
-    if let BuildOutcome::Built {
+        }
+        other => Failure::new(Phase::Building, "image build", other.to_string()),
+    }
+}
+
+/// A new image: its steps kept for the next build's estimate, and "built TAG: N steps,
+/// M from cache". Nothing for a skipped build.
+fn record_built(rep: &mut Reporter, outcome: &BuildOutcome) {
+    let BuildOutcome::Built {
         tag,
         total_steps,
         cached_steps,
         steps,
         ..
-    } = &outcome
-    {
-        rep.record_build(
-            steps
-                .iter()
-                .map(|s| StepSample {
-                    instruction: s.instruction.clone(),
-                    cached: s.cached,
-                    duration: s.duration,
-                })
-                .collect(),
-        );
-        rep.progress(
-            1.0,
-            Level::Info,
-            format!("built {tag}: {total_steps} steps, {cached_steps} from cache"),
-            Extra::meta([
-                ("image", tag.clone()),
-                ("steps", total_steps.to_string()),
-                ("cached_steps", cached_steps.to_string()),
-            ]),
-        );
-    }
-    rep.set_commit(&fetched.commit, Some(outcome.tag()));
-    Ok(outcome)
+    } = outcome
+    else {
+        return;
+    };
+    rep.record_build(
+        steps
+            .iter()
+            .map(|s| StepSample {
+                instruction: s.instruction.clone(),
+                cached: s.cached,
+                duration: s.duration,
+            })
+            .collect(),
+    );
+    rep.progress(
+        1.0,
+        Level::Info,
+        format!("built {tag}: {total_steps} steps, {cached_steps} from cache"),
+        Extra::meta([
+            ("image", tag.clone()),
+            ("steps", total_steps.to_string()),
+            ("cached_steps", cached_steps.to_string()),
+        ]),
+    );
 }

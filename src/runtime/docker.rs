@@ -11,7 +11,9 @@ use bollard::auth::DockerCredentials;
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
 use bollard::exec::{StartExecOptions, StartExecResults};
-use bollard::models::{ContainerCreateBody, ExecConfig, HealthStatusEnum, HostConfig, PortBinding};
+use bollard::models::{
+    ContainerCreateBody, ExecConfig, Health, HealthStatusEnum, HostConfig, PortBinding, PortMap,
+};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, ListContainersOptionsBuilder,
     LogsOptionsBuilder, RemoveContainerOptionsBuilder, StopContainerOptionsBuilder,
@@ -272,6 +274,58 @@ fn health_of(status: Option<HealthStatusEnum>) -> Option<DockerHealth> {
     }
 }
 
+/// The output of a container's last health check, trimmed.
+fn last_health_output(health: Option<&Health>) -> Option<String> {
+    health
+        .and_then(|h| h.log.as_ref())
+        .and_then(|l| l.last())
+        .and_then(|r| r.output.clone())
+        .map(|o| o.trim().to_owned())
+}
+
+/// The container ports published on the host, one per container port, in port order.
+fn published_ports(map: PortMap) -> Vec<PublishedPort> {
+    let mut ports = Vec::new();
+    for (key, bindings) in map {
+        let (port, proto) = key.split_once('/').unwrap_or((&key, "tcp"));
+        let Ok(container_port) = port.parse::<u16>() else {
+            continue;
+        };
+        let protocol = if proto == "udp" {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        };
+        if let Some((host_port, host_ip)) = preferred_binding(bindings.unwrap_or_default()) {
+            ports.push(PublishedPort {
+                container_port,
+                protocol,
+                host_port,
+                host_ip,
+            });
+        }
+    }
+    ports.sort_by_key(|p| (p.container_port, p.protocol.as_str()));
+    ports
+}
+
+/// The host port and address of one container port's bindings: one URL per container
+/// port, so the IPv4 binding is preferred.
+fn preferred_binding(bindings: Vec<PortBinding>) -> Option<(u16, String)> {
+    let mut best: Option<(bool, u16, String)> = None;
+    for b in bindings {
+        let Some(host_port) = b.host_port.and_then(|p| p.parse::<u16>().ok()) else {
+            continue;
+        };
+        let host_ip = b.host_ip.unwrap_or_default();
+        let v4 = !host_ip.contains(':');
+        if best.as_ref().is_none_or(|(was_v4, ..)| v4 && !was_v4) {
+            best = Some((v4, host_port, host_ip));
+        }
+    }
+    best.map(|(_, host_port, host_ip)| (host_port, host_ip))
+}
+
 /// The lines of timestamped log frames in the order they were written. The engine
 /// copies a container's stdout and stderr in two streams, so its log can hold a
 /// stderr line before a stdout line printed earlier; each line's timestamp (asked for
@@ -519,11 +573,7 @@ impl Runtime for DockerRuntime {
         let config = info.config;
         let running = state.running.unwrap_or(false);
         let health = state.health.as_ref();
-        let health_log = health
-            .and_then(|h| h.log.as_ref())
-            .and_then(|l| l.last())
-            .and_then(|r| r.output.clone())
-            .map(|o| o.trim().to_owned());
+        let health_log = last_health_output(health);
         let network = info.network_settings;
         // Container addresses are reachable from the engine's own host only.
         let address = (network.as_ref())
@@ -533,41 +583,7 @@ impl Runtime for DockerRuntime {
                 m.values()
                     .find_map(|e| e.ip_address.as_deref()?.parse().ok())
             });
-        let mut ports = Vec::new();
-        if let Some(map) = network.and_then(|n| n.ports) {
-            for (key, bindings) in map {
-                let (port, proto) = key.split_once('/').unwrap_or((&key, "tcp"));
-                let Ok(container_port) = port.parse::<u16>() else {
-                    continue;
-                };
-                let protocol = if proto == "udp" {
-                    Protocol::Udp
-                } else {
-                    Protocol::Tcp
-                };
-                // One URL per container port: prefer the IPv4 binding.
-                let mut best: Option<(bool, u16, String)> = None;
-                for b in bindings.unwrap_or_default() {
-                    let Some(host_port) = b.host_port.and_then(|p| p.parse::<u16>().ok()) else {
-                        continue;
-                    };
-                    let host_ip = b.host_ip.unwrap_or_default();
-                    let v4 = !host_ip.contains(':');
-                    if best.as_ref().is_none_or(|(was_v4, ..)| v4 && !was_v4) {
-                        best = Some((v4, host_port, host_ip));
-                    }
-                }
-                if let Some((_, host_port, host_ip)) = best {
-                    ports.push(PublishedPort {
-                        container_port,
-                        protocol,
-                        host_port,
-                        host_ip,
-                    });
-                }
-            }
-        }
-        ports.sort_by_key(|p| (p.container_port, p.protocol.as_str()));
+        let ports = published_ports(network.and_then(|n| n.ports).unwrap_or_default());
         Ok(ContainerState {
             running,
             exit_code: if running { None } else { state.exit_code },

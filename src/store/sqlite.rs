@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime};
 
 use sqlx::Row;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
 use tokio::sync::mpsc;
 
@@ -387,87 +388,129 @@ impl SqliteStore {
                     idempotency_key,
                     request,
                 } => {
-                    let json = serde_json::to_string(status).expect("status serializes");
-                    sqlx::query(
-                        "INSERT INTO deployments
-                           (id, app, state, created_ns, finished_ns, last_sequence,
-                            idempotency_key, request, status, operation)
-                         VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8, ?9)
-                         ON CONFLICT (id) DO NOTHING",
-                    )
-                    .bind(status.id.to_string())
-                    .bind(status.app.as_str().to_owned())
-                    .bind(state_str(status.state))
-                    .bind(nanos(status.created_at))
-                    .bind(status.last_sequence as i64)
-                    .bind(idempotency_key.clone())
-                    .bind(request.clone())
-                    .bind(json)
-                    .bind(status.operation.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+                    insert_deployment(&mut tx, status, idempotency_key.as_deref(), request).await?
                 }
                 WriteOp::Append { update, status } => {
-                    let body = serde_json::to_string(&**update).expect("update serializes");
-                    sqlx::query(
-                        "INSERT OR IGNORE INTO updates (deployment_id, sequence, body)
-                         VALUES (?1, ?2, ?3)",
-                    )
-                    .bind(update.deployment_id.to_string())
-                    .bind(update.sequence as i64)
-                    .bind(body)
-                    .execute(&mut *tx)
-                    .await?;
+                    insert_update(&mut tx, update).await?;
                     statuses.insert(status.id, status);
                 }
-                WriteOp::Pull { id, sample } => {
-                    sqlx::query(
-                        "INSERT OR REPLACE INTO pull_samples (deployment_id, bytes, duration_us)
-                         VALUES (?1, ?2, ?3)",
-                    )
-                    .bind(id.to_string())
-                    .bind(sample.bytes.min(i64::MAX as u64) as i64)
-                    .bind(as_micros(sample.duration))
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                WriteOp::Build { id, steps } => {
-                    for (i, step) in steps.iter().enumerate() {
-                        sqlx::query(
-                            "INSERT OR REPLACE INTO build_steps
-                               (deployment_id, number, instruction, cached, duration_us)
-                             VALUES (?1, ?2, ?3, ?4, ?5)",
-                        )
-                        .bind(id.to_string())
-                        .bind(i as i64 + 1)
-                        .bind(&step.instruction)
-                        .bind(step.cached)
-                        .bind(as_micros(step.duration))
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                }
+                WriteOp::Pull { id, sample } => insert_pull_sample(&mut tx, id, sample).await?,
+                WriteOp::Build { id, steps } => insert_build_steps(&mut tx, id, steps).await?,
                 WriteOp::Flush(_) => {}
             }
         }
         for status in statuses.values() {
-            let json = serde_json::to_string(status).expect("status serializes");
-            sqlx::query(
-                "UPDATE deployments
-                 SET state = ?2, finished_ns = ?3, last_sequence = ?4, status = ?5
-                 WHERE id = ?1",
-            )
-            .bind(status.id.to_string())
-            .bind(state_str(status.state))
-            .bind(status.finished_at.map(nanos))
-            .bind(status.last_sequence as i64)
-            .bind(json)
-            .execute(&mut *tx)
-            .await?;
+            update_status(&mut tx, status).await?;
         }
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// A new deployment's row (kept as it is if the ID is already there).
+async fn insert_deployment(
+    conn: &mut SqliteConnection,
+    status: &DeploymentStatus,
+    idempotency_key: Option<&str>,
+    request: &str,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_string(status).expect("status serializes");
+    sqlx::query(
+        "INSERT INTO deployments
+           (id, app, state, created_ns, finished_ns, last_sequence,
+            idempotency_key, request, status, operation)
+         VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(status.id.to_string())
+    .bind(status.app.as_str().to_owned())
+    .bind(state_str(status.state))
+    .bind(nanos(status.created_at))
+    .bind(status.last_sequence as i64)
+    .bind(idempotency_key)
+    .bind(request)
+    .bind(json)
+    .bind(status.operation.as_str())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One update of a deployment's log (kept as it is if its sequence is already there).
+async fn insert_update(conn: &mut SqliteConnection, update: &Update) -> Result<(), StoreError> {
+    let body = serde_json::to_string(update).expect("update serializes");
+    sqlx::query(
+        "INSERT OR IGNORE INTO updates (deployment_id, sequence, body)
+         VALUES (?1, ?2, ?3)",
+    )
+    .bind(update.deployment_id.to_string())
+    .bind(update.sequence as i64)
+    .bind(body)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A deployment's image pull, for pull estimates.
+async fn insert_pull_sample(
+    conn: &mut SqliteConnection,
+    id: &DeploymentId,
+    sample: &PullSample,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT OR REPLACE INTO pull_samples (deployment_id, bytes, duration_us)
+         VALUES (?1, ?2, ?3)",
+    )
+    .bind(id.to_string())
+    .bind(sample.bytes.min(i64::MAX as u64) as i64)
+    .bind(as_micros(sample.duration))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A deployment's build steps (numbered from 1), for build estimates.
+async fn insert_build_steps(
+    conn: &mut SqliteConnection,
+    id: &DeploymentId,
+    steps: &[StepSample],
+) -> Result<(), StoreError> {
+    for (i, step) in steps.iter().enumerate() {
+        sqlx::query(
+            "INSERT OR REPLACE INTO build_steps
+               (deployment_id, number, instruction, cached, duration_us)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(id.to_string())
+        .bind(i as i64 + 1)
+        .bind(&step.instruction)
+        .bind(step.cached)
+        .bind(as_micros(step.duration))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// A deployment's latest status into its row.
+async fn update_status(
+    conn: &mut SqliteConnection,
+    status: &DeploymentStatus,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_string(status).expect("status serializes");
+    sqlx::query(
+        "UPDATE deployments
+         SET state = ?2, finished_ns = ?3, last_sequence = ?4, status = ?5
+         WHERE id = ?1",
+    )
+    .bind(status.id.to_string())
+    .bind(state_str(status.state))
+    .bind(status.finished_at.map(nanos))
+    .bind(status.last_sequence as i64)
+    .bind(json)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// The writer task: takes what is queued (up to [`MAX_BATCH`] at a time), commits it
