@@ -27,7 +27,7 @@ pub struct LimitsConfig {
     pub max_request_bytes: usize,
     /// Largest gRPC response sent (bytes).
     #[arg(long, env = "STEVEDORE_MAX_RESPONSE_BYTES", default_value_t = DEFAULT_MAX_RESPONSE_BYTES)]
-    pub(crate) max_response_bytes: usize,
+    pub max_response_bytes: usize,
     /// Apps deploying at the same time; beyond it Deploy gets RESOURCE_EXHAUSTED.
     #[arg(long, env = "STEVEDORE_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
@@ -43,13 +43,13 @@ pub struct LimitsConfig {
     pub(crate) max_docker_calls: usize,
     /// Concurrent HTTP/2 streams per gRPC connection.
     #[arg(long, env = "STEVEDORE_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS)]
-    pub(crate) max_concurrent_streams: u32,
+    pub max_concurrent_streams: u32,
     /// HTTP/2 keepalive ping interval: a client that does not answer within the
     /// timeout is disconnected, so half-open connections are reclaimed.
     #[arg(long, env = "STEVEDORE_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub(crate) keepalive_interval: Duration,
+    pub keepalive_interval: Duration,
     #[arg(long, env = "STEVEDORE_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub(crate) keepalive_timeout: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 /// Which limit or rule turned a call away.
