@@ -275,6 +275,87 @@ fn a_deploy_that_succeeds_exits_0_and_its_json_lines_keep_the_contract() {
 }
 
 #[test]
+fn remove_stops_and_removes_the_app_and_follows_the_removal_to_its_end() {
+    let s = server();
+    let app = unique_app("cli-rm");
+    let _guard = AppGuard(app.clone());
+    let d = cli(
+        s.grpc_addr,
+        &["deploy", &app, WEB1, "-p", "8080", "-o", "plain"],
+    );
+    assert_eq!(d.code, 0, "{d:?}");
+    assert_eq!(app_containers(&app).len(), 1, "{d:?}");
+
+    let r = cli(
+        s.grpc_addr,
+        &["remove", &app, "--stop-timeout", "2s", "-o", "plain"],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let id = lines[0]
+        .strip_prefix("removal ")
+        .and_then(|l| l.strip_suffix(&format!(" (app {app})")))
+        .unwrap_or_else(|| panic!("first line names the removal: {r:?}"));
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{r:?}");
+    for want in [
+        "switching",
+        &format!("stopping the containers of app {app}"),
+        "cleanup",
+        &format!("removed {app} in "),
+        &format!("1 container stopped and removed (removal {id})"),
+    ] {
+        assert!(r.stdout.contains(want), "missing {want:?}: {r:?}");
+    }
+    assert!(!r.stdout.contains("deployed"), "{r:?}");
+    assert!(app_containers(&app).is_empty(), "{r:?}");
+
+    // The removal is an operation of its own: `watch` replays it in JSON, `status`
+    // names it, and `apps` no longer lists the app.
+    let w = cli(s.grpc_addr, &["watch", id, "-o", "json"]);
+    assert_eq!(w.code, 0, "{w:?}");
+    let updates = json_lines(&w.stdout);
+    assert_stream_contract(&updates);
+    let end = updates.last().unwrap();
+    assert_eq!(end["operation"], "OPERATION_REMOVE_APP", "{end}");
+    assert_eq!(end["result"]["containersRemoved"], 1, "{end}");
+    let st = cli(s.grpc_addr, &["status", id, "-o", "plain"]);
+    assert!(
+        st.stdout.starts_with("removal ")
+            && st.stdout.contains(id)
+            && st.stdout.contains("removed       1 container(s)"),
+        "{st:?}"
+    );
+    let a = cli(s.grpc_addr, &["apps", "-o", "plain"]);
+    assert_eq!(a.code, 0, "{a:?}");
+    assert!(!a.stdout.contains(app.as_str()), "{a:?}");
+    let a = cli(s.grpc_addr, &["apps", "-o", "json"]);
+    assert_eq!(a.code, 0, "{a:?}");
+    assert!(
+        json_lines(&a.stdout)
+            .iter()
+            .all(|x| x["app"] != app.as_str()),
+        "{a:?}"
+    );
+
+    // `--detach` prints the ID only, and the removal (nothing left to remove) ends
+    // SUCCEEDED with 0 containers.
+    let r = cli(s.grpc_addr, &["remove", &app, "--detach"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let id = r.stdout.trim().to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("removal {id} accepted")),
+        "{r:?}"
+    );
+    let w = cli(s.grpc_addr, &["watch", &id, "-o", "plain"]);
+    assert_eq!(w.code, 0, "{w:?}");
+    assert!(
+        w.stdout.contains("0 containers stopped and removed"),
+        "{w:?}"
+    );
+}
+
+#[test]
 fn a_failing_image_exits_1_with_plain_output_free_of_control_codes() {
     let s = server();
     let app = unique_app("cli-crash");
@@ -925,6 +1006,17 @@ fn a_missing_or_refused_token_exits_4_naming_the_address() {
         .output()
         .unwrap();
     assert!(r.status.success(), "{r:?}");
+
+    // A read-only token may not remove an app.
+    let r = cli(
+        s.grpc_addr,
+        &["remove", &unique_app("cli-rm-ro"), "--token", &secret],
+    );
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(
+        r.stderr.contains("refused permission") && r.stderr.contains(&addr),
+        "{r:?}"
+    );
 }
 
 #[test]

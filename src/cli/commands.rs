@@ -9,12 +9,12 @@ use super::connect::{Client, ConnectArgs, Failure};
 use super::follow::{Follower, Start, state_name};
 use super::proto::{
     App, CancelRequest, DeploymentState, DeploymentStatus, GetStatusRequest, ListAppsRequest,
-    ListDeploymentsRequest,
+    ListDeploymentsRequest, Operation, RemoveAppRequest,
 };
-use super::render::{self, fmt_secs, phase_name, renderer, resolve};
+use super::render::{self, fmt_secs, noun, phase_name, renderer, resolve};
 use super::{
-    AppsArgs, CancelArgs, CommonArgs, DeployArgs, Exit, FollowArgs, ListArgs, Output, StateArg,
-    StatusArgs, WatchArgs,
+    AppsArgs, CancelArgs, CommonArgs, DeployArgs, Exit, FollowArgs, ListArgs, Output, RemoveArgs,
+    StateArg, StatusArgs, WatchArgs,
 };
 
 /// SIGINT as a stream, taken before anything slow so Ctrl-C is ours from the start.
@@ -36,6 +36,23 @@ fn follower<'a>(
         render: renderer(common.output),
         interrupts,
         deadline: opts.timeout.map(|t| started + t),
+        noun: "deployment",
+    }
+}
+
+/// `--detach`: the ID on stdout (or, with `--output json`, what `json` prints), and on
+/// stderr how to follow or stop it.
+fn print_accepted(common: &CommonArgs, what: &str, id: &str, json: impl FnOnce()) {
+    if resolve(common.output) == Output::Json {
+        json();
+    } else {
+        println!("{id}");
+    }
+    if !matches!(common.output, Output::Quiet | Output::Json) {
+        let flags = common.connect.flags_for_hint();
+        eprintln!(
+            "{what} {id} accepted\n  follow it: stevedore watch {id}{flags}\n  stop it:   stevedore cancel {id}{flags}"
+        );
     }
 }
 
@@ -73,18 +90,8 @@ pub(crate) async fn deploy(args: DeployArgs) -> Exit {
     if args.detach {
         return match stream.message().await {
             Ok(Some(first)) => {
-                let id = &first.deployment_id;
-                if resolve(common.output) == Output::Json {
-                    renderer(Output::Json).update(&first);
-                } else {
-                    println!("{id}");
-                }
-                if !matches!(common.output, Output::Quiet | Output::Json) {
-                    let flags = common.connect.flags_for_hint();
-                    eprintln!(
-                        "deployment {id} accepted\n  follow it: stevedore watch {id}{flags}\n  stop it:   stevedore cancel {id}{flags}"
-                    );
-                }
+                let json = || renderer(Output::Json).update(&first);
+                print_accepted(common, "deployment", &first.deployment_id, json);
                 Exit::Success
             }
             Ok(None) => Failure {
@@ -101,6 +108,42 @@ pub(crate) async fn deploy(args: DeployArgs) -> Exit {
     follower(client, common, &args.follow, interrupts, started)
         .run(Start::Deploy(stream))
         .await
+}
+
+/// RemoveApp with `detach` (the server answers once the removal is accepted), then the
+/// removal followed by its ID as `deploy` follows a deployment.
+pub(crate) async fn remove(args: RemoveArgs) -> Exit {
+    let started = Instant::now();
+    let mut interrupts = interrupts();
+    let common = &args.common;
+    let mut client = match connect(&common.connect, &mut interrupts).await {
+        Ok(c) => c,
+        Err(exit) => return exit,
+    };
+    let req = RemoveAppRequest {
+        app: args.app.clone(),
+        detach: true,
+        stop_timeout: args.stop_timeout.map(Into::into),
+    };
+    let call = tokio::select! {
+        r = client.remove_app(req) => r,
+        _ = interrupts.recv() => {
+            eprintln!("stevedore: interrupted before the server accepted the removal (see `stevedore list`)");
+            return Exit::Interrupted;
+        }
+    };
+    let accepted = match call {
+        Ok(r) => r.into_inner(),
+        Err(status) => return common.connect.failure(&status).report(),
+    };
+    let id = accepted.deployment_id.clone();
+    if args.detach {
+        print_accepted(common, "removal", &id, || print_json(&accepted));
+        return Exit::Success;
+    }
+    let mut follower = follower(client, common, &args.follow, interrupts, started);
+    follower.noun = "removal";
+    follower.run(Start::Watch { id, after: 0 }).await
 }
 
 pub(crate) async fn watch(args: WatchArgs) -> Exit {
@@ -218,7 +261,8 @@ fn print_apps(apps: &[App]) {
         let current = a.current.as_ref();
         let latest = a.latest.as_ref().map(|l| {
             format!(
-                "{} {} {}",
+                "{} {} {} {}",
+                noun(l.operation()),
                 l.deployment_id,
                 state_name(l.state()),
                 phase_name(l.phase())
@@ -308,19 +352,22 @@ fn age(ts: &pbjson_types::Timestamp) -> f64 {
 
 fn print_status(s: &DeploymentStatus) {
     let mut rows: Vec<(&str, String)> = vec![
-        ("deployment", s.deployment_id.clone()),
+        (noun(s.operation()), s.deployment_id.clone()),
         ("app", s.app.clone()),
-        ("image", s.image.clone()),
-        (
-            "state",
-            format!(
-                "{} (phase {}, {:.0}% done)",
-                state_name(s.state()),
-                phase_name(s.phase()),
-                s.total_progress * 100.0
-            ),
-        ),
     ];
+    match s.operation() {
+        Operation::Deploy => rows.push(("image", s.image.clone())),
+        Operation::RemoveApp => rows.push(("operation", "remove app".into())),
+    }
+    rows.push((
+        "state",
+        format!(
+            "{} (phase {}, {:.0}% done)",
+            state_name(s.state()),
+            phase_name(s.phase()),
+            s.total_progress * 100.0
+        ),
+    ));
     if s.queue_position > 0 {
         rows.push(("queue", format!("position {}", s.queue_position)));
     }
@@ -337,6 +384,11 @@ fn print_status(s: &DeploymentStatus) {
         rows.push(("requested by", s.requested_by.clone()));
     }
     rows.push(("updates", s.last_sequence.to_string()));
+    if let Some(r) = s.result.as_ref().filter(|r| r.success) {
+        if s.operation() == Operation::RemoveApp {
+            rows.push(("removed", format!("{} container(s)", r.containers_removed)));
+        }
+    }
     if !s.error.is_empty() {
         rows.push(("error", s.error.clone()));
     }
@@ -372,7 +424,10 @@ fn print_table(list: &[DeploymentStatus]) {
                 .as_ref()
                 .map(|t| fmt_secs(age(t)))
                 .unwrap_or_default(),
-            s.image
+            match s.operation() {
+                Operation::Deploy => s.image.as_str(),
+                Operation::RemoveApp => "(remove app)",
+            }
         );
     }
 }

@@ -1,4 +1,5 @@
-//! Follows one deployment's updates to its end and turns that end into the exit code.
+//! Follows one deployment's (or removal's) updates to its end and turns that end into
+//! the exit code.
 //!
 //! - Each update is shown once, in order: duplicates (`sequence` ≤ the last one shown)
 //!   are skipped, heartbeats are not shown, and a gap makes the follower resume.
@@ -22,7 +23,7 @@ use super::proto::{
     CancelRequest, CancelResponse, DeploymentState, GetStatusRequest, Phase, ProgressUpdate,
     WatchRequest,
 };
-use super::render::Render;
+use super::render::{Render, noun};
 use super::{Exit, FollowArgs};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
@@ -44,6 +45,9 @@ pub(crate) struct Follower<'a> {
     pub(crate) interrupts: Signal,
     /// When `--timeout` runs out (counted from the command's start).
     pub(crate) deadline: Option<Instant>,
+    /// What is followed, in the client's own notices: `deployment` or `removal` (set
+    /// from the updates' `operation` once they come).
+    pub(crate) noun: &'static str,
 }
 
 /// Where following stands.
@@ -205,6 +209,7 @@ impl Follower<'_> {
         if state.id.is_none() {
             state.id = Some(u.deployment_id.clone());
         }
+        self.noun = noun(u.operation());
         // The stream answers: any break is over.
         if state.broken.take().is_some() {
             state.backoff = Duration::ZERO;
@@ -248,7 +253,8 @@ impl Follower<'_> {
         if let Some(exit) = self.ended_before(state.id.as_deref(), state.last).await {
             return Some(exit);
         }
-        let why = || "the stream ended before the deployment did".to_owned();
+        let what = self.noun;
+        let why = || format!("the stream ended before the {what} did");
         self.still_broken(state, why)
     }
 
@@ -291,20 +297,20 @@ impl Follower<'_> {
 
     /// Ctrl-C: cancel the deployment (with `--cancel-on-interrupt`, the first time), or leave it running.
     fn on_interrupt(&mut self, state: &mut FollowState) -> Option<Exit> {
+        let what = self.noun;
         let Some(id) = state.id.clone() else {
-            return Some(
-                self.leave(
-                    Exit::Interrupted,
-                    "stevedore: interrupted before the server accepted the deployment \
-                 (see `stevedore list`)"
-                        .into(),
+            return Some(self.leave(
+                Exit::Interrupted,
+                format!(
+                    "stevedore: interrupted before the server accepted the {what} \
+                     (see `stevedore list`)"
                 ),
-            );
+            ));
         };
         if self.opts.cancel_on_interrupt && !state.cancelling {
             state.cancelling = true;
             self.render.notice(&format!(
-                "stevedore: cancelling deployment {id} (Ctrl-C again to leave at once)"
+                "stevedore: cancelling {what} {id} (Ctrl-C again to leave at once)"
             ));
             let mut c = self.client.clone();
             let req = CancelRequest {
@@ -318,22 +324,23 @@ impl Follower<'_> {
         let hints = self.hints(&id, state.last);
         Some(self.leave(
             Exit::Interrupted,
-            format!("stevedore: detached; deployment {id} keeps running\n{hints}"),
+            format!("stevedore: detached; {what} {id} keeps running\n{hints}"),
         ))
     }
 
     /// `--timeout` ran out: leave the deployment running.
     fn on_timeout(&mut self, state: &FollowState) -> Exit {
+        let what = self.noun;
         let Some(id) = state.id.clone() else {
             return self.leave(
                 Exit::Timeout,
-                "stevedore: --timeout ran out before the server accepted the deployment".into(),
+                format!("stevedore: --timeout ran out before the server accepted the {what}"),
             );
         };
         let hints = self.hints(&id, state.last);
         self.leave(
             Exit::Timeout,
-            format!("stevedore: --timeout ran out; deployment {id} keeps running\n{hints}"),
+            format!("stevedore: --timeout ran out; {what} {id} keeps running\n{hints}"),
         )
     }
 
@@ -355,9 +362,10 @@ impl Follower<'_> {
         let flags = self.connect.flags_for_hint();
         self.render.close();
         eprintln!(
-            "stevedore: could not resume within {} ({why}); the deployment may still be \
+            "stevedore: could not resume within {} ({why}); the {} may still be \
              running. Resume with: stevedore watch {id} --after {last}{flags}",
-            humantime::format_duration(self.opts.reconnect_timeout)
+            humantime::format_duration(self.opts.reconnect_timeout),
+            self.noun
         );
         Some(Exit::Rpc)
     }
@@ -381,7 +389,8 @@ impl Follower<'_> {
         }
         self.render.close();
         self.render.notice(&format!(
-            "deployment {id} has ended ({}) with update {}: nothing after update {last}",
+            "{} {id} has ended ({}) with update {}: nothing after update {last}",
+            noun(status.operation()),
             state_name(status.state()),
             status.last_sequence
         ));

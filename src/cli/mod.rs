@@ -1,5 +1,6 @@
-//! The client commands (`deploy`, `watch`, `status`, `list`, `cancel`, `apps`): a tonic client
-//! of the public gRPC API, the follower that turns an update stream into an exit code
+//! The client commands (`deploy`, `watch`, `status`, `list`, `cancel`, `apps`, `remove`): a
+//! tonic client of the public gRPC API, the follower that turns an update stream (of a
+//! deployment or a removal) into an exit code
 //! (resume on a broken stream, `--timeout`, Ctrl-C), and the renderers (`tty`, `plain`,
 //! `json`, `quiet`).
 //!
@@ -83,6 +84,10 @@ pub enum Command {
     /// What runs now, per app: image, endpoints, since when, and the latest deployment.
     #[command(after_help = EXIT_CODES_HELP)]
     Apps(AppsArgs),
+    /// Stop and remove every container of APP (after its running and queued
+    /// deployments) and follow the removal until it ends; the history stays.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Remove(RemoveArgs),
 }
 
 /// How to show what happens.
@@ -198,6 +203,23 @@ pub struct AppsArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct RemoveArgs {
+    /// The app whose containers are stopped and removed.
+    pub(crate) app: String,
+    /// Each container's stop grace after its stop signal (e.g. `30s`), then it is
+    /// killed; default: the container's own StopTimeout, else 10s.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub(crate) stop_timeout: Option<Duration>,
+    /// Print the removal's ID and exit 0 as soon as the server accepts it.
+    #[arg(long, conflicts_with_all = ["timeout", "cancel_on_interrupt"])]
+    pub(crate) detach: bool,
+    #[command(flatten)]
+    pub(crate) follow: FollowArgs,
+    #[command(flatten)]
+    pub(crate) common: CommonArgs,
+}
+
+#[derive(Args, Debug)]
 pub struct CancelArgs {
     /// Deployment ID.
     pub(crate) id: String,
@@ -218,6 +240,7 @@ pub async fn run(command: Command) -> ExitCode {
         Command::List(args) => commands::list(args).await,
         Command::Cancel(args) => commands::cancel(args).await,
         Command::Apps(args) => commands::apps(args).await,
+        Command::Remove(args) => commands::remove(args).await,
     };
     exit.into()
 }

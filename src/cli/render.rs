@@ -5,7 +5,7 @@
 use std::io::{IsTerminal, Write};
 
 use super::Output;
-use super::proto::{DeploymentResult, Level, Phase, ProgressUpdate};
+use super::proto::{DeploymentResult, Level, Operation, Phase, ProgressUpdate};
 
 /// What a command shows of a deployment's updates.
 pub(crate) trait Render {
@@ -55,6 +55,14 @@ pub(crate) fn human(name: &str, prefix: &str) -> String {
         .replace('_', " ")
 }
 
+/// What an update belongs to, as a word: `deployment`, or `removal` (RemoveApp).
+pub(crate) fn noun(operation: Operation) -> &'static str {
+    match operation {
+        Operation::Deploy => "deployment",
+        Operation::RemoveApp => "removal",
+    }
+}
+
 /// Seconds since the deployment was accepted.
 pub(crate) fn elapsed(u: &ProgressUpdate) -> f64 {
     u.elapsed
@@ -84,19 +92,19 @@ pub(crate) fn summary(u: &ProgressUpdate) -> Vec<String> {
         return Vec::new();
     };
     let took = fmt_secs(elapsed(u));
-    let mut out = vec![match u.phase() {
-        Phase::Complete => format!(
-            "deployed {} in {took} (deployment {})",
-            u.app, u.deployment_id
-        ),
-        Phase::Cancelled => format!(
-            "cancelled deployment {} of {} after {took}: {}",
-            u.deployment_id, u.app, r.message
-        ),
-        _ => format!(
-            "deployment {} of {} failed after {took}: {}",
-            u.deployment_id, u.app, r.message
-        ),
+    let (id, app) = (&u.deployment_id, &u.app);
+    let what = noun(u.operation());
+    let mut out = vec![match (u.phase(), u.operation()) {
+        (Phase::Complete, Operation::Deploy) => format!("deployed {app} in {took} ({what} {id})"),
+        (Phase::Complete, Operation::RemoveApp) => {
+            let n = r.containers_removed;
+            let s = if n == 1 { "" } else { "s" };
+            format!("removed {app} in {took}: {n} container{s} stopped and removed ({what} {id})")
+        }
+        (Phase::Cancelled, _) => {
+            format!("cancelled {what} {id} of {app} after {took}: {}", r.message)
+        }
+        _ => format!("{what} {id} of {app} failed after {took}: {}", r.message),
     }];
     out.extend(result_lines(r));
     out
@@ -217,7 +225,8 @@ impl<W: Write> Render for Plain<W> {
         let phase = u.phase();
         let message = u.message.replace('\n', " / ");
         if self.phase.is_none() {
-            let _ = writeln!(self.out, "deployment {} (app {})", u.deployment_id, u.app);
+            let what = noun(u.operation());
+            let _ = writeln!(self.out, "{what} {} (app {})", u.deployment_id, u.app);
         }
         if self.phase != Some(phase) {
             let took = match self.phase {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::proto::{Level, Phase, ProgressUpdate};
-use super::render::{Render, elapsed, fmt_secs, phase_name, summary};
+use super::render::{Render, elapsed, fmt_secs, noun, phase_name, summary};
 
 /// More layer bars flicker and crowd the screen; the rest count in the aggregate.
 pub(crate) const MAX_LAYER_BARS: usize = 6;
@@ -160,7 +160,8 @@ impl Render for Tty {
         let phase = u.phase();
         if self.phase.is_none() {
             self.println(&format!(
-                "deployment {} of {}",
+                "{} {} of {}",
+                noun(u.operation()),
                 self.paint("1", &u.deployment_id),
                 u.app
             ));
