@@ -384,10 +384,10 @@ fn print_status(s: &DeploymentStatus) {
         rows.push(("requested by", s.requested_by.clone()));
     }
     rows.push(("updates", s.last_sequence.to_string()));
-    if let Some(r) = s.result.as_ref().filter(|r| r.success) {
-        if s.operation() == Operation::RemoveApp {
-            rows.push(("removed", format!("{} container(s)", r.containers_removed)));
-        }
+    if let Some(r) = s.result.as_ref().filter(|r| r.success)
+        && s.operation() == Operation::RemoveApp
+    {
+        rows.push(("removed", format!("{} container(s)", r.containers_removed)));
     }
     if !s.error.is_empty() {
         rows.push(("error", s.error.clone()));

@@ -364,6 +364,26 @@ mod tests {
     }
 
     #[test]
+    fn a_removal_is_named_as_such_with_its_count() {
+        let mut buf = Vec::new();
+        let mut end = update(4, Phase::Complete, 1, "removed");
+        end.operation = Operation::RemoveApp as i32;
+        end.result = Some(DeploymentResult {
+            success: true,
+            containers_removed: 2,
+            ..Default::default()
+        });
+        Plain::new(&mut buf).update(&end);
+        let text = String::from_utf8(buf).unwrap();
+        assert!(text.starts_with("removal d1 (app web)\n"), "{text}");
+        assert!(
+            text.contains("removed web in 1.0s: 2 containers stopped and removed (removal d1)"),
+            "{text}"
+        );
+        assert!(!text.contains("deploy"), "{text}");
+    }
+
+    #[test]
     fn json_uses_the_proto3_mapping() {
         let mut u = update(7, Phase::Pulling, 2, "x");
         u.pull = Some(PullProgress {
