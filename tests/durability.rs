@@ -372,91 +372,6 @@ fn signal(args: &[&str]) {
     assert!(ok, "kill {args:?}");
 }
 
-/// A TCP proxy to the local registry that sends at most `rate` bytes per second
-/// towards the client, so a pull through it takes a predictable while.
-async fn throttled_registry(rate: u64) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(outbound) = tokio::net::TcpStream::connect(registry()).await else {
-                    return;
-                };
-                let (mut in_r, mut in_w) = inbound.into_split();
-                let (mut out_r, mut out_w) = outbound.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
-                });
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    let n = match out_r.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if in_w.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
-                }
-            });
-        }
-    });
-    addr.to_string()
-}
-
-/// A TCP proxy to the local registry that passes on the first `budget` bytes towards
-/// the client (over all connections, at 4 MiB/s), then stops forwarding while keeping
-/// every connection open: a registry that stalls in the middle of a blob.
-async fn stalling_registry(budget: usize) -> String {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let left = Arc::new(AtomicUsize::new(budget));
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = listener.accept().await {
-            let left = left.clone();
-            tokio::spawn(async move {
-                let Ok(outbound) = tokio::net::TcpStream::connect(registry()).await else {
-                    return;
-                };
-                let (mut in_r, mut in_w) = inbound.into_split();
-                let (mut out_r, mut out_w) = outbound.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
-                });
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    let n = match out_r.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let take = left
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
-                            Some(l.saturating_sub(n))
-                        })
-                        .unwrap()
-                        .min(n);
-                    if in_w.write_all(&buf[..take]).await.is_err() {
-                        break;
-                    }
-                    if take < n {
-                        // Stalled: hold the connection open, send nothing more.
-                        std::future::pending::<()>().await;
-                    }
-                    // 4 MiB/s until then, so the engine reports the layer's bytes
-                    // (it reports progress at most every so often, not per read).
-                    tokio::time::sleep(Duration::from_secs_f64(n as f64 / (4 << 20) as f64)).await;
-                }
-            });
-        }
-    });
-    addr.to_string()
-}
-
 /// A registry that stops sending in the middle of a blob fails the deployment in
 /// PULLING once the pull has been silent for `--docker-timeout`, with a message
 /// naming the stall, long before the deployment's own deadline.
@@ -466,7 +381,7 @@ async fn a_pull_that_stalls_mid_blob_fails_naming_the_stall() {
     let (image, _) = push_random_image(24);
     // Manifest and config are a few KiB: 8 MiB ends inside the 24 MiB layer.
     let proxy = stalling_registry(8 * 1024 * 1024).await;
-    let image = image.replacen(&registry(), &proxy, 1);
+    let image = image.replacen(&registry(), &proxy.to_string(), 1);
     let app = unique_app("stall");
     let _guard = AppGuard(app.clone());
     let server = TestServer::start_with(
@@ -590,7 +505,7 @@ async fn cancel_during_pull() {
     let (image, _) = push_random_image(24);
     // Pull through a proxy sending 4 MB/s: the 24 MB layer takes about 6 s.
     let proxy = throttled_registry(4 * 1024 * 1024).await;
-    let image = image.replacen(&registry(), &proxy, 1);
+    let image = image.replacen(&registry(), &proxy.to_string(), 1);
     cancel_scenario(image, |u| {
         u.pull.as_ref().is_some_and(|p| {
             p.image_current_bytes > 0 && p.image_current_bytes < p.image_total_bytes

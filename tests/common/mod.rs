@@ -153,13 +153,30 @@ pub fn push_random_image(size_mb: usize) -> (String, Vec<u64>) {
 /// `bytes_per_sec`, so a pull of a few MB takes seconds. Docker treats any
 /// 127.0.0.0/8 registry as insecure (plain HTTP), so `127.0.0.1:PORT/...` pulls work.
 pub async fn throttled_registry(bytes_per_sec: usize) -> std::net::SocketAddr {
+    registry_relay(bytes_per_sec, usize::MAX).await
+}
+
+/// A proxy in front of the local registry that passes on the first `budget` bytes
+/// towards the client (over all connections, at 4 MiB/s), then stops forwarding while
+/// keeping every connection open: a registry that stalls in the middle of a blob.
+pub async fn stalling_registry(budget: usize) -> std::net::SocketAddr {
+    registry_relay(4 * 1024 * 1024, budget).await
+}
+
+/// Forwards to the local registry, answers paced at about `bytes_per_sec`, and holds
+/// every connection silent once `budget` bytes (over all connections) went out.
+async fn registry_relay(bytes_per_sec: usize, budget: usize) -> std::net::SocketAddr {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let upstream = registry();
+    let left = Arc::new(AtomicUsize::new(budget));
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let upstream = upstream.clone();
+            let left = left.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(upstream.as_str()).await else {
                     return;
@@ -173,15 +190,24 @@ pub async fn throttled_registry(bytes_per_sec: usize) -> std::net::SocketAddr {
                 let chunk = bytes_per_sec / 20;
                 let mut buf = vec![0u8; chunk];
                 loop {
-                    match sr.read(&mut buf).await {
+                    let n = match sr.read(&mut buf).await {
                         Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if cw.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        }
+                        Ok(n) => n,
+                    };
+                    let take = left
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+                            Some(l.saturating_sub(n))
+                        })
+                        .unwrap()
+                        .min(n);
+                    if cw.write_all(&buf[..take]).await.is_err() {
+                        break;
                     }
+                    if take < n {
+                        // Stalled: hold the connection open, send nothing more.
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
                 let _ = cw.shutdown().await;
             });
