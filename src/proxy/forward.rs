@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -448,19 +449,35 @@ impl Proxy {
         let proxy = self.clone();
         tokio::spawn(async move {
             let shutdown = proxy.inner.shutdown.clone();
-            tokio::select! {
-                _ = proxy.listen(addr, bound, shared) => {}
-                _ = stop.cancelled() => {}
-                _ = shutdown.cancelled() => {}
-            }
+            let ended = async {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            };
+            proxy.listen(addr, bound, shared, ended).await;
         });
     }
 
-    async fn listen(&self, addr: SocketAddr, bound: Option<TcpListener>, shared: Arc<AppShared>) {
+    /// Binds (or takes `bound`) and forwards what it accepts until `ended`. Then the
+    /// connections the kernel already completed are accepted and forwarded before the
+    /// listener closes: closing it with them queued would reset them.
+    async fn listen(
+        &self,
+        addr: SocketAddr,
+        bound: Option<TcpListener>,
+        shared: Arc<AppShared>,
+        ended: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(ended);
         let listener = match bound {
             Some(l) => l,
             None => loop {
-                match TcpListener::bind(addr).await {
+                let bind = tokio::select! {
+                    r = TcpListener::bind(addr) => r,
+                    _ = &mut ended => return,
+                };
+                match bind {
                     Ok(l) => {
                         *shared.listen_error.lock().unwrap() = None;
                         tracing::info!(app = %shared.app, listen = %addr, "public port bound");
@@ -475,12 +492,12 @@ impl Proxy {
             },
         };
         loop {
-            match listener.accept().await {
-                Ok((client, _peer)) => {
-                    // Counted before the task runs, so a switch right now sees it open.
-                    let open = OpenGuard::new(shared.current(), shared.metrics.clone());
-                    self.inner.connections.spawn(forward(client, open));
-                }
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = &mut ended => break,
+            };
+            match accepted {
+                Ok((client, _peer)) => self.forward_accepted(client, &shared),
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
                     tracing::warn!(app = %shared.app, error = %e, "accept failed");
@@ -488,6 +505,15 @@ impl Proxy {
                 }
             }
         }
+        while let Some(Ok((client, _peer))) = listener.accept().now_or_never() {
+            self.forward_accepted(client, &shared);
+        }
+    }
+
+    fn forward_accepted(&self, client: TcpStream, shared: &AppShared) {
+        // Counted before the task runs, so a switch right now sees it open.
+        let open = OpenGuard::new(shared.current(), shared.metrics.clone());
+        self.inner.connections.spawn(forward(client, open));
     }
 
     /// Stops every listener (the public ports are free for a new proxy at once), then
