@@ -27,9 +27,9 @@ pub(crate) use request::DeployRequestArgs;
 /// Exit codes of the client commands (documented in `--help` and the README).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Exit {
-    /// The deployment succeeded (or the command did what it was asked).
+    /// The deployment or removal succeeded (or the command did what it was asked).
     Success = 0,
-    /// The deployment failed.
+    /// The deployment or removal failed.
     Failed = 1,
     /// Usage error: bad flags, an unreadable `-f` file, or a request the server
     /// refused as INVALID_ARGUMENT.
@@ -54,12 +54,13 @@ impl From<Exit> for ExitCode {
 
 /// Shown at the end of every client command's `--help`.
 pub(crate) const EXIT_CODES_HELP: &str = "\
-Exit codes (from the deployment's terminal update, never from an earlier event):
+Exit codes (from the terminal update of the deployment or removal, never from an
+earlier event):
   0    succeeded                 3    cancelled
-  1    deployment failed         4    server unreachable, or an RPC error (auth included)
-  2    usage error               5    deployment not found
-  124  --timeout ran out (the deployment keeps running)
-  130  interrupted by Ctrl-C (the deployment keeps running)";
+  1    failed                    4    server unreachable, or an RPC error (auth included)
+  2    usage error               5    no such deployment or removal
+  124  --timeout ran out (it keeps running on the server)
+  130  interrupted by Ctrl-C (it keeps running on the server)";
 
 /// The client commands, flattened into the binary's subcommands.
 // Parsed once at start: the size difference between variants does not matter.
