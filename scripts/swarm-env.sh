@@ -9,6 +9,8 @@
 #   bash scripts/swarm-env.sh down    stop what `up` started (down --purge also deletes
 #                                     the nodes' data roots /var/lib/stv-n1..3)
 #
+# `up` first installs what is missing (apt: socat iproute2 util-linux curl) and runs
+# `scripts/test-env.sh up` (docker.io, the registries, the test images).
 # What `up` creates (root; all names start with `stv-`, see docs/SWARM.md):
 #   * network namespaces stv-fab (bridge br0) and stv-n1, stv-n2, stv-n3; each node has
 #     eth0 = 10.77.0.11/12/13 on the bridge. The host gets a veth `stv-host` into the
@@ -56,7 +58,12 @@ SWARM_IMAGES=(
   "PLAIN|stevedore-test/plain:1|$REGISTRY/stevedore-test/plain:1"
 )
 
-log() { printf '[swarm-env] %s\n' "$*" >&2; }
+T0=${EPOCHREALTIME/./}
+# Log lines carry the seconds since the script started.
+log() {
+  local d=$((${EPOCHREALTIME/./} - T0))
+  printf '[swarm-env %d.%01ds] %s\n' $((d / 1000000)) $((d % 1000000 / 100000)) "$*" >&2
+}
 die() {
   printf '[swarm-env] ERROR: %s\n' "$*" >&2
   exit 1
@@ -91,7 +98,7 @@ provision() {
     ((rc == 0)) || die "apt-get install ${missing[*]} failed (rc=$rc)"
   fi
   local c
-  for c in socat ip nsenter unshare docker dockerd curl; do
+  for c in socat ip nsenter unshare curl; do
     command -v "$c" >/dev/null || die "$c not found after provisioning"
   done
 }
@@ -214,6 +221,7 @@ dockerd_up() {
       node_config "$n"
       mkdir -p "/var/lib/stv-n$n"
       rm -f "/run/stv-n$n.sock" "/run/stv-n$n.pid"
+      [[ -f $LOGS/dockerd-n$n.log ]] && mv -f "$LOGS/dockerd-n$n.log" "$LOGS/dockerd-n$n.log.1"
       log "starting dockerd stv-n$n (log: $LOGS/dockerd-n$n.log)"
       # shellcheck disable=SC2016  # expanded by the inner sh
       start_bg "dockerd-n$n" nsenter --net="/run/netns/$ns" unshare --uts \
@@ -328,6 +336,7 @@ print_env() {
 up() {
   provision
   log "host test environment (scripts/test-env.sh up)"
+  # It installs docker.io (dockerd, the docker CLI) on a fresh machine.
   bash "$ROOT/scripts/test-env.sh" up >/dev/null 8>&- || die "scripts/test-env.sh up failed"
   net_up
   relays_up

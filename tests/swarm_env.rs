@@ -144,6 +144,14 @@ async fn a_host_mode_service_runs_a_task_on_each_node_and_each_node_serves() {
         .collect();
     let expected: BTreeSet<_> = env.nodes.iter().cloned().collect();
     assert_eq!(on, expected, "one task on each node: {tasks:#?}");
+    for t in tasks.iter().filter(|t| t.running()) {
+        assert_eq!(
+            t.node_port(8080),
+            Some(port),
+            "task {} publishes {port}",
+            t.id
+        );
+    }
 
     let bodies =
         swarm::wait_all_nodes_serve(&env, port, "/", Duration::from_secs(60), |b| b == "v1\n")

@@ -175,9 +175,18 @@ pub struct SwarmTask {
     pub message: String,
     pub err: Option<String>,
     pub exit_code: Option<i64>,
+    /// Host-mode ports the task publishes on its node: (container port, node port).
+    /// With no published port in the spec, the node picks one per task, which lets a
+    /// start-first update run a new task beside the old one on the same node.
+    pub ports: Vec<(i64, i64)>,
 }
 
 impl SwarmTask {
+    /// The node port publishing container port `target`, if the task has one.
+    pub fn node_port(&self, target: i64) -> Option<u16> {
+        let (_, published) = self.ports.iter().find(|(t, _)| *t == target)?;
+        u16::try_from(*published).ok()
+    }
     pub fn running(&self) -> bool {
         self.state == Some(TaskState::RUNNING)
     }
@@ -227,6 +236,13 @@ pub async fn service_tasks(docker: &Docker, service: &str) -> Vec<SwarmTask> {
                 message: status.message.unwrap_or_default(),
                 err: status.err,
                 exit_code: status.container_status.and_then(|c| c.exit_code),
+                ports: status
+                    .port_status
+                    .and_then(|p| p.ports)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|p| Some((p.target_port?, p.published_port?)))
+                    .collect(),
             }
         })
         .collect()
