@@ -79,7 +79,15 @@ ndocker() {
   timeout 30 docker -H "unix://$(node_sock "$n")" "$@"
 }
 node_ok() { ndocker "$1" version --format '{{.Server.Version}}' >/dev/null 2>&1; }
-pid_alive() { [[ -f $1 ]] && [[ -d /proc/$(cat "$1") ]]; }
+# proc_alive PID: the process runs (a zombie counts as gone: the daemons are reparented
+# to PID 1 once `up` returns, and it may be slow to reap them).
+proc_alive() {
+  local stat
+  [[ -n $1 ]] && stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [[ ${stat%% *} != Z ]]
+}
+pid_alive() { [[ -f $1 ]] && proc_alive "$(cat "$1")"; }
 
 # ---------------------------------------------------------------------------- provision
 provision() {
@@ -358,7 +366,7 @@ status() {
   for name in "$STATE"/relay-*.pid; do
     [[ -e $name ]] || continue
     pid=$(cat "$name")
-    [[ -d /proc/$pid ]] && echo "$(basename "$name" .pid): pid $pid" || echo "$(basename "$name" .pid): dead"
+    proc_alive "$pid" && echo "$(basename "$name" .pid): pid $pid" || echo "$(basename "$name" .pid): dead"
   done
   for n in "${NODES[@]}"; do
     if node_ok "$n"; then
@@ -374,11 +382,11 @@ kill_pidfile() {
   [[ -f $1 ]] || return 0
   pid=$(cat "$1")
   rm -f "$1"
-  [[ -n $pid && -d /proc/$pid ]] || return 0
+  proc_alive "$pid" || return 0
   kill -TERM "$pid" 2>/dev/null || return 0
-  for ((i = 0; i < 60; i++)); do
-    [[ -d /proc/$pid ]] || return 0
-    sleep 0.5
+  for ((i = 0; i < 300; i++)); do
+    proc_alive "$pid" || return 0
+    sleep 0.1
   done
   log "pid $pid ignored SIGTERM for 30s, killing it"
   kill -KILL "$pid" 2>/dev/null || true
