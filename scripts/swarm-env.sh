@@ -5,7 +5,7 @@
 #                                     lines on stdout, logs go to stderr:
 #                                       eval "$(bash scripts/swarm-env.sh up)"
 #   bash scripts/swarm-env.sh env     the same `export` lines, without starting anything
-#   bash scripts/swarm-env.sh status  what is up
+#   bash scripts/swarm-env.sh status  what is up (exit 0 only with every node Ready)
 #   bash scripts/swarm-env.sh down    stop what `up` started (down --purge also deletes
 #                                     the nodes' data roots /var/lib/stv-n1..3)
 #
@@ -126,24 +126,23 @@ ensure_ns() {
   in_ns "$1" ip link set lo up
 }
 
-# ensure_port NAME PEER_NS PEER_NAME: a veth whose peer end sits in PEER_NS as
-# PEER_NAME and whose fabric end is NAME-b on br0. NAME starts in the host namespace.
+# ensure_fabric_port NS INNER LINK: a veth with one end named INNER in namespace NS
+# ("host" for the host's) and the other named LINK in the fabric, on br0. A pair with
+# one end missing (say, the fabric was deleted) is made again.
 ensure_fabric_port() {
-  local ns=$1 inner=$2 link=$3
-  if [[ $ns == host ]]; then
-    if ! ip link show "$inner" >/dev/null 2>&1; then
-      in_ns "$FABRIC" ip link del "$link" 2>/dev/null || true
-      ip link add "$inner" type veth peer name "$link"
-      ip link set "$link" netns "$FABRIC"
-    fi
+  local ns=$1 inner=$2 link=$3 in_inner=(in_ns "$1")
+  [[ $ns == host ]] && in_inner=()
+  if "${in_inner[@]}" ip link show "$inner" >/dev/null 2>&1 &&
+    in_ns "$FABRIC" ip link show "$link" >/dev/null 2>&1; then
+    :
   else
-    if ! in_ns "$ns" ip link show "$inner" >/dev/null 2>&1; then
-      in_ns "$FABRIC" ip link del "$link" 2>/dev/null || true
-      ip link add "$link-x" type veth peer name "$link"
-      ip link set "$link" netns "$FABRIC"
-      ip link set "$link-x" netns "$ns"
-      in_ns "$ns" ip link set "$link-x" name "$inner"
-    fi
+    "${in_inner[@]}" ip link del "$inner" 2>/dev/null || true
+    in_ns "$FABRIC" ip link del "$link" 2>/dev/null || true
+    ip link del "$link-x" 2>/dev/null || true
+    ip link add "$link-x" type veth peer name "$link"
+    ip link set "$link" netns "$FABRIC"
+    if [[ $ns != host ]]; then ip link set "$link-x" netns "$ns"; fi
+    "${in_inner[@]}" ip link set "$link-x" name "$inner"
   fi
   in_ns "$FABRIC" ip link set "$link" master br0
   in_ns "$FABRIC" ip link set "$link" up
@@ -374,6 +373,8 @@ status() {
     else echo "dockerd stv-n$n: down"; fi
   done
   if node_ok 1; then ndocker 1 node ls 2>/dev/null || true; fi
+  # Exit status: 0 only when the swarm is whole.
+  [[ $(ready_nodes) == "${#NODES[@]}" ]]
 }
 
 # kill_pidfile FILE: TERM the pid in FILE, KILL after 30s; removes FILE.
@@ -392,8 +393,18 @@ kill_pidfile() {
   kill -KILL "$pid" 2>/dev/null || true
 }
 
+# node_leftovers N: pids in node N's cgroup parent (v1 or v2) and its containerd shims.
+node_leftovers() {
+  local n=$1 p cmd
+  find /sys/fs/cgroup/*/"stv-n$n" /sys/fs/cgroup/"stv-n$n" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u
+  for p in /proc/[0-9]*; do
+    cmd=$({ tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null) || continue
+    if [[ $cmd == *containerd-shim*" -namespace stv-n$n "* ]]; then echo "${p#/proc/}"; fi
+  done
+}
+
 down() {
-  local purge=${1:-} n m f
+  local purge=${1:-} n f left i
   # Services first (their tasks stop with them), then each node leaves, workers first.
   if node_ok 1 && [[ $(swarm_state 1) == active ]]; then
     ndocker 1 service ls -q | xargs -r timeout 30 docker -H "unix://$(node_sock 1)" service rm >/dev/null 2>&1 || true
@@ -414,11 +425,25 @@ down() {
   for n in "${NODES[@]}"; do kill_pidfile "$STATE/dockerd-n$n.pid"; done
   for f in "$STATE"/relay-*.pid; do [[ -e $f ]] && kill_pidfile "$f"; done
   rm -f /run/stv-reg-*.sock
+  # A dockerd that was killed (kill -9) leaves its containers running, with their shims:
+  # kill what sits in the node's cgroup parent and the shims of its containerd namespace.
+  for n in "${NODES[@]}"; do
+    left=$(node_leftovers "$n")
+    [[ -n $left ]] || continue
+    log "killing what the killed dockerd stv-n$n left: pids ${left//$'\n'/ }"
+    # shellcheck disable=SC2086  # one pid a word
+    kill -KILL $left 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+      [[ -z $(node_leftovers "$n") ]] && break
+      sleep 0.1
+    done
+  done
   # Mounts a killed dockerd may leave (netns bind mounts, overlay layers).
   for n in "${NODES[@]}"; do
-    for m in $(awk -v a="/run/stv-n$n/" -v b="/var/lib/stv-n$n/" 'index($2,a)==1 || index($2,b)==1 {print $2}' /proc/self/mounts | sort -r); do
-      umount -l "$m" 2>/dev/null || true
-    done
+    # (dockerd also bind-mounts its data root onto itself, for mount propagation.)
+    awk -v a="/run/stv-n$n" -v b="/var/lib/stv-n$n" \
+      '$2 == a || $2 == b || index($2, a "/") == 1 || index($2, b "/") == 1 {print $2}' /proc/self/mounts |
+      sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
     rm -f "/run/stv-n$n.sock"
     # Empty cgroup v1 directories under each node's cgroup parent.
     find /sys/fs/cgroup/*/"stv-n$n" -depth -type d -exec rmdir {} + 2>/dev/null || true
