@@ -404,7 +404,7 @@ node_leftovers() {
 }
 
 down() {
-  local purge=${1:-} n f left i
+  local purge=${1:-} n f left i killed=()
   # Services first (their tasks stop with them), then each node leaves, workers first.
   if node_ok 1 && [[ $(swarm_state 1) == active ]]; then
     ndocker 1 service ls -q | xargs -r timeout 30 docker -H "unix://$(node_sock 1)" service rm >/dev/null 2>&1 || true
@@ -430,6 +430,7 @@ down() {
   for n in "${NODES[@]}"; do
     left=$(node_leftovers "$n")
     [[ -n $left ]] || continue
+    killed+=("$n")
     log "killing what the killed dockerd stv-n$n left: pids ${left//$'\n'/ }"
     # shellcheck disable=SC2086  # one pid a word
     kill -KILL $left 2>/dev/null || true
@@ -445,8 +446,16 @@ down() {
       '$2 == a || $2 == b || index($2, a "/") == 1 || index($2, b "/") == 1 {print $2}' /proc/self/mounts |
       sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
     rm -f "/run/stv-n$n.sock"
-    # Empty cgroup v1 directories under each node's cgroup parent.
-    find /sys/fs/cgroup/*/"stv-n$n" -depth -type d -exec rmdir {} + 2>/dev/null || true
+    # Empty cgroup directories under each node's cgroup parent (v1 and v2).
+    find /sys/fs/cgroup/*/"stv-n$n" /sys/fs/cgroup/"stv-n$n" -depth -type d -exec rmdir {} + 2>/dev/null || true
+    # The swarm is gone: a node must not start in it again (a node that never left would
+    # wait ~20 s at start for a manager that is not there).
+    rm -rf "/var/lib/stv-n$n/swarm"
+  done
+  # A killed node's data root holds the dead containers of its tasks: start it afresh.
+  for n in "${killed[@]}"; do
+    log "removing the data root of stv-n$n (its dockerd was killed)"
+    rm -rf "/var/lib/stv-n$n"
   done
   ip link del "$HOST_LINK" 2>/dev/null || true
   for n in "${NODES[@]}"; do
