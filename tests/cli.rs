@@ -355,6 +355,71 @@ fn remove_stops_and_removes_the_app_and_follows_the_removal_to_its_end() {
     );
 }
 
+/// `--drain-timeout` reaches the server (request field 22): with a proxy, a connection
+/// held open to the previous version is drained for at most that long, as the stream's
+/// drain reports say (never more seconds left than the flag gave; the default is 30).
+#[test]
+fn drain_timeout_bounds_the_drain_of_the_previous_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = common::proxy::ProxyProcess::spawn(dir.path(), &[]);
+    let socket = proxy.socket.display().to_string();
+    let s = server_with(&["--proxy-socket", &socket]);
+    let app = unique_app("cli-drain");
+    let _guard = AppGuard(app.clone());
+    let public = free_port();
+    let port = format!("{public}:8080");
+    let first = cli(
+        s.grpc_addr,
+        &["deploy", &app, WEB1, "-p", &port, "-o", "json"],
+    );
+    assert_eq!(first.code, 0, "{first:?}");
+
+    let mut held = std::net::TcpStream::connect(("127.0.0.1", public)).unwrap();
+    let run = cli(
+        s.grpc_addr,
+        &[
+            "deploy",
+            &app,
+            "stevedore-test/web:2",
+            "-p",
+            &port,
+            "--drain-timeout",
+            "1s",
+            "-o",
+            "json",
+        ],
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let updates = json_lines(&run.stdout);
+    assert_stream_contract(&updates);
+    let drains: Vec<&Value> = (updates.iter())
+        .filter(|u| u["metadata"].get("drain_seconds_left").is_some())
+        .collect();
+    assert!(
+        drains
+            .iter()
+            .any(|u| u["metadata"]["draining_connections"] == "1"),
+        "the held connection is reported: {run:?}"
+    );
+    for u in &drains {
+        let left: u64 = u["metadata"]["drain_seconds_left"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(left <= 1, "more than --drain-timeout left: {u}");
+    }
+    // The proxy closed the held connection when the drain timeout ended.
+    held.set_read_timeout(Some(STATE_LIMIT)).unwrap();
+    let mut buf = [0u8; 16];
+    let cut = std::io::Read::read(&mut held, &mut buf);
+    assert!(matches!(cut, Ok(0) | Err(_)), "not closed: {cut:?}");
+    assert!(
+        !matches!(&cut, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "not closed within {STATE_LIMIT:?}"
+    );
+}
+
 #[test]
 fn a_failing_image_exits_1_with_plain_output_free_of_control_codes() {
     let s = server();

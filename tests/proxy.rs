@@ -402,6 +402,215 @@ async fn a_restarted_proxy_restores_its_routes_while_the_old_one_drains() {
     assert!(exit.success(), "{exit:?}");
 }
 
+/// Clients sending one request per new connection, in a loop, to each of `addrs` in
+/// turn, until [`Loaders::finish`].
+struct Loaders {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Loaders {
+    fn start(clients: usize, addrs: &[SocketAddr]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, addrs) = (stop.clone(), addrs.to_vec());
+                tokio::spawn(async move {
+                    let (mut sent, mut failures) = (0, Vec::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        for addr in &addrs {
+                            sent += 1;
+                            if let Err(e) = request(*addr).await {
+                                failures.push(format!("{addr}: {e}"));
+                            }
+                        }
+                    }
+                    (sent, failures)
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Requests sent, and the failures.
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut sent, mut failed) = (0, Vec::new());
+        for task in self.tasks {
+            let (n, failures) = task.await.unwrap();
+            sent += n;
+            failed.extend(failures);
+        }
+        (sent, failed)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_takeover_restart_fails_no_request_and_the_old_proxy_finishes_its_connections() {
+    let Fixture {
+        _dir: dir,
+        proxy: mut first,
+        client,
+        v1,
+        v2,
+        public,
+    } = Fixture::start(&["--drain-timeout", "30s"]).await;
+    // A second app, so more than one public listener is handed over.
+    let api = client
+        .set_route("api", &route(ephemeral(), v2.addr, "v2"))
+        .await
+        .unwrap()
+        .route
+        .listen;
+    let mut open = Conn::open(public).await;
+    assert_eq!(open.ask("a").await.as_deref(), Some("v1 a"));
+
+    let load = Loaders::start(4, &[public, api]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = ProxyProcess::take_over(dir.path());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (sent, failed) = load.finish().await;
+    eprintln!(
+        "takeover restart under load: {sent} requests, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(sent > 100, "only {sent} requests were sent");
+
+    let old_log = first.log_text();
+    assert!(old_log.contains("hand-over requested"), "{old_log}");
+    assert!(old_log.contains("handed over"), "{old_log}");
+    let new_log = second.log_text();
+    assert!(new_log.contains("took over"), "{new_log}");
+    let routes = second.client().routes().await.unwrap();
+    let listens: Vec<_> = routes
+        .iter()
+        .map(|r| (r.app.as_str(), r.route.listen))
+        .collect();
+    assert_eq!(listens, [("api", api), ("web", public)]);
+    assert!(routes.iter().all(|r| r.listening), "{routes:?}");
+    assert_eq!(
+        second.metrics, first.metrics,
+        "the metrics listener was handed over"
+    );
+    assert!(second.socket.exists() && second.handover_socket().exists());
+
+    // The connection opened before the hand-over stays with the old process, which
+    // waits for it.
+    assert_eq!(open.ask("b").await.as_deref(), Some("v1 b"));
+    assert!(
+        first.child.try_wait().unwrap().is_none(),
+        "old proxy drains"
+    );
+
+    // The admin socket is the new proxy's: a call from a client that talked to the
+    // old one (its kept-alive connection closed, or a 503) reaches the new one.
+    client
+        .set_route("web", &route(public, v2.addr, "v2"))
+        .await
+        .unwrap();
+    assert_eq!(request(public).await.unwrap(), "v2");
+    let state = std::fs::read_to_string(&second.state_file).unwrap();
+    assert!(state.contains(&v2.addr.to_string()), "{state}");
+    assert!(
+        second
+            .metrics_text()
+            .await
+            .contains(r#"stevedore_proxy_switches_total{app="web"} 1"#)
+    );
+    assert_eq!(open.ask("c").await.as_deref(), Some("v1 c"));
+    drop(open);
+    let exit = first.wait_exit(Duration::from_secs(10));
+    assert!(exit.success(), "{exit:?}");
+    assert!(first.log_text().contains("proxy stopped"));
+    // Exiting, the old proxy left the socket files to the new one.
+    assert!(second.socket.exists() && second.handover_socket().exists());
+    assert_eq!(request(public).await.unwrap(), "v2");
+
+    // The new proxy can be taken over in turn.
+    let third = ProxyProcess::take_over(dir.path());
+    assert_eq!(request(api).await.unwrap(), "v2");
+    assert_eq!(third.client().routes().await.unwrap().len(), 2);
+    drop(v1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_with_no_proxy_running_starts_as_usual() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::take_over(dir.path());
+    let log = proxy.log_text();
+    assert!(
+        log.contains("no proxy answers on the hand-over socket: starting without a hand-over"),
+        "{log}"
+    );
+    let v1 = backend("v1").await;
+    let status = proxy
+        .client()
+        .set_route("web", &route(ephemeral(), v1.addr, "v1"))
+        .await
+        .unwrap();
+    assert_eq!(request(status.route.listen).await.unwrap(), "v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_takeover_leaves_the_running_proxy_serving() {
+    let f = Fixture::start(&[]).await;
+    let dir = f._dir.path();
+    let socket = f.proxy.socket.display().to_string();
+
+    // Without --takeover, a second proxy on the same socket is refused and says how.
+    let (status, log) = ProxyProcess::run_to_exit(
+        dir,
+        &["--admin-socket", &socket, "--metrics-listen", "127.0.0.1:0"],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert!(!status.success());
+    assert!(log.contains("another proxy answers on"), "{log}");
+    assert!(log.contains("--takeover"), "{log}");
+
+    // A take-over that cannot write its state file (a directory there) gives up
+    // before the old proxy stops accepting.
+    let not_a_file = dir.join("not-a-file");
+    std::fs::create_dir(&not_a_file).unwrap();
+    let state = not_a_file.display().to_string();
+    let (status, log) = ProxyProcess::run_to_exit(
+        dir,
+        &[
+            "--takeover",
+            "--admin-socket",
+            &socket,
+            "--state-file",
+            &state,
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+        Duration::from_secs(30),
+    );
+    assert!(!status.success());
+    assert!(log.contains("cannot write the state file"), "{log}");
+    assert!(log.contains("the running proxy keeps serving"), "{log}");
+    let old_log = f.proxy.log_text();
+    assert!(old_log.contains("hand-over failed"), "{old_log}");
+    assert!(old_log.contains("gave up"), "{old_log}");
+
+    // The old proxy serves, and its routes can change (it is not held still).
+    assert_eq!(request(f.public).await.unwrap(), "v1");
+    f.client
+        .set_route("web", &route(f.public, f.v2.addr, "v2"))
+        .await
+        .unwrap();
+    assert_eq!(request(f.public).await.unwrap(), "v2");
+    assert!(f.proxy.socket.exists());
+
+    // A later take-over succeeds, with the routes as they are now.
+    let second = ProxyProcess::take_over(dir);
+    let route = second.client().get_route("web").await.unwrap().unwrap();
+    assert_eq!(route.route.backend, f.v2.addr);
+    assert_eq!(request(f.public).await.unwrap(), "v2");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_routes_say_why_and_change_nothing() {
     let Fixture {

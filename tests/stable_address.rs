@@ -21,6 +21,9 @@ use tokio::net::TcpStream;
 const WEB1: &str = "stevedore-test/web:1";
 const WEB2: &str = "stevedore-test/web:2";
 
+/// Proxy restarts (hand-overs) in a row under load.
+const PROXY_RESTARTS: usize = 3;
+
 /// The version a web test image answers with.
 fn body_of(image: &str) -> &'static str {
     if image == WEB1 { "v1" } else { "v2" }
@@ -99,15 +102,15 @@ impl Stack {
         self.client = connect(self.server.grpc_addr).await;
     }
 
-    /// Stops the proxy (SIGTERM: it closes its listeners at once and drains) and starts a
-    /// new one on the same socket and state file.
+    /// Restarts the proxy with a hand-over: a new proxy takes the listening sockets and
+    /// the routes over (`--takeover`), then the old one finishes its open connections
+    /// and exits (waited for here).
     fn restart_proxy(&mut self) {
-        self.proxy.sigterm();
-        let socket = self.proxy.socket.clone();
-        while socket.exists() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        self.proxy = ProxyProcess::spawn(&self.dir.path().join("proxy"), &[]);
+        let new = ProxyProcess::take_over(&self.dir.path().join("proxy"));
+        let mut old = std::mem::replace(&mut self.proxy, new);
+        let exit = old.wait_exit(STATE_LIMIT);
+        assert!(exit.success(), "{exit:?}");
+        assert!(old.log_text().contains("handed over"), "{}", old.log_text());
     }
 
     /// The app's route: its backend, once the proxy has one.
@@ -123,17 +126,12 @@ fn spawn_server(dir: &std::path::Path, proxy: &ProxyProcess) -> BinaryServer {
     BinaryServer::spawn(&dir.join("server"), &args)
 }
 
-/// One HTTP/1.0 GET on a new connection to `addr`; the body's first line. `Err(true)`
-/// when the connection was refused (nothing was sent).
-async fn get_once(addr: SocketAddr) -> Result<String, (bool, String)> {
-    let mut conn = match TcpStream::connect(addr).await {
-        Ok(c) => c,
-        Err(e) => {
-            let refused = e.kind() == std::io::ErrorKind::ConnectionRefused;
-            return Err((refused, format!("connect: {e}")));
-        }
-    };
-    request_on(&mut conn).await.map_err(|e| (false, e))
+/// One HTTP/1.0 GET on a new connection to `addr`; the body's first line.
+async fn get_once(addr: SocketAddr) -> Result<String, String> {
+    let mut conn = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    request_on(&mut conn).await
 }
 
 /// Sends a GET on `conn` and reads the answer to its end; the body's first line.
@@ -164,13 +162,10 @@ async fn request_on(conn: &mut TcpStream) -> Result<String, String> {
 #[derive(Debug, Default)]
 struct LoadReport {
     sent: usize,
+    /// Every failed request (a refused connection included), whatever was happening.
     failed: Vec<String>,
-    /// Connection attempts refused while `refusals_expected` was set (none was sent).
-    refused: usize,
-    /// Requests that failed otherwise while `refusals_expected` was set: a connection
-    /// the old proxy's kernel queue completed as it closed (reset). Reported, not
-    /// failed on: a proxy restart is not zero-failure yet (no socket hand-over).
-    lost_in_proxy_restart: Vec<String>,
+    /// Requests sent while the proxy was being restarted, and how many of them failed.
+    during_proxy_restart: (usize, usize),
     /// The bodies in order, runs collapsed: `["v1", "v2", "v1"]`.
     runs: Vec<String>,
 }
@@ -179,44 +174,40 @@ struct LoadReport {
 /// stopped.
 struct Load {
     stop: Arc<AtomicBool>,
-    refusals_expected: Arc<AtomicBool>,
+    /// Set while the proxy restarts, to count the requests sent meanwhile.
+    proxy_restarting: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<LoadReport>,
 }
 
 impl Load {
     fn start(addr: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let refusals_expected = Arc::new(AtomicBool::new(false));
-        let (s, r) = (stop.clone(), refusals_expected.clone());
+        let proxy_restarting = Arc::new(AtomicBool::new(false));
+        let (s, r) = (stop.clone(), proxy_restarting.clone());
         let task = tokio::spawn(async move {
             let mut report = LoadReport::default();
             while !s.load(Ordering::SeqCst) {
-                match get_once(addr).await {
+                let restarting = r.load(Ordering::SeqCst);
+                let answer = get_once(addr).await;
+                report.sent += 1;
+                if restarting {
+                    report.during_proxy_restart.0 += 1;
+                    report.during_proxy_restart.1 += usize::from(answer.is_err());
+                }
+                match answer {
                     Ok(body) => {
-                        report.sent += 1;
                         if report.runs.last() != Some(&body) {
                             report.runs.push(body);
                         }
                     }
-                    Err((true, _)) if r.load(Ordering::SeqCst) => {
-                        report.refused += 1;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                    Err((_, e)) if r.load(Ordering::SeqCst) => {
-                        report.sent += 1;
-                        report.lost_in_proxy_restart.push(e);
-                    }
-                    Err((_, e)) => {
-                        report.sent += 1;
-                        report.failed.push(e);
-                    }
+                    Err(e) => report.failed.push(e),
                 }
             }
             report
         });
         Self {
             stop,
-            refusals_expected,
+            proxy_restarting,
             task,
         }
     }
@@ -277,26 +268,27 @@ async fn every_request_is_served_through_redeploys_and_restarts() {
     under_load(500).await;
     stack.restart_server(true).await;
     under_load(500).await;
-    // Between the old proxy closing its listeners and the new one binding them, the
-    // port is closed: connection attempts are refused (counted apart, nothing sent),
-    // and one completed by the kernel as the old listener closed can be reset.
-    load.refusals_expected.store(true, Ordering::SeqCst);
-    stack.restart_proxy();
-    let back = eventually_async(STATE_LIMIT, "the restarted proxy serves", || async {
-        get_once(stack.public).await.ok()
-    })
-    .await;
-    load.refusals_expected.store(false, Ordering::SeqCst);
-    assert_eq!(back, "v1");
-    under_load(500).await;
+    // The proxy restarts with a hand-over (the listening sockets pass to the new
+    // process, never closed): no request fails during it either.
+    load.proxy_restarting.store(true, Ordering::SeqCst);
+    for _ in 0..PROXY_RESTARTS {
+        under_load(200).await;
+        stack.restart_proxy();
+    }
+    under_load(200).await;
+    load.proxy_restarting.store(false, Ordering::SeqCst);
+    assert_eq!(get_once(stack.public).await.unwrap(), "v1");
+    under_load(300).await;
+    // The server drives the new proxy (its client's connections to the old one closed).
+    stack.deploy(WEB2).await;
+    under_load(300).await;
     let report = load.finish().await;
     eprintln!(
-        "load: {} requests sent, {} failed; during the proxy restart {} connection attempts refused and {} requests lost {:?}; responses {:?}",
+        "load: {} requests sent, {} failed; during {PROXY_RESTARTS} proxy restarts {} sent, {} failed; responses {:?}",
         report.sent,
         report.failed.len(),
-        report.refused,
-        report.lost_in_proxy_restart.len(),
-        report.lost_in_proxy_restart,
+        report.during_proxy_restart.0,
+        report.during_proxy_restart.1,
         report.runs
     );
     assert!(
@@ -305,9 +297,10 @@ async fn every_request_is_served_through_redeploys_and_restarts() {
         report.failed
     );
     assert!(report.sent > 20, "{report:?}");
+    assert!(report.during_proxy_restart.0 > 0, "{report:?}");
     assert_eq!(
         report.runs,
-        ["v1", "v2", "v1"],
+        ["v1", "v2", "v1", "v2"],
         "responses move at each switch"
     );
 

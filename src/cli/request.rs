@@ -51,6 +51,11 @@ pub(crate) struct DeployRequestArgs {
     /// Upper bound for the whole deployment on the server (e.g. `10m`).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub(crate) deadline: Option<Duration>,
+    /// With a proxy (`serve --proxy-socket`) and a fixed host port: how long
+    /// connections open to the previous version may stay open after the switch
+    /// before they are closed and it stops (e.g. `10s`; default 30s, at most 1h).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub(crate) drain_timeout: Option<Duration>,
     /// Log milestone (repeatable): a regex on the container's output, the health
     /// check's progress it stands for (0–1; negative counts matches), and a message.
     #[arg(long = "milestone", value_name = "PATTERN=PROGRESS[:DESCRIPTION]")]
@@ -101,6 +106,9 @@ impl DeployRequestArgs {
         self.apply_health(&mut req)?;
         if let Some(d) = self.deadline {
             req.deadline = Some(d.into());
+        }
+        if let Some(d) = self.drain_timeout {
+            req.drain_timeout = Some(d.into());
         }
         if !self.milestones.is_empty() {
             req.milestones = self
@@ -414,7 +422,7 @@ mod tests {
             r#"{"app": "from-file", "image": "img:1", "env": {"A": "1", "B": "2"},
                 "ports": [{"containerPort": 8080}],
                 "health_check": {"http": {"port": 8080, "path": "/"}, "timeout": "30s"},
-                "deadline": "120s"}"#,
+                "deadline": "120s", "drain_timeout": "60s"}"#,
         )
         .unwrap();
         let a = DeployRequestArgs {
@@ -422,6 +430,7 @@ mod tests {
             app: Some("from-flag".into()),
             env: vec!["B=3".into()],
             health_timeout: Some(Duration::from_secs(5)),
+            drain_timeout: Some(Duration::from_millis(2500)),
             ..Default::default()
         };
         let req = a.build().unwrap();
@@ -434,6 +443,8 @@ mod tests {
         assert!(matches!(hc.check, Some(health_check::Check::Http(_))));
         assert_eq!(hc.timeout.unwrap().seconds, 5);
         assert_eq!(req.deadline.unwrap().seconds, 120);
+        let drain = req.drain_timeout.unwrap();
+        assert_eq!((drain.seconds, drain.nanos), (2, 500_000_000));
     }
 
     #[test]

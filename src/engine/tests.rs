@@ -1363,3 +1363,116 @@ async fn a_removal_interrupted_by_a_restart_is_finished_by_recovery() {
     assert!(fake.existing().is_empty());
     assert!(second.apps().await.unwrap().is_empty());
 }
+
+// ---------------------------------------------------------------------------
+// Routes: reconcile_routes against a real proxy run in this process
+// ---------------------------------------------------------------------------
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_routes_corrects_a_stale_port_deletes_gone_apps_and_adds_a_missing_route() {
+    use super::route::RoutesReconciled;
+    use crate::proxy::client::ProxyClient;
+    use crate::proxy::routes::{Route, SetRoute};
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("proxy.sock");
+    let running = crate::proxy::start(crate::proxy::ProxyConfig {
+        admin_socket: socket.clone(),
+        state_file: dir.path().join("routes.json"),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        allow_privileged_ports: false,
+        drain_timeout: Duration::from_secs(1),
+        takeover: false,
+    })
+    .await
+    .unwrap();
+    let proxy = ProxyClient::new(&socket).unwrap();
+    let fake = FakeRuntime::with([("web:1", Script::healthy())]);
+    let config = EngineConfig {
+        proxy: Some(proxy.clone()),
+        ..Default::default()
+    };
+    let engine = engine_with(&fake, config).await;
+    let set = |route: Route| SetRoute {
+        route,
+        drain_timeout_ms: None,
+    };
+
+    // Two apps with a fixed public port: their routes point at their containers.
+    let mut web = spec("web", "web:1");
+    web.ports[0].host_port = free_port();
+    let updates = deploy(&engine, web).await;
+    assert_eq!(end_state(&updates), DeploymentState::Succeeded);
+    let web_id = updates[0].deployment_id.to_string();
+    let current = proxy.get_route("web").await.unwrap().expect("routed");
+    assert_eq!(
+        current.route.deployment_id.as_deref(),
+        Some(web_id.as_str())
+    );
+    let mut api = spec("api", "web:1");
+    api.ports[0].host_port = free_port();
+    assert_eq!(
+        end_state(&deploy(&engine, api).await),
+        DeploymentState::Succeeded
+    );
+    let api_route = proxy.get_route("api").await.unwrap().expect("routed");
+    assert_eq!(
+        engine.reconcile_routes().await.unwrap(),
+        RoutesReconciled::default(),
+        "the routes agree with the store"
+    );
+
+    // `api` is removed (its route with it), then its route comes back, as if the proxy
+    // had missed the removal; `ghost` was never deployed; `web`'s route points at a
+    // stale port.
+    let (_, removal) = engine
+        .remove_app(app_name("api"), "unit test".into(), None)
+        .await
+        .unwrap();
+    assert_eq!(end_state(&rest(removal).await), DeploymentState::Succeeded);
+    assert_eq!(proxy.get_route("api").await.unwrap(), None);
+    proxy.set_route("api", &set(api_route.route)).await.unwrap();
+    let ghost = Route {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backend: "127.0.0.1:2".parse().unwrap(),
+        deployment_id: None,
+        version: None,
+    };
+    proxy.set_route("ghost", &set(ghost)).await.unwrap();
+    let stale = Route {
+        backend: "127.0.0.1:1".parse().unwrap(),
+        ..current.route.clone()
+    };
+    proxy.set_route("web", &set(stale)).await.unwrap();
+
+    let done = engine.reconcile_routes().await.unwrap();
+    assert_eq!(done, RoutesReconciled { set: 1, removed: 2 });
+    let routes = proxy.routes().await.unwrap();
+    assert_eq!(routes.len(), 1, "{routes:?}");
+    assert_eq!(routes[0].app, "web");
+    assert_eq!(
+        routes[0].route, current.route,
+        "back on the current container"
+    );
+
+    // A missing route is added, with the current version's labels.
+    proxy.remove_route("web").await.unwrap();
+    let done = engine.reconcile_routes().await.unwrap();
+    assert_eq!(done, RoutesReconciled { set: 1, removed: 0 });
+    let added = proxy.get_route("web").await.unwrap().expect("added");
+    assert_eq!(added.route, current.route);
+    assert_eq!(added.route.version.as_deref(), Some("web:1"));
+    assert_eq!(
+        engine.reconcile_routes().await.unwrap(),
+        RoutesReconciled::default()
+    );
+
+    running.shutdown_token().cancel();
+    bounded("the proxy to stop", running.wait()).await.unwrap();
+}

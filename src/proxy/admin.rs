@@ -10,7 +10,8 @@
 //! | `GET /healthz` | `ok` |
 //!
 //! Errors are `{"error": "..."}`: 400 bad input, 403 privileged port, 404 no such route,
-//! 409 port taken (by another app, or by another process), 500 state file not written.
+//! 409 port taken (by another app, or by another process), 500 state file not written,
+//! 503 this proxy handed over to a new one (send the call again).
 
 use axum::Router;
 use axum::body::Bytes;
@@ -48,6 +49,7 @@ impl RouteError {
             RouteError::NotFound(_) => StatusCode::NOT_FOUND,
             RouteError::PortTaken { .. } | RouteError::Bind { .. } => StatusCode::CONFLICT,
             RouteError::State { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            RouteError::HandedOver => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -62,7 +64,10 @@ impl IntoResponse for RouteError {
 }
 
 async fn list(State(proxy): State<Proxy>) -> Response {
-    axum::Json(proxy.routes().await).into_response()
+    match proxy.routes().await {
+        Ok(routes) => axum::Json(routes).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn get_route(State(proxy): State<Proxy>, Path(app): Path<String>) -> Response {

@@ -36,6 +36,11 @@ use crate::model::AppName;
 
 /// Time limit of one admin call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts of a call that met a proxy handing over to a new one: it answers 503, or
+/// closes a kept-alive connection as it stops accepting. Every call is idempotent (a
+/// `PUT` of the route a proxy has already changes nothing; a `DELETE` of a removed
+/// route answers 404), so sending it again is safe.
+const ATTEMPTS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -109,6 +114,25 @@ impl ProxyClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
+        let mut attempt = 1;
+        loop {
+            match self.call_once(method.clone(), path, body.clone()).await {
+                Err(e) if attempt < ATTEMPTS && during_handover(&e) => {
+                    tracing::debug!(path, attempt, error = %e, "proxy call sent again");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn call_once<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, ClientError> {
         // The host is not used for anything: the connection goes to the socket.
         let mut request = self.http.request(method, format!("http://proxy{path}"));
         if let Some(body) = body {
@@ -138,6 +162,16 @@ impl ProxyClient {
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+}
+
+/// Whether `e` is what a proxy handing its sockets over answers: 503, or a connection
+/// closed under a call (not a refused connect: no proxy; not a timeout).
+fn during_handover(e: &ClientError) -> bool {
+    match e {
+        ClientError::Refused { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+        ClientError::Unreachable { source, .. } => !source.is_connect() && !source.is_timeout(),
+        _ => false,
     }
 }
 

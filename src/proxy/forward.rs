@@ -8,12 +8,16 @@
 //! - a public port is never unbound by a switch: the listener is the same before and
 //!   after, so no client ever sees a refused connection because of a switch;
 //! - the state file is written before a change takes effect: a change that cannot be
-//!   persisted is refused and changes nothing.
+//!   persisted is refused and changes nothing;
+//! - after a hand-over ([`Frozen::hand_over`]) this process changes nothing and writes
+//!   nothing: the listening sockets and the state file belong to the new proxy.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -62,6 +66,9 @@ struct Inner {
     connections: TaskTracker,
     /// Cancelled at shutdown: listeners stop.
     shutdown: CancellationToken,
+    /// Set once the listening sockets were handed to a new proxy: every admin call is
+    /// refused from then on, and a listener that ends leaves its queue to the new proxy.
+    handed_over: AtomicBool,
 }
 
 struct AppEntry {
@@ -77,6 +84,8 @@ struct AppShared {
     current: RwLock<Arc<Generation>>,
     draining: Mutex<Vec<Draining>>,
     listen_error: Mutex<Option<String>>,
+    /// The public listener while its accept loop runs (what a hand-over sends).
+    bound: Mutex<Option<Arc<TcpListener>>>,
     metrics: AppMetrics,
 }
 
@@ -164,6 +173,20 @@ impl Proxy {
         metrics: Arc<ProxyMetrics>,
     ) -> Result<Self, String> {
         let table = state::load(&settings.state_file)?;
+        let (proxy, pending) = Self::with_routes(settings, metrics, table, BTreeMap::new()).await;
+        proxy.start_listeners(pending);
+        Ok(proxy)
+    }
+
+    /// The proxy of `table`, its listeners not started yet ([`Self::start_listeners`]).
+    /// A route listens on its `adopted` listener (handed over by the previous proxy)
+    /// if it has one, else on a port bound here (retried every second while taken).
+    pub(crate) async fn with_routes(
+        settings: ProxySettings,
+        metrics: Arc<ProxyMetrics>,
+        table: RouteTable,
+        mut adopted: BTreeMap<String, TcpListener>,
+    ) -> (Self, PendingListeners) {
         let proxy = Self {
             inner: Arc::new(Inner {
                 settings,
@@ -171,15 +194,23 @@ impl Proxy {
                 metrics,
                 connections: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
+                handed_over: AtomicBool::new(false),
             }),
         };
+        let mut pending = PendingListeners(Vec::new());
         let mut apps = proxy.inner.apps.lock().await;
         for (app, mut route) in table.routes {
             let shared = proxy.new_shared(&app, &route);
             let listener = CancellationToken::new();
             match validate(&app, &route, proxy.inner.settings.allow_privileged_ports) {
                 Ok(()) => {
-                    let bound = TcpListener::bind(route.listen).await;
+                    let bound = match adopted.remove(&app) {
+                        Some(l) => {
+                            tracing::info!(app, listen = %route.listen, "public listener taken over");
+                            Ok(l)
+                        }
+                        None => TcpListener::bind(route.listen).await,
+                    };
                     match &bound {
                         Ok(l) => route.listen = l.local_addr().unwrap_or(route.listen),
                         Err(e) => {
@@ -188,12 +219,9 @@ impl Proxy {
                                 Some(format!("cannot bind {}: {e}", route.listen));
                         }
                     }
-                    proxy.spawn_listener(
-                        route.listen,
-                        bound.ok(),
-                        shared.clone(),
-                        listener.clone(),
-                    );
+                    pending
+                        .0
+                        .push((route.listen, bound.ok(), shared.clone(), listener.clone()));
                 }
                 Err(e) => {
                     tracing::error!(app, error = %e, "route not served");
@@ -214,7 +242,32 @@ impl Proxy {
         }
         proxy.inner.metrics.set_routes(apps.len());
         drop(apps);
-        Ok(proxy)
+        (proxy, pending)
+    }
+
+    /// Starts accepting on the listeners [`Self::with_routes`] prepared.
+    pub(crate) fn start_listeners(&self, pending: PendingListeners) {
+        for (addr, bound, shared, stop) in pending.0 {
+            self.spawn_listener(addr, bound, shared, stop);
+        }
+    }
+
+    /// Holds every route change until the returned guard is dropped or handed over;
+    /// `Err` once this proxy has handed over already.
+    pub(crate) async fn freeze(&self) -> Result<Frozen<'_>, RouteError> {
+        let apps = self.inner.apps.lock().await;
+        self.check_not_handed_over()?;
+        Ok(Frozen {
+            inner: &self.inner,
+            apps,
+        })
+    }
+
+    fn check_not_handed_over(&self) -> Result<(), RouteError> {
+        if self.inner.handed_over.load(Ordering::SeqCst) {
+            return Err(RouteError::HandedOver);
+        }
+        Ok(())
     }
 
     fn new_shared(&self, app: &str, route: &Route) -> Arc<AppShared> {
@@ -223,21 +276,29 @@ impl Proxy {
             current: RwLock::new(Generation::new(route)),
             draining: Mutex::new(Vec::new()),
             listen_error: Mutex::new(None),
+            bound: Mutex::new(None),
             metrics: self.inner.metrics.app(app),
         })
+    }
+
+    /// Client connections being forwarded now.
+    pub(crate) fn open_connections(&self) -> usize {
+        self.inner.connections.len()
     }
 
     pub(crate) fn metrics(&self) -> &Arc<ProxyMetrics> {
         &self.inner.metrics
     }
 
-    pub(crate) async fn routes(&self) -> Vec<RouteStatus> {
+    pub(crate) async fn routes(&self) -> Result<Vec<RouteStatus>, RouteError> {
         let apps = self.inner.apps.lock().await;
-        apps.values().map(|e| e.shared.status(&e.route)).collect()
+        self.check_not_handed_over()?;
+        Ok(apps.values().map(|e| e.shared.status(&e.route)).collect())
     }
 
     pub(crate) async fn route(&self, app: &str) -> Result<RouteStatus, RouteError> {
         let apps = self.inner.apps.lock().await;
+        self.check_not_handed_over()?;
         apps.get(app)
             .map(|e| e.shared.status(&e.route))
             .ok_or_else(|| RouteError::NotFound(app.to_owned()))
@@ -258,6 +319,7 @@ impl Proxy {
             .map(Duration::from_millis)
             .unwrap_or(settings.drain_timeout);
         let mut apps = self.inner.apps.lock().await;
+        self.check_not_handed_over()?;
         port_free(&apps, app, &route)?;
         let listener = bind_public(apps.get(app), &mut route).await?;
         self.persist(&apps, Some((app, &route))).await?;
@@ -383,6 +445,7 @@ impl Proxy {
     /// Unbinds `app`'s public port; connections open to its backend drain.
     pub(crate) async fn remove_route(&self, app: &str) -> Result<RouteStatus, RouteError> {
         let mut apps = self.inner.apps.lock().await;
+        self.check_not_handed_over()?;
         if !apps.contains_key(app) {
             return Err(RouteError::NotFound(app.to_owned()));
         }
@@ -461,7 +524,9 @@ impl Proxy {
 
     /// Binds (or takes `bound`) and forwards what it accepts until `ended`. Then the
     /// connections the kernel already completed are accepted and forwarded before the
-    /// listener closes: closing it with them queued would reset them.
+    /// listener closes: closing it with them queued would reset them. After a
+    /// hand-over they are left in the queue: the new proxy accepts them on the same
+    /// socket.
     async fn listen(
         &self,
         addr: SocketAddr,
@@ -491,6 +556,8 @@ impl Proxy {
                 }
             },
         };
+        let listener = Arc::new(listener);
+        *shared.bound.lock().unwrap() = Some(listener.clone());
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -504,6 +571,15 @@ impl Proxy {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
+        }
+        {
+            let mut bound = shared.bound.lock().unwrap();
+            if bound.as_ref().is_some_and(|b| Arc::ptr_eq(b, &listener)) {
+                *bound = None;
+            }
+        }
+        if self.inner.handed_over.load(Ordering::SeqCst) {
+            return;
         }
         while let Some(Ok((client, _peer))) = listener.accept().now_or_never() {
             self.forward_accepted(client, &shared);
@@ -537,7 +613,55 @@ impl Proxy {
     }
 }
 
-/// Counts a generation's open connection while alive.
+/// Listeners prepared by [`Proxy::with_routes`], not accepting yet.
+pub(crate) struct PendingListeners(
+    Vec<(
+        SocketAddr,
+        Option<TcpListener>,
+        Arc<AppShared>,
+        CancellationToken,
+    )>,
+);
+
+/// The routes held still for a hand-over: no change is made while this lives.
+pub(crate) struct Frozen<'a> {
+    inner: &'a Inner,
+    apps: tokio::sync::MutexGuard<'a, BTreeMap<String, AppEntry>>,
+}
+
+impl Frozen<'_> {
+    /// The routes, as the state file has them.
+    pub(crate) fn table(&self) -> RouteTable {
+        RouteTable {
+            routes: (self.apps.iter())
+                .map(|(app, e)| (app.clone(), e.route.clone()))
+                .collect(),
+        }
+    }
+
+    /// A copy of each public listening socket, by app (routes not listening now have
+    /// none).
+    pub(crate) fn listeners(&self) -> std::io::Result<Vec<(String, OwnedFd)>> {
+        let mut out = Vec::new();
+        for (app, entry) in self.apps.iter() {
+            if entry.listener.is_cancelled() {
+                continue;
+            }
+            let bound = entry.shared.bound.lock().unwrap().clone();
+            if let Some(l) = bound {
+                out.push((app.clone(), l.as_fd().try_clone_to_owned()?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks the proxy handed over: every change waiting for the routes, and every
+    /// later admin call, is refused (the caller sends it again, to the new proxy).
+    pub(crate) fn hand_over(self) {
+        self.inner.handed_over.store(true, Ordering::SeqCst);
+    }
+}
+
 /// `Err` when another app's public address overlaps `route`'s.
 fn port_free(
     apps: &BTreeMap<String, AppEntry>,
@@ -589,6 +713,7 @@ async fn bind_public(
     Ok(Some(l))
 }
 
+/// Counts a generation's open connection while alive.
 struct OpenGuard {
     generation: Arc<Generation>,
     metrics: AppMetrics,

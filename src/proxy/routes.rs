@@ -104,6 +104,10 @@ pub(crate) enum RouteError {
     },
     #[error("no route for app {0:?}")]
     NotFound(String),
+    #[error(
+        "this proxy handed its sockets over to a new proxy and is stopping: send the call again"
+    )]
+    HandedOver,
     #[error("cannot write the state file {path}: {source}")]
     State {
         path: String,

@@ -80,6 +80,56 @@ impl ProxyProcess {
         }
     }
 
+    /// Runs `stevedore proxy` with only `args` and `env` (a run expected to end, such as a
+    /// refused start) until it exits; its status and log. Panics after `limit`.
+    pub fn run_to_exit(
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        limit: Duration,
+    ) -> (std::process::ExitStatus, String) {
+        let log = dir.join(format!("proxy-{}.log", uuid::Uuid::new_v4().simple()));
+        let mut child = Command::new(super::binary())
+            .arg("proxy")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn stevedore proxy");
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "proxy still running after {limit:?}; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    /// Starts a proxy that takes the sockets over from the one running in `dir`
+    /// (`--takeover`) and waits until it announces itself.
+    pub fn take_over(dir: &Path) -> Self {
+        Self::spawn(dir, &["--takeover"])
+    }
+
+    /// The hand-over socket beside the admin socket.
+    pub fn handover_socket(&self) -> PathBuf {
+        let mut name = self.socket.as_os_str().to_owned();
+        name.push(".handover");
+        PathBuf::from(name)
+    }
+
     pub fn client(&self) -> ProxyClient {
         ProxyClient::new(&self.socket).unwrap()
     }
