@@ -3,7 +3,9 @@
 #
 # Brings up the test environment (scripts/test-env.sh up: Docker engine, registries on
 # 127.0.0.1:5000 and, with htpasswd auth, 127.0.0.1:5001, test images; left running for
-# the next run), then runs cargo fmt --check, cargo clippy --all-targets -D warnings,
+# the next run) and the three-node swarm the swarm tests use (scripts/swarm-env.sh up:
+# dockerd nodes in network namespaces stv-n1..3 at 10.77.0.11-13, also left running),
+# then runs cargo fmt --check, cargo clippy --all-targets -D warnings,
 # cargo test "$@", and the script and client checks, each timed. Docker tests fail,
 # never skip, without an engine.
 set -euo pipefail
@@ -72,6 +74,13 @@ _env_up() {
   eval "$exports"
 }
 _step "test environment up" _env_up
+
+_swarm_env_up() {
+  local exports
+  exports=$(bash scripts/swarm-env.sh up) || return 1
+  eval "$exports"
+}
+_step "swarm environment up" _swarm_env_up
 
 _step "rust components" _rust_components
 _step "cargo fmt --check" cargo fmt --check

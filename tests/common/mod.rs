@@ -7,6 +7,7 @@
 
 pub mod git;
 pub mod proxy;
+pub mod swarm;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
