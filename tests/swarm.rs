@@ -1,0 +1,347 @@
+//! The Swarm target (`stevedore serve --target swarm`) on the real three-node swarm of
+//! `bash scripts/swarm-env.sh up` (docs/SWARM.md): replicas spread over the nodes with
+//! per-task progress, a rolling update, rollback of a crashing version, of an update
+//! past its deadline and of a cancelled one, and recovery after kill -9 mid-update.
+//! Each test uses its own app (one service) and host port, and removes its service.
+//! Without the environment these tests fail, naming the script.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::swarm::{self, ServiceGuard, SwarmEnv};
+use common::{Client, Updates, deploy_stream, secs};
+use stevedore::proto::{
+    self, CancelRequest, DeployRequest, DeploymentState, Level, PortMapping, ProgressUpdate,
+    UpdatePolicy,
+};
+
+/// How long every node may take to serve the expected body after a deployment ended.
+const SERVE_LIMIT: Duration = Duration::from_secs(60);
+
+/// An in-process server with `--target swarm` on the manager.
+async fn swarm_server(env: &SwarmEnv) -> common::TestServer {
+    let manager = env.manager.clone();
+    common::TestServer::start_with(
+        move |c| {
+            c.target = stevedore::model::Target::Swarm;
+            c.docker_host = Some(manager);
+        },
+        stevedore::events::ObserverRegistry::new(),
+    )
+    .await
+}
+
+/// A request for `image` as `app` with `replicas` tasks publishing 8080 on `port` of
+/// each node.
+fn request(app: &str, image: &str, replicas: u32, port: u16) -> DeployRequest {
+    DeployRequest {
+        app: app.into(),
+        image: image.into(),
+        replicas,
+        ports: vec![PortMapping {
+            container_port: 8080,
+            host_port: u32::from(port),
+            protocol: "tcp".into(),
+            host_ip: String::new(),
+        }],
+        deadline: secs(240),
+        ..Default::default()
+    }
+}
+
+/// Deploys and reads the stream to its end.
+async fn deploy_all(client: &mut Client, req: DeployRequest) -> Vec<ProgressUpdate> {
+    deploy_stream(client, req).await.rest().await
+}
+
+fn terminal(updates: &[ProgressUpdate]) -> &ProgressUpdate {
+    let last = updates.last().expect("updates");
+    assert!(last.result.is_some(), "the last update is terminal: {last:#?}");
+    last
+}
+
+fn state(updates: &[ProgressUpdate]) -> DeploymentState {
+    let last = terminal(updates);
+    match last.phase() {
+        proto::Phase::Complete => DeploymentState::Succeeded,
+        proto::Phase::Cancelled => DeploymentState::Cancelled,
+        _ => DeploymentState::Failed,
+    }
+}
+
+/// Per-task updates: (slot, task_id, node, task_state).
+fn task_updates(updates: &[ProgressUpdate]) -> Vec<(String, String, String, String)> {
+    updates
+        .iter()
+        .filter(|u| u.metadata.contains_key("task_id"))
+        .map(|u| {
+            let m = &u.metadata;
+            (
+                m["slot"].clone(),
+                m["task_id"].clone(),
+                m["node"].clone(),
+                m["task_state"].clone(),
+            )
+        })
+        .collect()
+}
+
+/// The nodes the service's running tasks are on.
+async fn running_nodes(app: &str) -> BTreeSet<String> {
+    let docker = swarm::manager().await;
+    swarm::service_tasks(&docker, app)
+        .await
+        .into_iter()
+        .filter(|t| t.running() && t.desired_running())
+        .map(|t| t.node_addr)
+        .collect()
+}
+
+/// Deploys `image` with 3 replicas and asserts it succeeded and every node serves
+/// `body`; returns the updates.
+async fn deploy_base(
+    client: &mut Client,
+    env: &SwarmEnv,
+    app: &str,
+    image: &str,
+    port: u16,
+    body: &str,
+) -> Vec<ProgressUpdate> {
+    let updates = deploy_all(client, request(app, image, 3, port)).await;
+    assert_eq!(
+        state(&updates),
+        DeploymentState::Succeeded,
+        "{:#?}",
+        terminal(&updates)
+    );
+    let want = format!("{body}\n");
+    swarm::wait_all_nodes_serve(env, port, "/", SERVE_LIMIT, |b| b == want).await;
+    updates
+}
+
+#[tokio::test]
+async fn three_replicas_land_on_every_node_and_v2_rolls_to_every_node() {
+    let env = swarm::env();
+    let app = common::unique_app("swarm-roll");
+    let _guard = ServiceGuard::app(&env, &app);
+    let port = swarm::unused_port(&swarm::manager().await).await;
+    let server = swarm_server(&env).await;
+    let mut client = server.client().await;
+
+    // v1: three tasks, one per node, each task's progress in the stream.
+    let updates = deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
+    let tasks = task_updates(&updates);
+    let slots: BTreeSet<&str> = tasks.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(slots, BTreeSet::from(["1", "2", "3"]), "{tasks:#?}");
+    for slot in ["1", "2", "3"] {
+        let states: Vec<&str> = (tasks.iter())
+            .filter(|t| t.0 == slot)
+            .map(|t| t.3.as_str())
+            .collect();
+        assert_eq!(states.last(), Some(&"running"), "slot {slot}: {states:?}");
+    }
+    assert!(
+        updates
+            .iter()
+            .any(|u| u.message.contains("preparing on node")),
+        "swarm reports no pull bytes: the stream says where tasks prepare"
+    );
+    let expected: BTreeSet<String> = env.nodes.iter().cloned().collect();
+    assert_eq!(running_nodes(&app).await, expected, "a task on every node");
+    let result = terminal(&updates).result.clone().unwrap();
+    for addr in &env.nodes {
+        let url = format!("http://{addr}:{port}");
+        assert!(
+            result.endpoints.values().any(|u| *u == url),
+            "endpoint {url} in {:?}",
+            result.endpoints
+        );
+    }
+    assert!(result.image_digest.contains("@sha256:"), "pinned by digest");
+    let status = common::get_status(&mut client, &updates[0].deployment_id).await;
+    assert_eq!((status.target.as_str(), status.replicas), ("swarm", 3));
+
+    // v2, start-first asked: with host-mode ports on every node the server goes
+    // stop-first, says so, and rolls the tasks one by one.
+    let mut v2 = request(&app, &env.images.web_v2, 3, port);
+    v2.update_policy = Some(UpdatePolicy {
+        order: "start-first".into(),
+        ..Default::default()
+    });
+    let updates = deploy_all(&mut client, v2).await;
+    assert_eq!(
+        state(&updates),
+        DeploymentState::Succeeded,
+        "{:#?}",
+        terminal(&updates)
+    );
+    let warning = updates
+        .iter()
+        .find(|u| u.metadata.get("update_order").map(String::as_str) == Some("stop-first"))
+        .expect("the order fallback is reported");
+    assert_eq!(warning.level(), Level::Warning);
+    let rolled: BTreeSet<String> = task_updates(&updates)
+        .into_iter()
+        .filter(|t| t.3 == "running")
+        .map(|t| t.2)
+        .collect();
+    assert_eq!(rolled.len(), 3, "a new task ran on each node: {rolled:?}");
+    swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v2\n").await;
+    assert_eq!(running_nodes(&app).await, expected);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_crashing_v3_rolls_back_with_diagnostics_and_v2_keeps_serving() {
+    let env = swarm::env();
+    let app = common::unique_app("swarm-crash");
+    let _guard = ServiceGuard::app(&env, &app);
+    let port = swarm::unused_port(&swarm::manager().await).await;
+    let server = swarm_server(&env).await;
+    let mut client = server.client().await;
+    deploy_base(&mut client, &env, &app, &env.images.web_v2, port, "v2").await;
+
+    let updates = deploy_all(&mut client, request(&app, &env.images.crash, 3, port)).await;
+    assert_eq!(state(&updates), DeploymentState::Failed);
+    let result = terminal(&updates).result.clone().unwrap();
+    assert!(
+        result.message.contains("rolled back"),
+        "the message says the service was rolled back: {}",
+        result.message
+    );
+    let d = result.diagnostics.expect("diagnostics");
+    assert_eq!(d.exit_code, Some(1), "{d:#?}");
+    assert!(
+        d.log_tail
+            .iter()
+            .any(|l| l.contains("exit code 1") && l.contains(" on stv-")),
+        "task errors with their nodes: {:?}",
+        d.log_tail
+    );
+    swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v2\n").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unhealthy_v3_rolls_back_and_v2_keeps_serving() {
+    let env = swarm::env();
+    let app = common::unique_app("swarm-sick");
+    let _guard = ServiceGuard::app(&env, &app);
+    let port = swarm::unused_port(&swarm::manager().await).await;
+    let server = swarm_server(&env).await;
+    let mut client = server.client().await;
+    deploy_base(&mut client, &env, &app, &env.images.web_v2, port, "v2").await;
+
+    let updates = deploy_all(&mut client, request(&app, &env.images.unhealthy, 3, port)).await;
+    assert_eq!(state(&updates), DeploymentState::Failed);
+    let result = terminal(&updates).result.clone().unwrap();
+    assert!(result.message.contains("rolled back"), "{}", result.message);
+    assert!(
+        !result.diagnostics.expect("diagnostics").log_tail.is_empty(),
+        "the failed tasks are named"
+    );
+    swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v2\n").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_deadline_shorter_than_the_update_rolls_back() {
+    let env = swarm::env();
+    let app = common::unique_app("swarm-late");
+    let _guard = ServiceGuard::app(&env, &app);
+    let port = swarm::unused_port(&swarm::manager().await).await;
+    let server = swarm_server(&env).await;
+    let mut client = server.client().await;
+    deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
+
+    // slowhealth never turns healthy: its task never runs, and Swarm waits for ever.
+    let mut req = request(&app, &env.images.slowhealth, 3, port);
+    req.deadline = secs(20);
+    let updates = deploy_all(&mut client, req).await;
+    assert_eq!(state(&updates), DeploymentState::Failed);
+    let result = terminal(&updates).result.clone().unwrap();
+    assert!(result.message.contains("deadline"), "{}", result.message);
+    assert!(result.message.contains("rolled back"), "{}", result.message);
+    assert_eq!(result.diagnostics.unwrap().step, "deadline");
+    swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v1\n").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_mid_update_rolls_back() {
+    let env = swarm::env();
+    let app = common::unique_app("swarm-cancel");
+    let _guard = ServiceGuard::app(&env, &app);
+    let port = swarm::unused_port(&swarm::manager().await).await;
+    let server = swarm_server(&env).await;
+    let mut client = server.client().await;
+    deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
+
+    let mut stream = deploy_stream(&mut client, request(&app, &env.images.slowhealth, 3, port)).await;
+    let seen = stream
+        .until(|u| u.metadata.get("task_state").is_some_and(|s| s == "starting"))
+        .await;
+    let id = seen[0].deployment_id.clone();
+    client
+        .cancel_deployment(CancelRequest {
+            deployment_id: id.clone(),
+        })
+        .await
+        .expect("cancel");
+    let rest = stream.rest().await;
+    assert_eq!(state(&rest), DeploymentState::Cancelled);
+    assert!(
+        rest.iter().any(|u| u.message.contains("back to its previous spec")),
+        "the rollback is reported"
+    );
+    swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v1\n").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converges() {
+    let env = swarm::env();
+    let app = common::unique_app("swarm-crashsrv");
+    let _guard = ServiceGuard::app(&env, &app);
+    let port = swarm::unused_port(&swarm::manager().await).await;
+    let data = tempfile::tempdir().unwrap();
+    let args = ["--target", "swarm", "--docker-host", &env.manager];
+    let server = common::BinaryServer::spawn(data.path(), &args);
+    let mut client = common::connect(server.grpc_addr).await;
+    deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
+
+    // v2 with a long monitor: the update is in flight for a while after the spec
+    // reached Swarm, and the server dies then.
+    let mut v2 = request(&app, &env.images.web_v2, 3, port);
+    v2.update_policy = Some(UpdatePolicy {
+        monitor: secs(10),
+        ..Default::default()
+    });
+    let mut stream: Updates = deploy_stream(&mut client, v2).await;
+    let seen = stream
+        .until(|u| u.metadata.get("task_state").is_some_and(|s| s == "running"))
+        .await;
+    let id = seen[0].deployment_id.clone();
+    drop(stream);
+    drop(server); // SIGKILL, then reaped.
+
+    let server = common::BinaryServer::spawn(data.path(), &args);
+    let mut client = common::connect(server.grpc_addr).await;
+    let status = common::wait_finished(&mut client, &id).await;
+    assert_eq!(
+        status.state(),
+        DeploymentState::Succeeded,
+        "the converging update was followed to its end: {status:#?}"
+    );
+    let result = status.result.unwrap();
+    assert!(
+        result.message.contains("completed by recovery"),
+        "{}",
+        result.message
+    );
+    swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v2\n").await;
+    let log = server.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
