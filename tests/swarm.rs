@@ -58,7 +58,10 @@ async fn deploy_all(client: &mut Client, req: DeployRequest) -> Vec<ProgressUpda
 
 fn terminal(updates: &[ProgressUpdate]) -> &ProgressUpdate {
     let last = updates.last().expect("updates");
-    assert!(last.result.is_some(), "the last update is terminal: {last:#?}");
+    assert!(
+        last.result.is_some(),
+        "the last update is terminal: {last:#?}"
+    );
     last
 }
 
@@ -239,8 +242,14 @@ async fn an_unhealthy_v3_rolls_back_and_v2_keeps_serving() {
     let result = terminal(&updates).result.clone().unwrap();
     assert!(result.message.contains("rolled back"), "{}", result.message);
     assert!(
-        !result.diagnostics.expect("diagnostics").log_tail.is_empty(),
-        "the failed tasks are named"
+        !result
+            .diagnostics
+            .clone()
+            .expect("diagnostics")
+            .log_tail
+            .is_empty(),
+        "the failed tasks are named: {result:#?} {:#?}",
+        updates.iter().map(|u| &u.message).collect::<Vec<_>>()
     );
     swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v2\n").await;
     server.stop().await;
@@ -279,9 +288,14 @@ async fn cancel_mid_update_rolls_back() {
     let mut client = server.client().await;
     deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
 
-    let mut stream = deploy_stream(&mut client, request(&app, &env.images.slowhealth, 3, port)).await;
+    let mut stream =
+        deploy_stream(&mut client, request(&app, &env.images.slowhealth, 3, port)).await;
     let seen = stream
-        .until(|u| u.metadata.get("task_state").is_some_and(|s| s == "starting"))
+        .until(|u| {
+            u.metadata
+                .get("task_state")
+                .is_some_and(|s| s == "starting")
+        })
         .await;
     let id = seen[0].deployment_id.clone();
     client
@@ -293,7 +307,8 @@ async fn cancel_mid_update_rolls_back() {
     let rest = stream.rest().await;
     assert_eq!(state(&rest), DeploymentState::Cancelled);
     assert!(
-        rest.iter().any(|u| u.message.contains("back to its previous spec")),
+        rest.iter()
+            .any(|u| u.message.contains("back to its previous spec")),
         "the rollback is reported"
     );
     swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v1\n").await;

@@ -142,7 +142,7 @@ pub(super) fn tally(tasks: &[TaskInfo], deployment: &str, down: impl Fn(&str) ->
         .count();
     let failed = tasks
         .iter()
-        .filter(|t| t.deployment == deployment && t.state.is_failure())
+        .filter(|t| t.deployment == deployment && ended_early(t))
         .count();
     Tally { running, failed }
 }
@@ -631,7 +631,7 @@ impl SwarmRun {
         if self.created
             && let Some(t) = tasks
                 .iter()
-                .find(|t| t.deployment == self.label && t.state.is_failure())
+                .find(|t| t.deployment == self.label && ended_early(t))
         {
             let node = self.node_name(&t.node_id);
             return Err(Failure::new(
@@ -782,12 +782,7 @@ impl SwarmRun {
         };
         let mut ours: Vec<&TaskInfo> = tasks
             .iter()
-            .filter(|t| {
-                t.deployment == self.label
-                    && (t.state.is_failure()
-                        || !t.err.is_empty()
-                        || t.exit_code.is_some_and(|c| c != 0))
-            })
+            .filter(|t| t.deployment == self.label && ended_early(t))
             .collect();
         ours.sort_by_key(|t| t.slot);
         d.exit_code = ours.iter().find_map(|t| t.exit_code.filter(|c| *c != 0));
@@ -1016,7 +1011,7 @@ fn task_message(t: &TaskInfo, node: &str) -> (Level, String) {
             Level::Info,
             format!("task {id} (slot {slot}) running on node {node}"),
         ),
-        s if s.is_failure() => (
+        s if s.is_failure() || s == TaskState::Complete => (
             Level::Warning,
             format!("task {id} (slot {slot}) on node {node} {}", task_error(t)),
         ),
@@ -1025,6 +1020,12 @@ fn task_message(t: &TaskInfo, node: &str) -> (Level, String) {
             format!("task {id} (slot {slot}) {} on node {node}", s.as_str()),
         ),
     }
+}
+
+/// A task that ended on its own (failed, rejected, or exited: an unhealthy task is
+/// stopped and may exit 0), not one Swarm shut down; or one with an error.
+fn ended_early(t: &TaskInfo) -> bool {
+    t.state.is_failure() || t.state == TaskState::Complete || !t.err.is_empty()
 }
 
 /// "failed: <err> (exit code N)".
