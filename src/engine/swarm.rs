@@ -206,6 +206,9 @@ pub(super) struct SwarmRun {
     health: Vec<HealthOutcome>,
     /// Finished by recovery after a restart (the message says so).
     recovered: bool,
+    /// The spec sent (a rollback call carries it as its body; see
+    /// [`SwarmRuntime::rollback_service`]).
+    def: Option<ServiceDef>,
 }
 
 impl SwarmRun {
@@ -224,6 +227,7 @@ impl SwarmRun {
             monitor: MIN_MONITOR,
             health: Vec::new(),
             recovered: false,
+            def: None,
         }
     }
 
@@ -380,6 +384,7 @@ impl SwarmRun {
         let app = self.rep.deployment().spec.app.to_string();
         let auth = self.rep.deployment().spec.registry_auth.clone();
         let (def, warning) = self.service_def(order);
+        self.def = Some(def.clone());
         if let Some(w) = warning {
             self.rep.progress(0.0, Level::Warning, w, Extra::default());
         }
@@ -850,7 +855,12 @@ impl SwarmRun {
         let app = self.rep.deployment().spec.app.to_string();
         let mut version = service.version;
         for attempt in 1..=UPDATE_ATTEMPTS {
-            match self.swarm.rollback_service(&service.id, version).await {
+            let body = self.rollback_body();
+            match self
+                .swarm
+                .rollback_service(&service.id, version, &body)
+                .await
+            {
                 Ok(()) => break,
                 Err(e) if is_out_of_sequence(&e) && attempt < UPDATE_ATTEMPTS => {
                     if let Some(s) = self.swarm.inspect_service(&app).await? {
@@ -867,6 +877,22 @@ impl SwarmRun {
             Extra::meta([("service_id", service.id.clone())]),
         );
         Ok(())
+    }
+
+    /// The body of a rollback call: the spec sent, or (after a restart, when it is not
+    /// known) a minimal valid one; the engine does not apply it.
+    fn rollback_body(&mut self) -> ServiceDef {
+        if self.def.is_none() {
+            let spec = self.rep.deployment().spec.clone();
+            let image = if self.image.is_empty() {
+                spec.image.clone()
+            } else {
+                self.image.clone()
+            };
+            self.image = image;
+            self.def = Some(self.service_def(UpdateOrder::StopFirst).0);
+        }
+        self.def.clone().expect("set above")
     }
 
     /// Follows the rollback until Swarm completes it (bounded).

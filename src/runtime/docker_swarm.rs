@@ -243,17 +243,23 @@ impl SwarmRuntime for DockerRuntime {
         .map(|_| ())
     }
 
-    async fn rollback_service(&self, id: &str, version: u64) -> Result<(), RuntimeError> {
+    async fn rollback_service(
+        &self,
+        id: &str,
+        version: u64,
+        body: &ServiceDef,
+    ) -> Result<(), RuntimeError> {
         let docker = self.client()?;
         let options = UpdateServiceOptionsBuilder::default()
             .version(version_param(version)?)
             .rollback("previous")
             .build();
-        // The body is ignored with rollback=previous (the engine swaps in the previous
-        // spec it keeps); an empty spec is sent.
+        // With rollback=previous the engine swaps in the previous spec it keeps, but it
+        // converts the body first ("mismatched Runtime and *Spec fields" for an empty
+        // one): a valid spec is sent, not applied.
         self.call(
             "roll back service",
-            docker.update_service(id, ServiceSpec::default(), options, None),
+            docker.update_service(id, service_spec(body), options, None),
         )
         .await
         .map(|_| ())

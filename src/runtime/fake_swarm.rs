@@ -229,7 +229,12 @@ impl SwarmRuntime for FakeSwarm {
         Ok(())
     }
 
-    async fn rollback_service(&self, id: &str, _version: u64) -> Result<(), RuntimeError> {
+    async fn rollback_service(
+        &self,
+        id: &str,
+        _version: u64,
+        _body: &ServiceDef,
+    ) -> Result<(), RuntimeError> {
         *self.rollbacks.lock().unwrap() += 1;
         let mut services = self.services.lock().unwrap();
         let s = (services.values_mut())

@@ -233,8 +233,15 @@ pub(crate) trait SwarmRuntime: Send + Sync + 'static {
         def: &ServiceDef,
         auth: Option<&RegistryAuth>,
     ) -> Result<(), RuntimeError>;
-    /// Rolls the service back to its previous spec (Swarm keeps one).
-    async fn rollback_service(&self, id: &str, version: u64) -> Result<(), RuntimeError>;
+    /// Rolls the service back to its previous spec (Swarm keeps one). The engine still
+    /// converts a body before it swaps the previous spec in, so `body` must be a valid
+    /// spec of the service (it is not applied).
+    async fn rollback_service(
+        &self,
+        id: &str,
+        version: u64,
+        body: &ServiceDef,
+    ) -> Result<(), RuntimeError>;
     /// Removes the service (absent is fine).
     async fn remove_service(&self, name: &str) -> Result<(), RuntimeError>;
     /// The service's tasks, old and new.
