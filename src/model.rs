@@ -555,6 +555,12 @@ pub enum EventKind {
         requested_by: String,
         /// The names of the env variables; never their values (they may be secrets).
         env_keys: Vec<String>,
+        /// Where it runs (older records: docker).
+        #[serde(default)]
+        target: Target,
+        /// Tasks asked for (older records: 1).
+        #[serde(default = "one")]
+        replicas: u32,
     },
     /// Waiting for the app's lock at `position` (1 = next).
     Queued { position: u32 },
@@ -596,6 +602,8 @@ impl<'de> serde::Deserialize<'de> for EventKind {
                 image: String::new(),
                 requested_by: String::new(),
                 env_keys: Vec::new(),
+                target: Target::Docker,
+                replicas: 1,
             },
         })
     }
@@ -679,6 +687,8 @@ impl EventKind {
             image: "img:1".into(),
             requested_by: "127.0.0.1:9".into(),
             env_keys: vec!["A".into(), "B".into()],
+            target: Target::Docker,
+            replicas: 1,
         }
     }
 }
@@ -768,6 +778,8 @@ mod tests {
             image: "img:1".into(),
             requested_by: "ci".into(),
             env_keys: vec!["A,B".into(), "C".into()],
+            target: Target::Swarm,
+            replicas: 3,
         };
         let json = serde_json::to_string(&kind).unwrap();
         assert_eq!(serde_json::from_str::<EventKind>(&json).unwrap(), kind);

@@ -193,6 +193,82 @@ async fn three_replicas_land_on_every_node_and_v2_rolls_to_every_node() {
     assert_eq!(rolled.len(), 3, "a new task ran on each node: {rolled:?}");
     swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v2\n").await;
     assert_eq!(running_nodes(&app).await, expected);
+
+    // Metrics and audit carry the target and the replicas.
+    let metrics = reqwest::get(server.http_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("stevedore_deployments_by_target_total{target=\"swarm\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("stevedore_replicas_requested_total{target=\"swarm\"} 6"),
+        "{metrics}"
+    );
+    let audit = std::fs::read_to_string(server.data_dir.path().join("audit.log")).unwrap();
+    let accepted = audit
+        .lines()
+        .find(|l| l.contains("\"event\":\"accepted\""))
+        .expect("an accepted record");
+    assert!(
+        accepted.contains("\"target\":\"swarm\"") && accepted.contains("\"replicas\":3"),
+        "{accepted}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_targets_refuse_what_they_cannot_run() {
+    let env = swarm::env();
+    // The docker target runs one container per app.
+    common::require_docker();
+    let docker = common::TestServer::start().await;
+    let mut client = docker.client().await;
+    let app = common::unique_app("swarm-refused");
+    let err = client
+        .deploy(request(&app, &env.images.web_v1, 3, 18080))
+        .await
+        .expect_err("replicas 3 on the docker target");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("replicas:"), "{}", err.message());
+    docker.stop().await;
+
+    // The swarm target on a worker (not a manager): the server runs, Deploy says why.
+    let worker = env.sockets[1].clone();
+    let server = common::TestServer::start_with(
+        move |c| {
+            c.target = stevedore::model::Target::Swarm;
+            c.docker_host = Some(worker);
+        },
+        stevedore::events::ObserverRegistry::new(),
+    )
+    .await;
+    let mut client = server.client().await;
+    let err = client
+        .deploy(request(&app, &env.images.web_v1, 1, 18080))
+        .await
+        .expect_err("a worker is not a manager");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("not a swarm manager"),
+        "{}",
+        err.message()
+    );
+    // A host port is required: host-mode ports are published on each node.
+    let err = client
+        .deploy(request(&app, &env.images.web_v1, 1, 0))
+        .await
+        .expect_err("no host port");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("ports[0].host_port"),
+        "{}",
+        err.message()
+    );
     server.stop().await;
 }
 

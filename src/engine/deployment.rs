@@ -356,6 +356,8 @@ impl Reporter {
             image: spec.image.clone(),
             requested_by: spec.requested_by.clone(),
             env_keys: spec.env.keys().cloned().collect(),
+            target: self.deployment.status().target,
+            replicas: spec.replicas,
         };
         self.emit(
             kind,
@@ -369,6 +371,8 @@ impl Reporter {
                     "env_keys",
                     spec.env.keys().cloned().collect::<Vec<_>>().join(","),
                 ),
+                ("target", self.deployment.status().target.as_str().into()),
+                ("replicas", spec.replicas.to_string()),
             ]),
             None,
         );

@@ -429,7 +429,7 @@ impl SwarmRun {
                         self.service_id = id;
                     }
                     let record = serde_json::to_string(&def).unwrap_or_default();
-                    tracing::info!(service = %app, spec = %record, "service spec sent");
+                    tracing::info!(service = %app, "service spec sent");
                     let version = current
                         .as_ref()
                         .map(|s| s.version.to_string())
@@ -448,6 +448,9 @@ impl SwarmRun {
                             ("service_version", version),
                             ("update_order", def.update.order.as_str().into()),
                             ("monitor_ms", def.update.monitor.as_millis().to_string()),
+                            // Stevedore's record of what it sent (env keys only), kept
+                            // with the deployment's log in the store.
+                            ("service_spec", record),
                         ]),
                     );
                     return Ok(());
