@@ -145,12 +145,26 @@ async fn three_replicas_land_on_every_node_and_v2_rolls_to_every_node() {
             .collect();
         assert_eq!(states.last(), Some(&"running"), "slot {slot}: {states:?}");
     }
-    assert!(
-        updates
-            .iter()
-            .any(|u| u.message.contains("preparing on node")),
-        "swarm reports no pull bytes: the stream says where tasks prepare"
-    );
+    // Swarm reports no pull bytes: the stream says on which node each task prepares
+    // and runs (a state shorter than a poll may be passed over).
+    for u in updates
+        .iter()
+        .filter(|u| u.metadata.contains_key("task_id"))
+    {
+        let state = u.metadata["task_state"].as_str();
+        if ["preparing", "starting", "running"].contains(&state) {
+            let node = &u.metadata["node"];
+            assert!(node.starts_with("stv-n"), "{u:#?}");
+            assert!(
+                u.message.contains(&format!("on node {node}")),
+                "{}",
+                u.message
+            );
+        }
+        if state == "preparing" {
+            assert!(u.message.contains("preparing on node"), "{}", u.message);
+        }
+    }
     let expected: BTreeSet<String> = env.nodes.iter().cloned().collect();
     assert_eq!(running_nodes(&app).await, expected, "a task on every node");
     let result = terminal(&updates).result.clone().unwrap();
