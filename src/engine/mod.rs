@@ -518,9 +518,14 @@ impl Engine {
         );
         let phase = reporter.phase();
         let mut message = format!("internal error during {}: {reason}", phase.name());
-        match self.remove_containers_of(deployment).await {
-            Ok(()) => message.push_str("; the containers of this deployment were removed"),
-            Err(e) => message.push_str(&format!("; removing its containers failed: {e}")),
+        if self.0.swarm.is_some() {
+            // The tasks' containers are Swarm's: never removed behind its back.
+            message.push_str("; its service was left as it is");
+        } else {
+            match self.remove_containers_of(deployment).await {
+                Ok(()) => message.push_str("; the containers of this deployment were removed"),
+                Err(e) => message.push_str(&format!("; removing its containers failed: {e}")),
+            }
         }
         reporter.fail(phase, "internal error", message, Extra::default());
     }
