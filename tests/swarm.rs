@@ -450,3 +450,54 @@ async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converge
     let log = server.log_text();
     assert!(!log.contains("panicked"), "{log}");
 }
+
+#[tokio::test]
+async fn kill_9_mid_an_update_that_cannot_converge_then_restart_rolls_it_back() {
+    let env = swarm::env();
+    let app = common::unique_app("swarm-stuck");
+    let _guard = ServiceGuard::app(&env, &app);
+    let port = swarm::unused_port(&swarm::manager().await).await;
+    let data = tempfile::tempdir().unwrap();
+    let args = ["--target", "swarm", "--docker-host", &env.manager];
+    let server = common::BinaryServer::spawn(data.path(), &args);
+    let mut client = common::connect(server.grpc_addr).await;
+    deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
+
+    // slowhealth never turns healthy: the update can only hang. The server dies in it.
+    let mut req = request(&app, &env.images.slowhealth, 3, port);
+    req.deadline = secs(30);
+    let mut stream: Updates = deploy_stream(&mut client, req).await;
+    let seen = stream
+        .until(|u| {
+            u.metadata
+                .get("task_state")
+                .is_some_and(|s| s == "starting")
+        })
+        .await;
+    let id = seen[0].deployment_id.clone();
+    drop(stream);
+    drop(server); // SIGKILL, then reaped.
+
+    // Recovery follows it for the rest of its deadline, then rolls it back.
+    let server = common::BinaryServer::spawn(data.path(), &args);
+    let mut client = common::connect(server.grpc_addr).await;
+    let status = common::wait_finished(&mut client, &id).await;
+    assert_eq!(status.state(), DeploymentState::Failed, "{status:#?}");
+    let result = status.result.unwrap();
+    assert!(
+        result.message.contains("did not converge"),
+        "{}",
+        result.message
+    );
+    assert!(result.message.contains("rolled back"), "{}", result.message);
+    swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v1\n").await;
+    let docker = swarm::manager().await;
+    let tasks = swarm::service_tasks(&docker, &app).await;
+    assert!(
+        tasks
+            .iter()
+            .filter(|t| t.desired_running())
+            .all(|t| t.image.contains("stevedore-test/web@")),
+        "only v1 tasks are meant to run: {tasks:#?}"
+    );
+}

@@ -924,8 +924,11 @@ impl SwarmRun {
     }
 }
 
-/// How long recovery follows an interrupted update before it rolls it back.
+/// How long recovery follows an interrupted update at most before it rolls it back
+/// (less when the deployment's own deadline ends sooner).
 const RECOVERY_LIMIT: Duration = Duration::from_secs(120);
+/// How long recovery follows an update at least (a deadline already past included).
+const RECOVERY_MIN: Duration = Duration::from_secs(5);
 
 impl super::Engine {
     /// Reconciles a deployment to a swarm that a dead process left in flight: a
@@ -937,6 +940,17 @@ impl super::Engine {
     pub(super) async fn recover_on_swarm(&self, status: crate::model::DeploymentStatus) -> bool {
         let phase = status.phase;
         let (id, app, replicas) = (status.id, status.app.clone(), status.replicas.max(1));
+        // The deployment's own deadline still bounds it: what is left of it, from its
+        // acceptance (the stored request), within [RECOVERY_MIN, RECOVERY_LIMIT].
+        let deadline = (self.0.store.request(id).await.ok().flatten())
+            .and_then(|r| r["deadline_ms"].as_u64())
+            .map(Duration::from_millis);
+        let age = std::time::SystemTime::now()
+            .duration_since(status.created_at)
+            .unwrap_or_default();
+        let limit = deadline
+            .map_or(RECOVERY_LIMIT, |d| d.saturating_sub(age))
+            .clamp(RECOVERY_MIN, RECOVERY_LIMIT);
         let mut deployment = super::deployment::Deployment::recovered(status);
         deployment.spec.replicas = replicas;
         let deployment = Arc::new(deployment);
@@ -999,14 +1013,14 @@ impl super::Engine {
             run.follow_tasks().await?;
             run.watch_monitor().await
         };
-        let outcome = match tokio::time::timeout(RECOVERY_LIMIT, follow).await {
+        let outcome = match tokio::time::timeout(limit, follow).await {
             Ok(r) => r,
             Err(_) => Err(Failure::new(
                 run.rep.phase(),
                 "recovery",
                 format!(
-                    "the update did not converge within {}s of the restart",
-                    RECOVERY_LIMIT.as_secs()
+                    "the update did not converge within {}s of the restart (the rest of the deployment's deadline)",
+                    limit.as_secs()
                 ),
             )),
         };

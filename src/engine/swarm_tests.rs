@@ -248,16 +248,18 @@ async fn an_engine_that_is_not_a_manager_refuses_with_a_precondition() {
     }
 }
 
-#[tokio::test]
-async fn recovery_follows_an_interrupted_update_to_its_end() {
-    let swarm = Arc::new(FakeSwarm::default());
+/// Deploys `image` over a running v1 of `web` on an engine whose process then "dies"
+/// once the update reached Swarm: its task runs on a runtime of its own, shut down
+/// mid-update (no terminal update is written). Returns the store and the deployment.
+async fn die_mid_update(
+    swarm: &Arc<FakeSwarm>,
+    dir: &std::path::Path,
+    image: &'static str,
+) -> (crate::store::Store, crate::model::DeploymentId) {
     // On disk: the "dead" process's connections go with it, an in-memory database too.
-    let dir = tempfile::tempdir().unwrap();
-    let store = crate::store::Store::open(dir.path()).await.unwrap();
-    let first = engine_on(&swarm, store.clone());
+    let store = crate::store::Store::open(dir).await.unwrap();
+    let first = engine_on(swarm, store.clone());
     deploy(&first, swarm_spec("web", "r/web:1", 2)).await;
-    // A deployment whose update reached Swarm, then the server "dies": its task runs
-    // on a runtime of its own, shut down mid-update (no terminal update is written).
     let process = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -265,7 +267,7 @@ async fn recovery_follows_an_interrupted_update_to_its_end() {
         .unwrap();
     let id = process
         .spawn(async move {
-            let (id, mut stream) = first.deploy(swarm_spec("web", "r/web:2", 2)).await.unwrap();
+            let (id, mut stream) = first.deploy(swarm_spec("web", image, 2)).await.unwrap();
             until(&mut stream, |u| u.metadata.contains_key("service_id")).await;
             id
         })
@@ -276,6 +278,14 @@ async fn recovery_follows_an_interrupted_update_to_its_end() {
         .unwrap();
     store.flush().await;
     assert_eq!(swarm.update_state("web"), Some(UpdateState::Updating));
+    (store, id)
+}
+
+#[tokio::test]
+async fn recovery_follows_an_interrupted_update_to_its_end() {
+    let swarm = Arc::new(FakeSwarm::default());
+    let dir = tempfile::tempdir().unwrap();
+    let (store, id) = die_mid_update(&swarm, dir.path(), "r/web:2").await;
     let restarted = engine_on(&swarm, store.clone());
     let recovery = restarted.recover().await.unwrap();
     assert_eq!(recovery.completed, [id]);
@@ -289,4 +299,28 @@ async fn recovery_follows_an_interrupted_update_to_its_end() {
             .contains("completed by recovery")
     );
     assert!(swarm.service_image("web").unwrap().starts_with("r/web@"));
+    assert_eq!(swarm.update_state("web"), Some(UpdateState::Completed));
+}
+
+#[tokio::test]
+async fn recovery_rolls_back_a_paused_update_and_never_leaves_it_paused() {
+    let swarm = Arc::new(FakeSwarm::default());
+    let dir = tempfile::tempdir().unwrap();
+    let (store, id) = die_mid_update(&swarm, dir.path(), "r/stall:2").await;
+    let v1 = swarm.sent.lock().unwrap()[0].image.clone();
+    swarm.pause("web");
+    let restarted = engine_on(&swarm, store.clone());
+    let recovery = restarted.recover().await.unwrap();
+    assert_eq!(recovery.interrupted, [id]);
+    let status = restarted.status(&id.to_string()).await.unwrap();
+    assert_eq!(status.state, DeploymentState::Failed, "{status:#?}");
+    let result = status.result.unwrap();
+    assert!(result.message.contains("paused"), "{}", result.message);
+    assert!(result.message.contains("rolled back"), "{}", result.message);
+    assert_eq!(*swarm.rollbacks.lock().unwrap(), 1);
+    assert_eq!(swarm.service_image("web").unwrap(), v1);
+    assert_eq!(
+        swarm.update_state("web"),
+        Some(UpdateState::RollbackCompleted)
+    );
 }

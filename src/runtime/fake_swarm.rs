@@ -136,6 +136,13 @@ impl FakeSwarm {
         services.get(name)?.def.as_ref().map(|d| d.image.clone())
     }
 
+    /// Pauses the service's update (as a failure action `pause` would).
+    pub(crate) fn pause(&self, name: &str) {
+        if let Some(s) = self.services.lock().unwrap().get_mut(name) {
+            s.update = Some(UpdateState::Paused);
+        }
+    }
+
     pub(crate) fn update_state(&self, name: &str) -> Option<UpdateState> {
         self.services.lock().unwrap().get(name)?.update
     }
