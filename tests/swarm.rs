@@ -208,7 +208,18 @@ async fn three_replicas_land_on_every_node_and_v2_rolls_to_every_node() {
     swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v2\n").await;
     assert_eq!(running_nodes(&app).await, expected);
 
-    // Metrics and audit carry the target and the replicas.
+    // ListApps, metrics and audit carry the target and the replicas.
+    let apps = client
+        .list_apps(proto::ListAppsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .apps;
+    let current = (apps.iter().find(|a| a.app == app))
+        .and_then(|a| a.current.clone())
+        .expect("the app is listed with its current version");
+    assert_eq!((current.target.as_str(), current.replicas), ("swarm", 3));
+
     let metrics = reqwest::get(server.http_url("/metrics"))
         .await
         .unwrap()
