@@ -135,6 +135,7 @@ async fn three_replicas_land_on_every_node_and_v2_rolls_to_every_node() {
 
     // v1: three tasks, one per node, each task's progress in the stream.
     let updates = deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
+    eprintln!("create, 3 replicas: {:?}", terminal(&updates).elapsed);
     let tasks = task_updates(&updates);
     let slots: BTreeSet<&str> = tasks.iter().map(|t| t.0.as_str()).collect();
     assert_eq!(slots, BTreeSet::from(["1", "2", "3"]), "{tasks:#?}");
@@ -194,6 +195,7 @@ async fn three_replicas_land_on_every_node_and_v2_rolls_to_every_node() {
         "{:#?}",
         terminal(&updates)
     );
+    eprintln!("rolling update to v2: {:?}", terminal(&updates).elapsed);
     let warning = updates
         .iter()
         .find(|u| u.metadata.get("update_order").map(String::as_str) == Some("stop-first"))
