@@ -96,6 +96,8 @@ fn status_of(
         superseded_by: None,
         commit: String::new(),
         eta: None,
+        target: Default::default(),
+        replicas: 1,
     }
 }
 
@@ -121,6 +123,8 @@ fn spec(app: &AppName) -> DeploySpec {
         milestones: vec![],
         hooks: vec![],
         requested_by: "bench".into(),
+        replicas: 1,
+        update: Default::default(),
     }
 }
 

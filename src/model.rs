@@ -250,6 +250,77 @@ pub struct DeploySpec {
     pub drain_timeout: Duration,
     /// Who asked (token name, or peer address without auth).
     pub requested_by: String,
+    /// Tasks of the app's Swarm service (`--target swarm`); the docker target runs one
+    /// container and accepts only 1.
+    pub replicas: u32,
+    /// How the Swarm target rolls a new version out over the tasks.
+    pub update: UpdatePolicy,
+}
+
+/// Where the server runs apps (`stevedore serve --target`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// One container per app on one Docker engine.
+    #[default]
+    Docker,
+    /// One Swarm service per app, its tasks spread over the swarm's nodes.
+    Swarm,
+}
+
+impl Target {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Docker => "docker",
+            Target::Swarm => "swarm",
+        }
+    }
+}
+
+/// Which of a slot's tasks runs first during an update.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateOrder {
+    /// The old task stops, then the new one starts (Swarm's default).
+    #[default]
+    StopFirst,
+    /// The new task starts beside the old one, which stops once the new one runs.
+    StartFirst,
+}
+
+impl UpdateOrder {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateOrder::StopFirst => "stop-first",
+            UpdateOrder::StartFirst => "start-first",
+        }
+    }
+}
+
+/// The request's update policy (Swarm target).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UpdatePolicy {
+    /// Tasks updated at once; 0 = all at once.
+    pub parallelism: u32,
+    pub order: UpdateOrder,
+    /// How long each updated task is watched for a failure; `None`: derived from the
+    /// health check (at least start period + interval × retries, and 5 s).
+    pub monitor: Option<Duration>,
+    /// Failed updated tasks tolerated, as a fraction of the tasks updated (0 to 1).
+    pub max_failure_ratio: f64,
+}
+
+impl Default for UpdatePolicy {
+    fn default() -> Self {
+        Self {
+            parallelism: 1,
+            order: UpdateOrder::StopFirst,
+            monitor: None,
+            max_failure_ratio: 0.0,
+        }
+    }
 }
 
 /// Phases in the order a deployment goes through them.
@@ -484,6 +555,12 @@ pub enum EventKind {
         requested_by: String,
         /// The names of the env variables; never their values (they may be secrets).
         env_keys: Vec<String>,
+        /// Where it runs (older records: docker).
+        #[serde(default)]
+        target: Target,
+        /// Tasks asked for (older records: 1).
+        #[serde(default = "one")]
+        replicas: u32,
     },
     /// Waiting for the app's lock at `position` (1 = next).
     Queued { position: u32 },
@@ -525,6 +602,8 @@ impl<'de> serde::Deserialize<'de> for EventKind {
                 image: String::new(),
                 requested_by: String::new(),
                 env_keys: Vec::new(),
+                target: Target::Docker,
+                replicas: 1,
             },
         })
     }
@@ -608,6 +687,8 @@ impl EventKind {
             image: "img:1".into(),
             requested_by: "127.0.0.1:9".into(),
             env_keys: vec!["A".into(), "B".into()],
+            target: Target::Docker,
+            replicas: 1,
         }
     }
 }
@@ -675,6 +756,16 @@ pub struct DeploymentStatus {
     /// As of the last update; `None` once ended.
     #[serde(default)]
     pub eta: Option<crate::engine::eta::Eta>,
+    /// Where the deployment runs (older records: docker).
+    #[serde(default)]
+    pub target: Target,
+    /// Tasks asked for (Swarm target); 1 on the docker target.
+    #[serde(default = "one")]
+    pub replicas: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[cfg(test)]
@@ -687,6 +778,8 @@ mod tests {
             image: "img:1".into(),
             requested_by: "ci".into(),
             env_keys: vec!["A,B".into(), "C".into()],
+            target: Target::Swarm,
+            replicas: 3,
         };
         let json = serde_json::to_string(&kind).unwrap();
         assert_eq!(serde_json::from_str::<EventKind>(&json).unwrap(), kind);

@@ -51,6 +51,11 @@ pub struct ServeConfig {
     /// the local socket.
     #[arg(long, env = "STEVEDORE_DOCKER_HOST")]
     pub docker_host: Option<String>,
+    /// Where apps run: `docker` (one container per app on the engine) or `swarm` (one
+    /// Swarm service per app, with replicas and rolling updates; the engine must be a
+    /// swarm manager, else Deploy answers FAILED_PRECONDITION). See docs/SWARM.md.
+    #[arg(long, env = "STEVEDORE_TARGET", default_value = "docker", value_parser = parse_target)]
+    pub target: crate::model::Target,
     /// Time limit of each Docker call (pulls: of each silence in the pull stream).
     #[arg(long, env = "STEVEDORE_DOCKER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub docker_timeout: Duration,
@@ -126,6 +131,14 @@ pub struct ServeConfig {
     /// Time limit of one webhook POST.
     #[arg(long, env = "STEVEDORE_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub webhook_timeout: Duration,
+}
+
+fn parse_target(s: &str) -> std::result::Result<crate::model::Target, String> {
+    match s {
+        "docker" => Ok(crate::model::Target::Docker),
+        "swarm" => Ok(crate::model::Target::Swarm),
+        other => Err(format!("{other:?}: use docker or swarm")),
+    }
 }
 
 impl ServeConfig {
@@ -254,14 +267,16 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     }
     let tls = security.tls_config()?;
     let webhooks = config.webhook_config()?;
-    let runtime = docker_runtime(&config).await?;
+    let docker = docker_runtime(&config).await?;
+    let runtime: Arc<dyn Runtime> = docker.clone();
     let locks = lock_data_dir(&config)?;
     let store = Store::open(&config.data_dir).await?;
     let shutdown = CancellationToken::new();
 
     let audit_log = AuditLog::open(config.audit_log_path());
     let subscribed = subscribe_observers(&config, webhooks, &observers, &audit_log, &shutdown);
-    let engine = start_engine(&config, runtime.clone(), observers.clone(), store).await?;
+    let swarm = swarm_runtime(&config, docker).await;
+    let engine = start_engine(&config, runtime.clone(), swarm, observers.clone(), store).await?;
 
     let grpc = bind(config.listen, "gRPC").await?;
     let http = bind(config.http_listen, "HTTP").await?;
@@ -300,7 +315,11 @@ pub async fn start(config: ServeConfig, observers: ObserverRegistry) -> Result<R
     .log(&config, authenticator.is_some());
     let retention = engine.spawn_retention(RETENTION_EVERY, shutdown.clone());
     // Ends with `shutdown`.
-    drop(engine.spawn_reconciler(config.reconcile_interval, shutdown.clone()));
+    // The container reconciler is the docker target's: on a swarm, the tasks'
+    // containers are Swarm's to remove.
+    if config.target == crate::model::Target::Docker {
+        drop(engine.spawn_reconciler(config.reconcile_interval, shutdown.clone()));
+    }
     let serving = Serving {
         engine: engine.clone(),
         grace: config.shutdown_grace,
@@ -433,9 +452,9 @@ fn http_router(side: HttpSide) -> axum::Router {
 
 /// The Docker runtime, pinged once to log whether the engine answers (a server whose
 /// engine is down still starts: deployments are refused until it answers).
-async fn docker_runtime(config: &ServeConfig) -> Result<Arc<dyn Runtime>> {
+async fn docker_runtime(config: &ServeConfig) -> Result<Arc<DockerRuntime>> {
     let endpoint = config.docker_endpoint();
-    let runtime: Arc<dyn Runtime> = Arc::new(
+    let runtime = Arc::new(
         DockerRuntime::new(&endpoint, config.docker_timeout)?
             .with_max_concurrent_calls(config.limits.max_docker_calls),
     );
@@ -446,6 +465,28 @@ async fn docker_runtime(config: &ServeConfig) -> Result<Arc<dyn Runtime>> {
         }
     }
     Ok(runtime)
+}
+
+/// With `--target swarm`: the same engine, driven as a swarm manager (checked once to
+/// log whether it is one; a server on an engine that is not one still starts, and
+/// Deploy answers FAILED_PRECONDITION until it is).
+async fn swarm_runtime(
+    config: &ServeConfig,
+    docker: Arc<DockerRuntime>,
+) -> Option<Arc<dyn crate::runtime::swarm::SwarmRuntime>> {
+    use crate::runtime::swarm::SwarmRuntime;
+    if config.target != crate::model::Target::Swarm {
+        return None;
+    }
+    match docker.check_manager().await {
+        Ok(()) => {
+            tracing::info!(docker = %config.docker_endpoint(), "target swarm: the engine is a swarm manager")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "target swarm: deployments will be refused until the engine is a swarm manager")
+        }
+    }
+    Some(docker)
 }
 
 /// The built-in observers, subscribed, and what shutdown needs of them.
@@ -490,6 +531,7 @@ fn subscribe_observers(
 async fn start_engine(
     config: &ServeConfig,
     runtime: Arc<dyn Runtime>,
+    swarm: Option<Arc<dyn crate::runtime::swarm::SwarmRuntime>>,
     observers: ObserverRegistry,
     store: Store,
 ) -> Result<Engine> {
@@ -510,7 +552,10 @@ async fn start_engine(
         },
         ..EngineConfig::default()
     };
-    let engine = Engine::new(runtime, observers, engine_config, store);
+    let engine = match swarm {
+        Some(swarm) => Engine::with_swarm(runtime, swarm, observers, engine_config, store),
+        None => Engine::new(runtime, observers, engine_config, store),
+    };
     let recovery = engine.recover().await?;
     if !recovery.interrupted.is_empty() {
         tracing::warn!(

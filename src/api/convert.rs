@@ -198,6 +198,63 @@ pub(crate) fn deploy_spec(
             MAX_DRAIN_TIMEOUT,
         )?,
         requested_by,
+        replicas: replicas(req.replicas)?,
+        update: update_policy(req.update_policy.as_ref())?,
+    })
+}
+
+/// Most tasks one deployment may ask for.
+pub(crate) const MAX_REPLICAS: u32 = 100;
+/// Longest update monitor a request may set.
+const MAX_MONITOR: Duration = Duration::from_secs(600);
+
+fn replicas(n: u32) -> Result<u32, Status> {
+    match n {
+        0 => Ok(1),
+        n if n > MAX_REPLICAS => Err(invalid(
+            "replicas",
+            format!("{n} is more than the {MAX_REPLICAS} tasks a deployment may ask for"),
+        )),
+        n => Ok(n),
+    }
+}
+
+fn update_policy(p: Option<&proto::UpdatePolicy>) -> Result<model::UpdatePolicy, Status> {
+    let Some(p) = p else {
+        return Ok(model::UpdatePolicy::default());
+    };
+    let order = match p.order.trim() {
+        "" | "stop-first" => model::UpdateOrder::StopFirst,
+        "start-first" => model::UpdateOrder::StartFirst,
+        other => {
+            return Err(invalid(
+                "update_policy.order",
+                format!("{other:?}: use \"stop-first\" or \"start-first\""),
+            ));
+        }
+    };
+    let monitor = match p.monitor.as_ref() {
+        None => None,
+        Some(d) => Some(duration(
+            "update_policy.monitor",
+            Some(d),
+            Duration::ZERO,
+            Duration::from_millis(1),
+            MAX_MONITOR,
+        )?),
+    };
+    let ratio = p.max_failure_ratio;
+    if !(0.0..=1.0).contains(&ratio) || ratio.is_nan() {
+        return Err(invalid(
+            "update_policy.max_failure_ratio",
+            format!("{ratio} is not between 0 and 1"),
+        ));
+    }
+    Ok(model::UpdatePolicy {
+        parallelism: p.parallelism.max(1),
+        order,
+        monitor,
+        max_failure_ratio: ratio,
     })
 }
 
@@ -663,6 +720,8 @@ pub(crate) fn status(s: &model::DeploymentStatus) -> proto::DeploymentStatus {
         superseded_by: s.superseded_by.map(|id| id.to_string()).unwrap_or_default(),
         commit: s.commit.clone(),
         eta: s.eta.as_ref().map(eta),
+        target: s.target.as_str().into(),
+        replicas: s.replicas,
     }
 }
 
@@ -681,6 +740,8 @@ pub(crate) fn app(a: &crate::engine::AppView) -> proto::App {
                 endpoints: r.endpoints,
                 since: c.finished_at.map(timestamp),
                 health: r.health,
+                target: c.target.as_str().into(),
+                replicas: c.replicas,
             }
         }),
         latest: Some(status(&a.latest)),
@@ -1076,6 +1137,8 @@ mod tests {
                 source in option::of((text(), text(), text(), text())),
             ) -> proto::DeployRequest {
                 proto::DeployRequest {
+                    replicas: 0,
+                    update_policy: None,
                     app,
                     image,
                     command,
@@ -1161,6 +1224,8 @@ mod tests {
                     })
                     .collect();
                 proto::DeployRequest {
+                    replicas: 0,
+                    update_policy: None,
                     app,
                     image,
                     command,

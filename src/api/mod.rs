@@ -43,6 +43,7 @@ pub(crate) fn status_of(e: EngineError) -> Status {
         EngineError::MissingDeploymentId => Status::invalid_argument(message),
         EngineError::Store(_) => Status::internal(message),
         EngineError::Exhausted { .. } => Status::resource_exhausted(message),
+        EngineError::Precondition(_) => Status::failed_precondition(message),
     }
 }
 
@@ -359,6 +360,19 @@ impl Deployer for DeployerService {
         let authed = authenticated(&request);
         let peer = request.remote_addr();
         let spec = convert::deploy_spec(request.into_inner(), who)?;
+        if spec.replicas > 1 && self.engine.target() == crate::model::Target::Docker {
+            return Err(Status::invalid_argument(format!(
+                "replicas: {} asked, but this server runs apps as single containers (--target docker); deploy more than 1 replica with --target swarm",
+                spec.replicas
+            )));
+        }
+        if self.engine.target() == crate::model::Target::Swarm
+            && let Some(i) = spec.ports.iter().position(|p| p.host_port == 0)
+        {
+            return Err(Status::invalid_argument(format!(
+                "ports[{i}].host_port: the swarm target publishes each port in host mode on every node that runs a task; give a fixed host port"
+            )));
+        }
         if let Err(refused) = self.policy.check(&spec) {
             let caller = authed.as_ref().map(|c| c.name.clone());
             let event = auth::refusal("Deploy", caller, peer, refused.code(), refused.message());

@@ -76,6 +76,19 @@ pub(crate) struct DeployRequestArgs {
     /// A retried deploy with the same key (and app) returns the same deployment.
     #[arg(long, value_name = "KEY")]
     pub(crate) idempotency_key: Option<String>,
+    /// Tasks of the app's service (a server with `--target swarm`; the docker target
+    /// refuses more than 1).
+    #[arg(long, value_name = "N")]
+    pub(crate) replicas: Option<u32>,
+    /// Swarm update order: `stop-first` or `start-first`.
+    #[arg(long, value_name = "ORDER")]
+    pub(crate) update_order: Option<String>,
+    /// Swarm update: tasks updated at once.
+    #[arg(long, value_name = "N")]
+    pub(crate) update_parallelism: Option<u32>,
+    /// Swarm update: how long each updated task is watched for failure (e.g. `10s`).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub(crate) update_monitor: Option<Duration>,
 }
 
 impl DeployRequestArgs {
@@ -124,6 +137,7 @@ impl DeployRequestArgs {
         if let Some(key) = &self.idempotency_key {
             req.idempotency_key = key.clone();
         }
+        self.apply_swarm(&mut req);
         if req.app.is_empty() {
             return Err("no app: give APP or `app` in the file".into());
         }
@@ -131,6 +145,28 @@ impl DeployRequestArgs {
             return Err("no image: give IMAGE or `image` in the file".into());
         }
         Ok(req)
+    }
+
+    /// `--replicas` and the `--update-*` flags (the server validates them).
+    fn apply_swarm(&self, req: &mut DeployRequest) {
+        if let Some(n) = self.replicas {
+            req.replicas = n;
+        }
+        let policy = (self.update_order.is_some()
+            || self.update_parallelism.is_some()
+            || self.update_monitor.is_some())
+        .then(|| req.update_policy.get_or_insert_with(Default::default));
+        if let Some(p) = policy {
+            if let Some(o) = &self.update_order {
+                p.order = o.clone();
+            }
+            if let Some(n) = self.update_parallelism {
+                p.parallelism = n;
+            }
+            if let Some(d) = self.update_monitor {
+                p.monitor = Some(d.into());
+            }
+        }
     }
 
     /// `--env-file`, then `--env`, then `--label`: each entry replaces the same key.
@@ -358,6 +394,24 @@ mod tests {
             image: Some(image.into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn replicas_and_the_update_flags_fill_the_update_policy() {
+        let req = args("web", "img:1").build().unwrap();
+        assert_eq!((req.replicas, req.update_policy), (0, None));
+        let req = DeployRequestArgs {
+            replicas: Some(3),
+            update_order: Some("start-first".into()),
+            update_monitor: Some(Duration::from_secs(10)),
+            ..args("web", "img:1")
+        }
+        .build()
+        .unwrap();
+        assert_eq!(req.replicas, 3);
+        let p = req.update_policy.unwrap();
+        assert_eq!((p.order.as_str(), p.parallelism), ("start-first", 0));
+        assert_eq!(p.monitor.unwrap().seconds, 10);
     }
 
     #[test]

@@ -54,6 +54,8 @@ impl Deployment {
             superseded_by: None,
             commit: String::new(),
             eta: None,
+            target: crate::model::Target::Docker,
+            replicas: spec.replicas,
         };
         Self {
             id,
@@ -109,6 +111,11 @@ impl Deployment {
         }
     }
 
+    /// Records where the deployment runs (before it is registered).
+    pub(crate) fn set_target(&self, target: crate::model::Target) {
+        self.status.lock().expect("status lock").target = target;
+    }
+
     pub(crate) fn status(&self) -> DeploymentStatus {
         self.status.lock().expect("status lock").clone()
     }
@@ -138,6 +145,8 @@ fn bare_spec(app: AppName, image: String, requested_by: String) -> DeploySpec {
         milestones: Vec::new(),
         hooks: Vec::new(),
         requested_by,
+        replicas: 1,
+        update: Default::default(),
     }
 }
 
@@ -347,6 +356,8 @@ impl Reporter {
             image: spec.image.clone(),
             requested_by: spec.requested_by.clone(),
             env_keys: spec.env.keys().cloned().collect(),
+            target: self.deployment.status().target,
+            replicas: spec.replicas,
         };
         self.emit(
             kind,
@@ -360,6 +371,8 @@ impl Reporter {
                     "env_keys",
                     spec.env.keys().cloned().collect::<Vec<_>>().join(","),
                 ),
+                ("target", self.deployment.status().target.as_str().into()),
+                ("replicas", spec.replicas.to_string()),
             ]),
             None,
         );

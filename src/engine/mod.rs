@@ -20,6 +20,7 @@ mod removal;
 mod route;
 mod run;
 mod source;
+mod swarm;
 mod tty_progress;
 
 use std::collections::HashMap;
@@ -74,6 +75,10 @@ pub(crate) enum EngineError {
     /// An observer that must not miss events (the audit log) cannot take them now.
     #[error("{0}")]
     Refused(crate::events::ObserverError),
+    /// The target cannot take deployments as it is (`--target swarm` on an engine that
+    /// is not a swarm manager).
+    #[error("{0}")]
+    Precondition(String),
 }
 
 /// Tunables of the engine. Defaults suit a local engine.
@@ -125,6 +130,8 @@ impl Default for EngineConfig {
 /// The engine's state, shared by its handles and the deployment tasks.
 pub(crate) struct Inner {
     runtime: Arc<dyn Runtime>,
+    /// With `--target swarm`: apps run as services through this.
+    swarm: Option<Arc<dyn crate::runtime::swarm::SwarmRuntime>>,
     observers: ObserverRegistry,
     /// The per-app queues, and admission.
     queues: AppQueues,
@@ -256,6 +263,7 @@ impl Engine {
     ) -> Self {
         Self(Arc::new(Inner {
             runtime,
+            swarm: None,
             observers,
             queues: AppQueues::new(config.max_in_flight, config.max_queued),
             config,
@@ -267,6 +275,28 @@ impl Engine {
             rejections: Arc::default(),
             reconciled: Default::default(),
         }))
+    }
+
+    /// An engine for the Swarm target: deployments run as services through `swarm`
+    /// (`runtime` is the same engine's container side, for what the engine shares).
+    pub(crate) fn with_swarm(
+        runtime: Arc<dyn Runtime>,
+        swarm: Arc<dyn crate::runtime::swarm::SwarmRuntime>,
+        observers: ObserverRegistry,
+        config: EngineConfig,
+        store: Store,
+    ) -> Self {
+        let mut engine = Self::new(runtime, observers, config, store);
+        Arc::get_mut(&mut engine.0).expect("a new engine").swarm = Some(swarm);
+        engine
+    }
+
+    /// Where apps run.
+    pub(crate) fn target(&self) -> crate::model::Target {
+        match self.0.swarm {
+            Some(_) => crate::model::Target::Swarm,
+            None => crate::model::Target::Docker,
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -300,6 +330,7 @@ impl Engine {
         let log = self.live_log(id);
         let eta = history::EtaTracker::new(&spec, history::load(&self.0.store, &spec.app).await);
         let deployment = Arc::new(Deployment::with_log(id, spec, log));
+        deployment.set_target(self.target());
         if let Some(existing) = self.register(&deployment) {
             let stream = existing.log.subscribe(0).map_err(EngineError::OutOfRange)?;
             return Ok((existing.id, stream));
@@ -313,8 +344,16 @@ impl Engine {
             .log
             .subscribe(0)
             .expect("a new log holds everything");
-        let run = run::Run::new(reporter, self.0.clone()).run(ticket);
-        self.spawn_task(&deployment, run);
+        match self.0.swarm.clone() {
+            Some(swarm) => {
+                let run = swarm::SwarmRun::new(reporter, swarm).run(ticket);
+                self.spawn_task(&deployment, run);
+            }
+            None => {
+                let run = run::Run::new(reporter, self.0.clone()).run(ticket);
+                self.spawn_task(&deployment, run);
+            }
+        }
         Ok((id, stream))
     }
 
@@ -372,10 +411,29 @@ impl Engine {
         )
     }
 
-    /// The engine answers within the ping timeout.
+    /// The engine answers within the ping timeout (on the Swarm target: and is a
+    /// swarm manager).
     async fn ping(&self) -> Result<(), EngineError> {
         let runtime = &self.0.runtime;
         let timeout = self.0.config.ping_timeout;
+        if let Some(swarm) = &self.0.swarm {
+            return match tokio::time::timeout(timeout, swarm.check_manager()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(RuntimeError::Call { reason, .. }))
+                    if reason.contains(crate::runtime::swarm::NOT_A_MANAGER) =>
+                {
+                    Err(EngineError::Precondition(format!(
+                        "--target swarm: {reason}"
+                    )))
+                }
+                Ok(Err(e)) => Err(EngineError::Unavailable(e)),
+                Err(_) => Err(EngineError::Unavailable(RuntimeError::Timeout {
+                    op: "swarm check",
+                    after: timeout,
+                    endpoint: swarm.endpoint().to_owned(),
+                })),
+            };
+        }
         match tokio::time::timeout(timeout, runtime.ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(EngineError::Unavailable(e)),
@@ -460,9 +518,14 @@ impl Engine {
         );
         let phase = reporter.phase();
         let mut message = format!("internal error during {}: {reason}", phase.name());
-        match self.remove_containers_of(deployment).await {
-            Ok(()) => message.push_str("; the containers of this deployment were removed"),
-            Err(e) => message.push_str(&format!("; removing its containers failed: {e}")),
+        if self.0.swarm.is_some() {
+            // The tasks' containers are Swarm's: never removed behind its back.
+            message.push_str("; its service was left as it is");
+        } else {
+            match self.remove_containers_of(deployment).await {
+                Ok(()) => message.push_str("; the containers of this deployment were removed"),
+                Err(e) => message.push_str(&format!("; removing its containers failed: {e}")),
+            }
         }
         reporter.fail(phase, "internal error", message, Extra::default());
     }
@@ -745,5 +808,7 @@ fn decode_token(token: &str) -> Option<SortKey> {
     Some((nanos.parse().ok()?, uuid::Uuid::parse_str(id).ok()?))
 }
 
+#[cfg(test)]
+mod swarm_tests;
 #[cfg(test)]
 mod tests;

@@ -41,6 +41,24 @@ impl Engine {
         for status in &mut unfinished {
             self.settle_tail(status).await?;
         }
+        // Deployments to a swarm reconcile their service's update state instead (see
+        // `swarm.rs`): their tasks' containers are Swarm's, never removed here.
+        let (on_swarm, mut unfinished): (Vec<_>, Vec<_>) = unfinished
+            .into_iter()
+            .partition(|s| s.operation.is_deploy() && s.target == crate::model::Target::Swarm);
+        for status in on_swarm {
+            let id = status.id;
+            if self.recover_on_swarm(status).await {
+                recovery.completed.push(id);
+            } else {
+                recovery.interrupted.push(id);
+            }
+        }
+        if unfinished.is_empty() {
+            store.flush().await;
+            return Ok(recovery);
+        }
+        let unfinished = std::mem::take(&mut unfinished);
         // Removals are finished last, after what was ahead of them in their app's queue.
         let (removals, unfinished): (Vec<_>, Vec<_>) = unfinished
             .into_iter()

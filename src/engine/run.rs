@@ -47,7 +47,7 @@ const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const LOG_TAIL_LINES: usize = 20;
 
 /// Why the steps stopped short of the switch.
-enum Stop {
+pub(super) enum Stop {
     Failed(Failure),
     Cancelled,
     DeadlineExceeded,
@@ -168,25 +168,9 @@ impl Run {
         drop(ticket);
     }
 
-    /// QUEUED: waits for the app's lock. (The first position went out when the
-    /// deployment was accepted; each change goes out here.)
+    /// QUEUED: waits for the app's lock (see [`wait_turn`]).
     async fn wait_turn(&mut self, ticket: &mut Ticket, deadline: Instant) -> Result<(), Stop> {
-        let deployment = self.rep.deployment().clone();
-        let mut position = ticket.position();
-        self.waited = position > 0;
-        while position > 0 {
-            tokio::select! {
-                p = ticket.changed() => {
-                    position = p;
-                    if p > 0 {
-                        self.rep.queued(p, ticket.ahead());
-                    }
-                }
-                _ = deployment.cancel.cancelled() => return Err(Stop::Cancelled),
-                _ = deployment.interrupt.cancelled() => return Err(Stop::Interrupted),
-                _ = tokio::time::sleep_until(deadline) => return Err(Stop::DeadlineExceeded),
-            }
-        }
+        self.waited = wait_turn(&mut self.rep, ticket, deadline).await?;
         Ok(())
     }
 
@@ -1101,8 +1085,38 @@ fn stop_outcome(
 
 /// The deadline counts from acceptance, queue wait included.
 fn deployment_deadline(run: &Run) -> Instant {
-    let deployment = run.rep.deployment();
+    deadline_of(run.rep.deployment())
+}
+
+/// When `deployment`'s deadline passes (from acceptance, queue wait included).
+pub(super) fn deadline_of(deployment: &super::deployment::Deployment) -> Instant {
     Instant::from_std(deployment.accepted) + deployment.spec.deadline
+}
+
+/// QUEUED: waits for the app's lock. (The first position went out when the
+/// deployment was accepted; each change goes out here.) Returns whether it waited.
+pub(super) async fn wait_turn(
+    rep: &mut Reporter,
+    ticket: &mut Ticket,
+    deadline: Instant,
+) -> Result<bool, Stop> {
+    let deployment = rep.deployment().clone();
+    let mut position = ticket.position();
+    let waited = position > 0;
+    while position > 0 {
+        tokio::select! {
+            p = ticket.changed() => {
+                position = p;
+                if p > 0 {
+                    rep.queued(p, ticket.ahead());
+                }
+            }
+            _ = deployment.cancel.cancelled() => return Err(Stop::Cancelled),
+            _ = deployment.interrupt.cancelled() => return Err(Stop::Interrupted),
+            _ = tokio::time::sleep_until(deadline) => return Err(Stop::DeadlineExceeded),
+        }
+    }
+    Ok(waited)
 }
 
 /// The result's endpoints: `"8080/tcp"` → `http://host:port`.

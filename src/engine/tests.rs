@@ -68,18 +68,20 @@ pub(super) fn spec(app: &str, image: &str) -> DeploySpec {
         milestones: vec![],
         hooks: vec![],
         requested_by: "unit test".into(),
+        replicas: 1,
+        update: Default::default(),
     }
 }
 
 /// Bounds a wait for a state the test expects (generous; no duration is asserted).
-async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
+pub(super) async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(30), fut)
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
 /// The rest of a deployment's updates, to its end.
-async fn rest(stream: UpdateStream) -> Vec<Arc<Update>> {
+pub(super) async fn rest(stream: UpdateStream) -> Vec<Arc<Update>> {
     bounded(
         "the deployment to end",
         stream.map(|u| u.expect("log readable")).collect(),
@@ -88,7 +90,10 @@ async fn rest(stream: UpdateStream) -> Vec<Arc<Update>> {
 }
 
 /// Updates up to and including the first one matching `pred`.
-async fn until(stream: &mut UpdateStream, pred: impl Fn(&Update) -> bool) -> Vec<Arc<Update>> {
+pub(super) async fn until(
+    stream: &mut UpdateStream,
+    pred: impl Fn(&Update) -> bool,
+) -> Vec<Arc<Update>> {
     bounded("an update", async {
         let mut seen = Vec::new();
         while let Some(u) = stream.next().await {
@@ -105,14 +110,14 @@ async fn until(stream: &mut UpdateStream, pred: impl Fn(&Update) -> bool) -> Vec
 }
 
 /// Deploys and follows to the end.
-async fn deploy(engine: &Engine, spec: DeploySpec) -> Vec<Arc<Update>> {
+pub(super) async fn deploy(engine: &Engine, spec: DeploySpec) -> Vec<Arc<Update>> {
     let (_, stream) = engine.deploy(spec).await.expect("accepted");
     rest(stream).await
 }
 
 /// Sequences 1..n with no gap, one deployment, total_progress never decreasing and in
 /// range, phase_progress in range, exactly one terminal update and it is last.
-fn assert_well_formed(updates: &[Arc<Update>]) {
+pub(super) fn assert_well_formed(updates: &[Arc<Update>]) {
     assert!(!updates.is_empty());
     let id = updates[0].deployment_id;
     assert!(matches!(updates[0].kind, EventKind::Accepted { .. }));
@@ -146,7 +151,7 @@ fn assert_well_formed(updates: &[Arc<Update>]) {
     );
 }
 
-fn phases(updates: &[Arc<Update>]) -> Vec<Phase> {
+pub(super) fn phases(updates: &[Arc<Update>]) -> Vec<Phase> {
     let mut out = Vec::new();
     for u in updates {
         if out.last() != Some(&u.phase) {
@@ -156,7 +161,7 @@ fn phases(updates: &[Arc<Update>]) -> Vec<Phase> {
     out
 }
 
-fn end_state(updates: &[Arc<Update>]) -> DeploymentState {
+pub(super) fn end_state(updates: &[Arc<Update>]) -> DeploymentState {
     match updates.last().unwrap().kind {
         EventKind::Finished { state } => state,
         ref k => panic!("not terminal: {k:?}"),

@@ -8,6 +8,8 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `stevedore_deployments_started_total` | counter | (`app`) |
+//! | `stevedore_deployments_by_target_total` | counter | `target` = docker, swarm |
+//! | `stevedore_replicas_requested_total` | counter (replicas asked, summed) | `target` |
 //! | `stevedore_deployments_finished_total` | counter | `outcome` = succeeded, failed, cancelled (`app`) |
 //! | `stevedore_deployments_running` / `_queued` | gauge | |
 //! | `stevedore_deployment_duration_seconds` | histogram | `outcome` (`app`) |
@@ -297,12 +299,19 @@ impl MetricsObserver {
         }
         let mut live = self.live.lock().expect("metrics lock");
         match &u.kind {
-            EventKind::Accepted { .. } => {
+            EventKind::Accepted {
+                target, replicas, ..
+            } => {
                 m.counter(
                     "stevedore_deployments_started_total",
                     &m.app_labels(u.app.as_str(), vec![]),
                 )
                 .increment(1);
+                let target = vec![("target", target.as_str().to_owned())];
+                m.counter("stevedore_deployments_by_target_total", &target)
+                    .increment(1);
+                m.counter("stevedore_replicas_requested_total", &target)
+                    .increment(u64::from(*replicas));
                 live.insert(
                     u.deployment_id,
                     Track {

@@ -120,7 +120,7 @@ impl DockerRuntime {
         self.calls.available_permits()
     }
 
-    async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RuntimeError>
+    pub(super) async fn call<T, F>(&self, op: &'static str, fut: F) -> Result<T, RuntimeError>
     where
         F: Future<Output = Result<T, BollardError>>,
     {
@@ -159,7 +159,7 @@ impl DockerRuntime {
     }
 
     /// The client, connecting on first use (retried on every call until it works).
-    fn client(&self) -> Result<&Docker, RuntimeError> {
+    pub(super) fn client(&self) -> Result<&Docker, RuntimeError> {
         if let Some(docker) = self.docker.get() {
             return Ok(docker);
         }

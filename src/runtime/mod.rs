@@ -3,8 +3,12 @@
 //! module names bollard or Docker's API types.
 
 pub(crate) mod docker;
+mod docker_swarm;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
+#[cfg(test)]
+pub(crate) mod fake_swarm;
+pub(crate) mod swarm;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -194,6 +194,14 @@ impl Store {
         self.db.status(id).await
     }
 
+    /// The request of `id` as stored (secrets removed: see [`redacted_request`]).
+    pub(crate) async fn request(
+        &self,
+        id: DeploymentId,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        self.db.request(id).await
+    }
+
     /// Updates of `id` with a sequence above `after`.
     pub(crate) async fn log(&self, id: DeploymentId, after: u64) -> Result<StoredLog, StoreError> {
         self.db.log(id, after, None).await
@@ -305,6 +313,7 @@ pub(crate) fn redacted_request(spec: &DeploySpec) -> serde_json::Value {
         "milestones": spec.milestones.iter().map(|m| m.description.clone()).collect::<Vec<_>>(),
         "hooks": spec.hooks.iter().map(|h| h.name.clone()).collect::<Vec<_>>(),
         "requested_by": spec.requested_by,
+        "replicas": spec.replicas,
     })
 }
 

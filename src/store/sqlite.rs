@@ -100,6 +100,18 @@ impl SqliteStore {
             .transpose()
     }
 
+    /// The stored request of `id` (secrets removed), as JSON.
+    pub(crate) async fn request(
+        &self,
+        id: DeploymentId,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let row = sqlx::query("SELECT request FROM deployments WHERE id = ?1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.and_then(|r| serde_json::from_str(r.get::<&str, _>(0)).ok()))
+    }
+
     pub(crate) async fn log(
         &self,
         id: DeploymentId,

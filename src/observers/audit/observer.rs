@@ -18,6 +18,8 @@ struct DeploymentFacts {
     container_id: String,
     requested_by: String,
     env_keys: Vec<String>,
+    target: &'static str,
+    replicas: u32,
     started: bool,
 }
 
@@ -30,8 +32,12 @@ impl DeploymentFacts {
             image,
             requested_by,
             env_keys,
+            target,
+            replicas,
         } = &u.kind
         {
+            self.target = target.as_str();
+            self.replicas = *replicas;
             self.image.clone_from(image);
             self.requested_by.clone_from(requested_by);
             self.env_keys.clone_from(env_keys);
@@ -103,6 +109,8 @@ impl AuditObserver {
             "error": error,
             "requested_by": facts.requested_by,
             "env_keys": facts.env_keys,
+            "target": facts.target,
+            "replicas": facts.replicas,
             "message": u.message,
         });
         if u.is_terminal() {
