@@ -148,7 +148,8 @@ struct Live {
     /// The logs of the last [`RECENT_LOGS`] deployments that ended, oldest first: a
     /// crowd watching a deployment that just ended replays it from memory instead of
     /// each watcher reading it back from the store (its status still comes from the
-    /// store, so a deployment removed by retention is not found).
+    /// store, so a deployment removed by retention is not found). Emptied whenever
+    /// retention removes anything.
     recent: std::collections::VecDeque<(DeploymentId, Arc<DeploymentLog>)>,
 }
 
@@ -517,11 +518,15 @@ impl Engine {
             return;
         }
         match self.0.store.apply_retention(retention).await {
-            Ok(out) if out.deployments_removed > 0 || out.updates_removed > 0 => tracing::info!(
-                deployments = out.deployments_removed,
-                updates = out.updates_removed,
-                "retention removed history"
-            ),
+            Ok(out) if out.deployments_removed > 0 || out.updates_removed > 0 => {
+                // What the store no longer holds must not be replayed from memory.
+                self.live().recent.clear();
+                tracing::info!(
+                    deployments = out.deployments_removed,
+                    updates = out.updates_removed,
+                    "retention removed history"
+                )
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "retention failed"),
         }
