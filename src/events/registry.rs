@@ -439,6 +439,52 @@ mod tests {
         );
     }
 
+    /// Records what the registry calls, in order.
+    struct Idler(Mutex<Vec<String>>);
+    #[async_trait]
+    impl Observer for Idler {
+        fn name(&self) -> &str {
+            "idler"
+        }
+        async fn on_update(&self, u: Arc<Update>) -> Result<(), ObserverError> {
+            self.0.lock().unwrap().push(u.sequence.to_string());
+            Ok(())
+        }
+        async fn on_idle(&self) -> Result<(), ObserverError> {
+            self.0.lock().unwrap().push("idle".into());
+            Ok(())
+        }
+    }
+
+    /// `on_idle` runs once after a burst (events queued before the observer's task
+    /// ran), and again after each later event that finds the queue empty.
+    #[tokio::test]
+    async fn on_idle_runs_once_the_queue_is_empty() {
+        let registry = ObserverRegistry::new();
+        let idler = Arc::new(Idler(Mutex::new(vec![])));
+        let _sub = registry.subscribe(idler.clone(), 100);
+        let calls = |n: usize| {
+            let idler = idler.clone();
+            async move {
+                for _ in 0..500 {
+                    if idler.0.lock().unwrap().len() >= n {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                idler.0.lock().unwrap().clone()
+            }
+        };
+        // Publishing never yields: on this single-threaded runtime the three are
+        // queued before the observer's task runs.
+        for s in 1..=3 {
+            registry.publish(&update(s));
+        }
+        assert_eq!(calls(4).await, ["1", "2", "3", "idle"]);
+        registry.publish(&update(4));
+        assert_eq!(calls(6).await, ["1", "2", "3", "idle", "4", "idle"]);
+    }
+
     #[tokio::test]
     async fn dropping_the_subscription_unsubscribes() {
         let registry = ObserverRegistry::new();
