@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        // tonic's prost codec with a small first encode buffer per stream (src/api/codec.rs).
+        .codec_path("crate::api::codec::ProtoCodec")
         .compile_fds(fds)?;
 
     // proto3 JSON mapping (the names grpcurl prints): `stevedore.v1.serde.rs`.

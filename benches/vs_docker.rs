@@ -21,8 +21,11 @@
 //! * `watchers`: N tonic WatchDeployment streams of one deployment emitting a few
 //!   hundred updates (a log health check that never matches, 50 ms interval, 12 s
 //!   timeout): lost and duplicated updates, p50/p99 from the update's timestamp to its
-//!   receipt, deliveries per second, server RSS per open stream. The bare-tonic floor
-//!   server is not built (skipped).
+//!   receipt, deliveries per second, server RSS per open stream; then the same for
+//!   the bare tonic floor (`benches/floor`: the same RPC over the same proto, the same
+//!   messages with the same gaps, the same watchers over the same connections) printed
+//!   next to Stevedore's, and throughput against it: every watcher replays the whole
+//!   finished log at once, from Stevedore and from the floor (target ≥ 0.8×).
 //!
 //! Restart with 10,000 finished deployments (ready time, RSS) is in `durability`.
 //!
@@ -32,6 +35,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod floor;
 mod rows;
 
 use std::collections::{BTreeSet, HashMap};
@@ -125,6 +129,10 @@ struct Bench {
 
 #[tokio::main]
 async fn main() {
+    let mut argv = std::env::args().skip(1);
+    if argv.next().as_deref() == Some("--floor-serve") {
+        return floor::serve(&argv.next().expect("the messages' file")).await;
+    }
     let args = args();
     common::require_docker();
     common::docker(&["image", "inspect", "-f", "{{.Id}}", WEB]);
@@ -176,10 +184,6 @@ async fn main() {
         for &n in &args.watchers {
             bench.watchers(n, args.watch_secs).await;
         }
-        rows::info(
-            "watchers: bare tonic server (throughput floor)",
-            "skipped (not built)",
-        );
     }
     remove_labelled(&bench.label);
 }
@@ -661,102 +665,319 @@ impl Bench {
             tokio::spawn(async move { while let Ok(Some(_)) = deploying.message().await {} });
 
         let pid = self.server.child.id();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let rss0 = rows::rss_kib(pid);
-        let connected = Arc::new(AtomicUsize::new(0));
-        let live_from: Arc<OnceLock<SystemTime>> = Arc::new(OnceLock::new());
-        let mut channels = Vec::new();
-        let mut tasks = Vec::with_capacity(n);
-        let t_connect = Instant::now();
-        for i in 0..n {
-            if i % 100 == 0 {
-                channels.push(common::connect(self.server.grpc_addr).await);
-            }
-            let client = channels.last().unwrap().clone();
-            tasks.push(tokio::spawn(watch(
-                client,
-                id.clone(),
-                connected.clone(),
-                live_from.clone(),
-            )));
-        }
-        while connected.load(Ordering::Relaxed) < n {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let connect_s = t_connect.elapsed().as_secs_f64();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let rss1 = rows::rss_kib(pid);
-        let start = SystemTime::now();
-        let _ = live_from.set(start);
-        client
-            .cancel_deployment(CancelRequest {
-                deployment_id: blocker_id,
+        let go = client.clone();
+        let ours = crowd(self.server.grpc_addr, pid, &id, n, async move {
+            go.clone()
+                .cancel_deployment(CancelRequest {
+                    deployment_id: blocker_id,
+                })
+                .await
+                .unwrap();
+        })
+        .await;
+        drain_blocker.await.unwrap();
+        drain_watched.await.unwrap();
+        let expected = common::get_status(&mut client, &id).await.last_sequence;
+        // The messages Stevedore sent, for the floor to send the same.
+        let sent = replayed(&mut client, &id).await;
+        assert_eq!(sent.len() as u64, expected, "a replay of the whole log");
+
+        // The floor, in its own process: the same messages, live with the same gaps,
+        // to the same number of watchers over the same number of connections.
+        let floor = FloorServer::spawn(&sent);
+        let mut go = common::connect(floor.addr).await;
+        let bare = crowd(floor.addr, floor.child.id(), "live", n, async move {
+            go.cancel_deployment(CancelRequest {
+                deployment_id: "live".into(),
             })
             .await
             .unwrap();
-        let mut results = Vec::with_capacity(n);
-        for t in tasks {
-            results.push(t.await.unwrap());
+        })
+        .await;
+
+        ours.print(&format!("watchers: {n} streams"), expected, Some(&bare));
+        bare.print(
+            &format!("watchers: {n} streams, bare tonic floor"),
+            expected,
+            None,
+        );
+
+        // Throughput, unpaced: every watcher replays the whole finished log at once.
+        let (s_thr, f_thr) = (
+            replay_throughput(self.server.grpc_addr, &id, n, expected).await,
+            replay_throughput(floor.addr, "replay", n, expected).await,
+        );
+        let ratio = s_thr.rate / f_thr.rate;
+        println!(
+            "watchers: {n} streams, throughput (each replays all {expected} updates at once): \
+             {:.0}/s ({}) | bare tonic floor {:.0}/s ({}) | ratio {ratio:.2} of the floor | \
+             target ≥ 0.80× | {}",
+            s_thr.rate,
+            s_thr.detail,
+            f_thr.rate,
+            f_thr.detail,
+            if ratio >= 0.8 { "met" } else { "NOT met" }
+        );
+    }
+}
+
+/// The bare tonic server of `benches/floor`, started as a child process (this bench
+/// binary with `--floor-serve FILE`); killed on drop.
+struct FloorServer {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _messages: tempfile::TempPath,
+}
+
+impl FloorServer {
+    fn spawn(messages: &[ProgressUpdate]) -> Self {
+        use std::io::BufRead;
+        let file = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+        floor::write(&file, messages);
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .arg("--floor-serve")
+            .arg(&*file)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("the floor server starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("floor listening on ")
+            .unwrap_or_else(|| panic!("floor server said {line:?}"))
+            .parse()
+            .unwrap();
+        Self {
+            child,
+            addr,
+            _messages: file,
         }
-        drain_blocker.await.unwrap();
-        drain_watched.await.unwrap();
-        let status = common::get_status(&mut client, &id).await;
-        let expected = status.last_sequence;
-        let lost: u64 = results
-            .iter()
-            .map(|r| expected.saturating_sub(r.unique))
-            .sum();
-        let dups: u64 = results.iter().map(|r| r.dups).sum();
-        let mut lat: Vec<f64> = results
+    }
+}
+
+impl Drop for FloorServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every non-heartbeat update of deployment `id`, replayed from its start.
+async fn replayed(client: &mut Client, id: &str) -> Vec<ProgressUpdate> {
+    let mut stream = client
+        .watch_deployment(WatchRequest {
+            deployment_id: id.to_owned(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(u) = stream.message().await.expect("watch stream") {
+        if !u.heartbeat {
+            out.push(u);
+        }
+    }
+    out
+}
+
+/// N watchers of one stream, live: connected first (100 streams a connection), then
+/// `go` starts the updates.
+struct Crowd {
+    results: Vec<Watched>,
+    connect_s: f64,
+    /// Server RSS (KiB) before the watchers connected and with them open, idle.
+    rss: (u64, u64),
+    start: SystemTime,
+}
+
+async fn crowd(
+    addr: std::net::SocketAddr,
+    pid: u32,
+    id: &str,
+    n: usize,
+    go: impl std::future::Future<Output = ()>,
+) -> Crowd {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss0 = rows::rss_kib(pid);
+    let connected = Arc::new(AtomicUsize::new(0));
+    let live_from: Arc<OnceLock<SystemTime>> = Arc::new(OnceLock::new());
+    let mut channels = Vec::new();
+    let mut tasks = Vec::with_capacity(n);
+    let t_connect = Instant::now();
+    for i in 0..n {
+        if i % 100 == 0 {
+            channels.push(common::connect(addr).await);
+        }
+        let client = channels.last().unwrap().clone();
+        tasks.push(tokio::spawn(watch(
+            client,
+            id.to_owned(),
+            connected.clone(),
+            live_from.clone(),
+        )));
+    }
+    while connected.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let connect_s = t_connect.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss1 = rows::rss_kib(pid);
+    let start = SystemTime::now();
+    let _ = live_from.set(start);
+    go.await;
+    let mut results = Vec::with_capacity(n);
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    Crowd {
+        results,
+        connect_s,
+        rss: (rss0, rss1),
+        start,
+    }
+}
+
+impl Crowd {
+    fn latencies(&self) -> (f64, f64) {
+        let lat: Vec<f64> = self
+            .results
             .iter()
             .flat_map(|r| r.latencies.iter().copied())
             .collect();
-        let deliveries = lat.len();
-        let end = results
+        (rows::percentile(&lat, 0.5), rows::percentile(&lat, 0.99))
+    }
+
+    /// The lines of one crowd; `floor` (Stevedore's lines only) is printed next to
+    /// the latency and memory figures.
+    fn print(&self, name: &str, expected: u64, floor: Option<&Crowd>) {
+        let n = self.results.len();
+        let lost: u64 = self
+            .results
+            .iter()
+            .map(|r| expected.saturating_sub(r.unique))
+            .sum();
+        let dups: u64 = self.results.iter().map(|r| r.dups).sum();
+        let deliveries: usize = self.results.iter().map(|r| r.latencies.len()).sum();
+        let end = self
+            .results
             .iter()
             .filter_map(|r| r.last_at)
             .max()
-            .unwrap_or(start);
-        let live_s = secs_between(start, end).max(1e-6);
-        let p50 = rows::percentile(&lat, 0.5);
-        let p99 = rows::percentile(&lat, 0.99);
-        lat.clear();
+            .unwrap_or(self.start);
+        let live_s = secs_between(self.start, end).max(1e-6);
+        let (p50, p99) = self.latencies();
+        let (rss0, rss1) = self.rss;
         let per_stream = (rss1.saturating_sub(rss0)) as f64 * 1024.0 / n as f64;
+        let next_to = |what: String| match floor {
+            Some(_) => format!(" (bare tonic floor: {what})"),
+            None => String::new(),
+        };
+        let floor_lat = floor.map(|f| f.latencies()).unwrap_or_default();
+        let floor_rss = floor
+            .map(|f| f.rss.1.saturating_sub(f.rss.0) as f64 * 1024.0 / n as f64)
+            .unwrap_or_default();
         rows::limit(
+            &format!("{name} of one deployment ({expected} updates), lost or duplicated"),
             &format!(
-                "watchers: {n} streams of one deployment ({expected} updates), lost or duplicated"
+                "{lost} lost, {dups} duplicated (all connected in {:.1}s)",
+                self.connect_s
             ),
-            &format!("{lost} lost, {dups} duplicated (all connected in {connect_s:.1}s)"),
             (lost + dups) as f64,
             0.0,
             "",
         );
         rows::limit(
-            &format!("watchers: {n} streams, emit→receive p99"),
-            &format!("p50 {}, p99 {}", ms(p50), ms(p99)),
+            &format!("{name}, emit→receive p99"),
+            &format!(
+                "p50 {}, p99 {}{}",
+                ms(p50),
+                ms(p99),
+                next_to(format!("p50 {}, p99 {}", ms(floor_lat.0), ms(floor_lat.1)))
+            ),
             p99 * 1000.0,
             50.0,
             " ms",
         );
         rows::info(
-            &format!("watchers: {n} streams, live deliveries (paced by the deployment)"),
+            &format!("{name}, live deliveries (paced by the deployment)"),
             &format!(
                 "{deliveries} in {live_s:.2}s = {:.0}/s",
                 deliveries as f64 / live_s
             ),
         );
         rows::limit(
-            &format!("watchers: {n} streams, server RSS per open stream"),
+            &format!("{name}, server RSS per open stream"),
             &format!(
-                "{:.1} KB ({} MiB before, {} MiB with the streams open)",
+                "{:.1} KB ({} MiB before, {} MiB with the streams open){}",
                 per_stream / 1000.0,
                 rss0 / 1024,
-                rss1 / 1024
+                rss1 / 1024,
+                next_to(format!("{:.1} KB", floor_rss / 1000.0))
             ),
             per_stream / 1000.0,
             10.0,
             " KB",
         );
+    }
+}
+
+struct Throughput {
+    rate: f64,
+    detail: String,
+}
+
+/// N watchers (100 streams a connection) each replaying all `expected` updates of
+/// `id` at once: deliveries per second from the first call to the last receipt.
+async fn replay_throughput(
+    addr: std::net::SocketAddr,
+    id: &str,
+    n: usize,
+    expected: u64,
+) -> Throughput {
+    let mut channels = Vec::new();
+    for _ in 0..n.div_ceil(100) {
+        channels.push(common::connect(addr).await);
+    }
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let mut client = channels[i / 100].clone();
+            let id = id.to_owned();
+            tokio::spawn(async move {
+                let mut stream = client
+                    .watch_deployment(WatchRequest {
+                        deployment_id: id,
+                        after_sequence: 0,
+                    })
+                    .await
+                    .expect("watch")
+                    .into_inner();
+                let mut got = 0u64;
+                while let Some(u) = stream.message().await.expect("watch stream") {
+                    if !u.heartbeat {
+                        got += 1;
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    let mut got = 0;
+    for task in tasks {
+        got += task.await.unwrap();
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let want = expected * n as u64;
+    Throughput {
+        rate: got as f64 / secs,
+        detail: format!(
+            "{got} of {want} in {secs:.2}s{}",
+            if got == want { "" } else { ", SHORT" }
+        ),
     }
 }
 

@@ -14,7 +14,9 @@
 #   - 100 concurrent deploys of distinct apps: all succeed, server CPU per deploy,
 #     wall time against 100 docker-CLI scripts in parallel;
 #   - 1,000 and 10,000 gRPC watchers of one deployment: lost/duplicated, p50/p99
-#     emit→receive, deliveries/s, server RSS per open stream.
+#     emit→receive, deliveries/s, server RSS per open stream, each next to a bare
+#     tonic server sending the same messages (benches/floor), and replay throughput
+#     against it.
 #   ARGS: [deploy] [pull] [concurrent] [watchers] --runs N --concurrent N
 #         --watchers N,N --pull-mb N --smoke
 # durability (benches/durability.rs): fan-out to 1,000 watchers, a stalled watcher,

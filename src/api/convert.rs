@@ -665,7 +665,11 @@ pub(crate) fn update(u: &model::Update) -> proto::ProgressUpdate {
         message: u.message.clone(),
         timestamp: Some(timestamp(u.timestamp)),
         elapsed: Some(proto_duration(u.elapsed)),
-        metadata: u.metadata.clone().into_iter().collect(),
+        metadata: u
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         pull: u.pull.as_ref().map(|p| proto::PullProgress {
             layer_id: p.layer_id.clone(),
             current_bytes: p.current_bytes,

@@ -2,6 +2,7 @@
 //! back. The only module that names tonic or generated types. No Docker here.
 
 pub mod auth;
+pub mod codec;
 pub(crate) mod convert;
 mod oversized;
 pub(crate) mod policy;
@@ -18,8 +19,9 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc::error::SendTimeoutError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, EngineError, ListQuery};
@@ -148,8 +150,12 @@ impl DeployerService {
 /// the sequence to resume from (`after_sequence` = the last update the client got):
 /// `UNAVAILABLE` on server shutdown, `RESOURCE_EXHAUSTED` when the client read nothing
 /// for `config.stall_timeout` with its buffer full, `OUT_OF_RANGE` if the log no longer
-/// holds what it needs. Memory per stream: the channel (≤ `buffer` encoded updates)
-/// plus one batch of shared pointers into the log.
+/// holds what it needs.
+///
+/// Memory per stream: the producer task with one timer (the heartbeat's, moved on
+/// only when it fires), the channel (≤ `buffer` shared pointers into the log: an
+/// update is converted to its message as the connection takes it), one batch of
+/// shared pointers, and tonic's encode buffer ([`codec::ENCODE_BUFFER`] to start).
 ///
 /// `caller` is the authenticated caller: the stream ends with `UNAUTHENTICATED` when
 /// its token is removed from the tokens file. `permit` (a watch-stream slot) is held
@@ -166,10 +172,10 @@ pub fn forward(
     let (end_tx, end_rx) = oneshot::channel::<Status>();
     let producer = Producer {
         sent: updates.cursor(),
-        last: Progress::default(),
+        sent_at: Instant::now(),
+        last: None,
         id,
         updates,
-        shutdown,
         config,
         caller,
         tx,
@@ -177,12 +183,33 @@ pub fn forward(
     tokio::spawn(async move {
         let _permit = permit;
         // `run` drops the channel's sender before the closing status follows it.
-        if let Some(status) = producer.run().await {
+        if let Some(status) = producer.run(shutdown).await {
             let _ = end_tx.send(status);
         }
     });
     let end = futures_util::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
-    Box::pin(ReceiverStream::new(rx).chain(end))
+    Box::pin(
+        ReceiverStream::new(rx)
+            .map(|out| Ok(out.message()))
+            .chain(end),
+    )
+}
+
+/// What the producer places in a stream's channel: small, so that a stream's channel
+/// costs little however many updates it can hold.
+enum Outgoing {
+    /// An update of the log, converted when the connection takes it.
+    Update(Arc<Update>),
+    Heartbeat(Box<proto::ProgressUpdate>),
+}
+
+impl Outgoing {
+    fn message(self) -> proto::ProgressUpdate {
+        match self {
+            Outgoing::Update(u) => convert::update(&u),
+            Outgoing::Heartbeat(m) => *m,
+        }
+    }
 }
 
 /// The task behind one [`forward`]ed stream. `Break(None)`: the stream ends without a
@@ -191,45 +218,63 @@ pub fn forward(
 struct Producer {
     id: String,
     updates: UpdateStream,
-    shutdown: CancellationToken,
     config: StreamConfig,
     caller: Option<auth::Caller>,
-    tx: mpsc::Sender<Result<proto::ProgressUpdate, Status>>,
+    tx: mpsc::Sender<Outgoing>,
     /// Sequence of the last update placed in the channel: where to resume from.
     sent: u64,
+    /// When something was last placed in the channel (a heartbeat is due
+    /// `heartbeat_interval` later).
+    sent_at: Instant,
     /// What a heartbeat repeats: the last update's app, phase and progress, so a
     /// client that draws every message does not see its bar go back to zero.
-    last: Progress,
+    last: Option<Arc<Update>>,
+}
+
+/// The futures a producer waits on for its whole life, registered once (not once per
+/// update): server shutdown and the heartbeat's timer.
+struct Waits {
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    heartbeat: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Producer {
-    async fn run(mut self) -> Option<Status> {
+    async fn run(mut self, shutdown: CancellationToken) -> Option<Status> {
+        let mut waits = Waits {
+            shutdown: Box::pin(shutdown.cancelled_owned()),
+            heartbeat: Box::pin(tokio::time::sleep(self.config.heartbeat_interval)),
+        };
         loop {
-            let next = match self.next().await {
+            let next = match self.next(&mut waits).await {
                 ControlFlow::Continue(next) => next,
                 ControlFlow::Break(end) => return end,
             };
-            let (message, update) = match next {
+            let message = match next {
                 Some(u) => {
-                    let m = convert::update(&u);
-                    self.last = Progress {
-                        app: m.app.clone(),
-                        phase: m.phase,
-                        phase_progress: m.phase_progress,
-                        total_progress: m.total_progress,
-                    };
-                    (m, Some(u))
+                    self.last = Some(u.clone());
+                    Outgoing::Update(u)
                 }
-                None => (heartbeat(&self.id, self.sent, &self.last), None),
+                None => Outgoing::Heartbeat(Box::new(heartbeat(
+                    &self.id,
+                    self.sent,
+                    self.last.as_deref(),
+                ))),
             };
-            if let ControlFlow::Break(end) = self.send(message, update).await {
+            let update = match &message {
+                Outgoing::Update(u) => Some((u.sequence, u.is_terminal())),
+                Outgoing::Heartbeat(_) => None,
+            };
+            if let ControlFlow::Break(end) = self.send(&mut waits, message, update).await {
                 return end;
             }
         }
     }
 
     /// The next update, or `None` when a heartbeat is due.
-    async fn next(&mut self) -> ControlFlow<Option<Status>, Option<Arc<Update>>> {
+    async fn next(
+        &mut self,
+        waits: &mut Waits,
+    ) -> ControlFlow<Option<Status>, Option<Arc<Update>>> {
         let caller = &mut self.caller;
         let revoked = async {
             match caller.as_mut() {
@@ -238,9 +283,22 @@ impl Producer {
             }
         };
         let sent = self.sent;
+        let due = self.sent_at + self.config.heartbeat_interval;
+        let heartbeat = async {
+            // The timer is moved only when it fires before the heartbeat is due
+            // (something was sent since it was set): a busy stream does not touch the
+            // timer wheel once per update.
+            loop {
+                waits.heartbeat.as_mut().await;
+                if waits.heartbeat.deadline() >= due {
+                    break;
+                }
+                waits.heartbeat.as_mut().reset(due);
+            }
+        };
         tokio::select! {
             biased;
-            _ = self.shutdown.cancelled() => ControlFlow::Break(Some(shutting_down(&self.id, sent))),
+            _ = &mut waits.shutdown => ControlFlow::Break(Some(shutting_down(&self.id, sent))),
             _ = revoked => {
                 let name = self.caller.as_ref().map(|c| c.name.clone()).unwrap_or_default();
                 tracing::info!(caller = %name, "token revoked: closing its stream");
@@ -254,34 +312,39 @@ impl Producer {
                 ))),
                 Some(Err(e @ LogError::Beyond { .. })) => ControlFlow::Break(Some(Status::out_of_range(e.to_string()))),
             },
-            _ = tokio::time::sleep(self.config.heartbeat_interval) => ControlFlow::Continue(None),
+            _ = heartbeat => ControlFlow::Continue(None),
             // The client left: stop forwarding (the deployment goes on).
             _ = self.tx.closed() => ControlFlow::Break(None),
         }
     }
 
     /// Places `message` in the channel, waiting at most the stall timeout for room.
+    /// `update` is the sequence of the update it carries and whether it is terminal.
     async fn send(
         &mut self,
-        message: proto::ProgressUpdate,
-        update: Option<Arc<Update>>,
+        waits: &mut Waits,
+        message: Outgoing,
+        update: Option<(u64, bool)>,
     ) -> ControlFlow<Option<Status>> {
         let sent = self.sent;
         tokio::select! {
             biased;
-            _ = self.shutdown.cancelled() => ControlFlow::Break(Some(shutting_down(&self.id, sent))),
-            r = self.tx.send_timeout(Ok(message), self.config.stall_timeout) => match r {
-                Ok(()) => match update {
-                    Some(u) => {
-                        self.sent = u.sequence;
-                        if u.is_terminal() {
-                            ControlFlow::Break(None)
-                        } else {
-                            ControlFlow::Continue(())
+            _ = &mut waits.shutdown => ControlFlow::Break(Some(shutting_down(&self.id, sent))),
+            r = self.tx.send_timeout(message, self.config.stall_timeout) => match r {
+                Ok(()) => {
+                    self.sent_at = Instant::now();
+                    match update {
+                        Some((sequence, terminal)) => {
+                            self.sent = sequence;
+                            if terminal {
+                                ControlFlow::Break(None)
+                            } else {
+                                ControlFlow::Continue(())
+                            }
                         }
+                        None => ControlFlow::Continue(()),
                     }
-                    None => ControlFlow::Continue(()),
-                },
+                }
                 Err(SendTimeoutError::Timeout(_)) => {
                     tracing::info!(deployment_id = %self.id, after_sequence = sent, "ending a stalled update stream");
                     ControlFlow::Break(Some(Status::resource_exhausted(format!(
@@ -303,31 +366,25 @@ fn shutting_down(id: &str, sent: u64) -> Status {
     ))
 }
 
-/// The last delivered update's app, phase and progress (what a heartbeat repeats).
-#[derive(Default)]
-struct Progress {
-    app: String,
-    phase: i32,
-    phase_progress: f64,
-    total_progress: f64,
-}
-
-/// A heartbeat: not part of the log; repeats the last delivered sequence, phase and
-/// progress.
-fn heartbeat(id: &str, sequence: u64, last: &Progress) -> proto::ProgressUpdate {
-    proto::ProgressUpdate {
+/// A heartbeat: not part of the log; repeats the last delivered sequence, and the
+/// last delivered update's app, phase and progress.
+fn heartbeat(id: &str, sequence: u64, last: Option<&Update>) -> proto::ProgressUpdate {
+    let mut m = proto::ProgressUpdate {
         deployment_id: id.to_owned(),
         sequence,
-        app: last.app.clone(),
-        phase: last.phase,
-        phase_progress: last.phase_progress,
-        total_progress: last.total_progress,
         level: proto::Level::Verbose as i32,
         message: "heartbeat".into(),
         timestamp: Some(convert::timestamp(std::time::SystemTime::now())),
         heartbeat: true,
         ..Default::default()
+    };
+    if let Some(u) = last {
+        m.app = u.app.to_string();
+        m.phase = convert::phase(u.phase) as i32;
+        m.phase_progress = u.phase_progress;
+        m.total_progress = u.total_progress;
     }
+    m
 }
 
 pub(crate) type UpdateResponseStream =

@@ -152,11 +152,21 @@ pub(crate) struct Inner {
 struct Live {
     deployments: HashMap<DeploymentId, Arc<Deployment>>,
     idempotency: HashMap<(AppName, String), DeploymentId>,
+    /// The logs of the last [`RECENT_LOGS`] deployments that ended, oldest first: a
+    /// crowd watching a deployment that just ended replays it from memory instead of
+    /// each watcher reading it back from the store (its status still comes from the
+    /// store, so a deployment removed by retention is not found). Emptied whenever
+    /// retention removes anything.
+    recent: std::collections::VecDeque<(DeploymentId, Arc<DeploymentLog>)>,
 }
+
+/// How many ended deployments keep their log in memory for replays.
+const RECENT_LOGS: usize = 8;
 
 /// The engine. Only live deployments (queued or running) are held in memory; once a
 /// deployment has ended and its log is on disk it is dropped from memory, and status,
-/// watch, list and idempotency read it from the [`Store`].
+/// watch, list and idempotency read it from the [`Store`] (a watch of one of the last
+/// few to end replays its log from memory, once the store has its status).
 #[derive(Clone)]
 pub struct Engine(Arc<Inner>);
 
@@ -548,6 +558,11 @@ impl Engine {
         {
             let mut live = self.live();
             live.deployments.remove(&deployment.id);
+            if live.recent.len() == RECENT_LOGS {
+                live.recent.pop_front();
+            }
+            live.recent
+                .push_back((deployment.id, deployment.log.clone()));
             if let Some(key) = &deployment.spec.idempotency_key {
                 live.idempotency
                     .remove(&(deployment.spec.app.clone(), key.clone()));
@@ -566,11 +581,15 @@ impl Engine {
             return;
         }
         match self.0.store.apply_retention(retention).await {
-            Ok(out) if out.deployments_removed > 0 || out.updates_removed > 0 => tracing::info!(
-                deployments = out.deployments_removed,
-                updates = out.updates_removed,
-                "retention removed history"
-            ),
+            Ok(out) if out.deployments_removed > 0 || out.updates_removed > 0 => {
+                // What the store no longer holds must not be replayed from memory.
+                self.live().recent.clear();
+                tracing::info!(
+                    deployments = out.deployments_removed,
+                    updates = out.updates_removed,
+                    "retention removed history"
+                )
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "retention failed"),
         }
@@ -653,6 +672,12 @@ impl Engine {
         if let Some(d) = self.get(id) {
             return d.log.subscribe(after).map_err(EngineError::OutOfRange);
         }
+        let recent = self
+            .live()
+            .recent
+            .iter()
+            .find(|(ended, _)| *ended == id)
+            .map(|(_, log)| log.clone());
         // Ended: replay from the store. Only the part after `after` is loaded.
         let status = self
             .0
@@ -665,6 +690,9 @@ impl Engine {
                 after,
                 last: status.last_sequence,
             }));
+        }
+        if let Some(log) = recent {
+            return log.subscribe(after).map_err(EngineError::OutOfRange);
         }
         let stored = self.0.store.log(id, after).await?;
         let oldest = stored.oldest.unwrap_or(status.last_sequence + 1);

@@ -90,32 +90,39 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes every pending record, each synced before the next.
+    /// Writes every pending record: one `write` of their lines, then one
+    /// `fdatasync`. They leave the queue (and the chain's head moves) only once synced;
+    /// on an error they stay queued and the file is reopened next time (which also
+    /// cuts a partly written line).
     fn flush(&mut self) -> Result<(), String> {
         if self.file.is_none() {
             self.open()?;
         }
-        while let Some(record) = self.pending.front() {
-            let mut record = record.clone();
-            let seq = self.last_seq + 1;
-            record.insert("seq".into(), seq.into());
-            record.insert("prev_hash".into(), self.last_hash.clone().into());
-            let canonical = serde_json::to_vec(&record).expect("a JSON map serializes");
-            let hash = chain_hash(&self.last_hash, &canonical);
-            record.insert("hash".into(), hash.clone().into());
-            let mut line = serde_json::to_vec(&record).expect("a JSON map serializes");
-            line.push(b'\n');
-            let file = self.file.as_mut().expect("opened above");
-            let written = file.write_all(&line).and_then(|()| file.sync_data());
-            if let Err(e) = written {
-                // Reopen next time: that also cuts a partly written line.
-                self.file = None;
-                return Err(format!("cannot write {}: {e}", self.path.display()));
-            }
-            self.last_seq = seq;
-            self.last_hash = hash;
-            self.pending.pop_front();
+        if self.pending.is_empty() {
+            return Ok(());
         }
+        let (mut seq, mut hash) = (self.last_seq, self.last_hash.clone());
+        let mut lines = Vec::new();
+        for record in &self.pending {
+            let mut record = record.clone();
+            seq += 1;
+            record.insert("seq".into(), seq.into());
+            record.insert("prev_hash".into(), hash.clone().into());
+            let canonical = serde_json::to_vec(&record).expect("a JSON map serializes");
+            hash = chain_hash(&hash, &canonical);
+            record.insert("hash".into(), hash.clone().into());
+            serde_json::to_writer(&mut lines, &record).expect("a JSON map serializes");
+            lines.push(b'\n');
+        }
+        let file = self.file.as_mut().expect("opened above");
+        let written = file.write_all(&lines).and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            self.file = None;
+            return Err(format!("cannot write {}: {e}", self.path.display()));
+        }
+        self.last_seq = seq;
+        self.last_hash = hash;
+        self.pending.clear();
         Ok(())
     }
 }
@@ -216,7 +223,7 @@ impl AuditLog {
         ))
     }
 
-    /// Queues `record` and writes every queued record. Blocking.
+    /// Queues `record` (if any) and writes every queued record. Blocking.
     fn append_blocking(&self, record: Option<Map<String, Value>>) -> Result<(), String> {
         let mut w = self.writer.lock().expect("audit lock");
         if let Some(r) = record {
@@ -241,6 +248,16 @@ impl AuditLog {
             }
         }
         result
+    }
+
+    /// Queues `record` without writing it: the next [`AuditLog::append`] (or the
+    /// retry task) writes it with the others queued, with one `fdatasync` for all.
+    pub(super) fn queue(&self, record: Map<String, Value>) {
+        self.writer
+            .lock()
+            .expect("audit lock")
+            .pending
+            .push_back(record);
     }
 
     pub(super) async fn append(

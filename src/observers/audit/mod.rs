@@ -23,10 +23,12 @@
 //! (`audit verify --expect-head`): verify prints the head to export.
 //!
 //! # Durability (fsync policy)
-//! Each record is written with one `write` of the whole line, then `fdatasync`ed
-//! before the next one is written: a crash loses at most the record being written. A
-//! torn last line (no trailing newline) left by a crash is cut off when the log is
-//! next opened, and the chain continues from the last whole record.
+//! The records queued together (a burst of updates, handed over before the observer's
+//! queue runs empty: [`Observer::on_idle`]) are written with one `write` of their
+//! lines, then one `fdatasync`, before any later record is written: a crash loses at
+//! most the records not yet synced, which were only in memory (the observer's queue)
+//! anyway. A torn last line (no trailing newline) left by a crash is cut off when the
+//! log is next opened, and the chain continues from the last whole record.
 //!
 //! # When the log cannot be written
 //! The audit observer has a lossless queue: records wait in memory, in order, until
@@ -93,6 +95,7 @@ mod tests {
                 .await
                 .unwrap();
         }
+        obs.on_idle().await.unwrap();
     }
 
     #[tokio::test]
@@ -138,10 +141,13 @@ mod tests {
         let obs = AuditObserver::new(AuditLog::open(&path));
         assert!(obs.admit().unwrap_err().0.contains("cannot be written"));
         let id = DeploymentId::new();
-        let err = obs
-            .on_update(update(id, 1, EventKind::accepted_for_test(), Phase::Queued))
-            .await;
-        assert!(err.is_err());
+        obs.on_update(update(id, 1, EventKind::accepted_for_test(), Phase::Queued))
+            .await
+            .unwrap();
+        assert!(
+            obs.on_idle().await.is_err(),
+            "the queued record cannot be written"
+        );
         std::fs::remove_file(&blocker).unwrap();
         for _ in 0..100 {
             if obs.admit().is_ok() {

@@ -130,12 +130,17 @@ impl Observer for AuditObserver {
     }
 
     async fn on_update(&self, update: Arc<Update>) -> Result<(), ObserverError> {
-        let Some(record) = self.record(&update) else {
-            return Ok(());
-        };
-        // On failure the record stays queued in the log (written by a later append or
+        // Queued only: `on_idle` writes the records of a burst with one fdatasync.
+        if let Some(record) = self.record(&update) {
+            self.log.queue(record);
+        }
+        Ok(())
+    }
+
+    async fn on_idle(&self) -> Result<(), ObserverError> {
+        // On failure the records stay queued in the log (written by a later append or
         // the retry task), so nothing is lost; the failure is counted.
-        self.log.append(Some(record)).await.map_err(ObserverError)
+        self.log.append(None).await.map_err(ObserverError)
     }
 
     async fn on_refusal(&self, refusal: Arc<Refusal>) -> Result<(), ObserverError> {
@@ -151,7 +156,8 @@ impl Observer for AuditObserver {
         let Value::Object(record) = record else {
             unreachable!("json! of an object")
         };
-        self.log.append(Some(record)).await.map_err(ObserverError)
+        self.log.queue(record);
+        Ok(())
     }
 
     fn admit(&self) -> Result<(), ObserverError> {
