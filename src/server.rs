@@ -570,6 +570,12 @@ async fn start_engine(
             "completed deployments interrupted past the point of no return"
         );
     }
+    if !recovery.following.is_empty() {
+        tracing::warn!(
+            deployments = recovery.following.len(),
+            "following swarm deployments interrupted by a restart in the background: each ends once its service's update does"
+        );
+    }
     // After recovery decided which version each app keeps: the routes follow.
     if let Some(proxy) = engine.proxy() {
         match engine.reconcile_routes().await {

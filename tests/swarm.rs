@@ -418,6 +418,36 @@ async fn cancel_mid_update_rolls_back() {
     server.stop().await;
 }
 
+/// The digest the deployment pinned its image to (its PULLING update).
+fn pinned_digest(updates: &[ProgressUpdate]) -> String {
+    let pinned = updates.iter().find_map(|u| u.metadata.get("image_digest"));
+    pinned.expect("the pinned digest").clone()
+}
+
+/// A server restarted after kill -9 answers at once, while its recovery still follows
+/// deployment `id` in the background: GetStatus shows it RUNNING, and a watch from the
+/// start reads the stored updates, then the live ones (the recovery's), to the end.
+async fn assert_followed_in_the_background(client: &mut Client, id: &str) {
+    let status = common::get_status(client, id).await;
+    assert_eq!(
+        status.state(),
+        DeploymentState::Running,
+        "the restarted server answers while recovery follows: {status:#?}"
+    );
+    let updates = common::watch(client, id, 0).await.expect("WatchDeployment");
+    let recovered = updates
+        .iter()
+        .position(|u| u.metadata.contains_key("recovered"))
+        .expect("recovery's update");
+    assert!(
+        updates[..recovered]
+            .iter()
+            .any(|u| u.metadata.contains_key("service_id")),
+        "the stored updates come first"
+    );
+    terminal(&updates);
+}
+
 #[tokio::test]
 async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converges() {
     let env = swarm::env();
@@ -442,11 +472,13 @@ async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converge
         .until(|u| u.metadata.get("task_state").is_some_and(|s| s == "running"))
         .await;
     let id = seen[0].deployment_id.clone();
+    let pinned = pinned_digest(&seen);
     drop(stream);
     drop(server); // SIGKILL, then reaped.
 
     let server = common::BinaryServer::spawn(data.path(), &args);
     let mut client = common::connect(server.grpc_addr).await;
+    assert_followed_in_the_background(&mut client, &id).await;
     let status = common::wait_finished(&mut client, &id).await;
     assert_eq!(
         status.state(),
@@ -459,6 +491,17 @@ async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converge
         "{}",
         result.message
     );
+    // The result is a normal one's: the pinned digest, an endpoint on every node.
+    assert_eq!(result.image_digest, pinned);
+    for addr in &env.nodes {
+        let url = format!("http://{addr}:{port}");
+        assert!(
+            result.endpoints.values().any(|u| *u == url),
+            "endpoint {url} in {:?}",
+            result.endpoints
+        );
+    }
+    assert!(result.endpoints.contains_key("8080/tcp"), "{result:#?}");
     swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v2\n").await;
     let log = server.log_text();
     assert!(!log.contains("panicked"), "{log}");
@@ -488,15 +531,21 @@ async fn kill_9_mid_an_update_that_cannot_converge_then_restart_rolls_it_back() 
         })
         .await;
     let id = seen[0].deployment_id.clone();
+    let pinned = pinned_digest(&seen);
     drop(stream);
     drop(server); // SIGKILL, then reaped.
 
     // Recovery follows it for the rest of its deadline, then rolls it back.
     let server = common::BinaryServer::spawn(data.path(), &args);
     let mut client = common::connect(server.grpc_addr).await;
+    assert_followed_in_the_background(&mut client, &id).await;
     let status = common::wait_finished(&mut client, &id).await;
     assert_eq!(status.state(), DeploymentState::Failed, "{status:#?}");
     let result = status.result.unwrap();
+    assert_eq!(
+        result.image_digest, pinned,
+        "the digest that was rolled back"
+    );
     assert!(
         result.message.contains("did not converge"),
         "{}",

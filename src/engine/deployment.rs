@@ -91,6 +91,13 @@ impl Deployment {
     /// A deployment known only from the store (after a restart), its log continuing
     /// after `status.last_sequence`: enough for a [`Reporter`] to end it.
     pub(super) fn recovered(status: DeploymentStatus) -> Self {
+        let log = DeploymentLog::resumed(status.last_sequence);
+        Self::recovered_with(status, log)
+    }
+
+    /// Like [`Deployment::recovered`], its log `log` (one that continues after
+    /// `status.last_sequence`, e.g. backed by the store for a deployment that goes on).
+    pub(super) fn recovered_with(status: DeploymentStatus, log: DeploymentLog) -> Self {
         let spec = bare_spec(
             status.app.clone(),
             status.image.clone(),
@@ -103,7 +110,7 @@ impl Deployment {
             id: status.id,
             operation: status.operation,
             spec,
-            log: Arc::new(DeploymentLog::resumed(status.last_sequence)),
+            log: Arc::new(log),
             cancel: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             accepted: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),

@@ -204,6 +204,11 @@ pub(crate) struct Recovery {
     /// Removals (RemoveApp) that were queued or running, finished by recovery: every
     /// container of their app removed, now SUCCEEDED (FAILED if the engine refused).
     pub removals: Vec<DeploymentId>,
+    /// Deployments to a swarm that were in flight, taken over by recovery: each is
+    /// live again (RUNNING, holding its app's queue place) while its service's update
+    /// is followed in the background, and ends SUCCEEDED ("completed by recovery") or
+    /// FAILED after a rollback.
+    pub following: Vec<DeploymentId>,
 }
 
 /// Runs `each` every `interval` (the first at once) until `shutdown`.
@@ -412,6 +417,26 @@ impl Engine {
         )
     }
 
+    /// The log of a deployment taken over after a restart: it continues after
+    /// `after` (the last stored update), and a reader from an earlier sequence reads
+    /// the stored updates first.
+    fn resumed_log(&self, id: DeploymentId, after: u64) -> DeploymentLog {
+        DeploymentLog::resumed_bounded(
+            after,
+            LIVE_LOG_WINDOW,
+            Arc::new(StoreBackfill {
+                store: self.0.store.clone(),
+                id,
+            }),
+        )
+    }
+
+    /// Holds a deployment taken over after a restart in memory again (it is in the
+    /// store already): status, watch and cancel find it live until it ends.
+    fn hold_recovered(&self, deployment: &Arc<Deployment>) {
+        (self.live().deployments).insert(deployment.id, deployment.clone());
+    }
+
     /// The writer of `deployment`'s log from its first update.
     fn reporter(&self, deployment: &Arc<Deployment>) -> Reporter {
         Reporter::new(
@@ -485,15 +510,31 @@ impl Engine {
         deployment: &Arc<Deployment>,
         task: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
-        let deployment = deployment.clone();
-        let span = tracing::info_span!(
-            "deployment",
-            deployment_id = %deployment.id,
-            operation = deployment.operation.as_str(),
-            app = %deployment.spec.app,
-            image = %deployment.spec.image,
-        );
+        let span = span_of(deployment);
         tracing::info!(parent: &span, requested_by = %deployment.spec.requested_by, "deployment accepted");
+        self.track(deployment.clone(), task, span);
+    }
+
+    /// Runs `task`, recovery's follow of `deployment` (taken over after a restart),
+    /// as [`Engine::spawn_task`] runs a new deployment's.
+    fn spawn_recovered(
+        &self,
+        deployment: &Arc<Deployment>,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let span = span_of(deployment);
+        tracing::warn!(parent: &span, "following a deployment interrupted by a restart");
+        self.track(deployment.clone(), task, span);
+    }
+
+    /// Runs `task` in the engine's task set, within `span`: a panic ends `deployment`
+    /// FAILED, shutdown waits for it, and it leaves memory once it ended.
+    fn track(
+        &self,
+        deployment: Arc<Deployment>,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+        span: tracing::Span,
+    ) {
         let engine = self.clone();
         self.0.tasks.spawn(
             async move {
@@ -814,6 +855,17 @@ impl Engine {
             d.interrupt.cancel();
         }
     }
+}
+
+/// The span of a deployment's task.
+fn span_of(deployment: &Deployment) -> tracing::Span {
+    tracing::info_span!(
+        "deployment",
+        deployment_id = %deployment.id,
+        operation = deployment.operation.as_str(),
+        app = %deployment.spec.app,
+        image = %deployment.spec.image,
+    )
 }
 
 type SortKey = (u128, uuid::Uuid);

@@ -72,6 +72,18 @@ impl AppQueues {
                 max: self.max_in_flight,
             });
         }
+        Ok(self.join(&mut inner, app, id))
+    }
+
+    /// Puts deployment `id` of `app` in its app's queue whatever the limits: a
+    /// deployment recovery takes over after a restart was admitted by the previous
+    /// process already.
+    pub(crate) fn admit_recovered(&self, app: &AppName, id: DeploymentId) -> Ticket {
+        self.join(&mut self.inner.lock().expect("queue lock"), app, id)
+    }
+
+    /// The lock of `app` for `id`, or a place at the end of its line.
+    fn join(&self, inner: &mut HashMap<AppName, Slot>, app: &AppName, id: DeploymentId) -> Ticket {
         let slot = inner.entry(app.clone()).or_default();
         let position = if slot.running.is_none() {
             slot.running = Some(id);
@@ -81,12 +93,12 @@ impl AppQueues {
             slot.waiting.push_back((id, tx));
             rx
         };
-        Ok(Ticket {
+        Ticket {
             queues: self.clone(),
             app: app.clone(),
             id,
             position,
-        })
+        }
     }
 
     /// The deployment right ahead of `id` in its app's line: the running one for the

@@ -24,7 +24,9 @@ struct Removal {
 
 impl Engine {
     /// Reconciles after a restart, before serving: every deployment the store holds as
-    /// pending or running was in flight when the previous process died. Each gets a
+    /// pending or running was in flight when the previous process died. A deployment
+    /// to a swarm is taken over and followed in the background (it stays RUNNING until
+    /// its service's update ends; see `recover_on_swarm`). Each other one gets a
     /// terminal FAILED update ("interrupted by a restart"), and the containers labelled
     /// with its ID are removed. Nothing else is touched: the app's previous version
     /// (the last succeeded deployment's container) keeps running (it is started again
@@ -41,15 +43,16 @@ impl Engine {
         for status in &mut unfinished {
             self.settle_tail(status).await?;
         }
-        // Deployments to a swarm reconcile their service's update state instead (see
-        // `swarm.rs`): their tasks' containers are Swarm's, never removed here.
+        // Deployments to a swarm are taken over instead: their service's update is
+        // followed in the background (see `swarm.rs`), so recovery does not wait for
+        // it; their tasks' containers are Swarm's, never removed here.
         let (on_swarm, mut unfinished): (Vec<_>, Vec<_>) = unfinished
             .into_iter()
             .partition(|s| s.operation.is_deploy() && s.target == crate::model::Target::Swarm);
         for status in on_swarm {
             let id = status.id;
             if self.recover_on_swarm(status).await {
-                recovery.completed.push(id);
+                recovery.following.push(id);
             } else {
                 recovery.interrupted.push(id);
             }

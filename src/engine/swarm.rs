@@ -660,18 +660,19 @@ impl SwarmRun {
         let spec = self.rep.deployment().spec.clone();
         let tasks = self.swarm.tasks(&self.service_id).await.unwrap_or_default();
         let endpoints = self.endpoints(&tasks);
-        let mut message = format!(
-            "deployed {} as service {} with {} replicas",
-            self.image, spec.app, spec.replicas
-        );
+        let mut message = if self.recovered {
+            format!(
+                "completed by recovery: service {} converged on this deployment's spec ({}, {} replicas) after the server restarted",
+                spec.app, self.image, spec.replicas
+            )
+        } else {
+            format!(
+                "deployed {} as service {} with {} replicas",
+                self.image, spec.app, spec.replicas
+            )
+        };
         if let Some(url) = endpoints.values().next() {
             message.push_str(&format!(", serving at {url}"));
-        }
-        if self.recovered {
-            message = format!(
-                "completed by recovery: service {} converged on this deployment's spec after the server restarted",
-                spec.app
-            );
         }
         let result = DeploymentResult {
             success: true,
@@ -930,36 +931,57 @@ const RECOVERY_LIMIT: Duration = Duration::from_secs(120);
 /// How long recovery follows an update at least (a deadline already past included).
 const RECOVERY_MIN: Duration = Duration::from_secs(5);
 
+/// The time recovery follows an update: what is left of the deployment's own
+/// `deadline` since it was accepted (`created_at`), within [RECOVERY_MIN,
+/// RECOVERY_LIMIT].
+fn recovery_limit(deadline: Option<Duration>, created_at: std::time::SystemTime) -> Duration {
+    let age = std::time::SystemTime::now()
+        .duration_since(created_at)
+        .unwrap_or_default();
+    deadline
+        .map_or(RECOVERY_LIMIT, |d| d.saturating_sub(age))
+        .clamp(RECOVERY_MIN, RECOVERY_LIMIT)
+}
+
+/// The ports of a stored request (see [`crate::store::redacted_request`]).
+fn stored_ports(request: &serde_json::Value) -> Vec<crate::model::PortSpec> {
+    let ports = request["ports"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    ports
+        .iter()
+        .filter_map(|p| {
+            Some(crate::model::PortSpec {
+                container_port: u16::try_from(p["container_port"].as_u64()?).ok()?,
+                host_port: u16::try_from(p["host_port"].as_u64()?).ok()?,
+                protocol: match p["protocol"].as_str()? {
+                    "udp" => crate::model::Protocol::Udp,
+                    _ => crate::model::Protocol::Tcp,
+                },
+                host_ip: None,
+            })
+        })
+        .collect()
+}
+
 impl super::Engine {
-    /// Reconciles a deployment to a swarm that a dead process left in flight: a
-    /// service whose spec is this deployment's is followed to the end of its update
-    /// (SUCCEEDED, "completed by recovery"), or rolled back when it cannot converge
-    /// within [`RECOVERY_LIMIT`], paused, or rolled back by Swarm (FAILED); a paused
-    /// update is never left paused. A deployment whose spec never reached Swarm ends
-    /// FAILED with the service untouched. Returns whether it succeeded.
+    /// Takes over a deployment to a swarm that a dead process left in flight, without
+    /// waiting for it: the deployment is live again (RUNNING, in its app's queue, its
+    /// log continuing the stored one) and its task, in the engine's task set, follows
+    /// the service's update (see [`SwarmRun::follow_recovered`]). Returns whether it is
+    /// followed; `false` when the server now runs `--target docker`: it then ends
+    /// FAILED at once, the service left as it is.
     pub(super) async fn recover_on_swarm(&self, status: crate::model::DeploymentStatus) -> bool {
-        let phase = status.phase;
-        let (id, app, replicas) = (status.id, status.app.clone(), status.replicas.max(1));
-        // The deployment's own deadline still bounds it: what is left of it, from its
-        // acceptance (the stored request), within [RECOVERY_MIN, RECOVERY_LIMIT].
-        let deadline = (self.0.store.request(id).await.ok().flatten())
-            .and_then(|r| r["deadline_ms"].as_u64())
-            .map(Duration::from_millis);
-        let age = std::time::SystemTime::now()
-            .duration_since(status.created_at)
-            .unwrap_or_default();
-        let limit = deadline
-            .map_or(RECOVERY_LIMIT, |d| d.saturating_sub(age))
-            .clamp(RECOVERY_MIN, RECOVERY_LIMIT);
-        let mut deployment = super::deployment::Deployment::recovered(status);
-        deployment.spec.replicas = replicas;
-        let deployment = Arc::new(deployment);
-        let mut rep = Reporter::resume(deployment, self.0.observers.clone(), self.0.store.clone());
+        let (id, app, phase) = (status.id, status.app.clone(), status.phase);
         let Some(swarm) = self.0.swarm.clone() else {
             let message = format!(
                 "interrupted by a restart of the server during {}; the server now runs --target docker, so service {app} was left as it is",
                 phase.name()
             );
+            let deployment = Arc::new(super::deployment::Deployment::recovered(status));
+            let mut rep =
+                Reporter::resume(deployment, self.0.observers.clone(), self.0.store.clone());
             rep.fail(
                 phase,
                 "server restart",
@@ -968,11 +990,71 @@ impl super::Engine {
             );
             return false;
         };
-        let service = swarm.inspect_service(app.as_str()).await;
-        let mut run = SwarmRun::new(rep, swarm);
-        let label = id.to_string();
-        let service = match service {
-            Ok(Some(s)) if s.labels.get(LABEL_DEPLOYMENT) == Some(&label) => s,
+        // What the deployment asked for that the follow needs: its deadline, its
+        // ports (for the endpoints), from the stored request.
+        let request = (self.0.store.request(id).await.ok().flatten()).unwrap_or_default();
+        let deadline = request["deadline_ms"].as_u64().map(Duration::from_millis);
+        let replicas = status.replicas.max(1);
+        let log = self.resumed_log(id, status.last_sequence);
+        let mut deployment = super::deployment::Deployment::recovered_with(status, log);
+        deployment.spec.replicas = replicas;
+        deployment.spec.ports = stored_ports(&request);
+        let deployment = Arc::new(deployment);
+        self.hold_recovered(&deployment);
+        // The app's queue place: a new deployment of the app waits behind this one.
+        let ticket = self.0.queues.admit_recovered(&app, id);
+        let rep = Reporter::resume(
+            deployment.clone(),
+            self.0.observers.clone(),
+            self.0.store.clone(),
+        );
+        let follow = SwarmRun::new(rep, swarm).follow_recovered(ticket, deadline);
+        self.spawn_recovered(&deployment, follow);
+        true
+    }
+}
+
+impl SwarmRun {
+    /// Recovery's follow of a deployment a dead process left in flight (its turn in
+    /// the app's queue first): a service whose spec is this deployment's is followed
+    /// to the end of its update (SUCCEEDED, "completed by recovery"), or rolled back
+    /// when it cannot converge within the rest of the deployment's deadline (at most
+    /// [`RECOVERY_LIMIT`]), paused, or rolled back by Swarm (FAILED); a paused update
+    /// is never left paused. A deployment whose spec never reached Swarm ends FAILED
+    /// with the service untouched. A cancel or the server's shutdown rolls it back as
+    /// they do any deployment.
+    pub(super) async fn follow_recovered(mut self, mut ticket: Ticket, deadline: Option<Duration>) {
+        let deployment = self.rep.deployment().clone();
+        let phase = self.rep.phase();
+        let outcome = tokio::select! {
+            r = async {
+                while ticket.position() > 0 {
+                    ticket.changed().await;
+                }
+                self.take_over(phase, deadline).await
+            } => r,
+            _ = deployment.cancel.cancelled() => Err(Stop::Cancelled),
+            _ = deployment.interrupt.cancelled() => Err(Stop::Interrupted),
+        };
+        match outcome {
+            Ok(true) => {
+                self.recovered = true;
+                self.succeed().await;
+            }
+            Ok(false) => {}
+            Err(stop) => self.end(stop).await,
+        }
+        drop(ticket);
+    }
+
+    /// Reads the service and follows its update; `Ok(false)` when the deployment
+    /// ended already (its spec is not the service's).
+    async fn take_over(&mut self, phase: Phase, deadline: Option<Duration>) -> Result<bool, Stop> {
+        let status = self.rep.deployment().status();
+        let limit = recovery_limit(deadline, status.created_at);
+        let app = status.app.to_string();
+        let service = match self.swarm.inspect_service(&app).await {
+            Ok(Some(s)) if s.labels.get(LABEL_DEPLOYMENT) == Some(&self.label) => s,
             other => {
                 let why = match other {
                     Err(e) => format!("the service could not be read ({e}), so it was left as it is"),
@@ -982,25 +1064,27 @@ impl super::Engine {
                     "interrupted by a restart of the server during {}; {why}",
                     phase.name()
                 );
-                run.rep.fail(
+                self.rep.fail(
                     phase,
                     "server restart",
                     message,
                     Extra::meta([("interrupted", "restart".into())]),
                 );
-                return false;
+                return Ok(false);
             }
         };
-        tracing::warn!(deployment_id = %id, app = %app, update = ?service.update, "following a swarm deployment interrupted by a restart");
-        run.service_id = service.id.clone();
-        run.sent = true;
-        run.created = service.update.is_none();
-        run.nodes = (run.swarm.nodes().await)
+        tracing::warn!(update = ?service.update, "following a swarm deployment interrupted by a restart");
+        self.service_id = service.id.clone();
+        self.sent = true;
+        self.created = service.update.is_none();
+        // The pinned reference the deployment sent (the result's digest).
+        self.image = service.image.clone();
+        self.nodes = (self.swarm.nodes().await)
             .unwrap_or_default()
             .into_iter()
             .map(|n| (n.id.clone(), n))
             .collect();
-        run.rep.progress(
+        self.rep.progress(
             0.0,
             Level::Warning,
             format!(
@@ -1010,30 +1094,20 @@ impl super::Engine {
             Extra::meta([("recovered", "true".into())]),
         );
         let follow = async {
-            run.follow_tasks().await?;
-            run.watch_monitor().await
+            self.follow_tasks().await?;
+            self.watch_monitor().await
         };
-        let outcome = match tokio::time::timeout(limit, follow).await {
-            Ok(r) => r,
-            Err(_) => Err(Failure::new(
-                run.rep.phase(),
+        match tokio::time::timeout(limit, follow).await {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(f)) => Err(Stop::Failed(f)),
+            Err(_) => Err(Stop::Failed(Failure::new(
+                self.rep.phase(),
                 "recovery",
                 format!(
                     "the update did not converge within {}s of the restart (the rest of the deployment's deadline)",
                     limit.as_secs()
                 ),
-            )),
-        };
-        match outcome {
-            Ok(()) => {
-                run.recovered = true;
-                run.succeed().await;
-                true
-            }
-            Err(f) => {
-                run.end(Stop::Failed(f)).await;
-                false
-            }
+            ))),
         }
     }
 }

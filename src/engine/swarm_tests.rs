@@ -8,7 +8,9 @@ use std::time::Duration;
 use super::tests::{assert_well_formed, deploy, end_state, phases, rest, spec, until};
 use super::{Engine, EngineConfig, EngineError};
 use crate::events::ObserverRegistry;
-use crate::model::{DeploySpec, DeploymentState, Level, Phase, PortSpec, Protocol, Target, Update};
+use crate::model::{
+    DeploySpec, DeploymentState, EventKind, Level, Phase, PortSpec, Protocol, Target, Update,
+};
 use crate::runtime::fake::FakeRuntime;
 use crate::runtime::fake_swarm::{FakeSwarm, labels_of};
 use crate::runtime::swarm::UpdateState;
@@ -282,24 +284,110 @@ async fn die_mid_update(
 }
 
 #[tokio::test]
-async fn recovery_follows_an_interrupted_update_to_its_end() {
+async fn recovery_returns_at_once_and_follows_an_interrupted_update_in_the_background() {
     let swarm = Arc::new(FakeSwarm::default());
     let dir = tempfile::tempdir().unwrap();
     let (store, id) = die_mid_update(&swarm, dir.path(), "r/web:2").await;
     let restarted = engine_on(&swarm, store.clone());
     let recovery = restarted.recover().await.unwrap();
-    assert_eq!(recovery.completed, [id]);
+    assert_eq!(recovery.following, [id]);
+    assert!(recovery.completed.is_empty() && recovery.interrupted.is_empty());
+    // recover() returned while the update is still followed: the deployment is live.
     let status = restarted.status(&id.to_string()).await.unwrap();
-    assert_eq!(status.state, DeploymentState::Succeeded, "{status:#?}");
-    assert!(
-        status
-            .result
-            .unwrap()
-            .message
-            .contains("completed by recovery")
+    assert_eq!(status.state, DeploymentState::Running, "{status:#?}");
+    assert_eq!(
+        restarted.state_counts().get(&DeploymentState::Running),
+        Some(&1)
     );
-    assert!(swarm.service_image("web").unwrap().starts_with("r/web@"));
+    // A watcher from the start reads the stored updates, then the live ones, to the end.
+    let updates = rest(restarted.watch(&id.to_string(), 0).await.unwrap()).await;
+    assert_well_formed(&updates);
+    let recovered_at = updates
+        .iter()
+        .position(|u| u.metadata.contains_key("recovered"))
+        .expect("the recovery's update");
+    assert!(
+        updates[..recovered_at]
+            .iter()
+            .any(|u| u.metadata.contains_key("service_id")),
+        "the stored updates come first: {updates:#?}"
+    );
+    assert_eq!(end_state(&updates), DeploymentState::Succeeded);
+    let result = updates.last().unwrap().result.clone().unwrap();
+    assert!(
+        result.message.contains("completed by recovery"),
+        "{}",
+        result.message
+    );
+    // The result is a normal one's: the pinned digest and an endpoint per node.
+    assert_eq!(result.image_digest, swarm.service_image("web").unwrap());
+    assert!(result.image_digest.starts_with("r/web@sha256:"));
+    assert_eq!(result.endpoints["8080/tcp@n1"], "http://10.0.0.1:18080");
+    assert_eq!(result.endpoints["8080/tcp@n2"], "http://10.0.0.2:18080");
+    assert_eq!(result.container_id, swarm_service_id(&swarm));
     assert_eq!(swarm.update_state("web"), Some(UpdateState::Completed));
+    let status = restarted.status(&id.to_string()).await.unwrap();
+    assert_eq!(status.state, DeploymentState::Succeeded);
+}
+
+fn swarm_service_id(swarm: &FakeSwarm) -> String {
+    (swarm.services.lock().unwrap())["web"].id.clone()
+}
+
+#[tokio::test]
+async fn a_deploy_of_the_app_queues_behind_a_recovered_deployment() {
+    let swarm = Arc::new(FakeSwarm::default());
+    let dir = tempfile::tempdir().unwrap();
+    let (store, id) = die_mid_update(&swarm, dir.path(), "r/web:2").await;
+    let restarted = engine_on(&swarm, store.clone());
+    assert_eq!(restarted.recover().await.unwrap().following, [id]);
+    let (next_id, stream) = restarted
+        .deploy(swarm_spec("web", "r/web:3", 2))
+        .await
+        .unwrap();
+    let next = rest(stream).await;
+    assert_well_formed(&next);
+    assert_eq!(end_state(&next), DeploymentState::Succeeded, "{next:#?}");
+    let queued = next
+        .iter()
+        .find(|u| matches!(u.kind, EventKind::Queued { .. }))
+        .expect("queued behind the recovered deployment");
+    assert_eq!(queued.metadata["queued_behind"], id.to_string());
+    // The recovered deployment ended (converged) before the new one began.
+    let recovered = restarted.status(&id.to_string()).await.unwrap();
+    assert_eq!(
+        recovered.state,
+        DeploymentState::Succeeded,
+        "{recovered:#?}"
+    );
+    let began = next.iter().find(|u| u.phase == Phase::Validating).unwrap();
+    assert!(recovered.finished_at.unwrap() <= began.timestamp);
+    let sent = swarm.sent.lock().unwrap().clone();
+    assert_eq!(
+        labels_of(sent.last().unwrap())["io.stevedore.deployment"],
+        next_id.to_string()
+    );
+}
+
+#[tokio::test]
+async fn shutdown_interrupts_a_recovered_deployment_and_rolls_it_back() {
+    let swarm = Arc::new(FakeSwarm::default());
+    let dir = tempfile::tempdir().unwrap();
+    let (store, id) = die_mid_update(&swarm, dir.path(), "r/stall:2").await;
+    let v1 = swarm.sent.lock().unwrap()[0].image.clone();
+    let restarted = engine_on(&swarm, store.clone());
+    assert_eq!(restarted.recover().await.unwrap().following, [id]);
+    restarted.stop_accepting();
+    restarted.interrupt_all();
+    tokio::time::timeout(Duration::from_secs(30), restarted.drain())
+        .await
+        .expect("shutdown waits for the recovered deployment, then ends");
+    let status = restarted.status(&id.to_string()).await.unwrap();
+    assert_eq!(status.state, DeploymentState::Failed, "{status:#?}");
+    let message = status.result.unwrap().message;
+    assert!(message.contains("server shutdown"), "{message}");
+    assert!(message.contains("rolled back"), "{message}");
+    assert_eq!(swarm.service_image("web").unwrap(), v1);
 }
 
 #[tokio::test]
@@ -311,12 +399,16 @@ async fn recovery_rolls_back_a_paused_update_and_never_leaves_it_paused() {
     swarm.pause("web");
     let restarted = engine_on(&swarm, store.clone());
     let recovery = restarted.recover().await.unwrap();
-    assert_eq!(recovery.interrupted, [id]);
+    assert_eq!(recovery.following, [id]);
+    let updates = rest(restarted.watch(&id.to_string(), 0).await.unwrap()).await;
+    assert_well_formed(&updates);
+    assert_eq!(end_state(&updates), DeploymentState::Failed);
     let status = restarted.status(&id.to_string()).await.unwrap();
     assert_eq!(status.state, DeploymentState::Failed, "{status:#?}");
     let result = status.result.unwrap();
     assert!(result.message.contains("paused"), "{}", result.message);
     assert!(result.message.contains("rolled back"), "{}", result.message);
+    assert!(result.image_digest.starts_with("r/stall@sha256:"));
     assert_eq!(*swarm.rollbacks.lock().unwrap(), 1);
     assert_eq!(swarm.service_image("web").unwrap(), v1);
     assert_eq!(

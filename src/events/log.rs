@@ -110,10 +110,24 @@ impl DeploymentLog {
 
     /// An empty log whose next update is `after + 1` (continuing a stored one).
     pub(crate) fn resumed(after: u64) -> Self {
-        let log = Self::new();
-        log.inner.lock().expect("log lock").first_seq = after + 1;
-        log.last.send_replace(after);
-        log
+        Self::new().starting_after(after)
+    }
+
+    /// A bounded log (see [`DeploymentLog::bounded`]) whose next update is `after + 1`:
+    /// a reader from an earlier sequence reads the stored updates from `backfill`, then
+    /// follows the new ones.
+    pub(crate) fn resumed_bounded(
+        after: u64,
+        max_held: usize,
+        backfill: Arc<dyn Backfill>,
+    ) -> Self {
+        Self::bounded(max_held, backfill).starting_after(after)
+    }
+
+    fn starting_after(self, after: u64) -> Self {
+        self.inner.lock().expect("log lock").first_seq = after + 1;
+        self.last.send_replace(after);
+        self
     }
 
     /// Sequence of the last update appended (0 when empty).

@@ -201,8 +201,13 @@ impl SwarmRuntime for DockerRuntime {
             version: service.version.and_then(|v| v.index).unwrap_or_default(),
             update: status.state.and_then(update_state),
             update_message: status.message.unwrap_or_default(),
-            // Labels only: the spec read back is never sent again (it lacks the
-            // healthcheck, see the module doc of `swarm`).
+            // Labels and image only: the spec read back is never sent again (it lacks
+            // the healthcheck, see the module doc of `swarm`).
+            image: (service.spec.as_ref())
+                .and_then(|s| s.task_template.as_ref())
+                .and_then(|t| t.container_spec.as_ref())
+                .and_then(|c| c.image.clone())
+                .unwrap_or_default(),
             labels: (service.spec.and_then(|s| s.labels).unwrap_or_default())
                 .into_iter()
                 .collect(),

@@ -18,7 +18,7 @@ use crate::model::{LABEL_DEPLOYMENT, RegistryAuth};
 
 #[derive(Default)]
 pub(crate) struct Service {
-    id: String,
+    pub(crate) id: String,
     version: u64,
     update: Option<UpdateState>,
     def: Option<ServiceDef>,
@@ -187,6 +187,7 @@ impl SwarmRuntime for FakeSwarm {
             update: s.update,
             update_message: String::new(),
             labels: s.def.as_ref().map(|d| d.labels.clone()).unwrap_or_default(),
+            image: s.def.as_ref().map(|d| d.image.clone()).unwrap_or_default(),
         }))
     }
 

@@ -101,6 +101,8 @@ pub(crate) struct ServiceState {
     pub(crate) update: Option<UpdateState>,
     pub(crate) update_message: String,
     pub(crate) labels: BTreeMap<String, String>,
+    /// The image its spec runs: as Stevedore sent it, pinned (`repo@sha256:…`).
+    pub(crate) image: String,
 }
 
 /// Task states, in the order the CLI ranks them (`new` = 1 … `running` = 9; the rest
