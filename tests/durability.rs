@@ -321,9 +321,11 @@ async fn sigterm_lets_a_running_deployment_finish_within_the_grace() {
     let a = BinaryServer::spawn(data.path(), &["--shutdown-grace", "120s"]);
     let mut client = connect(a.grpc_addr).await;
     let mut req = web_request(&app, WEB2);
+    // Long enough that the late Deploy below reaches the server while it is still
+    // draining, not after it exited (a loaded machine can take seconds per call).
     req.hooks = vec![proto::Hook {
         name: "wait".into(),
-        command: vec!["sleep".into(), "4".into()],
+        command: vec!["sleep".into(), "12".into()],
         tty: false,
         timeout: secs(60),
     }];
