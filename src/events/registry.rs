@@ -473,7 +473,11 @@ mod tests {
         }
         assert_eq!(registry.stats()["held"].dropped, 0);
         held.release.add_permits(5000);
-        sub.drain().await;
+        tokio::time::timeout(Duration::from_secs(10), sub.drain())
+            .await
+            .expect(
+                "drain ends once the queued updates are handled (unsubscribing closes the queue)",
+            );
         assert_eq!(*held.seen.lock().unwrap(), (1..=5000).collect::<Vec<_>>());
         assert_eq!(registry.stats()["held"].delivered, 5000);
     }
