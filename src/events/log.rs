@@ -427,7 +427,10 @@ mod tests {
         }
         let mut stream = log.subscribe(3).unwrap();
         assert_eq!(stream.cursor(), 3);
-        assert_eq!(stream.next().await.unwrap().unwrap().sequence, 4);
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
+            .await
+            .expect("an update already in the log is yielded at once");
+        assert_eq!(next.unwrap().unwrap().sequence, 4);
         assert_eq!(stream.cursor(), 4);
     }
 
