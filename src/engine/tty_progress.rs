@@ -515,6 +515,9 @@ mod tests {
         // After a return, `CSI K` erases the old render.
         let events = parse(&[b"old line\r\x1b[Knew\n"]);
         assert_eq!(lines(&events), vec!["new"]);
+        // …even when nothing is drawn after it: the line ends empty.
+        let events = parse(&[b"old line\r\x1b[K\n"]);
+        assert!(lines(&events).is_empty(), "{events:?}");
         // `CSI 2K` erases the whole line wherever the cursor is.
         let events = parse(&[b"gone\x1b[2Kkept\n"]);
         assert_eq!(lines(&events), vec!["kept"]);
