@@ -1551,3 +1551,21 @@ async fn a_resumed_reporter_continues_the_log_from_the_status() {
         (Some(Phase::Pulling), "server restart")
     );
 }
+
+/// The grace a removal stops each container with is the one it was asked for.
+#[test]
+fn a_removal_keeps_the_stop_timeout_it_was_asked_for() {
+    use super::deployment::Deployment;
+    let removal = Deployment::removal(
+        crate::model::DeploymentId::new(),
+        app_name("app"),
+        "unit test".into(),
+        Some(Duration::from_secs(3)),
+        crate::events::DeploymentLog::new(),
+    );
+    assert_eq!(removal.spec.stop_timeout, Some(Duration::from_secs(3)));
+    assert_eq!(
+        (removal.operation, removal.status().operation),
+        (Operation::RemoveApp, Operation::RemoveApp)
+    );
+}
