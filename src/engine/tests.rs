@@ -1569,3 +1569,22 @@ fn a_removal_keeps_the_stop_timeout_it_was_asked_for() {
         (Operation::RemoveApp, Operation::RemoveApp)
     );
 }
+
+/// A deploy from source shows the commit fetched, and then the image built, in its
+/// status.
+#[tokio::test]
+async fn set_commit_shows_the_commit_and_the_built_image_in_the_status() {
+    use super::deployment::{Deployment, Reporter};
+    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let deployment = Arc::new(Deployment::with_log(
+        crate::model::DeploymentId::new(),
+        spec("app", "web:1"),
+        crate::events::DeploymentLog::new(),
+    ));
+    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    rep.set_commit("0123abc", None);
+    let s = deployment.status();
+    assert_eq!((s.commit.as_str(), s.image.as_str()), ("0123abc", "web:1"));
+    rep.set_commit("0123abc", Some("built:7"));
+    assert_eq!(deployment.status().image, "built:7");
+}
