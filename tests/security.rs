@@ -813,6 +813,239 @@ async fn over_limit_deploys_and_watches_get_resource_exhausted_at_once() {
     server.stop().await;
 }
 
+/// A relay on a unix socket in front of the Docker socket that counts the engine API
+/// requests waiting for their answer (sent, no byte of the response back yet): what
+/// `--max-docker-calls` caps, seen on the wire. Streams the server does not count as
+/// calls (a pull, a followed log, an exec's output, a build) are relayed uncounted,
+/// and so is whatever follows them on their connection.
+///
+/// To make overlaps happen rather than hope for them, each counted request is held
+/// until another one waits too, or for `HOLD` at most.
+struct EngineTap {
+    path: PathBuf,
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    peak: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    counted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl EngineTap {
+    const HOLD: Duration = Duration::from_millis(250);
+
+    fn start(dir: &Path) -> Self {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let path = dir.join("engine-tap.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (waiting, peak, counted) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let (w, p, c) = (waiting.clone(), peak.clone(), counted.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (w, p, c) = (w.clone(), p.clone(), c.clone());
+                tokio::spawn(async move {
+                    let Ok(engine) = tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (er, ew) = engine.into_split();
+                    let awaiting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    tokio::join!(
+                        Self::requests(cr, ew, awaiting.clone(), w.clone(), p, c),
+                        Self::answers(er, cw, awaiting, w),
+                    );
+                });
+            }
+        });
+        Self {
+            path,
+            waiting,
+            peak,
+            counted,
+            _task: task,
+        }
+    }
+
+    /// Whether a request (its request line) is one of the streams the server does not
+    /// run as a capped call.
+    fn is_stream(request_line: &str) -> bool {
+        let target = request_line.split(' ').nth(1).unwrap_or_default();
+        target.contains("/images/create")
+            || target.contains("/build")
+            || target.contains("/attach")
+            || (target.contains("/exec/") && target.contains("/start"))
+            || (target.contains("/logs") && target.contains("follow=true"))
+    }
+
+    /// Client to engine: finds each request's head, counts it and holds it.
+    async fn requests(
+        mut from: tokio::net::unix::OwnedReadHalf,
+        mut to: tokio::net::unix::OwnedWriteHalf,
+        awaiting: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        peak: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        counted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        // Bytes of the current request's body still to relay as they come.
+        let mut body = 0usize;
+        let mut raw = false;
+        loop {
+            let n = match from.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            loop {
+                if raw {
+                    if to.write_all(&buf).await.is_err() {
+                        return;
+                    }
+                    buf.clear();
+                    break;
+                }
+                if body > 0 {
+                    let take = body.min(buf.len());
+                    if to.write_all(&buf[..take]).await.is_err() {
+                        return;
+                    }
+                    buf.drain(..take);
+                    body -= take;
+                    if body > 0 || buf.is_empty() {
+                        break;
+                    }
+                }
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    break;
+                };
+                let head: Vec<u8> = buf.drain(..end + 4).collect();
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let request_line = text.lines().next().unwrap_or_default().to_owned();
+                let header = |name: &str| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+                };
+                body = header("content-length:")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                raw = Self::is_stream(&request_line)
+                    || header("transfer-encoding:").is_some_and(|v| v.contains("chunked"))
+                    || header("upgrade:").is_some();
+                if !raw {
+                    counted.fetch_add(1, SeqCst);
+                    awaiting.store(true, SeqCst);
+                    let now = waiting.fetch_add(1, SeqCst) + 1;
+                    peak.fetch_max(now, SeqCst);
+                    let held = tokio::time::Instant::now();
+                    while waiting.load(SeqCst) < 2 && held.elapsed() < Self::HOLD {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                if to.write_all(&head).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+
+    /// Engine to client: the first byte of an answer ends its request's wait.
+    async fn answers(
+        mut from: tokio::net::unix::OwnedReadHalf,
+        mut to: tokio::net::unix::OwnedWriteHalf,
+        awaiting: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if awaiting.swap(false, SeqCst) {
+                waiting.fetch_sub(1, SeqCst);
+            }
+            if to.write_all(&chunk[..n]).await.is_err() {
+                break;
+            }
+        }
+        if awaiting.swap(false, SeqCst) {
+            waiting.fetch_sub(1, SeqCst);
+        }
+        let _ = to.shutdown().await;
+    }
+
+    /// (most requests waiting at once, requests counted) since the last call.
+    fn take(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let peak = self.peak.swap(self.waiting.load(SeqCst), SeqCst);
+        (peak, self.counted.swap(0, SeqCst))
+    }
+}
+
+/// Deploys one app each for `apps` at once on a server started with `args` whose engine
+/// is behind `tap`; every deploy must succeed. Returns the tap's (peak, counted).
+async fn deploy_at_once_through(tap: &EngineTap, args: &[&str], apps: usize) -> (usize, usize) {
+    let data = tempfile::tempdir().unwrap();
+    let host = format!("unix://{}", tap.path.display());
+    let mut all = vec!["--docker-host", host.as_str()];
+    all.extend_from_slice(args);
+    let server = BinaryServer::spawn(data.path(), &all);
+    let client = connect(server.grpc_addr).await;
+    tap.take();
+    let names: Vec<String> = (0..apps).map(|_| unique_app("dockercalls")).collect();
+    let _guards: Vec<AppGuard> = names.iter().map(|a| AppGuard(a.clone())).collect();
+    let runs = names.iter().map(|app| {
+        let mut client = client.clone();
+        let req = web_request(app, "stevedore-test/web:1");
+        async move { deploy(&mut client, req).await }
+    });
+    for updates in futures_util::future::join_all(runs).await {
+        let end = terminal(&updates);
+        assert_eq!(
+            end.phase(),
+            proto::Phase::Complete,
+            "{}\nserver log:\n{}",
+            end.message,
+            server.log_text()
+        );
+    }
+    tap.take()
+}
+
+/// `--max-docker-calls 1` on the binary, against the real engine: three deploys at once
+/// (each a dozen or more engine calls, each held at the tap until another comes or
+/// 250 ms pass) never have two engine calls waiting for an answer at once. The same
+/// deploys with the default cap (32) do, so the tap sees overlaps when they happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_docker_calls_caps_the_engine_calls_in_progress() {
+    require_docker();
+    let dir = tempfile::tempdir().unwrap();
+    let tap = EngineTap::start(dir.path());
+
+    let (peak, counted) = deploy_at_once_through(&tap, &["--max-docker-calls", "1"], 3).await;
+    assert!(counted >= 3 * 5, "the tap saw the engine calls: {counted}");
+    assert_eq!(
+        peak, 1,
+        "--max-docker-calls 1: at most one engine call in progress at a time ({counted} calls)"
+    );
+
+    let (peak, counted) = deploy_at_once_through(&tap, &[], 3).await;
+    assert!(
+        peak >= 2,
+        "without the cap the same deploys overlap at the engine ({counted} calls, peak {peak})"
+    );
+}
+
 #[tokio::test]
 async fn an_oversized_request_gets_a_clear_error() {
     let server = TestServer::start_with(

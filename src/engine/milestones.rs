@@ -138,11 +138,56 @@ mod tests {
     }
 
     #[test]
+    fn reached_is_the_highest_progress_so_far() {
+        let mut t = MilestoneTracker::new(vec![
+            m("low", 0.25, "low"),
+            m("high", 0.75, "high"),
+            m("beyond", 7.0, "beyond"),
+            m("tick", -1.0, "tick"),
+        ]);
+        assert_eq!(t.reached(), 0.0);
+        t.apply("tick");
+        assert_eq!(t.reached(), 0.0, "a counting milestone moves nothing");
+        t.apply("high");
+        assert_eq!(t.reached(), 0.75);
+        t.apply("low");
+        assert_eq!(t.reached(), 0.75, "never backwards");
+        t.apply("beyond");
+        assert_eq!(t.reached(), 1.0, "capped at 1");
+    }
+
+    #[test]
+    fn a_milestone_at_zero_progress_sets_progress_and_does_not_count() {
+        let mut t = MilestoneTracker::new(vec![m("^up$", 0.0, "up")]);
+        assert!(t.drives_progress());
+        let h = t.apply("up");
+        assert_eq!((h[0].count, h[0].progress), (None, 0.0));
+    }
+
+    #[test]
     fn long_lines_are_cut_on_a_char_boundary() {
         let mut t = MilestoneTracker::new(vec![m("é", 0.1, "x")]);
         let line = "é".repeat(1000);
         let h = t.apply(&line);
         assert!(h[0].line.len() <= MAX_LINE_BYTES);
         assert!(h[0].line.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn a_cut_inside_a_char_steps_back_to_its_start() {
+        // One ASCII byte, then two-byte chars: byte 1024 falls inside one.
+        let line = format!("a{}", "é".repeat(600));
+        assert!(!line.is_char_boundary(MAX_LINE_BYTES));
+        // On a thread, so a cut that never finds a boundary fails here instead of
+        // hanging the suite.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(cut(&line, MAX_LINE_BYTES).to_owned());
+        });
+        let cut = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("cut returns within 10 s (it steps back to a char boundary)");
+        assert_eq!(cut.len(), MAX_LINE_BYTES - 1);
+        assert_eq!(cut, format!("a{}", "é".repeat(511)));
     }
 }

@@ -1481,3 +1481,228 @@ async fn reconcile_routes_corrects_a_stale_port_deletes_gone_apps_and_adds_a_mis
     running.shutdown_token().cancel();
     bounded("the proxy to stop", running.wait()).await.unwrap();
 }
+
+/// The updates of a deployment's log so far and the rest until it closes.
+async fn log_updates(deployment: &super::deployment::Deployment) -> Vec<Arc<Update>> {
+    let stream = deployment.log.subscribe(0).unwrap();
+    bounded(
+        "the log to close",
+        stream.map(|u| u.unwrap()).collect::<Vec<_>>(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_reporter_keeps_the_status_in_step_with_its_updates() {
+    use super::deployment::{Deployment, Extra, Reporter};
+    use crate::model::{DeploymentResult, FailureDiagnostics, Level};
+    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let deployment = Arc::new(Deployment::with_log(
+        crate::model::DeploymentId::new(),
+        spec("app", "web:1"),
+        crate::events::DeploymentLog::new(),
+    ));
+    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    rep.accepted();
+    rep.queued(2, None);
+    let s = deployment.status();
+    assert_eq!(
+        (s.state, s.queue_position, s.last_sequence),
+        (DeploymentState::Pending, 2, 2)
+    );
+    assert!(s.started_at.is_none(), "not started while queued");
+
+    rep.enter(Phase::Pulling, "pulling");
+    let s = deployment.status();
+    assert_eq!((s.state, s.queue_position), (DeploymentState::Running, 0));
+    let started = s.started_at.expect("the first phase starts the deployment");
+    rep.progress(0.5, Level::Info, "half".into(), Extra::default());
+    let (offset, weight) = Operation::Deploy.phase_span(Phase::Pulling);
+    assert!(offset > 0.0 && weight > 0.0);
+    let s = deployment.status();
+    assert_eq!(s.phase_progress, 0.5);
+    assert_eq!(
+        s.total_progress,
+        ((offset + weight * 0.5) * 10_000.0).round() / 10_000.0,
+        "total = the phase's offset + its weight × the phase progress"
+    );
+    // Rounded to 4 decimals.
+    rep.progress(0.612_345_6, Level::Info, "more".into(), Extra::default());
+    assert_eq!(deployment.status().phase_progress, 0.6123);
+
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    rep.enter(Phase::Creating, "creating");
+    assert_eq!(
+        deployment.status().started_at,
+        Some(started),
+        "started_at is the first phase's, not the latest"
+    );
+    rep.output("a line".into(), Extra::default());
+
+    rep.finish(
+        DeploymentState::Failed,
+        DeploymentResult {
+            success: false,
+            message: "boom".into(),
+            container_id: "c0ffee".into(),
+            diagnostics: Some(FailureDiagnostics {
+                failed_phase: Some(Phase::Creating),
+                exit_code: Some(3),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let s = deployment.status();
+    assert_eq!((s.state, s.phase), (DeploymentState::Failed, Phase::Failed));
+    assert_eq!(s.error, "boom", "a failure's message is the status's error");
+    assert!(s.finished_at.is_some());
+    assert_eq!(s.last_sequence, 8);
+    assert!(
+        s.total_progress < 1.0,
+        "a failure does not complete the bar"
+    );
+
+    let updates = log_updates(&deployment).await;
+    let sequences: Vec<u64> = updates.iter().map(|u| u.sequence).collect();
+    assert_eq!(sequences, (1..=8).collect::<Vec<_>>());
+    let end = updates.last().unwrap();
+    assert_eq!(end.level, Level::Error);
+    assert_eq!(end.message, "boom");
+    assert_eq!(end.metadata["failed_phase"], "creating");
+    assert_eq!(end.metadata["exit_code"], "3");
+    assert_eq!(end.metadata["container_id"], "c0ffee");
+    assert!(end.eta.is_none());
+}
+
+#[tokio::test]
+async fn a_success_completes_the_bar_and_leaves_no_error() {
+    use super::deployment::{Deployment, Reporter};
+    use crate::model::{DeploymentResult, Level};
+    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let deployment = Arc::new(Deployment::with_log(
+        crate::model::DeploymentId::new(),
+        spec("app", "web:1"),
+        crate::events::DeploymentLog::new(),
+    ));
+    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    rep.accepted();
+    rep.enter(Phase::Switching, "switching");
+    rep.finish(
+        DeploymentState::Succeeded,
+        DeploymentResult {
+            success: true,
+            message: "done".into(),
+            ..Default::default()
+        },
+    );
+    let s = deployment.status();
+    assert_eq!(
+        (s.state, s.phase),
+        (DeploymentState::Succeeded, Phase::Complete)
+    );
+    assert_eq!((s.phase_progress, s.total_progress), (1.0, 1.0));
+    assert_eq!(s.error, "", "a success has no error");
+    let end = log_updates(&deployment).await.pop().unwrap();
+    assert_eq!((end.level, end.phase), (Level::Success, Phase::Complete));
+    assert!(
+        !end.metadata.contains_key("container_id"),
+        "no container, no key"
+    );
+
+    // A cancellation ends CANCELLED at a warning.
+    let deployment = Arc::new(Deployment::with_log(
+        crate::model::DeploymentId::new(),
+        spec("app", "web:1"),
+        crate::events::DeploymentLog::new(),
+    ));
+    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    rep.accepted();
+    rep.cancelling("stop".into());
+    rep.finish(DeploymentState::Cancelled, DeploymentResult::default());
+    let updates = log_updates(&deployment).await;
+    assert_eq!(updates[1].level, Level::Warning);
+    let end = updates.last().unwrap();
+    assert_eq!((end.level, end.phase), (Level::Warning, Phase::Cancelled));
+}
+
+#[tokio::test]
+async fn a_resumed_reporter_continues_the_log_from_the_status() {
+    use super::deployment::{Deployment, Extra, Reporter};
+    use crate::model::Level;
+    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let deployment = Arc::new(Deployment::with_log(
+        crate::model::DeploymentId::new(),
+        spec("app", "web:1"),
+        crate::events::DeploymentLog::new(),
+    ));
+    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store.clone());
+    rep.accepted();
+    rep.enter(Phase::Pulling, "pulling");
+    rep.progress(0.5, Level::Info, "half".into(), Extra::default());
+    let before = deployment.status();
+    drop(rep);
+
+    let mut resumed = Reporter::resume(deployment.clone(), ObserverRegistry::new(), store);
+    assert_eq!(resumed.phase(), Phase::Pulling);
+    resumed.fail(
+        Phase::Pulling,
+        "server restart",
+        "interrupted".into(),
+        Extra::default(),
+    );
+    let updates = log_updates(&deployment).await;
+    let end = updates.last().unwrap();
+    assert_eq!(end.sequence, before.last_sequence + 1);
+    assert_eq!(
+        (end.phase_progress, end.total_progress),
+        (before.phase_progress, before.total_progress),
+        "the end keeps the progress reached"
+    );
+    let result = end.result.as_ref().unwrap();
+    assert!(!result.success);
+    assert_eq!(result.message, "interrupted");
+    let d = result.diagnostics.as_ref().unwrap();
+    assert_eq!(
+        (d.failed_phase, d.step.as_str()),
+        (Some(Phase::Pulling), "server restart")
+    );
+}
+
+/// The grace a removal stops each container with is the one it was asked for.
+#[test]
+fn a_removal_keeps_the_stop_timeout_it_was_asked_for() {
+    use super::deployment::Deployment;
+    let removal = Deployment::removal(
+        crate::model::DeploymentId::new(),
+        app_name("app"),
+        "unit test".into(),
+        Some(Duration::from_secs(3)),
+        crate::events::DeploymentLog::new(),
+    );
+    assert_eq!(removal.spec.stop_timeout, Some(Duration::from_secs(3)));
+    assert_eq!(
+        (removal.operation, removal.status().operation),
+        (Operation::RemoveApp, Operation::RemoveApp)
+    );
+}
+
+/// A deploy from source shows the commit fetched, and then the image built, in its
+/// status.
+#[tokio::test]
+async fn set_commit_shows_the_commit_and_the_built_image_in_the_status() {
+    use super::deployment::{Deployment, Reporter};
+    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let deployment = Arc::new(Deployment::with_log(
+        crate::model::DeploymentId::new(),
+        spec("app", "web:1"),
+        crate::events::DeploymentLog::new(),
+    ));
+    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    rep.set_commit("0123abc", None);
+    let s = deployment.status();
+    assert_eq!((s.commit.as_str(), s.image.as_str()), ("0123abc", "web:1"));
+    rep.set_commit("0123abc", Some("built:7"));
+    assert_eq!(deployment.status().image, "built:7");
+}

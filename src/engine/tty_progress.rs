@@ -463,6 +463,89 @@ mod tests {
     }
 
     #[test]
+    fn current_is_the_line_as_drawn_now() {
+        let mut p = TtyParser::new();
+        p.feed(b"one\ntw");
+        assert_eq!(p.current(), "tw");
+        p.feed(b"o\r");
+        assert_eq!(p.current(), "two", "a return alone does not erase");
+        p.feed(b"X");
+        assert_eq!(p.current(), "X", "the next character starts a fresh render");
+        p.feed(b"\n");
+        assert_eq!(p.current(), "");
+    }
+
+    #[test]
+    fn cursor_up_by_more_than_one_line_redraws_that_many() {
+        // Three bars; each frame goes up two lines and redraws all three.
+        let frame = |a: u32| format!("\r\x1b[2K\x1b[2A\x1b[2Ka {a}%\nb {a}%\nc {a}%");
+        let mut raw = String::from("a 0%\nb 0%\nc 0%");
+        raw.push_str(&frame(50));
+        raw.push_str(&frame(100));
+        raw.push('\n');
+        let events = parse(&[raw.as_bytes()]);
+        assert_eq!(lines(&events), vec!["a 0%", "b 0%", "c 100%"]);
+    }
+
+    #[test]
+    fn control_characters_are_not_printed() {
+        let events = parse(&[b"a\x00b\x07c\x0bd\n"]);
+        assert_eq!(lines(&events), vec!["abcd"]);
+    }
+
+    #[test]
+    fn backspace_at_the_start_of_a_line_and_the_length_after_it() {
+        let events = parse(&[b"\x08\x08ok\n"]);
+        assert_eq!(lines(&events), vec!["ok"]);
+        // Backspaces give their room back: a full line, ten erased, ten new.
+        let mut raw = vec![b'x'; MAX_LINE_CHARS];
+        raw.extend_from_slice(&[0x08; 10]);
+        raw.extend_from_slice(b"0123456789\n");
+        let events = parse(&[&raw]);
+        let line = &lines(&events)[0];
+        assert_eq!(line.len(), MAX_LINE_CHARS);
+        assert!(line.ends_with("0123456789"), "{}", &line[line.len() - 20..]);
+    }
+
+    #[test]
+    fn erase_in_line_clears_only_at_the_start_of_a_render() {
+        // `CSI K` after text erases what is right of the cursor: nothing yet.
+        let events = parse(&[b"abc\x1b[Kdef\n"]);
+        assert_eq!(lines(&events), vec!["abcdef"]);
+        // After a return, `CSI K` erases the old render.
+        let events = parse(&[b"old line\r\x1b[Knew\n"]);
+        assert_eq!(lines(&events), vec!["new"]);
+        // …even when nothing is drawn after it: the line ends empty.
+        let events = parse(&[b"old line\r\x1b[K\n"]);
+        assert!(lines(&events).is_empty(), "{events:?}");
+        // `CSI 2K` erases the whole line wherever the cursor is.
+        let events = parse(&[b"gone\x1b[2Kkept\n"]);
+        assert_eq!(lines(&events), vec!["kept"]);
+    }
+
+    #[test]
+    fn erase_display_starts_the_line_again() {
+        let events = parse(&[b"10% old\x1b[2J20% new\n"]);
+        assert_eq!(lines(&events), vec!["20% new"]);
+        assert_eq!(percents(&events), vec![10.0, 20.0]);
+    }
+
+    #[test]
+    fn cursor_to_column_one_is_a_return_and_other_columns_are_not() {
+        let events = parse(&[b"50%\x1b[1G60%\n"]);
+        assert_eq!(percents(&events), vec![50.0, 60.0]);
+        assert_eq!(lines(&events), vec!["60%"]);
+        let events = parse(&[b"50%\x1b[G60%\n"]);
+        assert_eq!(lines(&events), vec!["60%"], "no column means column 1");
+        let events = parse(&[b"ab\x1b[5Gcd\n"]);
+        assert_eq!(
+            lines(&events),
+            vec!["abcd"],
+            "another column is not a return"
+        );
+    }
+
+    #[test]
     fn backspace_and_long_lines() {
         let events = parse(&[b"abX\x08c\n"]);
         assert_eq!(lines(&events), vec!["abc"]);

@@ -331,13 +331,34 @@ mod tests {
         Update::for_test(seq, terminal)
     }
 
+    /// Runs a reader on a thread of its own and waits 10 s for it: a reader that
+    /// waits forever (a lost update, a log that never closes) or spins without ever
+    /// yielding (a read loop that makes no progress) fails the test instead of hanging
+    /// the suite. (A timeout on the test's own runtime cannot fire while a task on it
+    /// spins.)
+    async fn within_10s<T: Send + 'static>(
+        what: &str,
+        reader: impl Future<Output = T> + Send + 'static,
+    ) -> T {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let _ = tx.send(rt.block_on(reader));
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no answer within 10 s"))
+            .unwrap_or_else(|_| panic!("{what}: the reader panicked"))
+    }
+
     /// The sequences a stream yields until it ends; fails instead of hanging when it
-    /// does not end (a lost update or a log that never closes).
+    /// does not end.
     async fn sequences(stream: UpdateStream) -> Vec<u64> {
         let all = stream.map(|u| u.unwrap().sequence).collect();
-        tokio::time::timeout(std::time::Duration::from_secs(10), all)
-            .await
-            .expect("the stream did not end within 10 s")
+        within_10s("the stream did not end", all).await
     }
 
     #[tokio::test]
@@ -441,8 +462,13 @@ mod tests {
         }
         let mut stream = log.subscribe(3).unwrap();
         assert_eq!(stream.cursor(), 3);
-        assert_eq!(stream.next().await.unwrap().unwrap().sequence, 4);
-        assert_eq!(stream.cursor(), 4);
+        let (next, cursor) = within_10s("an update already in the log", async move {
+            let next = stream.next().await;
+            (next, stream.cursor())
+        })
+        .await;
+        assert_eq!(next.unwrap().unwrap().sequence, 4);
+        assert_eq!(cursor, 4);
     }
 
     /// A reader behind a bounded log whose backfill no longer has the updates it
@@ -455,9 +481,14 @@ mod tests {
             log.append(update(s, false));
         }
         let mut stream = log.subscribe(1).unwrap();
-        let first = tokio::time::timeout(std::time::Duration::from_secs(10), stream.next())
-            .await
-            .expect("the reader gave up instead of asking the backfill forever");
+        let (first, then) = within_10s(
+            "the reader gives up instead of asking the backfill forever",
+            async move {
+                let first = stream.next().await;
+                (first, stream.next().await.is_none())
+            },
+        )
+        .await;
         assert_eq!(
             first.unwrap().err(),
             Some(LogError::OutOfRange {
@@ -465,7 +496,7 @@ mod tests {
                 oldest: 3
             })
         );
-        assert!(stream.next().await.is_none());
+        assert!(then, "the stream ends after the error");
     }
 
     #[tokio::test]

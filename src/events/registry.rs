@@ -532,6 +532,51 @@ mod tests {
         );
     }
 
+    /// Records the refusals it is handed, next to the updates.
+    struct Refusals(Mutex<Vec<String>>);
+    #[async_trait]
+    impl Observer for Refusals {
+        fn name(&self) -> &str {
+            "refusals"
+        }
+        async fn on_update(&self, u: Arc<Update>) -> Result<(), ObserverError> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("update {}", u.sequence));
+            Ok(())
+        }
+        async fn on_refusal(&self, r: Arc<Refusal>) -> Result<(), ObserverError> {
+            self.0.lock().unwrap().push(format!("refusal {}", r.method));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn refusals_reach_observers_in_order_with_the_updates() {
+        let registry = ObserverRegistry::new();
+        let seen = Arc::new(Refusals(Mutex::new(vec![])));
+        let sub = registry.subscribe(seen.clone(), 10);
+        registry.publish(&update(1));
+        registry.publish_refusal(Refusal {
+            time: std::time::SystemTime::now(),
+            method: "Deploy".into(),
+            caller: None,
+            peer: None,
+            code: "PermissionDenied".into(),
+            reason: "no".into(),
+        });
+        registry.publish(&update(2));
+        tokio::time::timeout(Duration::from_secs(10), sub.drain())
+            .await
+            .expect("drain ends once the queued events are handled");
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            vec!["update 1", "refusal Deploy", "update 2"]
+        );
+        assert_eq!(registry.stats()["refusals"].delivered, 3);
+    }
+
     /// Holds every update until released, then records it.
     struct Held {
         release: tokio::sync::Semaphore,
@@ -562,7 +607,11 @@ mod tests {
         }
         assert_eq!(registry.stats()["held"].dropped, 0);
         held.release.add_permits(5000);
-        sub.drain().await;
+        tokio::time::timeout(Duration::from_secs(10), sub.drain())
+            .await
+            .expect(
+                "drain ends once the queued updates are handled (unsubscribing closes the queue)",
+            );
         assert_eq!(*held.seen.lock().unwrap(), (1..=5000).collect::<Vec<_>>());
         assert_eq!(registry.stats()["held"].delivered, 5000);
     }

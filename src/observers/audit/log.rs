@@ -282,3 +282,51 @@ fn spawn_retry(log: Weak<AuditLog>) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `last_whole_line` of a file holding `bytes`, on a thread: a reader that never
+    /// ends fails here within 10 s instead of hanging the suite.
+    fn last_line_of(bytes: Vec<u8>) -> (u64, Option<Vec<u8>>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("audit.log");
+            std::fs::write(&path, &bytes).unwrap();
+            let mut file = File::open(&path).unwrap();
+            let _ = tx.send(last_whole_line(&mut file).unwrap());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("last_whole_line returns within 10 s")
+    }
+
+    #[test]
+    fn the_last_whole_line_and_where_it_ends() {
+        let some = |s: &str| Some(s.as_bytes().to_vec());
+        assert_eq!(last_line_of(vec![]), (0, None));
+        assert_eq!(last_line_of(b"torn".to_vec()), (0, None));
+        assert_eq!(last_line_of(b"a\n".to_vec()), (2, some("a")));
+        assert_eq!(last_line_of(b"a\nbb\n".to_vec()), (5, some("bb")));
+        assert_eq!(last_line_of(b"a\nbb\ntorn".to_vec()), (5, some("bb")));
+    }
+
+    #[test]
+    fn lines_longer_than_the_read_window() {
+        let long = "x".repeat(100 * 1024);
+        // The only line, longer than the first 64 KiB window.
+        let (end, line) = last_line_of(format!("{long}\n").into_bytes());
+        assert_eq!(end, long.len() as u64 + 1);
+        assert_eq!(line.as_deref(), Some(long.as_bytes()));
+        // A long last line after a short one, then a torn tail.
+        let (end, line) = last_line_of(format!("a\n{long}\ntorn").into_bytes());
+        assert_eq!(end, 2 + long.len() as u64 + 1);
+        assert_eq!(line.as_deref(), Some(long.as_bytes()));
+        // A torn tail longer than the window after a whole line.
+        let (end, line) = last_line_of(format!("a\n{long}{long}").into_bytes());
+        assert_eq!((end, line), (2, Some(b"a".to_vec())));
+        // No line end at all in more than a window.
+        assert_eq!(last_line_of(long.clone().into_bytes()), (0, None));
+    }
+}
