@@ -248,6 +248,87 @@ async fn three_replicas_land_on_every_node_and_v2_rolls_to_every_node() {
     server.stop().await;
 }
 
+/// With a spare node (2 replicas on 3 nodes) start-first is sent as asked, with no
+/// fallback: Swarm runs each new task before it stops the old one, the update ends
+/// with two v2 tasks running, and the nodes that run them serve v2.
+#[tokio::test]
+async fn start_first_with_a_spare_node_is_sent_as_asked_and_rolls_to_v2() {
+    let env = swarm::env();
+    let app = common::unique_app("swarm-start-first");
+    let _guard = ServiceGuard::app(&env, &app);
+    let docker = swarm::manager().await;
+    let port = swarm::unused_port(&docker).await;
+    let server = swarm_server(&env).await;
+    let mut client = server.client().await;
+    let start_first = || {
+        Some(UpdatePolicy {
+            order: "start-first".into(),
+            ..Default::default()
+        })
+    };
+
+    let mut v1 = request(&app, &env.images.web_v1, 2, port);
+    v1.update_policy = start_first();
+    let updates = deploy_all(&mut client, v1).await;
+    assert_eq!(
+        state(&updates),
+        DeploymentState::Succeeded,
+        "{:#?}",
+        terminal(&updates)
+    );
+    assert_eq!(running_nodes(&app).await.len(), 2, "two tasks, two nodes");
+
+    let mut v2 = request(&app, &env.images.web_v2, 2, port);
+    v2.update_policy = start_first();
+    let updates = deploy_all(&mut client, v2).await;
+    assert_eq!(
+        state(&updates),
+        DeploymentState::Succeeded,
+        "{:#?}",
+        terminal(&updates)
+    );
+    let orders: Vec<(Level, &str)> = (updates.iter())
+        .filter_map(|u| Some((u.level(), u.metadata.get("update_order")?.as_str())))
+        .collect();
+    assert_eq!(
+        orders,
+        [(Level::Info, "start-first")],
+        "the update is sent start-first, with no fallback warning"
+    );
+    let service = swarm::call(
+        "inspect the service",
+        docker.inspect_service(
+            &app,
+            None::<bollard::query_parameters::InspectServiceOptions>,
+        ),
+    )
+    .await;
+    let order = service
+        .spec
+        .and_then(|s| s.update_config)
+        .and_then(|u| u.order);
+    assert_eq!(
+        order,
+        Some(bollard::models::ServiceSpecUpdateConfigOrderEnum::START_FIRST),
+        "the spec Swarm holds is start-first"
+    );
+    let nodes = running_nodes(&app).await;
+    assert_eq!(nodes.len(), 2, "two v2 tasks running: {nodes:?}");
+    for addr in &nodes {
+        let deadline = tokio::time::Instant::now() + SERVE_LIMIT;
+        loop {
+            match swarm::get_on_node(addr, port, "/").await {
+                Ok((200, body)) if body == "v2\n" => break,
+                other if tokio::time::Instant::now() >= deadline => {
+                    panic!("node {addr} does not serve v2: {other:?}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_targets_refuse_what_they_cannot_run() {
     let env = swarm::env();
