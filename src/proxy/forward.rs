@@ -64,6 +64,9 @@ struct Inner {
     metrics: Arc<ProxyMetrics>,
     /// Every connection task, so shutdown can wait for them.
     connections: TaskTracker,
+    /// Every listener task: shutdown waits for them to stop accepting before it waits
+    /// for the connections, so no connection accepted in the meantime is dropped.
+    listeners: TaskTracker,
     /// Cancelled at shutdown: listeners stop.
     shutdown: CancellationToken,
     /// Set once the listening sockets were handed to a new proxy: every admin call is
@@ -193,6 +196,7 @@ impl Proxy {
                 apps: tokio::sync::Mutex::new(BTreeMap::new()),
                 metrics,
                 connections: TaskTracker::new(),
+                listeners: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
                 handed_over: AtomicBool::new(false),
             }),
@@ -510,7 +514,7 @@ impl Proxy {
         stop: CancellationToken,
     ) {
         let proxy = self.clone();
-        tokio::spawn(async move {
+        self.inner.listeners.spawn(async move {
             let shutdown = proxy.inner.shutdown.clone();
             let ended = async {
                 tokio::select! {
@@ -559,9 +563,11 @@ impl Proxy {
         let listener = Arc::new(listener);
         *shared.bound.lock().unwrap() = Some(listener.clone());
         loop {
+            // `ended` first: a listener told to stop never accepts again.
             let accepted = tokio::select! {
-                r = listener.accept() => r,
+                biased;
                 _ = &mut ended => break,
+                r = listener.accept() => r,
             };
             match accepted {
                 Ok((client, _peer)) => self.forward_accepted(client, &shared),
@@ -596,6 +602,16 @@ impl Proxy {
     /// waits up to `grace` for the open connections to close.
     pub(crate) async fn shutdown(&self, grace: Duration) {
         self.inner.shutdown.cancel();
+        // A listener may be forwarding what it accepted just before the cancel: wait
+        // until every one has stopped (they stop at once), so that connection is
+        // counted below and not dropped when this process exits (a reset).
+        self.inner.listeners.close();
+        if tokio::time::timeout(grace, self.inner.listeners.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("a listener did not stop within the grace");
+        }
         self.inner.connections.close();
         let open = self.inner.connections.len();
         if open > 0 {
