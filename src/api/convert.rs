@@ -1045,6 +1045,180 @@ mod tests {
         }
     }
 
+    fn accepted(req: proto::DeployRequest) -> DeploySpec {
+        deploy_spec(req, "test".into()).unwrap()
+    }
+
+    /// The env may take 128 KiB in all (name, value, `=` and NUL of each), not a byte
+    /// more.
+    #[test]
+    fn the_env_may_take_128_kib_and_no_more() {
+        let with = |value_len| proto::DeployRequest {
+            env: [("BIG".to_owned(), "x".repeat(value_len))].into(),
+            ..request()
+        };
+        let at_bound = 128 * 1024 - "BIG".len() - 2;
+        assert_eq!(accepted(with(at_bound)).env["BIG"].len(), at_bound);
+        assert_eq!(
+            error_of(with(at_bound + 1)),
+            "env: 131073 bytes in total; at most 131072 are allowed"
+        );
+    }
+
+    /// A duration's bounds are inclusive: the deadline may be 1 s or 24 h, no less and
+    /// no more.
+    #[test]
+    fn a_duration_may_be_its_bounds_and_nothing_outside() {
+        let with = |seconds, nanos| proto::DeployRequest {
+            deadline: Some(pbjson_types::Duration { seconds, nanos }),
+            ..request()
+        };
+        assert_eq!(accepted(with(1, 0)).deadline, Duration::from_secs(1));
+        assert_eq!(
+            accepted(with(24 * 3600, 0)).deadline,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(
+            error_of(with(0, 999_000_000)),
+            "deadline: 0.999s is out of range (1s to 86400s)"
+        );
+        assert!(error_of(with(24 * 3600, 1)).starts_with("deadline: 86400.000000001s"));
+    }
+
+    /// A build arg's name is refused when empty, with `=` or with NUL (each on its own).
+    #[test]
+    fn a_bad_build_arg_name_is_refused() {
+        let with = |name: &str| proto::DeployRequest {
+            image: String::new(),
+            source: Some(proto::GitSource {
+                build_args: [(name.to_owned(), "v".to_owned())].into(),
+                ..git("https://git.example.invalid/r.git")
+            }),
+            ..request()
+        };
+        for name in ["", "A=B", "A\0"] {
+            let e = error_of(with(name));
+            assert!(e.starts_with("source.build_args["), "{name:?}: {e}");
+        }
+        let spec = accepted(with("VERSION"));
+        assert_eq!(spec.source.unwrap().build_args["VERSION"], "v");
+    }
+
+    /// Replicas: 0 means 1; up to 100 as asked; more is refused.
+    #[test]
+    fn replicas_default_to_one_and_are_bounded() {
+        let with = |replicas| proto::DeployRequest {
+            replicas,
+            ..request()
+        };
+        assert_eq!(accepted(with(0)).replicas, 1);
+        assert_eq!(accepted(with(3)).replicas, 3);
+        assert_eq!(accepted(with(MAX_REPLICAS)).replicas, 100);
+        assert_eq!(
+            error_of(with(101)),
+            "replicas: 101 is more than the 100 tasks a deployment may ask for"
+        );
+    }
+
+    /// The update policy as asked; refused with an order other than stop-first or
+    /// start-first, a ratio outside 0..=1 (or NaN), or a monitor over 10 minutes.
+    #[test]
+    fn the_update_policy_is_kept_and_checked() {
+        let with = |p: proto::UpdatePolicy| proto::DeployRequest {
+            update_policy: Some(p),
+            ..request()
+        };
+        let policy = accepted(with(proto::UpdatePolicy {
+            parallelism: 2,
+            order: "start-first".into(),
+            monitor: Some(pbjson_types::Duration {
+                seconds: 7,
+                nanos: 0,
+            }),
+            max_failure_ratio: 0.25,
+        }))
+        .update;
+        assert_eq!(policy.parallelism, 2);
+        assert_eq!(policy.order, model::UpdateOrder::StartFirst);
+        assert_eq!(policy.monitor, Some(Duration::from_secs(7)));
+        assert_eq!(policy.max_failure_ratio, 0.25);
+
+        let defaults = accepted(with(proto::UpdatePolicy::default())).update;
+        assert_eq!(defaults.parallelism, 1, "0 means one task at a time");
+        assert_eq!(defaults.order, model::UpdateOrder::StopFirst);
+        assert_eq!(defaults.monitor, None);
+        assert_eq!(defaults.max_failure_ratio, 0.0);
+        for ratio in [1.0, 0.0] {
+            let p = proto::UpdatePolicy {
+                max_failure_ratio: ratio,
+                ..Default::default()
+            };
+            assert_eq!(accepted(with(p)).update.max_failure_ratio, ratio);
+        }
+
+        for ratio in [1.5, -0.1, f64::NAN] {
+            let e = error_of(with(proto::UpdatePolicy {
+                max_failure_ratio: ratio,
+                ..Default::default()
+            }));
+            assert!(
+                e.starts_with("update_policy.max_failure_ratio: "),
+                "{ratio}: {e}"
+            );
+        }
+        let e = error_of(with(proto::UpdatePolicy {
+            order: "random".into(),
+            ..Default::default()
+        }));
+        assert!(e.starts_with("update_policy.order: "), "{e}");
+        let e = error_of(with(proto::UpdatePolicy {
+            monitor: Some(pbjson_types::Duration {
+                seconds: 601,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }));
+        assert!(e.starts_with("update_policy.monitor: "), "{e}");
+    }
+
+    /// An image reference may be 512 bytes long, not more.
+    #[test]
+    fn an_image_reference_may_be_512_bytes() {
+        let with = |len: usize| proto::DeployRequest {
+            image: format!("a/{}", "b".repeat(len - 2)),
+            ..request()
+        };
+        assert_eq!(accepted(with(512)).image.len(), 512);
+        assert!(error_of(with(513)).starts_with("image: "));
+    }
+
+    /// A host port may be published once per protocol: TCP and UDP may share one, as
+    /// they may share a container port.
+    #[test]
+    fn tcp_and_udp_may_share_a_port() {
+        let mapping = |container_port, protocol: &str| proto::PortMapping {
+            host_ip: String::new(),
+            container_port,
+            host_port: 5353,
+            protocol: protocol.into(),
+        };
+        let spec = accepted(proto::DeployRequest {
+            ports: vec![mapping(53, "tcp"), mapping(53, "UDP")],
+            ..request()
+        });
+        let ports: Vec<_> = spec
+            .ports
+            .iter()
+            .map(|p| (p.container_port, p.host_port, p.protocol))
+            .collect();
+        assert_eq!(ports, [(53, 5353, Protocol::Tcp), (53, 5353, Protocol::Udp)]);
+        let e = error_of(proto::DeployRequest {
+            ports: vec![mapping(53, "tcp"), mapping(53, "udp"), mapping(54, "udp")],
+            ..request()
+        });
+        assert_eq!(e, "ports[2].host_port: host port 5353 is used twice");
+    }
+
     /// Fuzzing of request validation: arbitrary requests (any strings, any numbers,
     /// any health check, durations and patterns) never panic; every refusal is
     /// INVALID_ARGUMENT naming a field, and every accepted spec satisfies the limits.
