@@ -1219,6 +1219,180 @@ mod tests {
         assert_eq!(e, "ports[2].host_port: host port 5353 is used twice");
     }
 
+    /// A host IP is optional and, when given, an IP address.
+    #[test]
+    fn a_host_ip_is_an_ip_address_or_nothing() {
+        let with = |ip: &str| proto::DeployRequest {
+            ports: vec![proto::PortMapping {
+                host_ip: ip.into(),
+                ..request().ports[0].clone()
+            }],
+            ..request()
+        };
+        let ip = |spec: DeploySpec| spec.ports[0].host_ip;
+        assert_eq!(ip(accepted(with(" "))), None);
+        assert_eq!(ip(accepted(with("127.0.0.1"))), Some([127, 0, 0, 1].into()));
+        assert_eq!(
+            ip(accepted(with(" ::1 "))),
+            Some(std::net::Ipv6Addr::LOCALHOST.into())
+        );
+        assert!(error_of(with("localhost")).starts_with("ports[0].host_ip: "));
+    }
+
+    /// An idempotency key is optional and at most 256 bytes.
+    #[test]
+    fn an_idempotency_key_is_at_most_256_bytes() {
+        let with = |key: String| proto::DeployRequest {
+            idempotency_key: key,
+            ..request()
+        };
+        assert_eq!(accepted(with(String::new())).idempotency_key, None);
+        let key = "k".repeat(256);
+        assert_eq!(accepted(with(key.clone())).idempotency_key, Some(key));
+        assert_eq!(
+            error_of(with("k".repeat(257))),
+            "idempotency_key: longer than 256 bytes"
+        );
+    }
+
+    /// A removal names a valid app; its stop grace is optional (0 too) and at most
+    /// 10 minutes.
+    #[test]
+    fn a_removal_request_is_checked() {
+        let with = |app: &str, seconds: Option<i64>| proto::RemoveAppRequest {
+            app: app.into(),
+            stop_timeout: seconds.map(|seconds| pbjson_types::Duration { seconds, nanos: 0 }),
+            ..Default::default()
+        };
+        let (app, grace) = removal(&with("web", None)).unwrap();
+        assert_eq!((app.as_str(), grace), ("web", None));
+        assert_eq!(removal(&with("web", Some(0))).unwrap().1, None);
+        assert_eq!(
+            removal(&with("web", Some(600))).unwrap().1,
+            Some(Duration::from_secs(600))
+        );
+        for bad in [with("web", Some(601)), with("web", Some(-1))] {
+            let e = removal(&bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().starts_with("stop_timeout: "), "{}", e.message());
+        }
+        let e = removal(&with("Bad_Name", None)).unwrap_err();
+        assert!(e.message().starts_with("app: "), "{}", e.message());
+    }
+
+    /// A milestone's progress is at most 1.0 (negative: a counter; NaN refused); its
+    /// description defaults to its pattern.
+    #[test]
+    fn milestones_keep_their_progress_and_describe_themselves() {
+        let with = |progress: f64, description: &str| proto::DeployRequest {
+            milestones: vec![proto::Milestone {
+                pattern: "ready".into(),
+                progress,
+                description: description.into(),
+            }],
+            ..request()
+        };
+        let m = &accepted(with(1.0, "")).milestones[0];
+        assert_eq!((m.progress, m.description.as_str()), (1.0, "ready"));
+        assert_eq!(m.pattern.as_str(), "ready");
+        let m = &accepted(with(-1.0, "warm")).milestones[0];
+        assert_eq!((m.progress, m.description.as_str()), (-1.0, "warm"));
+        for bad in [1.01, f64::NAN] {
+            let e = error_of(with(bad, ""));
+            assert!(e.starts_with("milestones[0].progress: "), "{bad}: {e}");
+        }
+        let mut empty = with(0.5, "");
+        empty.milestones[0].pattern.clear();
+        assert_eq!(error_of(empty), "milestones[0].pattern: empty pattern");
+    }
+
+    /// Hooks are named `hook-N` unless named; a hook needs a command whose program is
+    /// not empty; its timeout defaults to 5 minutes and is at least 100 ms.
+    #[test]
+    fn hooks_are_named_and_checked() {
+        let hook = |name: &str, command: &[&str], timeout_ms: Option<i32>| proto::Hook {
+            name: name.into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            tty: true,
+            timeout: timeout_ms.map(|ms| pbjson_types::Duration {
+                seconds: 0,
+                nanos: ms * 1_000_000,
+            }),
+        };
+        let spec = accepted(proto::DeployRequest {
+            hooks: vec![
+                hook("migrate", &["db", "up"], None),
+                hook("", &["true"], Some(100)),
+            ],
+            ..request()
+        });
+        let named: Vec<_> = spec
+            .hooks
+            .iter()
+            .map(|h| (h.name.as_str(), h.command.len(), h.tty, h.timeout))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("migrate", 2, true, DEFAULT_HOOK_TIMEOUT),
+                ("hook-2", 1, true, Duration::from_millis(100)),
+            ]
+        );
+        for (bad, field) in [
+            (hook("x", &[""], None), "hooks[0].command: "),
+            (hook("x", &[], None), "hooks[0].command: "),
+            (hook("x", &["true"], Some(99)), "hooks[0].timeout: "),
+        ] {
+            let e = error_of(proto::DeployRequest {
+                hooks: vec![bad],
+                ..request()
+            });
+            assert!(e.starts_with(field), "{e}");
+        }
+    }
+
+    /// An HTTP probe: path `/` by default and absolute, status 200 by default and an
+    /// HTTP status, port published over TCP.
+    #[test]
+    fn an_http_probe_is_checked() {
+        let with = |port: u32, path: &str, expect_status: u32| proto::DeployRequest {
+            health_check: Some(proto::HealthCheck {
+                check: Some(proto::health_check::Check::Http(proto::HttpHealthCheck {
+                    port,
+                    path: path.into(),
+                    expect_status,
+                })),
+                ..Default::default()
+            }),
+            ..request()
+        };
+        let probe = |req| accepted(req).health.probe;
+        assert!(matches!(
+            probe(with(8080, "", 0)),
+            Some(HealthProbe::Http { port: 8080, ref path, expect_status: 200 }) if path == "/"
+        ));
+        assert!(matches!(
+            probe(with(8080, "/up", 599)),
+            Some(HealthProbe::Http { ref path, expect_status: 599, .. }) if path == "/up"
+        ));
+        assert!(matches!(
+            probe(with(8080, "/", 100)),
+            Some(HealthProbe::Http { expect_status: 100, .. })
+        ));
+        for (req, field) in [
+            (with(8080, "up", 0), "health_check.http.path: "),
+            (with(8080, "/", 99), "health_check.http.expect_status: "),
+            (with(8080, "/", 600), "health_check.http.expect_status: "),
+            (with(9090, "/", 0), "health_check.http.port: "),
+        ] {
+            let e = error_of(req);
+            assert!(e.starts_with(field), "{e}");
+        }
+        let mut udp = with(8080, "/", 0);
+        udp.ports[0].protocol = "udp".into();
+        assert!(error_of(udp).starts_with("health_check.http.port: "));
+    }
+
     /// Fuzzing of request validation: arbitrary requests (any strings, any numbers,
     /// any health check, durations and patterns) never panic; every refusal is
     /// INVALID_ARGUMENT naming a field, and every accepted spec satisfies the limits.
