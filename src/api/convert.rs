@@ -1211,7 +1211,10 @@ mod tests {
             .iter()
             .map(|p| (p.container_port, p.host_port, p.protocol))
             .collect();
-        assert_eq!(ports, [(53, 5353, Protocol::Tcp), (53, 5353, Protocol::Udp)]);
+        assert_eq!(
+            ports,
+            [(53, 5353, Protocol::Tcp), (53, 5353, Protocol::Udp)]
+        );
         let e = error_of(proto::DeployRequest {
             ports: vec![mapping(53, "tcp"), mapping(53, "udp"), mapping(54, "udp")],
             ..request()
@@ -1377,7 +1380,10 @@ mod tests {
         ));
         assert!(matches!(
             probe(with(8080, "/", 100)),
-            Some(HealthProbe::Http { expect_status: 100, .. })
+            Some(HealthProbe::Http {
+                expect_status: 100,
+                ..
+            })
         ));
         for (req, field) in [
             (with(8080, "up", 0), "health_check.http.path: "),
@@ -1391,6 +1397,246 @@ mod tests {
         let mut udp = with(8080, "/", 0);
         udp.ports[0].protocol = "udp".into();
         assert!(error_of(udp).starts_with("health_check.http.port: "));
+    }
+
+    /// What the engine reports reaches the wire field by field: an update (with its
+    /// pull, result and ETA), a status, an app.
+    #[test]
+    fn the_engine_s_values_convert_field_by_field() {
+        use std::time::UNIX_EPOCH;
+        let at = UNIX_EPOCH + Duration::new(1_700_000_000, 5);
+        let eta = crate::engine::eta::Eta {
+            remaining: Duration::from_millis(1500),
+            low: Duration::from_secs(1),
+            high: Duration::from_secs(2),
+            samples: 3,
+            basis: "median of 3".into(),
+            overdue: true,
+        };
+        let result = model::DeploymentResult {
+            success: false,
+            message: "boom".into(),
+            container_id: "c0ffee".into(),
+            image_digest: "sha256:ab".into(),
+            endpoints: [("8080/tcp".into(), "127.0.0.1:18080".into())].into(),
+            health: vec![model::HealthOutcome {
+                check: "http".into(),
+                healthy: false,
+                attempts: 4,
+                message: "503".into(),
+            }],
+            diagnostics: Some(model::FailureDiagnostics {
+                failed_phase: Some(model::Phase::HealthCheck),
+                step: "probe".into(),
+                exit_code: Some(3),
+                oom_killed: true,
+                log_tail: vec!["last line".into()],
+            }),
+            commit: "0123abc".into(),
+            containers_removed: 2,
+        };
+        let u = model::Update {
+            operation: model::Operation::RemoveApp,
+            phase: model::Phase::HealthCheck,
+            phase_progress: 0.5,
+            total_progress: 0.25,
+            level: model::Level::Warning,
+            timestamp: at,
+            elapsed: Duration::from_millis(2500),
+            metadata: [("k".to_owned(), "v".to_owned())].into(),
+            pull: Some(model::PullProgress {
+                layer_id: "l1".into(),
+                current_bytes: 1,
+                total_bytes: 2,
+                image_current_bytes: 3,
+                image_total_bytes: 4,
+                layers_total: 5,
+                layers_done: 6,
+            }),
+            result: Some(result.clone()),
+            eta: Some(eta.clone()),
+            ..model::Update::for_test(7, false)
+        };
+        let p = update(&u);
+        assert_eq!(p.deployment_id, u.deployment_id.to_string());
+        assert_eq!((p.sequence, p.app.as_str()), (7, "app"));
+        assert_eq!(p.operation(), proto::Operation::RemoveApp);
+        assert_eq!(p.phase(), proto::Phase::HealthCheck);
+        assert_eq!(p.level(), proto::Level::Warning);
+        assert_eq!((p.phase_progress, p.total_progress), (0.5, 0.25));
+        assert_eq!(p.message, "update 7");
+        let ts = p.timestamp.unwrap();
+        assert_eq!((ts.seconds, ts.nanos), (1_700_000_000, 5));
+        let el = p.elapsed.unwrap();
+        assert_eq!((el.seconds, el.nanos), (2, 500_000_000));
+        assert_eq!(p.metadata["k"], "v");
+        let pull = p.pull.unwrap();
+        assert_eq!(
+            (
+                pull.layer_id.as_str(),
+                pull.current_bytes,
+                pull.total_bytes,
+                pull.image_current_bytes,
+                pull.image_total_bytes,
+                pull.layers_total,
+                pull.layers_done
+            ),
+            ("l1", 1, 2, 3, 4, 5, 6)
+        );
+        assert!(!p.heartbeat);
+        let r = p.result.unwrap();
+        assert_eq!(
+            (
+                r.success,
+                r.message.as_str(),
+                r.container_id.as_str(),
+                r.image_digest.as_str(),
+                r.commit.as_str(),
+                r.containers_removed
+            ),
+            (false, "boom", "c0ffee", "sha256:ab", "0123abc", 2)
+        );
+        assert_eq!(r.endpoints["8080/tcp"], "127.0.0.1:18080");
+        let h = &r.health[0];
+        assert_eq!(
+            (h.check.as_str(), h.healthy, h.attempts, h.message.as_str()),
+            ("http", false, 4, "503")
+        );
+        let d = r.diagnostics.unwrap();
+        assert_eq!(d.failed_phase(), proto::Phase::HealthCheck);
+        assert_eq!(
+            (d.step.as_str(), d.exit_code, d.oom_killed, d.log_tail),
+            ("probe", Some(3), true, vec!["last line".to_owned()])
+        );
+        let e = p.eta.unwrap();
+        assert_eq!(
+            (
+                e.remaining.unwrap().nanos,
+                e.low.unwrap().seconds,
+                e.high.unwrap().seconds
+            ),
+            (500_000_000, 1, 2)
+        );
+        assert_eq!(
+            (e.samples, e.basis.as_str(), e.overdue),
+            (3, "median of 3", true)
+        );
+
+        let status = model::DeploymentStatus {
+            id: u.deployment_id,
+            operation: model::Operation::Deploy,
+            app: u.app.clone(),
+            image: "web:2".into(),
+            state: model::DeploymentState::Succeeded,
+            phase: model::Phase::Complete,
+            phase_progress: 1.0,
+            total_progress: 1.0,
+            created_at: at,
+            started_at: Some(at + Duration::from_secs(1)),
+            finished_at: Some(at + Duration::from_secs(2)),
+            error: String::new(),
+            result: Some(model::DeploymentResult {
+                success: true,
+                ..result
+            }),
+            last_sequence: 9,
+            requested_by: "ci".into(),
+            queue_position: 0,
+            superseded_by: Some(model::DeploymentId::new()),
+            commit: "0123abc".into(),
+            eta: None,
+            target: model::Target::Swarm,
+            replicas: 3,
+        };
+        let s = super::status(&status);
+        assert_eq!(s.deployment_id, status.id.to_string());
+        assert_eq!(s.operation(), proto::Operation::Deploy);
+        assert_eq!((s.app.as_str(), s.image.as_str()), ("app", "web:2"));
+        assert_eq!(s.state(), proto::DeploymentState::Succeeded);
+        assert_eq!(s.phase(), proto::Phase::Complete);
+        assert_eq!(s.created_at.unwrap().seconds, 1_700_000_000);
+        assert_eq!(s.started_at.unwrap().seconds, 1_700_000_001);
+        assert_eq!(s.finished_at.unwrap().seconds, 1_700_000_002);
+        assert!(s.result.as_ref().unwrap().success);
+        assert_eq!(
+            (s.last_sequence, s.requested_by.as_str(), s.commit.as_str()),
+            (9, "ci", "0123abc")
+        );
+        assert_eq!(s.superseded_by, status.superseded_by.unwrap().to_string());
+        assert_eq!((s.target.as_str(), s.replicas), ("swarm", 3));
+        assert!(s.eta.is_none());
+
+        let view = crate::engine::AppView {
+            app: status.app.clone(),
+            current: Some(status.clone()),
+            latest: model::DeploymentStatus {
+                id: model::DeploymentId::new(),
+                ..status.clone()
+            },
+        };
+        let a = app(&view);
+        assert_eq!(a.app, "app");
+        let current = a.current.unwrap();
+        assert_eq!(current.deployment_id, status.id.to_string());
+        assert_eq!(
+            (
+                current.image.as_str(),
+                current.image_digest.as_str(),
+                current.container_id.as_str()
+            ),
+            ("web:2", "sha256:ab", "c0ffee")
+        );
+        assert_eq!(current.since.unwrap().seconds, 1_700_000_002);
+        assert_eq!(current.endpoints["8080/tcp"], "127.0.0.1:18080");
+        assert_eq!(current.health[0].attempts, 4);
+        assert_eq!((current.target.as_str(), current.replicas), ("swarm", 3));
+        assert_eq!(a.latest.unwrap().deployment_id, view.latest.id.to_string());
+    }
+
+    /// Each state, phase and level has its own wire value, and the ListDeployments
+    /// filter reads each state back (UNSPECIFIED: any; an unknown number is refused).
+    #[test]
+    fn enums_map_one_to_one_and_the_state_filter_reads_them_back() {
+        use model::DeploymentState as S;
+        for s in [
+            S::Pending,
+            S::Running,
+            S::Succeeded,
+            S::Failed,
+            S::Cancelled,
+        ] {
+            let wire = state(s);
+            assert_eq!(
+                wire.as_str_name(),
+                format!("DEPLOYMENT_STATE_{}", s.as_str().to_ascii_uppercase())
+            );
+            assert_eq!(state_filter(wire as i32).unwrap(), Some(s));
+        }
+        assert_eq!(state_filter(0).unwrap(), None);
+        let e = state_filter(99).unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (
+                tonic::Code::InvalidArgument,
+                "state: 99 is not a deployment state"
+            )
+        );
+        for p in [
+            model::Phase::Pulling,
+            model::Phase::HealthCheck,
+            model::Phase::Failed,
+        ] {
+            assert_eq!(phase(p).as_str_name(), format!("PHASE_{}", p.name()));
+        }
+        use model::Level as L;
+        for (l, name) in [
+            (L::Info, "LEVEL_INFO"),
+            (L::Warning, "LEVEL_WARNING"),
+            (L::Error, "LEVEL_ERROR"),
+            (L::Success, "LEVEL_SUCCESS"),
+        ] {
+            assert_eq!(level(l).as_str_name(), name);
+        }
     }
 
     /// Fuzzing of request validation: arbitrary requests (any strings, any numbers,
