@@ -1045,6 +1045,600 @@ mod tests {
         }
     }
 
+    fn accepted(req: proto::DeployRequest) -> DeploySpec {
+        deploy_spec(req, "test".into()).unwrap()
+    }
+
+    /// The env may take 128 KiB in all (name, value, `=` and NUL of each), not a byte
+    /// more.
+    #[test]
+    fn the_env_may_take_128_kib_and_no_more() {
+        let with = |value_len| proto::DeployRequest {
+            env: [("BIG".to_owned(), "x".repeat(value_len))].into(),
+            ..request()
+        };
+        let at_bound = 128 * 1024 - "BIG".len() - 2;
+        assert_eq!(accepted(with(at_bound)).env["BIG"].len(), at_bound);
+        assert_eq!(
+            error_of(with(at_bound + 1)),
+            "env: 131073 bytes in total; at most 131072 are allowed"
+        );
+    }
+
+    /// A duration's bounds are inclusive: the deadline may be 1 s or 24 h, no less and
+    /// no more.
+    #[test]
+    fn a_duration_may_be_its_bounds_and_nothing_outside() {
+        let with = |seconds, nanos| proto::DeployRequest {
+            deadline: Some(pbjson_types::Duration { seconds, nanos }),
+            ..request()
+        };
+        assert_eq!(accepted(with(1, 0)).deadline, Duration::from_secs(1));
+        assert_eq!(
+            accepted(with(24 * 3600, 0)).deadline,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(
+            error_of(with(0, 999_000_000)),
+            "deadline: 0.999s is out of range (1s to 86400s)"
+        );
+        assert!(error_of(with(24 * 3600, 1)).starts_with("deadline: 86400.000000001s"));
+    }
+
+    /// A build arg's name is refused when empty, with `=` or with NUL (each on its own).
+    #[test]
+    fn a_bad_build_arg_name_is_refused() {
+        let with = |name: &str| proto::DeployRequest {
+            image: String::new(),
+            source: Some(proto::GitSource {
+                build_args: [(name.to_owned(), "v".to_owned())].into(),
+                ..git("https://git.example.invalid/r.git")
+            }),
+            ..request()
+        };
+        for name in ["", "A=B", "A\0"] {
+            let e = error_of(with(name));
+            assert!(e.starts_with("source.build_args["), "{name:?}: {e}");
+        }
+        let spec = accepted(with("VERSION"));
+        assert_eq!(spec.source.unwrap().build_args["VERSION"], "v");
+    }
+
+    /// Replicas: 0 means 1; up to 100 as asked; more is refused.
+    #[test]
+    fn replicas_default_to_one_and_are_bounded() {
+        let with = |replicas| proto::DeployRequest {
+            replicas,
+            ..request()
+        };
+        assert_eq!(accepted(with(0)).replicas, 1);
+        assert_eq!(accepted(with(3)).replicas, 3);
+        assert_eq!(accepted(with(MAX_REPLICAS)).replicas, 100);
+        assert_eq!(
+            error_of(with(101)),
+            "replicas: 101 is more than the 100 tasks a deployment may ask for"
+        );
+    }
+
+    /// The update policy as asked; refused with an order other than stop-first or
+    /// start-first, a ratio outside 0..=1 (or NaN), or a monitor over 10 minutes.
+    #[test]
+    fn the_update_policy_is_kept_and_checked() {
+        let with = |p: proto::UpdatePolicy| proto::DeployRequest {
+            update_policy: Some(p),
+            ..request()
+        };
+        let policy = accepted(with(proto::UpdatePolicy {
+            parallelism: 2,
+            order: "start-first".into(),
+            monitor: Some(pbjson_types::Duration {
+                seconds: 7,
+                nanos: 0,
+            }),
+            max_failure_ratio: 0.25,
+        }))
+        .update;
+        assert_eq!(policy.parallelism, 2);
+        assert_eq!(policy.order, model::UpdateOrder::StartFirst);
+        assert_eq!(policy.monitor, Some(Duration::from_secs(7)));
+        assert_eq!(policy.max_failure_ratio, 0.25);
+
+        let defaults = accepted(with(proto::UpdatePolicy::default())).update;
+        assert_eq!(defaults.parallelism, 1, "0 means one task at a time");
+        assert_eq!(defaults.order, model::UpdateOrder::StopFirst);
+        assert_eq!(defaults.monitor, None);
+        assert_eq!(defaults.max_failure_ratio, 0.0);
+        for ratio in [1.0, 0.0] {
+            let p = proto::UpdatePolicy {
+                max_failure_ratio: ratio,
+                ..Default::default()
+            };
+            assert_eq!(accepted(with(p)).update.max_failure_ratio, ratio);
+        }
+
+        for ratio in [1.5, -0.1, f64::NAN] {
+            let e = error_of(with(proto::UpdatePolicy {
+                max_failure_ratio: ratio,
+                ..Default::default()
+            }));
+            assert!(
+                e.starts_with("update_policy.max_failure_ratio: "),
+                "{ratio}: {e}"
+            );
+        }
+        let e = error_of(with(proto::UpdatePolicy {
+            order: "random".into(),
+            ..Default::default()
+        }));
+        assert!(e.starts_with("update_policy.order: "), "{e}");
+        let e = error_of(with(proto::UpdatePolicy {
+            monitor: Some(pbjson_types::Duration {
+                seconds: 601,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }));
+        assert!(e.starts_with("update_policy.monitor: "), "{e}");
+    }
+
+    /// An image reference may be 512 bytes long, not more.
+    #[test]
+    fn an_image_reference_may_be_512_bytes() {
+        let with = |len: usize| proto::DeployRequest {
+            image: format!("a/{}", "b".repeat(len - 2)),
+            ..request()
+        };
+        assert_eq!(accepted(with(512)).image.len(), 512);
+        assert!(error_of(with(513)).starts_with("image: "));
+    }
+
+    /// A host port may be published once per protocol: TCP and UDP may share one, as
+    /// they may share a container port.
+    #[test]
+    fn tcp_and_udp_may_share_a_port() {
+        let mapping = |container_port, protocol: &str| proto::PortMapping {
+            host_ip: String::new(),
+            container_port,
+            host_port: 5353,
+            protocol: protocol.into(),
+        };
+        let spec = accepted(proto::DeployRequest {
+            ports: vec![mapping(53, "tcp"), mapping(53, "UDP")],
+            ..request()
+        });
+        let ports: Vec<_> = spec
+            .ports
+            .iter()
+            .map(|p| (p.container_port, p.host_port, p.protocol))
+            .collect();
+        assert_eq!(
+            ports,
+            [(53, 5353, Protocol::Tcp), (53, 5353, Protocol::Udp)]
+        );
+        let e = error_of(proto::DeployRequest {
+            ports: vec![mapping(53, "tcp"), mapping(53, "udp"), mapping(54, "udp")],
+            ..request()
+        });
+        assert_eq!(e, "ports[2].host_port: host port 5353 is used twice");
+    }
+
+    /// A host IP is optional and, when given, an IP address.
+    #[test]
+    fn a_host_ip_is_an_ip_address_or_nothing() {
+        let with = |ip: &str| proto::DeployRequest {
+            ports: vec![proto::PortMapping {
+                host_ip: ip.into(),
+                ..request().ports[0].clone()
+            }],
+            ..request()
+        };
+        let ip = |spec: DeploySpec| spec.ports[0].host_ip;
+        assert_eq!(ip(accepted(with(" "))), None);
+        assert_eq!(ip(accepted(with("127.0.0.1"))), Some([127, 0, 0, 1].into()));
+        assert_eq!(
+            ip(accepted(with(" ::1 "))),
+            Some(std::net::Ipv6Addr::LOCALHOST.into())
+        );
+        assert!(error_of(with("localhost")).starts_with("ports[0].host_ip: "));
+    }
+
+    /// An idempotency key is optional and at most 256 bytes.
+    #[test]
+    fn an_idempotency_key_is_at_most_256_bytes() {
+        let with = |key: String| proto::DeployRequest {
+            idempotency_key: key,
+            ..request()
+        };
+        assert_eq!(accepted(with(String::new())).idempotency_key, None);
+        let key = "k".repeat(256);
+        assert_eq!(accepted(with(key.clone())).idempotency_key, Some(key));
+        assert_eq!(
+            error_of(with("k".repeat(257))),
+            "idempotency_key: longer than 256 bytes"
+        );
+    }
+
+    /// A removal names a valid app; its stop grace is optional (0 too) and at most
+    /// 10 minutes.
+    #[test]
+    fn a_removal_request_is_checked() {
+        let with = |app: &str, seconds: Option<i64>| proto::RemoveAppRequest {
+            app: app.into(),
+            stop_timeout: seconds.map(|seconds| pbjson_types::Duration { seconds, nanos: 0 }),
+            ..Default::default()
+        };
+        let (app, grace) = removal(&with("web", None)).unwrap();
+        assert_eq!((app.as_str(), grace), ("web", None));
+        assert_eq!(removal(&with("web", Some(0))).unwrap().1, None);
+        assert_eq!(
+            removal(&with("web", Some(600))).unwrap().1,
+            Some(Duration::from_secs(600))
+        );
+        for bad in [with("web", Some(601)), with("web", Some(-1))] {
+            let e = removal(&bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().starts_with("stop_timeout: "), "{}", e.message());
+        }
+        let e = removal(&with("Bad_Name", None)).unwrap_err();
+        assert!(e.message().starts_with("app: "), "{}", e.message());
+    }
+
+    /// A milestone's progress is at most 1.0 (negative: a counter; NaN refused); its
+    /// description defaults to its pattern.
+    #[test]
+    fn milestones_keep_their_progress_and_describe_themselves() {
+        let with = |progress: f64, description: &str| proto::DeployRequest {
+            milestones: vec![proto::Milestone {
+                pattern: "ready".into(),
+                progress,
+                description: description.into(),
+            }],
+            ..request()
+        };
+        let m = &accepted(with(1.0, "")).milestones[0];
+        assert_eq!((m.progress, m.description.as_str()), (1.0, "ready"));
+        assert_eq!(m.pattern.as_str(), "ready");
+        let m = &accepted(with(-1.0, "warm")).milestones[0];
+        assert_eq!((m.progress, m.description.as_str()), (-1.0, "warm"));
+        for bad in [1.01, f64::NAN] {
+            let e = error_of(with(bad, ""));
+            assert!(e.starts_with("milestones[0].progress: "), "{bad}: {e}");
+        }
+        let mut empty = with(0.5, "");
+        empty.milestones[0].pattern.clear();
+        assert_eq!(error_of(empty), "milestones[0].pattern: empty pattern");
+    }
+
+    /// Hooks are named `hook-N` unless named; a hook needs a command whose program is
+    /// not empty; its timeout defaults to 5 minutes and is at least 100 ms.
+    #[test]
+    fn hooks_are_named_and_checked() {
+        let hook = |name: &str, command: &[&str], timeout_ms: Option<i32>| proto::Hook {
+            name: name.into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            tty: true,
+            timeout: timeout_ms.map(|ms| pbjson_types::Duration {
+                seconds: 0,
+                nanos: ms * 1_000_000,
+            }),
+        };
+        let spec = accepted(proto::DeployRequest {
+            hooks: vec![
+                hook("migrate", &["db", "up"], None),
+                hook("", &["true"], Some(100)),
+            ],
+            ..request()
+        });
+        let named: Vec<_> = spec
+            .hooks
+            .iter()
+            .map(|h| (h.name.as_str(), h.command.len(), h.tty, h.timeout))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                ("migrate", 2, true, DEFAULT_HOOK_TIMEOUT),
+                ("hook-2", 1, true, Duration::from_millis(100)),
+            ]
+        );
+        for (bad, field) in [
+            (hook("x", &[""], None), "hooks[0].command: "),
+            (hook("x", &[], None), "hooks[0].command: "),
+            (hook("x", &["true"], Some(99)), "hooks[0].timeout: "),
+        ] {
+            let e = error_of(proto::DeployRequest {
+                hooks: vec![bad],
+                ..request()
+            });
+            assert!(e.starts_with(field), "{e}");
+        }
+    }
+
+    /// An HTTP probe: path `/` by default and absolute, status 200 by default and an
+    /// HTTP status, port published over TCP.
+    #[test]
+    fn an_http_probe_is_checked() {
+        let with = |port: u32, path: &str, expect_status: u32| proto::DeployRequest {
+            health_check: Some(proto::HealthCheck {
+                check: Some(proto::health_check::Check::Http(proto::HttpHealthCheck {
+                    port,
+                    path: path.into(),
+                    expect_status,
+                })),
+                ..Default::default()
+            }),
+            ..request()
+        };
+        let probe = |req| accepted(req).health.probe;
+        assert!(matches!(
+            probe(with(8080, "", 0)),
+            Some(HealthProbe::Http { port: 8080, ref path, expect_status: 200 }) if path == "/"
+        ));
+        assert!(matches!(
+            probe(with(8080, "/up", 599)),
+            Some(HealthProbe::Http { ref path, expect_status: 599, .. }) if path == "/up"
+        ));
+        assert!(matches!(
+            probe(with(8080, "/", 100)),
+            Some(HealthProbe::Http {
+                expect_status: 100,
+                ..
+            })
+        ));
+        for (req, field) in [
+            (with(8080, "up", 0), "health_check.http.path: "),
+            (with(8080, "/", 99), "health_check.http.expect_status: "),
+            (with(8080, "/", 600), "health_check.http.expect_status: "),
+            (with(9090, "/", 0), "health_check.http.port: "),
+        ] {
+            let e = error_of(req);
+            assert!(e.starts_with(field), "{e}");
+        }
+        let mut udp = with(8080, "/", 0);
+        udp.ports[0].protocol = "udp".into();
+        assert!(error_of(udp).starts_with("health_check.http.port: "));
+    }
+
+    /// What the engine reports reaches the wire field by field: an update (with its
+    /// pull, result and ETA), a status, an app.
+    #[test]
+    fn the_engine_s_values_convert_field_by_field() {
+        use std::time::UNIX_EPOCH;
+        let at = UNIX_EPOCH + Duration::new(1_700_000_000, 5);
+        let eta = crate::engine::eta::Eta {
+            remaining: Duration::from_millis(1500),
+            low: Duration::from_secs(1),
+            high: Duration::from_secs(2),
+            samples: 3,
+            basis: "median of 3".into(),
+            overdue: true,
+        };
+        let result = model::DeploymentResult {
+            success: false,
+            message: "boom".into(),
+            container_id: "c0ffee".into(),
+            image_digest: "sha256:ab".into(),
+            endpoints: [("8080/tcp".into(), "127.0.0.1:18080".into())].into(),
+            health: vec![model::HealthOutcome {
+                check: "http".into(),
+                healthy: false,
+                attempts: 4,
+                message: "503".into(),
+            }],
+            diagnostics: Some(model::FailureDiagnostics {
+                failed_phase: Some(model::Phase::HealthCheck),
+                step: "probe".into(),
+                exit_code: Some(3),
+                oom_killed: true,
+                log_tail: vec!["last line".into()],
+            }),
+            commit: "0123abc".into(),
+            containers_removed: 2,
+        };
+        let u = model::Update {
+            operation: model::Operation::RemoveApp,
+            phase: model::Phase::HealthCheck,
+            phase_progress: 0.5,
+            total_progress: 0.25,
+            level: model::Level::Warning,
+            timestamp: at,
+            elapsed: Duration::from_millis(2500),
+            metadata: [("k".to_owned(), "v".to_owned())].into(),
+            pull: Some(model::PullProgress {
+                layer_id: "l1".into(),
+                current_bytes: 1,
+                total_bytes: 2,
+                image_current_bytes: 3,
+                image_total_bytes: 4,
+                layers_total: 5,
+                layers_done: 6,
+            }),
+            result: Some(result.clone()),
+            eta: Some(eta.clone()),
+            ..model::Update::for_test(7, false)
+        };
+        let p = update(&u);
+        assert_eq!(p.deployment_id, u.deployment_id.to_string());
+        assert_eq!((p.sequence, p.app.as_str()), (7, "app"));
+        assert_eq!(p.operation(), proto::Operation::RemoveApp);
+        assert_eq!(p.phase(), proto::Phase::HealthCheck);
+        assert_eq!(p.level(), proto::Level::Warning);
+        assert_eq!((p.phase_progress, p.total_progress), (0.5, 0.25));
+        assert_eq!(p.message, "update 7");
+        let ts = p.timestamp.unwrap();
+        assert_eq!((ts.seconds, ts.nanos), (1_700_000_000, 5));
+        let el = p.elapsed.unwrap();
+        assert_eq!((el.seconds, el.nanos), (2, 500_000_000));
+        assert_eq!(p.metadata["k"], "v");
+        let pull = p.pull.unwrap();
+        assert_eq!(
+            (
+                pull.layer_id.as_str(),
+                pull.current_bytes,
+                pull.total_bytes,
+                pull.image_current_bytes,
+                pull.image_total_bytes,
+                pull.layers_total,
+                pull.layers_done
+            ),
+            ("l1", 1, 2, 3, 4, 5, 6)
+        );
+        assert!(!p.heartbeat);
+        let r = p.result.unwrap();
+        assert_eq!(
+            (
+                r.success,
+                r.message.as_str(),
+                r.container_id.as_str(),
+                r.image_digest.as_str(),
+                r.commit.as_str(),
+                r.containers_removed
+            ),
+            (false, "boom", "c0ffee", "sha256:ab", "0123abc", 2)
+        );
+        assert_eq!(r.endpoints["8080/tcp"], "127.0.0.1:18080");
+        let h = &r.health[0];
+        assert_eq!(
+            (h.check.as_str(), h.healthy, h.attempts, h.message.as_str()),
+            ("http", false, 4, "503")
+        );
+        let d = r.diagnostics.unwrap();
+        assert_eq!(d.failed_phase(), proto::Phase::HealthCheck);
+        assert_eq!(
+            (d.step.as_str(), d.exit_code, d.oom_killed, d.log_tail),
+            ("probe", Some(3), true, vec!["last line".to_owned()])
+        );
+        let e = p.eta.unwrap();
+        assert_eq!(
+            (
+                e.remaining.unwrap().nanos,
+                e.low.unwrap().seconds,
+                e.high.unwrap().seconds
+            ),
+            (500_000_000, 1, 2)
+        );
+        assert_eq!(
+            (e.samples, e.basis.as_str(), e.overdue),
+            (3, "median of 3", true)
+        );
+
+        let status = model::DeploymentStatus {
+            id: u.deployment_id,
+            operation: model::Operation::Deploy,
+            app: u.app.clone(),
+            image: "web:2".into(),
+            state: model::DeploymentState::Succeeded,
+            phase: model::Phase::Complete,
+            phase_progress: 1.0,
+            total_progress: 1.0,
+            created_at: at,
+            started_at: Some(at + Duration::from_secs(1)),
+            finished_at: Some(at + Duration::from_secs(2)),
+            error: String::new(),
+            result: Some(model::DeploymentResult {
+                success: true,
+                ..result
+            }),
+            last_sequence: 9,
+            requested_by: "ci".into(),
+            queue_position: 0,
+            superseded_by: Some(model::DeploymentId::new()),
+            commit: "0123abc".into(),
+            eta: None,
+            target: model::Target::Swarm,
+            replicas: 3,
+        };
+        let s = super::status(&status);
+        assert_eq!(s.deployment_id, status.id.to_string());
+        assert_eq!(s.operation(), proto::Operation::Deploy);
+        assert_eq!((s.app.as_str(), s.image.as_str()), ("app", "web:2"));
+        assert_eq!(s.state(), proto::DeploymentState::Succeeded);
+        assert_eq!(s.phase(), proto::Phase::Complete);
+        assert_eq!(s.created_at.unwrap().seconds, 1_700_000_000);
+        assert_eq!(s.started_at.unwrap().seconds, 1_700_000_001);
+        assert_eq!(s.finished_at.unwrap().seconds, 1_700_000_002);
+        assert!(s.result.as_ref().unwrap().success);
+        assert_eq!(
+            (s.last_sequence, s.requested_by.as_str(), s.commit.as_str()),
+            (9, "ci", "0123abc")
+        );
+        assert_eq!(s.superseded_by, status.superseded_by.unwrap().to_string());
+        assert_eq!((s.target.as_str(), s.replicas), ("swarm", 3));
+        assert!(s.eta.is_none());
+
+        let view = crate::engine::AppView {
+            app: status.app.clone(),
+            current: Some(status.clone()),
+            latest: model::DeploymentStatus {
+                id: model::DeploymentId::new(),
+                ..status.clone()
+            },
+        };
+        let a = app(&view);
+        assert_eq!(a.app, "app");
+        let current = a.current.unwrap();
+        assert_eq!(current.deployment_id, status.id.to_string());
+        assert_eq!(
+            (
+                current.image.as_str(),
+                current.image_digest.as_str(),
+                current.container_id.as_str()
+            ),
+            ("web:2", "sha256:ab", "c0ffee")
+        );
+        assert_eq!(current.since.unwrap().seconds, 1_700_000_002);
+        assert_eq!(current.endpoints["8080/tcp"], "127.0.0.1:18080");
+        assert_eq!(current.health[0].attempts, 4);
+        assert_eq!((current.target.as_str(), current.replicas), ("swarm", 3));
+        assert_eq!(a.latest.unwrap().deployment_id, view.latest.id.to_string());
+    }
+
+    /// Each state, phase and level has its own wire value, and the ListDeployments
+    /// filter reads each state back (UNSPECIFIED: any; an unknown number is refused).
+    #[test]
+    fn enums_map_one_to_one_and_the_state_filter_reads_them_back() {
+        use model::DeploymentState as S;
+        for s in [
+            S::Pending,
+            S::Running,
+            S::Succeeded,
+            S::Failed,
+            S::Cancelled,
+        ] {
+            let wire = state(s);
+            assert_eq!(
+                wire.as_str_name(),
+                format!("DEPLOYMENT_STATE_{}", s.as_str().to_ascii_uppercase())
+            );
+            assert_eq!(state_filter(wire as i32).unwrap(), Some(s));
+        }
+        assert_eq!(state_filter(0).unwrap(), None);
+        let e = state_filter(99).unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (
+                tonic::Code::InvalidArgument,
+                "state: 99 is not a deployment state"
+            )
+        );
+        for p in [
+            model::Phase::Pulling,
+            model::Phase::HealthCheck,
+            model::Phase::Failed,
+        ] {
+            assert_eq!(phase(p).as_str_name(), format!("PHASE_{}", p.name()));
+        }
+        use model::Level as L;
+        for (l, name) in [
+            (L::Info, "LEVEL_INFO"),
+            (L::Warning, "LEVEL_WARNING"),
+            (L::Error, "LEVEL_ERROR"),
+            (L::Success, "LEVEL_SUCCESS"),
+        ] {
+            assert_eq!(level(l).as_str_name(), name);
+        }
+    }
+
     /// Fuzzing of request validation: arbitrary requests (any strings, any numbers,
     /// any health check, durations and patterns) never panic; every refusal is
     /// INVALID_ARGUMENT naming a field, and every accepted spec satisfies the limits.

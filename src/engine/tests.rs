@@ -1706,3 +1706,99 @@ async fn set_commit_shows_the_commit_and_the_built_image_in_the_status() {
     rep.set_commit("0123abc", Some("built:7"));
     assert_eq!(deployment.status().image, "built:7");
 }
+
+/// The build's steps a deployment reports are kept in the store for the estimates of
+/// the app's later deployments, in order, under this deployment's ID.
+#[tokio::test]
+async fn the_reporter_keeps_the_build_steps_for_later_estimates() {
+    use super::deployment::{Deployment, Reporter};
+    use super::eta::StepSample;
+    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let deployment = Arc::new(Deployment::with_log(
+        crate::model::DeploymentId::new(),
+        spec("app", "web:1"),
+        crate::events::DeploymentLog::new(),
+    ));
+    store.insert(&deployment.status(), &deployment.spec);
+    let rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store.clone());
+    let steps = vec![
+        StepSample {
+            instruction: "FROM base".into(),
+            cached: false,
+            duration: Duration::from_millis(500),
+        },
+        StepSample {
+            instruction: "RUN make".into(),
+            cached: true,
+            duration: Duration::from_millis(20),
+        },
+    ];
+    rep.record_build(steps.clone());
+    store.flush().await;
+    let mut measured = store.measured(&[deployment.id]).await.unwrap();
+    let kept = measured
+        .remove(&deployment.id)
+        .expect("the build's steps are kept under the deployment's ID");
+    assert_eq!(kept.build, steps);
+    assert_eq!(kept.pull, None, "a build is not a pull");
+}
+
+/// With history, every update carries an estimate of the time left, except the
+/// terminal one: nothing is left.
+#[tokio::test]
+async fn with_history_every_update_has_an_eta_but_the_last() {
+    use super::deployment::{Deployment, Extra, Reporter};
+    use super::eta::PastDeployment;
+    use super::history::EtaTracker;
+    use crate::model::{DeploymentResult, Level};
+    let spec = spec("app", "web:1");
+    let phases = [
+        Phase::Validating,
+        Phase::Pulling,
+        Phase::Creating,
+        Phase::Starting,
+        Phase::HealthCheck,
+        Phase::Hooks,
+        Phase::Switching,
+        Phase::Cleanup,
+    ]
+    .into_iter()
+    .map(|p| (p, Duration::from_secs(1)))
+    .collect();
+    let history = vec![PastDeployment {
+        phases,
+        pull: None,
+        build: Vec::new(),
+    }];
+    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let deployment = Arc::new(Deployment::with_log(
+        crate::model::DeploymentId::new(),
+        spec.clone(),
+        crate::events::DeploymentLog::new(),
+    ));
+    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store)
+        .with_eta(EtaTracker::new(&spec, history));
+    rep.accepted();
+    rep.enter(Phase::Validating, "validating");
+    rep.progress(0.5, Level::Info, "half".into(), Extra::default());
+    assert!(
+        deployment.status().eta.is_some(),
+        "the status shows the latest estimate"
+    );
+    rep.finish(
+        DeploymentState::Succeeded,
+        DeploymentResult {
+            success: true,
+            message: "done".into(),
+            ..Default::default()
+        },
+    );
+    assert!(deployment.status().eta.is_none(), "nothing is left");
+    let updates = log_updates(&deployment).await;
+    let (end, before) = updates.split_last().unwrap();
+    assert_eq!(before.len(), 3);
+    for u in before {
+        assert!(u.eta.is_some(), "update {} has no ETA", u.sequence);
+    }
+    assert!(end.eta.is_none(), "the terminal update has no ETA");
+}
