@@ -50,6 +50,16 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
         "Deployments accepted.",
     ),
     (
+        "stevedore_deployments_by_target_total",
+        Kind::Counter,
+        "Deployments accepted, by target (docker or swarm).",
+    ),
+    (
+        "stevedore_replicas_requested_total",
+        Kind::Counter,
+        "Replicas asked for by accepted deployments, summed, by target.",
+    ),
+    (
         "stevedore_deployments_finished_total",
         Kind::Counter,
         "Deployments that ended, by outcome.",
