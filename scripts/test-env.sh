@@ -94,14 +94,28 @@ provision() {
 # ---------------------------------------------------------------------------- daemons
 # ensure_daemon NAME CHECK CMD...: unless `eval CHECK` succeeds already, start CMD in
 # its own session (pid in $STATE/NAME.pid, output in $STATE/NAME.log) and wait up to
-# 60 s for CHECK.
+# 60 s for CHECK. A daemon that exits while starting is started once more: after a
+# cold boot dockerd can give up on its own containerd ("timeout waiting for containerd
+# to start") and then come up at the second try.
 ensure_daemon() {
-  local name=$1 check=$2 pidfile=$STATE/$1.pid logfile=$STATE/$1.log pid="" i
+  local name=$1 check=$2 attempt
   shift 2
   if eval "$check"; then
     log "$name answers already (reusing it)"
     return 0
   fi
+  for attempt in 1 2; do
+    start_and_wait "$name" "$check" "$@" && return 0
+    ((attempt == 1)) && log "$name exited while starting; starting it once more"
+  done
+  die "$name exited (twice; log: $STATE/$name.log)"
+}
+
+# start_and_wait NAME CHECK CMD...: one attempt of ensure_daemon; fails (1) when the
+# daemon exits before CHECK succeeds, dies when it is still silent after 60 s.
+start_and_wait() {
+  local name=$1 check=$2 pidfile=$STATE/$1.pid logfile=$STATE/$1.log pid="" i
+  shift 2
   [[ -f $pidfile ]] && pid=$(cat "$pidfile") && [[ -d /proc/$pid ]] || pid=""
   if [[ -z $pid ]]; then
     log "starting $name (log: $logfile)"
@@ -117,7 +131,7 @@ ensure_daemon() {
   fi
   for ((i = 0; i < 120; i++)); do
     eval "$check" && { log "$name answers (pid $pid)"; return 0; }
-    [[ -d /proc/$pid ]] || { tail -n 30 "$logfile" >&2; die "$name exited"; }
+    [[ -d /proc/$pid ]] || { tail -n 30 "$logfile" >&2; rm -f "$pidfile"; return 1; }
     sleep 0.5
   done
   tail -n 30 "$logfile" >&2
