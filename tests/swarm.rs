@@ -33,6 +33,34 @@ async fn swarm_server(env: &SwarmEnv) -> common::TestServer {
     .await
 }
 
+/// A new app (one service, removed when the guard drops) on a host port of its own,
+/// and an in-process `--target swarm` server with a client.
+struct SwarmApp {
+    env: SwarmEnv,
+    app: String,
+    port: u16,
+    server: common::TestServer,
+    client: Client,
+    _guard: ServiceGuard,
+}
+
+async fn swarm_app(prefix: &str) -> SwarmApp {
+    let env = swarm::env();
+    let app = common::unique_app(prefix);
+    let guard = ServiceGuard::app(&env, &app);
+    let port = swarm::unused_port(&swarm::manager().await).await;
+    let server = swarm_server(&env).await;
+    let client = server.client().await;
+    SwarmApp {
+        env,
+        app,
+        port,
+        server,
+        client,
+        _guard: guard,
+    }
+}
+
 /// A request for `image` as `app` with `replicas` tasks publishing 8080 on `port` of
 /// each node.
 fn request(app: &str, image: &str, replicas: u32, port: u16) -> DeployRequest {
@@ -126,12 +154,14 @@ async fn deploy_base(
 
 #[tokio::test]
 async fn three_replicas_land_on_every_node_and_v2_rolls_to_every_node() {
-    let env = swarm::env();
-    let app = common::unique_app("swarm-roll");
-    let _guard = ServiceGuard::app(&env, &app);
-    let port = swarm::unused_port(&swarm::manager().await).await;
-    let server = swarm_server(&env).await;
-    let mut client = server.client().await;
+    let SwarmApp {
+        env,
+        app,
+        port,
+        server,
+        mut client,
+        _guard,
+    } = swarm_app("swarm-roll").await;
 
     // v1: three tasks, one per node, each task's progress in the stream.
     let updates = deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
@@ -382,12 +412,14 @@ async fn the_targets_refuse_what_they_cannot_run() {
 
 #[tokio::test]
 async fn a_crashing_v3_rolls_back_with_diagnostics_and_v2_keeps_serving() {
-    let env = swarm::env();
-    let app = common::unique_app("swarm-crash");
-    let _guard = ServiceGuard::app(&env, &app);
-    let port = swarm::unused_port(&swarm::manager().await).await;
-    let server = swarm_server(&env).await;
-    let mut client = server.client().await;
+    let SwarmApp {
+        env,
+        app,
+        port,
+        server,
+        mut client,
+        _guard,
+    } = swarm_app("swarm-crash").await;
     deploy_base(&mut client, &env, &app, &env.images.web_v2, port, "v2").await;
 
     let updates = deploy_all(&mut client, request(&app, &env.images.crash, 3, port)).await;
@@ -413,12 +445,14 @@ async fn a_crashing_v3_rolls_back_with_diagnostics_and_v2_keeps_serving() {
 
 #[tokio::test]
 async fn an_unhealthy_v3_rolls_back_and_v2_keeps_serving() {
-    let env = swarm::env();
-    let app = common::unique_app("swarm-sick");
-    let _guard = ServiceGuard::app(&env, &app);
-    let port = swarm::unused_port(&swarm::manager().await).await;
-    let server = swarm_server(&env).await;
-    let mut client = server.client().await;
+    let SwarmApp {
+        env,
+        app,
+        port,
+        server,
+        mut client,
+        _guard,
+    } = swarm_app("swarm-sick").await;
     deploy_base(&mut client, &env, &app, &env.images.web_v2, port, "v2").await;
 
     let updates = deploy_all(&mut client, request(&app, &env.images.unhealthy, 3, port)).await;
@@ -441,12 +475,14 @@ async fn an_unhealthy_v3_rolls_back_and_v2_keeps_serving() {
 
 #[tokio::test]
 async fn a_deadline_shorter_than_the_update_rolls_back() {
-    let env = swarm::env();
-    let app = common::unique_app("swarm-late");
-    let _guard = ServiceGuard::app(&env, &app);
-    let port = swarm::unused_port(&swarm::manager().await).await;
-    let server = swarm_server(&env).await;
-    let mut client = server.client().await;
+    let SwarmApp {
+        env,
+        app,
+        port,
+        server,
+        mut client,
+        _guard,
+    } = swarm_app("swarm-late").await;
     deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
 
     // slowhealth never turns healthy: its task never runs, and Swarm waits for ever.
@@ -464,12 +500,14 @@ async fn a_deadline_shorter_than_the_update_rolls_back() {
 
 #[tokio::test]
 async fn cancel_mid_update_rolls_back() {
-    let env = swarm::env();
-    let app = common::unique_app("swarm-cancel");
-    let _guard = ServiceGuard::app(&env, &app);
-    let port = swarm::unused_port(&swarm::manager().await).await;
-    let server = swarm_server(&env).await;
-    let mut client = server.client().await;
+    let SwarmApp {
+        env,
+        app,
+        port,
+        server,
+        mut client,
+        _guard,
+    } = swarm_app("swarm-cancel").await;
     deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
 
     let mut stream =
@@ -529,11 +567,32 @@ async fn assert_followed_in_the_background(client: &mut Client, id: &str) {
     terminal(&updates);
 }
 
-#[tokio::test]
-async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converges() {
+/// A server killed (-9) in the middle of a swarm update, and its successor.
+struct KilledMidUpdate {
+    env: SwarmEnv,
+    app: String,
+    port: u16,
+    /// The interrupted deployment and the digest it pinned its image to.
+    id: String,
+    pinned: String,
+    /// The server restarted on the same data, and a client of it.
+    server: common::BinaryServer,
+    client: Client,
+    _data: tempfile::TempDir,
+    _guard: ServiceGuard,
+}
+
+/// Deploys v1 of a new app (`prefix`) with 3 replicas through a `--target swarm`
+/// server, starts the update `next(env, app, port)` asks for, kills the server at the
+/// first update `at` accepts, and restarts it on the same data.
+async fn kill_9_mid_update(
+    prefix: &str,
+    next: impl FnOnce(&SwarmEnv, &str, u16) -> DeployRequest,
+    at: impl Fn(&ProgressUpdate) -> bool,
+) -> KilledMidUpdate {
     let env = swarm::env();
-    let app = common::unique_app("swarm-crashsrv");
-    let _guard = ServiceGuard::app(&env, &app);
+    let app = common::unique_app(prefix);
+    let guard = ServiceGuard::app(&env, &app);
     let port = swarm::unused_port(&swarm::manager().await).await;
     let data = tempfile::tempdir().unwrap();
     let args = ["--target", "swarm", "--docker-host", &env.manager];
@@ -541,24 +600,53 @@ async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converge
     let mut client = common::connect(server.grpc_addr).await;
     deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
 
-    // v2 with a long monitor: the update is in flight for a while after the spec
-    // reached Swarm, and the server dies then.
-    let mut v2 = request(&app, &env.images.web_v2, 3, port);
-    v2.update_policy = Some(UpdatePolicy {
-        monitor: secs(10),
-        ..Default::default()
-    });
-    let mut stream: Updates = deploy_stream(&mut client, v2).await;
-    let seen = stream
-        .until(|u| u.metadata.get("task_state").is_some_and(|s| s == "running"))
-        .await;
+    let mut stream: Updates = deploy_stream(&mut client, next(&env, &app, port)).await;
+    let seen = stream.until(at).await;
     let id = seen[0].deployment_id.clone();
     let pinned = pinned_digest(&seen);
     drop(stream);
     drop(server); // SIGKILL, then reaped.
 
     let server = common::BinaryServer::spawn(data.path(), &args);
-    let mut client = common::connect(server.grpc_addr).await;
+    let client = common::connect(server.grpc_addr).await;
+    KilledMidUpdate {
+        env,
+        app,
+        port,
+        id,
+        pinned,
+        server,
+        client,
+        _data: data,
+        _guard: guard,
+    }
+}
+
+#[tokio::test]
+async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converges() {
+    // v2 with a long monitor: the update is in flight for a while after the spec
+    // reached Swarm, and the server dies then.
+    let next = |env: &SwarmEnv, app: &str, port| {
+        let mut v2 = request(app, &env.images.web_v2, 3, port);
+        v2.update_policy = Some(UpdatePolicy {
+            monitor: secs(10),
+            ..Default::default()
+        });
+        v2
+    };
+    let running = |u: &ProgressUpdate| u.metadata.get("task_state").is_some_and(|s| s == "running");
+    // Bound first: a pattern on the temporary would drop its guard and data at once.
+    let killed = kill_9_mid_update("swarm-crashsrv", next, running).await;
+    let KilledMidUpdate {
+        env,
+        port,
+        id,
+        pinned,
+        server,
+        mut client,
+        ..
+    } = killed;
+
     assert_followed_in_the_background(&mut client, &id).await;
     let status = common::wait_finished(&mut client, &id).await;
     assert_eq!(
@@ -590,35 +678,29 @@ async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converge
 
 #[tokio::test]
 async fn kill_9_mid_an_update_that_cannot_converge_then_restart_rolls_it_back() {
-    let env = swarm::env();
-    let app = common::unique_app("swarm-stuck");
-    let _guard = ServiceGuard::app(&env, &app);
-    let port = swarm::unused_port(&swarm::manager().await).await;
-    let data = tempfile::tempdir().unwrap();
-    let args = ["--target", "swarm", "--docker-host", &env.manager];
-    let server = common::BinaryServer::spawn(data.path(), &args);
-    let mut client = common::connect(server.grpc_addr).await;
-    deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
-
     // slowhealth never turns healthy: the update can only hang. The server dies in it.
-    let mut req = request(&app, &env.images.slowhealth, 3, port);
-    req.deadline = secs(30);
-    let mut stream: Updates = deploy_stream(&mut client, req).await;
-    let seen = stream
-        .until(|u| {
-            u.metadata
-                .get("task_state")
-                .is_some_and(|s| s == "starting")
-        })
-        .await;
-    let id = seen[0].deployment_id.clone();
-    let pinned = pinned_digest(&seen);
-    drop(stream);
-    drop(server); // SIGKILL, then reaped.
+    let next = |env: &SwarmEnv, app: &str, port| {
+        let mut req = request(app, &env.images.slowhealth, 3, port);
+        req.deadline = secs(30);
+        req
+    };
+    let starting = |u: &ProgressUpdate| {
+        u.metadata
+            .get("task_state")
+            .is_some_and(|s| s == "starting")
+    };
+    let killed = kill_9_mid_update("swarm-stuck", next, starting).await;
+    let KilledMidUpdate {
+        env,
+        app,
+        port,
+        id,
+        pinned,
+        mut client,
+        ..
+    } = killed;
 
     // Recovery follows it for the rest of its deadline, then rolls it back.
-    let server = common::BinaryServer::spawn(data.path(), &args);
-    let mut client = common::connect(server.grpc_addr).await;
     assert_followed_in_the_background(&mut client, &id).await;
     let status = common::wait_finished(&mut client, &id).await;
     assert_eq!(status.state(), DeploymentState::Failed, "{status:#?}");
