@@ -916,17 +916,34 @@ async fn a_panicking_step_ends_the_deployment_failed_and_closes_its_stream() {
     assert_eq!(end_state(&next), DeploymentState::Succeeded);
 }
 
-#[tokio::test]
-async fn phase_progress_never_goes_back_within_a_phase() {
-    use super::deployment::{Deployment, Extra, Reporter};
-    use crate::model::Level;
+/// A Reporter of a new deployment of `spec` (no observers, an in-memory store), the
+/// deployment it reports on and its store.
+async fn reporter_for(
+    spec: crate::model::DeploySpec,
+) -> (
+    Arc<super::deployment::Deployment>,
+    super::deployment::Reporter,
+    crate::store::Store,
+) {
     let store = crate::store::Store::open_in_memory().await.unwrap();
-    let deployment = Arc::new(Deployment::with_log(
+    let deployment = Arc::new(super::deployment::Deployment::with_log(
         crate::model::DeploymentId::new(),
-        spec("app", "web:1"),
+        spec,
         crate::events::DeploymentLog::new(),
     ));
-    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    let rep = super::deployment::Reporter::new(
+        deployment.clone(),
+        ObserverRegistry::new(),
+        store.clone(),
+    );
+    (deployment, rep, store)
+}
+
+#[tokio::test]
+async fn phase_progress_never_goes_back_within_a_phase() {
+    use super::deployment::Extra;
+    use crate::model::Level;
+    let (deployment, mut rep, _) = reporter_for(spec("app", "web:1")).await;
     rep.accepted();
     rep.enter(Phase::Pulling, "pulling");
     let mut seen = Vec::new();
@@ -1494,15 +1511,9 @@ async fn log_updates(deployment: &super::deployment::Deployment) -> Vec<Arc<Upda
 
 #[tokio::test]
 async fn the_reporter_keeps_the_status_in_step_with_its_updates() {
-    use super::deployment::{Deployment, Extra, Reporter};
+    use super::deployment::Extra;
     use crate::model::{DeploymentResult, FailureDiagnostics, Level};
-    let store = crate::store::Store::open_in_memory().await.unwrap();
-    let deployment = Arc::new(Deployment::with_log(
-        crate::model::DeploymentId::new(),
-        spec("app", "web:1"),
-        crate::events::DeploymentLog::new(),
-    ));
-    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    let (deployment, mut rep, _) = reporter_for(spec("app", "web:1")).await;
     rep.accepted();
     rep.queued(2, None);
     let s = deployment.status();
@@ -1577,15 +1588,8 @@ async fn the_reporter_keeps_the_status_in_step_with_its_updates() {
 
 #[tokio::test]
 async fn a_success_completes_the_bar_and_leaves_no_error() {
-    use super::deployment::{Deployment, Reporter};
     use crate::model::{DeploymentResult, Level};
-    let store = crate::store::Store::open_in_memory().await.unwrap();
-    let deployment = Arc::new(Deployment::with_log(
-        crate::model::DeploymentId::new(),
-        spec("app", "web:1"),
-        crate::events::DeploymentLog::new(),
-    ));
-    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    let (deployment, mut rep, _) = reporter_for(spec("app", "web:1")).await;
     rep.accepted();
     rep.enter(Phase::Switching, "switching");
     rep.finish(
@@ -1611,13 +1615,7 @@ async fn a_success_completes_the_bar_and_leaves_no_error() {
     );
 
     // A cancellation ends CANCELLED at a warning.
-    let deployment = Arc::new(Deployment::with_log(
-        crate::model::DeploymentId::new(),
-        spec("app", "web:1"),
-        crate::events::DeploymentLog::new(),
-    ));
-    let store = crate::store::Store::open_in_memory().await.unwrap();
-    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    let (deployment, mut rep, _) = reporter_for(spec("app", "web:1")).await;
     rep.accepted();
     rep.cancelling("stop".into());
     rep.finish(DeploymentState::Cancelled, DeploymentResult::default());
@@ -1629,15 +1627,9 @@ async fn a_success_completes_the_bar_and_leaves_no_error() {
 
 #[tokio::test]
 async fn a_resumed_reporter_continues_the_log_from_the_status() {
-    use super::deployment::{Deployment, Extra, Reporter};
+    use super::deployment::{Extra, Reporter};
     use crate::model::Level;
-    let store = crate::store::Store::open_in_memory().await.unwrap();
-    let deployment = Arc::new(Deployment::with_log(
-        crate::model::DeploymentId::new(),
-        spec("app", "web:1"),
-        crate::events::DeploymentLog::new(),
-    ));
-    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store.clone());
+    let (deployment, mut rep, store) = reporter_for(spec("app", "web:1")).await;
     rep.accepted();
     rep.enter(Phase::Pulling, "pulling");
     rep.progress(0.5, Level::Info, "half".into(), Extra::default());
@@ -1692,14 +1684,7 @@ fn a_removal_keeps_the_stop_timeout_it_was_asked_for() {
 /// status.
 #[tokio::test]
 async fn set_commit_shows_the_commit_and_the_built_image_in_the_status() {
-    use super::deployment::{Deployment, Reporter};
-    let store = crate::store::Store::open_in_memory().await.unwrap();
-    let deployment = Arc::new(Deployment::with_log(
-        crate::model::DeploymentId::new(),
-        spec("app", "web:1"),
-        crate::events::DeploymentLog::new(),
-    ));
-    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    let (deployment, mut rep, _) = reporter_for(spec("app", "web:1")).await;
     rep.set_commit("0123abc", None);
     let s = deployment.status();
     assert_eq!((s.commit.as_str(), s.image.as_str()), ("0123abc", "web:1"));
@@ -1711,16 +1696,9 @@ async fn set_commit_shows_the_commit_and_the_built_image_in_the_status() {
 /// the app's later deployments, in order, under this deployment's ID.
 #[tokio::test]
 async fn the_reporter_keeps_the_build_steps_for_later_estimates() {
-    use super::deployment::{Deployment, Reporter};
     use super::eta::StepSample;
-    let store = crate::store::Store::open_in_memory().await.unwrap();
-    let deployment = Arc::new(Deployment::with_log(
-        crate::model::DeploymentId::new(),
-        spec("app", "web:1"),
-        crate::events::DeploymentLog::new(),
-    ));
+    let (deployment, rep, store) = reporter_for(spec("app", "web:1")).await;
     store.insert(&deployment.status(), &deployment.spec);
-    let rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store.clone());
     let steps = vec![
         StepSample {
             instruction: "FROM base".into(),
@@ -1747,7 +1725,7 @@ async fn the_reporter_keeps_the_build_steps_for_later_estimates() {
 /// terminal one: nothing is left.
 #[tokio::test]
 async fn with_history_every_update_has_an_eta_but_the_last() {
-    use super::deployment::{Deployment, Extra, Reporter};
+    use super::deployment::Extra;
     use super::eta::PastDeployment;
     use super::history::EtaTracker;
     use crate::model::{DeploymentResult, Level};
@@ -1770,14 +1748,8 @@ async fn with_history_every_update_has_an_eta_but_the_last() {
         pull: None,
         build: Vec::new(),
     }];
-    let store = crate::store::Store::open_in_memory().await.unwrap();
-    let deployment = Arc::new(Deployment::with_log(
-        crate::model::DeploymentId::new(),
-        spec.clone(),
-        crate::events::DeploymentLog::new(),
-    ));
-    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store)
-        .with_eta(EtaTracker::new(&spec, history));
+    let (deployment, rep, _) = reporter_for(spec.clone()).await;
+    let mut rep = rep.with_eta(EtaTracker::new(&spec, history));
     rep.accepted();
     rep.enter(Phase::Validating, "validating");
     rep.progress(0.5, Level::Info, "half".into(), Extra::default());
