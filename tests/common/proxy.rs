@@ -8,6 +8,29 @@ use std::time::{Duration, Instant};
 
 use stevedore::proxy::client::ProxyClient;
 
+/// Starts `stevedore proxy FILES… ARGS…` with `env`, its log (stderr) in a new file
+/// in `dir`; the child and the log's path.
+fn start(
+    dir: &Path,
+    files: &[&std::ffi::OsStr],
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, PathBuf) {
+    let log = dir.join(format!("proxy-{}.log", uuid::Uuid::new_v4().simple()));
+    let child = Command::new(super::binary())
+        .arg("proxy")
+        .args(files)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn stevedore proxy");
+    (child, log)
+}
+
 /// A `stevedore proxy` child process; killed on drop.
 pub struct ProxyProcess {
     pub child: Child,
@@ -28,26 +51,18 @@ impl ProxyProcess {
     pub fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let socket = dir.join("proxy.sock");
         let state_file = dir.join("routes.json");
-        let log = dir.join(format!("proxy-{}.log", uuid::Uuid::new_v4().simple()));
-        let mut command = Command::new(super::binary());
-        command.arg("proxy");
+        let mut files: Vec<&std::ffi::OsStr> = Vec::new();
         if env.is_empty() {
-            command
-                .arg("--admin-socket")
-                .arg(&socket)
-                .arg("--state-file")
-                .arg(&state_file)
-                .args(["--metrics-listen", "127.0.0.1:0"]);
+            files.extend([
+                "--admin-socket".as_ref(),
+                socket.as_os_str(),
+                "--state-file".as_ref(),
+                state_file.as_os_str(),
+                "--metrics-listen".as_ref(),
+                "127.0.0.1:0".as_ref(),
+            ]);
         }
-        let mut child = command
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn stevedore proxy");
+        let (mut child, log) = start(dir, &files, args, env);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -88,17 +103,7 @@ impl ProxyProcess {
         env: &[(&str, &str)],
         limit: Duration,
     ) -> (std::process::ExitStatus, String) {
-        let log = dir.join(format!("proxy-{}.log", uuid::Uuid::new_v4().simple()));
-        let mut child = Command::new(super::binary())
-            .arg("proxy")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn stevedore proxy");
+        let (mut child, log) = start(dir, &[], args, env);
         let deadline = Instant::now() + limit;
         let status = loop {
             if let Some(status) = child.try_wait().unwrap() {
