@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::deployment::{Deployment, Extra, Reporter};
 use super::queue::Ticket;
-use super::run::{Failure, short, stop_gracefully};
+use super::run::{Failure, Stop, short, stop_gracefully, wait_turn};
 use super::{Engine, EngineError, Inner};
 use crate::events::UpdateStream;
 use crate::model::{AppName, DeploymentId, DeploymentResult, DeploymentState, Level, Phase};
@@ -64,27 +64,28 @@ impl Engine {
 /// The removal's task: waits its turn, then stops and removes.
 async fn run(mut rep: Reporter, ctx: Arc<Inner>, mut ticket: Ticket) {
     let removal = rep.deployment().clone();
-    let mut position = ticket.position();
-    while position > 0 {
-        tokio::select! {
-            p = ticket.changed() => {
-                position = p;
-                if p > 0 {
-                    rep.queued(p, ticket.ahead());
-                }
-            }
-            _ = removal.cancel.cancelled() => {
-                rep.cancelling("cancel requested while queued: nothing was removed".into());
-                let result = DeploymentResult {
-                    message: "cancelled while queued; nothing was removed".into(),
-                    ..Default::default()
-                };
-                return rep.finish(DeploymentState::Cancelled, result);
-            }
-            _ = removal.interrupt.cancelled() => {
-                let message = "interrupted by server shutdown while queued; nothing was removed";
-                return rep.fail(Phase::Queued, "server shutdown", message.into(), Extra::default());
-            }
+    // A removal has no deadline: it waits for the deployments ahead of it.
+    match wait_turn(&mut rep, &mut ticket, None).await {
+        Ok(_) => {}
+        Err(Stop::Cancelled) => {
+            rep.cancelling("cancel requested while queued: nothing was removed".into());
+            let result = DeploymentResult {
+                message: "cancelled while queued; nothing was removed".into(),
+                ..Default::default()
+            };
+            return rep.finish(DeploymentState::Cancelled, result);
+        }
+        Err(Stop::Interrupted) => {
+            let message = "interrupted by server shutdown while queued; nothing was removed";
+            return rep.fail(
+                Phase::Queued,
+                "server shutdown",
+                message.into(),
+                Extra::default(),
+            );
+        }
+        Err(Stop::DeadlineExceeded | Stop::Failed(_)) => {
+            unreachable!("waiting without a deadline ends only by cancel or shutdown")
         }
     }
     match stop_and_remove(&mut rep, &ctx).await {

@@ -170,7 +170,7 @@ impl Run {
 
     /// QUEUED: waits for the app's lock (see [`wait_turn`]).
     async fn wait_turn(&mut self, ticket: &mut Ticket, deadline: Instant) -> Result<(), Stop> {
-        self.waited = wait_turn(&mut self.rep, ticket, deadline).await?;
+        self.waited = wait_turn(&mut self.rep, ticket, Some(deadline)).await?;
         Ok(())
     }
 
@@ -1093,12 +1093,21 @@ pub(super) fn deadline_of(deployment: &super::deployment::Deployment) -> Instant
     Instant::from_std(deployment.accepted) + deployment.spec.deadline
 }
 
-/// QUEUED: waits for the app's lock. (The first position went out when the
-/// deployment was accepted; each change goes out here.) Returns whether it waited.
+/// Sleeps until `deadline`; with none, for ever.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// QUEUED: waits for the app's lock, until `deadline` if there is one. (The first
+/// position went out when the deployment was accepted; each change goes out here.)
+/// Returns whether it waited.
 pub(super) async fn wait_turn(
     rep: &mut Reporter,
     ticket: &mut Ticket,
-    deadline: Instant,
+    deadline: Option<Instant>,
 ) -> Result<bool, Stop> {
     let deployment = rep.deployment().clone();
     let mut position = ticket.position();
@@ -1113,7 +1122,7 @@ pub(super) async fn wait_turn(
             }
             _ = deployment.cancel.cancelled() => return Err(Stop::Cancelled),
             _ = deployment.interrupt.cancelled() => return Err(Stop::Interrupted),
-            _ = tokio::time::sleep_until(deadline) => return Err(Stop::DeadlineExceeded),
+            _ = until(deadline) => return Err(Stop::DeadlineExceeded),
         }
     }
     Ok(waited)

@@ -234,7 +234,7 @@ impl SwarmRun {
     pub(super) async fn run(mut self, mut ticket: Ticket) {
         let deployment = self.rep.deployment().clone();
         let deadline = deadline_of(&deployment);
-        if let Err(stop) = wait_turn(&mut self.rep, &mut ticket, deadline).await {
+        if let Err(stop) = wait_turn(&mut self.rep, &mut ticket, Some(deadline)).await {
             return self.end(stop).await;
         }
         let outcome = tokio::select! {

@@ -1347,6 +1347,51 @@ async fn a_removal_queues_behind_a_deployment_stops_removes_and_the_app_leaves_t
     assert!(apps[0].current.is_some());
 }
 
+/// A removal cancelled while it waits behind a deployment ends CANCELLED and removes
+/// nothing: the deployment ahead of it finishes and its container stays.
+#[tokio::test]
+async fn a_removal_cancelled_while_queued_removes_nothing() {
+    let (gate, fake) = gated_and_web();
+    let engine = engine(&fake).await;
+    let (deploying, mut a) = engine.deploy(spec("app", "gated:1")).await.unwrap();
+    until(&mut a, |u| u.phase == Phase::Starting).await;
+    let (rid, mut r) = (engine.remove_app(app_name("app"), "unit test".into(), None))
+        .await
+        .unwrap();
+    until(&mut r, |u| matches!(u.kind, EventKind::Queued { .. })).await;
+    bounded("cancel", engine.cancel(&rid.to_string()))
+        .await
+        .unwrap();
+    let end = rest(r).await;
+    let last = end.last().unwrap();
+    assert_eq!(
+        last.kind,
+        EventKind::Finished {
+            state: DeploymentState::Cancelled
+        }
+    );
+    let result = last.result.as_ref().unwrap();
+    assert_eq!(
+        result.message,
+        "cancelled while queued; nothing was removed"
+    );
+    assert_eq!(result.containers_removed, 0);
+    gate.add_permits(1);
+    assert!(
+        rest(a)
+            .await
+            .last()
+            .unwrap()
+            .result
+            .as_ref()
+            .unwrap()
+            .success
+    );
+    assert_eq!(fake.existing().len(), 1, "the deployed container stays");
+    let apps = engine.apps().await.unwrap();
+    assert_eq!(apps[0].current.as_ref().unwrap().id, deploying);
+}
+
 #[tokio::test]
 async fn a_removal_interrupted_by_a_restart_is_finished_by_recovery() {
     let fake = FakeRuntime::with([("web:1", Script::healthy())]);
