@@ -19,6 +19,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".google.protobuf", "::pbjson_types")
         // tonic's prost codec with a small first encode buffer per stream (src/api/codec.rs).
         .codec_path("crate::api::codec::ProtoCodec")
+        .compile_fds(fds.clone())?;
+
+    // The server Stevedore runs (`crate::api::service`): the same service, whose
+    // streams yield `crate::api::wire::StreamedUpdate`, a `ProgressUpdate` encoded once
+    // for all its watchers. Every other type is the one generated above.
+    let service_dir = out_dir.join("service");
+    fs::create_dir_all(&service_dir)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .compile_well_known_types(true)
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .extern_path(
+            ".stevedore.v1.ProgressUpdate",
+            "crate::api::wire::StreamedUpdate",
+        )
+        .extern_path(".stevedore.v1", "crate::proto")
+        .codec_path("crate::api::codec::ProtoCodec")
+        .out_dir(&service_dir)
         .compile_fds(fds)?;
 
     // proto3 JSON mapping (the names grpcurl prints): `stevedore.v1.serde.rs`.

@@ -66,6 +66,7 @@ fn update(id: DeploymentId, app: &AppName, seq: u64, terminal: bool) -> Update {
         }),
         result: None,
         eta: None,
+        encoded: Default::default(),
     }
 }
 

@@ -671,6 +671,32 @@ pub struct Update {
     /// The time left, once the app has earlier succeeded deployments.
     #[serde(default)]
     pub eta: Option<crate::engine::eta::Eta>,
+    /// The update as `ProgressUpdate` bytes, encoded once by the gRPC layer for every
+    /// stream that sends it (`api::wire`). Not stored.
+    #[serde(skip)]
+    pub encoded: EncodedOnce,
+}
+
+/// A value computed once from the update it belongs to: a clone starts empty, so an
+/// update copied and then changed never carries the bytes of the original.
+#[derive(Debug, Default)]
+pub struct EncodedOnce(std::sync::OnceLock<Box<[u8]>>);
+
+impl EncodedOnce {
+    #[cfg(test)]
+    pub(crate) fn get(&self) -> Option<&[u8]> {
+        self.0.get().map(|b| &b[..])
+    }
+
+    pub(crate) fn get_or_init(&self, encode: impl FnOnce() -> Vec<u8>) -> &[u8] {
+        self.0.get_or_init(|| encode().into_boxed_slice())
+    }
+}
+
+impl Clone for EncodedOnce {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
 }
 
 impl Update {
@@ -721,6 +747,7 @@ impl Update {
             pull: None,
             result: None,
             eta: None,
+            encoded: Default::default(),
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{DeployerService, StreamConfig};
 
 use crate::api::auth::{Authenticator, Refusals, auth_layer};
+use crate::api::service::deployer_server::DeployerServer;
 use crate::engine::{Engine, EngineConfig};
 use crate::events::{DEFAULT_QUEUE, ObserverRegistry, Subscription};
 use crate::http::MetricsExporter;
@@ -23,7 +24,6 @@ use crate::lock::{DATA_DIR_LOCK_FILE, HeldLock, LockError, audit_lock_path};
 use crate::observers::audit::{AUDIT_LOG_FILE, AuditLog, AuditObserver};
 use crate::observers::metrics::{Metrics, MetricsObserver};
 use crate::observers::webhook::{WebhookConfig, WebhookObserver, WebhookSecret};
-use crate::proto::deployer_server::DeployerServer;
 use crate::proxy::client::ProxyClient;
 use crate::runtime::Runtime;
 use crate::runtime::docker::{DEFAULT_DOCKER_HOST, DockerRuntime};

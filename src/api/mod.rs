@@ -6,6 +6,14 @@ pub mod codec;
 pub(crate) mod convert;
 mod oversized;
 pub(crate) mod policy;
+pub mod wire;
+
+/// The Deployer service as this server runs it: generated from the same proto, its
+/// streams yielding [`wire::StreamedUpdate`] (see `build.rs`).
+pub mod service {
+    #![allow(clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/service/stevedore.v1.rs"));
+}
 
 pub(crate) use oversized::count_oversized_requests;
 
@@ -29,7 +37,8 @@ use crate::events::{LogError, UpdateStream};
 use crate::limits::Rejection;
 use crate::model::{AppName, DeploymentState, EventKind, Update};
 use crate::proto;
-use crate::proto::deployer_server::Deployer;
+use service::deployer_server::Deployer;
+use wire::StreamedUpdate;
 
 /// The one mapping from engine errors to gRPC status codes.
 pub(crate) fn status_of(e: EngineError) -> Status {
@@ -188,28 +197,7 @@ pub fn forward(
         }
     });
     let end = futures_util::stream::once(end_rx).filter_map(|r| async move { r.ok().map(Err) });
-    Box::pin(
-        ReceiverStream::new(rx)
-            .map(|out| Ok(out.message()))
-            .chain(end),
-    )
-}
-
-/// What the producer places in a stream's channel: small, so that a stream's channel
-/// costs little however many updates it can hold.
-enum Outgoing {
-    /// An update of the log, converted when the connection takes it.
-    Update(Arc<Update>),
-    Heartbeat(Box<proto::ProgressUpdate>),
-}
-
-impl Outgoing {
-    fn message(self) -> proto::ProgressUpdate {
-        match self {
-            Outgoing::Update(u) => convert::update(&u),
-            Outgoing::Heartbeat(m) => *m,
-        }
-    }
+    Box::pin(ReceiverStream::new(rx).map(Ok).chain(end))
 }
 
 /// The task behind one [`forward`]ed stream. `Break(None)`: the stream ends without a
@@ -220,7 +208,7 @@ struct Producer {
     updates: UpdateStream,
     config: StreamConfig,
     caller: Option<auth::Caller>,
-    tx: mpsc::Sender<Outgoing>,
+    tx: mpsc::Sender<StreamedUpdate>,
     /// Sequence of the last update placed in the channel: where to resume from.
     sent: u64,
     /// When something was last placed in the channel (a heartbeat is due
@@ -252,17 +240,17 @@ impl Producer {
             let message = match next {
                 Some(u) => {
                     self.last = Some(u.clone());
-                    Outgoing::Update(u)
+                    StreamedUpdate::Logged(u)
                 }
-                None => Outgoing::Heartbeat(Box::new(heartbeat(
+                None => StreamedUpdate::Heartbeat(Box::new(heartbeat(
                     &self.id,
                     self.sent,
                     self.last.as_deref(),
                 ))),
             };
             let update = match &message {
-                Outgoing::Update(u) => Some((u.sequence, u.is_terminal())),
-                Outgoing::Heartbeat(_) => None,
+                StreamedUpdate::Logged(u) => Some((u.sequence, u.is_terminal())),
+                StreamedUpdate::Heartbeat(_) => None,
             };
             if let ControlFlow::Break(end) = self.send(&mut waits, message, update).await {
                 return end;
@@ -323,7 +311,7 @@ impl Producer {
     async fn send(
         &mut self,
         waits: &mut Waits,
-        message: Outgoing,
+        message: StreamedUpdate,
         update: Option<(u64, bool)>,
     ) -> ControlFlow<Option<Status>> {
         let sent = self.sent;
@@ -388,7 +376,7 @@ fn heartbeat(id: &str, sequence: u64, last: Option<&Update>) -> proto::ProgressU
 }
 
 pub(crate) type UpdateResponseStream =
-    Pin<Box<dyn Stream<Item = Result<proto::ProgressUpdate, Status>> + Send>>;
+    Pin<Box<dyn Stream<Item = Result<StreamedUpdate, Status>> + Send>>;
 
 /// Who is calling: the token's name when auth is on, else the peer address.
 fn caller<T>(req: &Request<T>) -> String {
@@ -600,6 +588,18 @@ mod tests {
         }
     }
 
+    /// The stream's messages as the client decodes them.
+    fn messages(
+        stream: UpdateResponseStream,
+    ) -> impl Stream<Item = Result<proto::ProgressUpdate, Status>> + Unpin {
+        stream.map(|r| {
+            r.map(|m| {
+                let bytes = prost::Message::encode_to_vec(&m);
+                <proto::ProgressUpdate as prost::Message>::decode(bytes.as_slice()).unwrap()
+            })
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn silence_brings_heartbeats_with_the_last_sequence() {
         let log = Arc::new(DeploymentLog::new());
@@ -608,14 +608,14 @@ mod tests {
         (second.phase, second.phase_progress, second.total_progress) =
             (crate::model::Phase::Pulling, 0.5, 0.3);
         log.append(second);
-        let mut stream = forward(
+        let mut stream = messages(forward(
             "id".into(),
             log.subscribe(0).unwrap(),
             CancellationToken::new(),
             config(8, 60_000, 1_000),
             None,
             None,
-        );
+        ));
         for seq in 1..=2 {
             let u = stream.next().await.unwrap().unwrap();
             assert_eq!((u.sequence, u.heartbeat), (seq, false));
@@ -647,14 +647,14 @@ mod tests {
         for s in 1..=10 {
             log.append(update(s, false));
         }
-        let mut stream = forward(
+        let mut stream = messages(forward(
             "id".into(),
             log.subscribe(0).unwrap(),
             CancellationToken::new(),
             config(2, 500, 60_000),
             None,
             None,
-        );
+        ));
         // The client reads nothing for longer than the stall timeout; the writer goes
         // on meanwhile.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -677,14 +677,14 @@ mod tests {
         );
         assert!(stream.next().await.is_none());
         // Resuming from there gives the rest, gap-free.
-        let rest: Vec<u64> = forward(
+        let rest: Vec<u64> = messages(forward(
             "id".into(),
             log.subscribe(2).unwrap(),
             CancellationToken::new(),
             config(2, 500, 60_000),
             None,
             None,
-        )
+        ))
         .map(|u| u.unwrap().sequence)
         .collect()
         .await;
@@ -697,14 +697,14 @@ mod tests {
         log.append(update(1, false));
         log.append(update(2, false));
         let shutdown = CancellationToken::new();
-        let mut stream = forward(
+        let mut stream = messages(forward(
             "id".into(),
             log.subscribe(0).unwrap(),
             shutdown.clone(),
             config(8, 60_000, 60_000),
             None,
             None,
-        );
+        ));
         assert_eq!(stream.next().await.unwrap().unwrap().sequence, 1);
         assert_eq!(stream.next().await.unwrap().unwrap().sequence, 2);
         shutdown.cancel();

@@ -304,6 +304,7 @@ impl Reporter {
             pull: extra.pull,
             result: result.clone(),
             eta: eta.clone(),
+            encoded: Default::default(),
         };
         let status = {
             let mut status = self.deployment.status.lock().expect("status lock");

@@ -27,9 +27,9 @@ use tonic::transport::server::TcpConnectInfo;
 
 use super::Peer;
 use crate::api::auth::{self, Authenticator, Refusals, Scope};
+use crate::api::service::deployer_server::Deployer;
 use crate::api::{DeployerService, OLDEST_SEQUENCE};
 use crate::proto;
-use crate::proto::deployer_server::Deployer;
 
 /// What the API routes need: the shared Deployer service and the same auth the
 /// gRPC layer uses (`None`: auth off).
@@ -315,7 +315,7 @@ async fn deploy(State(s): State<ApiState>, call: Call, body: Bytes) -> ApiResult
     let mut updates = s.deployer.deploy(request).await?.into_inner();
     // The first update names the deployment; dropping the stream leaves it running.
     let first = match updates.next().await {
-        Some(Ok(u)) => u,
+        Some(Ok(u)) => u.into_message(),
         Some(Err(status)) => return Err(status.into()),
         None => return Err(Status::internal("the deployment sent no update").into()),
     };
@@ -382,8 +382,10 @@ async fn events(
     };
     Ok(sse(stream.map(|item| {
         Ok(match item {
-            Ok(u) if u.heartbeat => Event::default().comment("heartbeat"),
-            Ok(u) => update_event(&u),
+            Ok(u) => match u.into_message() {
+                u if u.heartbeat => Event::default().comment("heartbeat"),
+                u => update_event(&u),
+            },
             Err(status) => end_event(&status),
         })
     })))
