@@ -1819,3 +1819,64 @@ async fn with_history_every_update_has_an_eta_but_the_last() {
     }
     assert!(end.eta.is_none(), "the terminal update has no ETA");
 }
+
+/// A cancel in progress is an update of its own (a warning, its message kept, the
+/// deployment still running), and a failure outside of the steps (here: recovery after
+/// a restart) ends the deployment at once: the status is FAILED with the failure's
+/// message as its error before anyone reads the log.
+#[tokio::test]
+async fn cancelling_and_failing_are_updates_of_their_own() {
+    use super::deployment::{Deployment, Extra, Reporter};
+    use crate::model::Level;
+    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let deployment = Arc::new(Deployment::with_log(
+        crate::model::DeploymentId::new(),
+        spec("app", "web:1"),
+        crate::events::DeploymentLog::new(),
+    ));
+    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    rep.accepted();
+    rep.enter(Phase::Pulling, "pulling");
+    rep.cancelling("cancel requested".into());
+    let s = deployment.status();
+    assert_eq!(
+        (s.state, s.last_sequence),
+        (DeploymentState::Running, 3),
+        "the cancel is the third update and does not end the deployment"
+    );
+
+    rep.fail(
+        Phase::Pulling,
+        "server restart",
+        "interrupted by a server restart".into(),
+        Extra::default(),
+    );
+    let s = deployment.status();
+    assert_eq!(
+        (s.state, s.phase, s.last_sequence),
+        (DeploymentState::Failed, Phase::Failed, 4)
+    );
+    assert_eq!(s.error, "interrupted by a server restart");
+    assert!(s.finished_at.is_some());
+
+    let updates = log_updates(&deployment).await;
+    assert_eq!(updates.len(), 4);
+    let ends: Vec<_> = updates[2..]
+        .iter()
+        .map(|u| (u.kind.clone(), u.level, u.phase))
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            (EventKind::Cancelling, Level::Warning, Phase::Pulling),
+            (
+                EventKind::Finished {
+                    state: DeploymentState::Failed
+                },
+                Level::Error,
+                Phase::Failed
+            ),
+        ]
+    );
+    assert_eq!(updates[2].message, "cancel requested");
+}
