@@ -1826,15 +1826,9 @@ async fn with_history_every_update_has_an_eta_but_the_last() {
 /// message as its error before anyone reads the log.
 #[tokio::test]
 async fn cancelling_and_failing_are_updates_of_their_own() {
-    use super::deployment::{Deployment, Extra, Reporter};
+    use super::deployment::Extra;
     use crate::model::Level;
-    let store = crate::store::Store::open_in_memory().await.unwrap();
-    let deployment = Arc::new(Deployment::with_log(
-        crate::model::DeploymentId::new(),
-        spec("app", "web:1"),
-        crate::events::DeploymentLog::new(),
-    ));
-    let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store);
+    let (deployment, mut rep, _) = reporter_for(spec("app", "web:1")).await;
     rep.accepted();
     rep.enter(Phase::Pulling, "pulling");
     rep.cancelling("cancel requested".into());
