@@ -1874,3 +1874,64 @@ async fn cancelling_and_failing_are_updates_of_their_own() {
     );
     assert_eq!(updates[2].message, "cancel requested");
 }
+
+/// The store writes a batch's updates and statuses in multi-row statements: a batch
+/// of more rows than one statement takes (three deployments, 1,200 updates queued
+/// before one flush) is stored whole, every sequence once, with each deployment's
+/// latest status.
+#[tokio::test]
+async fn a_batch_larger_than_one_statement_is_stored_whole() {
+    use super::deployment::{Deployment, Extra, Reporter};
+    use crate::model::{DeploymentResult, Level};
+    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let mut reps = Vec::new();
+    for i in 0..3 {
+        let deployment = Arc::new(Deployment::with_log(
+            crate::model::DeploymentId::new(),
+            spec(&format!("app{i}"), "web:1"),
+            crate::events::DeploymentLog::new(),
+        ));
+        store.insert(&deployment.status(), &deployment.spec);
+        let mut rep = Reporter::new(deployment.clone(), ObserverRegistry::new(), store.clone());
+        rep.accepted();
+        rep.enter(Phase::Pulling, "pulling");
+        reps.push((deployment, rep));
+    }
+    for n in 0..400 {
+        for (_, rep) in &mut reps {
+            let p = f64::from(n) / 400.0;
+            rep.progress(p, Level::Info, format!("step {n}"), Extra::default());
+        }
+    }
+    reps[0]
+        .1
+        .finish(DeploymentState::Succeeded, DeploymentResult::default());
+    store.flush().await;
+    for (deployment, _) in &reps {
+        let expected = deployment.status();
+        let log = store.log(deployment.id, 0).await.unwrap();
+        let sequences: Vec<u64> = log.updates.iter().map(|u| u.sequence).collect();
+        assert_eq!(
+            sequences,
+            (1..=expected.last_sequence).collect::<Vec<_>>(),
+            "every update once, in order"
+        );
+        assert!(
+            log.updates.iter().any(|u| u.message == "step 399"),
+            "the last progress update is there"
+        );
+        let stored = store.status(deployment.id).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.state, stored.last_sequence, stored.total_progress),
+            (
+                expected.state,
+                expected.last_sequence,
+                expected.total_progress
+            ),
+            "the latest status"
+        );
+    }
+    let first = store.status(reps[0].0.id).await.unwrap().unwrap();
+    assert_eq!(first.state, DeploymentState::Succeeded);
+    assert!(first.finished_at.is_some());
+}
