@@ -1875,12 +1875,11 @@ async fn cancelling_and_failing_are_updates_of_their_own() {
     assert_eq!(updates[2].message, "cancel requested");
 }
 
-/// The store writes a batch's updates and statuses in multi-row statements: a batch
-/// of more rows than one statement takes (three deployments, 1,200 updates queued
-/// before one flush) is stored whole, every sequence once, with each deployment's
-/// latest status.
+/// The store's writer commits what is queued in batches: three deployments' 1,200
+/// updates queued before one flush are stored whole, every sequence once, with each
+/// deployment's latest status.
 #[tokio::test]
-async fn a_batch_larger_than_one_statement_is_stored_whole() {
+async fn a_large_batch_is_stored_whole() {
     use super::deployment::{Deployment, Extra, Reporter};
     use crate::model::{DeploymentResult, Level};
     let store = crate::store::Store::open_in_memory().await.unwrap();

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
+use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite};
 use tokio::sync::mpsc;
 
 use super::{
@@ -389,13 +389,10 @@ impl SqliteStore {
     }
 
     /// Commits one batch of queued writes in a single transaction. The status of a
-    /// deployment is written once per batch (its latest). The batch's updates and
-    /// statuses go in a few multi-row statements (each statement is a round trip to
-    /// SQLite's thread), after the new deployments' rows.
+    /// deployment is written once per batch (its latest).
     async fn commit(&self, batch: &[WriteOp]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut statuses: HashMap<DeploymentId, &DeploymentStatus> = HashMap::new();
-        let mut updates: Vec<&Update> = Vec::new();
         for op in batch {
             match op {
                 WriteOp::Insert {
@@ -406,7 +403,7 @@ impl SqliteStore {
                     insert_deployment(&mut tx, status, idempotency_key.as_deref(), request).await?
                 }
                 WriteOp::Append { update, status } => {
-                    updates.push(update);
+                    insert_update(&mut tx, update).await?;
                     statuses.insert(status.id, status);
                 }
                 WriteOp::Pull { id, sample } => insert_pull_sample(&mut tx, id, sample).await?,
@@ -414,12 +411,8 @@ impl SqliteStore {
                 WriteOp::Flush(_) => {}
             }
         }
-        for chunk in updates.chunks(ROWS_PER_STATEMENT) {
-            insert_updates(&mut tx, chunk).await?;
-        }
-        let statuses: Vec<&DeploymentStatus> = statuses.into_values().collect();
-        for chunk in statuses.chunks(ROWS_PER_STATEMENT) {
-            update_statuses(&mut tx, chunk).await?;
+        for status in statuses.values() {
+            update_status(&mut tx, status).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -455,26 +448,18 @@ async fn insert_deployment(
     Ok(())
 }
 
-/// Rows a multi-row statement writes at most (5 values a row at most: far below
-/// SQLite's limit of 32,766 bound values).
-const ROWS_PER_STATEMENT: usize = 500;
-
-/// Updates of deployments' logs, in one statement (an update whose sequence is
-/// already there is kept as it is).
-async fn insert_updates(
-    conn: &mut SqliteConnection,
-    updates: &[&Update],
-) -> Result<(), StoreError> {
-    let mut query = QueryBuilder::<Sqlite>::new(
-        "INSERT OR IGNORE INTO updates (deployment_id, sequence, body) ",
-    );
-    query.push_values(updates, |mut row, update| {
-        let body = serde_json::to_string(update).expect("update serializes");
-        row.push_bind(update.deployment_id.to_string())
-            .push_bind(update.sequence as i64)
-            .push_bind(body);
-    });
-    query.build().execute(conn).await?;
+/// One update of a deployment's log (kept as it is if its sequence is already there).
+async fn insert_update(conn: &mut SqliteConnection, update: &Update) -> Result<(), StoreError> {
+    let body = serde_json::to_string(update).expect("update serializes");
+    sqlx::query(
+        "INSERT OR IGNORE INTO updates (deployment_id, sequence, body)
+         VALUES (?1, ?2, ?3)",
+    )
+    .bind(update.deployment_id.to_string())
+    .bind(update.sequence as i64)
+    .bind(body)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -519,27 +504,24 @@ async fn insert_build_steps(
     Ok(())
 }
 
-/// Deployments' latest statuses into their rows, in one statement.
-async fn update_statuses(
+/// A deployment's latest status into its row.
+async fn update_status(
     conn: &mut SqliteConnection,
-    statuses: &[&DeploymentStatus],
+    status: &DeploymentStatus,
 ) -> Result<(), StoreError> {
-    let mut query = QueryBuilder::<Sqlite>::new(
+    let json = serde_json::to_string(status).expect("status serializes");
+    sqlx::query(
         "UPDATE deployments
-         SET state = v.column2, finished_ns = v.column3, last_sequence = v.column4,
-             status = v.column5
-         FROM (",
-    );
-    query.push_values(statuses, |mut row, status| {
-        let json = serde_json::to_string(status).expect("status serializes");
-        row.push_bind(status.id.to_string())
-            .push_bind(state_str(status.state))
-            .push_bind(status.finished_at.map(nanos))
-            .push_bind(status.last_sequence as i64)
-            .push_bind(json);
-    });
-    query.push(") AS v WHERE deployments.id = v.column1");
-    query.build().execute(conn).await?;
+         SET state = ?2, finished_ns = ?3, last_sequence = ?4, status = ?5
+         WHERE id = ?1",
+    )
+    .bind(status.id.to_string())
+    .bind(state_str(status.state))
+    .bind(status.finished_at.map(nanos))
+    .bind(status.last_sequence as i64)
+    .bind(json)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
