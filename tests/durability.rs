@@ -348,7 +348,10 @@ async fn sigterm_lets_a_running_deployment_finish_within_the_grace() {
         matches!(refused.code(), Code::Unavailable | Code::Cancelled),
         "{refused:?}"
     );
-    assert!(app_containers(&late).is_empty(), "the late deploy started nothing");
+    assert!(
+        app_containers(&late).is_empty(),
+        "the late deploy started nothing"
+    );
     let mut a = a;
     let exit = a.child.wait().unwrap();
     assert!(exit.success(), "SIGTERM exits cleanly: {exit:?}");
