@@ -34,31 +34,25 @@ async fn swarm_server(env: &SwarmEnv) -> common::TestServer {
 }
 
 /// A new app (one service, removed when the guard drops) on a host port of its own,
-/// and an in-process `--target swarm` server with a client.
-struct SwarmApp {
-    env: SwarmEnv,
-    app: String,
-    port: u16,
-    server: common::TestServer,
-    client: Client,
-    _guard: ServiceGuard,
-}
-
-async fn swarm_app(prefix: &str) -> SwarmApp {
+/// and an in-process `--target swarm` server with a client: (env, app, port, server,
+/// client, guard).
+async fn swarm_app(
+    prefix: &str,
+) -> (
+    SwarmEnv,
+    String,
+    u16,
+    common::TestServer,
+    Client,
+    ServiceGuard,
+) {
     let env = swarm::env();
     let app = common::unique_app(prefix);
     let guard = ServiceGuard::app(&env, &app);
     let port = swarm::unused_port(&swarm::manager().await).await;
     let server = swarm_server(&env).await;
     let client = server.client().await;
-    SwarmApp {
-        env,
-        app,
-        port,
-        server,
-        client,
-        _guard: guard,
-    }
+    (env, app, port, server, client, guard)
 }
 
 /// A request for `image` as `app` with `replicas` tasks publishing 8080 on `port` of
@@ -154,14 +148,7 @@ async fn deploy_base(
 
 #[tokio::test]
 async fn three_replicas_land_on_every_node_and_v2_rolls_to_every_node() {
-    let SwarmApp {
-        env,
-        app,
-        port,
-        server,
-        mut client,
-        _guard,
-    } = swarm_app("swarm-roll").await;
+    let (env, app, port, server, mut client, _guard) = swarm_app("swarm-roll").await;
 
     // v1: three tasks, one per node, each task's progress in the stream.
     let updates = deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
@@ -283,13 +270,7 @@ async fn three_replicas_land_on_every_node_and_v2_rolls_to_every_node() {
 /// with two v2 tasks running, and the nodes that run them serve v2.
 #[tokio::test]
 async fn start_first_with_a_spare_node_is_sent_as_asked_and_rolls_to_v2() {
-    let env = swarm::env();
-    let app = common::unique_app("swarm-start-first");
-    let _guard = ServiceGuard::app(&env, &app);
-    let docker = swarm::manager().await;
-    let port = swarm::unused_port(&docker).await;
-    let server = swarm_server(&env).await;
-    let mut client = server.client().await;
+    let (env, app, port, server, mut client, _guard) = swarm_app("swarm-start-first").await;
     let start_first = || {
         Some(UpdatePolicy {
             order: "start-first".into(),
@@ -325,6 +306,7 @@ async fn start_first_with_a_spare_node_is_sent_as_asked_and_rolls_to_v2() {
         [(Level::Info, "start-first")],
         "the update is sent start-first, with no fallback warning"
     );
+    let docker = swarm::manager().await;
     let service = swarm::call(
         "inspect the service",
         docker.inspect_service(
@@ -412,14 +394,7 @@ async fn the_targets_refuse_what_they_cannot_run() {
 
 #[tokio::test]
 async fn a_crashing_v3_rolls_back_with_diagnostics_and_v2_keeps_serving() {
-    let SwarmApp {
-        env,
-        app,
-        port,
-        server,
-        mut client,
-        _guard,
-    } = swarm_app("swarm-crash").await;
+    let (env, app, port, server, mut client, _guard) = swarm_app("swarm-crash").await;
     deploy_base(&mut client, &env, &app, &env.images.web_v2, port, "v2").await;
 
     let updates = deploy_all(&mut client, request(&app, &env.images.crash, 3, port)).await;
@@ -445,14 +420,7 @@ async fn a_crashing_v3_rolls_back_with_diagnostics_and_v2_keeps_serving() {
 
 #[tokio::test]
 async fn an_unhealthy_v3_rolls_back_and_v2_keeps_serving() {
-    let SwarmApp {
-        env,
-        app,
-        port,
-        server,
-        mut client,
-        _guard,
-    } = swarm_app("swarm-sick").await;
+    let (env, app, port, server, mut client, _guard) = swarm_app("swarm-sick").await;
     deploy_base(&mut client, &env, &app, &env.images.web_v2, port, "v2").await;
 
     let updates = deploy_all(&mut client, request(&app, &env.images.unhealthy, 3, port)).await;
@@ -475,14 +443,7 @@ async fn an_unhealthy_v3_rolls_back_and_v2_keeps_serving() {
 
 #[tokio::test]
 async fn a_deadline_shorter_than_the_update_rolls_back() {
-    let SwarmApp {
-        env,
-        app,
-        port,
-        server,
-        mut client,
-        _guard,
-    } = swarm_app("swarm-late").await;
+    let (env, app, port, server, mut client, _guard) = swarm_app("swarm-late").await;
     deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
 
     // slowhealth never turns healthy: its task never runs, and Swarm waits for ever.
@@ -500,14 +461,7 @@ async fn a_deadline_shorter_than_the_update_rolls_back() {
 
 #[tokio::test]
 async fn cancel_mid_update_rolls_back() {
-    let SwarmApp {
-        env,
-        app,
-        port,
-        server,
-        mut client,
-        _guard,
-    } = swarm_app("swarm-cancel").await;
+    let (env, app, port, server, mut client, _guard) = swarm_app("swarm-cancel").await;
     deploy_base(&mut client, &env, &app, &env.images.web_v1, port, "v1").await;
 
     let mut stream =
@@ -635,20 +589,10 @@ async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converge
         v2
     };
     let running = |u: &ProgressUpdate| u.metadata.get("task_state").is_some_and(|s| s == "running");
-    // Bound first: a pattern on the temporary would drop its guard and data at once.
-    let killed = kill_9_mid_update("swarm-crashsrv", next, running).await;
-    let KilledMidUpdate {
-        env,
-        port,
-        id,
-        pinned,
-        server,
-        mut client,
-        ..
-    } = killed;
+    let mut k = kill_9_mid_update("swarm-crashsrv", next, running).await;
 
-    assert_followed_in_the_background(&mut client, &id).await;
-    let status = common::wait_finished(&mut client, &id).await;
+    assert_followed_in_the_background(&mut k.client, &k.id).await;
+    let status = common::wait_finished(&mut k.client, &k.id).await;
     assert_eq!(
         status.state(),
         DeploymentState::Succeeded,
@@ -661,9 +605,9 @@ async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converge
         result.message
     );
     // The result is a normal one's: the pinned digest, an endpoint on every node.
-    assert_eq!(result.image_digest, pinned);
-    for addr in &env.nodes {
-        let url = format!("http://{addr}:{port}");
+    assert_eq!(result.image_digest, k.pinned);
+    for addr in &k.env.nodes {
+        let url = format!("http://{addr}:{}", k.port);
         assert!(
             result.endpoints.values().any(|u| *u == url),
             "endpoint {url} in {:?}",
@@ -671,8 +615,8 @@ async fn kill_9_mid_update_then_restart_ends_truthfully_and_the_service_converge
         );
     }
     assert!(result.endpoints.contains_key("8080/tcp"), "{result:#?}");
-    swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v2\n").await;
-    let log = server.log_text();
+    swarm::wait_all_nodes_serve(&k.env, k.port, "/", SERVE_LIMIT, |b| b == "v2\n").await;
+    let log = k.server.log_text();
     assert!(!log.contains("panicked"), "{log}");
 }
 
@@ -689,24 +633,15 @@ async fn kill_9_mid_an_update_that_cannot_converge_then_restart_rolls_it_back() 
             .get("task_state")
             .is_some_and(|s| s == "starting")
     };
-    let killed = kill_9_mid_update("swarm-stuck", next, starting).await;
-    let KilledMidUpdate {
-        env,
-        app,
-        port,
-        id,
-        pinned,
-        mut client,
-        ..
-    } = killed;
+    let mut k = kill_9_mid_update("swarm-stuck", next, starting).await;
 
     // Recovery follows it for the rest of its deadline, then rolls it back.
-    assert_followed_in_the_background(&mut client, &id).await;
-    let status = common::wait_finished(&mut client, &id).await;
+    assert_followed_in_the_background(&mut k.client, &k.id).await;
+    let status = common::wait_finished(&mut k.client, &k.id).await;
     assert_eq!(status.state(), DeploymentState::Failed, "{status:#?}");
     let result = status.result.unwrap();
     assert_eq!(
-        result.image_digest, pinned,
+        result.image_digest, k.pinned,
         "the digest that was rolled back"
     );
     assert!(
@@ -715,9 +650,9 @@ async fn kill_9_mid_an_update_that_cannot_converge_then_restart_rolls_it_back() 
         result.message
     );
     assert!(result.message.contains("rolled back"), "{}", result.message);
-    swarm::wait_all_nodes_serve(&env, port, "/", SERVE_LIMIT, |b| b == "v1\n").await;
+    swarm::wait_all_nodes_serve(&k.env, k.port, "/", SERVE_LIMIT, |b| b == "v1\n").await;
     let docker = swarm::manager().await;
-    let tasks = swarm::service_tasks(&docker, &app).await;
+    let tasks = swarm::service_tasks(&docker, &k.app).await;
     assert!(
         tasks
             .iter()
