@@ -16,7 +16,7 @@ use crate::runtime::fake_swarm::{FakeSwarm, labels_of};
 use crate::runtime::swarm::UpdateState;
 
 async fn engine(swarm: &Arc<FakeSwarm>) -> Engine {
-    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let store = crate::store::Store::open_temporary().await.unwrap();
     engine_on(swarm, store)
 }
 

@@ -20,14 +20,14 @@ use crate::runtime::{LayerStatus, PullEvent};
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// An engine over `fake`, with its store in memory.
+/// An engine over `fake`, with a temporary store.
 async fn engine(fake: &Arc<FakeRuntime>) -> Engine {
     engine_with(fake, EngineConfig::default()).await
 }
 
 /// [`engine`] with the limits and retention of `config` (its timings are the tests').
 async fn engine_with(fake: &Arc<FakeRuntime>, config: EngineConfig) -> Engine {
-    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let store = crate::store::Store::open_temporary().await.unwrap();
     Engine::new(
         fake.clone(),
         ObserverRegistry::new(),
@@ -925,7 +925,7 @@ async fn reporter_for(
     super::deployment::Reporter,
     crate::store::Store,
 ) {
-    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let store = crate::store::Store::open_temporary().await.unwrap();
     let deployment = Arc::new(super::deployment::Deployment::with_log(
         crate::model::DeploymentId::new(),
         spec,
@@ -1882,7 +1882,7 @@ async fn cancelling_and_failing_are_updates_of_their_own() {
 async fn a_large_batch_is_stored_whole() {
     use super::deployment::{Deployment, Extra, Reporter};
     use crate::model::{DeploymentResult, Level};
-    let store = crate::store::Store::open_in_memory().await.unwrap();
+    let store = crate::store::Store::open_temporary().await.unwrap();
     let mut reps = Vec::new();
     for i in 0..3 {
         let deployment = Arc::new(Deployment::with_log(

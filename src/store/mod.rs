@@ -13,6 +13,7 @@
 //! credentials. Nothing here knows about gRPC or Docker.
 
 mod sqlite;
+mod writer;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -111,6 +112,9 @@ pub(crate) enum WriteOp {
 pub struct Store {
     db: SqliteStore,
     writer: mpsc::UnboundedSender<WriteOp>,
+    /// The directory of a temporary store (tests), removed with the last handle.
+    #[cfg(test)]
+    _temporary: Option<Arc<tempfile::TempDir>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -121,22 +125,29 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens (creating if needed) `DIR/stevedore.db`, runs the migrations and starts
-    /// the writer task.
+    /// the writer task on a connection of its own.
     pub async fn open(data_dir: &std::path::Path) -> Result<Self, StoreError> {
         let db = SqliteStore::open(&data_dir.join("stevedore.db")).await?;
-        Ok(Self::with_writer(db))
-    }
-
-    /// A store in memory (for tests): nothing reaches the disk.
-    #[cfg(any(test, feature = "test-util"))]
-    pub async fn open_in_memory() -> Result<Self, StoreError> {
-        Ok(Self::with_writer(SqliteStore::open_in_memory().await?))
-    }
-
-    fn with_writer(db: SqliteStore) -> Self {
         let (writer, rx) = mpsc::unbounded_channel();
-        tokio::spawn(sqlite::writer(db.clone(), rx));
-        Self { db, writer }
+        tokio::spawn(writer::run(db.own_connection().await?, rx));
+        Ok(Self {
+            db,
+            writer,
+            #[cfg(test)]
+            _temporary: None,
+        })
+    }
+
+    /// A store in a directory of its own that is removed with the last handle (for
+    /// tests): the same database, writer and reads as [`Store::open`].
+    #[cfg(test)]
+    pub async fn open_temporary() -> Result<Self, StoreError> {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = Self::open(dir.path()).await?;
+        Ok(Self {
+            _temporary: Some(Arc::new(dir)),
+            ..store
+        })
     }
 
     /// Queues a new deployment (before its first update, so order holds).

@@ -1,5 +1,6 @@
-//! The SQLite side of the store (sqlx, bundled SQLite, WAL). Runtime-checked queries;
-//! migrations from `migrations/` are embedded at compile time.
+//! The SQLite side of the store's reads (sqlx, bundled SQLite, WAL) and the
+//! migrations from `migrations/`, embedded at compile time. Runtime-checked queries.
+//! The queued writes are `writer.rs`'s.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,16 +12,10 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use tokio::sync::mpsc;
 
-use super::{
-    ListFilter, Measured, Retention, RetentionOutcome, StoreError, StoredLog, WriteOp, nanos,
-};
+use super::{ListFilter, Measured, Retention, RetentionOutcome, StoreError, StoredLog, nanos};
 use crate::engine::eta::{PullSample, StepSample};
 use crate::model::{AppName, DeploymentId, DeploymentState, DeploymentStatus, Operation, Update};
-
-/// Most operations committed in one transaction by the writer.
-const MAX_BATCH: usize = 1024;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -66,25 +61,9 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
-    /// A database in memory, for tests: one connection that lives as long as the pool
-    /// (each connection to `:memory:` is a database of its own).
-    #[cfg(any(test, feature = "test-util"))]
-    pub(crate) async fn open_in_memory() -> Result<Self, StoreError> {
-        let open_error = |source| StoreError::Open {
-            path: ":memory:".into(),
-            source,
-        };
-        let options = SqliteConnectOptions::from_str("sqlite::memory:").map_err(open_error)?;
-        let pool = SqlitePoolOptions::new()
-            .min_connections(1)
-            .max_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(options)
-            .await
-            .map_err(open_error)?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+    /// A connection of the caller's own, out of the pool (the writer's).
+    pub(crate) async fn own_connection(&self) -> Result<SqliteConnection, StoreError> {
+        Ok(self.pool.acquire().await?.detach())
     }
 
     pub(crate) async fn status(
@@ -387,175 +366,6 @@ impl SqliteStore {
         tx.commit().await?;
         Ok(out)
     }
-
-    /// Commits one batch of queued writes in a single transaction. The status of a
-    /// deployment is written once per batch (its latest).
-    async fn commit(&self, batch: &[WriteOp]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut statuses: HashMap<DeploymentId, &DeploymentStatus> = HashMap::new();
-        for op in batch {
-            match op {
-                WriteOp::Insert {
-                    status,
-                    idempotency_key,
-                    request,
-                } => {
-                    insert_deployment(&mut tx, status, idempotency_key.as_deref(), request).await?
-                }
-                WriteOp::Append { update, status } => {
-                    insert_update(&mut tx, update).await?;
-                    statuses.insert(status.id, status);
-                }
-                WriteOp::Pull { id, sample } => insert_pull_sample(&mut tx, id, sample).await?,
-                WriteOp::Build { id, steps } => insert_build_steps(&mut tx, id, steps).await?,
-                WriteOp::Flush(_) => {}
-            }
-        }
-        for status in statuses.values() {
-            update_status(&mut tx, status).await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-}
-
-/// A new deployment's row (kept as it is if the ID is already there).
-async fn insert_deployment(
-    conn: &mut SqliteConnection,
-    status: &DeploymentStatus,
-    idempotency_key: Option<&str>,
-    request: &str,
-) -> Result<(), StoreError> {
-    let json = serde_json::to_string(status).expect("status serializes");
-    sqlx::query(
-        "INSERT INTO deployments
-           (id, app, state, created_ns, finished_ns, last_sequence,
-            idempotency_key, request, status, operation)
-         VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(status.id.to_string())
-    .bind(status.app.as_str().to_owned())
-    .bind(state_str(status.state))
-    .bind(nanos(status.created_at))
-    .bind(status.last_sequence as i64)
-    .bind(idempotency_key)
-    .bind(request)
-    .bind(json)
-    .bind(status.operation.as_str())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// One update of a deployment's log (kept as it is if its sequence is already there).
-async fn insert_update(conn: &mut SqliteConnection, update: &Update) -> Result<(), StoreError> {
-    let body = serde_json::to_string(update).expect("update serializes");
-    sqlx::query(
-        "INSERT OR IGNORE INTO updates (deployment_id, sequence, body)
-         VALUES (?1, ?2, ?3)",
-    )
-    .bind(update.deployment_id.to_string())
-    .bind(update.sequence as i64)
-    .bind(body)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// A deployment's image pull, for pull estimates.
-async fn insert_pull_sample(
-    conn: &mut SqliteConnection,
-    id: &DeploymentId,
-    sample: &PullSample,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT OR REPLACE INTO pull_samples (deployment_id, bytes, duration_us)
-         VALUES (?1, ?2, ?3)",
-    )
-    .bind(id.to_string())
-    .bind(sample.bytes.min(i64::MAX as u64) as i64)
-    .bind(as_micros(sample.duration))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// A deployment's build steps (numbered from 1), for build estimates.
-async fn insert_build_steps(
-    conn: &mut SqliteConnection,
-    id: &DeploymentId,
-    steps: &[StepSample],
-) -> Result<(), StoreError> {
-    for (i, step) in steps.iter().enumerate() {
-        sqlx::query(
-            "INSERT OR REPLACE INTO build_steps
-               (deployment_id, number, instruction, cached, duration_us)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .bind(id.to_string())
-        .bind(i as i64 + 1)
-        .bind(&step.instruction)
-        .bind(step.cached)
-        .bind(as_micros(step.duration))
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
-}
-
-/// A deployment's latest status into its row.
-async fn update_status(
-    conn: &mut SqliteConnection,
-    status: &DeploymentStatus,
-) -> Result<(), StoreError> {
-    let json = serde_json::to_string(status).expect("status serializes");
-    sqlx::query(
-        "UPDATE deployments
-         SET state = ?2, finished_ns = ?3, last_sequence = ?4, status = ?5
-         WHERE id = ?1",
-    )
-    .bind(status.id.to_string())
-    .bind(state_str(status.state))
-    .bind(status.finished_at.map(nanos))
-    .bind(status.last_sequence as i64)
-    .bind(json)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// The writer task: takes what is queued (up to [`MAX_BATCH`] at a time), commits it
-/// in one transaction, then answers the flushes in the batch. Ends when every
-/// [`super::Store`] handle is gone.
-pub(super) async fn writer(db: SqliteStore, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match db.commit(&batch).await {
-                Ok(()) => break,
-                Err(e) if attempt < 3 => {
-                    tracing::warn!(error = %e, attempt, "store write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, ops = batch.len(), "store write failed; these updates are not persisted");
-                    break;
-                }
-            }
-        }
-        for op in batch.drain(..) {
-            if let WriteOp::Flush(done) = op {
-                let _ = done.send(());
-            }
-        }
-    }
-}
-
-fn as_micros(d: Duration) -> i64 {
-    d.as_micros().min(i64::MAX as u128) as i64
 }
 
 fn micros(us: i64) -> Duration {

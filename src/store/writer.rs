@@ -1,0 +1,182 @@
+//! The store's writer: a task with a connection of its own (taken out of the pool)
+//! that takes what is queued (up to [`MAX_BATCH`] operations at a time), commits it
+//! in one transaction, then answers the flushes of the batch.
+//!
+//! A batch is one command to the connection's SQLite thread: sqlx runs each command
+//! on that thread, a round trip (two thread wake-ups) each, so a transaction of
+//! statements sent one by one (BEGIN, each row, each status, COMMIT) cost four or
+//! more round trips per batch. Here the batch is a single text of statements (the
+//! rows of each table in one multi-row statement) with its values bound in order, so
+//! it costs one, however many rows it holds. The deployments' tasks only push onto
+//! the channel and never wait for it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sqlx::sqlite::{Sqlite, SqliteConnection};
+use sqlx::{Executor, QueryBuilder};
+use tokio::sync::mpsc;
+
+use super::{WriteOp, nanos};
+use crate::model::{DeploymentId, DeploymentStatus};
+
+/// Most operations committed in one transaction. At most 9 values each, well under
+/// SQLite's 32,766 variables a statement.
+const MAX_BATCH: usize = 1024;
+
+/// The writer task: commits what is queued, batch by batch, in order. Ends when every
+/// [`super::Store`] handle is gone, after committing what was queued.
+pub(super) async fn run(mut conn: SqliteConnection, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match commit(&mut conn, &batch).await {
+                Ok(()) => break,
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(error = %e, attempt, "store write failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, ops = batch.len(), "store write failed; these updates are not persisted");
+                    break;
+                }
+            }
+        }
+        for op in batch.drain(..) {
+            if let WriteOp::Flush(done) = op {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// One batch in one transaction, sent as one command. A deployment's status is
+/// written once per batch (its latest). On an error the transaction is rolled back,
+/// so a retry starts clean.
+async fn commit(conn: &mut SqliteConnection, batch: &[WriteOp]) -> Result<(), sqlx::Error> {
+    let Some(mut sql) = statements(batch) else {
+        return Ok(());
+    };
+    let done = sql.build().persistent(false).execute(&mut *conn).await;
+    if done.is_err() {
+        let _ = conn.execute("ROLLBACK").await;
+    }
+    done.map(|_| ())
+}
+
+/// The statements of `batch`, between BEGIN and COMMIT, in an order that keeps the
+/// channel's: new deployments' rows first (a deployment is queued before its first
+/// update), then the updates, the ETA samples, and last the statuses. `None` when
+/// there is nothing to write (only flushes).
+fn statements(batch: &[WriteOp]) -> Option<QueryBuilder<Sqlite>> {
+    let mut inserts = Vec::new();
+    let mut updates = Vec::new();
+    let mut pulls = Vec::new();
+    let mut steps = Vec::new();
+    let mut statuses: HashMap<DeploymentId, &DeploymentStatus> = HashMap::new();
+    for op in batch {
+        match op {
+            WriteOp::Insert {
+                status,
+                idempotency_key,
+                request,
+            } => inserts.push((status, idempotency_key, request)),
+            WriteOp::Append { update, status } => {
+                updates.push(update);
+                statuses.insert(status.id, status);
+            }
+            WriteOp::Pull { id, sample } => pulls.push((id, sample)),
+            WriteOp::Build { id, steps: list } => {
+                steps.extend((list.iter().enumerate()).map(|(i, step)| (id, i as i64 + 1, step)))
+            }
+            WriteOp::Flush(_) => {}
+        }
+    }
+    if inserts.is_empty() && updates.is_empty() && pulls.is_empty() && steps.is_empty() {
+        return None;
+    }
+    let mut sql = QueryBuilder::new("BEGIN IMMEDIATE; ");
+    if !inserts.is_empty() {
+        // A new deployment's row (kept as it is if the ID is already there).
+        sql.push(
+            "INSERT INTO deployments (id, app, state, created_ns, finished_ns, last_sequence,
+               idempotency_key, request, status, operation) ",
+        );
+        sql.push_values(inserts, |mut row, (status, key, request)| {
+            row.push_bind(status.id.to_string())
+                .push_bind(status.app.as_str().to_owned())
+                .push_bind(status.state.as_str())
+                .push_bind(nanos(status.created_at))
+                .push("NULL")
+                .push_bind(status.last_sequence as i64)
+                .push_bind(key.clone())
+                .push_bind(request.clone())
+                .push_bind(json(status))
+                .push_bind(status.operation.as_str());
+        });
+        sql.push(" ON CONFLICT (id) DO NOTHING; ");
+    }
+    if !updates.is_empty() {
+        // The logs' updates (each kept as it is if its sequence is already there).
+        sql.push("INSERT OR IGNORE INTO updates (deployment_id, sequence, body) ");
+        sql.push_values(updates, |mut row, update| {
+            row.push_bind(update.deployment_id.to_string())
+                .push_bind(update.sequence as i64)
+                .push_bind(json(&**update));
+        });
+        sql.push("; ");
+    }
+    if !pulls.is_empty() {
+        // Image downloads, for pull estimates.
+        sql.push("INSERT OR REPLACE INTO pull_samples (deployment_id, bytes, duration_us) ");
+        sql.push_values(pulls, |mut row, (id, sample)| {
+            row.push_bind(id.to_string())
+                .push_bind(sample.bytes.min(i64::MAX as u64) as i64)
+                .push_bind(micros(sample.duration));
+        });
+        sql.push("; ");
+    }
+    if !steps.is_empty() {
+        // Build steps (numbered from 1), for build estimates.
+        sql.push(
+            "INSERT OR REPLACE INTO build_steps
+               (deployment_id, number, instruction, cached, duration_us) ",
+        );
+        sql.push_values(steps, |mut row, (id, number, step)| {
+            row.push_bind(id.to_string())
+                .push_bind(number)
+                .push_bind(step.instruction.clone())
+                .push_bind(step.cached)
+                .push_bind(micros(step.duration));
+        });
+        sql.push("; ");
+    }
+    if !statuses.is_empty() {
+        // Each deployment's latest status into its row, from a table of values.
+        sql.push(
+            "UPDATE deployments SET state = v.column2, finished_ns = v.column3,
+               last_sequence = v.column4, status = v.column5
+             FROM (",
+        );
+        sql.push_values(statuses.values(), |mut row, status| {
+            row.push_bind(status.id.to_string())
+                .push_bind(status.state.as_str())
+                .push_bind(status.finished_at.map(nanos))
+                .push_bind(status.last_sequence as i64)
+                .push_bind(json(*status));
+        });
+        sql.push(") AS v WHERE deployments.id = v.column1; ");
+    }
+    sql.push("COMMIT;");
+    Some(sql)
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("serializes")
+}
+
+fn micros(d: Duration) -> i64 {
+    d.as_micros().min(i64::MAX as u128) as i64
+}
