@@ -64,8 +64,15 @@ pub(crate) const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 /// A bollard client for `host`. bollard refuses a unix socket path that does not exist.
 fn connect(host: &str, call_timeout: Duration) -> Result<Docker, RuntimeError> {
     let secs = call_timeout.as_secs().max(1) * 4;
-    if host.starts_with("unix://") {
-        Docker::connect_with_unix(host, secs, &API_VERSION)
+    if let Some(path) = host.strip_prefix("unix://") {
+        if !std::path::Path::new(path).exists() {
+            // bollard's own message for it.
+            return Err(RuntimeError::Unavailable {
+                endpoint: host.to_owned(),
+                reason: bollard::errors::Error::SocketNotFoundError(path.to_owned()).to_string(),
+            });
+        }
+        pooled_unix(path, secs)
     } else if host.starts_with("tcp://") || host.starts_with("http://") {
         Docker::connect_with_http(host, secs, &API_VERSION)
     } else {
@@ -79,6 +86,49 @@ fn connect(host: &str, call_timeout: Duration) -> Result<Docker, RuntimeError> {
         endpoint: host.to_owned(),
         reason: e.to_string(),
     })
+}
+
+/// How long an idle connection to the engine's socket is kept for the next call.
+const IDLE_CONNECTION: Duration = Duration::from_secs(30);
+
+/// Requests to the engine's unix socket over kept-alive connections (hyper's pool).
+/// bollard's own unix client opens a connection per call (its pool keeps none idle),
+/// which costs a deploy a connect, an accept by the engine and a connection task for
+/// each of its calls. A connection still streams (logs, a pull) or is upgraded (exec)
+/// is not pooled; one the engine closed while idle is replaced, and a request that
+/// could not be sent on it is retried on a new one (hyper's `retry_canceled_requests`).
+fn pooled_unix(path: &str, timeout_secs: u64) -> Result<Docker, bollard::errors::Error> {
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let path: std::sync::Arc<str> = path.into();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let path = path.clone();
+        Box::pin(async move {
+            tokio::net::UnixStream::connect(&*path)
+                .await
+                .map(TokioIo::new)
+        })
+    });
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(IDLE_CONNECTION)
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .build(connector);
+    let transport = move |request: bollard::BollardRequest| {
+        let client = client.clone();
+        async move {
+            client
+                .request(request)
+                .await
+                .map_err(|err| bollard::errors::Error::HyperLegacyError { err })
+        }
+    };
+    // The host is never resolved: every connection goes to `path`.
+    Docker::connect_with_custom_transport(
+        transport,
+        Some("http://engine"),
+        timeout_secs,
+        &API_VERSION,
+    )
 }
 
 impl DockerRuntime {

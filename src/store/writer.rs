@@ -180,3 +180,68 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 fn micros(d: Duration) -> i64 {
     d.as_micros().min(i64::MAX as u128) as i64
 }
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Row;
+
+    use super::*;
+    use crate::engine::eta::{PullSample, StepSample};
+    use crate::store::sqlite::SqliteStore;
+
+    async fn pull_samples(db: &mut SqliteConnection) -> i64 {
+        sqlx::query("SELECT COUNT(*) FROM pull_samples")
+            .fetch_one(db)
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// A batch that fails part-way leaves nothing behind, and the writer's connection
+    /// is not left inside its transaction: the next batch commits.
+    #[tokio::test]
+    async fn a_failed_batch_is_rolled_back_and_the_next_one_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let mut writer = db.own_connection().await.unwrap();
+        let mut other = db.own_connection().await.unwrap();
+        // The build steps' statement comes after the pull samples' and now fails.
+        other.execute("DROP TABLE build_steps").await.unwrap();
+        let pull = |id| WriteOp::Pull {
+            id,
+            sample: PullSample {
+                bytes: 1000,
+                duration: Duration::from_millis(5),
+            },
+        };
+        let id = DeploymentId::new();
+        let failing = [
+            pull(id),
+            WriteOp::Build {
+                id,
+                steps: vec![StepSample {
+                    instruction: "RUN true".into(),
+                    cached: false,
+                    duration: Duration::from_millis(1),
+                }],
+            },
+        ];
+        let e = commit(&mut writer, &failing).await.unwrap_err();
+        assert!(e.to_string().contains("build_steps"), "{e}");
+        assert_eq!(
+            pull_samples(&mut other).await,
+            0,
+            "the pull sample rolled back"
+        );
+
+        commit(&mut writer, &[pull(id)]).await.unwrap();
+        assert_eq!(pull_samples(&mut other).await, 1);
+    }
+
+    /// Only flushes: nothing to write, no transaction.
+    #[test]
+    fn a_batch_of_flushes_has_no_statements() {
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        assert!(statements(&[WriteOp::Flush(tx)]).is_none());
+    }
+}
