@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::FutureExt;
@@ -53,6 +54,15 @@ pub trait Observer: Send + Sync + 'static {
     /// nothing.
     async fn on_idle(&self) -> Result<(), ObserverError> {
         Ok(())
+    }
+
+    /// How long, once its queue runs empty after events, the observer's task waits for
+    /// more before `on_idle` (once per burst): events that follow within it join the
+    /// burst, so one `on_idle` finishes them all (the audit log: one `fdatasync` for
+    /// a deployment's updates that come a few milliseconds apart). The default is
+    /// zero: `on_idle` runs as soon as the queue is empty.
+    fn gather(&self) -> Duration {
+        Duration::ZERO
     }
 
     /// Asked before a new deployment is accepted: an error refuses it (the engine
@@ -262,12 +272,20 @@ impl ObserverRegistry {
         drop(inner);
 
         let task = tokio::spawn(async move {
-            // Whether events were handled since the last `on_idle`.
-            let mut busy = false;
+            // Whether events were handled since the last `on_idle`, and whether this
+            // burst has waited its `gather` for more.
+            let (mut busy, mut gathered) = (false, false);
+            let gather = observer.gather();
             loop {
                 let event = match rx.try_recv() {
                     Some(event) => event,
                     None => {
+                        if busy && !gathered && !gather.is_zero() {
+                            gathered = true;
+                            tokio::time::sleep(gather).await;
+                            continue;
+                        }
+                        gathered = false;
                         if std::mem::take(&mut busy) {
                             let idle = AssertUnwindSafe(observer.on_idle()).catch_unwind();
                             count_failure(&name, &counters, idle.await.map(|r| r.err()));
@@ -483,6 +501,50 @@ mod tests {
         assert_eq!(calls(4).await, ["1", "2", "3", "idle"]);
         registry.publish(&update(4));
         assert_eq!(calls(6).await, ["1", "2", "3", "idle", "4", "idle"]);
+    }
+
+    /// An observer with a `gather` time: events published within it after the queue
+    /// ran empty join the burst, so one `on_idle` follows them all; one published
+    /// after it starts a burst of its own.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_gathers_the_events_that_follow_within_its_gather_time() {
+        struct Gatherer(Idler);
+        #[async_trait]
+        impl Observer for Gatherer {
+            fn name(&self) -> &str {
+                "gatherer"
+            }
+            async fn on_update(&self, u: Arc<Update>) -> Result<(), ObserverError> {
+                self.0.on_update(u).await
+            }
+            async fn on_idle(&self) -> Result<(), ObserverError> {
+                self.0.on_idle().await
+            }
+            fn gather(&self) -> Duration {
+                Duration::from_millis(5)
+            }
+        }
+        let registry = ObserverRegistry::new();
+        let gatherer = Arc::new(Gatherer(Idler(Mutex::new(vec![]))));
+        let _sub = registry.subscribe(gatherer.clone(), 100);
+        let calls = || gatherer.0.0.lock().unwrap().clone();
+        registry.publish(&update(1));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(calls(), ["1"], "no on_idle while gathering");
+        registry.publish(&update(2));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert_eq!(
+            calls(),
+            ["1"],
+            "2 waits in the queue until the gather time ends"
+        );
+        // The gather time (5 ms from when the queue ran empty) ends: 2, then one
+        // on_idle for both.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(calls(), ["1", "2", "idle"]);
+        registry.publish(&update(3));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(calls(), ["1", "2", "idle", "3", "idle"]);
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ mod writer;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::engine::eta::{PullSample, StepSample};
 use crate::model::{
@@ -112,6 +112,8 @@ pub(crate) enum WriteOp {
 pub struct Store {
     db: SqliteStore,
     writer: mpsc::UnboundedSender<WriteOp>,
+    /// Cuts the writer's wait for more of a batch short (a flush is waiting).
+    urgent: Arc<Notify>,
     /// The directory of a temporary store (tests), removed with the last handle.
     #[cfg(test)]
     _temporary: Option<Arc<tempfile::TempDir>>,
@@ -129,10 +131,12 @@ impl Store {
     pub async fn open(data_dir: &std::path::Path) -> Result<Self, StoreError> {
         let db = SqliteStore::open(&data_dir.join("stevedore.db")).await?;
         let (writer, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer::run(db.own_connection().await?, rx));
+        let urgent = Arc::new(Notify::new());
+        tokio::spawn(writer::run(db.own_connection().await?, rx, urgent.clone()));
         Ok(Self {
             db,
             writer,
+            urgent,
             #[cfg(test)]
             _temporary: None,
         })
@@ -195,6 +199,7 @@ impl Store {
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
         self.send(WriteOp::Flush(tx));
+        self.urgent.notify_one();
         let _ = rx.await;
     }
 

@@ -7,15 +7,19 @@
 //! statements sent one by one (BEGIN, each row, each status, COMMIT) cost four or
 //! more round trips per batch. Here the batch is a single text of statements (the
 //! rows of each table in one multi-row statement) with its values bound in order, so
-//! it costs one, however many rows it holds. The deployments' tasks only push onto
+//! it costs one, however many rows it holds. And a batch waits [`GATHER`] after its
+//! first operation for the ones that follow (a deployment's updates often come a
+//! few milliseconds apart): fewer, larger transactions, each a set of WAL page writes
+//! and file locks less. A flush does not wait. The deployments' tasks only push onto
 //! the channel and never wait for it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{Sqlite, SqliteConnection};
 use sqlx::{Executor, QueryBuilder};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::{WriteOp, nanos};
 use crate::model::{DeploymentId, DeploymentStatus};
@@ -24,11 +28,33 @@ use crate::model::{DeploymentId, DeploymentStatus};
 /// SQLite's 32,766 variables a statement.
 const MAX_BATCH: usize = 1024;
 
-/// The writer task: commits what is queued, batch by batch, in order. Ends when every
+/// How long a batch waits after its first operation for more (group commit): what a
+/// kill -9 can lose grows by as much.
+pub(super) const GATHER: Duration = Duration::from_millis(5);
+
+/// The writer task: commits what is queued, batch by batch, in order. `urgent` is
+/// notified by a flush, which ends the wait for more at once. Ends when every
 /// [`super::Store`] handle is gone, after committing what was queued.
-pub(super) async fn run(mut conn: SqliteConnection, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
+pub(super) async fn run(
+    mut conn: SqliteConnection,
+    mut rx: mpsc::UnboundedReceiver<WriteOp>,
+    urgent: Arc<Notify>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let flushing = |batch: &[WriteOp]| batch.iter().any(|op| matches!(op, WriteOp::Flush(_)));
+        if !flushing(&batch) {
+            tokio::select! {
+                () = tokio::time::sleep(GATHER) => {}
+                () = urgent.notified() => {}
+            }
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;

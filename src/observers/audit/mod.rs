@@ -23,11 +23,13 @@
 //! (`audit verify --expect-head`): verify prints the head to export.
 //!
 //! # Durability (fsync policy)
-//! The records queued together (a burst of updates, handed over before the observer's
-//! queue runs empty: [`Observer::on_idle`]) are written with one `write` of their
+//! The records queued together (a burst of updates: those handed over before the
+//! observer's queue runs empty, and those that follow within [`GATHER`] of it:
+//! [`Observer::gather`], [`Observer::on_idle`]) are written with one `write` of their
 //! lines, then one `fdatasync`, before any later record is written: a crash loses at
 //! most the records not yet synced, which were only in memory (the observer's queue)
-//! anyway. A torn last line (no trailing newline) left by a crash is cut off when the
+//! anyway. A deployment's state changes often come a few milliseconds apart; the
+//! wait makes them one `fdatasync` instead of one each. A torn last line (no trailing newline) left by a crash is cut off when the
 //! log is next opened, and the chain continues from the last whole record.
 //!
 //! # When the log cannot be written
@@ -48,6 +50,10 @@ pub(crate) use log::{AUDIT_LOG_FILE, AuditLog, GENESIS, chain_hash};
 pub(crate) use observer::AuditObserver;
 #[cfg(test)]
 use verify::verify_reader;
+
+/// How long a burst of records waits for the records that follow before it is
+/// written and synced.
+pub(crate) const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
 pub use verify::{VerifyReport, verify};
 
 #[cfg(test)]

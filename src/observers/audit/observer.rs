@@ -137,6 +137,10 @@ impl Observer for AuditObserver {
         Ok(())
     }
 
+    fn gather(&self) -> std::time::Duration {
+        super::GATHER
+    }
+
     async fn on_idle(&self) -> Result<(), ObserverError> {
         // On failure the records stay queued in the log (written by a later append or
         // the retry task), so nothing is lost; the failure is counted.
