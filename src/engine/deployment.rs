@@ -254,6 +254,14 @@ impl Reporter {
         &self.deployment
     }
 
+    /// Waits until this deployment and every update reported so far are on disk. A
+    /// deployment calls it before the engine holds anything of it (a container, a
+    /// service): after a kill -9, recovery then knows what to remove, while a container
+    /// of a deployment the store does not know is never touched (another server's).
+    pub(crate) async fn on_disk(&self) {
+        self.store.flush().await;
+    }
+
     pub(crate) fn phase(&self) -> Phase {
         self.phase
     }

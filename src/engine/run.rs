@@ -392,6 +392,7 @@ impl Run {
                 .collect(),
             labels,
         };
+        self.rep.on_disk().await;
         // The call runs in its own task: if a cancel, the deadline or a shutdown drops
         // this step mid-call, the engine still finishes creating the container, and the
         // rollback collects it from `creating` instead of missing it.

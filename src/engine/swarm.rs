@@ -388,6 +388,7 @@ impl SwarmRun {
         if let Some(w) = warning {
             self.rep.progress(0.0, Level::Warning, w, Extra::default());
         }
+        self.rep.on_disk().await;
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -787,8 +787,8 @@ async fn cancel_while_running_rolls_back_and_releases_the_app() {
 async fn a_cancel_during_create_removes_the_container_the_engine_still_creates() {
     let (fake, engine, previous, gate) = after_a_good_version_with_a_slow_create().await;
 
-    let (id, mut updates) = engine.deploy(spec("app", "slow:1")).await.unwrap();
-    let mut seen = until(&mut updates, |u| u.phase == Phase::Creating).await;
+    let (id, mut updates, mut seen) =
+        deploy_into_a_gated_create(&fake, &engine, spec("app", "slow:1")).await;
     let cancel = {
         let engine = engine.clone();
         tokio::spawn(async move { engine.cancel(&id.to_string()).await })
@@ -1052,6 +1052,37 @@ async fn after_a_good_version_with_a_slow_create()
     (fake, engine, previous, gate)
 }
 
+/// Deploys `spec` and returns once the engine's create call runs (held by its gate):
+/// the deployment's ID, its stream, and its updates up to CREATING.
+async fn deploy_into_a_gated_create(
+    fake: &FakeRuntime,
+    engine: &Engine,
+    spec: DeploySpec,
+) -> (crate::model::DeploymentId, UpdateStream, Vec<Arc<Update>>) {
+    let called = fake.create_called.notified();
+    tokio::pin!(called);
+    called.as_mut().enable();
+    let (id, mut updates) = engine.deploy(spec).await.expect("accepted");
+    bounded("the create call", called).await;
+    let seen = until(&mut updates, |u| u.phase == Phase::Creating).await;
+    (id, updates, seen)
+}
+
+/// The engine creates a container only once the deployment is on disk, with every
+/// update up to CREATING: after a kill -9 from the create on, recovery knows the
+/// deployment and removes its container (one of an unknown deployment would be left).
+#[tokio::test]
+async fn the_deployment_is_on_disk_before_its_container_is_created() {
+    let (fake, engine, _, gate) = after_a_good_version_with_a_slow_create().await;
+    let (id, stream, _) = deploy_into_a_gated_create(&fake, &engine, spec("app", "slow:1")).await;
+    // Read through the store's pool: it sees committed rows only.
+    let status = engine.store().status(id).await.unwrap();
+    let status = status.expect("the deployment is on disk when its create is called");
+    assert_eq!(status.phase, Phase::Creating, "its CREATING update too");
+    gate.add_permits(1);
+    assert_eq!(end_state(&rest(stream).await), DeploymentState::Succeeded);
+}
+
 /// The last container created (after `previous`) is removed again; `previous` is left.
 fn assert_late_container_collected(fake: &FakeRuntime, previous: String) {
     let late = fake.created().last().unwrap().clone();
@@ -1076,8 +1107,8 @@ async fn a_late_create_is_collected(
 ) -> Vec<Arc<Update>> {
     let (fake, engine, previous, gate) = after_a_good_version_with_a_slow_create().await;
 
-    let (_, mut updates) = engine.deploy(s(spec("app", "slow:1"))).await.unwrap();
-    let mut seen = until(&mut updates, |u| u.phase == Phase::Creating).await;
+    let (_, updates, mut seen) =
+        deploy_into_a_gated_create(&fake, &engine, s(spec("app", "slow:1"))).await;
     stop(&engine);
     // The create call is still running when the step is dropped; the engine then
     // finishes it.

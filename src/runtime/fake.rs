@@ -91,6 +91,9 @@ pub struct FakeState {
 #[derive(Debug, Default)]
 pub struct FakeRuntime {
     pub state: Arc<Mutex<FakeState>>,
+    /// Wakes its waiters as each `create` is called, before its gate (`notify_waiters`:
+    /// a waiter enables its `Notified` before what leads to the call).
+    pub create_called: Arc<tokio::sync::Notify>,
 }
 
 impl FakeRuntime {
@@ -217,6 +220,7 @@ impl Runtime for FakeRuntime {
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        self.create_called.notify_waiters();
         let gate = self.script(&spec.image).create_gate;
         let state = self.state.clone();
         let spec = spec.clone();
