@@ -191,6 +191,8 @@ pub(crate) struct Reporter {
     finished: bool,
     /// The ETA of every update, when the app has history.
     eta: Option<super::history::EtaTracker>,
+    /// Keeps the app's history in memory up to date (see [`super::history::Histories`]).
+    history: Option<super::history::Recorder>,
 }
 
 impl Reporter {
@@ -209,7 +211,14 @@ impl Reporter {
             total_progress: 0.0,
             finished: false,
             eta: None,
+            history: None,
         }
+    }
+
+    /// Tells the app's history in memory when this deployment succeeds.
+    pub(crate) fn recording(mut self, history: super::history::Recorder) -> Self {
+        self.history = Some(history);
+        self
     }
 
     /// Estimates the time left on every update from here on.
@@ -241,12 +250,18 @@ impl Reporter {
     }
 
     /// Keeps this deployment's image download for the estimates of later ones.
-    pub(crate) fn record_pull(&self, sample: super::eta::PullSample) {
+    pub(crate) fn record_pull(&mut self, sample: super::eta::PullSample) {
+        if let Some(h) = &mut self.history {
+            h.pull(sample);
+        }
         self.store.record_pull(self.deployment.id, sample);
     }
 
     /// Keeps this deployment's build steps for the estimates of later ones.
-    pub(crate) fn record_build(&self, steps: Vec<super::eta::StepSample>) {
+    pub(crate) fn record_build(&mut self, steps: Vec<super::eta::StepSample>) {
+        if let Some(h) = &mut self.history {
+            h.build(steps.clone());
+        }
         self.store.record_build(self.deployment.id, steps);
     }
 
@@ -346,6 +361,11 @@ impl Reporter {
         // does not wait for the disk), then readers and observers see it.
         let update = Arc::new(update);
         self.store.append(update.clone(), status);
+        // After the store has it queued (a read of the history from the store flushes
+        // first), before anyone sees it.
+        if let Some(h) = &mut self.history {
+            h.observe(&update);
+        }
         self.deployment.log.append_shared(update.clone());
         self.observers.publish(&update);
         update

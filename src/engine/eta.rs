@@ -67,7 +67,7 @@ pub(crate) struct StepSample {
 }
 
 /// An earlier succeeded deployment of the app.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct PastDeployment<P> {
     pub(crate) phases: BTreeMap<P, Duration>,
     pub(crate) pull: Option<PullSample>,

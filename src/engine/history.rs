@@ -2,9 +2,11 @@
 //! (per-phase durations from the `elapsed` of their `PhaseStarted` updates; the pull's
 //! bytes and time and the build's steps from what [`Store::record_pull`] and
 //! [`Store::record_build`] kept), the plan of the deployment being estimated, and where
-//! it is now (the bytes its pull still has to download, its build's step N/M).
+//! it is now (the bytes its pull still has to download, its build's step N/M). Each
+//! app's history is read from the store once and then kept in memory ([`Histories`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::eta::{self, BuildNow, Eta, Model, Now, PastDeployment, Planned};
@@ -14,9 +16,183 @@ use crate::store::{ListFilter, Store};
 /// Earlier deployments an estimate learns from.
 const HISTORY: usize = 10;
 
-/// The app's last [`HISTORY`] succeeded deployments, newest first. A store error gives
-/// no history (no estimate), never a failed deployment.
-pub(super) async fn load(store: &Store, app: &AppName) -> Vec<PastDeployment<Phase>> {
+/// Apps whose history is kept in memory at most (beyond it, one is dropped for each
+/// new one: it is read from the store again when needed).
+const MAX_APPS: usize = 1024;
+
+/// The apps' histories (their last [`HISTORY`] succeeded deployments, newest first),
+/// read from the store once per app and then kept up to date in memory: a redeploy
+/// does not read its app's last ten logs back from the store each time.
+///
+/// It stays what the store would answer: a deployment that succeeds adds itself
+/// before its terminal update is published (so a client that saw the end and deploys
+/// again finds it), one this process did not see from its first update (taken over
+/// after a restart) drops its app's entry instead, and retention removing anything
+/// empties the whole cache. A read from the store that raced with any of those is
+/// not kept (`epoch`).
+#[derive(Default)]
+pub(crate) struct Histories {
+    inner: std::sync::Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    apps: HashMap<AppName, Vec<PastDeployment<Phase>>>,
+    /// Moves on every change, so a read from the store that began before one is not
+    /// kept.
+    epoch: u64,
+}
+
+impl Histories {
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.inner.lock().expect("history cache lock")
+    }
+
+    /// `app`'s last [`HISTORY`] succeeded deployments, newest first. A store error
+    /// gives no history (no estimate), never a failed deployment.
+    pub(crate) async fn load(&self, store: &Store, app: &AppName) -> Vec<PastDeployment<Phase>> {
+        let epoch = match self.held(app) {
+            Ok(history) => return history,
+            Err(epoch) => epoch,
+        };
+        let (history, complete) = read(store, app).await;
+        if complete {
+            self.keep(app, epoch, history.clone());
+        }
+        history
+    }
+
+    /// `app`'s history if held, else the epoch to [`Self::keep`] a read from the store
+    /// under.
+    fn held(&self, app: &AppName) -> Result<Vec<PastDeployment<Phase>>, u64> {
+        let cache = self.cache();
+        cache.apps.get(app).cloned().ok_or(cache.epoch)
+    }
+
+    /// Holds `history`, read from the store since [`Self::held`] answered `epoch`,
+    /// unless anything changed since.
+    fn keep(&self, app: &AppName, epoch: u64, history: Vec<PastDeployment<Phase>>) {
+        let mut cache = self.cache();
+        if cache.epoch != epoch {
+            return;
+        }
+        if cache.apps.len() >= MAX_APPS
+            && let Some(any) = cache.apps.keys().next().cloned()
+        {
+            cache.apps.remove(&any);
+        }
+        cache.apps.insert(app.clone(), history);
+    }
+
+    /// Whether `app`'s history is held in memory.
+    #[cfg(test)]
+    pub(crate) fn holds(&self, app: &AppName) -> bool {
+        self.cache().apps.contains_key(app)
+    }
+
+    /// A deployment of `app` succeeded; `seen` is what its reporter saw of it.
+    fn succeeded(&self, app: &AppName, seen: Seen) {
+        let mut cache = self.cache();
+        cache.epoch += 1;
+        match seen {
+            Seen::Whole(Some(past)) => {
+                if let Some(history) = cache.apps.get_mut(app) {
+                    history.insert(0, past);
+                    history.truncate(HISTORY);
+                }
+            }
+            // No phase: the store's read skips it too.
+            Seen::Whole(None) => {}
+            Seen::Partial => {
+                cache.apps.remove(app);
+            }
+        }
+    }
+
+    /// The store removed history (retention): read every app's again when needed.
+    pub(crate) fn clear(&self) {
+        let mut cache = self.cache();
+        cache.epoch += 1;
+        cache.apps.clear();
+    }
+
+    /// What a deployment's reporter keeps for its app's history; `whole`: the reporter
+    /// writes the deployment's log from its first update.
+    pub(crate) fn recorder(self: &Arc<Self>, whole: bool) -> Recorder {
+        Recorder {
+            histories: self.clone(),
+            whole,
+            times: PhaseTimes::default(),
+            pull: None,
+            build: Vec::new(),
+        }
+    }
+}
+
+/// What a deployment's reporter saw of it, at its success.
+enum Seen {
+    /// Every update: its phase durations (none: no phase was timed).
+    Whole(Option<PastDeployment<Phase>>),
+    /// Only the updates after a restart.
+    Partial,
+}
+
+/// A deployment's contribution to its app's history, gathered by its reporter as the
+/// updates go out (see [`Histories`]).
+pub(crate) struct Recorder {
+    histories: Arc<Histories>,
+    whole: bool,
+    times: PhaseTimes,
+    pull: Option<eta::PullSample>,
+    build: Vec<eta::StepSample>,
+}
+
+impl Recorder {
+    // Durations to the microsecond, as the store keeps them.
+    pub(crate) fn pull(&mut self, sample: eta::PullSample) {
+        self.pull = Some(eta::PullSample {
+            duration: micros(sample.duration),
+            ..sample
+        });
+    }
+
+    pub(crate) fn build(&mut self, mut steps: Vec<eta::StepSample>) {
+        steps.iter_mut().for_each(|s| s.duration = micros(s.duration));
+        self.build = steps;
+    }
+
+    /// Every update of the deployment, in order; at its success (a deploy, not a
+    /// removal) the app's history in memory takes it.
+    pub(crate) fn observe(&mut self, update: &Update) {
+        self.times.observe(update);
+        if update.operation != Operation::Deploy
+            || update.kind
+                != (EventKind::Finished {
+                    state: DeploymentState::Succeeded,
+                })
+        {
+            return;
+        }
+        let seen = if self.whole {
+            Seen::Whole(std::mem::take(&mut self.times).into_past().map(|mut past| {
+                past.pull = self.pull;
+                past.build = std::mem::take(&mut self.build);
+                past
+            }))
+        } else {
+            Seen::Partial
+        };
+        self.histories.succeeded(&update.app, seen);
+    }
+}
+
+fn micros(d: Duration) -> Duration {
+    Duration::from_micros(d.as_micros().min(u64::MAX as u128) as u64)
+}
+
+/// `app`'s last [`HISTORY`] succeeded deployments from the store, newest first, and
+/// whether the store answered every read (a partial answer is not kept in memory).
+pub(super) async fn read(store: &Store, app: &AppName) -> (Vec<PastDeployment<Phase>>, bool) {
     // The app's previous deployment may have ended a moment ago: its last updates may
     // still be queued to the store's writer.
     store.flush().await;
@@ -28,14 +204,23 @@ pub(super) async fn load(store: &Store, app: &AppName) -> Vec<PastDeployment<Pha
         operation: Some(Operation::Deploy),
     };
     let Ok(list) = store.list(&filter).await else {
-        return Vec::new();
+        return (Vec::new(), false);
     };
     let ids: Vec<_> = list.iter().map(|s| s.id).collect();
-    let mut measured = store.measured(&ids).await.unwrap_or_default();
+    let (mut measured, mut complete) = match store.measured(&ids).await {
+        Ok(m) => (m, true),
+        Err(_) => (Default::default(), false),
+    };
     let mut out = Vec::with_capacity(list.len());
     for status in list {
-        if let Ok(log) = store.log(status.id, 0).await
-            && log.oldest.is_none_or(|o| o <= 1)
+        let log = match store.log(status.id, 0).await {
+            Ok(log) => log,
+            Err(_) => {
+                complete = false;
+                continue;
+            }
+        };
+        if log.oldest.is_none_or(|o| o <= 1)
             && let Some(mut past) = past(&log.updates)
         {
             if let Some(m) = measured.remove(&status.id) {
@@ -45,28 +230,42 @@ pub(super) async fn load(store: &Store, app: &AppName) -> Vec<PastDeployment<Pha
             out.push(past);
         }
     }
-    out
+    (out, complete)
 }
 
 /// One succeeded deployment's phase durations: each phase lasts from its
 /// `PhaseStarted` to the next phase's (or the terminal update).
 fn past(updates: &[Update]) -> Option<PastDeployment<Phase>> {
-    let mut phases = BTreeMap::new();
-    let mut current: Option<(Phase, Duration)> = None;
-    for u in updates {
+    let mut times = PhaseTimes::default();
+    updates.iter().for_each(|u| times.observe(u));
+    times.into_past()
+}
+
+/// Phase durations, from a deployment's updates in order.
+#[derive(Default)]
+struct PhaseTimes {
+    phases: BTreeMap<Phase, Duration>,
+    current: Option<(Phase, Duration)>,
+}
+
+impl PhaseTimes {
+    fn observe(&mut self, u: &Update) {
         let ends = matches!(u.kind, EventKind::PhaseStarted | EventKind::Finished { .. });
-        if ends && let Some((phase, started)) = current.take() {
-            phases.insert(phase, u.elapsed.saturating_sub(started));
+        if ends && let Some((phase, started)) = self.current.take() {
+            self.phases.insert(phase, u.elapsed.saturating_sub(started));
         }
         if u.kind == EventKind::PhaseStarted && u.phase != Phase::Queued {
-            current = Some((u.phase, u.elapsed));
+            self.current = Some((u.phase, u.elapsed));
         }
     }
-    (!phases.is_empty()).then_some(PastDeployment {
-        phases,
-        pull: None,
-        build: Vec::new(),
-    })
+
+    fn into_past(self) -> Option<PastDeployment<Phase>> {
+        (!self.phases.is_empty()).then_some(PastDeployment {
+            phases: self.phases,
+            pull: None,
+            build: Vec::new(),
+        })
+    }
 }
 
 /// The phases `spec` goes through after the queue, in order: the pull modelled by bytes
@@ -204,6 +403,90 @@ mod tests {
             elapsed: Duration::from_millis(ms),
             ..Update::for_test(seq, false)
         }
+    }
+
+    fn succeeded(app: &str, elapsed_ms: u64) -> Update {
+        Update {
+            app: AppName::parse(app).unwrap(),
+            ..at(
+                9,
+                EventKind::Finished {
+                    state: DeploymentState::Succeeded,
+                },
+                Phase::Complete,
+                elapsed_ms,
+            )
+        }
+    }
+
+    fn one_phase(ms: u64) -> PastDeployment<Phase> {
+        PastDeployment {
+            phases: [(Phase::Validating, Duration::from_millis(ms))].into(),
+            pull: None,
+            build: Vec::new(),
+        }
+    }
+
+    /// A reporter that wrote the whole log adds its deployment at the front, the
+    /// oldest going past [`HISTORY`]; one that took over after a restart (it saw only
+    /// the end) drops the app's history, to be read from the store again.
+    #[test]
+    fn a_success_joins_the_history_and_a_partial_one_drops_it() {
+        let histories = Arc::new(Histories::default());
+        let app = AppName::parse("app").unwrap();
+        let epoch = histories.held(&app).unwrap_err();
+        histories.keep(&app, epoch, (0..HISTORY as u64).map(one_phase).collect());
+
+        let mut whole = histories.recorder(true);
+        whole.pull(eta::PullSample {
+            bytes: 7,
+            duration: Duration::from_secs(1),
+        });
+        let mut validating = at(2, EventKind::PhaseStarted, Phase::Validating, 100);
+        validating.app = app.clone();
+        whole.observe(&validating);
+        whole.observe(&succeeded("app", 350));
+        let history = histories.held(&app).unwrap();
+        assert_eq!(history.len(), HISTORY);
+        assert_eq!(
+            history[0].phases[&Phase::Validating],
+            Duration::from_millis(250)
+        );
+        assert_eq!(history[0].pull.map(|p| p.bytes), Some(7));
+        assert_eq!(history[1], one_phase(0), "the older ones follow");
+
+        histories.recorder(true).observe(&succeeded("other", 1));
+        assert!(
+            histories.held(&AppName::parse("other").unwrap()).is_err(),
+            "not read yet: nothing to add to"
+        );
+
+        histories.recorder(false).observe(&succeeded("app", 350));
+        assert!(!histories.holds(&app));
+    }
+
+    /// A read from the store that began before a deployment succeeded (or retention
+    /// removed history) may miss it: it is not kept.
+    #[test]
+    fn a_read_that_raced_with_a_change_is_not_kept() {
+        let histories = Arc::new(Histories::default());
+        let app = AppName::parse("app").unwrap();
+        let epoch = histories.held(&app).unwrap_err();
+        histories.recorder(true).observe(&succeeded("app", 10));
+        histories.keep(&app, epoch, Vec::new());
+        assert!(!histories.holds(&app), "kept a read older than a success");
+
+        let epoch = histories.held(&app).unwrap_err();
+        histories.clear();
+        histories.keep(&app, epoch, Vec::new());
+        assert!(
+            !histories.holds(&app),
+            "kept a read older than a retention run"
+        );
+
+        let epoch = histories.held(&app).unwrap_err();
+        histories.keep(&app, epoch, vec![one_phase(1)]);
+        assert_eq!(histories.held(&app).unwrap(), [one_phase(1)]);
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub(crate) struct Inner {
     rejections: Arc<Rejections>,
     /// Containers the reconciler removed.
     reconciled: std::sync::atomic::AtomicU64,
+    /// The apps' recent succeeded deployments, for the ETA.
+    histories: Arc<history::Histories>,
 }
 
 /// Deployments held in memory, and their idempotency keys (under one lock, so a key
@@ -289,6 +291,7 @@ impl Engine {
             accepting: AtomicBool::new(true),
             rejections: Arc::default(),
             reconciled: Default::default(),
+            histories: Arc::default(),
         }))
     }
 
@@ -343,7 +346,8 @@ impl Engine {
         let id = DeploymentId::new();
         let ticket = self.admit(&spec.app, id)?;
         let log = self.live_log(id);
-        let eta = history::EtaTracker::new(&spec, history::load(&self.0.store, &spec.app).await);
+        let past = self.0.histories.load(&self.0.store, &spec.app).await;
+        let eta = history::EtaTracker::new(&spec, past);
         let deployment = Arc::new(Deployment::with_log(id, spec, log));
         deployment.set_target(self.target());
         if let Some(existing) = self.register(&deployment) {
@@ -444,6 +448,14 @@ impl Engine {
             self.0.observers.clone(),
             self.0.store.clone(),
         )
+        .recording(self.0.histories.recorder(true))
+    }
+
+    /// The writer of `deployment`'s log after its last stored update (a deployment
+    /// taken over after a restart, or one whose task is gone).
+    fn resumed_reporter(&self, deployment: Arc<Deployment>) -> Reporter {
+        Reporter::resume(deployment, self.0.observers.clone(), self.0.store.clone())
+            .recording(self.0.histories.recorder(false))
     }
 
     /// The engine answers within the ping timeout (on the Swarm target: and is a
@@ -562,11 +574,7 @@ impl Engine {
         if deployment.status().state.is_terminal() {
             return;
         }
-        let mut reporter = Reporter::resume(
-            deployment.clone(),
-            self.0.observers.clone(),
-            self.0.store.clone(),
-        );
+        let mut reporter = self.resumed_reporter(deployment.clone());
         let phase = reporter.phase();
         let mut message = format!("internal error during {}: {reason}", phase.name());
         if self.0.swarm.is_some() {
@@ -625,6 +633,7 @@ impl Engine {
             Ok(out) if out.deployments_removed > 0 || out.updates_removed > 0 => {
                 // What the store no longer holds must not be replayed from memory.
                 self.live().recent.clear();
+                self.0.histories.clear();
                 tracing::info!(
                     deployments = out.deployments_removed,
                     updates = out.updates_removed,

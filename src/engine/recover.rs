@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use super::deployment::{Deployment, Extra, Reporter};
+use super::deployment::{Deployment, Extra};
 use super::route::RoutedPort;
 use super::run::{endpoints, short};
 use super::{Engine, EngineError, Recovery};
@@ -246,8 +246,7 @@ impl Engine {
             containers_removed: 0,
         };
         let deployment = Arc::new(Deployment::recovered(status));
-        let mut reporter =
-            Reporter::resume(deployment, self.0.observers.clone(), self.0.store.clone());
+        let mut reporter = self.resumed_reporter(deployment);
         reporter.finish(DeploymentState::Succeeded, result);
     }
 
@@ -269,8 +268,7 @@ impl Engine {
         }
         tracing::warn!(deployment_id = %status.id, %app, phase = phase.as_str(), ok = removed.is_ok(), "removal interrupted by a restart finished by recovery");
         let removal = Arc::new(Deployment::recovered(status));
-        let mut reporter =
-            Reporter::resume(removal, self.0.observers.clone(), self.0.store.clone());
+        let mut reporter = self.resumed_reporter(removal);
         match removed {
             Ok(n) => reporter.finish(
                 DeploymentState::Succeeded,
@@ -352,8 +350,7 @@ impl Engine {
         }
         tracing::warn!(deployment_id = %status.id, app = %status.app, phase = phase.as_str(), "deployment interrupted by a restart ended as failed");
         let deployment = Arc::new(Deployment::recovered(status));
-        let mut reporter =
-            Reporter::resume(deployment, self.0.observers.clone(), self.0.store.clone());
+        let mut reporter = self.resumed_reporter(deployment);
         let extra = Extra::meta([("interrupted", "restart".into())]);
         reporter.fail(phase, "server restart", message, extra);
         Ok(())

@@ -981,8 +981,7 @@ impl super::Engine {
                 phase.name()
             );
             let deployment = Arc::new(super::deployment::Deployment::recovered(status));
-            let mut rep =
-                Reporter::resume(deployment, self.0.observers.clone(), self.0.store.clone());
+            let mut rep = self.resumed_reporter(deployment);
             rep.fail(
                 phase,
                 "server restart",
@@ -1004,11 +1003,7 @@ impl super::Engine {
         self.hold_recovered(&deployment);
         // The app's queue place: a new deployment of the app waits behind this one.
         let ticket = self.0.queues.admit_recovered(&app, id);
-        let rep = Reporter::resume(
-            deployment.clone(),
-            self.0.observers.clone(),
-            self.0.store.clone(),
-        );
+        let rep = self.resumed_reporter(deployment.clone());
         let follow = SwarmRun::new(rep, swarm).follow_recovered(ticket, deadline);
         self.spawn_recovered(&deployment, follow);
         true

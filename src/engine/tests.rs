@@ -1773,7 +1773,7 @@ async fn set_commit_shows_the_commit_and_the_built_image_in_the_status() {
 #[tokio::test]
 async fn the_reporter_keeps_the_build_steps_for_later_estimates() {
     use super::eta::StepSample;
-    let (deployment, rep, store) = reporter_for(spec("app", "web:1")).await;
+    let (deployment, mut rep, store) = reporter_for(spec("app", "web:1")).await;
     store.insert(&deployment.status(), &deployment.spec);
     let steps = vec![
         StepSample {
@@ -1964,4 +1964,73 @@ async fn a_large_batch_is_stored_whole() {
     let first = store.status(reps[0].0.id).await.unwrap().unwrap();
     assert_eq!(first.state, DeploymentState::Succeeded);
     assert!(first.finished_at.is_some());
+}
+
+/// Each app's history is read from the store once, then kept in memory: after every
+/// deployment (pulled, present, failed), what memory holds is what the store answers,
+/// pull samples included; and retention removing history empties it.
+#[tokio::test]
+async fn the_history_kept_in_memory_is_what_the_store_holds() {
+    let pulling = |bytes: u64| Script {
+        pull: Some(vec![
+            layer("a", LayerStatus::Downloading, Some(bytes / 2), Some(bytes)),
+            layer("a", LayerStatus::Done, None, None),
+        ]),
+        ..Script::healthy()
+    };
+    let crash = Script {
+        exit_code: Some(1),
+        ..Default::default()
+    };
+    let fake = FakeRuntime::with([
+        ("remote:1", pulling(1 << 20)),
+        ("remote:2", pulling(3 << 20)),
+        ("crash:1", crash),
+    ]);
+    let config = EngineConfig {
+        retention: crate::store::Retention {
+            max_deployments: Some(4),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let engine = engine_with(&fake, config).await;
+    let app = app_name("app");
+    let histories = &engine.0.histories;
+    let steps = [
+        ("remote:1", DeploymentState::Succeeded, 1),
+        ("crash:1", DeploymentState::Failed, 1),
+        ("remote:2", DeploymentState::Succeeded, 2),
+        // Present by now: no pull sample.
+        ("remote:1", DeploymentState::Succeeded, 3),
+    ];
+    for (image, state, past) in steps {
+        let updates = deploy(&engine, spec("app", image)).await;
+        assert_eq!(end_state(&updates), state, "{image}");
+        assert!(histories.holds(&app), "read once, then kept ({image})");
+        let kept = histories.load(&engine.0.store, &app).await;
+        let (stored, complete) = super::history::read(&engine.0.store, &app).await;
+        assert!(complete);
+        assert_eq!(kept, stored, "after {image}");
+        assert_eq!(kept.len(), past, "after {image}");
+    }
+    let kept = histories.load(&engine.0.store, &app).await;
+    let pulls: Vec<_> = kept.iter().map(|p| p.pull.map(|s| s.bytes)).collect();
+    assert_eq!(pulls, [None, Some(3 << 20), Some(1 << 20)], "newest first");
+
+    // The fifth deployment is one too many: retention removes the oldest, and the
+    // history in memory goes with it.
+    let updates = deploy(&engine, spec("app", "remote:2")).await;
+    assert_eq!(end_state(&updates), DeploymentState::Succeeded);
+    // (Retention runs once the deployment's stream has ended.)
+    bounded("retention to empty the history in memory", async {
+        while histories.holds(&app) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let kept = histories.load(&engine.0.store, &app).await;
+    let (stored, _) = super::history::read(&engine.0.store, &app).await;
+    assert_eq!(kept, stored);
+    assert_eq!(kept.len(), 3, "the first deployment is gone");
 }
