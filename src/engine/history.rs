@@ -157,7 +157,9 @@ impl Recorder {
     }
 
     pub(crate) fn build(&mut self, mut steps: Vec<eta::StepSample>) {
-        steps.iter_mut().for_each(|s| s.duration = micros(s.duration));
+        steps
+            .iter_mut()
+            .for_each(|s| s.duration = micros(s.duration));
         self.build = steps;
     }
 

@@ -1,6 +1,6 @@
 //! The reconciler: see [`Engine::reconcile`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -25,31 +25,46 @@ impl Engine {
         let live: HashSet<String> = (self.live().deployments.keys())
             .map(|id| id.to_string())
             .collect();
-        let mut doomed = Vec::new();
-        for c in containers
+        let candidates: Vec<_> = containers
             .into_iter()
             .filter(|c| !live.contains(&c.deployment))
-        {
-            let Ok(id) = uuid::Uuid::parse_str(&c.deployment).map(DeploymentId) else {
-                continue;
-            };
-            let Ok(Some(status)) = self.0.store.status(id).await else {
-                continue;
-            };
-            if !status.state.is_terminal() {
-                continue;
-            }
-            let Ok(app) = AppName::parse(&c.app) else {
-                continue;
-            };
-            // Unknown current version: leave the app alone this time.
-            match self.current_container(&app).await {
-                Ok(Some(current)) if current == c.id => continue,
-                Err(_) => continue,
-                _ => {}
-            }
-            doomed.push(c);
+            .filter_map(|c| {
+                let id = uuid::Uuid::parse_str(&c.deployment).ok()?;
+                let app = AppName::parse(&c.app).ok()?;
+                Some((c, DeploymentId(id), app))
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(0);
         }
+        // Two reads of the store for all of them, however many containers run. A store
+        // that does not answer: leave everything alone this time.
+        let ids: Vec<_> = candidates.iter().map(|(_, id, _)| *id).collect();
+        let Ok(ended) = self.0.store.ended(&ids).await else {
+            return Ok(0);
+        };
+        let mut apps: Vec<AppName> = (candidates.iter())
+            .filter(|(_, id, _)| ended.contains(id))
+            .map(|(_, _, app)| app.clone())
+            .collect();
+        apps.sort();
+        apps.dedup();
+        if apps.is_empty() {
+            return Ok(0);
+        }
+        let Ok(newest) = self.0.store.newest_succeeded(&apps).await else {
+            return Ok(0);
+        };
+        // The app's current version: its last succeeded deployment's container.
+        let current: HashMap<AppName, String> = newest
+            .into_iter()
+            .filter_map(|s| Some((s.app, s.result?.container_id)))
+            .collect();
+        let doomed: Vec<_> = candidates
+            .into_iter()
+            .filter(|(c, id, app)| ended.contains(id) && current.get(app) != Some(&c.id))
+            .map(|(c, _, _)| c)
+            .collect();
         let mut removed = 0;
         remove_each(&*self.0.runtime, &doomed, |c, r| {
             r?;

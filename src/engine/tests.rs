@@ -2034,3 +2034,76 @@ async fn the_history_kept_in_memory_is_what_the_store_holds() {
     assert_eq!(kept, stored);
     assert_eq!(kept.len(), 3, "the first deployment is gone");
 }
+
+/// The reconciler removes a container of an ended deployment unless it is its app's
+/// current version, and leaves alone those of live deployments, of deployments the
+/// store does not know and without a deployment ID; with two reads of the store for
+/// all of them.
+#[tokio::test]
+async fn the_reconciler_removes_only_ended_deployments_leftovers() {
+    use crate::model::{LABEL_APP, LABEL_DEPLOYMENT};
+    let hang = Script {
+        healthcheck: true,
+        health: Health::StartingForever,
+        ..Default::default()
+    };
+    let crash = Script {
+        exit_code: Some(1),
+        ..Default::default()
+    };
+    let fake = FakeRuntime::with([
+        ("web:1", Script::healthy()),
+        ("crash:1", crash),
+        ("hang:1", hang),
+    ]);
+    let engine = engine(&fake).await;
+    let first = deploy(&engine, spec("a", "web:1")).await;
+    let second = deploy(&engine, spec("a", "web:1")).await;
+    let current = second.last().unwrap().result.clone().unwrap().container_id;
+    let failed = deploy(&engine, spec("b", "crash:1")).await;
+    assert_eq!(end_state(&failed), DeploymentState::Failed);
+    let (live_id, mut live) = engine.deploy(spec("h", "hang:1")).await.unwrap();
+    until(&mut live, |u| u.phase == Phase::HealthCheck).await;
+
+    let leftover = |id: &str, app: &str, deployment: String| {
+        let container = crate::runtime::fake::FakeContainer {
+            image: "web:1".into(),
+            labels: [
+                (LABEL_APP.to_owned(), app.to_owned()),
+                (LABEL_DEPLOYMENT.to_owned(), deployment),
+            ]
+            .into(),
+            ports: Vec::new(),
+            started: true,
+            inspections: 0,
+        };
+        (fake.state.lock().unwrap().containers).insert(id.to_owned(), container);
+    };
+    leftover("old-a", "a", first[0].deployment_id.to_string());
+    leftover("failed-b", "b", failed[0].deployment_id.to_string());
+    leftover("unknown-c", "c", uuid::Uuid::new_v4().to_string());
+    leftover("no-id-a", "a", "not-a-uuid".into());
+    leftover("live-h", "h", live_id.to_string());
+
+    let removed = bounded("reconcile", engine.reconcile()).await.unwrap();
+    let mut existing = fake.existing();
+    existing.sort();
+    let live_container = fake
+        .created()
+        .into_iter()
+        .find(|c| existing.contains(c) && *c != current)
+        .expect("the live deployment's container");
+    let mut kept = vec![
+        current,
+        live_container,
+        "live-h".to_owned(),
+        "no-id-a".to_owned(),
+        "unknown-c".to_owned(),
+    ];
+    kept.sort();
+    assert_eq!(existing, kept);
+    assert_eq!(removed, 2, "old-a and failed-b");
+    assert_eq!(engine.reconciler_removed(), 2);
+    engine.cancel(&live_id.to_string()).await.unwrap();
+    rest(live).await;
+}

@@ -248,6 +248,23 @@ impl Store {
         self.db.list(filter).await
     }
 
+    /// Of `ids`, those the store holds as ended (one read for all).
+    pub(crate) async fn ended(
+        &self,
+        ids: &[DeploymentId],
+    ) -> Result<std::collections::HashSet<DeploymentId>, StoreError> {
+        self.db.ended(ids).await
+    }
+
+    /// Per app of `apps`, its newest SUCCEEDED deployment or removal, in one read
+    /// (apps with none are left out).
+    pub(crate) async fn newest_succeeded(
+        &self,
+        apps: &[AppName],
+    ) -> Result<Vec<DeploymentStatus>, StoreError> {
+        self.db.newest_succeeded(apps).await
+    }
+
     /// Per app (sorted by name), its newest deployment or removal, or with
     /// `succeeded_only` its newest SUCCEEDED deployment (removals left out).
     pub async fn newest_per_app(

@@ -2,7 +2,7 @@
 //! migrations from `migrations/`, embedded at compile time. Runtime-checked queries.
 //! The queued writes are `writer.rs`'s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
@@ -26,6 +26,11 @@ pub(crate) struct SqliteStore {
 
 fn state_str(s: DeploymentState) -> &'static str {
     s.as_str()
+}
+
+/// A list of values bound as one parameter, read with `json_each`.
+fn json_list(values: impl Iterator<Item = String>) -> String {
+    serde_json::Value::Array(values.map(serde_json::Value::String).collect()).to_string()
 }
 
 fn parse_status(id: &str, json: &str) -> Result<DeploymentStatus, StoreError> {
@@ -187,6 +192,44 @@ impl SqliteStore {
         .bind(succeeded_only)
         .bind(state_str(DeploymentState::Succeeded))
         .bind(Operation::Deploy.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| parse_status(r.get::<&str, _>(0), r.get::<&str, _>(1)))
+            .collect()
+    }
+
+    /// Of `ids`, those the store holds as ended (SUCCEEDED, FAILED or CANCELLED).
+    pub(crate) async fn ended(
+        &self,
+        ids: &[DeploymentId],
+    ) -> Result<HashSet<DeploymentId>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM deployments
+             WHERE id IN (SELECT value FROM json_each(?1)) AND state NOT IN (?2, ?3)",
+        )
+        .bind(json_list(ids.iter().map(|id| id.to_string())))
+        .bind(state_str(DeploymentState::Pending))
+        .bind(state_str(DeploymentState::Running))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().filter_map(first_column_id).collect())
+    }
+
+    /// Per app of `apps`, its newest SUCCEEDED deployment or removal (apps with none
+    /// are left out).
+    pub(crate) async fn newest_succeeded(
+        &self,
+        apps: &[AppName],
+    ) -> Result<Vec<DeploymentStatus>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT d.id, d.status FROM json_each(?1) AS a
+             JOIN deployments AS d ON d.id = (
+                 SELECT id FROM deployments WHERE app = a.value AND state = ?2
+                 ORDER BY created_ns DESC, id DESC LIMIT 1)",
+        )
+        .bind(json_list(apps.iter().map(|a| a.as_str().to_owned())))
+        .bind(state_str(DeploymentState::Succeeded))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
