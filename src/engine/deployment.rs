@@ -445,7 +445,7 @@ impl Reporter {
         self.phase = phase;
         self.phase_progress = 0.0;
         self.set_progress(0.0);
-        tracing::info!(phase = phase.as_str(), "phase started");
+        tracing::debug!(phase = phase.as_str(), "phase started");
         self.emit(
             EventKind::PhaseStarted,
             Level::Info,
