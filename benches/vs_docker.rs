@@ -18,6 +18,10 @@
 //! * `concurrent`: N deploys of distinct apps at once: all must succeed; the server's
 //!   CPU time per deploy (/proc/PID/stat) and the wall time against N copies of the
 //!   script run in parallel.
+//! * `redeploys`: N redeploys of one app that already has 10 succeeded deployments
+//!   (what the ETA learns from), in a row through the held connection, alternating
+//!   with first deploys of new apps: the server's CPU time per redeploy and per first
+//!   deploy (/proc/PID/stat over all N). Figures only (the target is on `concurrent`).
 //! * `watchers`: N tonic WatchDeployment streams of one deployment emitting a few
 //!   hundred updates (a log health check that never matches, 50 ms interval, 12 s
 //!   timeout): lost and duplicated updates, p50/p99 from the update's timestamp to its
@@ -29,9 +33,10 @@
 //!
 //! Restart with 10,000 finished deployments (ready time, RSS) is in `durability`.
 //!
-//! Arguments: `[deploy] [pull] [concurrent] [watchers]` (default all), `--runs N`
-//! (default 7), `--concurrent N` (100), `--watchers N,N` (1000,10000), `--pull-mb N`
-//! (100), `--smoke` (1 run, 5 concurrent, 50 watchers, a 10 MB image).
+//! Arguments: `[deploy] [pull] [concurrent] [redeploys] [watchers]` (default all),
+//! `--runs N` (default 7), `--concurrent N` (100), `--redeploys N` (30), `--watchers
+//! N,N` (1000,10000), `--pull-mb N` (100), `--smoke` (1 run, 5 concurrent, 2
+//! redeploys, 50 watchers, a 10 MB image).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -80,6 +85,7 @@ struct Args {
     only: Vec<String>,
     runs: usize,
     concurrent: usize,
+    redeploys: usize,
     watchers: Vec<usize>,
     pull_mb: usize,
     /// The watched deployment's health timeout (its attempts are the updates).
@@ -91,6 +97,7 @@ fn args() -> Args {
         only: Vec::new(),
         runs: 7,
         concurrent: 100,
+        redeploys: 30,
         watchers: vec![1_000, 10_000],
         pull_mb: 100,
         watch_secs: 12,
@@ -102,15 +109,17 @@ fn args() -> Args {
             "--bench" => {}
             "--runs" => a.runs = value().parse().unwrap(),
             "--concurrent" => a.concurrent = value().parse().unwrap(),
+            "--redeploys" => a.redeploys = value().parse().unwrap(),
             "--pull-mb" => a.pull_mb = value().parse().unwrap(),
             "--watchers" => {
                 a.watchers = value().split(',').map(|n| n.parse().unwrap()).collect();
             }
             "--smoke" => {
                 (a.runs, a.concurrent, a.pull_mb, a.watch_secs) = (1, 5, 10, 2);
+                a.redeploys = 2;
                 a.watchers = vec![50];
             }
-            "deploy" | "pull" | "concurrent" | "watchers" => a.only.push(arg),
+            "deploy" | "pull" | "concurrent" | "redeploys" | "watchers" => a.only.push(arg),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -179,6 +188,9 @@ async fn main() {
     }
     if wants("concurrent") {
         bench.concurrent(args.concurrent).await;
+    }
+    if wants("redeploys") {
+        bench.redeploys(args.redeploys).await;
     }
     if wants("watchers") {
         for &n in &args.watchers {
@@ -552,17 +564,7 @@ impl Bench {
     }
 
     async fn concurrent(&self, n: usize) {
-        let clk_tck: f64 = String::from_utf8(
-            Command::new("getconf")
-                .arg("CLK_TCK")
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+        let clk_tck = clock_ticks_per_sec();
         let pid = self.server.child.id();
         let apps: Vec<String> = (0..n).map(|_| unique("many")).collect();
         let guards: Vec<_> = apps.iter().map(|a| common::AppGuard(a.clone())).collect();
@@ -629,6 +631,46 @@ impl Bench {
             cpu_ms,
             5.0,
             " ms",
+        );
+    }
+
+    /// `n` redeploys of an app with [`PAST`] succeeded deployments, alternating with
+    /// first deploys of new apps; the server's CPU time per deploy of each kind.
+    async fn redeploys(&self, n: usize) {
+        /// The history an estimate learns from (`engine::history`).
+        const PAST: usize = 10;
+        let clk_tck = clock_ticks_per_sec();
+        let pid = self.server.child.id();
+        let mut client = self.client.clone();
+        let app = unique("redeploy");
+        let mut guards = vec![common::AppGuard(app.clone())];
+        for _ in 0..PAST {
+            let (d, _) = deploy(&mut client, web_tcp(&app)).await;
+            assert!(d.succeeded(), "{}", d.terminal().message);
+        }
+        let (mut redeploys, mut firsts) = (0, 0);
+        for _ in 0..n {
+            let t0 = cpu_ticks(pid);
+            let (d, _) = deploy(&mut client, web_tcp(&app)).await;
+            assert!(d.succeeded(), "{}", d.terminal().message);
+            let t1 = cpu_ticks(pid);
+            let new = unique("first");
+            guards.push(common::AppGuard(new.clone()));
+            let (d, _) = deploy(&mut client, web_tcp(&new)).await;
+            assert!(d.succeeded(), "{}", d.terminal().message);
+            redeploys += t1 - t0;
+            firsts += cpu_ticks(pid) - t1;
+        }
+        let per = |ticks: u64| ticks as f64 * 1000.0 / clk_tck / n as f64;
+        rows::info(
+            &format!(
+                "redeploys: server CPU per redeploy of an app with {PAST} past deployments ({n} in a row)"
+            ),
+            &format!(
+                "{:.1} ms (first deploys of new apps, alternating: {:.1} ms)",
+                per(redeploys),
+                per(firsts)
+            ),
         );
     }
 
@@ -1028,6 +1070,16 @@ async fn watch(
     }
     w.unique = seen.len() as u64;
     w
+}
+
+/// The unit of [`cpu_ticks`].
+fn clock_ticks_per_sec() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// utime + stime of `pid`, in clock ticks.

@@ -13,12 +13,14 @@
 #   - pull of a ~100 MB image from the local registry against `docker pull`;
 #   - 100 concurrent deploys of distinct apps: all succeed, server CPU per deploy,
 #     wall time against 100 docker-CLI scripts in parallel;
+#   - 30 redeploys of an app with 10 past deployments, alternating with first
+#     deploys of new apps: server CPU per deploy of each (figures only);
 #   - 1,000 and 10,000 gRPC watchers of one deployment: lost/duplicated, p50/p99
 #     emit→receive, deliveries/s, server RSS per open stream, each next to a bare
 #     tonic server sending the same messages (benches/floor), and replay throughput
 #     against it.
-#   ARGS: [deploy] [pull] [concurrent] [watchers] --runs N --concurrent N
-#         --watchers N,N --pull-mb N --smoke
+#   ARGS: [deploy] [pull] [concurrent] [redeploys] [watchers] --runs N
+#         --concurrent N --redeploys N --watchers N,N --pull-mb N --smoke
 # durability (benches/durability.rs): fan-out to 1,000 watchers, a stalled watcher,
 #   real deployments with a stalled watcher, restart with 10,000 finished deployments
 #   (time to ready, RSS). ARGS: --smoke
