@@ -1,6 +1,6 @@
 //! The reconciler: see [`Engine::reconcile`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -52,14 +52,9 @@ impl Engine {
         if apps.is_empty() {
             return Ok(0);
         }
-        let Ok(newest) = self.0.store.newest_succeeded(&apps).await else {
+        let Ok(current) = self.current_containers(&apps).await else {
             return Ok(0);
         };
-        // The app's current version: its last succeeded deployment's container.
-        let current: HashMap<AppName, String> = newest
-            .into_iter()
-            .filter_map(|s| Some((s.app, s.result?.container_id)))
-            .collect();
         let doomed: Vec<_> = candidates
             .into_iter()
             .filter(|(c, id, app)| ended.contains(id) && current.get(app) != Some(&c.id))

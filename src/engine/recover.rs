@@ -9,7 +9,6 @@ use super::run::{endpoints, short};
 use super::{Engine, EngineError, Recovery};
 use crate::model::{AppName, DeploymentResult, DeploymentState, DeploymentStatus, Phase};
 use crate::runtime::{RuntimeError, remove_each};
-use crate::store::ListFilter;
 
 /// What happened to the containers of the interrupted deployments.
 #[derive(Default)]
@@ -164,25 +163,22 @@ impl Engine {
 
     /// The container of `app`'s last succeeded deployment, from the store.
     async fn previous_container(&self, app: &AppName) -> Option<String> {
-        self.current_container(app).await.ok().flatten()
+        let current = self.current_containers(std::slice::from_ref(app)).await;
+        current.ok()?.remove(app)
     }
 
-    /// The container of `app`'s last succeeded deployment, from the store; `Ok(None)`
-    /// when it has none.
-    pub(super) async fn current_container(
+    /// Per app of `apps`, the container of its last succeeded deployment (its current
+    /// version), from the store in one read; apps with none are left out.
+    pub(super) async fn current_containers(
         &self,
-        app: &AppName,
-    ) -> Result<Option<String>, crate::store::StoreError> {
-        let filter = ListFilter {
-            app: Some(app.clone()),
-            state: Some(DeploymentState::Succeeded),
-            before: None,
-            limit: 1,
-            operation: None,
-        };
-        let last = self.0.store.list(&filter).await?.into_iter().next();
-        let container = last.and_then(|l| l.result).map(|r| r.container_id);
-        Ok(container.filter(|c| !c.is_empty()))
+        apps: &[AppName],
+    ) -> Result<HashMap<AppName, String>, crate::store::StoreError> {
+        let newest = self.0.store.newest_succeeded(apps).await?;
+        Ok(newest
+            .into_iter()
+            .filter_map(|s| Some((s.app, s.result?.container_id)))
+            .filter(|(_, container)| !container.is_empty())
+            .collect())
     }
 
     /// Rolls an interrupted deployment forward: its container `ours` (running) becomes
