@@ -16,7 +16,8 @@
 //!   registry, removed locally before each run) pulled by a Stevedore deploy (until
 //!   the first CREATING update) against `docker pull`.
 //! * `concurrent`: N deploys of distinct apps at once: all must succeed; the server's
-//!   CPU time per deploy (/proc/PID/stat) and the wall time against N copies of the
+//!   CPU time per deploy (/proc/PID/stat), its context switches per deploy
+//!   (/proc/PID/task/*/status; figure only) and the wall time against N copies of the
 //!   script run in parallel.
 //! * `redeploys`: N redeploys of one app that already has 10 succeeded deployments
 //!   (what the ETA learns from), in a row through the held connection, alternating
@@ -569,6 +570,7 @@ impl Bench {
         let apps: Vec<String> = (0..n).map(|_| unique("many")).collect();
         let guards: Vec<_> = apps.iter().map(|a| common::AppGuard(a.clone())).collect();
         let cpu0 = cpu_ticks(pid);
+        let switches0 = context_switches(pid);
         let t = Instant::now();
         let deploys = apps.iter().map(|app| {
             let mut client = self.client.clone();
@@ -578,6 +580,7 @@ impl Bench {
         let done = futures_util::future::join_all(deploys).await;
         let wall = t.elapsed().as_secs_f64();
         let cpu_ms = (cpu_ticks(pid) - cpu0) as f64 * 1000.0 / clk_tck / n as f64;
+        let switches = context_switches(pid).saturating_sub(switches0) as f64 / n as f64;
         let ok = done.iter().filter(|d| d.succeeded()).count();
         let ids: Vec<String> = done
             .iter()
@@ -631,6 +634,13 @@ impl Bench {
             cpu_ms,
             5.0,
             " ms",
+        );
+        rows::info(
+            &format!("concurrent: server context switches per deploy ({n} deploys)"),
+            &format!(
+                "{switches:.0} (threads alive at the end; {} worker thread(s))",
+                worker_threads()
+            ),
         );
     }
 
@@ -1083,6 +1093,34 @@ fn clock_ticks_per_sec() -> f64 {
 }
 
 /// utime + stime of `pid`, in clock ticks.
+/// Voluntary and involuntary context switches of `pid`'s threads alive now (a thread
+/// that has ended takes its count with it).
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// The server's worker threads: `STEVEDORE_WORKER_THREADS` as the spawned server
+/// inherits it, else its default (half the cores, at least one).
+fn worker_threads() -> usize {
+    std::env::var("STEVEDORE_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| (std::thread::available_parallelism().map_or(1, usize::from) / 2).max(1))
+}
+
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let after = &stat[stat.rfind(')').unwrap() + 2..];

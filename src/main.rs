@@ -50,9 +50,24 @@ enum TokenCommand {
     },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Serve(config) = &cli.command {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        runtime.worker_threads(config.runtime_workers(cores));
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("stevedore: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> std::process::ExitCode {
     let command = match cli.command {
         // The client commands keep stdout and stderr for their own output.
         Command::Client(command) => return stevedore::cli::run(command).await,

@@ -73,6 +73,14 @@ pub struct ServeConfig {
     /// running then are interrupted (rolled back, ended FAILED) before exiting.
     #[arg(long, env = "STEVEDORE_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// Threads running the server's tasks (the gRPC and HTTP services, deployments,
+    /// observers). Default: half the host's cores, at least one, leaving the rest to
+    /// the Docker engine beside it and to the store's and blocking threads. A
+    /// deployment waits on the engine most of its time; every extra worker adds
+    /// wake-ups between threads to each update (see docs/PERFORMANCE.md). Read by
+    /// `stevedore serve` when it builds its runtime.
+    #[arg(long, env = "STEVEDORE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// Update streams send a heartbeat when nothing else was sent for this long.
     #[arg(long, env = "STEVEDORE_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -158,6 +166,12 @@ impl ServeConfig {
         Defaults::from_arg_matches(&matches)
             .expect("every flag has a default or is optional")
             .serve
+    }
+
+    /// The runtime's worker threads: `--worker-threads`, else half of `cores`, at
+    /// least one.
+    pub fn runtime_workers(&self, cores: usize) -> usize {
+        self.worker_threads.map_or((cores / 2).max(1), usize::from)
     }
 
     /// The audit log's path: `--audit-log`, else `DATA_DIR/audit.log`.
@@ -848,6 +862,31 @@ mod tests {
         assert_eq!(d.limits.max_in_flight, crate::limits::DEFAULT_MAX_IN_FLIGHT);
         assert_eq!(d.limits.keepalive_timeout, Duration::from_secs(10));
         assert!(d.webhooks.is_empty() && d.security.tokens_file.is_none());
+    }
+
+    /// Half the cores by default, at least one; the flag wins; 0 is refused.
+    #[test]
+    fn worker_threads_default_to_half_the_cores() {
+        let d = ServeConfig::defaults();
+        assert_eq!(d.worker_threads, None);
+        assert_eq!(d.runtime_workers(1), 1);
+        assert_eq!(d.runtime_workers(2), 1);
+        assert_eq!(d.runtime_workers(3), 1);
+        assert_eq!(d.runtime_workers(16), 8);
+        let set = ServeConfig {
+            worker_threads: Some(3),
+            ..ServeConfig::defaults()
+        };
+        assert_eq!(set.runtime_workers(2), 3);
+        #[derive(clap::Parser)]
+        struct Args {
+            #[command(flatten)]
+            serve: ServeConfig,
+        }
+        use clap::Parser;
+        assert!(Args::try_parse_from(["s", "--worker-threads", "0"]).is_err());
+        let parsed = Args::try_parse_from(["s", "--worker-threads", "4"]).unwrap();
+        assert_eq!(parsed.serve.worker_threads, Some(4));
     }
 
     /// What `Listening::log` prints, in the given format, read back by `Listening::parse`.
