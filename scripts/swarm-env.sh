@@ -89,7 +89,13 @@ proc_alive() {
   stat=${stat##*) }
   [[ ${stat%% *} != Z ]]
 }
-pid_alive() { [[ -f $1 ]] && proc_alive "$(cat "$1")"; }
+# Every pid file here names a socat relay or a dockerd (nsenter, unshare and sh exec
+# them). A pid file left by an earlier boot or session may name a PID reused since by
+# some other process: that one is neither alive for us nor ours to kill.
+proc_ours() {
+  proc_alive "$1" && tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qE '(^|/)(socat|dockerd) '
+}
+pid_alive() { [[ -f $1 ]] && proc_ours "$(cat "$1")"; }
 
 # ---------------------------------------------------------------------------- provision
 provision() {
@@ -373,7 +379,7 @@ kill_pidfile() {
   [[ -f $1 ]] || return 0
   pid=$(cat "$1")
   rm -f "$1"
-  proc_alive "$pid" || return 0
+  proc_ours "$pid" || return 0
   kill -TERM "$pid" 2>/dev/null || return 0
   for ((i = 0; i < 300; i++)); do
     proc_alive "$pid" || return 0

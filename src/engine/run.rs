@@ -702,11 +702,16 @@ impl Run {
         // recovery after a crash from here on keeps this version (see recover.rs).
         self.ctx.store.flush().await;
         let (base, span) = self.switch_route().await?;
-        let stopped = self.stopped_previous.clone();
-        let previous = self
-            .app_containers(|c| c.id != ours && (c.running || stopped.contains(&c.id)))
+        // One list for both phases: no other deployment of this app can start before
+        // this one ends (the app's queue), so what CLEANUP removes is still what this
+        // list found. The previous version: running, or stopped for our fixed ports.
+        let stopped = &self.stopped_previous;
+        let (previous, leftovers): (Vec<_>, Vec<_>) = self
+            .app_containers(|c| c.id != ours)
             .await
-            .map_err(|e| Failure::runtime(Phase::Switching, "listing the app's containers", e))?;
+            .map_err(|e| Failure::runtime(Phase::Switching, "listing the app's containers", e))?
+            .into_iter()
+            .partition(|c| c.running || stopped.contains(&c.id));
         let total = previous.len().max(1) as f64;
         for (i, old) in previous.iter().enumerate() {
             let at = base + span * i as f64 / total;
@@ -733,7 +738,7 @@ impl Run {
                 Extra::default(),
             );
         }
-        self.clean_up(ours).await
+        self.clean_up(ours, leftovers).await
     }
 
     /// With a proxy: points the app's route at the new container, then waits for the
@@ -763,14 +768,15 @@ impl Run {
         stop_gracefully(&mut self.rep, &*runtime, grace, old, what, (base, span)).await;
     }
 
-    /// CLEANUP: stopped containers of earlier deployments go.
-    async fn clean_up(&mut self, ours: &str) -> Result<(), Failure> {
+    /// CLEANUP: `leftovers`, the stopped containers of earlier deployments that
+    /// SWITCHING listed, go.
+    async fn clean_up(
+        &mut self,
+        ours: &str,
+        leftovers: Vec<ContainerSummary>,
+    ) -> Result<(), Failure> {
         self.rep
             .enter(Phase::Cleanup, "removing leftovers of earlier deployments");
-        let leftovers = self
-            .app_containers(|c| c.id != ours)
-            .await
-            .map_err(|e| Failure::runtime(Phase::Cleanup, "listing the app's containers", e))?;
         remove_each(&*self.ctx.runtime, &leftovers, |old, r| {
             if let Err(e) = r {
                 tracing::warn!(container = %old.id, error = %e, "could not remove leftover container");

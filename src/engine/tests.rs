@@ -278,6 +278,58 @@ async fn a_redeploy_switches_out_the_previous_container() {
     assert_eq!(removal.phase, Phase::Switching);
 }
 
+/// SWITCHING and CLEANUP share one list of the app's containers: the running
+/// previous version goes in SWITCHING, a stopped leftover of an earlier deployment in
+/// CLEANUP, and the engine is asked once.
+#[tokio::test]
+async fn a_redeploy_lists_the_apps_containers_once_for_switching_and_cleanup() {
+    use crate::model::{LABEL_APP, LABEL_DEPLOYMENT};
+    let fake = FakeRuntime::with([("web:1", Script::healthy()), ("web:2", Script::healthy())]);
+    let engine = engine(&fake).await;
+    let first = deploy(&engine, spec("web", "web:1")).await;
+    let old = first.last().unwrap().result.clone().unwrap().container_id;
+    let stopped = crate::runtime::fake::FakeContainer {
+        image: "web:1".into(),
+        labels: [
+            (LABEL_APP.to_owned(), "web".to_owned()),
+            (
+                LABEL_DEPLOYMENT.to_owned(),
+                first[0].deployment_id.to_string(),
+            ),
+        ]
+        .into(),
+        ports: Vec::new(),
+        started: false,
+        inspections: 0,
+    };
+    (fake.state.lock().unwrap().containers).insert("stopped-old".into(), stopped);
+    fake.state.lock().unwrap().app_lists = 0;
+
+    let second = deploy(&engine, spec("web", "web:2")).await;
+    assert_eq!(end_state(&second), DeploymentState::Succeeded);
+    let new = second.last().unwrap().result.clone().unwrap().container_id;
+    assert_eq!(fake.existing(), vec![new]);
+    let removed_in = |id: &str| {
+        second
+            .iter()
+            .find(|u| u.metadata.get("removed_container_id").map(String::as_str) == Some(id))
+            .map(|u| u.phase)
+    };
+    assert_eq!(removed_in(&old), Some(Phase::Switching));
+    assert_eq!(removed_in("stopped-old"), None, "not the previous version");
+    assert!(fake.removed().contains(&"stopped-old".to_owned()));
+    let cleanup = second.iter().rfind(|u| u.phase == Phase::Cleanup).unwrap();
+    assert_eq!(
+        cleanup.message,
+        "cleanup done (1 stopped containers removed)"
+    );
+    assert_eq!(
+        fake.state.lock().unwrap().app_lists,
+        1,
+        "one list for both phases"
+    );
+}
+
 #[tokio::test]
 async fn a_container_that_exits_fails_is_removed_and_the_previous_one_stays() {
     let crash = Script {

@@ -86,6 +86,8 @@ pub struct FakeState {
     pub created: Vec<String>,
     pub removed: Vec<String>,
     pub next_id: u32,
+    /// Calls of `list_app_containers`.
+    pub app_lists: u32,
 }
 
 #[derive(Debug, Default)]
@@ -328,6 +330,7 @@ impl Runtime for FakeRuntime {
     }
 
     async fn list_app_containers(&self, app: &str) -> Result<Vec<ContainerSummary>, RuntimeError> {
+        self.state.lock().unwrap().app_lists += 1;
         Ok(self.summaries(Some(app)))
     }
 
