@@ -1092,7 +1092,6 @@ fn clock_ticks_per_sec() -> f64 {
         .unwrap()
 }
 
-/// utime + stime of `pid`, in clock ticks.
 /// Voluntary and involuntary context switches of `pid`'s threads alive now (a thread
 /// that has ended takes its count with it).
 fn context_switches(pid: u32) -> u64 {
@@ -1113,14 +1112,18 @@ fn context_switches(pid: u32) -> u64 {
 }
 
 /// The server's worker threads: `STEVEDORE_WORKER_THREADS` as the spawned server
-/// inherits it, else its default (half the cores, at least one).
+/// inherits it, else the server's own default for this host.
 fn worker_threads() -> usize {
-    std::env::var("STEVEDORE_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| (std::thread::available_parallelism().map_or(1, usize::from) / 2).max(1))
+    let config = stevedore::server::ServeConfig {
+        worker_threads: std::env::var("STEVEDORE_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+        ..stevedore::server::ServeConfig::defaults()
+    };
+    config.runtime_workers(std::thread::available_parallelism().map_or(1, usize::from))
 }
 
+/// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let after = &stat[stat.rfind(')').unwrap() + 2..];

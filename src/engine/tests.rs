@@ -283,26 +283,12 @@ async fn a_redeploy_switches_out_the_previous_container() {
 /// CLEANUP, and the engine is asked once.
 #[tokio::test]
 async fn a_redeploy_lists_the_apps_containers_once_for_switching_and_cleanup() {
-    use crate::model::{LABEL_APP, LABEL_DEPLOYMENT};
     let fake = FakeRuntime::with([("web:1", Script::healthy()), ("web:2", Script::healthy())]);
     let engine = engine(&fake).await;
     let first = deploy(&engine, spec("web", "web:1")).await;
     let old = first.last().unwrap().result.clone().unwrap().container_id;
-    let stopped = crate::runtime::fake::FakeContainer {
-        image: "web:1".into(),
-        labels: [
-            (LABEL_APP.to_owned(), "web".to_owned()),
-            (
-                LABEL_DEPLOYMENT.to_owned(),
-                first[0].deployment_id.to_string(),
-            ),
-        ]
-        .into(),
-        ports: Vec::new(),
-        started: false,
-        inspections: 0,
-    };
-    (fake.state.lock().unwrap().containers).insert("stopped-old".into(), stopped);
+    let earlier = first[0].deployment_id.to_string();
+    fake.insert_labelled("stopped-old", "web", earlier, false);
     fake.state.lock().unwrap().app_lists = 0;
 
     let second = deploy(&engine, spec("web", "web:2")).await;
@@ -2093,7 +2079,6 @@ async fn the_history_kept_in_memory_is_what_the_store_holds() {
 /// all of them.
 #[tokio::test]
 async fn the_reconciler_removes_only_ended_deployments_leftovers() {
-    use crate::model::{LABEL_APP, LABEL_DEPLOYMENT};
     let hang = Script {
         healthcheck: true,
         health: Health::StartingForever,
@@ -2118,18 +2103,7 @@ async fn the_reconciler_removes_only_ended_deployments_leftovers() {
     until(&mut live, |u| u.phase == Phase::HealthCheck).await;
 
     let leftover = |id: &str, app: &str, deployment: String| {
-        let container = crate::runtime::fake::FakeContainer {
-            image: "web:1".into(),
-            labels: [
-                (LABEL_APP.to_owned(), app.to_owned()),
-                (LABEL_DEPLOYMENT.to_owned(), deployment),
-            ]
-            .into(),
-            ports: Vec::new(),
-            started: true,
-            inspections: 0,
-        };
-        (fake.state.lock().unwrap().containers).insert(id.to_owned(), container);
+        fake.insert_labelled(id, app, deployment, true);
     };
     leftover("old-a", "a", first[0].deployment_id.to_string());
     leftover("failed-b", "b", failed[0].deployment_id.to_string());

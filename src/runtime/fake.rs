@@ -137,6 +137,23 @@ impl FakeRuntime {
             .collect()
     }
 
+    /// Puts a `web:1` container `id` with the app and deployment labels of one made by
+    /// a deployment, as if left by an earlier one; `started` says whether it runs.
+    pub fn insert_labelled(&self, id: &str, app: &str, deployment: String, started: bool) {
+        let container = FakeContainer {
+            image: "web:1".into(),
+            labels: [
+                (crate::model::LABEL_APP.to_owned(), app.to_owned()),
+                (crate::model::LABEL_DEPLOYMENT.to_owned(), deployment),
+            ]
+            .into(),
+            ports: Vec::new(),
+            started,
+            inspections: 0,
+        };
+        (self.state.lock().unwrap().containers).insert(id.to_owned(), container);
+    }
+
     fn image_of(&self, id: &str) -> Option<String> {
         let state = self.state.lock().unwrap();
         state.containers.get(id).map(|c| c.image.clone())
