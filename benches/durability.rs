@@ -186,19 +186,15 @@ async fn fan_out(store: &Store, n: u64, watchers: usize, stalled: usize) -> FanO
     let start = Instant::now();
     for seq in 1..=n {
         let u = Arc::new(update(id, &app, seq, seq == n));
+        // The status as the engine writes it: when its state changes.
+        let state = if seq == n {
+            DeploymentState::Succeeded
+        } else {
+            DeploymentState::Running
+        };
         store.append(
             u.clone(),
-            status_of(
-                id,
-                &app,
-                if seq == n {
-                    DeploymentState::Succeeded
-                } else {
-                    DeploymentState::Running
-                },
-                seq,
-                created,
-            ),
+            (seq == 1 || seq == n).then(|| status_of(id, &app, state, seq, created)),
         );
         log.append_shared(u);
         if seq % 64 == 0 {
@@ -361,17 +357,8 @@ async fn main() {
             for seq in 1..=20 {
                 store.append(
                     Arc::new(update(id, &app, seq, seq == 20)),
-                    status_of(
-                        id,
-                        &app,
-                        if seq == 20 {
-                            DeploymentState::Succeeded
-                        } else {
-                            DeploymentState::Running
-                        },
-                        seq,
-                        created,
-                    ),
+                    (seq == 20)
+                        .then(|| status_of(id, &app, DeploymentState::Succeeded, seq, created)),
                 );
             }
             ids.push(id);

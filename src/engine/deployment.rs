@@ -193,6 +193,9 @@ pub(crate) struct Reporter {
     eta: Option<super::history::EtaTracker>,
     /// Keeps the app's history in memory up to date (see [`super::history::Histories`]).
     history: Option<super::history::Recorder>,
+    /// The status changed in a way its log does not tell (the commit and image of a
+    /// deploy from source): the next update writes it to the store.
+    status_changed: bool,
 }
 
 impl Reporter {
@@ -212,6 +215,7 @@ impl Reporter {
             finished: false,
             eta: None,
             history: None,
+            status_changed: false,
         }
     }
 
@@ -289,6 +293,7 @@ impl Reporter {
         if let Some(image) = image {
             status.image = image.to_owned();
         }
+        self.status_changed = true;
     }
 
     fn emit(
@@ -331,6 +336,7 @@ impl Reporter {
         };
         let status = {
             let mut status = self.deployment.status.lock().expect("status lock");
+            let state = status.state;
             status.phase = self.phase;
             status.phase_progress = self.phase_progress;
             status.total_progress = self.total_progress;
@@ -355,7 +361,12 @@ impl Reporter {
                 }
                 _ => {}
             }
-            status.clone()
+            // The stored status is rewritten when its state changes (or what the log
+            // does not say, see `set_commit`); its phase, progress and last sequence
+            // are the log's last update's (recovery settles them from the log), and
+            // while the deployment is live it is read from memory.
+            let write = status.state != state || std::mem::take(&mut self.status_changed);
+            write.then(|| status.clone())
         };
         // The store's writer gets the update first (queued, in order; the deployment
         // does not wait for the disk), then readers and observers see it.

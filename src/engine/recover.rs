@@ -106,13 +106,16 @@ impl Engine {
         Ok(recovery)
     }
 
-    /// The stored status and log are committed together; continue after the last
-    /// update that reached the disk.
+    /// A stored status is rewritten only when its state changes, so its phase,
+    /// progress and last sequence can lag its log: take them from the last update
+    /// that reached the disk, and continue after it.
     async fn settle_tail(&self, status: &mut DeploymentStatus) -> Result<(), EngineError> {
         let tail = self.0.store.log(status.id, status.last_sequence).await?;
         if let Some(last) = tail.updates.last() {
             status.last_sequence = last.sequence;
             status.phase = last.phase;
+            status.phase_progress = last.phase_progress;
+            status.total_progress = last.total_progress;
         }
         Ok(())
     }

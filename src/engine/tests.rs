@@ -1115,8 +1115,14 @@ async fn the_deployment_is_on_disk_before_its_container_is_created() {
     let (id, stream, _) = deploy_into_a_gated_create(&fake, &engine, spec("app", "slow:1")).await;
     // Read through the store's pool: it sees committed rows only.
     let status = engine.store().status(id).await.unwrap();
-    let status = status.expect("the deployment is on disk when its create is called");
-    assert_eq!(status.phase, Phase::Creating, "its CREATING update too");
+    status.expect("the deployment is on disk when its create is called");
+    // Its log up to CREATING (recovery takes the phase from the log).
+    let log = engine.store().log(id, 0).await.unwrap().updates;
+    assert_eq!(
+        log.last().unwrap().phase,
+        Phase::Creating,
+        "its CREATING update too"
+    );
     gate.add_permits(1);
     assert_eq!(end_state(&rest(stream).await), DeploymentState::Succeeded);
 }
@@ -1498,6 +1504,65 @@ async fn a_removal_interrupted_by_a_restart_is_finished_by_recovery() {
     assert_eq!(status.result.unwrap().containers_removed, 1);
     assert!(fake.existing().is_empty());
     assert!(second.apps().await.unwrap().is_empty());
+}
+
+/// A running deployment's stored status is its last state change's: its phase,
+/// progress and last sequence lag its log. Recovery takes them from the log: the
+/// deployment ends FAILED in the phase its log last reached, at its last progress,
+/// right after its last update.
+#[tokio::test]
+async fn recovery_ends_a_deployment_where_its_log_ended_not_where_its_status_was_written() {
+    use super::deployment::{Deployment, Extra};
+    use crate::model::Level;
+    let fake = FakeRuntime::with([("web:1", Script::healthy())]);
+    let store = crate::store::Store::open_temporary().await.unwrap();
+    let deployment = Arc::new(Deployment::with_log(
+        crate::model::DeploymentId::new(),
+        spec("app", "web:1"),
+        crate::events::DeploymentLog::new(),
+    ));
+    let id = deployment.id;
+    store.insert(&deployment.status(), &deployment.spec);
+    let mut rep = super::Reporter::new(deployment.clone(), ObserverRegistry::new(), store.clone());
+    rep.accepted();
+    rep.enter(Phase::Validating, "validating");
+    rep.enter(Phase::Pulling, "pulling");
+    rep.progress(0.5, Level::Info, "half way".into(), Extra::default());
+    let last = deployment.status();
+    store.flush().await;
+    let stored = store.status(id).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.phase, stored.last_sequence),
+        (Phase::Validating, 2),
+        "written when it began to run, not since"
+    );
+
+    let second = Engine::new(
+        fake.clone(),
+        ObserverRegistry::new(),
+        EngineConfig::default(),
+        store.clone(),
+    );
+    let recovery = second.recover().await.unwrap();
+    assert_eq!(recovery.interrupted, vec![id]);
+    let log = store.log(id, 0).await.unwrap().updates;
+    let sequences: Vec<u64> = log.iter().map(|u| u.sequence).collect();
+    assert_eq!(
+        sequences,
+        vec![1, 2, 3, 4, 5],
+        "continued after the last update"
+    );
+    let end = log.last().unwrap();
+    assert!(end.message.contains("during PULLING"), "{}", end.message);
+    assert_eq!(end.total_progress, last.total_progress);
+    let status = second.status(&id.to_string()).await.unwrap();
+    assert_eq!(status.state, DeploymentState::Failed);
+    assert_eq!(status.last_sequence, 5);
+    assert_eq!(status.total_progress, last.total_progress);
+    assert_eq!(
+        status.result.unwrap().diagnostics.unwrap().failed_phase,
+        Some(Phase::Pulling)
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1945,8 +2010,9 @@ async fn cancelling_and_failing_are_updates_of_their_own() {
 }
 
 /// The store's writer commits what is queued in batches: three deployments' 1,200
-/// updates queued before one flush are stored whole, every sequence once, with each
-/// deployment's latest status.
+/// updates queued before one flush are stored whole, every sequence once. A status is
+/// written when its state changes: the finished deployment's is its latest, the
+/// running ones' is the one of their last state change (their log goes further).
 #[tokio::test]
 async fn a_large_batch_is_stored_whole() {
     use super::deployment::{Deployment, Extra, Reporter};
@@ -1989,15 +2055,25 @@ async fn a_large_batch_is_stored_whole() {
             "the last progress update is there"
         );
         let stored = store.status(deployment.id).await.unwrap().unwrap();
-        assert_eq!(
-            (stored.state, stored.last_sequence, stored.total_progress),
-            (
-                expected.state,
-                expected.last_sequence,
-                expected.total_progress
-            ),
-            "the latest status"
-        );
+        if expected.state == DeploymentState::Running {
+            // Accepted (1), then PULLING (2) made it RUNNING; the progress after it
+            // is in the log only.
+            assert_eq!(
+                (stored.state, stored.phase, stored.last_sequence),
+                (DeploymentState::Running, Phase::Pulling, 2),
+                "the status of the last state change"
+            );
+        } else {
+            assert_eq!(
+                (stored.state, stored.last_sequence, stored.total_progress),
+                (
+                    expected.state,
+                    expected.last_sequence,
+                    expected.total_progress
+                ),
+                "the latest status"
+            );
+        }
     }
     let first = store.status(reps[0].0.id).await.unwrap().unwrap();
     assert_eq!(first.state, DeploymentState::Succeeded);

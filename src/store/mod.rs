@@ -1,8 +1,8 @@
 //! Persistence of deployments and their event logs (SQLite in `--data-dir` by default).
 //!
 //! [`Store`] is a cheap handle. Reads go straight to the database. Writes (a new
-//! deployment, each update of its log with the status it leads to) are queued, in
-//! order, to one writer task that commits them in batches: a deployment never waits
+//! deployment, each update of its log, and its status when its state changes) are
+//! queued, in order, to one writer task that commits them in batches: a deployment never waits
 //! on the disk for an update. Everything queued before [`Store::flush`] returns is on
 //! disk. A crash (kill -9, power loss) can lose at most the tail that was queued but
 //! not yet committed — typically the updates of the last few milliseconds; on the next
@@ -94,7 +94,7 @@ pub(crate) enum WriteOp {
     },
     Append {
         update: Arc<Update>,
-        status: Box<DeploymentStatus>,
+        status: Option<Box<DeploymentStatus>>,
     },
     Pull {
         id: DeploymentId,
@@ -163,11 +163,14 @@ impl Store {
         });
     }
 
-    /// Queues an update of a deployment's log and the status it leads to.
-    pub fn append(&self, update: Arc<Update>, status: DeploymentStatus) {
+    /// Queues an update of a deployment's log and, when it changed what the log does
+    /// not tell (its state, above all), the status it leads to. A stored status may
+    /// lag its log in phase, progress and last sequence: recovery takes those from
+    /// the log's last update (`engine::recover`).
+    pub fn append(&self, update: Arc<Update>, status: Option<DeploymentStatus>) {
         self.send(WriteOp::Append {
             update,
-            status: Box::new(status),
+            status: status.map(Box::new),
         });
     }
 

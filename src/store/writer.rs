@@ -78,8 +78,8 @@ pub(super) async fn run(
     }
 }
 
-/// One batch in one transaction, sent as one command. A deployment's status is
-/// written once per batch (its latest). On an error the transaction is rolled back,
+/// One batch in one transaction, sent as one command. A deployment's status, when
+/// the batch carries one, is written once (its latest). On an error the transaction is rolled back,
 /// so a retry starts clean.
 async fn commit(conn: &mut SqliteConnection, batch: &[WriteOp]) -> Result<(), sqlx::Error> {
     let Some(mut sql) = statements(batch) else {
@@ -111,7 +111,9 @@ fn statements(batch: &[WriteOp]) -> Option<QueryBuilder<Sqlite>> {
             } => inserts.push((status, idempotency_key, request)),
             WriteOp::Append { update, status } => {
                 updates.push(update);
-                statuses.insert(status.id, status);
+                if let Some(status) = status {
+                    statuses.insert(status.id, status);
+                }
             }
             WriteOp::Pull { id, sample } => pulls.push((id, sample)),
             WriteOp::Build { id, steps: list } => {
