@@ -16,7 +16,9 @@
 //!   registry, removed locally before each run) pulled by a Stevedore deploy (until
 //!   the first CREATING update) against `docker pull`.
 //! * `concurrent`: N deploys of distinct apps at once: all must succeed; the server's
-//!   CPU time per deploy (/proc/PID/stat), its context switches per deploy
+//!   CPU time per deploy (/proc/PID/stat), next to what a bare bollard client in this
+//!   process spends per deploy making the same engine requests and TCP probe, N at
+//!   once (its floor; figure only); its context switches per deploy
 //!   (/proc/PID/task/*/status; figure only) and the wall time against N copies of the
 //!   script run in parallel.
 //! * `redeploys`: N redeploys of one app that already has 10 succeeded deployments
@@ -51,12 +53,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::models::{ContainerCreateBody, ContainerInspectResponse, HostConfig, PortBinding};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, InspectContainerOptions, RemoveContainerOptionsBuilder,
-    StartContainerOptions, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StartContainerOptions,
+    StopContainerOptionsBuilder,
 };
 use common::{BinaryServer, Client};
+use futures_util::StreamExt;
 use stevedore::proto::health_check::Check;
 use stevedore::proto::{
     self, CancelRequest, DeployRequest, HealthCheck, LogHealthCheck, ProgressUpdate,
@@ -234,6 +238,23 @@ fn remove_labelled(label: &str) {
     }
 }
 
+/// The label naming a bare deploy's app (`Bench::bare_deploy`), to list its containers.
+const APP_LABEL: &str = "stevedore.bench.app";
+
+/// A started container's address on its network and the host port 8080 is published on.
+fn address_and_port(info: ContainerInspectResponse) -> (String, u16) {
+    let settings = info.network_settings.expect("network settings");
+    let ip = (settings.networks.clone())
+        .and_then(|m| m.into_values().find_map(|e| e.ip_address))
+        .filter(|ip| !ip.is_empty())
+        .expect("the container has an address");
+    let port = (settings.ports)
+        .and_then(|mut p| p.remove("8080/tcp").flatten())
+        .and_then(|b| b.into_iter().find_map(|b| b.host_port?.parse().ok()))
+        .expect("8080 is published");
+    (ip, port)
+}
+
 fn to_system(ts: &pbjson_types::Timestamp) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::new(ts.seconds as u64, ts.nanos as u32)
 }
@@ -354,7 +375,9 @@ impl Bench {
         )
     }
 
-    async fn floor(&self) -> Floor {
+    /// Creates (not starts) a container of [`WEB`] named `name`, 8080 published on a
+    /// free port of 127.0.0.1, labelled with the bench's label and `app`'s.
+    async fn create_web(&self, name: &str, app: Option<&str>) -> String {
         let mut bindings = HashMap::new();
         bindings.insert(
             "8080/tcp".to_owned(),
@@ -364,9 +387,13 @@ impl Bench {
             }]),
         );
         let (key, value) = self.label.split_once('=').unwrap();
+        let mut labels = HashMap::from([(key.to_owned(), value.to_owned())]);
+        if let Some(app) = app {
+            labels.insert(APP_LABEL.to_owned(), app.to_owned());
+        }
         let body = ContainerCreateBody {
             image: Some(WEB.into()),
-            labels: Some([(key.to_owned(), value.to_owned())].into()),
+            labels: Some(labels),
             exposed_ports: Some(vec!["8080/tcp".into()]),
             host_config: Some(HostConfig {
                 port_bindings: Some(bindings),
@@ -374,15 +401,17 @@ impl Bench {
             }),
             ..Default::default()
         };
-        let name = unique("floor");
-        let options = CreateContainerOptionsBuilder::default().name(&name).build();
-        let t = Instant::now();
-        let id = self
-            .docker
+        let options = CreateContainerOptionsBuilder::default().name(name).build();
+        self.docker
             .create_container(Some(options), body)
             .await
             .unwrap()
-            .id;
+            .id
+    }
+
+    async fn floor(&self) -> Floor {
+        let t = Instant::now();
+        let id = self.create_web(&unique("floor"), None).await;
         self.docker
             .start_container(&id, None::<StartContainerOptions>)
             .await
@@ -395,12 +424,7 @@ impl Bench {
             .await
             .unwrap();
         let inspect = t.elapsed();
-        let ip = info
-            .network_settings
-            .and_then(|n| n.networks)
-            .and_then(|m| m.into_values().find_map(|e| e.ip_address))
-            .filter(|ip| !ip.is_empty())
-            .expect("the container has an address");
+        let (ip, _) = address_and_port(info);
         while tokio::net::TcpStream::connect((ip.as_str(), 8080))
             .await
             .is_err()
@@ -413,6 +437,59 @@ impl Bench {
             app_start,
             id,
         }
+    }
+
+    /// One deploy as any client of the engine makes it, with nothing of Stevedore's
+    /// around it (no store, no audit, no gRPC): the requests Stevedore sends the
+    /// engine for a first deploy (ping, image inspect, create, start, inspect, a log
+    /// follow, the app's containers listed, a last inspect) and its TCP probe (the
+    /// container's own address, again after 5 ms and doubling, then the published
+    /// port). The container's ID.
+    async fn bare_deploy(&self) -> String {
+        let docker = &self.docker;
+        docker.ping().await.unwrap();
+        docker.inspect_image(WEB).await.unwrap();
+        let app = unique("bare");
+        let id = self.create_web(&app, Some(&app)).await;
+        docker
+            .start_container(&id, None::<StartContainerOptions>)
+            .await
+            .unwrap();
+        let info = docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+            .unwrap();
+        let (ip, port) = address_and_port(info);
+        let follow = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .follow(true)
+            .build();
+        let mut lines = docker.logs(&id, Some(follow));
+        let follow = tokio::spawn(async move { while lines.next().await.is_some() {} });
+        let mut delay = Duration::from_millis(5);
+        while tokio::net::TcpStream::connect((ip.as_str(), 8080))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{APP_LABEL}={app}")])]);
+        let list = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        docker.list_containers(Some(list)).await.unwrap();
+        docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+            .unwrap();
+        follow.abort();
+        id
     }
 
     /// Stop (grace 10 s) and remove, as the redeploy does with the old version.
@@ -595,6 +672,17 @@ impl Bench {
         }
         drop(guards);
 
+        // The floor of the CPU figure: the same engine requests and probe from a bare
+        // client (this process, nothing else running in it meanwhile), n at once.
+        let me = std::process::id();
+        let cpu0 = cpu_ticks(me);
+        let bare = (0..n).map(|_| self.bare_deploy());
+        let ids = futures_util::future::join_all(bare).await;
+        let bare_ms = (cpu_ticks(me) - cpu0) as f64 * 1000.0 / clk_tck / n as f64;
+        let mut args = vec!["rm".to_owned(), "-f".to_owned()];
+        args.extend(ids);
+        let _ = Command::new("docker").args(&args).output();
+
         let t = Instant::now();
         let scripts: Vec<_> = (0..n)
             .map(|_| {
@@ -634,6 +722,15 @@ impl Bench {
             cpu_ms,
             5.0,
             " ms",
+        );
+        rows::info(
+            &format!(
+                "concurrent: CPU per deploy of a bare client making the same engine requests and probe ({n} at once)"
+            ),
+            &format!(
+                "{bare_ms:.1} ms (Stevedore's server {cpu_ms:.1} ms: {:.1} ms more)",
+                cpu_ms - bare_ms
+            ),
         );
         rows::info(
             &format!("concurrent: server context switches per deploy ({n} deploys)"),
