@@ -444,8 +444,8 @@ impl Bench {
     /// engine for a first deploy (ping, image inspect, create, start, inspect, a log
     /// follow, the app's containers listed, a last inspect) and its TCP probe (the
     /// container's own address, again after 5 ms and doubling, then the published
-    /// port). The container's ID.
-    async fn bare_deploy(&self) -> String {
+    /// port). Its container carries the bench's label.
+    async fn bare_deploy(&self) {
         let docker = &self.docker;
         docker.ping().await.unwrap();
         docker.inspect_image(WEB).await.unwrap();
@@ -489,7 +489,6 @@ impl Bench {
             .await
             .unwrap();
         follow.abort();
-        id
     }
 
     /// Stop (grace 10 s) and remove, as the redeploy does with the old version.
@@ -677,11 +676,9 @@ impl Bench {
         let me = std::process::id();
         let cpu0 = cpu_ticks(me);
         let bare = (0..n).map(|_| self.bare_deploy());
-        let ids = futures_util::future::join_all(bare).await;
+        futures_util::future::join_all(bare).await;
         let bare_ms = (cpu_ticks(me) - cpu0) as f64 * 1000.0 / clk_tck / n as f64;
-        let mut args = vec!["rm".to_owned(), "-f".to_owned()];
-        args.extend(ids);
-        let _ = Command::new("docker").args(&args).output();
+        remove_labelled(&self.label);
 
         let t = Instant::now();
         let scripts: Vec<_> = (0..n)

@@ -1512,18 +1512,12 @@ async fn a_removal_interrupted_by_a_restart_is_finished_by_recovery() {
 /// right after its last update.
 #[tokio::test]
 async fn recovery_ends_a_deployment_where_its_log_ended_not_where_its_status_was_written() {
-    use super::deployment::{Deployment, Extra};
+    use super::deployment::Extra;
     use crate::model::Level;
     let fake = FakeRuntime::with([("web:1", Script::healthy())]);
-    let store = crate::store::Store::open_temporary().await.unwrap();
-    let deployment = Arc::new(Deployment::with_log(
-        crate::model::DeploymentId::new(),
-        spec("app", "web:1"),
-        crate::events::DeploymentLog::new(),
-    ));
+    let (deployment, mut rep, store) = reporter_for(spec("app", "web:1")).await;
     let id = deployment.id;
     store.insert(&deployment.status(), &deployment.spec);
-    let mut rep = super::Reporter::new(deployment.clone(), ObserverRegistry::new(), store.clone());
     rep.accepted();
     rep.enter(Phase::Validating, "validating");
     rep.enter(Phase::Pulling, "pulling");
